@@ -1,0 +1,239 @@
+"""The dual encoder: loading a CLIP / SigLIP checkpoint, choosing device and precision,
+and turning pixels and texts into L2-normalised vectors.
+
+Everything here imports torch and transformers lazily: constructing an :class:`Encoder`
+is the moment the ~4 s import is paid, never ``itr --help`` or a cold search with an
+exported text tower (see :mod:`itrcli.textonnx`).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from .errors import ModelError, UsageError
+from .images import Preprocess
+
+#: transformers ``model_type`` values whose checkpoints we can run.
+SUPPORTED_TYPES = ("clip", "siglip")
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with bf16 matrix instructions (AVX-512 BF16, AMX, Arm BF16)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            text = f.read(200_000)
+        flags = set()
+        for line in text.splitlines():
+            if line.startswith(("flags", "Features")):
+                flags.update(line.split(":", 1)[1].split())
+                break
+        return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+    except OSError:
+        return False
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; validates ``cuda:N``."""
+    import torch
+
+    device = (device or "auto").lower()
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        return device
+    if device == "cuda" or device.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {device}: no CUDA GPU is available (torch {torch.__version__})")
+        if ":" in device:
+            try:
+                n = int(device.split(":", 1)[1])
+            except ValueError:
+                raise UsageError(f"--device {device}: expected cuda:N") from None
+            if n >= torch.cuda.device_count():
+                raise ModelError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
+        return device
+    raise UsageError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` -> fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
+    precision = (precision or "auto").lower()
+    if precision not in PRECISIONS:
+        raise UsageError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        if precision == "fp16" and device == "cpu":
+            raise UsageError("--precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+        return precision
+    if device.startswith("cuda"):
+        return "fp16"
+    return "bf16" if cpu_has_native_bf16() else "fp32"
+
+
+@dataclass
+class ModelInfo:
+    """What the library records about its model."""
+
+    id: str  #: hub id or absolute local directory
+    revision: str | None  #: hub commit hash, when known
+    model_type: str  #: "clip" | "siglip"
+    dim: int
+    preprocess: dict[str, Any]
+    text_max_length: int
+    text_padding: str  #: "longest" (CLIP) or "max_length" (SigLIP, as it was trained)
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP check, so that an offline machine fails in seconds, not after the hub
+    client's retries (about 30 s)."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _not_found_message(model: str, err: BaseException) -> str:
+    where = "the local Hugging Face cache" + ("" if _hub_offline() else " or the hub")
+    return (
+        f"cannot load model '{model}': it is not a local directory and was not found in "
+        f"{where} ({type(err).__name__}). Download it once where there is network "
+        f"(`hf download {model}`), or point --model / ITR_MODEL at a local directory "
+        "holding config.json, model.safetensors and the processor files"
+    )
+
+
+class Encoder:
+    """A loaded dual encoder.
+
+    Args:
+        model: hub id or local directory (see :func:`itrcli.models.resolve`).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+    """
+
+    def __init__(self, model: str, device: str = "auto", precision: str = "auto") -> None:
+        import torch
+
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            self.precision
+        ]
+        self.model_id = model
+        self._load(model)
+
+    def _load(self, model: str) -> None:
+        import torch
+        import transformers
+        from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+
+        transformers.logging.set_verbosity_error()  # torchvision fallback notices etc.
+        transformers.logging.disable_progress_bar()  # "Loading weights" bars: ours only
+        # Local directory or the local hub cache first: no network round trip on every run.
+        local_only = True
+        try:
+            config = AutoConfig.from_pretrained(model, trust_remote_code=False, local_files_only=True)
+        except (OSError, ValueError) as e:
+            if os.path.isdir(model) or _hub_offline() or not _hub_reachable():
+                raise ModelError(_not_found_message(model, e)) from None
+            local_only = False
+            try:
+                config = AutoConfig.from_pretrained(model, trust_remote_code=False)
+            except (OSError, ValueError) as e2:
+                raise ModelError(_not_found_message(model, e2)) from None
+        if config.model_type not in SUPPORTED_TYPES:
+            raise ModelError(
+                f"model '{model}' is a '{config.model_type}' checkpoint; itr runs dual "
+                f"encoders of type {', '.join(SUPPORTED_TYPES)} (CLIPModel, SiglipModel)"
+            )
+        try:
+            self.model = AutoModel.from_pretrained(
+                model, config=config, use_safetensors=True, trust_remote_code=False,
+                dtype=self.dtype, local_files_only=local_only,
+            )
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                model, trust_remote_code=False, local_files_only=local_only)
+            image_processor = AutoImageProcessor.from_pretrained(
+                model, trust_remote_code=False, local_files_only=local_only)
+        except (OSError, ValueError) as e:
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if "safetensors" in msg.lower() or "model.safetensors" in msg:
+                raise ModelError(
+                    f"model '{model}' has no safetensors weights; itr never loads pickled "
+                    "(.bin) weights. Convert it, or choose a checkpoint with model.safetensors"
+                ) from None
+            raise ModelError(f"cannot load model '{model}': {msg}") from None
+        self.model.eval().to(self.device)
+        self.prep = Preprocess.from_config(image_processor.to_dict())
+        self.model_type = config.model_type
+        text_cfg = config.text_config
+        self.text_max_length = int(getattr(text_cfg, "max_position_embeddings", 77))
+        # SigLIP was trained on texts padded to max_length; CLIP on the padded batch + mask
+        self.text_padding = "max_length" if config.model_type == "siglip" else "longest"
+        self.dim = int(getattr(config, "projection_dim", 0) or text_cfg.hidden_size)
+        self.revision = getattr(config, "_commit_hash", None)
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    @property
+    def info(self) -> ModelInfo:
+        return ModelInfo(
+            id=self.model_id, revision=self.revision, model_type=self.model_type, dim=self.dim,
+            preprocess=self.prep.to_config(), text_max_length=self.text_max_length,
+            text_padding=self.text_padding,
+        )
+
+    def encode_pixels(self, pixels) -> "Any":
+        """``[n, 3, H, W]`` float32 numpy -> ``[n, dim]`` float32 numpy, L2-normalised."""
+        import torch
+
+        x = torch.from_numpy(pixels)
+        if self.device != "cpu":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        with torch.inference_mode():
+            out = self.model.get_image_features(pixel_values=x.to(self.dtype))
+            feats = getattr(out, "pooler_output", out)
+            return _normalise(feats)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, Any]:
+        return self.tokenizer(
+            list(texts),
+            padding=self.text_padding,
+            truncation=True,
+            max_length=self.text_max_length,
+            return_tensors="pt",
+        )
+
+    def encode_texts(self, texts: Sequence[str]):
+        """Texts -> ``[n, dim]`` float32 numpy, L2-normalised."""
+        import torch
+
+        enc = self.tokenize(texts)
+        names = set(getattr(self.tokenizer, "model_input_names", ["input_ids", "attention_mask"]))
+        if self.model_type == "siglip":
+            names = {"input_ids"}  # SigLIP's text tower attends to its padding, as trained
+        kwargs = {k: v.to(self.device) for k, v in enc.items() if k in names}
+        with torch.inference_mode():
+            out = self.model.get_text_features(**kwargs)
+            feats = getattr(out, "pooler_output", out)
+            return _normalise(feats)
+
+
+def _normalise(feats):
+    import torch
+
+    feats = feats.float()
+    feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [n, dim]
+    return feats.cpu().numpy()

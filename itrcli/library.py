@@ -1,0 +1,210 @@
+"""The :class:`Library`: the Python API that the CLI itself uses.
+
+A library is a directory holding ``itr.db`` (SQLite: files, vectors, log, meta), the HNSW
+graph under ``hnsw/``, the exported text tower under ``text/`` and the write ``lock``.
+It is bound to one model: the first ``index`` records it, later runs must use the same one.
+
+Example::
+
+    from itrcli import Library
+    lib = Library.open("~/.local/share/itr", create=True)
+    summary = lib.index(["~/photos"], model="laion-b32")
+    for hit in lib.search("two children on a lawn", top=5):
+        print(hit.score, hit.path)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from . import models
+from .errors import ExitCode, LibraryError, UsageError
+from .images import Preprocess, supported_extensions
+from .indexer import IndexRun, IndexSummary, Progress
+from .lock import WriteLock
+from .paths import default_library_dir
+from .store import Store
+
+
+class Library:
+    """An itr library on disk.  Use :meth:`open`."""
+
+    def __init__(self, directory: Path, store: Store) -> None:
+        self.directory = directory
+        self.store = store
+        self._encoder = None
+        self._encoder_args: tuple[str, str, str] | None = None
+
+    # -- opening -----------------------------------------------------------------------
+    @classmethod
+    def open(cls, directory: str | os.PathLike | None = None, *, create: bool = False,
+             readonly: bool = False) -> "Library":
+        """Open the library at ``directory`` (default: ``$ITR_DB`` or ``~/.local/share/itr``).
+
+        Args:
+            create: create an empty library if there is none.
+            readonly: open without taking or needing write access (search, info).
+        Raises:
+            LibraryError: no library there (and not ``create``), or it cannot be opened.
+        """
+        d = Path(directory).expanduser() if directory else default_library_dir()
+        if d.exists() and not d.is_dir():
+            raise LibraryError(f"--db {d}: exists and is not a directory")
+        return cls(d.absolute(), Store(d, create=create, readonly=readonly))
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> "Library":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- model binding ------------------------------------------------------------------
+    @property
+    def model(self) -> str | None:
+        """The model this library is bound to (hub id or local directory), or None if empty."""
+        return self.store.get_meta("model")
+
+    def _check_model(self, requested: str | None, reindex: bool) -> str:
+        bound = self.model
+        if requested is None:
+            return bound or models.resolve(None)
+        want = models.resolve(requested)
+        if bound and want != bound and not reindex:
+            raise LibraryError(
+                f"library {self.directory} holds embeddings of '{bound}', not '{want}'; "
+                "use another --db for the new model, or --reindex to re-embed everything"
+            )
+        return want
+
+    def encoder(self, model: str | None = None, device: str = "auto", precision: str = "auto"):
+        """The library's encoder, loaded once (imports torch and transformers)."""
+        from .encoder import Encoder
+
+        name = model or self.model or models.resolve(None)
+        args = (name, device, precision)
+        if self._encoder is None or self._encoder_args != args:
+            self._encoder = Encoder(name, device=device, precision=precision)
+            self._encoder_args = args
+        return self._encoder
+
+    # -- indexing -------------------------------------------------------------------------
+    def index(
+        self,
+        paths: Iterable[str],
+        *,
+        model: str | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+        batch_size: int = 32,
+        workers: int | None = None,
+        include_hidden: bool = False,
+        exclude: Iterable[str] = (),
+        follow_symlinks: bool = False,
+        prune: bool = True,
+        reindex: bool = False,
+        draft: bool = True,
+        wait: float = 0.0,
+        progress: Progress | None = None,
+    ) -> IndexSummary:
+        """Add new and changed images under ``paths``, drop deleted ones (unless not ``prune``).
+
+        Returns an :class:`~itrcli.indexer.IndexSummary`; ``summary.interrupted`` is set when
+        Ctrl-C stopped the run (every batch committed before it is kept).
+        Raises:
+            LibraryError: bound to another model, or locked by another writer.
+            ModelError: the model cannot be loaded.
+        """
+        roots = [os.path.abspath(os.path.expanduser(p)) for p in paths]
+        if not roots:
+            raise UsageError("no PATH given to index")
+        if self.store.readonly:
+            raise LibraryError("library opened read-only")
+        lock = WriteLock(self.directory, "itr index").acquire(wait)
+        try:
+            want = self._check_model(model, reindex)
+            if reindex and self.model:
+                self._clear()
+            meta = self.store.meta()
+            prep = Preprocess.from_config(meta["preprocess"]) if meta.get("preprocess") else None
+            dim = meta.get("dim")
+
+            def get_encoder():
+                enc = self.encoder(want, device, precision)
+                if not self.store.get_meta("model"):
+                    self._bind(enc)
+                return enc
+
+            run = IndexRun(
+                self.store, self.directory, get_encoder, dim=dim, prep=prep,
+                batch_size=batch_size, workers=workers or default_workers(),
+                draft=draft, progress=progress,
+            )
+            summary = run.run(roots, extensions=supported_extensions(),
+                              include_hidden=include_hidden, exclude=list(exclude),
+                              follow_symlinks=follow_symlinks, prune=prune)
+            known_roots = set(self.store.get_meta("roots", []))
+            if not summary.interrupted:
+                self.store.set_meta(roots=sorted(known_roots | set(roots)))
+            return summary
+        finally:
+            lock.release()
+
+    def _bind(self, enc) -> None:
+        info = enc.info
+        self.store.set_meta(
+            model=info.id, model_revision=info.revision, model_type=info.model_type,
+            dim=info.dim, precision=enc.precision, preprocess=info.preprocess,
+            text_max_length=info.text_max_length, text_padding=info.text_padding,
+        )
+
+    def _clear(self) -> None:
+        """--reindex: forget every vector and the model binding (rows are re-created)."""
+        with self.store.transaction() as c:
+            ids = [r[0] for r in c.execute("SELECT id FROM files")]
+            self.store.delete_files(c, ids)
+            c.execute("DELETE FROM meta WHERE key IN ('model', 'model_revision', 'model_type',"
+                      " 'dim', 'precision', 'preprocess', 'text_max_length', 'text_padding')")
+        import shutil
+
+        shutil.rmtree(self.directory / "hnsw", ignore_errors=True)
+        shutil.rmtree(self.directory / "text", ignore_errors=True)
+
+    # -- information ------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        """Path, model, dimension, counts, roots and on-disk sizes (the ``itr info`` object)."""
+        meta = self.store.meta()
+        sizes: dict[str, int] = {}
+        total = 0
+        for p in sorted(self.directory.rglob("*")):
+            if p.is_file():
+                rel = p.relative_to(self.directory).parts[0]
+                n = p.stat().st_size
+                sizes[rel] = sizes.get(rel, 0) + n
+                total += n
+        db = self.store.db  # sqlite-utils view: table counts without hand-written SQL
+        return {
+            "library": str(self.directory),
+            "model": meta.get("model"),
+            "model_revision": meta.get("model_revision"),
+            "model_type": meta.get("model_type"),
+            "dim": meta.get("dim"),
+            "precision": meta.get("precision"),
+            "schema_version": meta.get("schema_version"),
+            "files": db["files"].count,
+            "vectors": db["vectors"].count,
+            "roots": meta.get("roots", []),
+            "sizes": {**sizes, "total": total},
+        }
+
+
+def default_workers() -> int:
+    """Decode threads: enough to keep the encoder fed without starving torch's threads."""
+    return max(1, min(4, (os.cpu_count() or 1)))
+
+
+__all__ = ["Library", "ExitCode"]

@@ -1,0 +1,53 @@
+"""Named model presets, the default model, and resolving a ``--model`` value.
+
+Published zero-shot Flickr30k (1K test) recall@1, in percent, from each model's paper or
+card; ``None`` where the authors published no such figure.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    hub_id: str
+    params_m: int  #: parameters, millions (both towers)
+    flickr_t2i_r1: float | None
+    flickr_i2t_r1: float | None
+    note: str = ""
+
+
+PRESETS: tuple[Preset, ...] = (
+    Preset("laion-b32", "laion/CLIP-ViT-B-32-laion2B-s34B-b79K", 151, 66.8, 84.1,
+           "OpenCLIP on LAION-2B; best quality at ViT-B/32 cost"),
+    Preset("openai-b32", "openai/clip-vit-base-patch32", 151, 58.8, 78.9, "the original CLIP"),
+    Preset("openai-l14-336", "openai/clip-vit-large-patch14-336", 428, 68.7, 88.0,
+           "slow on CPU; for re-ranking or a GPU"),
+    Preset("siglip-b16", "google/siglip-base-patch16-224", 203, None, None, "sigmoid loss CLIP"),
+    Preset("siglip2-b16", "google/siglip2-base-patch16-224", 375, None, None,
+           "SigLIP 2, multilingual tokenizer"),
+)
+DEFAULT_PRESET = "laion-b32"
+DEFAULT_MODEL = next(p.hub_id for p in PRESETS if p.name == DEFAULT_PRESET)
+
+
+def resolve(model: str | None) -> str:
+    """A preset name, hub id or local directory -> what ``from_pretrained`` takes.
+
+    ``None`` means ``$ITR_MODEL``, else the default preset.
+    """
+    model = model or os.environ.get("ITR_MODEL") or DEFAULT_MODEL
+    for p in PRESETS:
+        if model == p.name:
+            return p.hub_id
+    expanded = os.path.expanduser(model)
+    if os.path.isdir(expanded):
+        return os.path.abspath(expanded)
+    return model
+
+
+def preset_names() -> list[str]:
+    return [p.name for p in PRESETS]

@@ -1,0 +1,115 @@
+"""Output formatting: results on stdout, progress and messages on stderr.
+
+Decoration (tables, colour, bars) only when the stream is a terminal; otherwise plain,
+stable lines.  Nothing here imports rich or tqdm until it draws something.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Any, TextIO
+
+
+def is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def print_json(obj: Any, stream: TextIO | None = None) -> None:
+    stream = stream or sys.stdout
+    stream.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    stream.flush()
+
+
+def err(msg: str) -> None:
+    """A message line on stderr."""
+    sys.stderr.write(msg + "\n")
+    sys.stderr.flush()
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+class BarProgress:
+    """tqdm on stderr: files, img/s and ETA.  Only used when stderr is a terminal."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.t0 = time.monotonic()
+        self.embedded = 0
+
+    def start(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self.t0 = time.monotonic()
+        self.bar = tqdm(total=total, unit="file", file=sys.stderr, dynamic_ncols=True,
+                        desc="indexing", leave=False)
+
+    def advance(self, files: int, embedded: int) -> None:
+        if self.bar is None:
+            return
+        self.embedded += embedded
+        dt = time.monotonic() - self.t0
+        self.bar.set_postfix_str(f"{self.embedded / dt:.1f} img/s" if dt > 0 else "", refresh=False)
+        self.bar.update(files)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class LogProgress:
+    """Plain periodic lines on stderr for cron and pipes (no terminal codes)."""
+
+    def __init__(self, every: float = 10.0) -> None:
+        self.every = every
+        self.total = 0
+        self.done = 0
+        self.embedded = 0
+        self.t0 = self.last = time.monotonic()
+
+    def start(self, total: int) -> None:
+        self.total = total
+        self.t0 = self.last = time.monotonic()
+
+    def advance(self, files: int, embedded: int) -> None:
+        self.done += files
+        self.embedded += embedded
+        now = time.monotonic()
+        if now - self.last >= self.every:
+            self.last = now
+            dt = now - self.t0
+            rate = self.embedded / dt if dt > 0 else 0.0
+            left = self.total - self.done
+            eta = f", ETA {_duration(left / (self.done / dt))}" if self.done and dt > 0 else ""
+            err(f"itr: {self.done}/{self.total} files, {rate:.1f} img/s{eta}")
+
+    def close(self) -> None:
+        pass
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    if s >= 3600:
+        return f"{s // 3600}h{(s % 3600) // 60:02d}m"
+    if s >= 60:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s}s"
+
+
+def index_summary_line(s) -> str:
+    return (
+        f"scanned {s.scanned}, added {s.added}, updated {s.updated}, moved {s.moved}, "
+        f"removed {s.removed}, unchanged {s.unchanged}, skipped {s.skipped} "
+        f"in {s.seconds:.1f}s ({s.images_per_second:.1f} images/s)"
+    )

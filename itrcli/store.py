@@ -1,0 +1,338 @@
+"""The library's SQLite database: schema, migrations, rows, raw vectors and the change log.
+
+SQLite is the source of truth.  One row per file in ``files`` (its ``id`` is the file's label
+in the HNSW index), its float32 vector in ``vectors``, and every vector change appended to
+``vector_log`` in the same transaction.  The HNSW index file (see :mod:`itrcli.vindex`) is a
+derived cache that records the last log entry it contains, so after a crash it is brought up
+to date by replaying the log: rows, vectors and labels can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from .errors import LibraryError
+from .walk import Known
+
+DB_NAME = "itr.db"
+SCHEMA_VERSION = 1
+
+
+def db_path_of(fs_path: str) -> tuple[str, bytes | None]:
+    """Text to store for a path, plus its raw bytes when the name is not valid UTF-8.
+
+    Such names (legal on Linux) are shown with ``\\xNN`` escapes and kept exactly in
+    ``files.fsname``, so the file can still be opened.
+    """
+    try:
+        fs_path.encode("utf-8")
+        return fs_path, None
+    except UnicodeEncodeError:
+        raw = os.fsencode(fs_path)
+        return raw.decode("utf-8", "backslashreplace"), raw
+
+
+def fs_path_of(text: str, fsname: bytes | None) -> str:
+    """Inverse of :func:`db_path_of`: the path to hand to ``open``."""
+    return os.fsdecode(fsname) if fsname else text
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+
+
+def _script(conn: sqlite3.Connection, sql: str) -> None:
+    # executescript() would COMMIT the migration's transaction half-way; run one by one
+    for stmt in sql.split(";"):
+        if stmt.strip():
+            conn.execute(stmt)
+
+
+# --- migrations -------------------------------------------------------------------------
+# Each is applied once, in order, inside a transaction, and recorded in `migrations`.
+
+
+def m001_create_tables(conn: sqlite3.Connection) -> None:
+    _script(
+        conn,
+        """
+        CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT);
+        CREATE TABLE files (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,  -- the file's label in the vector index
+            path TEXT NOT NULL UNIQUE,             -- absolute path as shown to users
+            fsname BLOB,                           -- raw bytes when path is not UTF-8
+            size INTEGER NOT NULL,
+            mtime_ns INTEGER NOT NULL,
+            hash TEXT NOT NULL,                    -- blake2b-128 of the content, hex
+            width INTEGER,
+            height INTEGER,
+            taken_at TEXT,                         -- EXIF capture time, ISO 8601
+            camera TEXT,
+            lat REAL,
+            lon REAL,
+            indexed_at TEXT NOT NULL
+        );
+        CREATE INDEX files_hash ON files(hash);
+        CREATE TABLE vectors (
+            id INTEGER PRIMARY KEY REFERENCES files(id) ON DELETE CASCADE,
+            vector BLOB NOT NULL                   -- float32 little-endian, L2-normalised
+        );
+        CREATE TABLE vector_log (
+            seq INTEGER PRIMARY KEY AUTOINCREMENT,
+            id INTEGER NOT NULL,
+            op TEXT NOT NULL CHECK (op IN ('put', 'del'))
+        );
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_create_tables]
+
+
+class Store:
+    """An open library database."""
+
+    def __init__(self, directory: Path, *, create: bool = False, readonly: bool = False) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / DB_NAME
+        if not self.path.exists():
+            if not create:
+                raise LibraryError(
+                    f"no library at {self.directory} (run 'itr index PATH' first, or pass --db)"
+                )
+            try:
+                self.directory.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise LibraryError(f"cannot create library directory {self.directory}: {e.strerror}") from None
+        self.readonly = readonly
+        try:
+            if readonly:
+                self.conn = _connect_readonly(self.path)
+            else:
+                self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+                self.conn.execute("PRAGMA journal_mode=WAL")
+                # WAL + NORMAL: a crash of the process never loses a commit; a power cut
+                # may lose the last few, never corrupt the file.
+                self.conn.execute("PRAGMA synchronous=NORMAL")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            if not readonly:
+                self._migrate()
+            else:
+                self._check_version()
+        except sqlite3.DatabaseError as e:
+            raise LibraryError(f"cannot open library database {self.path}: {e}") from None
+
+    # -- plumbing --------------------------------------------------------------------
+    @property
+    def db(self):
+        """A sqlite-utils view of the same connection (for ad-hoc queries and tools)."""
+        import sqlite_utils
+
+        return sqlite_utils.Database(self.conn)
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.conn
+        except BaseException:
+            self.conn.execute("ROLLBACK")
+            raise
+        else:
+            self.conn.execute("COMMIT")
+
+    def _applied(self) -> set[str]:
+        self.conn.execute(
+            "CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at TEXT)"
+        )
+        return {r[0] for r in self.conn.execute("SELECT name FROM migrations")}
+
+    def _migrate(self) -> None:
+        applied = self._applied()
+        for m in MIGRATIONS:
+            if m.__name__ in applied:
+                continue
+            with self.transaction() as c:
+                m(c)
+                c.execute("INSERT INTO migrations VALUES (?, ?)", (m.__name__, now_iso()))
+                c.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
+                    (json.dumps(MIGRATIONS.index(m) + 1),),
+                )
+        self._check_version()
+
+    def _check_version(self) -> None:
+        v = self.get_meta("schema_version", 0)
+        if v > SCHEMA_VERSION:
+            raise LibraryError(
+                f"library {self.directory} has schema version {v}, newer than this itr "
+                f"understands ({SCHEMA_VERSION}); upgrade itr"
+            )
+
+    def close(self) -> None:
+        self.conn.close()
+
+    # -- meta ------------------------------------------------------------------------
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        try:
+            row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        except sqlite3.OperationalError:  # no meta table yet
+            return default
+        return default if row is None else json.loads(row[0])
+
+    def meta(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self.conn.execute("SELECT key, value FROM meta")}
+
+    def set_meta(self, **values: Any) -> None:
+        with self.transaction() as c:
+            for k, v in values.items():
+                c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, json.dumps(v)))
+
+    # -- reading ---------------------------------------------------------------------
+    def known(self) -> dict[str, Known]:
+        """Every file row, keyed by the path to open."""
+        out = {}
+        for id_, path, fsname, size, mtime, h in self.conn.execute(
+            "SELECT id, path, fsname, size, mtime_ns, hash FROM files"
+        ):
+            out[fs_path_of(path, fsname)] = Known(id_, size, mtime, h)
+        return out
+
+    def count(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM files").fetchone()[0]
+
+    def rows(self, ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """File rows by id (missing ids are absent)."""
+        ids = list(ids)
+        out: dict[int, dict[str, Any]] = {}
+        cur = self.conn.cursor()
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            q = f"SELECT * FROM files WHERE id IN ({','.join('?' * len(chunk))})"
+            cur.execute(q, chunk)
+            cols = [d[0] for d in cur.description]
+            for r in cur.fetchall():
+                row = dict(zip(cols, r))
+                out[row["id"]] = row
+        return out
+
+    def row_by_path(self, fs_path: str) -> dict[str, Any] | None:
+        text, _ = db_path_of(fs_path)
+        cur = self.conn.execute("SELECT * FROM files WHERE path = ?", (text,))
+        r = cur.fetchone()
+        return None if r is None else dict(zip([d[0] for d in cur.description], r))
+
+    def vectors(self, ids: Iterable[int] | None = None):
+        """(ids ``[n]`` int64, vectors ``[n, dim]`` float32), in id order."""
+        import numpy as np
+
+        dim = int(self.get_meta("dim", 0))
+        if ids is None:
+            rows = self.conn.execute("SELECT id, vector FROM vectors ORDER BY id").fetchall()
+        else:
+            ids = sorted(set(ids))
+            rows = []
+            for i in range(0, len(ids), 500):
+                chunk = ids[i : i + 500]
+                rows += self.conn.execute(
+                    f"SELECT id, vector FROM vectors WHERE id IN ({','.join('?' * len(chunk))}) ORDER BY id",
+                    chunk,
+                ).fetchall()
+        out_ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        if not rows:
+            return out_ids, np.zeros((0, dim), dtype=np.float32)
+        mat = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1)
+        return out_ids, mat.astype(np.float32, copy=False)
+
+    def vector_for_hash(self, h: str):
+        """A stored vector for this content hash, or None (for moved and copied files)."""
+        import numpy as np
+
+        r = self.conn.execute(
+            "SELECT v.vector FROM files f JOIN vectors v ON v.id = f.id WHERE f.hash = ? LIMIT 1",
+            (h,),
+        ).fetchone()
+        return None if r is None else np.frombuffer(r[0], dtype="<f4").copy()
+
+    def hashes(self) -> dict[str, int]:
+        """content hash -> one id having it."""
+        return {h: i for i, h in self.conn.execute("SELECT id, hash FROM files")}
+
+    def log_after(self, seq: int) -> list[tuple[int, int, str]]:
+        return self.conn.execute(
+            "SELECT seq, id, op FROM vector_log WHERE seq > ? ORDER BY seq", (seq,)
+        ).fetchall()
+
+    def last_seq(self) -> int:
+        r = self.conn.execute("SELECT max(seq) FROM vector_log").fetchone()[0]
+        if r is None:  # log truncated: AUTOINCREMENT keeps the high-water mark here
+            r2 = self.conn.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name = 'vector_log'"
+            ).fetchone()
+            return int(r2[0]) if r2 else 0
+        return int(r)
+
+    # -- writing (call inside transaction()) -------------------------------------------
+    def insert_file(self, c: sqlite3.Connection, fs_path: str, info: dict[str, Any], vector) -> int:
+        text, raw = db_path_of(fs_path)
+        cur = c.execute(
+            "INSERT INTO files (path, fsname, size, mtime_ns, hash, width, height, taken_at,"
+            " camera, lat, lon, indexed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (text, raw, info["size"], info["mtime_ns"], info["hash"], info.get("width"),
+             info.get("height"), info.get("taken_at"), info.get("camera"), info.get("lat"),
+             info.get("lon"), now_iso()),
+        )
+        id_ = int(cur.lastrowid)
+        self._put_vector(c, id_, vector)
+        return id_
+
+    def update_file(self, c: sqlite3.Connection, id_: int, info: dict[str, Any], vector=None) -> None:
+        cols = [k for k in ("size", "mtime_ns", "hash", "width", "height", "taken_at", "camera",
+                            "lat", "lon") if k in info]
+        if "path" in info:
+            text, raw = db_path_of(info["path"])
+            cols_sql = ", ".join([f"{k} = ?" for k in cols] + ["path = ?", "fsname = ?"])
+            vals = [info[k] for k in cols] + [text, raw]
+        else:
+            cols_sql = ", ".join(f"{k} = ?" for k in cols)
+            vals = [info[k] for k in cols]
+        c.execute(f"UPDATE files SET {cols_sql}, indexed_at = ? WHERE id = ?", (*vals, now_iso(), id_))
+        if vector is not None:
+            self._put_vector(c, id_, vector)
+
+    def delete_files(self, c: sqlite3.Connection, ids: Iterable[int]) -> None:
+        for id_ in ids:
+            c.execute("DELETE FROM vectors WHERE id = ?", (id_,))
+            c.execute("DELETE FROM files WHERE id = ?", (id_,))
+            c.execute("INSERT INTO vector_log (id, op) VALUES (?, 'del')", (id_,))
+
+    def _put_vector(self, c: sqlite3.Connection, id_: int, vector) -> None:
+        import numpy as np
+
+        blob = np.ascontiguousarray(vector, dtype="<f4").tobytes()
+        c.execute("INSERT OR REPLACE INTO vectors VALUES (?, ?)", (id_, blob))
+        c.execute("INSERT INTO vector_log (id, op) VALUES (?, 'put')", (id_,))
+
+    def truncate_log(self, upto: int) -> None:
+        with self.transaction() as c:
+            c.execute("DELETE FROM vector_log WHERE seq <= ?", (upto,))
+
+
+def _connect_readonly(path: Path) -> sqlite3.Connection:
+    """Open for reading.  Works on read-only media too (falls back to immutable mode)."""
+    uri = f"file:{path}?mode=ro"
+    conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None)
+    try:
+        conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+        return conn
+    except sqlite3.OperationalError:
+        conn.close()
+    # WAL needs a writable -shm file; on a read-only directory read the last checkpoint
+    return sqlite3.connect(f"file:{path}?immutable=1", uri=True, isolation_level=None)
+

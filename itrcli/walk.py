@@ -1,0 +1,190 @@
+"""Walking directories for images, and deciding what changed since the last run.
+
+:func:`walk` lists image files with their size and mtime (one ``stat`` each, no reads);
+:func:`plan` compares that listing with what the library knows, without touching files.
+Both are pure enough to test without a model.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import stat
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A file found by the walk."""
+
+    path: str  #: absolute, not resolved (symlinks keep the name the user sees)
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class WalkResult:
+    files: dict[str, Entry] = field(default_factory=dict)
+    #: directories that could not be listed: nothing under them is pruned
+    unlisted: list[str] = field(default_factory=list)
+    errors: list[tuple[str, str]] = field(default_factory=list)  #: (path, reason)
+
+
+def is_hidden(name: str) -> bool:
+    return name.startswith(".")
+
+
+def _excluded(path: str, name: str, patterns: Iterable[str]) -> bool:
+    for pat in patterns:
+        if fnmatch.fnmatch(name, pat) or fnmatch.fnmatch(path, pat):
+            return True
+    return False
+
+
+def walk(
+    roots: Iterable[str],
+    *,
+    extensions: frozenset[str],
+    include_hidden: bool = False,
+    exclude: Iterable[str] = (),
+    follow_symlinks: bool = False,
+) -> WalkResult:
+    """List image files under ``roots`` (directories, recursively, or single files).
+
+    Symlinked files are listed; symlinked directories are followed only with
+    ``follow_symlinks``, and a directory already visited (by device and inode) is never
+    entered twice, so symlink loops end.  Broken links and unreadable directories go to
+    ``errors``.
+    """
+    patterns = list(exclude)
+    res = WalkResult()
+    seen_dirs: set[tuple[int, int]] = set()
+
+    def add_file(path: str, st: os.stat_result) -> None:
+        res.files[path] = Entry(path, st.st_size, st.st_mtime_ns)
+
+    for root in roots:
+        root = os.path.abspath(os.path.expanduser(root))
+        try:
+            st = os.stat(root)
+        except OSError as e:
+            res.errors.append((root, _oserror(e)))
+            res.unlisted.append(root)
+            continue
+        if stat.S_ISREG(st.st_mode):
+            # a file named explicitly is taken whatever its extension says
+            add_file(root, st)
+            continue
+        if not stat.S_ISDIR(st.st_mode):
+            res.errors.append((root, "not a regular file or directory"))
+            continue
+        stack = [root]
+        seen_dirs.add((st.st_dev, st.st_ino))
+        while stack:
+            d = stack.pop()
+            try:
+                with os.scandir(d) as it:
+                    entries = list(it)
+            except OSError as e:
+                res.errors.append((d, _oserror(e)))
+                res.unlisted.append(d)
+                continue
+            for de in sorted(entries, key=lambda e: e.name):
+                name = de.name
+                if not include_hidden and is_hidden(name):
+                    continue
+                path = os.path.join(d, name)
+                if patterns and _excluded(path, name, patterns):
+                    continue
+                try:
+                    is_link = de.is_symlink()
+                    if de.is_dir(follow_symlinks=follow_symlinks):
+                        dst = de.stat(follow_symlinks=True)
+                        key = (dst.st_dev, dst.st_ino)
+                        if key in seen_dirs:
+                            continue  # a loop or a second route to the same directory
+                        seen_dirs.add(key)
+                        stack.append(path)
+                        continue
+                    if is_link and de.is_dir(follow_symlinks=True):
+                        continue  # symlinked directory, not followed
+                    if os.path.splitext(name)[1].lower() not in extensions:
+                        continue
+                    fst = de.stat(follow_symlinks=True)
+                except OSError as e:
+                    if os.path.splitext(name)[1].lower() in extensions or de.is_symlink():
+                        res.errors.append((path, _oserror(e)))
+                    continue
+                if stat.S_ISREG(fst.st_mode):
+                    add_file(path, fst)
+    return res
+
+
+def _oserror(e: OSError) -> str:
+    if e.errno == 40:  # ELOOP
+        return "symlink loop"
+    if isinstance(e, FileNotFoundError):
+        return "broken symlink or vanished file"
+    if isinstance(e, PermissionError):
+        return "permission denied"
+    return e.strerror or type(e).__name__
+
+
+@dataclass(frozen=True)
+class Known:
+    """What the library stores about a path (the part change detection needs)."""
+
+    id: int
+    size: int
+    mtime_ns: int
+    hash: str
+
+
+@dataclass
+class Plan:
+    """What an index run must do; paths only, nothing read yet."""
+
+    unchanged: list[str] = field(default_factory=list)
+    #: path in the library, size or mtime differ: hash, then re-embed if the content changed
+    changed: list[str] = field(default_factory=list)
+    #: not in the library: hash, then reuse a known vector (move/copy) or embed
+    new: list[str] = field(default_factory=list)
+    #: in the library under an indexed root but not found: removed unless they moved
+    missing: list[str] = field(default_factory=list)
+
+
+def under(path: str, roots: Iterable[str]) -> bool:
+    """True if ``path`` is one of ``roots`` or inside one of them."""
+    for r in roots:
+        if path == r or path.startswith(r.rstrip(os.sep) + os.sep):
+            return True
+    return False
+
+
+def plan(
+    found: Mapping[str, Entry],
+    known: Mapping[str, Known],
+    roots: Iterable[str],
+    unlisted: Iterable[str] = (),
+) -> Plan:
+    """Compare a walk with the library.  Rows under ``unlisted`` directories (which could
+    not be read this time) are never reported missing."""
+    p = Plan()
+    for path, e in found.items():
+        k = known.get(path)
+        if k is None:
+            p.new.append(path)
+        elif k.size == e.size and k.mtime_ns == e.mtime_ns:
+            p.unchanged.append(path)
+        else:
+            p.changed.append(path)
+    roots = [os.path.abspath(os.path.expanduser(r)) for r in roots]
+    unlisted = list(unlisted)
+    for path in known:
+        if path not in found and under(path, roots) and not under(path, unlisted):
+            p.missing.append(path)
+    p.new.sort()
+    p.changed.sort()
+    p.missing.sort()
+    return p
