@@ -132,6 +132,76 @@ def index(
 
 
 @app.command()
+def search(
+    query: Annotated[Optional[str], typer.Argument(
+        help="text, or the path of an image file (image query)", show_default=False)] = None,
+    db: DbOpt = None,
+    top: Annotated[int, typer.Option("-n", "--top", min=1, help="number of results")] = 10,
+    image: Annotated[Optional[Path], typer.Option("--image", help="force an image query",
+                     dir_okay=False, show_default=False)] = None,
+    text: Annotated[Optional[str], typer.Option("--text", help="force a text query",
+                    show_default=False)] = None,
+    add: Annotated[Optional[List[str]], typer.Option("--add", metavar="Q",
+                   help="add a text or image to the query (repeatable)")] = None,
+    subtract: Annotated[Optional[List[str]], typer.Option("--subtract", metavar="Q",
+                        help="subtract a text or image from the query (repeatable)")] = None,
+    in_dirs: Annotated[Optional[List[Path]], typer.Option("--in", metavar="DIR",
+                       help="only files under DIR (repeatable)", file_okay=False)] = None,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", metavar="S",
+                         help="drop results scoring below S (cosine)")] = None,
+    after: Annotated[Optional[str], typer.Option("--after", metavar="YYYY-MM-DD",
+                     help="taken on or after this date (EXIF, else mtime)")] = None,
+    before: Annotated[Optional[str], typer.Option("--before", metavar="YYYY-MM-DD",
+                      help="taken before this date (EXIF, else mtime)")] = None,
+    exact: Annotated[bool, typer.Option("--exact", help="score every image (no HNSW)")] = False,
+    paths_only: Annotated[bool, typer.Option("--paths", help="print paths only, one per line")] = False,
+    null: Annotated[bool, typer.Option("-0", "--null", help="NUL-terminated paths (for xargs -0)")] = False,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    json_: JsonOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Rank the library's images against a text or image query.
+
+    On a terminal: a table. Piped: score<TAB>path lines. Also --paths, -0 and --json.
+
+    Example:
+        itr search "two children on a lawn" -n 5
+        itr search ~/photos/beach.jpg --subtract "people"
+        itr search "beach" -0 | xargs -0 cp -t /tmp/beach
+    """
+    from .library import Library
+    from .output import is_tty, print_json
+
+    if query is not None and not query.strip():
+        raise UsageError("empty query")
+    with Library.open(db, readonly=True) as lib:
+        hits = lib.search(query, image=str(image) if image else None, text=text,
+                          add=add or [], subtract=subtract or [], top=top,
+                          in_dirs=[str(d) for d in in_dirs or []], threshold=threshold,
+                          after=after, before=before, exact=exact, device=device,
+                          precision=precision)
+        model = lib.model
+    out = sys.stdout
+    if json_:
+        q = query if query is not None else (str(image) if image else text)
+        print_json({"query": q, "model": model, "results": [h.to_json() for h in hits]})
+    elif null:
+        out.write("".join(h.path + "\0" for h in hits))
+    elif paths_only:
+        out.write("".join(h.path + "\n" for h in hits))
+    elif is_tty(out):
+        width = max([len(str(len(hits)))] + [1])
+        for h in hits:
+            date = (h.taken_at or "")[:10] or "-"
+            out.write(f"{h.rank:>{width}}  {h.score:.4f}  {date:<10}  {h.path}\n")
+        if not hits:
+            sys.stderr.write("no results\n")
+    else:
+        out.write("".join(f"{h.score:.4f}\t{h.path}\n" for h in hits))
+
+
+@app.command()
 def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) -> None:
     """Show the library's location, model, counts, indexed roots and size on disk.
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from . import models
 from .errors import ExitCode, LibraryError, UsageError
@@ -150,6 +150,7 @@ class Library:
             known_roots = set(self.store.get_meta("roots", []))
             if not summary.interrupted:
                 self.store.set_meta(roots=sorted(known_roots | set(roots)))
+                self._export_text_tower()
             return summary
         finally:
             lock.release()
@@ -161,6 +162,134 @@ class Library:
             dim=info.dim, precision=enc.precision, preprocess=info.preprocess,
             text_max_length=info.text_max_length, text_padding=info.text_padding,
         )
+
+    def _export_text_tower(self) -> None:
+        """Export the text tower for fast cold searches, once, if the model is loaded anyway."""
+        from .textonnx import OnnxTextEncoder, export
+
+        if self._encoder is None or OnnxTextEncoder.available(self.directory):
+            return
+        try:
+            export(self._encoder, self.directory)
+        except Exception as e:  # no fast path then; search falls back to torch
+            import logging
+
+            logging.getLogger("itr").warning("text tower export failed: %s", e)
+
+    # -- searching --------------------------------------------------------------------------
+    def text_encoder(self, device: str = "auto", precision: str = "auto"):
+        """Something with ``encode_texts``: the exported ONNX tower if present, else torch."""
+        from .textonnx import OnnxTextEncoder
+
+        if device in ("auto", "cpu") and OnnxTextEncoder.available(self.directory):
+            try:
+                return OnnxTextEncoder(self.directory)
+            except Exception:
+                pass  # damaged export: the torch path gives the same vectors
+        return self.encoder(None, device, precision)
+
+    def stored_vector(self, path: str):
+        """The stored vector of an indexed, unchanged file, else None (no model needed)."""
+        row = self.store.row_by_path(os.path.abspath(path))
+        if row is None:
+            return None
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        if st.st_size != row["size"] or st.st_mtime_ns != row["mtime_ns"]:
+            return None
+        ids, vecs = self.store.vectors([row["id"]])
+        return vecs[0] if len(ids) else None
+
+    def embed_image(self, path: str, device: str = "auto", precision: str = "auto"):
+        """Embed one image file with the library's model: ``[dim]``."""
+        from .images import DecodeError, decode_file
+
+        enc = self.encoder(None, device, precision)
+        try:
+            pixels, _meta, _data = decode_file(path, enc.prep, draft=False)
+        except (OSError, DecodeError) as e:
+            raise UsageError(f"image query {path}: {e}") from None
+        return enc.encode_pixels(pixels[None])[0]
+
+    def embed_query(self, parts, device: str = "auto", precision: str = "auto"):
+        """Combine query parts (:class:`itrcli.search.QueryPart`) into one vector ``[dim]``."""
+        from .search import build_query
+
+        return build_query(
+            parts,
+            stored_vector=self.stored_vector,
+            encode_texts=lambda texts: self.text_encoder(device, precision).encode_texts(texts),
+            encode_image=lambda p: self.embed_image(p, device, precision),
+        )
+
+    def search(
+        self,
+        query: str | None = None,
+        *,
+        image: str | None = None,
+        text: str | None = None,
+        add: Sequence[str] = (),
+        subtract: Sequence[str] = (),
+        top: int = 10,
+        in_dirs: Sequence[str] = (),
+        threshold: float | None = None,
+        after: str | None = None,
+        before: str | None = None,
+        exact: bool = False,
+        ef: int | None = None,
+        device: str = "auto",
+        precision: str = "auto",
+    ) -> list:
+        """Rank the library's images against a query; returns :class:`itrcli.search.Hit` s.
+
+        ``query`` is a text, or an image when it names an existing image file; ``image`` /
+        ``text`` force the kind.  ``add`` / ``subtract`` terms are classified the same way.
+        An image query never returns the query file itself.
+        Raises:
+            UsageError: empty query, bad date, unreadable query image.
+            LibraryError: the library is empty.
+        """
+        from .search import Filters, classify, clean_text, parse_date, rank
+
+        parts = []
+        if image is not None:
+            parts.append(classify(os.path.abspath(os.path.expanduser(image)), "image"))
+        if text is not None:
+            parts.append(classify(text, "text"))
+        if query is not None:
+            parts.append(classify(query))
+        parts += [classify(a) for a in add]
+        for s in subtract:
+            p = classify(s)
+            p.sign = -1.0
+            parts.append(p)
+        for p in parts:
+            if p.kind == "text":
+                p.value = clean_text(p.value)
+                if not p.value:
+                    raise UsageError("empty query")
+        if not parts:
+            raise UsageError("empty query: give QUERY, --image or --text")
+        if top < 1:
+            raise UsageError("--top must be at least 1")
+        if not self.model or self.store.count() == 0:
+            raise LibraryError(f"library {self.directory} is empty (run 'itr index PATH' first)")
+        filters = Filters(list(in_dirs), parse_date(after, "--after"),
+                          parse_date(before, "--before"), threshold)
+        q = self.embed_query(parts, device, precision)
+        exclude = [p.value for p in parts if p.kind == "image"]
+        return rank(q, store=self.store, get_vindex=self.vector_index, top=top, filters=filters,
+                    exclude_paths=exclude, exact=exact, ef=ef)
+
+    def vector_index(self):
+        """The HNSW graph, up to date with the store (replayed in memory if behind)."""
+        from .vindex import VectorIndex
+
+        if getattr(self, "_vindex", None) is None:
+            self._vindex = VectorIndex(self.directory, int(self.store.get_meta("dim"))).open(self.store)
+        return self._vindex
 
     def _clear(self) -> None:
         """--reindex: forget every vector and the model binding (rows are re-created)."""

@@ -1,0 +1,222 @@
+"""Search: turning queries into one vector, and ranking the library's images against it.
+
+Queries are texts or image files, combined rclip-style (``--add`` / ``--subtract``): the
+normalised embeddings are summed with signs and the sum normalised again.  Texts go through
+the exported ONNX text tower when the library has one (no torch import), images already in
+the library use their stored vectors (no model at all), anything else loads the model.
+
+Ranking uses the HNSW graph (``ef`` from :data:`itrcli.vindex.EF_SEARCH`), or an exact
+scan with ``exact=True`` or when filters leave few candidates.  Results are sorted by
+descending cosine similarity, ties by path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Callable, Sequence
+
+from .errors import UsageError
+from .images import supported_extensions
+
+#: When filters leave at most this many candidates, score them exactly instead of
+#: asking the graph (exact and cheaper at that size).
+EXACT_BELOW = 20_000
+
+
+@dataclass
+class QueryPart:
+    """One term of a query: a text or an image path, with a sign."""
+
+    value: str
+    kind: str  #: "text" | "image"
+    sign: float = 1.0
+
+
+@dataclass
+class Hit:
+    rank: int
+    score: float
+    path: str
+    width: int | None
+    height: int | None
+    taken_at: str | None
+    id: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rank": self.rank, "score": round(self.score, 4), "path": self.path,
+                "width": self.width, "height": self.height, "taken_at": self.taken_at}
+
+
+@dataclass
+class Filters:
+    in_dirs: list[str] = field(default_factory=list)
+    after: str | None = None  #: YYYY-MM-DD, inclusive
+    before: str | None = None  #: YYYY-MM-DD, exclusive
+    threshold: float | None = None
+
+    @property
+    def narrows(self) -> bool:
+        return bool(self.in_dirs or self.after or self.before)
+
+
+def parse_date(value: str | None, option: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        return datetime.strptime(value, "%Y-%m-%d").date().isoformat()
+    except ValueError:
+        raise UsageError(f"{option} {value!r}: expected a date as YYYY-MM-DD") from None
+
+
+def classify(value: str, force: str | None = None) -> QueryPart:
+    """A query term is an image when it names an existing image file (or ``force``)."""
+    if force:
+        return QueryPart(value, force)
+    p = os.path.expanduser(value)
+    if os.path.splitext(p)[1].lower() in supported_extensions() and os.path.isfile(p):
+        return QueryPart(os.path.abspath(p), "image")
+    return QueryPart(value, "text")
+
+
+def build_query(
+    parts: Sequence[QueryPart],
+    *,
+    stored_vector: Callable[[str], Any],
+    encode_texts: Callable[[list[str]], Any],
+    encode_image: Callable[[str], Any],
+):
+    """Sum the signed, normalised embeddings of ``parts`` and normalise: ``[dim]``."""
+    import numpy as np
+
+    texts = [p for p in parts if p.kind == "text"]
+    total = None
+    if texts:
+        vecs = encode_texts([p.value for p in texts])  # [n, dim]
+        for p, v in zip(texts, vecs):
+            total = p.sign * v if total is None else total + p.sign * v
+    for p in parts:
+        if p.kind != "image":
+            continue
+        if not os.path.isfile(p.value):
+            raise UsageError(f"image query {p.value}: no such file")
+        v = stored_vector(p.value)
+        if v is None:
+            v = encode_image(p.value)
+        v = v / max(float(np.linalg.norm(v)), 1e-12)
+        total = p.sign * v if total is None else total + p.sign * v
+    if total is None:
+        raise UsageError("empty query")
+    norm = float(np.linalg.norm(total))
+    if norm < 1e-6:
+        raise UsageError("the query terms cancel out (the combined embedding is zero)")
+    return (total / norm).astype(np.float32)
+
+
+def allowed_ids(conn, f: Filters) -> set[int] | None:
+    """Ids passing --in/--after/--before (None: no such filter)."""
+    if not f.narrows:
+        return None
+    where, args = [], []
+    if f.in_dirs:
+        ors = []
+        for d in f.in_dirs:
+            d = os.path.abspath(os.path.expanduser(d)).rstrip(os.sep)
+            ors.append("(path = ? OR substr(path, 1, ?) = ?)")
+            args += [d, len(d) + 1, d + os.sep]
+        where.append("(" + " OR ".join(ors) + ")")
+    when = "COALESCE(taken_at, datetime(mtime_ns / 1000000000, 'unixepoch', 'localtime'))"
+    if f.after:
+        where.append(f"{when} >= ?")
+        args.append(f.after)
+    if f.before:
+        where.append(f"{when} < ?")
+        args.append(f.before)
+    return {r[0] for r in conn.execute(f"SELECT id FROM files WHERE {' AND '.join(where)}", args)}
+
+
+def rank(
+    query,
+    *,
+    store,
+    get_vindex: Callable[[], Any],
+    top: int,
+    filters: Filters,
+    exclude_paths: Sequence[str] = (),
+    exact: bool = False,
+    ef: int | None = None,
+) -> list[Hit]:
+    """The ``top`` best images for a query vector, filtered, existing files only."""
+    import numpy as np
+
+    from .store import fs_path_of
+
+    allowed = allowed_ids(store.conn, filters)
+    excluded: set[int] = set()
+    for p in exclude_paths:
+        row = store.row_by_path(p)
+        if row:
+            excluded.add(row["id"])
+    live = store.conn.execute("SELECT count(*) FROM vectors").fetchone()[0]
+    use_exact = exact or (allowed is not None and len(allowed) <= EXACT_BELOW)
+
+    want = top + len(excluded)
+    hits: list[Hit] = []
+    while True:
+        k = min(live, max(2 * want + 10, want))
+        if use_exact:
+            ids, scores = _exact(store, query, k, allowed)
+        else:
+            vi = get_vindex()
+            filt = None if allowed is None else (lambda label: int(label) in allowed)
+            try:
+                ids, scores = vi.search(query, k, live, ef=ef, filter=filt)
+            except RuntimeError:
+                # the graph found fewer than k items passing the filter: score exactly
+                ids, scores = _exact(store, query, k, allowed)
+        rows = store.rows(int(i) for i in ids)
+        cand = []
+        for i, s in zip(ids, scores):
+            i = int(i)
+            r = rows.get(i)
+            if r is None or i in excluded:
+                continue
+            if filters.threshold is not None and s < filters.threshold:
+                continue
+            cand.append((float(s), r))
+        cand.sort(key=lambda c: (-round(c[0], 6), c[1]["path"]))
+        hits = []
+        for s, r in cand:
+            if not os.path.exists(fs_path_of(r["path"], r["fsname"])):
+                continue  # deleted since it was indexed
+            hits.append(Hit(len(hits) + 1, s, r["path"], r["width"], r["height"],
+                            r["taken_at"], r["id"]))
+            if len(hits) == top:
+                break
+        exhausted = k >= live or (filters.threshold is not None and len(scores)
+                                  and float(np.min(scores)) < filters.threshold)
+        if len(hits) >= top or exhausted:
+            return hits
+        want *= 4  # vanished files or filters ate the candidates: ask for more
+
+
+def _exact(store, query, k: int, allowed: set[int] | None):
+    import numpy as np
+
+    ids, mat = store.vectors(allowed)
+    if len(ids) == 0:
+        return ids, np.zeros(0, dtype=np.float32)
+    scores = mat @ query  # [n]
+    k = min(k, len(ids))
+    part = np.argpartition(-scores, k - 1)[:k]
+    order = part[np.argsort(-scores[part], kind="stable")]
+    return ids[order], scores[order]
+
+
+_WS = re.compile(r"\s+")
+
+
+def clean_text(q: str) -> str:
+    return _WS.sub(" ", q).strip()
