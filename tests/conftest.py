@@ -1,0 +1,108 @@
+"""Shared fixtures: isolated environment, locally built models, an in-process `itr`."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+FIXTURES = Path(__file__).parent / "fixtures"
+MICRO_CLIP = FIXTURES / "micro-clip"
+
+
+def pytest_addoption(parser):
+    parser.addoption("--runslow", action="store_true", help="run the long fault-injection loops")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--runslow"):
+        return
+    skip = pytest.mark.skip(reason="long loop: run with --runslow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _isolated(tmp_path, monkeypatch):
+    """No test touches the real home, cache or network."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    for var in ("ITR_DB", "ITR_MODEL"):
+        monkeypatch.delenv(var, raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    from itrcli import synth
+
+    return synth.make_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_siglip(tmp_path_factory) -> Path:
+    from itrcli import synth
+
+    return synth.make_tiny_siglip(tmp_path_factory.mktemp("models") / "tiny-siglip")
+
+
+@pytest.fixture(scope="session")
+def micro_clip() -> Path:
+    if not (MICRO_CLIP / "model.safetensors").exists():
+        pytest.skip("tests/fixtures/micro-clip missing: run scripts/train_micro_clip.py")
+    return MICRO_CLIP
+
+
+class Result:
+    def __init__(self, code: int, out: str, err: str) -> None:
+        self.code, self.out, self.err = code, out, err
+
+    def json(self):
+        return json.loads(self.out)
+
+    def __repr__(self) -> str:
+        return f"Result(code={self.code}, out={self.out[-500:]!r}, err={self.err[-1500:]!r})"
+
+
+def run_itr(*args: str | os.PathLike) -> Result:
+    """Run the CLI in this process (torch stays imported between calls: fast tests)."""
+    from itrcli.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = int(e.code or 0)
+    return Result(code, out.getvalue(), err.getvalue())
+
+
+@pytest.fixture
+def itr():
+    return run_itr
+
+
+def write_shapes(directory: Path, specs, size: int = 64, fmt: str = "jpg") -> list[Path]:
+    """Draw (color, shape, position, seed) images into ``directory``; returns their paths."""
+    from itrcli import synth
+
+    directory.mkdir(parents=True, exist_ok=True)
+    out = []
+    for color, shape, pos, seed in specs:
+        p = directory / f"{color}-{shape}-{pos}-{seed}.{fmt}"
+        synth.draw(color, shape, pos, size=size, seed=seed).save(p)
+        out.append(p)
+    return out
+
+
+def python_cmd() -> list[str]:
+    return [sys.executable, "-m", "itrcli"]

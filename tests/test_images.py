@@ -1,0 +1,152 @@
+"""Decoding and preprocessing: parity with the model's own processor."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from itrcli.images import DRAFT_TOLERANCE, DecodeError, Preprocess, decode_file, open_image
+
+
+def photo(w, h, seed=0, mode="RGB"):
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([(x * 255 // max(w - 1, 1)), (y * 255 // max(h - 1, 1)),
+                     ((x + y) * 127 // max(w + h - 2, 1))], -1)
+    arr = np.clip(base + rng.integers(-20, 20, base.shape), 0, 255).astype(np.uint8)
+    img = Image.fromarray(arr, "RGB")
+    return img.convert(mode) if mode != "RGB" else img
+
+
+def processor_pixels(proc, img):
+    return np.asarray(proc(images=img, return_tensors="np")["pixel_values"][0])
+
+
+@pytest.fixture(scope="module")
+def clip_processor():
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (225, 224), (300, 1000), (100, 80)])
+def test_clip_preprocessing_equals_the_processor(clip_processor, size):
+    img = photo(*size, seed=size[0])
+    prep = Preprocess.from_config(clip_processor.to_dict())
+    ours = prep(img)
+    ref = processor_pixels(clip_processor, img)
+    assert ours.shape == ref.shape == (3, 224, 224)
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_siglip_preprocessing_equals_the_processor():
+    from transformers import SiglipImageProcessorPil
+
+    proc = SiglipImageProcessorPil(size={"height": 64, "width": 64})
+    prep = Preprocess.from_config(proc.to_dict())
+    img = photo(200, 120, seed=3)
+    np.testing.assert_allclose(prep(img), processor_pixels(proc, img), atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P", "L", "CMYK"])
+def test_modes_convert_like_the_processor(clip_processor, mode):
+    img = photo(120, 90, seed=7, mode=mode)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG" if mode != "CMYK" else "JPEG")
+    decoded, meta = open_image(buf.getvalue())
+    assert decoded.mode == "RGB" and (meta.width, meta.height) == (120, 90)
+    prep = Preprocess.from_config(clip_processor.to_dict())
+    ref = processor_pixels(clip_processor, Image.open(io.BytesIO(buf.getvalue())))
+    np.testing.assert_allclose(prep(decoded), ref, atol=1e-5)
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    img = photo(300, 200, seed=1)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display
+    exif[0x0110] = "TestCam 1"
+    p = tmp_path / "r.jpg"
+    img.save(p, exif=exif, quality=95)
+    pixels, meta, _ = decode_file(str(p), None, draft=False)
+    assert (meta.width, meta.height) == (200, 300)
+    assert meta.camera == "TestCam 1"
+    decoded, _ = open_image(p.read_bytes())
+    assert decoded.size == (200, 300)
+    # same pixels as the processor fed an already-rotated image
+    from PIL import ImageOps
+    from transformers import CLIPImageProcessorPil
+
+    proc = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64})
+    prep = Preprocess.from_config(proc.to_dict())
+    ref = processor_pixels(proc, ImageOps.exif_transpose(Image.open(p)))
+    np.testing.assert_allclose(prep(decoded), ref, atol=1e-5)
+
+
+def test_exif_capture_time_and_gps(tmp_path):
+    img = photo(64, 64)
+    exif = Image.Exif()
+    exif.get_ifd(0x8769)[0x9003] = "2021:06:01 12:30:00"
+    gps = exif.get_ifd(0x8825)
+    gps[1], gps[2] = "N", (48.0, 51.0, 29.0)
+    gps[3], gps[4] = "W", (2.0, 17.0, 40.0)
+    p = tmp_path / "g.jpg"
+    img.save(p, exif=exif)
+    _, meta = open_image(p.read_bytes())
+    assert meta.taken_at == "2021-06-01T12:30:00"
+    assert meta.lat == pytest.approx(48.858, abs=1e-3)
+    assert meta.lon == pytest.approx(-2.2944, abs=1e-3)
+
+
+def test_draft_mode_stays_within_documented_tolerance(tmp_path, clip_processor):
+    img = photo(2400, 1800, seed=5)
+    p = tmp_path / "big.jpg"
+    img.save(p, quality=92)
+    prep = Preprocess.from_config(clip_processor.to_dict())
+    full, _, _ = decode_file(str(p), prep, draft=False)
+    fast, meta, _ = decode_file(str(p), prep, draft=True)
+    assert (meta.width, meta.height) == (2400, 1800)
+    assert full.shape == fast.shape
+    assert float(np.abs(full - fast).mean()) < DRAFT_TOLERANCE
+    np.testing.assert_allclose(full, processor_pixels(clip_processor, Image.open(p)), atol=1e-5)
+
+
+@pytest.mark.parametrize("data,reason", [
+    (b"", "empty file"),
+    (b"this is not an image", "not an image"),
+])
+def test_bad_bytes_raise_one_line_reasons(data, reason):
+    with pytest.raises(DecodeError, match=reason):
+        open_image(data)
+
+
+def test_truncated_jpeg_is_refused(tmp_path):
+    buf = io.BytesIO()
+    photo(300, 300).save(buf, format="JPEG")
+    with pytest.raises(DecodeError):
+        open_image(buf.getvalue()[:2000])
+
+
+def test_decompression_bomb_refused_before_allocation():
+    # a PNG header declaring 100,000 x 100,000 pixels, with almost no data
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0))
+    png += chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
+    with pytest.raises(DecodeError, match="too large"):
+        open_image(png)
+
+
+def test_16bit_grey_is_scaled_not_clipped():
+    arr = (np.linspace(0, 65535, 64 * 64).reshape(64, 64)).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    img, _ = open_image(buf.getvalue())
+    px = np.asarray(img)
+    assert px.min() < 10 and px.max() > 245  # a ramp, not a white square

@@ -1,0 +1,82 @@
+"""Walking and change detection, without a model."""
+
+from __future__ import annotations
+
+import os
+
+from itrcli.images import IMAGE_EXTENSIONS
+from itrcli.walk import Entry, Known, plan, walk
+
+
+def touch(p, data=b"x"):
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_bytes(data)
+    return p
+
+
+def test_walk_finds_images_recursively_and_skips_hidden(tmp_path):
+    touch(tmp_path / "a.jpg")
+    touch(tmp_path / "sub" / "b.PNG")
+    touch(tmp_path / "notes.txt")
+    touch(tmp_path / ".hidden" / "c.jpg")
+    touch(tmp_path / ".d.jpg")
+    r = walk([str(tmp_path)], extensions=IMAGE_EXTENSIONS)
+    assert sorted(os.path.relpath(p, tmp_path) for p in r.files) == ["a.jpg", os.path.join("sub", "b.PNG")]
+    r = walk([str(tmp_path)], extensions=IMAGE_EXTENSIONS, include_hidden=True)
+    assert len(r.files) == 4
+
+
+def test_walk_exclude_globs(tmp_path):
+    touch(tmp_path / "a.jpg")
+    touch(tmp_path / "a.thumb.jpg")
+    touch(tmp_path / "cache" / "x.jpg")
+    r = walk([str(tmp_path)], extensions=IMAGE_EXTENSIONS, exclude=["*.thumb.jpg", "cache"])
+    assert [os.path.basename(p) for p in r.files] == ["a.jpg"]
+
+
+def test_symlinked_dirs_followed_only_on_request_and_never_loop(tmp_path):
+    touch(tmp_path / "real" / "a.jpg")
+    os.symlink(tmp_path / "real", tmp_path / "link")
+    os.symlink(tmp_path, tmp_path / "real" / "loop")  # a loop back to the root
+    r = walk([str(tmp_path)], extensions=IMAGE_EXTENSIONS)
+    assert [os.path.relpath(p, tmp_path) for p in r.files] == [os.path.join("real", "a.jpg")]
+    r = walk([str(tmp_path)], extensions=IMAGE_EXTENSIONS, follow_symlinks=True)
+    assert len(r.files) == 1  # the same directory is entered once, whatever the route
+
+
+def test_broken_symlink_is_reported_not_fatal(tmp_path):
+    touch(tmp_path / "a.jpg")
+    os.symlink(tmp_path / "missing.jpg", tmp_path / "broken.jpg")
+    r = walk([str(tmp_path)], extensions=IMAGE_EXTENSIONS)
+    assert len(r.files) == 1
+    assert [os.path.basename(p) for p, _ in r.errors] == ["broken.jpg"]
+
+
+def test_missing_root_is_an_error_and_unlisted(tmp_path):
+    r = walk([str(tmp_path / "nope")], extensions=IMAGE_EXTENSIONS)
+    assert r.errors and r.unlisted == [str(tmp_path / "nope")]
+
+
+def test_plan_classifies_changes():
+    found = {
+        "/p/same.jpg": Entry("/p/same.jpg", 10, 1),
+        "/p/edited.jpg": Entry("/p/edited.jpg", 11, 2),
+        "/p/new.jpg": Entry("/p/new.jpg", 5, 3),
+    }
+    known = {
+        "/p/same.jpg": Known(1, 10, 1, "h1"),
+        "/p/edited.jpg": Known(2, 10, 1, "h2"),
+        "/p/gone.jpg": Known(3, 10, 1, "h3"),
+        "/other/x.jpg": Known(4, 10, 1, "h4"),  # not under the walked root: untouched
+        "/p/unreadable/y.jpg": Known(5, 10, 1, "h5"),  # its directory could not be listed
+    }
+    p = plan(found, known, ["/p"], unlisted=["/p/unreadable"])
+    assert p.unchanged == ["/p/same.jpg"]
+    assert p.changed == ["/p/edited.jpg"]
+    assert p.new == ["/p/new.jpg"]
+    assert p.missing == ["/p/gone.jpg"]
+
+
+def test_plan_does_not_confuse_sibling_prefixes():
+    known = {"/photos2/a.jpg": Known(1, 1, 1, "h")}
+    assert plan({}, known, ["/photos"]).missing == []
