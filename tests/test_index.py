@@ -1,0 +1,173 @@
+"""`itr index` end to end with a tiny random CLIP built by the test."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+
+import numpy as np
+import pytest
+
+from conftest import write_shapes
+
+SUMMARY_KEYS = {"scanned", "added", "updated", "moved", "removed", "unchanged", "skipped",
+                "errors", "seconds", "images_per_second"}
+
+
+@pytest.fixture
+def photos(tmp_path):
+    return write_shapes(tmp_path / "photos", [
+        ("red", "circle", "left", 1), ("blue", "square", "right", 2),
+        ("green", "triangle", "top", 3), ("yellow", "circle", "bottom", 4),
+    ])
+
+
+def index(itr, lib, *args):
+    r = itr("index", *args, "--db", lib, "--json", "-q")
+    assert r.code == 0, r
+    return r.json()
+
+
+def stored(lib):
+    from itrcli.store import Store
+
+    s = Store(lib)
+    ids, vecs = s.vectors()
+    paths = {r["id"]: r["path"] for r in s.rows(ids.tolist()).values()}
+    s.close()
+    return {paths[int(i)]: v for i, v in zip(ids, vecs)}
+
+
+def test_first_run_adds_everything_and_prints_exact_keys(itr, tiny_clip, photos, tmp_path):
+    lib = tmp_path / "lib"
+    s = index(itr, lib, photos[0].parent, "--model", tiny_clip)
+    assert set(s) == SUMMARY_KEYS
+    assert (s["scanned"], s["added"], s["skipped"], s["errors"]) == (4, 4, 0, [])
+    vecs = stored(lib)
+    assert len(vecs) == 4
+    for v in vecs.values():
+        assert abs(float(np.linalg.norm(v)) - 1) < 1e-5  # L2-normalised
+
+
+def test_second_run_reads_nothing(itr, tiny_clip, photos, tmp_path, monkeypatch):
+    lib = tmp_path / "lib"
+    index(itr, lib, photos[0].parent, "-m", tiny_clip)
+    import itrcli.indexer as indexer
+
+    calls = []
+    monkeypatch.setattr(indexer, "read_one", lambda *a, **k: calls.append(a) or None)
+    s = index(itr, lib, photos[0].parent)
+    assert (s["unchanged"], s["added"], s["updated"]) == (4, 0, 0)
+    assert calls == []  # no file was opened, let alone decoded
+
+
+def test_rename_edit_delete_show_up_as_moved_updated_removed(itr, tiny_clip, photos, tmp_path):
+    lib = tmp_path / "lib"
+    index(itr, lib, photos[0].parent, "-m", tiny_clip)
+    before = stored(lib)
+    moved_to = photos[0].parent / "sub" / "renamed.jpg"
+    moved_to.parent.mkdir()
+    shutil.move(photos[0], moved_to)
+    from itrcli import synth
+
+    synth.draw("purple", "square", "center", size=64, seed=9).save(photos[1])  # edit in place
+    os.utime(photos[1], ns=(time.time_ns(), time.time_ns() + 10**9))
+    photos[2].unlink()
+    s = index(itr, lib, photos[0].parent)
+    assert (s["moved"], s["updated"], s["removed"], s["unchanged"], s["added"]) == (1, 1, 1, 1, 0)
+    after = stored(lib)
+    assert set(after) == {str(moved_to), str(photos[1]), str(photos[3])}
+    np.testing.assert_array_equal(after[str(moved_to)], before[str(photos[0])])  # vector kept
+    assert not np.allclose(after[str(photos[1])], before[str(photos[1])])  # re-embedded
+    np.testing.assert_array_equal(after[str(photos[3])], before[str(photos[3])])
+
+
+def test_copy_reuses_vector_and_touch_is_unchanged(itr, tiny_clip, photos, tmp_path):
+    lib = tmp_path / "lib"
+    index(itr, lib, photos[0].parent, "-m", tiny_clip)
+    copy = photos[0].parent / "copy.jpg"
+    shutil.copy(photos[0], copy)
+    os.utime(photos[1], ns=(time.time_ns(), time.time_ns() + 10**9))  # same bytes, new mtime
+    s = index(itr, lib, photos[0].parent)
+    assert (s["added"], s["unchanged"], s["updated"]) == (1, 4, 0)
+    v = stored(lib)
+    np.testing.assert_array_equal(v[str(copy)], v[str(photos[0])])
+
+
+def test_no_prune_keeps_deleted_files(itr, tiny_clip, photos, tmp_path):
+    lib = tmp_path / "lib"
+    index(itr, lib, photos[0].parent, "-m", tiny_clip)
+    photos[0].unlink()
+    s = index(itr, lib, photos[0].parent, "--no-prune")
+    assert s["removed"] == 0 and len(stored(lib)) == 4
+    s = index(itr, lib, photos[0].parent)
+    assert s["removed"] == 1 and len(stored(lib)) == 3
+
+
+def test_bad_files_are_skipped_with_reasons_exit_zero(itr, tiny_clip, photos, tmp_path):
+    d = photos[0].parent
+    (d / "empty.jpg").write_bytes(b"")
+    (d / "text.png").write_text("not really")
+    (d / "cut.jpg").write_bytes(photos[0].read_bytes()[:300])
+    s = index(itr, tmp_path / "lib", d, "-m", tiny_clip)
+    assert s["added"] == 4 and s["skipped"] == 3
+    reasons = {os.path.basename(e["path"]): e["error"] for e in s["errors"]}
+    assert reasons["empty.jpg"] == "empty file"
+    assert "not an image" in reasons["text.png"]
+    assert set(reasons) == {"empty.jpg", "text.png", "cut.jpg"}
+
+
+def test_library_is_bound_to_its_model(itr, tiny_clip, tiny_siglip, photos, tmp_path):
+    lib = tmp_path / "lib"
+    index(itr, lib, photos[0].parent, "-m", tiny_clip)
+    r = itr("index", photos[0].parent, "--db", lib, "-m", tiny_siglip)
+    assert r.code == 1 and "--reindex" in r.err and r.err.count("\n") == 1
+    s = index(itr, lib, photos[0].parent, "-m", tiny_siglip, "--reindex")
+    assert s["added"] == 4
+    r = itr("info", "--db", lib, "--json")
+    assert r.json()["model"] == str(tiny_siglip) and r.json()["model_type"] == "siglip"
+
+
+def test_unknown_model_fails_fast_with_advice(itr, photos, tmp_path):
+    t = time.monotonic()
+    r = itr("index", photos[0].parent, "--db", tmp_path / "lib", "-m", "nobody/no-such-model")
+    assert r.code == 1
+    assert "cannot load model 'nobody/no-such-model'" in r.err and "--model" in r.err
+    assert "Traceback" not in r.err
+    assert time.monotonic() - t < 60  # offline: no retry loop (generous; not a speed test)
+
+
+def test_info_reports_counts_and_roots(itr, tiny_clip, photos, tmp_path):
+    lib = tmp_path / "lib"
+    index(itr, lib, photos[0].parent, "-m", tiny_clip)
+    data = itr("info", "--db", lib, "--json").json()
+    assert data["files"] == 4 and data["vectors"] == 4 and data["dim"] == 32
+    assert data["roots"] == [str(photos[0].parent)]
+    assert data["sizes"]["total"] > 0
+    text = itr("info", "--db", lib).out
+    assert "model:" in text and str(tiny_clip) in text
+
+
+def test_default_library_location_and_env(itr, tiny_clip, photos, tmp_path, monkeypatch):
+    r = itr("path")
+    assert r.out.strip() == str(tmp_path / "xdg-data" / "itr")
+    monkeypatch.setenv("ITR_DB", str(tmp_path / "envlib"))
+    monkeypatch.setenv("ITR_MODEL", str(tiny_clip))
+    r = itr("index", photos[0].parent, "-q")
+    assert r.code == 0 and (tmp_path / "envlib" / "itr.db").exists()
+
+
+def test_siglip_library_indexes_and_searches(itr, tiny_siglip, photos, tmp_path):
+    lib = tmp_path / "lib"
+    index(itr, lib, photos[0].parent, "-m", tiny_siglip)
+    r = itr("search", "a red circle", "--db", lib, "--json")
+    assert r.code == 0 and len(r.json()["results"]) == 4
+
+
+def test_human_summary_on_stderr_and_quiet(itr, tiny_clip, photos, tmp_path):
+    r = itr("index", photos[0].parent, "--db", tmp_path / "lib", "-m", tiny_clip)
+    assert r.code == 0 and r.out == ""
+    assert "scanned 4, added 4" in r.err and "\x1b[" not in r.err
+    r = itr("index", photos[0].parent, "--db", tmp_path / "lib", "-q")
+    assert r.code == 0 and r.out == "" and r.err == ""

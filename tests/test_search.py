@@ -1,0 +1,190 @@
+"""`itr search`: formats, filters, image queries, ONNX = torch, HNSW = exact."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import python_cmd, write_shapes
+from itrcli import synth
+
+SPECS = [(c, s, p, i) for i, (c, s, p) in enumerate(
+    [(c, s, p) for c in ("red", "blue", "green") for s in ("circle", "square") for p in ("left", "right")]
+)]
+
+
+@pytest.fixture
+def lib(itr, tiny_clip, tmp_path):
+    paths = write_shapes(tmp_path / "photos", SPECS)
+    lib = tmp_path / "lib"
+    r = itr("index", tmp_path / "photos", "--db", lib, "-m", tiny_clip, "-q")
+    assert r.code == 0, r
+    return lib, paths
+
+
+def test_piped_output_is_score_tab_path(itr, lib):
+    db, paths = lib
+    r = itr("search", "a red circle", "--db", db, "-n", "3")
+    lines = r.out.splitlines()
+    assert r.code == 0 and len(lines) == 3
+    for line in lines:
+        score, path = line.split("\t")
+        assert len(score.split(".")[1]) == 4 and os.path.isabs(path)
+    scores = [float(line.split("\t")[0]) for line in lines]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_json_paths_and_null_formats(itr, lib):
+    db, paths = lib
+    j = itr("search", "a red circle", "--db", db, "--json", "-n", "5").json()
+    assert j["query"] == "a red circle" and j["model"]
+    assert [h["rank"] for h in j["results"]] == [1, 2, 3, 4, 5]
+    assert set(j["results"][0]) == {"rank", "score", "path", "width", "height", "taken_at"}
+    assert j["results"][0]["width"] == 64
+    p = itr("search", "a red circle", "--db", db, "--paths", "-n", "5").out.splitlines()
+    assert p == [h["path"] for h in j["results"]]
+    z = itr("search", "a red circle", "--db", db, "-0", "-n", "5").out
+    assert z.split("\0")[:-1] == p and z.endswith("\0")
+
+
+def test_hnsw_equals_exact_on_a_small_library(itr, lib):
+    db, _ = lib
+    for q in ("a red circle", "a blue square on the right", "green"):
+        a = itr("search", q, "--db", db, "--json", "-n", "12").json()["results"]
+        b = itr("search", q, "--db", db, "--json", "-n", "12", "--exact").json()["results"]
+        assert [h["path"] for h in a] == [h["path"] for h in b]
+
+
+def test_onnx_text_tower_gives_the_torch_ranking(itr, lib):
+    from itrcli import Library
+    from itrcli.textonnx import OnnxTextEncoder
+
+    db, _ = lib
+    assert OnnxTextEncoder.available(db)
+    with Library.open(db, readonly=True) as L:
+        texts = ["a red circle on the left", "a blue square", "green", "two children on a lawn"]
+        onnx = OnnxTextEncoder(db).encode_texts(texts)
+        torch = L.encoder().encode_texts(texts)
+        np.testing.assert_allclose(onnx, torch, atol=1e-4)
+        ids, vecs = L.store.vectors()
+        for a, b in zip(onnx, torch):
+            assert list(np.argsort(-(vecs @ a))) == list(np.argsort(-(vecs @ b)))
+
+
+def test_image_query_excludes_itself_and_uses_stored_vector(itr, lib):
+    db, paths = lib
+    j = itr("search", paths[0], "--db", db, "--json", "-n", "20").json()
+    got = [h["path"] for h in j["results"]]
+    assert str(paths[0]) not in got and len(got) == len(paths) - 1
+
+
+def test_resized_copy_ranks_first_for_an_image_query(itr, lib, tmp_path):
+    db, paths = lib
+    q = tmp_path / "query.jpg"  # outside the library: encoded with the model
+    Image.open(paths[3]).resize((48, 48)).save(q, quality=70)
+    j = itr("search", q, "--db", db, "--json", "-n", "1").json()
+    assert j["results"][0]["path"] == str(paths[3])
+
+
+def test_in_threshold_and_dates(itr, lib, tmp_path):
+    db, paths = lib
+    sub = tmp_path / "photos" / "sub"
+    write_shapes(sub, [("red", "circle", "left", 99)])
+    itr("index", tmp_path / "photos", "--db", db, "-q")
+    j = itr("search", "red", "--db", db, "--json", "--in", sub).json()
+    assert [os.path.dirname(h["path"]) for h in j["results"]] == [str(sub)]
+    allr = itr("search", "red", "--db", db, "--json", "-n", "50").json()["results"]
+    cut = allr[3]["score"]
+    j = itr("search", "red", "--db", db, "--json", "-n", "50", "--threshold", str(cut)).json()
+    assert all(h["score"] >= cut for h in j["results"]) and len(j["results"]) >= 4
+    # dates: EXIF-less files fall back to mtime; push one file into 2001
+    old = paths[5]
+    os.utime(old, (978307200, 978307200))  # 2001-01-01
+    itr("index", tmp_path / "photos", "--db", db, "-q")
+    j = itr("search", "red", "--db", db, "--json", "--before", "2002-01-01", "-n", "50").json()
+    assert [h["path"] for h in j["results"]] == [str(old)]
+    j = itr("search", "red", "--db", db, "--json", "--after", "2002-01-01", "-n", "50").json()
+    assert str(old) not in [h["path"] for h in j["results"]] and j["results"]
+    r = itr("search", "red", "--db", db, "--after", "June 1st")
+    assert r.code == 2 and "YYYY-MM-DD" in r.err
+
+
+def test_deleted_files_are_not_printed(itr, lib):
+    db, paths = lib
+    first = itr("search", "a red circle", "--db", db, "--paths", "-n", "1").out.strip()
+    os.unlink(first)
+    got = itr("search", "a red circle", "--db", db, "--paths", "-n", "12").out.splitlines()
+    assert first not in got and len(got) == len(paths) - 1
+
+
+def test_add_and_subtract_move_the_query(itr, lib):
+    from itrcli import Library
+    from itrcli.search import QueryPart
+
+    db, paths = lib
+    with Library.open(db, readonly=True) as L:
+        a = L.embed_query([QueryPart("red", "text")])
+        b = L.embed_query([QueryPart("red", "text"), QueryPart("blue", "text", -1.0)])
+        t = L.text_encoder().encode_texts(["red", "blue"])
+        expect = t[0] - t[1]
+        np.testing.assert_allclose(b, expect / np.linalg.norm(expect), atol=1e-5)
+        assert not np.allclose(a, b)
+
+
+def test_errors(itr, lib, tmp_path):
+    db, _ = lib
+    r = itr("search", "", "--db", db)
+    assert r.code == 2 and "empty query" in r.err
+    r = itr("search", "x", "--db", tmp_path / "nolib")
+    assert r.code == 1 and r.err.startswith("Error: no library")
+    r = itr("search", "red", "--db", db, "--subtract", "red")
+    assert r.code == 2 and "cancel" in r.err
+
+
+def test_search_sees_vectors_committed_by_a_killed_run(itr, lib, tmp_path):
+    """Rows committed after the last graph save are found (the log is replayed)."""
+    from itrcli.store import Store
+
+    db, paths = lib
+    for f in (db / "hnsw").iterdir():
+        f.unlink()  # as if the run died before its first save
+    j = itr("search", "a red circle", "--db", db, "--json", "-n", "12").json()
+    assert len(j["results"]) == 12
+    # and an old graph plus newer log entries
+    itr("index", tmp_path / "photos", "--db", db, "-q")  # rebuilds and saves
+    s = Store(db)
+    with s.transaction() as c:
+        ids = [r[0] for r in c.execute("SELECT id FROM files LIMIT 2")]
+        s.delete_files(c, ids)
+    s.close()
+    j = itr("search", "a red circle", "--db", db, "--json", "-n", "12").json()
+    assert len(j["results"]) == 10
+
+
+def test_cold_search_imports_no_torch(lib):
+    db, _ = lib
+    code = ("import sys, runpy; sys.argv=['itr','search','a red circle','--db',%r];\n"
+            "from itrcli.cli import main\n"
+            "try: main()\n"
+            "except SystemExit: pass\n"
+            "print('TORCH' if 'torch' in sys.modules else 'NOTORCH', file=sys.stderr)") % str(db)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "NOTORCH" in r.stderr, r.stderr
+    assert len(r.stdout.splitlines()) == 10
+
+
+def test_help_is_instant_and_imports_nothing_heavy():
+    code = ("import sys; from itrcli.cli import main\n"
+            "try: main(['--help'])\n"
+            "except SystemExit: pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'onnxruntime', 'hnswlib', 'numpy') if m in sys.modules]\n"
+            "print('HEAVY', heavy, file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "HEAVY []" in r.stderr, r.stderr
