@@ -8,6 +8,7 @@ Library errors become ``Error: ...`` on stderr with the exit codes of
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, List, Optional
@@ -20,7 +21,7 @@ from .models import PRESETS, preset_names
 
 app = typer.Typer(
     name="itr",
-    help="Search a local photo collection by meaning (CLIP-style image-text retrieval).",
+    help="Search a local photo collection by meaning (CLIP-style image-text retrieval)",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
@@ -46,8 +47,22 @@ ModelOpt = Annotated[
                  help="preset name, Hugging Face id or local directory [default: the library's, "
                       "else laion-b32]", show_default=False),
 ]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16")]
+def _check_device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value or ""):
+        raise typer.BadParameter("expected auto, cpu, cuda or cuda:N")
+    return value
+
+
+def _check_precision(value: str) -> str:
+    if value not in ("auto", "fp32", "bf16", "fp16"):
+        raise typer.BadParameter("expected auto, fp32, bf16 or fp16")
+    return value
+
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N",
+                                        callback=_check_device)]
+PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16",
+                                           callback=_check_precision)]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="images per encoder batch")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="no progress or summary on stderr")]
@@ -65,8 +80,9 @@ def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                           help="print the version and exit")] = False,
 ) -> None:
-    """Search a local photo collection by meaning (CLIP-style image-text retrieval).
+    """Search a local photo collection by meaning (CLIP-style image-text retrieval)
 
+    \b
     Example:
         itr index ~/photos && itr search "two children on a lawn"
     """
@@ -76,7 +92,8 @@ def _root(
 
 @app.command()
 def index(
-    paths: Annotated[List[Path], typer.Argument(help="directories or files to index", metavar="PATH...",
+    paths: Annotated[List[Path], typer.Argument(help="directories or files to index", metavar="PATH",
+                                                exists=True,
                                                 show_default=False)],
     db: DbOpt = None,
     model: ModelOpt = None,
@@ -102,11 +119,12 @@ def index(
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Add new and changed images under PATH to the library, drop deleted ones.
+    """Add new and changed images under PATH to the library, drop deleted ones
 
     Unchanged files (same size and mtime) are not read again; moved or renamed files keep
     their vectors; files that cannot be read are listed and skipped (exit code stays 0).
 
+    \b
     Example:
         itr index ~/photos --exclude '*.thumb.jpg' -q
     """
@@ -134,7 +152,8 @@ def index(
 @app.command()
 def search(
     query: Annotated[Optional[str], typer.Argument(
-        help="text, or the path of an image file (image query)", show_default=False)] = None,
+        help="text, or the path of an image file (image query)", show_default=False,
+        metavar="QUERY")] = None,
     db: DbOpt = None,
     top: Annotated[int, typer.Option("-n", "--top", min=1, help="number of results")] = 10,
     image: Annotated[Optional[Path], typer.Option("--image", help="force an image query",
@@ -161,10 +180,11 @@ def search(
     json_: JsonOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Rank the library's images against a text or image query.
+    """Rank the library's images against a text or image query
 
     On a terminal: a table. Piped: score<TAB>path lines. Also --paths, -0 and --json.
 
+    \b
     Example:
         itr search "two children on a lawn" -n 5
         itr search ~/photos/beach.jpg --subtract "people"
@@ -203,8 +223,9 @@ def search(
 
 @app.command()
 def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) -> None:
-    """Show the library's location, model, counts, indexed roots and size on disk.
+    """Show the library's location, model, counts, indexed roots and size on disk
 
+    \b
     Example:
         itr info --json
     """
@@ -232,8 +253,9 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
 
 @app.command("models")
 def models_cmd(json_: JsonOpt = False) -> None:
-    """List the named model presets with size and published Flickr30k R@1.
+    """List the named model presets with size and published Flickr30k R@1
 
+    \b
     Example:
         itr models
     """
@@ -259,8 +281,9 @@ def _pct(v: float | None) -> str:
 
 @app.command()
 def path(db: DbOpt = None) -> None:
-    """Print the library directory that commands would use.
+    """Print the library directory that commands would use
 
+    \b
     Example:
         du -sh "$(itr path)"
     """

@@ -1,0 +1,127 @@
+"""Cold `itr search` latency on a 100,000-image library, and HNSW recall@10 per ef.
+
+Builds (once, cached under bench/out/) a real-architecture random-weight ViT-B/32 model,
+a library bound to it with N synthetic clustered unit vectors (each row pointing at an
+empty file, since results are only printed for files that exist), its HNSW graph and its
+exported ONNX text tower.  Then runs complete cold `itr search "..."` processes and reports
+median and p90 wall time next to `python -c "import torch, transformers"` measured in the
+same run, and recall@10 of HNSW against exact search for several ef values.
+
+    python bench/search_latency.py [--n 100000] [--runs 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+
+
+def clustered(n: int, dim: int, seed: int = 0):
+    """Unit vectors around 2,000 centres: closer to real embeddings than uniform noise."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((2000, dim)).astype(np.float32)
+    x = centres[rng.integers(0, len(centres), n)] + 0.9 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def build(n: int) -> Path:
+    import numpy as np
+
+    from itrcli import synth
+    from itrcli.library import Library
+    from itrcli.textonnx import export
+    from itrcli.vindex import VectorIndex
+
+    model_dir = OUT / "vit-b32"
+    if not (model_dir / "model.safetensors").exists():
+        synth.make_vit_b32(model_dir)
+    lib_dir = OUT / f"lib-{n}"
+    if (lib_dir / "itr.db").exists():
+        return lib_dir
+    files = OUT / f"files-{n}"
+    files.mkdir(parents=True, exist_ok=True)
+    lib = Library.open(lib_dir, create=True)
+    enc = lib.encoder(str(model_dir), "cpu", "fp32")
+    lib._bind(enc)
+    export(enc, lib_dir)
+    vecs = clustered(n, enc.dim)
+    t = time.time()
+    with lib.store.transaction() as c:
+        for i in range(n):
+            p = files / f"{i:06d}.jpg"
+            p.touch()
+            lib.store.insert_file(c, str(p), {"size": 0, "mtime_ns": 0, "hash": f"{i:032x}",
+                                               "width": 1, "height": 1}, vecs[i])
+    print(f"rows: {time.time() - t:.1f}s", file=sys.stderr)
+    t = time.time()
+    vi = VectorIndex(lib_dir, enc.dim)
+    vi.rebuild(lib.store)
+    vi.save(lib.store.last_seq())
+    lib.store.truncate_log(vi.seq)
+    print(f"hnsw build: {time.time() - t:.1f}s", file=sys.stderr)
+    lib.close()
+    return lib_dir
+
+
+def timed(cmd: list[str], env=None) -> float:
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, env=env)
+    return time.perf_counter() - t
+
+
+def recall(lib_dir: Path, efs: list[int], queries: int = 200) -> dict[int, float]:
+    import numpy as np
+
+    from itrcli.library import Library
+
+    lib = Library.open(lib_dir, readonly=True)
+    ids, mat = lib.store.vectors()
+    vi = lib.vector_index()
+    rng = np.random.default_rng(1)
+    qs = mat[rng.integers(0, len(ids), queries)] + 0.3 * rng.standard_normal((queries, mat.shape[1])).astype(np.float32)
+    qs /= np.linalg.norm(qs, axis=1, keepdims=True)
+    truth = [set(ids[np.argsort(-(mat @ q))[:10]].tolist()) for q in qs]
+    out = {}
+    for ef in efs:
+        hit = 0
+        for q, t in zip(qs, truth):
+            got, _ = vi.search(q, 10, len(ids), ef=ef)
+            hit += len(t & set(got.tolist()))
+        out[ef] = hit / (10 * queries)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--runs", type=int, default=15)
+    ap.add_argument("--no-recall", action="store_true")
+    a = ap.parse_args()
+    lib_dir = build(a.n)
+    itr = [sys.executable, "-m", "itrcli", "search", "two children on a lawn", "--db", str(lib_dir)]
+    timed(itr)  # page cache warm: we measure process cold start, not disk
+    searches = sorted(timed(itr) for _ in range(a.runs))
+    imports = sorted(timed([sys.executable, "-c", "import torch, transformers"]) for _ in range(3))
+    med = statistics.median(searches)
+    p90 = searches[min(len(searches) - 1, int(0.9 * len(searches)))]
+    print(f"library: {a.n} vectors, {sum(f.stat().st_size for f in lib_dir.rglob('*') if f.is_file()) / 2**20:.0f} MiB")
+    print(f"cold itr search: median {med:.3f}s  p90 {p90:.3f}s  ({a.runs} runs)")
+    print(f"python -c 'import torch, transformers': median {statistics.median(imports):.3f}s")
+    print(f"ratio (search / torch+transformers import): {med / statistics.median(imports):.2f}")
+    if not a.no_recall:
+        for ef, r in recall(lib_dir, [16, 32, 64, 128, 256]).items():
+            print(f"HNSW ef={ef:<4} recall@10 vs exact: {r:.4f}")
+
+
+if __name__ == "__main__":
+    main()
