@@ -21,7 +21,6 @@ from .models import PRESETS, preset_names
 
 app = typer.Typer(
     name="itr",
-    help="Search a local photo collection by meaning (CLIP-style image-text retrieval)",
     no_args_is_help=True,
     add_completion=False,
     rich_markup_mode=None,
@@ -299,6 +298,12 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     verbose = any(a in ("-v", "--verbose") for a in args)
     code: int = ExitCode.OK
+    if "_ITR_COMPLETE" in os.environ:
+        # Typer(add_completion=False) keeps --install-completion out of every help page,
+        # and leaves the shell completion handlers unregistered: register them here
+        from typer.completion import completion_init
+
+        completion_init()
     try:
         rv = app(args=args, prog_name="itr", standalone_mode=False)
         code = rv if isinstance(rv, int) else ExitCode.OK
