@@ -194,7 +194,8 @@ def main() -> int:
         "image->text top-1 attribute accuracy: "
         + "  ".join(f"{k} {v:.1%}" for k, v in attribute_accuracy.items())
         + f"\ntraining {args.steps} steps in {train_seconds:.0f}s, {total_seconds:.0f}s in all "
-        f"({torch.get_num_threads()} threads); fixture {size_bytes / 1e6:.2f} MB"
+        f"({torch.get_num_threads()} threads on {os.cpu_count()} CPUs, load average {load_at_start:.1f} "
+        f"at start); fixture {size_bytes / 1e6:.2f} MB"
     )
     print(report)
     write_readme(out, args.steps, report)
