@@ -1,0 +1,758 @@
+"""``itr eval``: encode an image-caption dataset and measure retrieval quality.
+
+Data flow: :class:`~itrcli.datasets.Dataset` -> vectors per model (from the embedding
+cache, a library, or the encoder) -> rankings per method (exact cosine, HNSW, binary
+codes) -> :mod:`itrcli.metrics` -> :class:`EvalResult`.
+
+Images are decoded at full size (no JPEG draft mode) and preprocessed by the encoder's
+:class:`~itrcli.images.Preprocess`, which matches the model's own processor, so the
+figures are comparable with published ones.
+
+The embedding cache (``$XDG_CACHE_HOME/itr/embeddings.db``, SQLite) keys image vectors by
+(model key, blake2b-128 of the file bytes) and text vectors by (model key, text); the model
+key is the model id, its revision (hub commit, or a fingerprint of a local directory's
+config and weights) and the precision.  A second run, or the same images under another
+name, encodes nothing.
+
+Example::
+
+    from itrcli import datasets, evaluate
+    ds = datasets.load("dataset_flickr30k.json", images="flickr30k-images")
+    result = evaluate.evaluate(ds, ["laion-b32"], ann=True, hash_bits=[64])
+    print(evaluate.format_table(result))
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from . import metrics, models
+from .datasets import Dataset
+from .errors import ItrError, UsageError
+from .indexer import NoProgress, Progress, content_hash
+
+DEFAULT_KS = (1, 5, 10)
+METHODS = ("exact", "hnsw", "hash", "hash+rerank")
+#: hash+rerank: candidates taken by Hamming distance before the exact cosine re-rank:
+#: ``max(RERANK_FACTOR * K_max, RERANK_MIN)``.
+RERANK_FACTOR = 10
+RERANK_MIN = 100
+CACHE_NAME = "embeddings.db"
+#: Captions per text-encoder batch, as a multiple of the image batch size (texts are cheap).
+TEXT_BATCH_FACTOR = 4
+
+
+# -- results ----------------------------------------------------------------------------
+
+
+@dataclass
+class MethodResult:
+    """One row of the table: a model and a retrieval method."""
+
+    model: str  #: hub id or absolute local directory
+    method: str  #: "exact" | "hnsw" | "hash-64" | "hash-64+rerank"
+    t2i: dict[str, float | None]  #: {"R@1": %, ..., "medr": rank}
+    i2t: dict[str, float | None]
+    rsum: float
+    seconds: float  #: building the method's structures and answering every query
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "method": self.method,
+            "t2i": _rounded(self.t2i),
+            "i2t": _rounded(self.i2t),
+            "rsum": round(self.rsum, 2),
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclass
+class EvalResult:
+    """What ``itr eval`` measured; ``to_json()`` is the ``--json`` object."""
+
+    dataset: str
+    split: str | None
+    format: str
+    images: int  #: images evaluated (after left-out ones)
+    captions: int
+    ks: tuple[int, ...]
+    folds: int = 1
+    results: list[MethodResult] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)  #: listed but not on disk
+    skipped: list[dict[str, str]] = field(default_factory=list)  #: {"path", "error"}: unreadable
+    encoded: dict[str, dict[str, Any]] = field(default_factory=dict)  #: per model: counts, seconds
+    notes: list[str] = field(default_factory=list)  #: one-line remarks for stderr
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "split": self.split,
+            "format": self.format,
+            "images": self.images,
+            "captions": self.captions,
+            "folds": self.folds,
+            "missing": len(self.missing),
+            "skipped": self.skipped,
+            "results": [r.to_json() for r in self.results],
+            "encoded": self.encoded,
+        }
+
+
+def _rounded(d: dict[str, float | None]) -> dict[str, float | None]:
+    return {k: (None if v is None else round(v, 2)) for k, v in d.items()}
+
+
+# -- argument helpers -------------------------------------------------------------------
+
+
+def parse_int_list(
+    value: str | Sequence[int] | None, option: str, default: Sequence[int] = ()
+) -> tuple[int, ...]:
+    """``"1,5,10"`` -> ``(1, 5, 10)``: positive, de-duplicated, ascending."""
+    if value is None:
+        return tuple(default)
+    parts = value.replace(" ", "").split(",") if isinstance(value, str) else list(value)
+    out = set()
+    for p in parts:
+        if p == "":
+            continue
+        try:
+            n = int(p)
+        except (TypeError, ValueError):
+            raise UsageError(f"{option} {value}: expected comma-separated whole numbers") from None
+        if n < 1:
+            raise UsageError(f"{option} {value}: numbers must be at least 1")
+        out.add(n)
+    if not out:
+        raise UsageError(f"{option}: no value given")
+    return tuple(sorted(out))
+
+
+# -- model key and cache ----------------------------------------------------------------
+
+
+def model_revision(model_id: str) -> str | None:
+    """The revision to key the cache on, without loading the model.
+
+    A local directory: a fingerprint of its ``config.json`` and the names, sizes and
+    modification times of its weight files (retraining in place changes it).  A hub id:
+    the commit that ``refs/main`` points to in the local Hugging Face cache.  None when
+    unknown (the loaded model's own revision is used then).
+    """
+    p = Path(model_id)
+    if p.is_dir():
+        h = hashlib.blake2b(digest_size=8)
+        try:
+            h.update((p / "config.json").read_bytes())
+        except OSError:
+            pass
+        for f in sorted(p.iterdir()):
+            if f.suffix in (".safetensors", ".json", ".txt", ".model"):
+                st = f.stat()
+                h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return "local-" + h.hexdigest()
+    try:
+        from huggingface_hub import constants
+
+        ref = Path(constants.HF_HUB_CACHE) / ("models--" + model_id.replace("/", "--")) / "refs" / "main"
+        return ref.read_text().strip() or None
+    except Exception:  # no hub cache, no such model: the loaded model tells us
+        return None
+
+
+def model_key(model_id: str, revision: str | None, precision: str) -> str:
+    """The cache's model key: id, revision and precision."""
+    return f"{model_id}@{revision or 'unknown'}/{precision}"
+
+
+class EmbeddingCache:
+    """Vectors already computed, in ``cache_dir()/embeddings.db``.
+
+    Tables ``images`` (model, hash, vector) and ``texts`` (model, text, vector); vectors are
+    float32 little-endian blobs.
+    """
+
+    VERSION = 1
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA synchronous=NORMAL")
+            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+            if version > self.VERSION:
+                raise ItrError(f"embedding cache {self.path} was written by a newer itr; "
+                               "use --no-cache or delete the file")
+            if version < self.VERSION:
+                self.conn.execute("BEGIN IMMEDIATE")
+                self.conn.execute("CREATE TABLE IF NOT EXISTS images (model TEXT NOT NULL, "
+                                  "hash TEXT NOT NULL, vector BLOB NOT NULL, "
+                                  "PRIMARY KEY (model, hash)) WITHOUT ROWID")
+                self.conn.execute("CREATE TABLE IF NOT EXISTS texts (model TEXT NOT NULL, "
+                                  "text TEXT NOT NULL, vector BLOB NOT NULL, "
+                                  "PRIMARY KEY (model, text)) WITHOUT ROWID")
+                self.conn.execute(f"PRAGMA user_version = {self.VERSION}")
+                self.conn.execute("COMMIT")
+        except (sqlite3.DatabaseError, OSError) as e:
+            raise ItrError(f"cannot use the embedding cache {self.path}: {e} "
+                           "(use --no-cache, or delete the file)") from None
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def get(self, table: str, model: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """Cached vectors of ``keys`` (hashes or texts) under ``model``: key -> ``[dim]``."""
+        column = "hash" if table == "images" else "text"
+        out: dict[str, np.ndarray] = {}
+        keys = list(dict.fromkeys(keys))
+        for i in range(0, len(keys), 500):
+            chunk = keys[i : i + 500]
+            rows = self.conn.execute(
+                f"SELECT {column}, vector FROM {table} WHERE model = ? AND {column} IN "
+                f"({','.join('?' * len(chunk))})", [model, *chunk]).fetchall()
+            for k, blob in rows:
+                out[k] = np.frombuffer(blob, dtype="<f4").astype(np.float32)
+        return out
+
+    def put(self, table: str, model: str, items: dict[str, np.ndarray]) -> None:
+        column = "hash" if table == "images" else "text"
+        if not items:
+            return
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.executemany(
+                f"INSERT OR REPLACE INTO {table} (model, {column}, vector) VALUES (?, ?, ?)",
+                [(model, k, np.asarray(v, dtype="<f4").tobytes()) for k, v in items.items()])
+            self.conn.execute("COMMIT")
+        except sqlite3.DatabaseError as e:
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            raise ItrError(f"cannot write the embedding cache {self.path}: {e} "
+                           "(use --no-cache)") from None
+
+
+def default_cache_path() -> Path:
+    from .paths import cache_dir
+
+    return cache_dir() / CACHE_NAME
+
+
+# -- encoding ---------------------------------------------------------------------------
+
+
+@dataclass
+class Embedded:
+    """One model's vectors for a dataset."""
+
+    model: str  #: resolved model id
+    image_vecs: dict[int, np.ndarray]  #: image index -> ``[dim]`` (unreadable ones absent)
+    text_vecs: np.ndarray  #: ``[n_captions, dim]`` in :meth:`Dataset.flat` order
+    skipped: list[dict[str, str]]
+    stats: dict[str, Any]
+
+
+def _decode(path: str, prep) -> tuple[Any, str | None]:
+    """Worker: file -> (pixels ``[3, H, W]``, None) or (None, reason)."""
+    from .images import DecodeError, open_image
+
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        img, _meta = open_image(data, draft_for=None)  # full-size decode: processor parity
+        return prep(img), None
+    except DecodeError as e:
+        return None, str(e)
+    except OSError as e:
+        return None, e.strerror or str(e)
+    except MemoryError:
+        return None, "not enough memory to decode"
+
+
+def embed_dataset(
+    ds: Dataset,
+    model: str,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 32,
+    workers: int | None = None,
+    cache: EmbeddingCache | None = None,
+    library_vector: Callable[[str], np.ndarray | None] | None = None,
+    progress: Progress | None = None,
+) -> Embedded:
+    """Vectors of every image and caption of ``ds`` under one model.
+
+    Cached vectors are used first, then ``library_vector(content_hash)`` (vectors an itr
+    library already holds), and the encoder is loaded only for what is left.
+    Images that cannot be read or decoded are reported in ``skipped``.
+    """
+    from .encoder import resolve_device, resolve_precision
+
+    t0 = time.perf_counter()
+    progress = progress or NoProgress()
+    model_id = models.resolve(model)
+    precision = resolve_precision(precision, resolve_device(device))
+    revision = model_revision(model_id)
+    encoder = None
+
+    def get_encoder():
+        nonlocal encoder, revision
+        if encoder is None:
+            from .encoder import Encoder
+
+            encoder = Encoder(model_id, device=device, precision=precision)
+            revision = revision or encoder.revision
+        return encoder
+
+    if revision is None:
+        get_encoder()
+    key = model_key(model_id, revision, precision)
+
+    # images: hash every file, take what is known, encode the rest
+    skipped: list[dict[str, str]] = []
+    hashes: dict[int, str] = {}
+    for i, path in enumerate(ds.images):
+        try:
+            with open(path, "rb") as f:
+                hashes[i] = content_hash(f.read())
+        except OSError as e:
+            skipped.append({"path": path, "error": e.strerror or str(e)})
+    image_vecs: dict[int, np.ndarray] = {}
+    known = cache.get("images", key, list(hashes.values())) if cache else {}
+    from_cache = from_library = 0
+    for i, h in hashes.items():
+        if h in known:
+            image_vecs[i] = known[h]
+            from_cache += 1
+        elif library_vector is not None:
+            v = library_vector(h)
+            if v is not None:
+                image_vecs[i] = v
+                from_library += 1
+    todo = [i for i in hashes if i not in image_vecs]
+
+    texts, _owner = ds.flat()
+    unique = list(dict.fromkeys(texts))
+    text_known = cache.get("texts", key, unique) if cache else {}
+    text_todo = sorted((t for t in unique if t not in text_known), key=lambda t: (len(t), t))
+
+    if todo or text_todo:
+        progress.start(len(todo) + len(text_todo))
+        try:
+            enc = get_encoder()
+            _encode_images(enc, ds, todo, hashes, image_vecs, skipped, key, cache, batch_size,
+                           workers, progress)
+            tb = min(256, batch_size * TEXT_BATCH_FACTOR)
+            for s in range(0, len(text_todo), tb):
+                batch = text_todo[s : s + tb]
+                vecs = enc.encode_texts(batch)  # [b, dim]
+                new = dict(zip(batch, vecs))
+                text_known.update(new)
+                if cache:
+                    cache.put("texts", key, new)
+                progress.advance(len(batch), len(batch))
+        finally:
+            progress.close()
+    text_vecs = np.stack([text_known[t] for t in texts]).astype(np.float32)  # [n_captions, dim]
+    stats = {
+        "images_encoded": len(todo) - sum(1 for i in todo if i not in image_vecs),
+        "images_cached": from_cache,
+        "images_from_library": from_library,
+        "captions_encoded": len(text_todo),
+        "captions_cached": len(unique) - len(text_todo),
+        "seconds": round(time.perf_counter() - t0, 3),
+    }
+    encoder = None  # free the model before the next one loads
+    return Embedded(model_id, image_vecs, text_vecs, skipped, stats)
+
+
+def _encode_images(enc, ds, todo, hashes, image_vecs, skipped, key, cache, batch_size, workers,
+                   progress) -> None:
+    """Decode ``todo`` images in a thread pool one batch ahead of the encoder, and encode."""
+    if not todo:
+        return
+    from .library import default_workers
+
+    batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
+    with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
+        def submit(b: list[int]) -> list[Future]:
+            return [pool.submit(_decode, ds.images[i], enc.prep) for i in b]
+
+        pending = submit(batches[0])
+        for n, b in enumerate(batches):
+            decoded = [f.result() for f in pending]
+            if n + 1 < len(batches):
+                pending = submit(batches[n + 1])  # decode the next batch while encoding this
+            ok = []
+            for i, (pixels, error) in zip(b, decoded):
+                if error is not None:
+                    skipped.append({"path": ds.images[i], "error": error})
+                else:
+                    ok.append((i, pixels))
+            if ok:
+                vecs = enc.encode_pixels(np.stack([p for _, p in ok]))  # [b, dim]
+                new = {}
+                for (i, _), v in zip(ok, vecs):
+                    image_vecs[i] = v
+                    new[hashes[i]] = v
+                if cache:
+                    cache.put("images", key, new)
+            progress.advance(len(b), len(ok))
+
+
+# -- methods ----------------------------------------------------------------------------
+
+Ranks = tuple[np.ndarray, np.ndarray]  # (text->image [n_captions], image->text [n_images])
+
+
+def exact_method(image_vecs: np.ndarray, text_vecs: np.ndarray, caption_image: np.ndarray) -> Ranks:
+    """Exact cosine ranking (vectors are L2-normalised)."""
+    return metrics.exact_ranks(image_vecs, text_vecs, caption_image)
+
+
+def hnsw_depth(ks: Sequence[int]) -> tuple[int, int]:
+    """(ef, k) for HNSW queries: ``ef`` as ``itr search`` sets it for the largest K, and
+    ``k = ef`` results, which costs nothing more (hnswlib keeps ``max(ef, k)`` candidates)
+    and lets the median rank be measured up to that depth."""
+    from .vindex import EF_SEARCH
+
+    k_max = max(max(ks), max(metrics.RSUM_KS))
+    ef = max(EF_SEARCH, 4 * k_max)
+    return ef, ef
+
+
+def _hnsw_lists(items: np.ndarray, queries: np.ndarray, ks: Sequence[int]) -> np.ndarray:
+    """Build an HNSW graph over ``items`` ``[n, dim]`` with :mod:`itrcli.vindex`'s
+    parameters and answer ``queries`` ``[q, dim]``: ``[q, L]`` item indices, best first."""
+    import hnswlib
+
+    from .vindex import EF_CONSTRUCTION, M
+
+    n, dim = items.shape
+    ef, k = hnsw_depth(ks)
+    k = min(k, n)
+    index = hnswlib.Index(space="cosine", dim=dim)
+    index.init_index(max_elements=max(n, 1), ef_construction=EF_CONSTRUCTION, M=M, random_seed=100)
+    # one thread: the graph, and so the figures, are the same on every run
+    index.add_items(items, np.arange(n), num_threads=1)
+    index.set_ef(ef)
+    try:
+        labels, _dist = index.knn_query(queries, k=k, num_threads=os.cpu_count() or 1)
+    except RuntimeError as e:  # hnswlib could not fill k results (tiny or degenerate sets)
+        raise ItrError(f"HNSW search failed on {n} vectors: {e}") from None
+    return labels.astype(np.int64)  # [q, k]
+
+
+def hnsw_method(image_vecs: np.ndarray, text_vecs: np.ndarray, caption_image: np.ndarray,
+                ks: Sequence[int]) -> Ranks:
+    """HNSW in both directions: a graph of images for caption queries, a graph of captions
+    for image queries."""
+    t2i = metrics.t2i_ranks_from_lists(_hnsw_lists(image_vecs, text_vecs, ks), caption_image)
+    i2t = metrics.i2t_ranks_from_lists(_hnsw_lists(text_vecs, image_vecs, ks), caption_image)
+    return t2i, i2t
+
+
+def rerank_candidates(ks: Sequence[int]) -> int:
+    """How many Hamming candidates hash+rerank re-scores exactly."""
+    return max(RERANK_FACTOR * max(max(ks), max(metrics.RSUM_KS)), RERANK_MIN)
+
+
+def hash_method(
+    hamming_topk: Callable,
+    item_codes: np.ndarray,
+    query_codes: np.ndarray,
+    item_vecs: np.ndarray,
+    query_vecs: np.ndarray,
+    relevant: Callable[[int, np.ndarray], np.ndarray],
+    candidates: int,
+) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """Binary-code retrieval for one direction.
+
+    Each query ranks every item by (Hamming distance, index) ("hash-B"); "hash-B+rerank"
+    re-scores the first ``candidates`` of that list by exact cosine (ties by index) and
+    keeps the Hamming order after them.
+
+    Args:
+        hamming_topk: :func:`itrcli.hashing.hamming_topk`.
+        item_codes: ``[n, words]`` uint64; query_codes: ``[q, words]``.
+        item_vecs: ``[n, dim]``; query_vecs: ``[q, dim]`` (for the re-rank).
+        relevant: (query index, item indices ``[L]``) -> bool ``[L]``.
+        candidates: re-rank depth.
+    Returns:
+        (pure ranks ``[q]``, re-ranked ranks ``[q]``, seconds of the Hamming part,
+        seconds of the re-rank part).
+    """
+    n = len(item_codes)
+    pure = np.empty(len(query_codes), dtype=np.int64)
+    reranked = np.empty(len(query_codes), dtype=np.int64)
+    t_ham = t_rerank = 0.0
+    c = min(candidates, n)
+    for q in range(len(query_codes)):
+        t0 = time.perf_counter()
+        order, _dist = hamming_topk(query_codes[q], item_codes, n)  # [n], by (distance, index)
+        t1 = time.perf_counter()
+        order = np.asarray(order, dtype=np.int64)
+        hit = relevant(q, order)  # [n]
+        pure[q] = int(hit.argmax()) if hit.any() else metrics.NOT_RETRIEVED
+        t2 = time.perf_counter()
+        cand = order[:c]
+        scores = item_vecs[cand] @ query_vecs[q]  # [c]
+        resorted = cand[np.lexsort((cand, -scores))]  # by (-cosine, index)
+        hit_c = relevant(q, resorted)
+        reranked[q] = int(hit_c.argmax()) if hit_c.any() else pure[q]
+        t3 = time.perf_counter()
+        t_ham += t1 - t0
+        t_rerank += t3 - t2
+    return pure, reranked, t_ham, t_rerank
+
+
+def _load_hashing():
+    try:
+        from . import hashing
+    except ImportError as e:
+        raise ItrError(f"--hash-bits needs itrcli.hashing, which cannot be imported ({e})") from None
+    return hashing
+
+
+# -- the evaluation ---------------------------------------------------------------------
+
+
+def evaluate(
+    ds: Dataset,
+    model_names: Sequence[str | None] = (None,),
+    *,
+    ks: Sequence[int] = DEFAULT_KS,
+    ann: bool = False,
+    hash_bits: Sequence[int] = (),
+    hash_method_name: str = "itq",
+    folds: int = 1,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 32,
+    workers: int | None = None,
+    cache: bool | str | os.PathLike = True,
+    db: str | os.PathLike | None = None,
+    progress: Progress | None = None,
+) -> EvalResult:
+    """Measure text->image and image->text retrieval of each model on ``ds``.
+
+    Args:
+        ds: from :func:`itrcli.datasets.load`.
+        model_names: preset names, hub ids or local directories; None means the library's
+            model (with ``db``), else ``$ITR_MODEL`` or the default preset.
+        ks: the K of R@K.
+        ann: add an "hnsw" row per model (hnswlib, :mod:`itrcli.vindex` parameters).
+        hash_bits: add "hash-B" and "hash-B+rerank" rows per model and B.
+        hash_method_name: passed to :func:`itrcli.hashing.fit`.
+        folds: evaluate on this many contiguous image folds and average (COCO 1K: 5).
+        cache: use the embedding cache (True: the default file; a path: that file).
+        db: an itr library whose stored vectors may be reused (same model only; they come
+            from draft-mode decoding, so may differ slightly from a fresh encode).
+        progress: start/advance/close while encoding (e.g. :class:`itrcli.output.BarProgress`).
+    Returns:
+        An :class:`EvalResult`, rows in model order then exact, hnsw, hash-B, hash-B+rerank.
+    Raises:
+        UsageError: bad ``ks`` / ``folds`` / ``hash_bits``.
+        ModelError: a model cannot be loaded.
+    """
+    ks = parse_int_list(list(ks), "--recall", DEFAULT_KS)
+    hash_bits = parse_int_list(list(hash_bits), "--hash-bits") if hash_bits else ()
+    if folds < 1:
+        raise UsageError("--folds must be at least 1")
+    if folds > len(ds.images):
+        raise UsageError(f"--folds {folds}: the dataset has only {len(ds.images)} image(s)")
+    hashing = _load_hashing() if hash_bits else None
+    result = EvalResult(dataset=ds.name, split=ds.split, format=ds.format, images=0, captions=0,
+                        ks=tuple(ks), folds=folds, missing=list(ds.missing))
+    for path in ds.uncaptioned:
+        result.notes.append(f"no caption, left out: {path}")
+
+    store_cache = None
+    if cache:
+        store_cache = EmbeddingCache(default_cache_path() if cache is True else cache)
+    library = None
+    try:
+        if db is not None:
+            from .library import Library
+
+            library = Library.open(db, readonly=True)
+        names = []
+        for name in list(model_names) or [None]:
+            if name is None and library is not None:
+                name = library.model
+            if models.resolve(name) not in [models.resolve(n) for n in names]:
+                names.append(name)  # a model given twice is one row, not two
+        embedded: list[Embedded] = []
+        for name in names:
+            library_vector = None
+            if library is not None:
+                want = models.resolve(name)
+                if library.model == want:
+                    library_vector = library.store.vector_for_hash
+                else:
+                    result.notes.append(f"library {library.directory} holds '{library.model}', "
+                                        f"not '{want}': its vectors are not reused")
+            embedded.append(embed_dataset(
+                ds, name, device=device, precision=precision, batch_size=batch_size,
+                workers=workers, cache=store_cache, library_vector=library_vector,
+                progress=progress))
+    finally:
+        if store_cache is not None:
+            store_cache.close()
+        if library is not None:
+            library.close()
+
+    # every model is evaluated on the same images: those that every model could read
+    bad: dict[str, str] = {}
+    for e in embedded:
+        for s in e.skipped:
+            bad.setdefault(s["path"], s["error"])
+    keep = [i for i in range(len(ds.images)) if all(i in e.image_vecs for e in embedded)]
+    result.skipped = [{"path": p, "error": err} for p, err in bad.items()]
+    if not keep:
+        raise ItrError("no image of the dataset could be read (see the skipped list)")
+    if folds > len(keep):
+        raise UsageError(f"--folds {folds}: only {len(keep)} readable image(s)")
+    sub = ds.subset(keep)
+    _, owner = ds.flat()
+    kept_captions = np.flatnonzero(np.isin(np.asarray(owner), keep))  # rows of text_vecs to keep
+    _, caption_image = sub.flat()
+    caption_image = np.asarray(caption_image, dtype=np.int64)  # [n_captions]
+    result.images, result.captions = len(sub.images), len(caption_image)
+    fold_idx = metrics.fold_indices(caption_image, len(sub.images), folds)
+
+    for e in embedded:
+        result.encoded[e.model] = e.stats
+        img = np.stack([e.image_vecs[i] for i in keep]).astype(np.float32)  # [n_images, dim]
+        txt = np.ascontiguousarray(e.text_vecs[kept_captions])  # [n_captions, dim]
+        result.results += _rows(e.model, img, txt, caption_image, fold_idx, ks, ann, hash_bits,
+                                hashing, hash_method_name)
+    return result
+
+
+def _rows(model_id, img, txt, caption_image, fold_idx, ks, ann, hash_bits, hashing,
+          hash_method_name) -> list[MethodResult]:
+    """Every method's row for one model, each averaged over the folds."""
+    runs: dict[str, list[tuple[Ranks, float]]] = {}
+
+    def record(method: str, ranks: Ranks, seconds: float) -> None:
+        runs.setdefault(method, []).append((ranks, seconds))
+
+    codes = []
+    for bits in hash_bits:
+        t0 = time.perf_counter()
+        try:
+            hasher = hashing.fit(img, bits, method=hash_method_name, seed=0)  # on the image vectors
+        except ValueError as e:
+            raise UsageError(f"--hash-bits {bits}: {e}") from None
+        img_codes, txt_codes = hasher.codes(img), hasher.codes(txt)  # [n, words] uint64
+        codes.append((bits, img_codes, txt_codes, time.perf_counter() - t0))
+
+    for imgs, caps in fold_idx:
+        ci = caption_image[caps] - imgs[0]  # [m_f], local image indices
+        fi, ft = img[imgs], txt[caps]
+        t0 = time.perf_counter()
+        record("exact", exact_method(fi, ft, ci), time.perf_counter() - t0)
+        if ann:
+            t0 = time.perf_counter()
+            record("hnsw", hnsw_method(fi, ft, ci, ks), time.perf_counter() - t0)
+        for bits, img_codes, txt_codes, fit_seconds in codes:
+            share = fit_seconds / len(fold_idx)
+            c = rerank_candidates(ks)
+            p1, r1, h1, x1 = hash_method(hashing.hamming_topk, img_codes[imgs], txt_codes[caps],
+                                         fi, ft, lambda q, order: order == ci[q], c)
+            p2, r2, h2, x2 = hash_method(hashing.hamming_topk, txt_codes[caps], img_codes[imgs],
+                                         ft, fi, lambda q, order: ci[order] == q, c)
+            record(f"hash-{bits}", (p1, p2), share + h1 + h2)
+            record(f"hash-{bits}+rerank", (r1, r2), share + h1 + h2 + x1 + x2)
+
+    rows = []
+    for method, per_fold in runs.items():
+        summary = metrics.mean_of([metrics.summarise(t2i, i2t, ks) for (t2i, i2t), _ in per_fold])
+        rows.append(MethodResult(model_id, method, summary["t2i"], summary["i2t"], summary["rsum"],
+                                 sum(s for _, s in per_fold)))
+    return rows
+
+
+# -- output -----------------------------------------------------------------------------
+
+
+def format_table(result: EvalResult, *, aligned: bool = True) -> str:
+    """The table papers print: one row per (model, method); recalls in percent.
+
+    ``aligned``: padded columns under "text->image" / "image->text" group headings (for a
+    terminal); otherwise one tab-separated header and one line per row.
+    """
+    ks = result.ks
+    metric_names = [f"R@{k}" for k in ks] + ["medr"]
+    names = [r.model for r in result.results]
+    short = _short_names(names)
+
+    def cells(r: MethodResult) -> list[str]:
+        out = [short[r.model], r.method]
+        for d in (r.t2i, r.i2t):
+            out += [_fmt(d[m], m) for m in metric_names]
+        return out + [f"{r.rsum:.1f}", f"{r.seconds:.2f}"]
+
+    header = (["model", "method"] + [f"text->image {m}" for m in metric_names]
+              + [f"image->text {m}" for m in metric_names] + ["rsum", "seconds"])
+    rows = [cells(r) for r in result.results]
+    if not aligned:
+        return "\n".join("\t".join(line) for line in [header] + rows)
+    head2 = ["model", "method"] + metric_names * 2 + ["rsum", "seconds"]
+    widths = [max(len(h), *(len(row[j]) for row in rows)) if rows else len(h)
+              for j, h in enumerate(head2)]
+    nm = len(metric_names)
+    group_w = [sum(widths[2 + g * nm + j] for j in range(nm)) + 2 * (nm - 1) for g in range(2)]
+    lead = widths[0] + 2 + widths[1]
+    line1 = (" " * lead + "  " + "text->image".center(group_w[0]) + "  "
+             + "image->text".center(group_w[1])).rstrip()
+
+    def fmt_row(row: list[str]) -> str:
+        parts = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+        parts += [c.rjust(w) for c, w in zip(row[2:], widths[2:])]
+        return "  ".join(parts)
+
+    return "\n".join([line1, fmt_row(head2)] + [fmt_row(r) for r in rows])
+
+
+def summary_line(result: EvalResult) -> str:
+    """``flickr30k test: 1000 images, 5000 captions`` (+ folds, left-out counts)."""
+    s = f"{result.dataset}{' ' + result.split if result.split else ''}: {result.images} images, " \
+        f"{result.captions} captions"
+    if result.folds > 1:
+        s += f", mean of {result.folds} folds of ~{result.images // result.folds} images"
+    if result.missing:
+        s += f"; {len(result.missing)} missing image(s) left out"
+    if result.skipped:
+        s += f"; {len(result.skipped)} unreadable image(s) left out"
+    return s
+
+
+def _fmt(v: float | None, metric: str) -> str:
+    if v is None:
+        return "-"
+    if metric == "medr":
+        return f"{v:g}" if float(v).is_integer() else f"{v:.1f}"
+    return f"{v:.1f}"
+
+
+def _short_names(names: list[str]) -> dict[str, str]:
+    """Preset names for preset models, directory names for local models."""
+    out = {}
+    for n in names:
+        preset = next((p.name for p in models.PRESETS if p.hub_id == n), None)
+        out[n] = preset or (os.path.basename(n.rstrip("/")) if os.path.isabs(n) else n)
+    return out
