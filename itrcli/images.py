@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -32,6 +33,10 @@ HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".hif"})
 #: (panoramas stitched at full size); decompression bombs declare far more.
 MAX_PIXELS = 16384 * 16384
 
+#: Files larger than this are not read at all (a video or disk image with a photo's name
+#: would otherwise be read whole into memory): 1 GiB, far above any compressed photo.
+MAX_FILE_BYTES = 1 << 30
+
 #: Largest absolute difference (in normalised pixel units, i.e. after ``(x/255-mean)/std``)
 #: that we accept between draft-mode and full-size preprocessing, on average per pixel.
 DRAFT_TOLERANCE = 0.05
@@ -40,6 +45,9 @@ DRAFT_TOLERANCE = 0.05
 # silently half-grey), but lift its own bomb check since we apply MAX_PIXELS ourselves.
 Image.MAX_IMAGE_PIXELS = None
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Corrupt EXIF and odd palettes make Pillow warn on stderr; a file either decodes or is
+# reported with a one-line reason, and unattended runs must not print noise.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
 
 _HEIF_REGISTERED: bool | None = None
 
@@ -64,7 +72,23 @@ def supported_extensions() -> frozenset[str]:
 
 
 class DecodeError(Exception):
-    """A file that cannot be turned into an image; the message is the one-line reason."""
+    """A file that cannot be turned into an image; the message is the one-line reason.
+
+    It depends only on the file's bytes (and the limits below), so a file that failed once
+    fails again until it changes: the library remembers such files (see ``decoder_id``).
+    """
+
+
+def decoder_id() -> str:
+    """What a remembered decode failure depends on besides the bytes: versions and limits.
+
+    A failure recorded under another id (itr or Pillow upgraded, limits changed) is retried.
+    """
+    import PIL
+
+    from . import __version__
+
+    return f"itr {__version__}; Pillow {PIL.__version__}; {MAX_PIXELS} px; {MAX_FILE_BYTES} B"
 
 
 @dataclass
@@ -186,6 +210,10 @@ class Preprocess:
 
         if self.resize:
             w, h = self.resized_size(*(full_size or img.size))
+            if w * h > MAX_PIXELS:
+                # a thin strip (say 200,000 x 1) resized to the model's short side
+                fw, fh = full_size or img.size
+                raise DecodeError(f"extreme aspect ratio: {fw}x{fh} pixels would resize to {w}x{h}")
             if (w, h) != img.size:
                 img = img.resize((w, h), resample=self.resample)
         arr = np.asarray(img, dtype=np.uint8)  # [H, W, 3]
@@ -249,7 +277,7 @@ def open_image(data: bytes, *, draft_for: Preprocess | None = None) -> tuple[Ima
         exif = _exif(img)
         orientation = _orientation(exif)
         fw, fh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-        meta = ImageMeta(width=fw, height=fh, **_exif_meta(exif))
+        meta = ImageMeta(width=fw, height=fh, **_safe_exif_meta(exif))
         if draft_for is not None and img.format == "JPEG":
             # ask in the file's own orientation: rotation happens after decoding
             rw, rh = draft_for.draft_request(fw, fh)
@@ -259,8 +287,8 @@ def open_image(data: bytes, *, draft_for: Preprocess | None = None) -> tuple[Ima
         if orientation and orientation != 1:
             img = _apply_orientation(img, orientation)
         return to_rgb(img), meta
-    except DecodeError:
-        raise
+    except (DecodeError, MemoryError):
+        raise  # MemoryError: not the file's fault, so not remembered as a bad file
     except Exception as e:
         raise DecodeError(_reason(e)) from None
 
@@ -329,6 +357,13 @@ def _apply_orientation(img: Image.Image, orientation: int) -> Image.Image:
     for op in _TRANSPOSE.get(orientation, ()):
         img = img.transpose(op)
     return img
+
+
+def _safe_exif_meta(exif) -> dict[str, Any]:
+    try:
+        return _exif_meta(exif)
+    except Exception:  # hostile EXIF costs the metadata, never the image
+        return {}
 
 
 def _exif_meta(exif) -> dict[str, Any]:

@@ -5,22 +5,29 @@ Only files that are new or whose size/mtime changed are read.  Every file read i
 first; content the library already knows (a moved, renamed or copied file) takes the known
 vector without being decoded.  Decoding runs in a bounded thread pool ahead of the encoder
 (Pillow and numpy release the GIL), so the two overlap without unbounded memory.
+
+Reliability: no single file can stop a run (every failure becomes a skipped file with a
+one-line reason; files that fail to decode are remembered until they change); each batch
+is one transaction; the graph is told which log entry it reflects only once its vectors are
+in it, so a run killed or interrupted at any point leaves a graph that the log completes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
-from .images import DecodeError, Preprocess, decode_file, open_image
-from .store import Store
+from .errors import LibraryError
+from .images import MAX_FILE_BYTES, DecodeError, Preprocess, decode_file, decoder_id, open_image
+from .store import Store, db_path_of
 from .vindex import VectorIndex
-from .walk import Known, plan as make_plan, walk
+from .walk import Known, plan as make_plan, under, walk
 
 #: Seconds between saves of the HNSW graph during a long run (the log covers the rest).
 SAVE_EVERY = 300.0
@@ -79,8 +86,6 @@ class IndexSummary:
 
 
 def _display(path: str) -> str:
-    from .store import db_path_of
-
     return db_path_of(path)[0]
 
 
@@ -98,23 +103,71 @@ class _Read:
     pixels: Any = None
     meta: dict[str, Any] | None = None
     error: str | None = None
+    #: the error depends only on the file's bytes: remember it until the file changes
+    remember: bool = False
+
+
+class _Unreadable(Exception):
+    def __init__(self, reason: str, st: os.stat_result | None = None) -> None:
+        super().__init__(reason)
+        self.st = st  #: set when the reason depends only on the file (remembered)
+
+
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def read_file(path: str) -> tuple[os.stat_result, bytes]:
+    """The bytes of a regular file and its ``stat`` as read.
+
+    Refuses what must not be read (a FIFO would block forever; a huge file would be read
+    whole into memory) and a file that changed while it was being read (a copy in
+    progress), which is picked up again by the next run.
+    Raises :class:`_Unreadable` with a one-line reason.
+    """
+    for _attempt in range(2):
+        try:
+            # O_NONBLOCK: a file replaced by a FIFO since the walk must not hang the run
+            fd = os.open(path, _OPEN_FLAGS)
+        except FileNotFoundError:
+            raise _Unreadable("file vanished during the run") from None
+        except IsADirectoryError:
+            raise _Unreadable("is a directory") from None
+        except PermissionError:
+            raise _Unreadable("permission denied") from None
+        except OSError as e:
+            raise _Unreadable("symlink loop" if e.errno == 40 else (e.strerror or str(e))) from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise _Unreadable("not a regular file")
+            if st.st_size > MAX_FILE_BYTES:
+                raise _Unreadable(f"file too large: {st.st_size:,} bytes (limit {MAX_FILE_BYTES:,})", st)
+            with open(fd, "rb", closefd=False) as f:
+                data = f.read(MAX_FILE_BYTES + 1)
+            after = os.fstat(fd)
+        except OSError as e:  # EIO on a failing disk, a network share gone away
+            raise _Unreadable(e.strerror or str(e)) from None
+        finally:
+            os.close(fd)
+        if len(data) > MAX_FILE_BYTES:
+            raise _Unreadable(f"file too large: over {MAX_FILE_BYTES:,} bytes", after)
+        if len(data) == st.st_size == after.st_size and st.st_mtime_ns == after.st_mtime_ns:
+            return st, data
+    raise _Unreadable("file changed while being read (it is read again next run)")
 
 
 def read_one(path: str, prep: Preprocess | None, draft: bool, known_hashes: frozenset[str]) -> _Read:
-    """Worker: read, hash, and (unless the content is known) decode and preprocess."""
+    """Worker: read, hash, and (unless the content is known) decode and preprocess.
+
+    Never raises for a bad file: the reason is in ``error``.
+    """
     r = _Read(path)
     try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            data = f.read()
-    except FileNotFoundError:
-        r.error = "file vanished during the run"
-        return r
-    except IsADirectoryError:
-        r.error = "is a directory"
-        return r
-    except OSError as e:
-        r.error = "permission denied" if isinstance(e, PermissionError) else (e.strerror or str(e))
+        st, data = read_file(path)
+    except _Unreadable as e:
+        r.error = str(e)
+        if e.st is not None:
+            r.size, r.mtime_ns, r.remember = e.st.st_size, e.st.st_mtime_ns, True
         return r
     # size/mtime as read, not as walked: a file rewritten meanwhile is seen again next run
     r.size, r.mtime_ns = st.st_size, st.st_mtime_ns
@@ -126,10 +179,27 @@ def read_one(path: str, prep: Preprocess | None, draft: bool, known_hashes: froz
         r.pixels = prep(img, (meta.width, meta.height)) if prep is not None else None
         r.meta = asdict(meta)
     except DecodeError as e:
-        r.error = str(e)
+        r.error, r.remember = str(e), True
     except MemoryError:
         r.error = "not enough memory to decode"
+    except Exception as e:  # whatever a hostile file provokes, it must not stop the run
+        r.error = f"cannot decode: {type(e).__name__}: {str(e)[:200]}"
     return r
+
+
+def empty_roots(roots: list[str], found, known, unlisted) -> list[tuple[str, int]]:
+    """Directory roots under which the walk found no image although the library holds
+    some: ``(root, how many it holds)``."""
+    out = []
+    for root in roots:
+        if under(root, unlisted) or not os.path.isdir(root):
+            continue
+        if any(under(p, [root]) for p in found):
+            continue
+        n = sum(1 for p in known if under(p, [root]))
+        if n:
+            out.append((root, n))
+    return out
 
 
 class IndexRun:
@@ -158,6 +228,7 @@ class IndexRun:
         self.draft = draft
         self.progress = progress or NoProgress()
         self.summary = IndexSummary()
+        self.failures: dict[str, Any] = {}
         self.vindex: VectorIndex | None = None
         self._last_save = time.monotonic()
 
@@ -167,25 +238,55 @@ class IndexRun:
             prune: bool = True) -> IndexSummary:
         t0 = time.monotonic()
         s = self.summary
+        self._remove_temp_files()
         found = walk(roots, extensions=extensions, include_hidden=include_hidden,
                      exclude=exclude or [], follow_symlinks=follow_symlinks)
         for path, reason in found.errors:
             s.skip(path, reason)
         s.scanned = len(found.files)
         known = self.store.known()
+        for root, n in empty_roots(roots, found.files, known, found.unlisted) if prune else []:
+            # an unmounted disk looks like an empty mount point: never prune a whole root
+            s.skip(root, f"no image found under it; its {n} indexed files are kept (a disk not "
+                         "mounted?); 'itr check --repair --prune' forgets them")
+            found.unlisted.append(root)
         p = make_plan(found.files, known, roots, found.unlisted)
         s.unchanged = len(p.unchanged)
         missing = {path: known[path] for path in p.missing} if prune else {}
-        todo = p.changed + p.new
+        # files that failed to decode and have not changed since: reported, not read again
+        self.failures = self.store.failures()
+        decoder = decoder_id()
+        todo = []
+        for path in p.changed + p.new:
+            f, e = self.failures.get(path), found.files[path]
+            if f is not None and f.decoder == decoder and (f.size, f.mtime_ns) == (e.size, e.mtime_ns):
+                s.skip(path, f.reason)
+            else:
+                todo.append(path)
+        gone_failures = [
+            path for path in self.failures
+            if path not in found.files and under(path, roots) and not under(path, found.unlisted)
+        ] if prune else []
         try:
-            if todo or missing:
+            if todo or missing or gone_failures:
                 self._process(todo, known, missing)
-                self._remove(missing)
+                self._remove(missing, gone_failures)
         except KeyboardInterrupt:
             s.interrupted = True
+        except BaseException:
+            # keep what the graph has (best effort: the log covers it anyway)
+            try:
+                self._save()
+            except Exception:
+                pass
+            raise
         finally:
-            self._finish()
             s.seconds = time.monotonic() - t0
+        if s.interrupted:
+            self._save()  # no catching up: Ctrl-C should end the run promptly
+        else:
+            self._finish()
+        s.seconds = time.monotonic() - t0
         return s
 
     def _open_vindex(self) -> VectorIndex:
@@ -213,7 +314,7 @@ class IndexRun:
         ops: list[tuple[str, str, Any]] = []  # (kind, path, payload) without encoding
 
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="itr-decode")
-        pending: deque[Future] = deque()
+        pending: deque[tuple[str, Future]] = deque()
         it = iter(todo)
         depth = max(2 * self.batch_size, 4 * self.workers)
         try:
@@ -222,15 +323,21 @@ class IndexRun:
                     path = next(it, None)
                     if path is None:
                         return
-                    pending.append(pool.submit(read_one, path, self.prep, self.draft, known_hashes))
+                    pending.append((path, pool.submit(read_one, path, self.prep, self.draft, known_hashes)))
 
             fill()
             while pending:
-                r = pending.popleft().result()
+                path, fut = pending.popleft()
+                try:
+                    r = fut.result()
+                except Exception as e:  # read_one does not raise; if it ever does, skip the file
+                    r = _Read(path, error=f"cannot read: {type(e).__name__}: {e}")
                 fill()
                 k = known.get(r.path)
                 if r.error is not None:
                     s.skip(r.path, r.error)
+                    if r.remember:
+                        ops.append(("fail", r.path, (None, r)))
                     self.progress.advance(1, 0)
                     continue
                 if k is not None and r.hash == k.hash:
@@ -245,23 +352,28 @@ class IndexRun:
                 else:
                     batch.append((r.path, r))
                 if len(batch) >= self.batch_size or len(ops) >= 512:
-                    self._flush(batch, ops, known)
-                    batch, ops = [], []
+                    batch, ops = self._flush(batch, ops, known), []
                     if time.monotonic() - self._last_save > SAVE_EVERY:
                         self._save()
-            self._flush(batch, ops, known)
+            while batch or ops:
+                batch, ops = self._flush(batch, ops, known), []
         finally:
-            for f in pending:
+            for _, f in pending:
                 f.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
             self.progress.close()
 
     def _flush(self, batch: list[tuple[str, _Read]], ops: list[tuple[str, str, Any]],
-               known: dict[str, Known]) -> None:
+               known: dict[str, Known]) -> list[tuple[str, _Read]]:
+        """Encode ``batch`` and commit it with ``ops`` in one transaction.
+
+        Returns files to put in the next batch: copies whose source content left the
+        library meanwhile (they were not decoded, so they are now).
+        """
         import numpy as np
 
         if not batch and not ops:
-            return
+            return []
         s = self.summary
         vecs = None
         if batch:
@@ -269,9 +381,18 @@ class IndexRun:
             pixels = np.stack([r.pixels for _, r in batch])  # [n, 3, H, W]
             vecs = enc.encode_pixels(pixels)  # [n, dim]
         put_ids, put_vecs, counts = [], [], {"added": 0, "updated": 0, "moved": 0, "unchanged": 0}
+        redo: list[str] = []
+        ok: list[str] = []  # paths now in the library as they are on disk
+        seq = None
         with self.store.transaction() as c:
             for kind, path, (k, r) in ops:
                 info = {"size": r.size, "mtime_ns": r.mtime_ns, "hash": r.hash}
+                if kind == "fail":
+                    self.store.record_failure(c, path, r.size, r.mtime_ns, r.error, decoder_id())
+                    continue
+                if (k is None or kind == "move") and self._name_taken(c, path):
+                    continue
+                ok.append(path)
                 if kind == "touch":
                     self.store.update_file(c, k.id, info)
                     counts["unchanged"] += 1
@@ -279,8 +400,12 @@ class IndexRun:
                     self.store.update_file(c, k.id, {**info, "path": path})
                     counts["moved"] += 1
                 else:  # copy: known content at a new path, or a changed file now equal to another
-                    src = self.store.rows([self._id_for_hash(c, r.hash)])
-                    row = next(iter(src.values()))
+                    src_id = self._id_for_hash(c, r.hash)
+                    if src_id is None:  # its only holder changed in this run: decode it after all
+                        redo.append(path)
+                        ok.pop()
+                        continue
+                    row = self.store.rows([src_id])[src_id]
                     vec = self.store.vector_for_hash(r.hash)
                     meta = {m: row[m] for m in ("width", "height", "taken_at", "camera", "lat", "lon")}
                     if k is None:
@@ -296,44 +421,132 @@ class IndexRun:
                 info = {"size": r.size, "mtime_ns": r.mtime_ns, "hash": r.hash, **(r.meta or {})}
                 k = known.get(path)
                 if k is None:
+                    if self._name_taken(c, path):
+                        continue
                     id_ = self.store.insert_file(c, path, info, vec)
                     counts["added"] += 1
                 else:
                     self.store.update_file(c, k.id, info, vec)
                     id_ = k.id
                     counts["updated"] += 1
+                ok.append(path)
                 put_ids.append(id_)
                 put_vecs.append(vec)
+            self.store.forget_failures(c, [p for p in ok if p in self.failures])
+            if put_ids:
+                seq = self.store.last_seq()  # the log entry the graph reflects once it has these
         # committed: only now count it, and mirror it into the graph
         for key, n in counts.items():
             setattr(s, key, getattr(s, key) + n)
         s.embedded += len(batch)
         if put_ids:
-            self._open_vindex().add(np.asarray(put_ids, dtype=np.int64), np.stack(put_vecs))
-        self.progress.advance(len(batch) + len(ops), len(batch))
+            vi = self._open_vindex()
+            vi.add(np.asarray(put_ids, dtype=np.int64), np.stack(put_vecs))
+            vi.seq = max(vi.seq, seq)
+        self.progress.advance(len(batch) + len(ops) - len(redo), len(batch))
+        again = []
+        for path in redo:
+            r = read_one(path, self.prep, self.draft, frozenset())
+            if r.error is not None:
+                s.skip(path, r.error)
+                self.progress.advance(1, 0)
+            else:
+                again.append((path, r))
+        return again
+
+    def _name_taken(self, c, path: str) -> bool:
+        """A new file whose shown name is already another file's (two names that differ
+        only in bytes that are not UTF-8 and their escapes): skipped, not a crash."""
+        text = db_path_of(path)[0]
+        if c.execute("SELECT 1 FROM files WHERE path = ?", (text,)).fetchone() is None:
+            return False
+        self.summary.skip(path, "its name, with non-UTF-8 bytes escaped, is another indexed file's")
+        return True
 
     @staticmethod
-    def _id_for_hash(c, h: str) -> int:
-        return c.execute("SELECT id FROM files WHERE hash = ? LIMIT 1", (h,)).fetchone()[0]
+    def _id_for_hash(c, h: str) -> int | None:
+        r = c.execute("SELECT id FROM files WHERE hash = ? LIMIT 1", (h,)).fetchone()
+        return None if r is None else int(r[0])
 
-    def _remove(self, missing: dict[str, Known]) -> None:
-        if not missing:
+    def _remove(self, missing: dict[str, Known], gone_failures: list[str] = ()) -> None:
+        if not missing and not gone_failures:
             return
         ids = [k.id for k in missing.values()]
         with self.store.transaction() as c:
             self.store.delete_files(c, ids)
+            self.store.forget_failures(c, gone_failures)
+            seq = self.store.last_seq()
         self.summary.removed += len(ids)
-        self._open_vindex().remove(ids)
+        if ids:
+            vi = self._open_vindex()
+            vi.remove(ids)
+            vi.seq = max(vi.seq, seq)
 
     def _save(self) -> None:
-        if self.vindex is not None and self.vindex.dirty:
-            seq = self.store.last_seq()
-            self.vindex.save(seq)
+        """Save the graph as of the last log entry it fully reflects, then drop the log
+        up to there.  (Not ``store.last_seq()``: an interrupt between a commit and the graph
+        update must leave those entries in the log, to be replayed.)"""
+        vi = self.vindex
+        if vi is not None and vi.dirty:
+            seq = vi.seq
+            try:
+                vi.save(seq)
+            except BaseException:
+                self._remove_temp_files()
+                raise
+            self._verify_saved(seq)
             self.store.truncate_log(seq)
         self._last_save = time.monotonic()
 
+    def _verify_saved(self, seq: int) -> None:
+        # hnswlib does not check its writes: on a full disk it leaves a short file
+        path = os.path.join(self.library_dir, "hnsw", f"{seq}.bin")
+        want = self.vindex.index.index_file_size()
+        try:
+            got = os.path.getsize(path)
+        except OSError:
+            got = -1
+        if got != want:
+            try:
+                os.unlink(path)  # readers then rebuild from the database
+            except OSError:
+                pass
+            raise LibraryError(
+                f"disk full? cannot write library {self.library_dir}: the search graph was "
+                f"written incompletely ({max(got, 0):,} of {want:,} bytes); free some space and "
+                "run again (the vectors are safe in the database)"
+            )
+
+    def _remove_temp_files(self) -> None:
+        """Temporary graph files of a run that was killed while saving (we hold the lock)."""
+        d = os.path.join(self.library_dir, "hnsw")
+        try:
+            names = os.listdir(d)
+        except OSError:
+            return
+        for n in names:
+            if n.startswith(".") and n.endswith(".tmp"):
+                try:
+                    os.unlink(os.path.join(d, n))
+                except OSError:
+                    pass
+
     def _finish(self) -> None:
+        self._catch_up()
         self._save()
+
+    def _catch_up(self) -> None:
+        """A run with nothing to embed still saves a graph that a killed or failed run left
+        missing or behind the log, so that readers need not replay or rebuild it."""
+        if self.vindex is not None or not (self.dim or self.store.get_meta("dim")):
+            return
+        from .check import graph_files
+
+        saved = graph_files(self.library_dir)[0]
+        if (saved and saved[-1][0] == self.store.last_seq()) or (
+                not saved and self.store.conn.execute("SELECT 1 FROM vectors LIMIT 1").fetchone() is None):
+            return
+        self._open_vindex()  # replays the log, or rebuilds: then dirty, and saved
 
 
 def decode_for_query(path: str, prep: Preprocess, draft: bool = False):

@@ -67,6 +67,26 @@ class WriteLock:
         self.release()
 
 
+def holder(directory: Path) -> str | None:
+    """Who holds the write lock of the library at ``directory`` right now, or None.
+
+    Probes with a shared lock for an instant (works on a read-only library too).
+    """
+    try:
+        fd = os.open(Path(directory) / "lock", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _holder(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def _holder(fd: int) -> str:
     try:
         os.lseek(fd, 0, 0)

@@ -9,10 +9,12 @@ to date by replaying the log: rows, vectors and labels can never disagree.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -21,7 +23,7 @@ from .errors import LibraryError
 from .walk import Known
 
 DB_NAME = "itr.db"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 
 def db_path_of(fs_path: str) -> tuple[str, bytes | None]:
@@ -92,7 +94,89 @@ def m001_create_tables(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_create_tables]
+def m002_failures(conn: sqlite3.Connection) -> None:
+    # Files that could not be decoded, so that an unchanged bad file is reported again
+    # without being read again (a directory of broken downloads must not slow every run).
+    _script(
+        conn,
+        """
+        CREATE TABLE failures (
+            path TEXT PRIMARY KEY,                 -- as in files.path
+            fsname BLOB,
+            size INTEGER NOT NULL,                 -- the file as it was when it failed
+            mtime_ns INTEGER NOT NULL,
+            reason TEXT NOT NULL,
+            decoder TEXT NOT NULL,                 -- images.decoder_id(): retried on upgrade
+            failed_at TEXT NOT NULL
+        );
+        """
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_create_tables, m002_failures]
+
+
+@dataclass(frozen=True)
+class Failure:
+    """A remembered decode failure (see ``m002_failures``)."""
+
+    size: int
+    mtime_ns: int
+    reason: str
+    decoder: str
+
+
+def library_error(e: BaseException, directory: Path | str) -> LibraryError:
+    """A one-line, actionable :class:`LibraryError` for a database or file-system error
+    met while writing the library at ``directory``."""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    low = msg.lower()
+    code = getattr(e, "errno", None)
+    if isinstance(e, sqlite3.Error):
+        if "full" in low:
+            return LibraryError(f"disk full: cannot write library {directory} ({msg}); "
+                                "free some space and run again (work already committed is kept)")
+        if "readonly" in low or "read-only" in low:
+            return LibraryError(f"library {directory} is not writable ({msg})")
+        if "malformed" in low or "not a database" in low or "corrupt" in low:
+            return LibraryError(f"library database in {directory} is damaged ({msg}); "
+                                "run 'itr check' for details")
+        if "locked" in low or "busy" in low:
+            return LibraryError(f"library database in {directory} is busy ({msg}): another "
+                                "program holds a write transaction on it; try again later")
+        if "i/o" in low or "unable to open" in low:
+            return LibraryError(f"cannot write library {directory} ({msg}); check free space, "
+                                "permissions and the disk")
+        return LibraryError(f"database error in library {directory}: {msg}")
+    if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return LibraryError(f"disk full: cannot write library {directory} "
+                            f"({os.strerror(code)}); free some space and run again "
+                            "(work already committed is kept)")
+    if code == errno.EROFS:
+        return LibraryError(f"library {directory} is on a read-only file system")
+    if code in (errno.EACCES, errno.EPERM):
+        where = getattr(e, "filename", None) or directory
+        return LibraryError(f"library {directory} is not writable (permission denied: {where})")
+    if isinstance(e, OSError):
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        return LibraryError(f"cannot write library {directory}: {e.strerror or msg}{where}")
+    return LibraryError(f"library {directory}: {msg}")
+
+
+def _not_writable(directory: Path) -> OSError | None:
+    """Why files cannot be created in ``directory`` (None if they can)."""
+    import tempfile
+
+    try:
+        fd, name = tempfile.mkstemp(prefix=".itr-probe-", dir=directory)
+    except OSError as e:
+        return e
+    os.close(fd)
+    try:
+        os.unlink(name)
+    except OSError:
+        pass
+    return None
 
 
 class Store:
@@ -115,17 +199,23 @@ class Store:
             if readonly:
                 self.conn = _connect_readonly(self.path)
             else:
-                self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-                self.conn.execute("PRAGMA journal_mode=WAL")
-                # WAL + NORMAL: a crash of the process never loses a commit; a power cut
-                # may lose the last few, never corrupt the file.
-                self.conn.execute("PRAGMA synchronous=NORMAL")
-            self.conn.execute("PRAGMA foreign_keys=ON")
+                self.conn = _connect_writable(self.path)
             if not readonly:
                 self._migrate()
             else:
                 self._check_version()
         except sqlite3.DatabaseError as e:
+            if not readonly:
+                why = _not_writable(self.directory)
+                if why is not None:
+                    raise library_error(why, self.directory) from None
+                if "readonly" in str(e) or "full" in str(e) or "I/O" in str(e):
+                    raise library_error(e, self.directory) from None
+            if "malformed" in str(e) or "not a database" in str(e):
+                raise LibraryError(
+                    f"library database {self.path} is damaged ({e}); restore a backup, or "
+                    f"salvage its rows: sqlite3 {self.path} .recover | sqlite3 recovered.db"
+                ) from None
             raise LibraryError(f"cannot open library database {self.path}: {e}") from None
 
     # -- plumbing --------------------------------------------------------------------
@@ -159,6 +249,10 @@ class Store:
             if m.__name__ in applied:
                 continue
             with self.transaction() as c:
+                # a second process opening a new library at the same moment may have
+                # applied it between our look and our write lock
+                if c.execute("SELECT 1 FROM migrations WHERE name = ?", (m.__name__,)).fetchone():
+                    continue
                 m(c)
                 c.execute("INSERT INTO migrations VALUES (?, ?)", (m.__name__, now_iso()))
                 c.execute(
@@ -177,6 +271,69 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+
+    def rebuild_file(self) -> Path:
+        """Copy every table, row by row, into a fresh file, re-create the indexes from the
+        rows, and swap the new file in (the caller holds the write lock).  This leaves
+        behind damage confined to indexes or free pages.
+
+        The damaged file is kept next to it as ``itr.db.damaged``; returns that path.
+        Raises ``sqlite3.DatabaseError`` when the tables themselves cannot be read.
+        """
+        fresh = self.directory / f".{DB_NAME}.rebuild"
+        old = self.directory / f"{DB_NAME}.damaged"
+        fresh.unlink(missing_ok=True)
+        c = self.conn
+        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        schema = c.execute("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL "
+                           "AND name NOT LIKE 'sqlite_%'").fetchall()
+        new = sqlite3.connect(fresh, isolation_level=None)
+        try:
+            for kind, _name, sql in schema:
+                if kind == "table":
+                    new.execute(sql)
+        finally:
+            new.close()
+        c.execute("ATTACH DATABASE ? AS fresh", (str(fresh),))
+        try:
+            c.execute("BEGIN")
+            for kind, name, _sql in schema:
+                if kind == "table":
+                    # WHERE 1: no "xfer" shortcut, which would copy the (damaged) indexes;
+                    # NOT INDEXED: read the table itself
+                    c.execute(f'INSERT INTO fresh."{name}" SELECT * FROM main."{name}" NOT INDEXED WHERE 1')
+            if c.execute("SELECT 1 FROM main.sqlite_master WHERE name = 'sqlite_sequence'").fetchone():
+                c.execute("DELETE FROM fresh.sqlite_sequence")
+                c.execute("INSERT INTO fresh.sqlite_sequence SELECT * FROM main.sqlite_sequence")
+            c.execute("COMMIT")
+        except BaseException:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise
+        finally:
+            c.execute("DETACH DATABASE fresh")
+        new = sqlite3.connect(fresh, isolation_level=None)
+        try:
+            for kind, _name, sql in schema:
+                if kind == "index":
+                    new.execute(sql)
+            ok = [r[0] for r in new.execute("PRAGMA integrity_check(1)")] == ["ok"]
+        finally:
+            new.close()
+        if not ok:
+            fresh.unlink(missing_ok=True)
+            raise sqlite3.DatabaseError("the copy is damaged too")
+        with open(fresh, "rb") as f:
+            os.fsync(f.fileno())
+        self.conn.close()
+        os.replace(self.path, old)
+        os.replace(fresh, self.path)
+        for suffix in ("-wal", "-shm"):  # they belonged to the old file: never replay them
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        _fsync_dir(self.directory)
+        self.conn = _connect_writable(self.path)
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        return old
 
     # -- meta ------------------------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:
@@ -319,9 +476,51 @@ class Store:
         c.execute("INSERT OR REPLACE INTO vectors VALUES (?, ?)", (id_, blob))
         c.execute("INSERT INTO vector_log (id, op) VALUES (?, 'put')", (id_,))
 
+    # -- remembered failures ---------------------------------------------------------
+    def failures(self) -> dict[str, Failure]:
+        """Remembered decode failures, keyed by the path to open."""
+        return {
+            fs_path_of(path, fsname): Failure(size, mtime, reason, decoder)
+            for path, fsname, size, mtime, reason, decoder in self.conn.execute(
+                "SELECT path, fsname, size, mtime_ns, reason, decoder FROM failures"
+            )
+        }
+
+    def record_failure(self, c: sqlite3.Connection, fs_path: str, size: int, mtime_ns: int,
+                       reason: str, decoder: str) -> None:
+        text, raw = db_path_of(fs_path)
+        c.execute("INSERT OR REPLACE INTO failures VALUES (?, ?, ?, ?, ?, ?, ?)",
+                  (text, raw, size, mtime_ns, reason, decoder, now_iso()))
+
+    def forget_failures(self, c: sqlite3.Connection, fs_paths: Iterable[str]) -> None:
+        for p in fs_paths:
+            c.execute("DELETE FROM failures WHERE path = ?", (db_path_of(p)[0],))
+
     def truncate_log(self, upto: int) -> None:
         with self.transaction() as c:
             c.execute("DELETE FROM vector_log WHERE seq <= ?", (upto,))
+
+
+def _connect_writable(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # WAL + NORMAL: a crash of the process never loses a commit; a power cut may lose the
+    # last few, never corrupt the file.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _connect_readonly(path: Path) -> sqlite3.Connection:

@@ -69,7 +69,8 @@ def walk(
         try:
             st = os.stat(root)
         except OSError as e:
-            res.errors.append((root, _oserror(e)))
+            reason = "does not exist" if isinstance(e, FileNotFoundError) and not os.path.islink(root) else _oserror(e)
+            res.errors.append((root, f"{reason} (nothing indexed under it is removed)"))
             res.unlisted.append(root)
             continue
         if stat.S_ISREG(st.st_mode):

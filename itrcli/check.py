@@ -1,0 +1,562 @@
+"""Verifying a library (``itr check``) and repairing what drifted (``itr check --repair``).
+
+SQLite is the source of truth; everything else is checked against it, from one read
+snapshot, without the write lock (so ``itr check`` runs beside ``itr index``):
+
+- the database itself (``PRAGMA integrity_check``) and its metadata (model, dimension);
+- rows vs vectors: every file row has one vector of the library's dimension, finite and of
+  unit length, and no vector lacks its row;
+- the HNSW graph file vs the rows.  The file is parsed here, independently of hnswlib
+  (a short or garbled file would crash hnswlib's searches, not just fail them): header,
+  every neighbour id, labels, delete marks and vectors.  It must be of the library's
+  dimension, not ahead of ``vector_log``, with the log after it complete; every label live
+  in it must have a row with the same vector, and every row the log has not touched since
+  must be live in it;
+- leftovers of killed runs (temporary graph files), and indexed files that vanished.
+
+:func:`repair` fixes what can be fixed without re-encoding: it drops orphan vectors and the
+rows of damaged vectors (the next ``itr index`` re-embeds those files), removes leftovers,
+rebuilds and saves the graph, and with ``prune=True`` forgets files that vanished.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import LibraryError
+from .lock import WriteLock, holder
+from .store import fs_path_of, library_error
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .library import Library
+
+ERROR, WARNING, NOTE = "error", "warning", "note"
+#: Paths listed per finding (all of them are counted).
+EXAMPLES = 5
+#: How far a stored vector's norm may be from 1, and a graph vector from the stored one.
+NORM_TOLERANCE = 1e-3
+VECTOR_TOLERANCE = 1e-4
+_CHUNK = 10_000
+
+
+@dataclass
+class Finding:
+    """One kind of problem or observation, with how many things it concerns."""
+
+    kind: str  #: stable identifier, e.g. ``orphan-vectors`` (see ``docs/reliability.md``)
+    severity: str  #: ``error`` (drift or damage), ``warning`` (look at it), ``note``
+    count: int
+    message: str
+    examples: list[str] = field(default_factory=list)
+    ids: list[int] = field(default_factory=list, repr=False)  #: rows/labels concerned
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": self.kind, "severity": self.severity, "count": self.count,
+                "message": self.message, "examples": self.examples}
+
+
+@dataclass
+class Report:
+    """What :func:`check` found (and what :func:`repair` did)."""
+
+    library: str
+    files: int = 0
+    vectors: int = 0
+    graph_file: str | None = None
+    graph_seq: int | None = None
+    graph_labels: int | None = None  #: live labels in the saved graph file
+    log_entries: int = 0  #: log entries newer than the saved graph (replayed on open)
+    findings: list[Finding] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        """No errors (warnings and notes allowed)."""
+        return not any(f.severity == ERROR for f in self.findings)
+
+    def get(self, kind: str) -> Finding | None:
+        return next((f for f in self.findings if f.kind == kind), None)
+
+    def add(self, kind: str, severity: str, message: str, items: list | None = None,
+            ids: list[int] | None = None, count: int | None = None) -> Finding:
+        items = list(items or [])
+        f = Finding(kind, severity, count if count is not None else (len(items) or len(ids or []) or 1),
+                    message, [str(x) for x in items[:EXAMPLES]], list(ids or []))
+        self.findings.append(f)
+        return f
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``itr check --json`` object."""
+        return {
+            "library": self.library,
+            "ok": self.ok,
+            "files": self.files,
+            "vectors": self.vectors,
+            "graph": {"file": self.graph_file, "seq": self.graph_seq, "labels": self.graph_labels,
+                      "log_entries": self.log_entries},
+            "problems": [f.to_json() for f in self.findings],
+            "repaired": self.repaired,
+        }
+
+
+# --- the graph file, parsed without hnswlib -------------------------------------------------
+
+#: hnswlib's saveIndex header: offsetLevel0, max_elements, cur_element_count,
+#: size_data_per_element, label_offset, offsetData, maxlevel, enterpoint_node, maxM, maxM0,
+#: M, mult, ef_construction.
+_HEADER = struct.Struct("<QQQQQQiIQQQdQ")
+_DELETE_MARK = 0x01  # in the third byte of an element's level-0 link-list header
+
+
+class GraphFileError(Exception):
+    """The graph file is short, garbled or of another dimension; the message says how."""
+
+
+@dataclass
+class GraphFile:
+    path: Path
+    count: int
+    dim: int
+    labels: Any  #: ``[count]`` int64
+    deleted: Any  #: ``[count]`` bool
+    vectors: Any  #: ``[count, dim]`` float32 (a view of the file)
+
+
+def read_graph_file(path: Path, dim: int | None = None) -> GraphFile:
+    """Parse and validate an hnswlib index file (format of hnswlib 0.7-0.8).
+
+    Checks the sizes in the header against each other and the file, walks every element's
+    upper-level link lists to the exact end of the file, and checks that every neighbour
+    id names an element.  Raises :class:`GraphFileError`.
+    """
+    import numpy as np
+
+    path = Path(path)
+    try:
+        raw = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
+    except (OSError, ValueError) as e:
+        raise GraphFileError(f"cannot read: {getattr(e, 'strerror', None) or e}") from None
+    size = len(raw)
+    if size < _HEADER.size:
+        raise GraphFileError(f"truncated: {size} bytes, shorter than the header")
+    (off0, max_el, count, per, label_off, data_off, max_level, entry, max_m, max_m0, _m, _mult,
+     _efc) = _HEADER.unpack(raw[: _HEADER.size].tobytes())
+    data_size = label_off - data_off
+    if (off0 != 0 or count > max_el or data_off != 4 * max_m0 + 4 or per != label_off + 8
+            or data_size <= 0 or data_size % 4 or max_m <= 0):
+        raise GraphFileError("garbled header")
+    if dim is not None and data_size != 4 * dim:
+        raise GraphFileError(f"holds {data_size // 4}-dimensional vectors, the library {dim}")
+    body_end = _HEADER.size + count * per
+    if size < body_end:
+        raise GraphFileError(f"truncated: {size:,} bytes, the elements alone need {body_end:,}")
+    if count and not (0 <= entry < count and max_level >= 0):
+        raise GraphFileError("garbled header (entry point)")
+    body = np.asarray(raw[_HEADER.size : body_end]).reshape(count, per)
+    level0 = body[:, :data_off].view("<u4").reshape(count, max_m0 + 1)
+    n0 = level0[:, 0] & 0xFFFF
+    if count and int(n0.max()) > max_m0:
+        raise GraphFileError("garbled level-0 links")
+    live0 = np.arange(max_m0)[None, :] < n0[:, None]
+    if count and int(np.where(live0, level0[:, 1:], 0).max()) >= count:
+        raise GraphFileError("a level-0 link points past the last element")
+    # upper levels: per element a uint32 byte length, then levels x (maxM + 1) uint32
+    per_level = 4 * max_m + 4
+    pos, chunks = body_end, []
+    for _ in range(count):
+        if pos + 4 > size:
+            raise GraphFileError("truncated in the link lists")
+        n = int.from_bytes(raw[pos : pos + 4].tobytes(), "little")
+        pos += 4
+        if n:
+            if n % per_level or n // per_level > max_level or pos + n > size:
+                raise GraphFileError("garbled or truncated link lists")
+            chunks.append((pos, n))
+            pos += n
+    if pos != size:
+        raise GraphFileError(f"{size - pos:,} bytes of trailing garbage")
+    if chunks:
+        upper = np.concatenate([np.asarray(raw[p : p + n]) for p, n in chunks]).view("<u4")
+        upper = upper.reshape(-1, max_m + 1)
+        nu = upper[:, 0] & 0xFFFF
+        if int(nu.max()) > max_m:
+            raise GraphFileError("garbled upper-level links")
+        live = np.arange(max_m)[None, :] < nu[:, None]
+        if int(np.where(live, upper[:, 1:], 0).max()) >= count:
+            raise GraphFileError("an upper-level link points past the last element")
+    labels = body[:, label_off : label_off + 8].copy().view("<u8").reshape(count).astype(np.int64)
+    deleted = ((level0[:, 0] >> 16) & _DELETE_MARK).astype(bool)
+    vectors = body[:, data_off:label_off].view("<f4").reshape(count, data_size // 4)
+    if len(np.unique(labels)) != count:
+        raise GraphFileError("a label appears twice")
+    return GraphFile(path, count, data_size // 4, labels, deleted, vectors)
+
+
+def graph_files(directory: Path) -> tuple[list[tuple[int, Path]], list[Path]]:
+    """(``(seq, path)`` of saved graphs, oldest first; temporary files of killed saves)."""
+    import re
+
+    d = Path(directory) / "hnsw"
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return [], []
+    saved = sorted((int(m.group(1)), d / n) for n in names if (m := re.match(r"^(\d+)\.bin$", n)))
+    temps = sorted(d / n for n in names if n.startswith(".") and n.endswith(".tmp"))
+    return saved, temps
+
+
+# --- check ------------------------------------------------------------------------------------
+
+def check(lib: "Library", *, files: bool = True, _locked: bool = False) -> Report:
+    """Verify the library; see the module docstring.  ``files``: also ``stat`` every
+    indexed file (vanished, changed).  Never writes anything."""
+    store = lib.store
+    conn = store.conn
+    rep = Report(library=str(lib.directory))
+    writer = None if _locked else holder(lib.directory)  # _locked: we hold it (repair)
+    if writer:
+        rep.add("writer", NOTE, f"{writer} is writing to the library; this check sees its last commit")
+    try:
+        conn.execute("BEGIN")  # one read snapshot for every query below
+    except sqlite3.Error as e:
+        rep.add("integrity", ERROR, f"the database cannot be read: {e}")
+        return rep
+    try:
+        if not _check_database(rep, conn):
+            return rep
+        meta = store.meta()
+        dim = meta.get("dim")
+        rep.files = conn.execute("SELECT count(*) FROM files").fetchone()[0]
+        rep.vectors = conn.execute("SELECT count(*) FROM vectors").fetchone()[0]
+        if (rep.files or rep.vectors) and not (meta.get("model") and dim):
+            rep.add("meta", ERROR, "the library has rows but no recorded model or dimension; "
+                    "re-index with 'itr index PATH --reindex -m MODEL'")
+            return rep
+        good = _check_vectors(rep, conn, dim) if dim else {}
+        if dim:
+            _check_graph(rep, lib, store, int(dim), good, writer)
+        if files:
+            _check_files(rep, conn)
+        has_failures = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'failures'").fetchone()
+        n = conn.execute("SELECT count(*) FROM failures").fetchone()[0] if has_failures else 0
+        if n:
+            rep.add("remembered-failures", NOTE, f"{n} file(s) that could not be decoded are "
+                    "remembered: reported as skipped, not read again until they change", count=n)
+    except sqlite3.DatabaseError as e:
+        rep.add("integrity", ERROR, f"the database cannot be read: {e}")
+    finally:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+    return rep
+
+
+def _check_database(rep: Report, conn: sqlite3.Connection) -> bool:
+    try:
+        msgs = [r[0] for r in conn.execute("PRAGMA integrity_check(20)")]
+    except sqlite3.DatabaseError as e:
+        rep.add("integrity", ERROR, f"the database is damaged: {e}")
+        return False
+    if msgs != ["ok"]:
+        rep.add("integrity", ERROR, f"the database is damaged: {msgs[0]}", items=msgs)
+        return False
+    return True
+
+
+def _check_vectors(rep: Report, conn: sqlite3.Connection, dim: int) -> dict[int, None]:
+    """Rows vs vectors; returns the ids of good vectors (in id order)."""
+    import numpy as np
+
+    orphans = [r[0] for r in conn.execute(
+        "SELECT v.id FROM vectors v LEFT JOIN files f ON f.id = v.id WHERE f.id IS NULL")]
+    if orphans:
+        rep.add("orphan-vectors", ERROR, f"{len(orphans)} vector(s) belong to no file row",
+                items=orphans, ids=orphans)
+    rows = conn.execute("SELECT f.id, f.path FROM files f LEFT JOIN vectors v ON v.id = f.id "
+                        "WHERE v.id IS NULL").fetchall()
+    if rows:
+        rep.add("rows-without-vectors", ERROR, f"{len(rows)} file row(s) have no vector",
+                items=[p for _, p in rows], ids=[i for i, _ in rows])
+    bad: list[tuple[int, str]] = []
+    good: dict[int, None] = {}
+    last = -1
+    while True:
+        chunk = conn.execute(
+            "SELECT v.id, v.vector, f.path FROM vectors v JOIN files f ON f.id = v.id "
+            "WHERE v.id > ? ORDER BY v.id LIMIT ?", (last, _CHUNK)).fetchall()
+        if not chunk:
+            break
+        last = chunk[-1][0]
+        ok_rows = [(i, b) for i, b, _ in chunk if len(b) == 4 * dim]
+        bad += [(i, p) for i, b, p in chunk if len(b) != 4 * dim]
+        if ok_rows:
+            mat = np.frombuffer(b"".join(b for _, b in ok_rows), dtype="<f4").reshape(len(ok_rows), dim)
+            with np.errstate(all="ignore"):
+                fine = np.isfinite(mat).all(axis=1) & (np.abs(np.linalg.norm(mat, axis=1) - 1) < NORM_TOLERANCE)
+            paths = {i: p for i, _, p in chunk}
+            for (i, _), f in zip(ok_rows, fine):
+                if f:
+                    good[i] = None
+                else:
+                    bad.append((i, paths[i]))
+    if bad:
+        rep.add("bad-vectors", ERROR, f"{len(bad)} vector(s) have the wrong size, non-finite "
+                "values or not unit length", items=[p for _, p in bad], ids=[i for i, _ in bad])
+    return good
+
+
+def _check_graph(rep: Report, lib: "Library", store, dim: int, good: dict[int, None],
+                 writer: str | None) -> None:
+    import numpy as np
+
+    saved, temps = graph_files(lib.directory)
+    if temps and not writer:
+        rep.add("temp-files", WARNING, f"{len(temps)} temporary graph file(s) left by a run "
+                "killed while saving", items=[p.name for p in temps])
+    if len(saved) > 1 and not writer:
+        rep.add("old-graphs", NOTE, f"{len(saved) - 1} older graph file(s) not yet removed",
+                items=[p.name for _, p in saved[:-1]])
+    last = store.last_seq()
+    if not saved:
+        rep.log_entries = len(store.log_after(0))
+        if good:
+            rep.add("no-graph", NOTE, "no saved graph: built from the database when a search "
+                    "opens the library; the next 'itr index' or --repair saves one")
+        return
+    seq, path = saved[-1]
+    rep.graph_file = str(path.relative_to(lib.directory))
+    rep.graph_seq = seq
+    if seq > last and writer:
+        rep.add("graph-ahead", NOTE, f"graph file {path.name} was saved after this check's "
+                "snapshot (a run is saving); check again when it is done")
+        return
+    try:
+        g = read_graph_file(path, dim)
+    except GraphFileError as e:
+        if writer and not path.exists():  # replaced by the running writer meanwhile
+            rep.add("graph-unreadable", NOTE, f"graph file {path.name} was replaced during the "
+                    "check (a run is saving); check again when it is done")
+            return
+        rep.add("graph-unreadable", ERROR, f"graph file {path.name}: {e} (searches rebuild the "
+                "graph in memory every time)", items=[path.name])
+        return
+    try:
+        import hnswlib
+
+        idx = hnswlib.Index(space="cosine", dim=dim)
+        idx.load_index(str(path))
+        del idx
+    except Exception as e:  # noqa: BLE001  (hnswlib raises RuntimeError and friends)
+        rep.add("graph-unreadable", ERROR, f"graph file {path.name}: hnswlib cannot load it: {e}",
+                items=[path.name])
+        return
+    live = ~g.deleted
+    rep.graph_labels = int(live.sum())
+    if seq > last:
+        rep.add("graph-ahead", ERROR, f"graph file {path.name} reflects log entry {seq} but the "
+                f"database ends at {last} (commits lost to a power cut?); searches rebuild it")
+        return
+    log = store.log_after(seq)
+    rep.log_entries = len(log)
+    if len(log) != last - seq:
+        rep.add("log-gap", ERROR, f"the log after graph {path.name} is incomplete "
+                f"({len(log)} of {last - seq} entries); searches rebuild the graph every time")
+        return
+    if log:
+        rep.add("graph-behind", NOTE, f"the saved graph is {len(log)} log entries behind (a run "
+                "was killed or interrupted before saving): replayed on open, saved by the next "
+                "'itr index' or --repair", count=len(log))
+    touched = {i for _, i, _ in log}
+    store_ids = np.fromiter(good, dtype=np.int64, count=len(good))
+    labels = g.labels[live]
+    untouched = ~np.isin(labels, np.fromiter(touched, dtype=np.int64, count=len(touched)))
+    extra = labels[untouched & ~np.isin(labels, store_ids)]
+    bad_ids = {i for f in rep.findings if f.kind in ("bad-vectors", "orphan-vectors", "rows-without-vectors")
+               for i in f.ids}
+    extra = [int(i) for i in extra if int(i) not in bad_ids]
+    if extra:
+        rep.add("graph-extra-labels", ERROR, f"{len(extra)} label(s) in the graph have no row "
+                "(stale entries)", items=extra, ids=extra)
+    want = store_ids[~np.isin(store_ids, np.fromiter(touched, dtype=np.int64, count=len(touched)))]
+    in_graph = np.isin(want, labels)
+    missing = want[~in_graph]
+    if len(missing):
+        paths = store.rows(int(i) for i in missing[:EXAMPLES])
+        rep.add("graph-missing-labels", ERROR, f"{len(missing)} vector(s) are not in the graph: "
+                "searches without --exact cannot find them",
+                items=[paths[int(i)]["path"] for i in missing[:EXAMPLES] if int(i) in paths],
+                ids=[int(i) for i in missing], count=len(missing))
+    # the vectors: label -> position in the file, compared chunk by chunk with the rows
+    order = np.argsort(g.labels)
+    sorted_labels = g.labels[order]
+    both = want[in_graph]
+    wrong: list[int] = []
+    for i in range(0, len(both), _CHUNK):
+        ids = both[i : i + _CHUNK]
+        _, vecs = store.vectors(ids.tolist())
+        pos = order[np.searchsorted(sorted_labels, ids)]
+        gv = np.asarray(g.vectors[pos], dtype=np.float32)
+        gv = gv / np.maximum(np.linalg.norm(gv, axis=1, keepdims=True), 1e-12)  # cosine: unit vectors
+        off = np.abs(gv - vecs).max(axis=1) > VECTOR_TOLERANCE
+        wrong += [int(x) for x in ids[off]]
+    if wrong:
+        paths = store.rows(wrong[:EXAMPLES])
+        rep.add("graph-wrong-vectors", ERROR, f"{len(wrong)} graph label(s) carry another vector "
+                "than their file's row", items=[paths[i]["path"] for i in wrong[:EXAMPLES] if i in paths],
+                ids=wrong)
+
+
+def _check_files(rep: Report, conn: sqlite3.Connection) -> None:
+    import stat as stat_
+
+    vanished, unreadable, changed = [], [], []
+    for id_, path, fsname, size, mtime in conn.execute(
+            "SELECT id, path, fsname, size, mtime_ns FROM files ORDER BY path"):
+        try:
+            st = os.stat(fs_path_of(path, fsname))
+        except (FileNotFoundError, NotADirectoryError):
+            vanished.append((id_, path))
+            continue
+        except OSError:
+            unreadable.append((id_, path))
+            continue
+        if not stat_.S_ISREG(st.st_mode):
+            vanished.append((id_, path))
+        elif st.st_size != size or st.st_mtime_ns != mtime:
+            changed.append((id_, path))
+    if vanished:
+        rep.add("vanished", WARNING, f"{len(vanished)} indexed file(s) no longer exist (deleted, "
+                "or on a disk that is not mounted): 'itr index' forgets deleted files under its "
+                "roots; 'itr check --repair --prune' forgets them now",
+                items=[p for _, p in vanished], ids=[i for i, _ in vanished])
+    if unreadable:
+        rep.add("unreadable", WARNING, f"{len(unreadable)} indexed file(s) cannot be looked at "
+                "(permission denied or I/O error)", items=[p for _, p in unreadable],
+                ids=[i for i, _ in unreadable])
+    if changed:
+        rep.add("changed", NOTE, f"{len(changed)} file(s) changed since they were indexed: the "
+                "next 'itr index' re-embeds them", items=[p for _, p in changed],
+                ids=[i for i, _ in changed])
+
+
+# --- repair -----------------------------------------------------------------------------------
+
+_GRAPH_PROBLEMS = ("graph-unreadable", "graph-ahead", "log-gap", "graph-extra-labels",
+                   "graph-missing-labels", "graph-wrong-vectors")
+
+
+def repair(lib: "Library", *, prune: bool = False, wait: float = 0.0) -> Report:
+    """Fix what :func:`check` finds, under the write lock; returns a fresh check with
+    ``repaired`` listing what was done.
+
+    Never re-encodes: rows whose vector is missing or damaged are dropped, and the next
+    ``itr index`` embeds those files again.  ``prune``: also forget files that vanished
+    (not done otherwise: a disk that is not mounted looks the same).
+    Raises:
+        LibraryError: read-only, locked, or a database too damaged to repair here.
+    """
+    if lib.store.readonly:
+        raise LibraryError("library opened read-only; cannot repair")
+    lock = WriteLock(lib.directory, "itr check --repair").acquire(wait)
+    try:
+        return _repair(lib, prune)
+    except (sqlite3.Error, OSError) as e:
+        raise library_error(e, lib.directory) from e
+    finally:
+        lock.release()
+
+
+def _repair(lib: "Library", prune: bool) -> Report:
+    from .vindex import VectorIndex
+
+    store, done = lib.store, []
+    before = check(lib, _locked=True)
+    if before.get("integrity"):
+        try:
+            kept = store.rebuild_file()
+        except sqlite3.DatabaseError as e:
+            raise LibraryError(
+                f"library database {store.path} is damaged beyond what --repair fixes "
+                f"({before.get('integrity').message}; copying it failed: {e}); restore a backup, "
+                f"or salvage its rows: sqlite3 {store.path} .recover | sqlite3 recovered.db"
+            ) from None
+        done.append(f"rebuilt the database file from its tables (the damaged one is kept as {kept.name})")
+        before = check(lib, _locked=True)
+    if before.get("meta"):
+        raise LibraryError(before.get("meta").message)
+
+    def ids(kind: str) -> list[int]:
+        f = before.get(kind)
+        return f.ids if f else []
+
+    orphans = ids("orphan-vectors")
+    drop = sorted(set(ids("rows-without-vectors")) | set(ids("bad-vectors")))
+    vanished = ids("vanished") if prune else []
+    if orphans or drop or vanished:
+        with store.transaction() as c:
+            for i in orphans:
+                c.execute("DELETE FROM vectors WHERE id = ?", (i,))
+                c.execute("INSERT INTO vector_log (id, op) VALUES (?, 'del')", (i,))
+            gone = [r["path"] for r in store.rows(vanished).values()]
+            store.delete_files(c, drop + vanished)
+            for p in gone:
+                c.execute("DELETE FROM failures WHERE path = ?", (p,))
+        if orphans:
+            done.append(f"dropped {len(orphans)} orphan vector(s)")
+        if drop:
+            done.append(f"dropped {len(drop)} row(s) without a usable vector (the next 'itr index' "
+                        "re-embeds them)")
+        if vanished:
+            done.append(f"forgot {len(vanished)} vanished file(s)")
+    if prune:
+        with store.transaction() as c:
+            n = 0
+            for path, fsname in c.execute("SELECT path, fsname FROM failures").fetchall():
+                if not os.path.lexists(fs_path_of(path, fsname)):
+                    c.execute("DELETE FROM failures WHERE path = ?", (path,))
+                    n += 1
+        if n:
+            done.append(f"forgot {n} vanished bad file(s)")
+    saved, temps = graph_files(lib.directory)
+    for p in temps:
+        _unlink(p)
+    if temps:
+        done.append(f"removed {len(temps)} temporary graph file(s)")
+    dim = store.get_meta("dim")
+    if dim:
+        vi = VectorIndex(lib.directory, int(dim))
+        rebuild = any(before.get(k) for k in _GRAPH_PROBLEMS) or orphans or drop or vanished
+        if rebuild:
+            vi.rebuild(store)
+        else:
+            vi.open(store)  # replays the log when behind
+        if vi.dirty or not saved:
+            seq = store.last_seq()
+            vi.save(seq)
+            final = Path(lib.directory) / "hnsw" / f"{seq}.bin"
+            if final.stat().st_size != vi.index.index_file_size():
+                _unlink(final)
+                raise LibraryError(f"could not write the search graph to {final} (disk full?)")
+            store.truncate_log(seq)
+            n = store.conn.execute("SELECT count(*) FROM vectors").fetchone()[0]
+            done.append(f"{'rebuilt' if rebuild else 'saved'} the search graph ({n} vectors)")
+        for _, p in graph_files(lib.directory)[0][:-1]:
+            _unlink(p)
+    after = check(lib, _locked=True)
+    after.repaired = done
+    return after
+
+
+def _unlink(p: Path) -> None:
+    try:
+        p.unlink()
+    except OSError:
+        pass
