@@ -24,13 +24,21 @@ HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 
 
-def clustered(n: int, dim: int, seed: int = 0):
-    """Unit vectors around 2,000 centres: closer to real embeddings than uniform noise."""
+def clustered(n: int, dim: int, seed: int = 0, latent: int = 48):
+    """Unit vectors with a low intrinsic dimension, like real CLIP embeddings.
+
+    Uniformly random 512-d vectors are the worst case for any graph index (all distances
+    alike) and nothing like image embeddings, whose intrinsic dimension is estimated in the
+    tens.  Here: 1,000 cluster centres in a ``latent``-dimensional subspace, points spread
+    around them inside it, plus a little full-dimensional noise.
+    """
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((2000, dim)).astype(np.float32)
-    x = centres[rng.integers(0, len(centres), n)] + 0.9 * rng.standard_normal((n, dim)).astype(np.float32)
+    basis = rng.standard_normal((latent, dim)).astype(np.float32)  # [latent, dim]
+    centres = rng.standard_normal((1000, latent)).astype(np.float32)
+    z = centres[rng.integers(0, len(centres), n)] + 0.6 * rng.standard_normal((n, latent)).astype(np.float32)
+    x = z @ basis + 0.5 * rng.standard_normal((n, dim)).astype(np.float32)  # [n, dim]
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
@@ -54,14 +62,15 @@ def build(n: int) -> Path:
     enc = lib.encoder(str(model_dir), "cpu", "fp32")
     lib._bind(enc)
     export(enc, lib_dir)
-    vecs = clustered(n, enc.dim)
+    vecs = clustered(n + 200, enc.dim)[:n]  # the last 200 are the recall queries
     t = time.time()
     with lib.store.transaction() as c:
         for i in range(n):
             p = files / f"{i:06d}.jpg"
             p.touch()
-            lib.store.insert_file(c, str(p), {"size": 0, "mtime_ns": 0, "hash": f"{i:032x}",
-                                               "width": 1, "height": 1}, vecs[i])
+            st = p.stat()
+            lib.store.insert_file(c, str(p), {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                               "hash": f"{i:032x}", "width": 1, "height": 1}, vecs[i])
     print(f"rows: {time.time() - t:.1f}s", file=sys.stderr)
     t = time.time()
     vi = VectorIndex(lib_dir, enc.dim)
@@ -88,8 +97,9 @@ def recall(lib_dir: Path, efs: list[int], queries: int = 200) -> dict[int, float
     ids, mat = lib.store.vectors()
     vi = lib.vector_index()
     rng = np.random.default_rng(1)
-    qs = mat[rng.integers(0, len(ids), queries)] + 0.3 * rng.standard_normal((queries, mat.shape[1])).astype(np.float32)
-    qs /= np.linalg.norm(qs, axis=1, keepdims=True)
+    # queries: fresh points from the same distribution, not copies of stored vectors
+    # (like a text query, which is near no single image)
+    qs = clustered(len(ids) + queries, mat.shape[1])[len(ids):]
     truth = [set(ids[np.argsort(-(mat @ q))[:10]].tolist()) for q in qs]
     out = {}
     for ef in efs:

@@ -128,7 +128,7 @@ def index(
         itr index ~/photos --exclude '*.thumb.jpg' -q
     """
     from .library import Library
-    from .output import BarProgress, LogProgress, err, index_summary_line, is_tty, print_json
+    from .output import BarProgress, LogProgress, err, index_summary_line, is_tty, one_line, print_json
 
     progress = None if quiet else (BarProgress() if is_tty(sys.stderr) else LogProgress())
     with Library.open(db, create=True) as lib:
@@ -140,12 +140,156 @@ def index(
         print_json(s.to_json())
     if not quiet:
         for e in s.errors[:20]:
-            err(f"skipped {e['path']}: {e['error']}")
+            err(f"skipped {one_line(e['path'])}: {e['error']}")
         if len(s.errors) > 20:
             err(f"... and {len(s.errors) - 20} more skipped (see --json)")
         err(("interrupted: " if s.interrupted else "") + index_summary_line(s))
     if s.interrupted:
         raise typer.Exit(ExitCode.INTERRUPTED)
+
+
+@app.command("hash")
+def hash_cmd(
+    paths: Annotated[Optional[List[Path]], typer.Argument(
+        help="directories or files to hash (indexed first, like itr index)",
+        metavar="PATH", exists=True, show_default=False)] = None,
+    bits: Annotated[int, typer.Option("--bits", help="code length: 16, 32, 64, 128 or 256")] = 64,
+    method: Annotated[str, typer.Option("--method",
+                      help="itq (learned on the library) or lsh (random hyperplanes)")] = "itq",
+    text: Annotated[Optional[List[str]], typer.Option("--text", metavar="QUERY",
+                    help="also print the code of a text (repeatable)")] = None,
+    dupes: Annotated[bool, typer.Option("--dupes",
+                     help="print groups of near-duplicate images instead of codes")] = False,
+    threshold: Annotated[Optional[float], typer.Option("--threshold", metavar="S", min=-1.0,
+                         max=1.0, help="with --dupes: cosine that confirms a pair [default: 0.95]",
+                         show_default=False)] = None,
+    db: DbOpt = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    batch_size: BatchOpt = 32,
+    workers: Annotated[Optional[int], typer.Option(
+        "--workers", min=1, help="decode threads [default: CPUs, at most 4]",
+        show_default=False)] = None,
+    include_hidden: Annotated[bool, typer.Option("--include-hidden",
+                              help="hash hidden files and directories too")] = False,
+    exclude: Annotated[Optional[List[str]], typer.Option("--exclude",
+                       help="skip names or paths matching GLOB (repeatable)",
+                       metavar="GLOB")] = None,
+    follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks",
+                               help="follow symlinked directories (never loops)")] = False,
+    wait: Annotated[float, typer.Option("--wait", min=0, metavar="SECONDS",
+                    help="wait this long for another index run to finish")] = 0.0,
+    html: Annotated[Optional[str], typer.Option(
+        "--html", metavar="FILE", show_default=False,
+        help="with --dupes: also write an HTML page of the groups to FILE (- for stdout)")] = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Print short binary codes of images (HEXCODE  PATH), or groups of near-duplicates
+
+    Images not yet in the library are indexed first (nothing is pruned). The hash is learned
+    on the library's own images (ITQ) and refitted when the library has changed by more
+    than 20%; texts (--text) get codes in the same space. --dupes prints one group per
+    paragraph: pairs close in Hamming distance whose cosine is at least --threshold.
+
+    \b
+    Example:
+        itr hash ~/photos --bits 64 > codes.txt
+        itr hash --text "a dog on a beach"
+        itr hash --dupes ~/photos/2023 --threshold 0.97 --html dupes.html
+    """
+    from .hashing import DUPES_THRESHOLD, check_options, find_dupes, library_codes, to_hex
+    from .images import supported_extensions
+    from .library import Library
+    from .models import resolve
+    from .output import BarProgress, LogProgress, err, index_summary_line, is_tty, print_json
+    from .store import db_path_of
+    from .walk import walk
+
+    check_options(bits, method)
+    texts = list(text or [])
+    if any(not t.strip() for t in texts):
+        raise UsageError("empty --text")
+    if dupes and texts:
+        raise UsageError("--dupes compares images; it does not take --text")
+    if threshold is not None and not dupes:
+        raise UsageError("--threshold goes with --dupes")
+    if not paths and not texts:
+        raise UsageError("give PATH... to hash images, or --text QUERY")
+    if dupes and not paths:
+        raise UsageError("--dupes needs PATH...")
+    if html is not None and not dupes:
+        raise UsageError("--html goes with --dupes")
+    if html == "-" and json_:
+        raise UsageError("--html - writes the page to stdout: not with --json")
+
+    files: list[tuple[str, int]] = []  # (path as shown, file id), in path order
+    with Library.open(db, create=bool(paths)) as lib:
+        if paths:
+            progress = None if quiet else (BarProgress() if is_tty(sys.stderr) else LogProgress())
+            roots = [str(p) for p in paths]
+            s = lib.index(roots, model=model, device=device, precision=precision,
+                          batch_size=batch_size, workers=workers, include_hidden=include_hidden,
+                          exclude=exclude or [], follow_symlinks=follow_symlinks, prune=False,
+                          wait=wait, progress=progress)
+            if not quiet:
+                for e in s.errors[:20]:
+                    err(f"skipped {e['path']}: {e['error']}")
+                if len(s.errors) > 20:
+                    err(f"... and {len(s.errors) - 20} more skipped")
+                if s.added or s.updated or s.interrupted:
+                    err(("interrupted: " if s.interrupted else "") + index_summary_line(s))
+            if s.interrupted:
+                raise typer.Exit(ExitCode.INTERRUPTED)
+            # the files under PATH that the library now holds (unreadable ones were skipped)
+            found = walk(roots, extensions=supported_extensions(), include_hidden=include_hidden,
+                         exclude=exclude or [], follow_symlinks=follow_symlinks)
+            known = lib.store.known()
+            files = [(db_path_of(p)[0], known[p].id) for p in sorted(found.files) if p in known]
+        elif model and lib.model and resolve(model) != lib.model:
+            raise UsageError(f"--model {model}: the library holds embeddings of '{lib.model}'")
+
+        if dupes:
+            cut = DUPES_THRESHOLD if threshold is None else threshold
+            groups = find_dupes(lib.store, [i for _, i in files], bits, method, cut) if files else []
+            shown = {i: p for p, i in files}
+            out = sorted(sorted(shown[i] for i in g) for g in groups)
+            if html is not None:
+                from .contact_sheet import write_dupes_html
+                from .thumbs import ThumbnailCache
+
+                with ThumbnailCache.for_library(lib.directory) as cache:  # trims on exit
+                    try:
+                        write_dupes_html(out, html, store=lib.store, cache=cache)
+                    except OSError as e:
+                        raise UsageError(f"--html {html}: {e.strerror or e}") from None
+            if html == "-":
+                pass  # the page is stdout: no text listing (the summary stays on stderr)
+            elif json_:
+                print_json(out)
+            else:
+                sys.stdout.write("\n".join("".join(p + "\n" for p in g) for g in out))
+            if not quiet:
+                err(f"groups of near-duplicates: {len(out)} ({sum(map(len, out))} of "
+                    f"{len(files)} images)")
+            return
+
+        results: list[dict[str, str]] = []
+        if files or texts:
+            lc = library_codes(lib.store, bits, method)
+            if files:
+                codes = lc.codes[lc.lookup(i for _, i in files)]  # [n, words]
+                results += [{"path": p, "code": to_hex(c, bits)} for (p, _), c in zip(files, codes)]
+            if texts:
+                vecs = lib.text_encoder(device, precision).encode_texts(texts)  # [t, dim]
+                results += [{"text": t, "code": to_hex(c, bits)}
+                            for t, c in zip(texts, lc.hasher.codes(vecs))]
+    if json_:
+        print_json(results)
+    else:
+        sys.stdout.write("".join(f"{r['code']}  {r.get('path', r.get('text'))}\n" for r in results))
 
 
 @app.command()
@@ -172,8 +316,25 @@ def search(
     before: Annotated[Optional[str], typer.Option("--before", metavar="YYYY-MM-DD",
                       help="taken before this date (EXIF, else mtime)")] = None,
     exact: Annotated[bool, typer.Option("--exact", help="score every image (no HNSW)")] = False,
+    hash_: Annotated[bool, typer.Option("--hash", help="fast then slow: rank binary codes by "
+                                        "Hamming distance, re-rank the best by cosine")] = False,
+    hash_bits: Annotated[int, typer.Option("--hash-bits", metavar="B",
+                         help="code length for --hash: 16, 32, 64, 128 or 256")] = 64,
     paths_only: Annotated[bool, typer.Option("--paths", help="print paths only, one per line")] = False,
     null: Annotated[bool, typer.Option("-0", "--null", help="NUL-terminated paths (for xargs -0)")] = False,
+    preview: Annotated[bool, typer.Option(
+        "--preview", help="show each result's image in the terminal (kitty, iTerm2, WezTerm, "
+                          "sixel)")] = False,
+    preview_protocol: Annotated[str, typer.Option(
+        "--preview-protocol", metavar="auto|kitty|iterm|sixel",
+        help="image protocol for --preview (implies it) instead of detecting one")] = "auto",
+    preview_height: Annotated[int, typer.Option(
+        "--preview-height", min=1, max=100, metavar="ROWS",
+        help="height of a preview in text rows")] = 8,
+    html: Annotated[Optional[str], typer.Option(
+        "--html", metavar="FILE",
+        help="also write a self-contained HTML contact sheet to FILE (- for stdout, alone)",
+        show_default=False)] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     json_: JsonOpt = False,
@@ -181,43 +342,96 @@ def search(
 ) -> None:
     """Rank the library's images against a text or image query
 
-    On a terminal: a table. Piped: score<TAB>path lines. Also --paths, -0 and --json.
+    On a terminal: a table, with --preview each image inline. Piped: score<TAB>path lines.
+    Also --paths, -0, --json, and --html for a contact sheet.
 
     \b
     Example:
-        itr search "two children on a lawn" -n 5
-        itr search ~/photos/beach.jpg --subtract "people"
+        itr search "two children on a lawn" -n 5 --preview
+        itr search ~/photos/beach.jpg --subtract "people" --html beach.html
         itr search "beach" -0 | xargs -0 cp -t /tmp/beach
     """
     from .library import Library
-    from .output import is_tty, print_json
-
+    from .output import err, is_tty, print_json
     if query is not None and not query.strip():
         raise UsageError("empty query")
+    protocol = preview_protocol.strip().lower()
+    if protocol != "auto" and protocol not in _preview_protocols():
+        raise UsageError(f"--preview-protocol {preview_protocol!r}: expected auto, "
+                         f"{', '.join(_preview_protocols())}")
+    preview = preview or protocol != "auto"
+    if html == "-" and (json_ or null or paths_only):
+        raise UsageError("--html - writes the page to stdout: not with --json, --paths or -0")
+    out = sys.stdout
+    table = not (json_ or null or paths_only) and html != "-"
     with Library.open(db, readonly=True) as lib:
         hits = lib.search(query, image=str(image) if image else None, text=text,
                           add=add or [], subtract=subtract or [], top=top,
                           in_dirs=[str(d) for d in in_dirs or []], threshold=threshold,
                           after=after, before=before, exact=exact, device=device,
-                          precision=precision)
+                          precision=precision, hash_bits=hash_bits if hash_ else None)
         model = lib.model
-    out = sys.stdout
-    if json_:
-        q = query if query is not None else (str(image) if image else text)
-        print_json({"query": q, "model": model, "results": [h.to_json() for h in hits]})
-    elif null:
-        out.write("".join(h.path + "\0" for h in hits))
-    elif paths_only:
-        out.write("".join(h.path + "\n" for h in hits))
-    elif is_tty(out):
-        width = max([len(str(len(hits)))] + [1])
-        for h in hits:
-            date = (h.taken_at or "")[:10] or "-"
-            out.write(f"{h.rank:>{width}}  {h.score:.4f}  {date:<10}  {h.path}\n")
-        if not hits:
-            sys.stderr.write("no results\n")
-    else:
-        out.write("".join(f"{h.score:.4f}\t{h.path}\n" for h in hits))
+        sources, terms, term_sources, cache = [], [], [], None
+        if html is not None or (preview and table and is_tty(out)):
+            from .contact_sheet import query_terms
+            from .thumbs import ThumbnailCache, source_for
+
+            cache = ThumbnailCache.for_library(lib.directory)
+            sources = [source_for(lib.store, h.path) for h in hits]
+            if html is not None:
+                terms = query_terms(query, image=str(image) if image else None, text=text,
+                                    add=add or [], subtract=subtract or [])
+                term_sources = [source_for(lib.store, v) if k == "image" else None
+                                for k, v, _ in terms]
+    try:
+        if html is not None:
+            from .contact_sheet import write_search_html
+
+            try:
+                write_search_html(html, hits, sources, terms=terms, term_sources=term_sources,
+                                  cache=cache, model=model)
+            except OSError as e:
+                raise UsageError(f"--html {html}: {e.strerror or e}") from None
+            if html == "-":
+                return
+        if json_:
+            q = query if query is not None else (str(image) if image else text)
+            print_json({"query": q, "model": model, "results": [h.to_json() for h in hits]})
+        elif null:
+            out.write("".join(h.path + "\0" for h in hits))
+        elif paths_only:
+            out.write("".join(h.path + "\n" for h in hits))
+        elif is_tty(out):
+            previews = None
+            if preview:
+                from .preview import for_terminal
+
+                previewer, found = for_terminal(out, force=protocol, rows=preview_height,
+                                                cache=cache)
+                if previewer is None:
+                    err(f"itr: no image previews: {found.reason}")
+                else:
+                    previews = previewer.sequences(sources)
+            width = max([len(str(len(hits)))] + [1])
+            for h in hits:
+                date = (h.taken_at or "")[:10] or "-"
+                out.write(f"{h.rank:>{width}}  {h.score:.4f}  {date:<10}  {h.path}\n")
+                if previews is not None:
+                    seq = next(previews)
+                    if isinstance(seq, Exception):
+                        err(f"itr: no preview of {h.path}: {getattr(seq, 'strerror', None) or seq}")
+                    else:
+                        out.write(seq + "\n")
+                    out.flush()  # each image as soon as it is ready
+            if not hits:
+                sys.stderr.write("no results\n")
+        else:
+            if preview:
+                err("itr: no image previews: stdout is not a terminal")
+            out.write("".join(f"{h.score:.4f}\t{h.path}\n" for h in hits))
+    finally:
+        if cache is not None:
+            cache.trim()  # evict least recently used thumbnails beyond the cap
 
 
 @app.command()
@@ -230,9 +444,11 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
     """
     from .library import Library
     from .output import human_bytes, print_json
+    from .thumbs import cache_stats, cap_bytes_from_env
 
     with Library.open(db, readonly=True) as lib:
         data = lib.info()
+        data["thumbnail_cache"] = {**cache_stats(lib.directory), "cap_bytes": cap_bytes_from_env()}
     if json_:
         print_json(data)
         return
@@ -245,9 +461,144 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
         ("files", str(data["files"])),
         ("roots", ", ".join(data["roots"]) or "-"),
         ("size", human_bytes(data["sizes"]["total"])),
+        ("thumbs", f"{data['thumbnail_cache']['thumbnails']} "
+                   f"({human_bytes(data['thumbnail_cache']['bytes'])} of "
+                   f"{human_bytes(data['thumbnail_cache']['cap_bytes'])})"),
     ]
     for k, v in lines:
         typer.echo(f"{k + ':':<11}{v}")
+
+
+@app.command("eval")
+def eval_cmd(
+    dataset: Annotated[Path, typer.Argument(
+        help="Karpathy or COCO captions JSON, image,caption CSV, or a folder of images + .txt",
+        metavar="DATASET", show_default=False)],
+    images: Annotated[Optional[Path], typer.Option("--images", metavar="DIR", file_okay=False,
+                      help="directory the dataset's image paths are relative to [default: "
+                           "the dataset file's directory]", show_default=False)] = None,
+    format_: Annotated[Optional[str], typer.Option("--format",
+                       help="karpathy, coco, csv or folder [default: detected]",
+                       show_default=False)] = None,
+    split: Annotated[Optional[str], typer.Option("--split",
+                     help="Karpathy split to evaluate [default: test]", show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, metavar="N",
+                     help="only the first N images", show_default=False)] = None,
+    model: Annotated[Optional[List[str]], typer.Option(
+        "-m", "--model", envvar="ITR_MODEL", autocompletion=_complete_model, metavar="MODEL",
+        help="preset name, Hugging Face id or local directory; repeat to compare models "
+             "[default: laion-b32]", show_default=False)] = None,
+    recall: Annotated[str, typer.Option("-k", "--recall", metavar="K,K,...",
+                      help="the K of R@K")] = "1,5,10",
+    folds: Annotated[int, typer.Option("--folds", min=1,
+                     help="mean over this many image folds (5 on COCO 5K: the 1K protocol)")] = 1,
+    ann: Annotated[bool, typer.Option("--ann", help="add rows for HNSW search")] = False,
+    hash_bits: Annotated[Optional[str], typer.Option("--hash-bits", metavar="B,B,...",
+                         help="add rows for B-bit binary codes, pure Hamming and re-ranked",
+                         show_default=False)] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache",
+                        help="neither read nor write the embedding cache")] = False,
+    db: Annotated[Optional[Path], typer.Option(
+        "--db", file_okay=False, show_default=False,
+        help="reuse the vectors of this library where its model matches (ITR_DB is not read)")] = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    batch_size: BatchOpt = 32,
+    workers: Annotated[Optional[int], typer.Option("--workers", min=1,
+                       help="decode threads [default: CPUs, at most 4]", show_default=False)] = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Measure text->image and image->text recall@K on an image-caption dataset
+
+    Prints R@K and the median rank in both directions, and rsum, one row per model and
+    method (exact; with --ann, HNSW; with --hash-bits, binary codes). Embeddings are
+    cached, so a second run encodes nothing.
+
+    \b
+    Example:
+        itr eval dataset_flickr30k.json --images flickr30k-images
+        itr eval dataset_coco.json --images coco --folds 5 --ann --hash-bits 64,128
+        itr eval captions.csv -m laion-b32 -m openai-b32 --json
+    """
+    from .datasets import load
+    from .evaluate import evaluate, format_table, parse_int_list, summary_line
+    from .output import BarProgress, err, is_tty, print_json
+
+    ks = parse_int_list(recall, "--recall")
+    bits = parse_int_list(hash_bits, "--hash-bits") if hash_bits else ()
+    ds = load(dataset, format=format_, images=images, split=split, limit=limit)
+    if not quiet and ds.missing_report():
+        err(f"warning: {ds.missing_report()}")
+    progress = BarProgress("encoding") if not quiet and is_tty(sys.stderr) else None
+    result = evaluate(ds, model or [None], ks=ks, ann=ann, hash_bits=bits, folds=folds,
+                      device=device, precision=precision, batch_size=batch_size,
+                      workers=workers, cache=not no_cache, db=db, progress=progress)
+    if json_:
+        print_json(result.to_json())
+    else:
+        typer.echo(format_table(result, aligned=is_tty(sys.stdout)))
+    if not quiet:
+        for note in result.notes[:20]:
+            err(f"note: {note}")
+        for s in result.skipped[:20]:
+            err(f"skipped {s['path']}: {s['error']}")
+        if len(result.skipped) > 20:
+            err(f"... and {len(result.skipped) - 20} more skipped (see --json)")
+        err(summary_line(result))
+
+
+@app.command()
+def check(
+    db: DbOpt = None,
+    repair: Annotated[bool, typer.Option("--repair",
+                      help="fix what is found: rebuild the graph, drop orphan or damaged "
+                           "vectors, remove leftovers of killed runs")] = False,
+    prune: Annotated[bool, typer.Option("--prune",
+                     help="with --repair: also forget indexed files that no longer exist")] = False,
+    no_files: Annotated[bool, typer.Option("--no-files",
+                        help="do not look for vanished or changed files on disk")] = False,
+    wait: Annotated[float, typer.Option("--wait", min=0, metavar="SECONDS",
+                    help="with --repair: wait this long for a running index to finish")] = 0.0,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Verify the library: database, rows vs vectors vs graph, vanished files
+
+    Exit code 1 when an error is found (after --repair: when one remains); vanished files
+    are a warning, not an error. Runs beside a running `itr index` (it reads the last commit).
+
+    \b
+    Example:
+        itr check
+        itr check --repair --prune -q
+    """
+    from .library import Library
+    from .output import err, one_line, print_json
+
+    if prune and not repair:
+        raise UsageError("--prune goes with --repair")
+    with Library.open(db, readonly=not repair) as lib:
+        report = lib.repair(prune=prune, wait=wait) if repair else lib.check(files=not no_files)
+    if json_:
+        print_json(report.to_json())
+    if not quiet:
+        for line in report.repaired:
+            err(f"repaired: {line}")
+        for f in report.findings:
+            err(f"{f.severity}: {f.message}")
+            for ex in f.examples:
+                err(f"  {one_line(ex)}")
+            if f.count > len(f.examples) and f.examples:
+                err(f"  ... and {f.count - len(f.examples)} more")
+        graph = report.graph_file or "none saved"
+        err(f"{'ok' if report.ok else 'PROBLEMS FOUND'}: {report.files} files, {report.vectors} "
+            f"vectors, graph {graph}" + ("" if report.ok or repair else
+                                         "; run 'itr check --repair' to fix"))
+    if not report.ok:
+        raise typer.Exit(ExitCode.ERROR)
 
 
 @app.command("models")
@@ -296,6 +647,10 @@ def path(db: DbOpt = None) -> None:
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: maps errors to one line and an exit code."""
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["search"] and "numpy" not in sys.modules:
+        # one matrix-vector product needs no BLAS thread pool, and starting one costs a
+        # cold search tens of milliseconds
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     verbose = any(a in ("-v", "--verbose") for a in args)
     code: int = ExitCode.OK
     if "_ITR_COMPLETE" in os.environ:
@@ -343,6 +698,12 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         _silence_stdout()
     sys.exit(int(code))
+
+
+def _preview_protocols() -> tuple[str, ...]:
+    from .preview import PROTOCOLS  # only when asked: the module imports Pillow
+
+    return PROTOCOLS
 
 
 def _silence_stdout() -> None:

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from . import models
 from .errors import ExitCode, LibraryError, UsageError
-from .images import Preprocess, supported_extensions
-from .indexer import IndexRun, IndexSummary, Progress
 from .lock import WriteLock
 from .paths import default_library_dir
 from .store import Store
+
+if TYPE_CHECKING:  # the index machinery (Pillow, thread pools) is imported when indexing
+    from .indexer import IndexSummary, Progress
 
 
 class Library:
@@ -119,16 +120,30 @@ class Library:
             LibraryError: bound to another model, or locked by another writer.
             ModelError: the model cannot be loaded.
         """
+        from .images import Preprocess, supported_extensions
+        from .indexer import IndexRun
+
         roots = [os.path.abspath(os.path.expanduser(p)) for p in paths]
         if not roots:
             raise UsageError("no PATH given to index")
         if self.store.readonly:
             raise LibraryError("library opened read-only")
+        import sqlite3
+
+        from .store import library_error
+
         lock = WriteLock(self.directory, "itr index").acquire(wait)
         try:
             want = self._check_model(model, reindex)
             if reindex and self.model:
+                # the graph first: killed in between, the graph is rebuilt from the rows
+                import shutil
+
+                shutil.rmtree(self.directory / "hnsw", ignore_errors=True)
                 self._clear()
+            if reindex:
+                with self.store.transaction() as c:
+                    c.execute("DELETE FROM failures")  # retry every bad file too
             meta = self.store.meta()
             prep = Preprocess.from_config(meta["preprocess"]) if meta.get("preprocess") else None
             dim = meta.get("dim")
@@ -150,8 +165,13 @@ class Library:
             known_roots = set(self.store.get_meta("roots", []))
             if not summary.interrupted:
                 self.store.set_meta(roots=sorted(known_roots | set(roots)))
+                self._catch_up_text_tower(want, device, precision)
                 self._export_text_tower()
             return summary
+        except (sqlite3.Error, OSError) as e:
+            # a full disk, a read-only or vanished library directory, a damaged database:
+            # one actionable line (committed batches are kept; the next run goes on)
+            raise library_error(e, self.directory) from e
         finally:
             lock.release()
 
@@ -241,11 +261,14 @@ class Library:
         ef: int | None = None,
         device: str = "auto",
         precision: str = "auto",
+        hash_bits: int | None = None,
     ) -> list:
         """Rank the library's images against a query; returns :class:`itrcli.search.Hit` s.
 
         ``query`` is a text, or an image when it names an existing image file; ``image`` /
         ``text`` force the kind.  ``add`` / ``subtract`` terms are classified the same way.
+        ``hash_bits``: rank binary codes of that length by Hamming distance first, then
+        re-rank the best candidates by cosine (see :mod:`itrcli.hashing`).
         An image query never returns the query file itself.
         Raises:
             UsageError: empty query, bad date, unreadable query image.
@@ -281,7 +304,7 @@ class Library:
         q = self.embed_query(parts, device, precision)
         exclude = [p.value for p in parts if p.kind == "image"]
         return rank(q, store=self.store, get_vindex=self.vector_index, top=top, filters=filters,
-                    exclude_paths=exclude, exact=exact, ef=ef)
+                    exclude_paths=exclude, exact=exact, ef=ef, hash_bits=hash_bits)
 
     def vector_index(self):
         """The HNSW graph, up to date with the store (replayed in memory if behind)."""
@@ -302,6 +325,41 @@ class Library:
 
         shutil.rmtree(self.directory / "hnsw", ignore_errors=True)
         shutil.rmtree(self.directory / "text", ignore_errors=True)
+
+    def _catch_up_text_tower(self, model: str, device: str, precision: str) -> None:
+        """A run killed before exporting the text tower leaves none; the next run exports
+        it even with nothing to embed (once: a failed export is not retried every run)."""
+        from .textonnx import OnnxTextEncoder
+
+        if (self._encoder is not None or not self.model or OnnxTextEncoder.available(self.directory)
+                or self.store.get_meta("text_export_failed") == self.model):
+            return
+        try:
+            self.encoder(model, device, precision)
+        except Exception:  # the model is gone: searches fall back to it anyway
+            return
+        self._export_text_tower()
+        if not OnnxTextEncoder.available(self.directory):
+            self.store.set_meta(text_export_failed=self.model)
+
+    # -- verifying and repairing ---------------------------------------------------------------
+    def check(self, *, files: bool = True):
+        """Verify the library without changing it; returns an :class:`itrcli.check.Report`
+        (``report.ok``, ``report.to_json()``).  ``files``: also look for vanished files."""
+        from .check import check
+
+        return check(self, files=files)
+
+    def repair(self, *, prune: bool = False, wait: float = 0.0):
+        """Fix what :meth:`check` finds (rebuild the graph, drop orphan or damaged vectors,
+        remove leftovers of killed runs); ``prune`` also forgets files that vanished.
+        Returns the check report after repair, with ``repaired`` listing what was done.
+        Raises:
+            LibraryError: opened read-only, locked (``wait`` seconds), or beyond repair.
+        """
+        from .check import repair
+
+        return repair(self, prune=prune, wait=wait)
 
     # -- information ------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:

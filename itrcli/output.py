@@ -31,6 +31,11 @@ def err(msg: str) -> None:
     sys.stderr.flush()
 
 
+def one_line(path: str) -> str:
+    """A path on one line: control characters (a newline in a file name) escaped."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in path)
+
+
 def human_bytes(n: int) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
@@ -42,7 +47,8 @@ def human_bytes(n: int) -> str:
 class BarProgress:
     """tqdm on stderr: files, img/s and ETA.  Only used when stderr is a terminal."""
 
-    def __init__(self) -> None:
+    def __init__(self, desc: str = "indexing") -> None:
+        self.desc = desc
         self.bar = None
         self.t0 = time.monotonic()
         self.embedded = 0
@@ -52,7 +58,7 @@ class BarProgress:
 
         self.t0 = time.monotonic()
         self.bar = tqdm(total=total, unit="file", file=sys.stderr, dynamic_ncols=True,
-                        desc="indexing", leave=False)
+                        desc=self.desc, leave=False)
 
     def advance(self, files: int, embedded: int) -> None:
         if self.bar is None:

@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any, Callable, Sequence
 
 from .errors import UsageError
-from .images import supported_extensions
+from .images import HEIF_EXTENSIONS, IMAGE_EXTENSIONS
 
 #: When filters leave at most this many candidates, score them exactly instead of
 #: asking the graph (exact and cheaper at that size).
@@ -76,7 +76,8 @@ def classify(value: str, force: str | None = None) -> QueryPart:
     if force:
         return QueryPart(value, force)
     p = os.path.expanduser(value)
-    if os.path.splitext(p)[1].lower() in supported_extensions() and os.path.isfile(p):
+    # the extension sets are plain constants: no Pillow import on the search path
+    if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS | HEIF_EXTENSIONS and os.path.isfile(p):
         return QueryPart(os.path.abspath(p), "image")
     return QueryPart(value, "text")
 
@@ -147,6 +148,7 @@ def rank(
     exclude_paths: Sequence[str] = (),
     exact: bool = False,
     ef: int | None = None,
+    hash_bits: int | None = None,
 ) -> list[Hit]:
     """The ``top`` best images for a query vector, filtered, existing files only."""
     import numpy as np
@@ -159,8 +161,18 @@ def rank(
         row = store.row_by_path(p)
         if row:
             excluded.add(row["id"])
-    live = store.conn.execute("SELECT count(*) FROM vectors").fetchone()[0]
+    if hash_bits is not None:
+        from .hashing import BIT_CHOICES
+
+        if hash_bits not in BIT_CHOICES:
+            raise UsageError(f"--hash-bits {hash_bits}: use one of {', '.join(map(str, BIT_CHOICES))}")
     use_exact = exact or (allowed is not None and len(allowed) <= EXACT_BELOW)
+    if use_exact or hash_bits is not None:
+        live = store.count()
+    else:
+        # an upper bound (deleted labels included); count(*) over the vectors table would
+        # read every page of it, which costs more than the search
+        live = get_vindex().index.get_current_count()
 
     want = top + len(excluded)
     hits: list[Hit] = []
@@ -168,6 +180,8 @@ def rank(
         k = min(live, max(2 * want + 10, want))
         if use_exact:
             ids, scores = _exact(store, query, k, allowed)
+        elif hash_bits is not None:
+            ids, scores = _hashed(store, query, k, hash_bits, allowed)
         else:
             vi = get_vindex()
             filt = None if allowed is None else (lambda label: int(label) in allowed)
@@ -200,6 +214,19 @@ def rank(
         if len(hits) >= top or exhausted:
             return hits
         want *= 4  # vanished files or filters ate the candidates: ask for more
+
+
+def _hashed(store, query, k: int, bits: int, allowed: set[int] | None):
+    """Fast then slow: Hamming ranking of binary codes, the best re-ranked by cosine."""
+    import numpy as np
+
+    from .hashing import hash_search
+
+    pairs = hash_search(store, query, k, bits=bits)
+    if allowed is not None:
+        pairs = [(i, s) for i, s in pairs if i in allowed]
+    ids = np.asarray([i for i, _ in pairs], dtype=np.int64)
+    return ids, np.asarray([s for _, s in pairs], dtype=np.float32)
 
 
 def _exact(store, query, k: int, allowed: set[int] | None):

@@ -1,0 +1,161 @@
+"""Indexing throughput of `itr index` against a straightforward reference pipeline.
+
+Builds (once, cached under bench/out/) a real-architecture random-weight ViT-B/32 model
+directory (cost does not depend on the weight values) and reproducible photo sets of
+12 MP (4000x3000) and 2 MP (1632x1224) JPEGs.  For each set it runs, as whole processes:
+
+- `itr index` into a fresh library, on 24 and on 96 photos;
+- the reference: the model's own processor on fully decoded images, fp32, batches of 16.
+
+Net throughput = 72 extra photos / extra seconds between the 24- and the 96-photo run, so
+process start, imports, model load and warm-up cancel.  Also reports peak RSS, and the time
+of a re-run of `itr index` over N unchanged files (walk + change detection only).
+
+    python bench/index_throughput.py [--sizes 12mp,2mp] [--unchanged 100000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "out"
+SIZES = {"12mp": (4000, 3000), "2mp": (1632, 1224)}
+
+REFERENCE = r"""
+import sys, torch
+from PIL import Image, ImageOps
+from transformers import AutoModel, AutoProcessor
+model_dir, paths = sys.argv[1], sys.argv[2:]
+model = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+proc = AutoProcessor.from_pretrained(model_dir)
+torch.set_num_threads(%d)
+with torch.inference_mode():
+    for i in range(0, len(paths), 16):
+        imgs = [ImageOps.exif_transpose(Image.open(p)).convert("RGB") for p in paths[i:i + 16]]
+        x = proc(images=imgs, return_tensors="pt")["pixel_values"]
+        f = model.get_image_features(pixel_values=x).pooler_output
+        f = f / f.norm(dim=-1, keepdim=True)
+"""
+
+
+def photos(kind: str, n: int) -> list[Path]:
+    from itrcli import synth
+
+    w, h = SIZES[kind]
+    d = OUT / f"photos-{kind}"
+    d.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(n):
+        p = d / f"{i:04d}.jpg"
+        if not p.exists():
+            synth.make_photo(p, w, h, seed=i)
+        out.append(p)
+    return out
+
+
+def model_dir() -> Path:
+    from itrcli import synth
+
+    d = OUT / "vit-b32"
+    if not (d / "model.safetensors").exists():
+        synth.make_vit_b32(d)
+    return d
+
+
+def run(cmd: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB of the child)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    dt = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return dt, max(after, before) / 1024
+
+
+def itr_index(paths: list[Path], extra: list[str]) -> tuple[float, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        d = Path(tmp) / "photos"
+        d.mkdir()
+        for p in paths:
+            os.symlink(p, d / p.name)
+        return run([sys.executable, "-m", "itrcli", "index", str(d), "--db", str(Path(tmp) / "lib"),
+                    "-m", str(model_dir()), "-q", *extra])
+
+
+def reference(paths: list[Path]) -> tuple[float, float]:
+    code = REFERENCE % (os.cpu_count() or 1)
+    return run([sys.executable, "-c", code, str(model_dir()), *map(str, paths)])
+
+
+def net(small: float, large: float, n_small: int, n_large: int) -> float:
+    return (n_large - n_small) / (large - small)
+
+
+def unchanged_rerun(n: int) -> float:
+    """Seconds for `itr index` over n unchanged (tiny, already indexed) files."""
+    import numpy as np
+
+    from itrcli.library import Library
+
+    d = OUT / f"unchanged-{n}"
+    lib_dir = OUT / f"unchanged-lib-{n}"
+    if not (lib_dir / "itr.db").exists():
+        d.mkdir(parents=True, exist_ok=True)
+        lib = Library.open(lib_dir, create=True)
+        enc = lib.encoder(str(model_dir()), "cpu", "fp32")
+        lib._bind(enc)
+        vec = np.ones(enc.dim, dtype=np.float32) / np.sqrt(enc.dim)
+        with lib.store.transaction() as c:
+            for i in range(n):
+                sub = d / f"{i // 1000:03d}"
+                sub.mkdir(exist_ok=True)
+                p = sub / f"{i:06d}.jpg"
+                p.write_bytes(b"")
+                st = p.stat()
+                lib.store.insert_file(c, str(p), {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                                   "hash": f"{i:032x}"}, vec)
+        lib.store.set_meta(roots=[str(d)])
+        lib.close()
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "itrcli", "index", str(d), "--db", str(lib_dir), "-q"],
+                   check=True)
+    return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="12mp,2mp")
+    ap.add_argument("--small", type=int, default=24)
+    ap.add_argument("--large", type=int, default=96)
+    ap.add_argument("--unchanged", type=int, default=100_000)
+    ap.add_argument("--itr-args", default="", help="extra itr index options, e.g. '--precision bf16'")
+    a = ap.parse_args()
+    model_dir()
+    extra = a.itr_args.split()
+    print(f"cpus: {os.cpu_count()}, model: random-weight ViT-B/32 ({model_dir()})")
+    for kind in a.sizes.split(","):
+        ps = photos(kind, a.large)
+        i_s, _ = itr_index(ps[: a.small], extra)
+        i_l, i_rss = itr_index(ps, extra)
+        r_s, _ = reference(ps[: a.small])
+        r_l, r_rss = reference(ps)
+        itr_net, ref_net = net(i_s, i_l, a.small, a.large), net(r_s, r_l, a.small, a.large)
+        print(f"{kind}: itr index {itr_net:.1f} img/s net ({a.small}: {i_s:.1f}s, {a.large}: {i_l:.1f}s, "
+              f"end to end {a.large / i_l:.1f} img/s, peak RSS {i_rss:.0f} MiB)")
+        print(f"{kind}: reference {ref_net:.1f} img/s net ({a.small}: {r_s:.1f}s, {a.large}: {r_l:.1f}s, "
+              f"peak RSS {r_rss:.0f} MiB)")
+        print(f"{kind}: ratio itr / reference: {itr_net / ref_net:.2f}x")
+    if a.unchanged:
+        print(f"re-run over {a.unchanged} unchanged files: {unchanged_rerun(a.unchanged):.2f}s")
+
+
+if __name__ == "__main__":
+    main()
