@@ -204,7 +204,7 @@ def hash_cmd(
     from .images import supported_extensions
     from .library import Library
     from .models import resolve
-    from .output import BarProgress, LogProgress, err, index_summary_line, is_tty, print_json
+    from .output import BarProgress, LogProgress, err, index_summary_line, is_tty, one_line, print_json
     from .store import db_path_of
     from .walk import walk
 
@@ -236,7 +236,7 @@ def hash_cmd(
                           wait=wait, progress=progress)
             if not quiet:
                 for e in s.errors[:20]:
-                    err(f"skipped {e['path']}: {e['error']}")
+                    err(f"skipped {one_line(e['path'])}: {e['error']}")
                 if len(s.errors) > 20:
                     err(f"... and {len(s.errors) - 20} more skipped")
                 if s.added or s.updated or s.interrupted:
@@ -460,6 +460,7 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
         ("precision", data["precision"] or "-"),
         ("files", str(data["files"])),
         ("roots", ", ".join(data["roots"]) or "-"),
+        ("text", "onnx (fast cold search)" if data["fast_text_search"] else "torch (no ONNX export)"),
         ("size", human_bytes(data["sizes"]["total"])),
         ("thumbs", f"{data['thumbnail_cache']['thumbnails']} "
                    f"({human_bytes(data['thumbnail_cache']['bytes'])} of "
@@ -524,7 +525,7 @@ def eval_cmd(
     """
     from .datasets import load
     from .evaluate import evaluate, format_table, parse_int_list, summary_line
-    from .output import BarProgress, err, is_tty, print_json
+    from .output import BarProgress, err, is_tty, one_line, print_json
 
     ks = parse_int_list(recall, "--recall")
     bits = parse_int_list(hash_bits, "--hash-bits") if hash_bits else ()
@@ -543,7 +544,7 @@ def eval_cmd(
         for note in result.notes[:20]:
             err(f"note: {note}")
         for s in result.skipped[:20]:
-            err(f"skipped {s['path']}: {s['error']}")
+            err(f"skipped {one_line(s['path'])}: {s['error']}")
         if len(result.skipped) > 20:
             err(f"... and {len(result.skipped) - 20} more skipped (see --json)")
         err(summary_line(result))

@@ -187,6 +187,13 @@ class Encoder:
         if self.device == "cpu":
             torch.set_num_threads(max(1, os.cpu_count() or 1))
 
+    def set_threads(self, n: int) -> None:
+        """torch's intra-op threads (CPU only); see :func:`itrcli.library.encoder_threads`."""
+        import torch
+
+        if self.device == "cpu" and n >= 1:
+            torch.set_num_threads(n)
+
     @property
     def info(self) -> ModelInfo:
         return ModelInfo(

@@ -148,6 +148,8 @@ class Library:
             prep = Preprocess.from_config(meta["preprocess"]) if meta.get("preprocess") else None
             dim = meta.get("dim")
 
+            n_workers = workers or default_workers()
+
             def get_encoder():
                 enc = self.encoder(want, device, precision)
                 if not self.store.get_meta("model"):
@@ -156,7 +158,7 @@ class Library:
 
             run = IndexRun(
                 self.store, self.directory, get_encoder, dim=dim, prep=prep,
-                batch_size=batch_size, workers=workers or default_workers(),
+                batch_size=batch_size, workers=n_workers,
                 draft=draft, progress=progress,
             )
             summary = run.run(roots, extensions=supported_extensions(),
@@ -191,10 +193,13 @@ class Library:
             return
         try:
             export(self._encoder, self.directory)
-        except Exception as e:  # no fast path then; search falls back to torch
+        except Exception as e:
+            # No fast path then (e.g. a sentencepiece tokenizer that `tokenizers` cannot
+            # load): searches use the torch text tower, with the same results, only slower.
             import logging
 
-            logging.getLogger("itr").warning("text tower export failed: %s", e)
+            logging.getLogger("itr").debug("text tower export failed: %s", str(e)[:200])
+            self.store.set_meta(text_export_failed=self.model)
 
     # -- searching --------------------------------------------------------------------------
     def text_encoder(self, device: str = "auto", precision: str = "auto"):
@@ -385,6 +390,7 @@ class Library:
             "files": db["files"].count,
             "vectors": db["vectors"].count,
             "roots": meta.get("roots", []),
+            "fast_text_search": (self.directory / "text" / "text.onnx").exists(),
             "sizes": {**sizes, "total": total},
         }
 

@@ -51,19 +51,27 @@ def export(encoder, library_dir: Path) -> Path:
         and encoder.model_type == "siglip",
     }
 
-    model = copy.deepcopy(encoder.model).float().cpu().eval()
+    # Only the text tower, and a float32 copy of it only when the model runs in another
+    # precision: copying the whole model would double the peak memory of the first index run.
+    text_model = encoder.model.text_model
+    proj = getattr(encoder.model, "text_projection", None)  # CLIP has one; SigLIP's is inside
+    if encoder.dtype != torch.float32 or encoder.device != "cpu":
+        text_model = copy.deepcopy(text_model).float().cpu()
+        proj = copy.deepcopy(proj).float().cpu() if proj is not None else None
 
     class TextTower(torch.nn.Module):
+        """``get_text_features`` of CLIP/SigLIP, then L2 normalisation."""
+
         def __init__(self) -> None:
             super().__init__()
-            self.m = model
+            self.text_model = text_model
+            self.proj = proj
 
         def forward(self, input_ids, attention_mask=None):
-            kw = {"input_ids": input_ids}
-            if attention_mask is not None:
-                kw["attention_mask"] = attention_mask
-            out = self.m.get_text_features(**kw)
-            f = getattr(out, "pooler_output", out)  # [batch, dim]
+            out = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
+            f = out.pooler_output  # [batch, hidden]
+            if self.proj is not None:
+                f = self.proj(f)  # [batch, dim]
             return f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
     sample = encoder.tokenize(["a photo of a dog", "two children on a lawn"])

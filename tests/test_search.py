@@ -188,3 +188,23 @@ def test_help_is_instant_and_imports_nothing_heavy():
             "print('HEAVY', heavy, file=sys.stderr)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "HEAVY []" in r.stderr, r.stderr
+
+
+
+def test_siglip_without_fast_tokenizer_falls_back_to_torch(itr, tiny_siglip, tmp_path):
+    """SigLIP's sentencepiece tokenizer has no `tokenizers` conversion in transformers 5:
+    no ONNX export then, and text queries go through torch with the same results."""
+    from itrcli import Library
+    from itrcli.textonnx import OnnxTextEncoder
+
+    write_shapes(tmp_path / "photos", SPECS[:3])
+    db = tmp_path / "lib"
+    assert itr("index", tmp_path / "photos", "--db", db, "-m", tiny_siglip, "-q").code == 0
+    assert not OnnxTextEncoder.available(db)
+    with Library.open(db, readonly=True) as L:
+        enc = L.text_encoder()
+        assert not isinstance(enc, OnnxTextEncoder)
+        q = enc.encode_texts(["a red circle on the left"])[0]
+        ids, vecs = L.store.vectors()
+        got = [h.id for h in L.search("a red circle on the left", top=3)]
+        assert got == [int(i) for i in ids[np.argsort(-(vecs @ q), kind="stable")]]
