@@ -13,7 +13,6 @@ same run, and recall@10 of HNSW against exact search for several ef values.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import subprocess
 import sys
@@ -43,8 +42,6 @@ def clustered(n: int, dim: int, seed: int = 0, latent: int = 48):
 
 
 def build(n: int) -> Path:
-    import numpy as np
-
     from itrcli import synth
     from itrcli.library import Library
     from itrcli.textonnx import export
@@ -96,7 +93,6 @@ def recall(lib_dir: Path, efs: list[int], queries: int = 200) -> dict[int, float
     lib = Library.open(lib_dir, readonly=True)
     ids, mat = lib.store.vectors()
     vi = lib.vector_index()
-    rng = np.random.default_rng(1)
     # queries: fresh points from the same distribution, not copies of stored vectors
     # (like a text query, which is near no single image)
     qs = clustered(len(ids) + queries, mat.shape[1])[len(ids):]

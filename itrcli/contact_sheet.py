@@ -256,21 +256,10 @@ def query_terms(query: str | None = None, *, image: str | None = None, text: str
                 subtract: Iterable[str] = ()) -> list[tuple[str, str, float]]:
     """The query's terms (kind, value, sign), classified and ordered as
     :meth:`itrcli.library.Library.search` does."""
-    from .search import classify, clean_text
+    from .search import query_parts
 
-    parts = []
-    if image is not None:
-        parts.append(classify(os.path.abspath(os.path.expanduser(image)), "image"))
-    if text is not None:
-        parts.append(classify(text, "text"))
-    if query is not None:
-        parts.append(classify(query))
-    parts += [classify(a) for a in add]
-    for s in subtract:
-        p = classify(s)
-        p.sign = -1.0
-        parts.append(p)
-    return [(p.kind, clean_text(p.value) if p.kind == "text" else p.value, p.sign) for p in parts]
+    parts = query_parts(query, image=image, text=text, add=add, subtract=subtract)
+    return [(p.kind, p.value, p.sign) for p in parts]
 
 
 __all__ = ["Card", "dupes_page", "file_url", "query_terms", "search_page", "write_dupes_html",

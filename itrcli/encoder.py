@@ -239,8 +239,6 @@ class Encoder:
 
 
 def _normalise(feats):
-    import torch
-
     feats = feats.float()
     feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [n, dim]
     return feats.cpu().numpy()

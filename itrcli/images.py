@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile
 
 #: File extensions that ``itr index`` picks up (lower case, with the dot).
 IMAGE_EXTENSIONS = frozenset(

@@ -279,25 +279,11 @@ class Library:
             UsageError: empty query, bad date, unreadable query image.
             LibraryError: the library is empty.
         """
-        from .search import Filters, classify, clean_text, parse_date, rank
+        from .search import Filters, parse_date, query_parts, rank
 
-        parts = []
-        if image is not None:
-            parts.append(classify(os.path.abspath(os.path.expanduser(image)), "image"))
-        if text is not None:
-            parts.append(classify(text, "text"))
-        if query is not None:
-            parts.append(classify(query))
-        parts += [classify(a) for a in add]
-        for s in subtract:
-            p = classify(s)
-            p.sign = -1.0
-            parts.append(p)
-        for p in parts:
-            if p.kind == "text":
-                p.value = clean_text(p.value)
-                if not p.value:
-                    raise UsageError("empty query")
+        parts = query_parts(query, image=image, text=text, add=add, subtract=subtract)
+        if any(p.kind == "text" and not p.value for p in parts):
+            raise UsageError("empty query")
         if not parts:
             raise UsageError("empty query: give QUERY, --image or --text")
         if top < 1:

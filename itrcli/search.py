@@ -82,6 +82,28 @@ def classify(value: str, force: str | None = None) -> QueryPart:
     return QueryPart(value, "text")
 
 
+def query_parts(query: str | None = None, *, image: str | None = None, text: str | None = None,
+                add: Sequence[str] = (), subtract: Sequence[str] = ()) -> list[QueryPart]:
+    """The terms of a search, classified, in a fixed order: ``image``, ``text``, ``query``,
+    then ``add`` and ``subtract`` (negative) terms.  Texts are whitespace-normalised."""
+    parts = []
+    if image is not None:
+        parts.append(classify(os.path.abspath(os.path.expanduser(image)), "image"))
+    if text is not None:
+        parts.append(classify(text, "text"))
+    if query is not None:
+        parts.append(classify(query))
+    parts += [classify(a) for a in add]
+    for s in subtract:
+        p = classify(s)
+        p.sign = -1.0
+        parts.append(p)
+    for p in parts:
+        if p.kind == "text":
+            p.value = clean_text(p.value)
+    return parts
+
+
 def build_query(
     parts: Sequence[QueryPart],
     *,

@@ -330,7 +330,7 @@ class Store:
         os.replace(fresh, self.path)
         for suffix in ("-wal", "-shm"):  # they belonged to the old file: never replay them
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
-        _fsync_dir(self.directory)
+        fsync_dir(self.directory)
         self.conn = _connect_writable(self.path)
         self.conn.execute("PRAGMA foreign_keys=ON")
         return old
@@ -510,7 +510,8 @@ def _connect_writable(path: Path) -> sqlite3.Connection:
     return conn
 
 
-def _fsync_dir(d: Path) -> None:
+def fsync_dir(d: Path) -> None:
+    """fsync a directory, so that a rename in it survives a power cut (best effort)."""
     try:
         fd = os.open(d, os.O_RDONLY)
     except OSError:

@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from .store import Store
+from .store import Store, fsync_dir
 
 #: HNSW build parameters (hnswlib names).  M=16 and ef_construction=200 are the usual
 #: quality/size balance for 512-d CLIP vectors.
@@ -136,7 +136,7 @@ class VectorIndex:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, final)
-        _fsync_dir(self.dir)
+        fsync_dir(self.dir)
         for s, p in self._files():
             if s != seq:
                 try:
@@ -163,15 +163,3 @@ class VectorIndex:
                                             filter=filter)
         return labels[0].astype(np.int64), (1.0 - dist[0]).astype(np.float32)
 
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
