@@ -414,7 +414,7 @@ def search(
                     previews = previewer.sequences(sources)
             width = max([len(str(len(hits)))] + [1])
             for h in hits:
-                date = (h.taken_at or "")[:10] or "-"
+                date = h.date or "-"
                 out.write(f"{h.rank:>{width}}  {h.score:.4f}  {date:<10}  {h.path}\n")
                 if previews is not None:
                     seq = next(previews)

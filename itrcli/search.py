@@ -44,6 +44,16 @@ class Hit:
     height: int | None
     taken_at: str | None
     id: int
+    mtime_ns: int | None = None
+
+    @property
+    def date(self) -> str | None:
+        """Capture date (EXIF), else the file's modification date: YYYY-MM-DD."""
+        if self.taken_at:
+            return self.taken_at[:10]
+        if self.mtime_ns is not None:
+            return datetime.fromtimestamp(self.mtime_ns / 1e9).date().isoformat()
+        return None
 
     def to_json(self) -> dict[str, Any]:
         return {"rank": self.rank, "score": round(self.score, 4), "path": self.path,
@@ -228,7 +238,7 @@ def rank(
             if not os.path.exists(fs_path_of(r["path"], r["fsname"])):
                 continue  # deleted since it was indexed
             hits.append(Hit(len(hits) + 1, s, r["path"], r["width"], r["height"],
-                            r["taken_at"], r["id"]))
+                            r["taken_at"], r["id"], r.get("mtime_ns")))
             if len(hits) == top:
                 break
         exhausted = k >= live or (filters.threshold is not None and len(scores)

@@ -205,3 +205,14 @@ def test_siglip_without_fast_tokenizer_falls_back_to_torch(itr, tiny_siglip, tmp
         ids, vecs = L.store.vectors()
         got = [h.id for h in L.search("a red circle on the left", top=3)]
         assert got == [int(i) for i in ids[np.argsort(-(vecs @ q), kind="stable")]]
+
+
+def test_table_date_is_capture_time_else_mtime():
+    from datetime import datetime
+
+    from itrcli.search import Hit
+
+    assert Hit(1, 0.5, "/a.jpg", 1, 1, "2021-06-01T12:30:00", 1, 0).date == "2021-06-01"
+    ns = int(datetime(2020, 2, 3, 12).timestamp() * 1e9)
+    assert Hit(1, 0.5, "/a.jpg", 1, 1, None, 1, ns).date == "2020-02-03"
+    assert Hit(1, 0.5, "/a.jpg", 1, 1, None, 1, None).date is None
