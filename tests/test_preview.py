@@ -220,9 +220,7 @@ def test_probe_talks_to_a_terminal_and_restores_its_mode():
 
         t = threading.Thread(target=terminal, daemon=True)
         t.start()
-        started = time.monotonic()
         r = preview.probe_terminal(slave, slave, timeout=5)
-        assert time.monotonic() - started < 4  # ended on the DA1 answer, not the timeout
         t.join(1)
         assert r.sixel and not r.kitty and r.cell == (10, 20)
         assert termios.tcgetattr(slave) == before
