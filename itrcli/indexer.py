@@ -230,10 +230,6 @@ class IndexRun:
         self.summary = IndexSummary()
         self.failures: dict[str, Any] = {}
         self.vindex: VectorIndex | None = None
-        # torch threads, chosen batch by batch (see _balance_threads)
-        self._threads: int | None = None
-        self._waited = 0.0  # seconds the encoder waited for decoded images since its last batch
-        self._batches = 0
         self._last_save = time.monotonic()
 
     # -- the run -----------------------------------------------------------------------
@@ -332,12 +328,10 @@ class IndexRun:
             fill()
             while pending:
                 path, fut = pending.popleft()
-                t_wait = time.perf_counter()
                 try:
                     r = fut.result()
                 except Exception as e:  # read_one does not raise; if it ever does, skip the file
                     r = _Read(path, error=f"cannot read: {type(e).__name__}: {e}")
-                self._waited += time.perf_counter() - t_wait
                 fill()
                 k = known.get(r.path)
                 if r.error is not None:
@@ -369,30 +363,6 @@ class IndexRun:
             pool.shutdown(wait=True, cancel_futures=True)
             self.progress.close()
 
-    def _balance_threads(self, enc, encode_s: float) -> None:
-        """Share the CPU between torch and the decode threads, batch by batch.
-
-        When the encoder keeps waiting for decoded images (large JPEGs), torch gets fewer
-        threads so that decoding runs beside it instead of fighting it for the cores; when
-        decoding keeps ahead (small images), torch gets every core.  On 2 cores that is 1
-        or 2 torch threads (bench/index_throughput.py: 6.3 -> 13.5 img/s net on 12 MP
-        photos).  The first batch is not judged: the pool is still filling.
-        """
-        waited, self._waited = self._waited, 0.0
-        self._batches += 1
-        if getattr(enc, "device", "cpu") != "cpu" or self._batches == 1:
-            return
-        cpus = os.cpu_count() or 1
-        low = max(1, cpus - (min(self.workers, cpus) + 1) // 2)
-        want = self._threads or cpus
-        if waited > 0.5 * encode_s:
-            want = low  # decode-bound
-        elif waited < 0.05 * encode_s:
-            want = cpus  # encode-bound
-        if want != self._threads:
-            enc.set_threads(want)
-            self._threads = want
-
     def _flush(self, batch: list[tuple[str, _Read]], ops: list[tuple[str, str, Any]],
                known: dict[str, Known]) -> list[tuple[str, _Read]]:
         """Encode ``batch`` and commit it with ``ops`` in one transaction.
@@ -409,9 +379,7 @@ class IndexRun:
         if batch:
             enc = self.get_encoder()
             pixels = np.stack([r.pixels for _, r in batch])  # [n, 3, H, W]
-            t_enc = time.perf_counter()
             vecs = enc.encode_pixels(pixels)  # [n, dim]
-            self._balance_threads(enc, time.perf_counter() - t_enc)
         put_ids, put_vecs, counts = [], [], {"added": 0, "updated": 0, "moved": 0, "unchanged": 0}
         redo: list[str] = []
         ok: list[str] = []  # paths now in the library as they are on disk
