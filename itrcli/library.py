@@ -288,7 +288,7 @@ class Library:
             raise UsageError("empty query: give QUERY, --image or --text")
         if top < 1:
             raise UsageError("--top must be at least 1")
-        if not self.model or self.store.count() == 0:
+        if not self.model or self.store.conn.execute("SELECT 1 FROM files LIMIT 1").fetchone() is None:
             raise LibraryError(f"library {self.directory} is empty (run 'itr index PATH' first)")
         filters = Filters(list(in_dirs), parse_date(after, "--after"),
                           parse_date(before, "--before"), threshold)
