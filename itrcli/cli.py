@@ -63,6 +63,16 @@ DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cud
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16",
                                            callback=_check_precision)]
 BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="images per encoder batch")]
+WorkersOpt = Annotated[Optional[int], typer.Option(
+    "--workers", min=1, help="decode threads [default: CPUs, at most 4]", show_default=False)]
+IncludeHiddenOpt = Annotated[bool, typer.Option(
+    "--include-hidden", help="include hidden files and directories")]
+ExcludeOpt = Annotated[Optional[List[str]], typer.Option(
+    "--exclude", metavar="GLOB", help="skip names or paths matching GLOB (repeatable)")]
+FollowSymlinksOpt = Annotated[bool, typer.Option(
+    "--follow-symlinks", help="follow symlinked directories (never loops)")]
+WaitOpt = Annotated[float, typer.Option(
+    "--wait", min=0, metavar="SECONDS", help="wait this long for another index run to finish")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="no progress or summary on stderr")]
 VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="tracebacks for unexpected errors")]
@@ -99,21 +109,15 @@ def index(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     batch_size: BatchOpt = 32,
-    workers: Annotated[Optional[int], typer.Option("--workers", min=1,
-                       help="decode threads [default: CPUs, at most 4]", show_default=False)] = None,
-    include_hidden: Annotated[bool, typer.Option("--include-hidden",
-                              help="index hidden files and directories too")] = False,
-    exclude: Annotated[Optional[List[str]], typer.Option("--exclude",
-                       help="skip names or paths matching GLOB (repeatable)",
-                       metavar="GLOB")] = None,
-    follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks",
-                               help="follow symlinked directories (never loops)")] = False,
+    workers: WorkersOpt = None,
+    include_hidden: IncludeHiddenOpt = False,
+    exclude: ExcludeOpt = None,
+    follow_symlinks: FollowSymlinksOpt = False,
     no_prune: Annotated[bool, typer.Option("--no-prune",
                         help="keep library entries of files deleted from disk")] = False,
     reindex: Annotated[bool, typer.Option("--reindex",
                        help="re-embed everything (e.g. with another --model)")] = False,
-    wait: Annotated[float, typer.Option("--wait", min=0, metavar="SECONDS",
-                    help="wait this long for another index run to finish")] = 0.0,
+    wait: WaitOpt = 0.0,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -168,18 +172,11 @@ def hash_cmd(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     batch_size: BatchOpt = 32,
-    workers: Annotated[Optional[int], typer.Option(
-        "--workers", min=1, help="decode threads [default: CPUs, at most 4]",
-        show_default=False)] = None,
-    include_hidden: Annotated[bool, typer.Option("--include-hidden",
-                              help="hash hidden files and directories too")] = False,
-    exclude: Annotated[Optional[List[str]], typer.Option("--exclude",
-                       help="skip names or paths matching GLOB (repeatable)",
-                       metavar="GLOB")] = None,
-    follow_symlinks: Annotated[bool, typer.Option("--follow-symlinks",
-                               help="follow symlinked directories (never loops)")] = False,
-    wait: Annotated[float, typer.Option("--wait", min=0, metavar="SECONDS",
-                    help="wait this long for another index run to finish")] = 0.0,
+    workers: WorkersOpt = None,
+    include_hidden: IncludeHiddenOpt = False,
+    exclude: ExcludeOpt = None,
+    follow_symlinks: FollowSymlinksOpt = False,
+    wait: WaitOpt = 0.0,
     html: Annotated[Optional[str], typer.Option(
         "--html", metavar="FILE", show_default=False,
         help="with --dupes: also write an HTML page of the groups to FILE (- for stdout)")] = None,
@@ -505,8 +502,7 @@ def eval_cmd(
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
     batch_size: BatchOpt = 32,
-    workers: Annotated[Optional[int], typer.Option("--workers", min=1,
-                       help="decode threads [default: CPUs, at most 4]", show_default=False)] = None,
+    workers: WorkersOpt = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
