@@ -17,7 +17,6 @@ from .images import Preprocess
 
 #: transformers ``model_type`` values whose checkpoints we can run.
 SUPPORTED_TYPES = ("clip", "siglip")
-DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 

@@ -174,15 +174,6 @@ class Preprocess:
             "image_std": list(self.std),
         }
 
-    @property
-    def output_size(self) -> tuple[int, int]:
-        """(height, width) of the tensor the model sees."""
-        if self.center_crop:
-            return self.crop_height, self.crop_width
-        if self.shortest_edge:
-            return self.shortest_edge, self.shortest_edge
-        return int(self.height), int(self.width)  # type: ignore[arg-type]
-
     def resized_size(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) after the resize step, as transformers computes it."""
         if not self.resize:

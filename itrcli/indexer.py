@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
 from .errors import LibraryError
-from .images import MAX_FILE_BYTES, DecodeError, Preprocess, decode_file, decoder_id, open_image
+from .images import MAX_FILE_BYTES, DecodeError, Preprocess, decoder_id, open_image
 from .store import Store, db_path_of
 from .vindex import VectorIndex
 from .walk import Known, plan as make_plan, under, walk
@@ -547,9 +547,3 @@ class IndexRun:
                 not saved and self.store.conn.execute("SELECT 1 FROM vectors LIMIT 1").fetchone() is None):
             return
         self._open_vindex()  # replays the log, or rebuilds: then dirty, and saved
-
-
-def decode_for_query(path: str, prep: Preprocess, draft: bool = False):
-    """Decode one image file for an image query: ``[1, 3, H, W]``."""
-    pixels, _meta, _data = decode_file(path, prep, draft=draft)
-    return pixels[None]
