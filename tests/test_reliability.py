@@ -316,16 +316,21 @@ def test_files_deleted_and_changed_during_a_run(itr, tiny_clip, tmp_path, monkey
     db = tmp_path / "lib"
     import itrcli.indexer as indexer
 
-    real, seen = indexer.read_one, []
+    real, seen, done = indexer.read_one, [], set()
 
     def read_one(path, *a):
         seen.append(path)
         if len(seen) == 10:  # mid-run: one file already read, some not yet, one rewritten
+            deadline = time.monotonic() + 30
+            while os.fspath(photos[2]) not in done and time.monotonic() < deadline:
+                time.sleep(0.005)  # another decode thread may still be reading it
             photos[2].unlink()
             for p in photos[18:22]:
                 p.unlink()
             synth.draw("purple", "square", "right", size=48, seed=99).save(photos[23])
-        return real(path, *a)
+        out = real(path, *a)
+        done.add(os.fspath(path))
+        return out
 
     monkeypatch.setattr(indexer, "read_one", read_one)
     r = itr("index", d, "--db", db, "-m", tiny_clip, "--json", "-q", *BATCH)
