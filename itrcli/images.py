@@ -22,11 +22,7 @@ from typing import Any
 
 from PIL import Image, ImageFile
 
-#: File extensions that ``itr index`` picks up (lower case, with the dot).
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-)
-HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".hif"})
+from .walk import HEIF_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (defined there: no PIL)
 
 #: Images with more pixels than this (width x height as declared in the header) are refused
 #: before any pixel is allocated: 16,384 x 16,384 = 268 MP.  Larger real photos are rare
