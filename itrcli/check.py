@@ -23,12 +23,12 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import LibraryError
+from .graphfile import GraphFile, GraphFileError
 from .lock import WriteLock, holder
 from .store import fs_path_of, library_error
 
@@ -106,95 +106,10 @@ class Report:
 
 # --- the graph file, parsed without hnswlib -------------------------------------------------
 
-#: hnswlib's saveIndex header: offsetLevel0, max_elements, cur_element_count,
-#: size_data_per_element, label_offset, offsetData, maxlevel, enterpoint_node, maxM, maxM0,
-#: M, mult, ef_construction.
-_HEADER = struct.Struct("<QQQQQQiIQQQdQ")
-_DELETE_MARK = 0x01  # in the third byte of an element's level-0 link-list header
-
-
-class GraphFileError(Exception):
-    """The graph file is short, garbled or of another dimension; the message says how."""
-
-
-@dataclass
-class GraphFile:
-    path: Path
-    count: int
-    dim: int
-    labels: Any  #: ``[count]`` int64
-    deleted: Any  #: ``[count]`` bool
-    vectors: Any  #: ``[count, dim]`` float32 (a view of the file)
-
-
 def read_graph_file(path: Path, dim: int | None = None) -> GraphFile:
-    """Parse and validate an hnswlib index file (format of hnswlib 0.7-0.8).
-
-    Checks the sizes in the header against each other and the file, walks every element's
-    upper-level link lists to the exact end of the file, and checks that every neighbour
-    id names an element.  Raises :class:`GraphFileError`.
-    """
-    import numpy as np
-
-    path = Path(path)
-    try:
-        raw = np.memmap(path, dtype=np.uint8, mode="r") if path.stat().st_size else np.zeros(0, np.uint8)
-    except (OSError, ValueError) as e:
-        raise GraphFileError(f"cannot read: {getattr(e, 'strerror', None) or e}") from None
-    size = len(raw)
-    if size < _HEADER.size:
-        raise GraphFileError(f"truncated: {size} bytes, shorter than the header")
-    (off0, max_el, count, per, label_off, data_off, max_level, entry, max_m, max_m0, _m, _mult,
-     _efc) = _HEADER.unpack(raw[: _HEADER.size].tobytes())
-    data_size = label_off - data_off
-    if (off0 != 0 or count > max_el or data_off != 4 * max_m0 + 4 or per != label_off + 8
-            or data_size <= 0 or data_size % 4 or max_m <= 0):
-        raise GraphFileError("garbled header")
-    if dim is not None and data_size != 4 * dim:
-        raise GraphFileError(f"holds {data_size // 4}-dimensional vectors, the library {dim}")
-    body_end = _HEADER.size + count * per
-    if size < body_end:
-        raise GraphFileError(f"truncated: {size:,} bytes, the elements alone need {body_end:,}")
-    if count and not (0 <= entry < count and max_level >= 0):
-        raise GraphFileError("garbled header (entry point)")
-    body = np.asarray(raw[_HEADER.size : body_end]).reshape(count, per)
-    level0 = body[:, :data_off].view("<u4").reshape(count, max_m0 + 1)
-    n0 = level0[:, 0] & 0xFFFF
-    if count and int(n0.max()) > max_m0:
-        raise GraphFileError("garbled level-0 links")
-    live0 = np.arange(max_m0)[None, :] < n0[:, None]
-    if count and int(np.where(live0, level0[:, 1:], 0).max()) >= count:
-        raise GraphFileError("a level-0 link points past the last element")
-    # upper levels: per element a uint32 byte length, then levels x (maxM + 1) uint32
-    per_level = 4 * max_m + 4
-    pos, chunks = body_end, []
-    for _ in range(count):
-        if pos + 4 > size:
-            raise GraphFileError("truncated in the link lists")
-        n = int.from_bytes(raw[pos : pos + 4].tobytes(), "little")
-        pos += 4
-        if n:
-            if n % per_level or n // per_level > max_level or pos + n > size:
-                raise GraphFileError("garbled or truncated link lists")
-            chunks.append((pos, n))
-            pos += n
-    if pos != size:
-        raise GraphFileError(f"{size - pos:,} bytes of trailing garbage")
-    if chunks:
-        upper = np.concatenate([np.asarray(raw[p : p + n]) for p, n in chunks]).view("<u4")
-        upper = upper.reshape(-1, max_m + 1)
-        nu = upper[:, 0] & 0xFFFF
-        if int(nu.max()) > max_m:
-            raise GraphFileError("garbled upper-level links")
-        live = np.arange(max_m)[None, :] < nu[:, None]
-        if int(np.where(live, upper[:, 1:], 0).max()) >= count:
-            raise GraphFileError("an upper-level link points past the last element")
-    labels = body[:, label_off : label_off + 8].copy().view("<u8").reshape(count).astype(np.int64)
-    deleted = ((level0[:, 0] >> 16) & _DELETE_MARK).astype(bool)
-    vectors = body[:, data_off:label_off].view("<f4").reshape(count, data_size // 4)
-    if len(np.unique(labels)) != count:
-        raise GraphFileError("a label appears twice")
-    return GraphFile(path, count, data_size // 4, labels, deleted, vectors)
+    """Parse and fully validate an hnswlib index file (see :mod:`itrcli.graphfile`):
+    sizes, every link and label.  Raises :class:`GraphFileError`."""
+    return GraphFile(path, dim).validate()
 
 
 def graph_files(directory: Path) -> tuple[list[tuple[int, Path]], list[Path]]:

@@ -458,6 +458,8 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
         ("files", str(data["files"])),
         ("roots", ", ".join(data["roots"]) or "-"),
         ("text", "onnx (fast cold search)" if data["fast_text_search"] else "torch (no ONNX export)"),
+        ("search", f"HNSW ef {data['search_ef']} (recall@10 {data['search_recall']:.3f} on "
+                   "text-like queries)" if data["search_ef"] else "HNSW ef 128 (not measured yet)"),
         ("size", human_bytes(data["sizes"]["total"])),
         ("thumbs", f"{data['thumbnail_cache']['thumbnails']} "
                    f"({human_bytes(data['thumbnail_cache']['bytes'])} of "

@@ -293,17 +293,34 @@ class Library:
         filters = Filters(list(in_dirs), parse_date(after, "--after"),
                           parse_date(before, "--before"), threshold)
         q = self.embed_query(parts, device, precision)
+        ef = ef or self.store.get_meta("search_ef")  # measured on this library by `itr index`
         exclude = [p.value for p in parts if p.kind == "image"]
-        return rank(q, store=self.store, get_vindex=self.vector_index, top=top, filters=filters,
+        return rank(q, store=self.store, get_vindex=self._search_graph, top=top, filters=filters,
                     exclude_paths=exclude, exact=exact, ef=ef, hash_bits=hash_bits)
 
     def vector_index(self):
         """The HNSW graph, up to date with the store (replayed in memory if behind)."""
         from .vindex import VectorIndex
 
-        if getattr(self, "_vindex", None) is None:
-            self._vindex = VectorIndex(self.directory, int(self.store.get_meta("dim"))).open(self.store)
-        return self._vindex
+        vi = getattr(self, "_vindex", None)
+        if vi is None or vi.seq != self.store.last_seq():  # first use, or indexed since
+            vi = self._vindex = VectorIndex(self.directory, self._dim()).open(self.store)
+        return vi
+
+    def _search_graph(self):
+        """The graph for searching: the saved file memory-mapped when it is up to date
+        (no full load; see :mod:`itrcli.graphfile`), else as :meth:`vector_index`."""
+        from .vindex import VectorIndex
+
+        seq = self.store.last_seq()
+        for vi in (getattr(self, "_vindex", None), getattr(self, "_mapped", None)):
+            if vi is not None and vi.seq == seq:
+                return vi
+        self._mapped = VectorIndex(self.directory, self._dim()).open_mapped(self.store)
+        return self._mapped
+
+    def _dim(self) -> int:
+        return int(self.store.get_meta("dim"))
 
     def _clear(self) -> None:
         """--reindex: forget every vector and the model binding (rows are re-created)."""
@@ -311,7 +328,8 @@ class Library:
             ids = [r[0] for r in c.execute("SELECT id FROM files")]
             self.store.delete_files(c, ids)
             c.execute("DELETE FROM meta WHERE key IN ('model', 'model_revision', 'model_type',"
-                      " 'dim', 'precision', 'preprocess', 'text_max_length', 'text_padding')")
+                      " 'dim', 'precision', 'preprocess', 'text_max_length', 'text_padding',"
+                      " 'search_ef', 'search_recall', 'search_ef_count')")
         import shutil
 
         shutil.rmtree(self.directory / "hnsw", ignore_errors=True)
@@ -377,6 +395,8 @@ class Library:
             "vectors": db["vectors"].count,
             "roots": meta.get("roots", []),
             "fast_text_search": (self.directory / "text" / "text.onnx").exists(),
+            "search_ef": meta.get("search_ef"),
+            "search_recall": meta.get("search_recall"),
             "sizes": {**sizes, "total": total},
         }
 

@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any, Callable, Sequence
 
 from .errors import UsageError
-from .images import HEIF_EXTENSIONS, IMAGE_EXTENSIONS
+from .walk import HEIF_EXTENSIONS, IMAGE_EXTENSIONS
 
 #: When filters leave at most this many candidates, score them exactly instead of
 #: asking the graph (exact and cheaper at that size).
@@ -204,7 +204,7 @@ def rank(
     else:
         # an upper bound (deleted labels included); count(*) over the vectors table would
         # read every page of it, which costs more than the search
-        live = get_vindex().index.get_current_count()
+        live = get_vindex().count
 
     want = top + len(excluded)
     hits: list[Hit] = []

@@ -4,6 +4,8 @@ The index lives in ``<library>/hnsw/<seq>.bin`` where ``seq`` is the last
 ``vector_log`` entry it contains; the number is in the file name so that the graph and
 the point it reflects are replaced together by one atomic ``rename``.  Opening replays any
 newer log entries (a run killed before saving), in memory for readers; the writer saves.
+A one-off search maps the file instead of loading it (:meth:`VectorIndex.open_mapped`,
+:mod:`itrcli.graphfile`) when the file is up to date with the store.
 """
 
 from __future__ import annotations
@@ -19,10 +21,19 @@ from .store import Store, fsync_dir
 #: quality/size balance for 512-d CLIP vectors.
 M = 16
 EF_CONSTRUCTION = 200
-#: Search-time ``ef``: the smallest value that kept recall@10 against exact search at or
-#: above 0.99 on 100,000 random-direction ViT-B/32-sized vectors (bench/search_recall.py);
+#: Search-time ``ef`` of a library that has not been measured (see :func:`calibrate`);
 #: never below ``4 * k``.
 EF_SEARCH = 128
+#: :func:`calibrate` picks the smallest of these whose recall@10 reaches RECALL_TARGET.
+EF_LADDER = (64, 128, 256, 512, 1024, 2048)
+RECALL_TARGET = 0.99
+#: Calibration queries: stored vectors turned to this cosine in a random direction.  A
+#: caption scores about 0.3 against its image in CLIP-style models, and such far-off,
+#: noisy queries are the hard case for a graph (a stored vector as query is easy).
+TEXT_LIKE_COSINE = 0.3
+CALIBRATION_QUERIES = 200
+#: Measure again when the library has grown or shrunk by more than this since.
+RECALIBRATE_CHANGE = 0.2
 _FILE = re.compile(r"^(\d+)\.bin$")
 
 
@@ -32,6 +43,7 @@ class VectorIndex:
         self.dim = dim
         self.seq = 0
         self.index = None
+        self.mapped = None  #: a :class:`itrcli.graphfile.GraphFile` instead of ``index``
         self.dirty = False
 
     # -- loading ---------------------------------------------------------------------
@@ -85,6 +97,26 @@ class VectorIndex:
             return self
         self.rebuild(store)
         return self
+
+    def open_mapped(self, store: Store) -> "VectorIndex":
+        """For searching only: map the newest graph file when it holds every logged change
+        (no replay needed) and looks whole; otherwise load it as :meth:`open` does."""
+        from .graphfile import GraphFile, GraphFileError
+
+        files = self._files()
+        if files and files[-1][0] == store.last_seq():
+            seq, path = files[-1]
+            try:
+                self.mapped, self.seq = GraphFile(path, self.dim), seq
+                return self
+            except GraphFileError:
+                pass  # replaced under us, or damaged: open() looks again or rebuilds
+        return self.open(store)
+
+    @property
+    def count(self) -> int:
+        """Elements in the graph, deleted marks included (an upper bound of live ones)."""
+        return self.mapped.count if self.mapped is not None else self.index.get_current_count()
 
     def _replay(self, store: Store, log: list[tuple[int, int, str]]) -> None:
         if not log:
@@ -150,6 +182,9 @@ class VectorIndex:
     def search(self, query, k: int, live: int, ef: int | None = None, filter=None):
         """Top ``k`` (labels ``[k]``, cosine similarities ``[k]``) for one query ``[dim]``.
 
+        Raises ``RuntimeError`` when fewer than ``k`` pass ``filter`` (as hnswlib does) or
+        the mapped file turns out damaged.
+
         ``live``: how many vectors the store holds (hnswlib cannot return more than that
         without failing, and does not count its deleted marks for us).
         """
@@ -158,8 +193,88 @@ class VectorIndex:
         k = min(k, live)
         if k <= 0:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-        self.index.set_ef(max(ef or EF_SEARCH, 4 * k))
+        ef = max(ef or EF_SEARCH, 4 * k)
+        if self.mapped is not None:
+            try:
+                labels, dist = self.mapped.search(query, k, ef, filter)
+            except (IndexError, KeyError) as e:  # a link past the end: a damaged file
+                raise RuntimeError("damaged graph file") from e  # callers then search exactly
+            if len(labels) < k:  # as hnswlib's knn_query does
+                raise RuntimeError("fewer than k elements pass the filter")
+            return labels, (1.0 - dist).astype(np.float32)
+        self.index.set_ef(ef)
         labels, dist = self.index.knn_query(np.asarray(query, dtype=np.float32)[None, :], k=k,
                                             filter=filter)
         return labels[0].astype(np.int64), (1.0 - dist[0]).astype(np.float32)
 
+
+
+# -- calibrating ef ------------------------------------------------------------------------
+
+def text_like_queries(base, cosine: float = TEXT_LIKE_COSINE, seed: int = 0):
+    """Unit vectors at ``cosine`` to each row of ``base`` ``[n, dim]``, in random directions."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    r = rng.standard_normal(base.shape).astype(np.float32)  # [n, dim]
+    r -= (r * base).sum(1, keepdims=True) * base  # orthogonal to its base row
+    r /= np.linalg.norm(r, axis=1, keepdims=True)
+    q = cosine * base + np.sqrt(1.0 - cosine ** 2) * r
+    return (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+
+
+def exact_top(store: Store, queries, k: int, chunk: int = 50_000):
+    """Labels ``[n_queries, k]`` of the exact top ``k`` over every stored vector, read in
+    chunks (memory stays ``chunk x dim`` however large the library)."""
+    import numpy as np
+
+    nq = len(queries)
+    best_s = np.full((nq, 0), -np.inf, dtype=np.float32)
+    best_i = np.zeros((nq, 0), dtype=np.int64)
+    last = -1
+    while True:
+        rows = store.conn.execute("SELECT id, vector FROM vectors WHERE id > ? ORDER BY id LIMIT ?",
+                                  (last, chunk)).fetchall()
+        if not rows:
+            break
+        last = rows[-1][0]
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        mat = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1)
+        s = np.concatenate([best_s, queries @ mat.T], axis=1)  # [nq, kept + chunk]
+        i = np.concatenate([best_i, np.broadcast_to(ids, (nq, len(ids)))], axis=1)
+        keep = np.argpartition(-s, min(k, s.shape[1]) - 1, axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(s, keep, 1), np.take_along_axis(i, keep, 1)
+    return best_i
+
+
+def calibrate(vi: VectorIndex, store: Store, k: int = 10) -> tuple[int, float] | None:
+    """The smallest ``ef`` in :data:`EF_LADDER` whose recall@``k`` against exact search
+    reaches :data:`RECALL_TARGET` on :data:`CALIBRATION_QUERIES` text-like queries made
+    from this library's own vectors, and that recall (the largest ``ef`` and its recall
+    when none reaches it).  None when the library is too small to measure."""
+    import numpy as np
+
+    ids = np.asarray([r[0] for r in store.conn.execute("SELECT id FROM vectors")], dtype=np.int64)
+    if len(ids) < 4 * k:
+        return None
+    rng = np.random.default_rng(0)
+    sample = rng.choice(ids, size=min(CALIBRATION_QUERIES, len(ids)), replace=False)
+    _, base = store.vectors(sample.tolist())
+    queries = text_like_queries(base)
+    truth = exact_top(store, queries, k)
+    threads = min(2, os.cpu_count() or 1)
+    for ef in EF_LADDER:
+        vi.index.set_ef(ef)
+        got, _ = vi.index.knn_query(queries, k=k, num_threads=threads)
+        recall = float(np.mean([len(set(a.tolist()) & set(b.tolist())) / k
+                                for a, b in zip(got.astype(np.int64), truth)]))
+        if recall >= RECALL_TARGET:
+            break
+    vi.index.set_ef(EF_SEARCH)
+    return ef, recall
+
+
+def needs_calibration(measured_at: int | None, count: int) -> bool:
+    """No measurement yet, or the library changed size by more than
+    :data:`RECALIBRATE_CHANGE` since the last one."""
+    return measured_at is None or abs(count - measured_at) > RECALIBRATE_CHANGE * max(measured_at, 1)

@@ -165,6 +165,26 @@ def test_search_sees_vectors_committed_by_a_killed_run(itr, lib, tmp_path):
     assert len(j["results"]) == 10
 
 
+def test_one_library_object_searches_the_mapped_graph_and_sees_later_runs(lib, tmp_path):
+    """A search maps the saved graph (no hnswlib load); the same Library object sees what
+    a later index run added, and a deleted-mark in the file keeps that file out."""
+    import itrcli
+
+    db, paths = lib
+    with itrcli.Library.open(db) as L:
+        hits = L.search("a red circle", top=12)
+        assert len(hits) == 12
+        graph = L._search_graph()
+        assert graph.mapped is not None and graph.index is None and graph.count == 12
+        more = write_shapes(tmp_path / "more", [("red", "circle", "left", 99)])
+        L.index([str(tmp_path / "more")], prune=False)
+        hits = L.search("a red circle", top=13)
+        assert str(more[0]) in {h.path for h in hits} and len(hits) == 13
+        assert L._search_graph().count == 13
+        exact = L.search("a red circle", top=13, exact=True)
+        assert [h.path for h in hits] == [h.path for h in exact]
+
+
 def test_cold_search_imports_no_torch(lib):
     db, _ = lib
     code = ("import sys, runpy; sys.argv=['itr','search','a red circle','--db',%r];\n"
@@ -216,3 +236,58 @@ def test_table_date_is_capture_time_else_mtime():
     ns = int(datetime(2020, 2, 3, 12).timestamp() * 1e9)
     assert Hit(1, 0.5, "/a.jpg", 1, 1, None, 1, ns).date == "2020-02-03"
     assert Hit(1, 0.5, "/a.jpg", 1, 1, None, 1, None).date is None
+
+
+def test_text_like_queries_and_chunked_exact_top(lib):
+    from itrcli.store import Store
+    from itrcli.vindex import exact_top, needs_calibration, text_like_queries
+
+    db, _ = lib
+    s = Store(db, readonly=True)
+    ids, mat = s.vectors()
+    q = text_like_queries(mat, 0.3, seed=1)
+    np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose((q * mat).sum(1), 0.3, atol=1e-4)
+    for chunk in (5, 50):  # the running top-k across chunks equals one full scan
+        got = exact_top(s, q, 4, chunk=chunk)
+        want = ids[np.argsort(-(q @ mat.T), axis=1)[:, :4]]
+        assert [set(r) for r in got.tolist()] == [set(r) for r in want.tolist()]
+    s.close()
+    assert needs_calibration(None, 10)
+    assert not needs_calibration(1000, 1200) and needs_calibration(1000, 1201)
+    assert needs_calibration(1000, 799) and not needs_calibration(1000, 800)
+
+
+def test_index_measures_the_search_ef_and_search_uses_it(itr, tiny_clip, tmp_path, monkeypatch):
+    from itrcli.graphfile import GraphFile
+    from itrcli.store import Store
+    from itrcli.vindex import EF_LADDER
+
+    specs = [(c, s, p, i) for i, (c, s, p) in enumerate(
+        (c, s, p) for c in ("red", "blue", "green", "yellow", "purple") for s in ("circle", "square")
+        for p in ("left", "right", "top", "bottom", "center"))]
+    write_shapes(tmp_path / "photos", specs)
+    db = tmp_path / "lib"
+    assert itr("index", tmp_path / "photos", "--db", db, "-m", tiny_clip, "-q").code == 0
+    info = itr("info", "--db", db, "--json").json()
+    assert info["search_ef"] in EF_LADDER and info["search_recall"] >= 0.99, info
+    assert f"HNSW ef {info['search_ef']} (recall@10" in itr("info", "--db", db).out
+    # a library indexed by an older itr (no measurement) is measured by the next run
+    s = Store(db)
+    with s.transaction() as c:
+        c.execute("DELETE FROM meta WHERE key LIKE 'search_%'")
+    s.close()
+    assert itr("info", "--db", db, "--json").json()["search_ef"] is None
+    assert itr("index", tmp_path / "photos", "--db", db, "-q").code == 0
+    assert itr("info", "--db", db, "--json").json()["search_ef"] == info["search_ef"]
+    # searches use the measured ef (at least 4 x --top)
+    s = Store(db)
+    s.set_meta(search_ef=1024)
+    s.close()
+    seen = []
+    real = GraphFile.search
+    monkeypatch.setattr(GraphFile, "search", lambda self, q, k, ef, allowed=None:
+                        seen.append(ef) or real(self, q, k, ef, allowed))
+    assert itr("search", "a red circle", "--db", db, "-n", "5").code == 0
+    assert itr("search", "a red circle", "--db", db, "-n", "5", "--exact").code == 0
+    assert seen and set(seen) == {1024}
