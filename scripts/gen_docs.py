@@ -220,14 +220,11 @@ def _metavar(param: Any, ctx: Any) -> str:
     """DIR, TEXT, INT, a|b|c, or the metavar the command set."""
     if param.metavar:
         return param.metavar
-    label = param.display_type(ctx).strip("<>") if hasattr(param, "display_type") else "VALUE"
-    if label.startswith("list[") and label.endswith("]"):
-        label = label[5:-1]
-    desc = getattr(param, "type_descriptor", None)
-    if desc is not None and getattr(desc, "is_choice", False):
-        return label
-    label = label.replace(" range", "")
-    return {"str": "TEXT"}.get(label, label).upper()
+    label = param.make_metavar(ctx)  # "<directory>", "<int range>", "<str>", "[a|b|c]"
+    if label.startswith("[") and label.endswith("]"):  # choices
+        return label[1:-1]
+    label = label.strip("<>").replace(" range", "")
+    return {"str": "TEXT", "text": "TEXT", "directory": "DIR"}.get(label, label).upper()
 
 
 def _default(param: Any) -> str:
@@ -248,7 +245,7 @@ def _default(param: Any) -> str:
 
 
 def _range(param: Any) -> str:
-    lo, hi = getattr(param, "min", None), getattr(param, "max", None)
+    lo, hi = getattr(param.type, "min", None), getattr(param.type, "max", None)
     if getattr(param, "count", False) and lo == 0 and hi is None:
         return ""
     if lo is not None and hi is not None:
