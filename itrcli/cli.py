@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, List, Optional
@@ -16,7 +17,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from . import __version__
-from .errors import ExitCode, ItrError, UsageError
+from .errors import ExitCode, ItrError, Terminated, UsageError
 from .models import PRESETS, preset_names
 
 app = typer.Typer(
@@ -643,6 +644,24 @@ def path(db: DbOpt = None) -> None:
 
 # --- entry point -----------------------------------------------------------------------
 
+def _stop_on_sigterm(seen: list[int]):
+    """Make SIGTERM (kill, `timeout`, systemd, cron wrappers) stop a run the way Ctrl-C
+    does: the batch in progress rolled back, committed ones kept, the graph saved.  A second
+    SIGTERM ends the process at once (as safe as kill -9).  Returns the previous handler,
+    or None when handlers cannot be set (not the main thread)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def on_term(signum, frame):
+        seen.append(signum)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated()
+
+    return signal.signal(signal.SIGTERM, on_term)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: maps errors to one line and an exit code."""
     args = sys.argv[1:] if argv is None else argv
@@ -658,6 +677,8 @@ def main(argv: list[str] | None = None) -> None:
         from typer.completion import completion_init
 
         completion_init()
+    terminated: list[int] = []
+    previous = _stop_on_sigterm(terminated)
     try:
         rv = app(args=args, prog_name="itr", standalone_mode=False)
         code = rv if isinstance(rv, int) else ExitCode.OK
@@ -671,7 +692,7 @@ def main(argv: list[str] | None = None) -> None:
             sys.stderr.write(f"Error: {e}\n")
         code = getattr(e, "exit_code", ExitCode.USAGE)
     except (typer.Abort, KeyboardInterrupt):
-        sys.stderr.write("interrupted\n")
+        sys.stderr.write("terminated\n" if terminated else "interrupted\n")
         code = ExitCode.INTERRUPTED
     except ItrError as e:
         if verbose:
@@ -692,6 +713,11 @@ def main(argv: list[str] | None = None) -> None:
             "for the traceback)\n"
         )
         code = ExitCode.ERROR
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if terminated and code == ExitCode.INTERRUPTED:
+        code = ExitCode.TERMINATED
     try:
         sys.stdout.flush()
     except BrokenPipeError:

@@ -18,6 +18,11 @@ class ExitCode(IntEnum):
     ERROR = 1  #: model cannot load, library missing/locked/damaged, database or disk error
     USAGE = 2  #: bad command line or arguments
     INTERRUPTED = 130  #: Ctrl-C / SIGINT; committed work is kept
+    TERMINATED = 143  #: SIGTERM (kill, timeout, systemd); stopped like Ctrl-C, committed work kept
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that it stops a run the way Ctrl-C does."""
 
 
 class ItrError(Exception):

@@ -521,6 +521,23 @@ def test_sigint_keeps_committed_batches_and_the_next_run_goes_on(zygote, killabl
     check(db, strict=True)
 
 
+def test_sigterm_stops_like_ctrl_c_with_exit_143(zygote, killable, itr):
+    """`timeout`, systemd and kill send SIGTERM: committed batches kept, graph saved."""
+    db, d, photos, ref = killable
+    before = rows(db)
+    c = zygote.spawn("index", d, "--db", db, *BATCH, faults="slow=0.15")
+    assert wait_for(lambda: rows(db) >= before + 8, 60), c
+    c.kill(signal.SIGTERM)
+    assert c.wait() == 143, c
+    assert "interrupted: scanned" in c.err and "Traceback" not in c.err, c.err
+    kept = rows(db)
+    assert before + 8 <= kept < before + 24
+    check(db, strict=True)  # saved on the way out: nothing left to replay
+    s = itr("index", d, "--db", db, "--json", "-q", *BATCH).json()
+    assert (s["added"], s["unchanged"]) == (before + 24 - kept, kept)
+    assert_matches_disk(db, d, ref)
+
+
 def test_two_index_runs_and_readers_at_once(zygote, killable, itr):
     db, d, photos, ref = killable
     first = zygote.spawn("index", d, "--db", db, "--json", "-q", *BATCH, faults="slow=0.1")
