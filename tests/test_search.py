@@ -249,9 +249,11 @@ def test_text_like_queries_and_chunked_exact_top(lib):
     np.testing.assert_allclose(np.linalg.norm(q, axis=1), 1, atol=1e-5)
     np.testing.assert_allclose((q * mat).sum(1), 0.3, atol=1e-4)
     for chunk in (5, 50):  # the running top-k across chunks equals one full scan
-        got = exact_top(s, q, 4, chunk=chunk)
-        want = ids[np.argsort(-(q @ mat.T), axis=1)[:, :4]]
-        assert [set(r) for r in got.tolist()] == [set(r) for r in want.tolist()]
+        got, scores = exact_top(s, q, 4, chunk=chunk)
+        order = np.argsort(-(q @ mat.T), axis=1)[:, :4]
+        assert [set(r) for r in got.tolist()] == [set(r) for r in ids[order].tolist()]
+        np.testing.assert_allclose(np.sort(scores, 1), np.sort(np.take_along_axis(q @ mat.T, order, 1), 1),
+                                   atol=1e-6)
     s.close()
     assert needs_calibration(None, 10)
     assert not needs_calibration(1000, 1200) and needs_calibration(1000, 1201)
@@ -291,3 +293,18 @@ def test_index_measures_the_search_ef_and_search_uses_it(itr, tiny_clip, tmp_pat
     assert itr("search", "a red circle", "--db", db, "-n", "5").code == 0
     assert itr("search", "a red circle", "--db", db, "-n", "5", "--exact").code == 0
     assert seen and set(seen) == {1024}
+
+
+def test_measured_recall_counts_equal_scores_as_found(itr, tiny_clip, tmp_path):
+    """45 copies of one photo: every result ties, so any 10 are the exact top 10."""
+    import shutil
+
+    (src,) = write_shapes(tmp_path / "one", [("red", "circle", "left", 0)])
+    d = tmp_path / "photos"
+    d.mkdir()
+    for i in range(45):
+        shutil.copy(src, d / f"copy-{i:02d}.jpg")
+    db = tmp_path / "lib"
+    assert itr("index", d, "--db", db, "-m", tiny_clip, "-q").code == 0
+    info = itr("info", "--db", db, "--json").json()
+    assert (info["search_ef"], info["search_recall"]) == (64, 1.0), info
