@@ -208,7 +208,6 @@ class VectorIndex:
         return labels[0].astype(np.int64), (1.0 - dist[0]).astype(np.float32)
 
 
-
 # -- calibrating ef ------------------------------------------------------------------------
 
 def text_like_queries(base, cosine: float = TEXT_LIKE_COSINE, seed: int = 0):
