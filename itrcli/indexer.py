@@ -519,17 +519,13 @@ class IndexRun:
 
     def _remove_temp_files(self) -> None:
         """Temporary graph files of a run that was killed while saving (we hold the lock)."""
-        d = os.path.join(self.library_dir, "hnsw")
-        try:
-            names = os.listdir(d)
-        except OSError:
-            return
-        for n in names:
-            if n.startswith(".") and n.endswith(".tmp"):
-                try:
-                    os.unlink(os.path.join(d, n))
-                except OSError:
-                    pass
+        from .check import graph_files
+
+        for p in graph_files(self.library_dir)[1]:
+            try:
+                p.unlink()
+            except OSError:
+                pass
 
     def _finish(self) -> None:
         self._catch_up()
