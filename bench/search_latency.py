@@ -87,12 +87,11 @@ def build(n: int) -> Path:
 def measure_ef(lib_dir: Path) -> None:
     """What `itr index` does after building a graph: measure the search ef (once)."""
     from itrcli.library import Library
-    from itrcli.vindex import calibrate
+    from itrcli.vindex import measure_search_ef
 
     with Library.open(lib_dir) as lib:
         if lib.store.get_meta("search_ef") is None:
-            ef, rec = calibrate(lib.vector_index(), lib.store)
-            lib.store.set_meta(search_ef=ef, search_recall=round(rec, 4), search_ef_count=lib.store.count())
+            measure_search_ef(lib.vector_index(), lib.store, lib.store.count())
 
 
 def timed(cmd: list[str], env=None) -> float:

@@ -535,7 +535,7 @@ class IndexRun:
     def _calibrate(self) -> None:
         """Measure the search ``ef`` on this library's own vectors when it has no
         measurement or has changed size by more than 20% since (:func:`vindex.calibrate`)."""
-        from .vindex import calibrate, needs_calibration
+        from .vindex import measure_search_ef, needs_calibration
 
         if not (self.dim or self.store.get_meta("dim")):
             return
@@ -544,9 +544,7 @@ class IndexRun:
             return
         if self.vindex is None:
             self._open_vindex()  # a library indexed by an older itr: measured once
-        got = calibrate(self.vindex, self.store)
-        if got is not None:
-            self.store.set_meta(search_ef=got[0], search_recall=round(got[1], 4), search_ef_count=count)
+        measure_search_ef(self.vindex, self.store, count)
 
     def _catch_up(self) -> None:
         """A run with nothing to embed still saves a graph that a killed or failed run left

@@ -179,6 +179,17 @@ def _not_writable(directory: Path) -> OSError | None:
     return None
 
 
+
+def _decode(rows, dim: int):
+    """(id, float32 blob) rows -> (ids ``[n]`` int64, vectors ``[n, dim]`` float32)."""
+    import numpy as np
+
+    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    if not rows:
+        return ids, np.zeros((0, dim), dtype=np.float32)
+    mat = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1)
+    return ids, mat.astype(np.float32, copy=False)
+
 class Store:
     """An open library database."""
 
@@ -387,8 +398,6 @@ class Store:
 
     def vectors(self, ids: Iterable[int] | None = None):
         """(ids ``[n]`` int64, vectors ``[n, dim]`` float32), in id order."""
-        import numpy as np
-
         dim = int(self.get_meta("dim", 0))
         if ids is None:
             rows = self.conn.execute("SELECT id, vector FROM vectors ORDER BY id").fetchall()
@@ -401,11 +410,20 @@ class Store:
                     f"SELECT id, vector FROM vectors WHERE id IN ({','.join('?' * len(chunk))}) ORDER BY id",
                     chunk,
                 ).fetchall()
-        out_ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        if not rows:
-            return out_ids, np.zeros((0, dim), dtype=np.float32)
-        mat = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1)
-        return out_ids, mat.astype(np.float32, copy=False)
+        return _decode(rows, dim)
+
+    def vector_chunks(self, chunk: int = 50_000):
+        """Every stored vector, ``chunk`` rows at a time in id order: (ids ``[n]`` int64,
+        vectors ``[n, dim]`` float32) per chunk, so memory stays ``chunk x dim``."""
+        dim = int(self.get_meta("dim", 0))
+        last = -1
+        while True:
+            rows = self.conn.execute("SELECT id, vector FROM vectors WHERE id > ? ORDER BY id LIMIT ?",
+                                     (last, chunk)).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield _decode(rows, dim)
 
     def vector_for_hash(self, h: str):
         """A stored vector for this content hash, or None (for moved and copied files)."""

@@ -231,15 +231,7 @@ def exact_top(store: Store, queries, k: int, chunk: int = 50_000):
     nq = len(queries)
     best_s = np.full((nq, 0), -np.inf, dtype=np.float32)
     best_i = np.zeros((nq, 0), dtype=np.int64)
-    last = -1
-    while True:
-        rows = store.conn.execute("SELECT id, vector FROM vectors WHERE id > ? ORDER BY id LIMIT ?",
-                                  (last, chunk)).fetchall()
-        if not rows:
-            break
-        last = rows[-1][0]
-        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-        mat = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1)
+    for ids, mat in store.vector_chunks(chunk):
         s = np.concatenate([best_s, queries @ mat.T], axis=1)  # [nq, kept + chunk]
         i = np.concatenate([best_i, np.broadcast_to(ids, (nq, len(ids)))], axis=1)
         keep = np.argpartition(-s, min(k, s.shape[1]) - 1, axis=1)[:, :k]
@@ -254,7 +246,8 @@ def calibrate(vi: VectorIndex, store: Store, k: int = 10) -> tuple[int, float] |
     when none reaches it).  None when the library is too small to measure."""
     import numpy as np
 
-    ids = np.asarray([r[0] for r in store.conn.execute("SELECT id FROM vectors")], dtype=np.int64)
+    # file ids are vector ids; the files table is far smaller to scan than the vectors
+    ids = np.asarray([r[0] for r in store.conn.execute("SELECT id FROM files")], dtype=np.int64)
     if len(ids) < 4 * k:
         return None
     rng = np.random.default_rng(0)
@@ -274,6 +267,14 @@ def calibrate(vi: VectorIndex, store: Store, k: int = 10) -> tuple[int, float] |
             break
     vi.index.set_ef(EF_SEARCH)
     return ef, recall
+
+
+def measure_search_ef(vi: VectorIndex, store: Store, count: int) -> None:
+    """:func:`calibrate` and record the result in the library's meta (``search_ef``,
+    ``search_recall``, and ``search_ef_count``: the file count it was measured at)."""
+    got = calibrate(vi, store)
+    if got is not None:
+        store.set_meta(search_ef=got[0], search_recall=round(got[1], 4), search_ef_count=count)
 
 
 def needs_calibration(measured_at: int | None, count: int) -> bool:
