@@ -504,31 +504,16 @@ def test_kill9_at_random_moments_long_exec(random_setup, itr):
 
 # --- Ctrl-C, two writers, readers during a run --------------------------------------------------
 
-def test_sigint_keeps_committed_batches_and_the_next_run_goes_on(zygote, killable, itr):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_keeps_committed_batches_and_the_next_run_goes_on(zygote, killable, itr, sig, code):
+    """Ctrl-C, and SIGTERM from `timeout`, systemd or kill: committed batches kept, graph
+    saved, each with its own exit code."""
     db, d, photos, ref = killable
     before = rows(db)
     c = zygote.spawn("index", d, "--db", db, *BATCH, faults="slow=0.15")
     assert wait_for(lambda: rows(db) >= before + 8, 60), c
-    c.kill(signal.SIGINT)
-    assert c.wait() == 130, c
-    assert "interrupted" in c.err and "Traceback" not in c.err
-    kept = rows(db)
-    assert before + 8 <= kept < before + 24
-    check(db)
-    s = itr("index", d, "--db", db, "--json", "-q", *BATCH).json()
-    assert (s["added"], s["unchanged"]) == (before + 24 - kept, kept)
-    assert_matches_disk(db, d, ref)
-    check(db, strict=True)
-
-
-def test_sigterm_stops_like_ctrl_c_with_exit_143(zygote, killable, itr):
-    """`timeout`, systemd and kill send SIGTERM: committed batches kept, graph saved."""
-    db, d, photos, ref = killable
-    before = rows(db)
-    c = zygote.spawn("index", d, "--db", db, *BATCH, faults="slow=0.15")
-    assert wait_for(lambda: rows(db) >= before + 8, 60), c
-    c.kill(signal.SIGTERM)
-    assert c.wait() == 143, c
+    c.kill(sig)
+    assert c.wait() == code, c
     assert "interrupted: scanned" in c.err and "Traceback" not in c.err, c.err
     kept = rows(db)
     assert before + 8 <= kept < before + 24
@@ -536,6 +521,7 @@ def test_sigterm_stops_like_ctrl_c_with_exit_143(zygote, killable, itr):
     s = itr("index", d, "--db", db, "--json", "-q", *BATCH).json()
     assert (s["added"], s["unchanged"]) == (before + 24 - kept, kept)
     assert_matches_disk(db, d, ref)
+    check(db, strict=True)
 
 
 def test_two_index_runs_and_readers_at_once(zygote, killable, itr):
