@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark one Hamming-distance query over many binary codes (``itrcli.hashing``).
+"""Benchmark one Hamming-distance query over many binary codes (``itrcli.query.hashing``).
 
 Times, for one query against ``--n`` random codes of ``--bits`` bits (median over
 ``--repeats`` runs after one warm-up, each on a fresh query):

@@ -25,6 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+# test support (model factories, drawings) lives beside the tests, not in the wheel
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 SIZES = {"12mp": (4000, 3000), "2mp": (1632, 1224)}
@@ -47,7 +50,7 @@ with torch.inference_mode():
 
 
 def _make(job: tuple[Path, int, int, int]) -> None:
-    from itrcli import synth
+    from support import synth
 
     p, w, h, seed = job
     synth.make_photo(p, w, h, seed=seed)
@@ -68,7 +71,7 @@ def photos(kind: str, n: int) -> list[Path]:
 
 
 def model_dir() -> Path:
-    from itrcli import synth
+    from support import synth
 
     d = OUT / "vit-b32"
     if not (d / "model.safetensors").exists():

@@ -25,8 +25,8 @@ def main() -> None:
     import numpy as np
 
     from index_throughput import model_dir, photos
-    from itrcli.encoder import Encoder
-    from itrcli.images import decode_file
+    from itrcli.embed.encoder import Encoder
+    from itrcli.ingest.images import decode_file
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--precision", default="bf16")

@@ -22,6 +22,9 @@ import sys
 import time
 from pathlib import Path
 
+# test support (model factories, drawings) lives beside the tests, not in the wheel
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
 HERE = Path(__file__).resolve().parent
 OUT = HERE / "out"
 
@@ -45,10 +48,10 @@ def clustered(n: int, dim: int, seed: int = 0, latent: int = 48):
 
 
 def build(n: int) -> Path:
-    from itrcli import synth
+    from support import synth
     from itrcli.library import Library
-    from itrcli.textonnx import export
-    from itrcli.vindex import VectorIndex
+    from itrcli.embed.textonnx import export
+    from itrcli.store.vindex import VectorIndex
 
     model_dir = OUT / "vit-b32"
     if not (model_dir / "model.safetensors").exists():
@@ -87,7 +90,7 @@ def build(n: int) -> Path:
 def measure_ef(lib_dir: Path) -> None:
     """What `itr index` does after building a graph: measure the search ef (once)."""
     from itrcli.library import Library
-    from itrcli.vindex import measure_search_ef
+    from itrcli.store.vindex import measure_search_ef
 
     with Library.open(lib_dir) as lib:
         if lib.store.get_meta("search_ef") is None:
@@ -106,7 +109,7 @@ def recall(lib_dir: Path, efs: list[int], queries: int = 200) -> dict[int, tuple
     import numpy as np
 
     from itrcli.library import Library
-    from itrcli.vindex import text_like_queries
+    from itrcli.store.vindex import text_like_queries
 
     lib = Library.open(lib_dir, readonly=True)
     ids, mat = lib.store.vectors()

@@ -18,7 +18,7 @@ import typer
 
 from . import __version__
 from .errors import ExitCode, ItrError, Terminated, UsageError
-from .models import PRESETS, preset_names
+from .embed.models import PRESETS, preset_names
 
 app = typer.Typer(
     name="itr",
@@ -133,7 +133,7 @@ def index(
         itr index ~/photos --exclude '*.thumb.jpg' -q
     """
     from .library import Library
-    from .output import BarProgress, LogProgress, err, index_summary_line, is_tty, one_line, print_json
+    from .show.output import BarProgress, LogProgress, err, index_summary_line, is_tty, one_line, print_json
 
     progress = None if quiet else (BarProgress() if is_tty(sys.stderr) else LogProgress())
     with Library.open(db, create=True) as lib:
@@ -198,13 +198,13 @@ def hash_cmd(
         itr hash --text "a dog on a beach"
         itr hash --dupes ~/photos/2023 --threshold 0.97 --html dupes.html
     """
-    from .hashing import DUPES_THRESHOLD, check_options, find_dupes, library_codes, to_hex
-    from .images import supported_extensions
+    from .query.hashing import DUPES_THRESHOLD, check_options, find_dupes, library_codes, to_hex
+    from .ingest.images import supported_extensions
     from .library import Library
-    from .models import resolve
-    from .output import BarProgress, LogProgress, err, index_summary_line, is_tty, one_line, print_json
-    from .store import db_path_of
-    from .walk import walk
+    from .embed.models import resolve
+    from .show.output import BarProgress, LogProgress, err, index_summary_line, is_tty, one_line, print_json
+    from .store.db import db_path_of
+    from .ingest.walk import walk
 
     check_options(bits, method)
     texts = list(text or [])
@@ -255,8 +255,8 @@ def hash_cmd(
             shown = {i: p for p, i in files}
             out = sorted(sorted(shown[i] for i in g) for g in groups)
             if html is not None:
-                from .contact_sheet import write_dupes_html
-                from .thumbs import ThumbnailCache
+                from .show.contact_sheet import write_dupes_html
+                from .show.thumbs import ThumbnailCache
 
                 with ThumbnailCache.for_library(lib.directory) as cache:  # trims on exit
                     try:
@@ -350,7 +350,7 @@ def search(
         itr search "beach" -0 | xargs -0 cp -t /tmp/beach
     """
     from .library import Library
-    from .output import err, is_tty, print_json
+    from .show.output import err, is_tty, print_json
     if query is not None and not query.strip():
         raise UsageError("empty query")
     protocol = preview_protocol.strip().lower()
@@ -371,8 +371,8 @@ def search(
         model = lib.model
         sources, terms, term_sources, cache = [], [], [], None
         if html is not None or (preview and table and is_tty(out)):
-            from .contact_sheet import query_terms
-            from .thumbs import ThumbnailCache, source_for
+            from .show.contact_sheet import query_terms
+            from .show.thumbs import ThumbnailCache, source_for
 
             cache = ThumbnailCache.for_library(lib.directory)
             sources = [source_for(lib.store, h.path) for h in hits]
@@ -383,7 +383,7 @@ def search(
                                 for k, v, _ in terms]
     try:
         if html is not None:
-            from .contact_sheet import write_search_html
+            from .show.contact_sheet import write_search_html
 
             try:
                 write_search_html(html, hits, sources, terms=terms, term_sources=term_sources,
@@ -402,7 +402,7 @@ def search(
         elif is_tty(out):
             previews = None
             if preview:
-                from .preview import for_terminal
+                from .show.preview import for_terminal
 
                 previewer, found = for_terminal(out, force=protocol, rows=preview_height,
                                                 cache=cache)
@@ -441,8 +441,8 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
         itr info --json
     """
     from .library import Library
-    from .output import human_bytes, print_json
-    from .thumbs import cache_stats, cap_bytes_from_env
+    from .show.output import human_bytes, print_json
+    from .show.thumbs import cache_stats, cap_bytes_from_env
 
     with Library.open(db, readonly=True) as lib:
         data = lib.info()
@@ -522,9 +522,9 @@ def eval_cmd(
         itr eval dataset_coco.json --images coco --folds 5 --ann --hash-bits 64,128
         itr eval captions.csv -m laion-b32 -m openai-b32 --json
     """
-    from .datasets import load
-    from .evaluate import evaluate, format_table, parse_int_list, summary_line
-    from .output import BarProgress, err, is_tty, one_line, print_json
+    from .evaluation.datasets import load
+    from .evaluation.evaluate import evaluate, format_table, parse_int_list, summary_line
+    from .show.output import BarProgress, err, is_tty, one_line, print_json
 
     ks = parse_int_list(recall, "--recall")
     bits = parse_int_list(hash_bits, "--hash-bits") if hash_bits else ()
@@ -576,7 +576,7 @@ def check(
         itr check --repair --prune -q
     """
     from .library import Library
-    from .output import err, one_line, print_json
+    from .show.output import err, one_line, print_json
 
     if prune and not repair:
         raise UsageError("--prune goes with --repair")
@@ -609,8 +609,8 @@ def models_cmd(json_: JsonOpt = False) -> None:
     Example:
         itr models
     """
-    from .models import DEFAULT_PRESET
-    from .output import print_json
+    from .embed.models import DEFAULT_PRESET
+    from .show.output import print_json
 
     if json_:
         print_json([{"name": p.name, "model": p.hub_id, "params_m": p.params_m,
@@ -726,7 +726,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _preview_protocols() -> tuple[str, ...]:
-    from .preview import PROTOCOLS  # only when asked: the module imports Pillow
+    from .show.preview import PROTOCOLS  # only when asked: the module imports Pillow
 
     return PROTOCOLS
 

@@ -19,14 +19,14 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
-from . import models
+from .embed import models
 from .errors import ExitCode, LibraryError, UsageError
-from .lock import WriteLock
+from .store.lock import WriteLock
 from .paths import default_library_dir
-from .store import Store
+from .store.db import Store
 
 if TYPE_CHECKING:  # the index machinery (Pillow, thread pools) is imported when indexing
-    from .indexer import IndexSummary, Progress
+    from .jobs.indexer import IndexSummary, Progress
 
 
 class Library:
@@ -84,7 +84,7 @@ class Library:
 
     def encoder(self, model: str | None = None, device: str = "auto", precision: str = "auto"):
         """The library's encoder, loaded once (imports torch and transformers)."""
-        from .encoder import Encoder
+        from .embed.encoder import Encoder
 
         name = model or self.model or models.resolve(None)
         args = (name, device, precision)
@@ -114,14 +114,14 @@ class Library:
     ) -> IndexSummary:
         """Add new and changed images under ``paths``, drop deleted ones (unless not ``prune``).
 
-        Returns an :class:`~itrcli.indexer.IndexSummary`; ``summary.interrupted`` is set when
+        Returns an :class:`~itrcli.jobs.indexer.IndexSummary`; ``summary.interrupted`` is set when
         Ctrl-C stopped the run (every batch committed before it is kept).
         Raises:
             LibraryError: bound to another model, or locked by another writer.
             ModelError: the model cannot be loaded.
         """
-        from .images import Preprocess, supported_extensions
-        from .indexer import IndexRun
+        from .ingest.images import Preprocess, supported_extensions
+        from .jobs.indexer import IndexRun
 
         roots = [os.path.abspath(os.path.expanduser(p)) for p in paths]
         if not roots:
@@ -130,7 +130,7 @@ class Library:
             raise LibraryError("library opened read-only")
         import sqlite3
 
-        from .store import library_error
+        from .store.db import library_error
 
         lock = WriteLock(self.directory, "itr index").acquire(wait)
         try:
@@ -187,7 +187,7 @@ class Library:
 
     def _export_text_tower(self) -> None:
         """Export the text tower for fast cold searches, once, if the model is loaded anyway."""
-        from .textonnx import OnnxTextEncoder, export
+        from .embed.textonnx import OnnxTextEncoder, export
 
         if self._encoder is None or OnnxTextEncoder.available(self.directory):
             return
@@ -204,7 +204,7 @@ class Library:
     # -- searching --------------------------------------------------------------------------
     def text_encoder(self, device: str = "auto", precision: str = "auto"):
         """Something with ``encode_texts``: the exported ONNX tower if present, else torch."""
-        from .textonnx import OnnxTextEncoder
+        from .embed.textonnx import OnnxTextEncoder
 
         if device in ("auto", "cpu") and OnnxTextEncoder.available(self.directory):
             try:
@@ -229,7 +229,7 @@ class Library:
 
     def embed_image(self, path: str, device: str = "auto", precision: str = "auto"):
         """Embed one image file with the library's model: ``[dim]``."""
-        from .images import DecodeError, decode_file
+        from .ingest.images import DecodeError, decode_file
 
         enc = self.encoder(None, device, precision)
         try:
@@ -239,8 +239,8 @@ class Library:
         return enc.encode_pixels(pixels[None])[0]
 
     def embed_query(self, parts, device: str = "auto", precision: str = "auto"):
-        """Combine query parts (:class:`itrcli.search.QueryPart`) into one vector ``[dim]``."""
-        from .search import build_query
+        """Combine query parts (:class:`itrcli.query.search.QueryPart`) into one vector ``[dim]``."""
+        from .query.search import build_query
 
         return build_query(
             parts,
@@ -268,18 +268,18 @@ class Library:
         precision: str = "auto",
         hash_bits: int | None = None,
     ) -> list:
-        """Rank the library's images against a query; returns :class:`itrcli.search.Hit` s.
+        """Rank the library's images against a query; returns :class:`itrcli.query.search.Hit` s.
 
         ``query`` is a text, or an image when it names an existing image file; ``image`` /
         ``text`` force the kind.  ``add`` / ``subtract`` terms are classified the same way.
         ``hash_bits``: rank binary codes of that length by Hamming distance first, then
-        re-rank the best candidates by cosine (see :mod:`itrcli.hashing`).
+        re-rank the best candidates by cosine (see :mod:`itrcli.query.hashing`).
         An image query never returns the query file itself.
         Raises:
             UsageError: empty query, bad date, unreadable query image.
             LibraryError: the library is empty.
         """
-        from .search import Filters, parse_date, query_parts, rank
+        from .query.search import Filters, parse_date, query_parts, rank
 
         parts = query_parts(query, image=image, text=text, add=add, subtract=subtract)
         if any(p.kind == "text" and not p.value for p in parts):
@@ -300,7 +300,7 @@ class Library:
 
     def vector_index(self):
         """The HNSW graph, up to date with the store (replayed in memory if behind)."""
-        from .vindex import VectorIndex
+        from .store.vindex import VectorIndex
 
         vi = getattr(self, "_vindex", None)
         if vi is None or vi.seq != self.store.last_seq():  # first use, or indexed since
@@ -309,8 +309,8 @@ class Library:
 
     def _search_graph(self):
         """The graph for searching: the saved file memory-mapped when it is up to date
-        (no full load; see :mod:`itrcli.graphfile`), else as :meth:`vector_index`."""
-        from .vindex import VectorIndex
+        (no full load; see :mod:`itrcli.store.graphfile`), else as :meth:`vector_index`."""
+        from .store.vindex import VectorIndex
 
         seq = self.store.last_seq()
         for vi in (getattr(self, "_vindex", None), getattr(self, "_mapped", None)):
@@ -338,7 +338,7 @@ class Library:
     def _catch_up_text_tower(self, model: str, device: str, precision: str) -> None:
         """A run killed before exporting the text tower leaves none; the next run exports
         it even with nothing to embed (once: a failed export is not retried every run)."""
-        from .textonnx import OnnxTextEncoder
+        from .embed.textonnx import OnnxTextEncoder
 
         if (self._encoder is not None or not self.model or OnnxTextEncoder.available(self.directory)
                 or self.store.get_meta("text_export_failed") == self.model):
@@ -353,9 +353,9 @@ class Library:
 
     # -- verifying and repairing ---------------------------------------------------------------
     def check(self, *, files: bool = True):
-        """Verify the library without changing it; returns an :class:`itrcli.check.Report`
+        """Verify the library without changing it; returns an :class:`itrcli.jobs.check.Report`
         (``report.ok``, ``report.to_json()``).  ``files``: also look for vanished files."""
-        from .check import check
+        from .jobs.check import check
 
         return check(self, files=files)
 
@@ -366,7 +366,7 @@ class Library:
         Raises:
             LibraryError: opened read-only, locked (``wait`` seconds), or beyond repair.
         """
-        from .check import repair
+        from .jobs.check import repair
 
         return repair(self, prune=prune, wait=wait)
 

@@ -42,14 +42,14 @@ def _isolated(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
-    from itrcli import synth
+    from support import synth
 
     return synth.make_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
 
 
 @pytest.fixture(scope="session")
 def tiny_siglip(tmp_path_factory) -> Path:
-    from itrcli import synth
+    from support import synth
 
     return synth.make_tiny_siglip(tmp_path_factory.mktemp("models") / "tiny-siglip")
 
@@ -93,7 +93,7 @@ def itr():
 
 def write_shapes(directory: Path, specs, size: int = 64, fmt: str = "jpg") -> list[Path]:
     """Draw (color, shape, position, seed) images into ``directory``; returns their paths."""
-    from itrcli import synth
+    from support import synth
 
     directory.mkdir(parents=True, exist_ok=True)
     out = []

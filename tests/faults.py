@@ -117,7 +117,7 @@ def make_bad_corpus(d: Path, size: int = 48) -> dict[str, tuple[str, str | None]
     import numpy as np
     from PIL import Image
 
-    from itrcli import synth
+    from support import synth
 
     d.mkdir(parents=True, exist_ok=True)
     out: dict[str, tuple[str, str | None]] = {}
@@ -211,8 +211,8 @@ def make_bad_corpus(d: Path, size: int = 48) -> dict[str, tuple[str, str | None]
 # --- the zygote: fast, killable itr processes ------------------------------------------------
 
 _PRELOAD = (
-    "itrcli.cli", "itrcli.library", "itrcli.indexer", "itrcli.encoder", "itrcli.textonnx",
-    "itrcli.search", "itrcli.vindex", "itrcli.check", "torch", "transformers", "hnswlib",
+    "itrcli.cli", "itrcli.library", "itrcli.jobs.indexer", "itrcli.embed.encoder", "itrcli.embed.textonnx",
+    "itrcli.query.search", "itrcli.store.vindex", "itrcli.jobs.check", "torch", "transformers", "hnswlib",
     "onnxruntime", "sqlite_utils",
 )
 
@@ -421,7 +421,8 @@ def install(spec: str) -> None:
 
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    from itrcli import encoder, store, textonnx, vindex
+    from itrcli.embed import encoder, textonnx
+    from itrcli.store import db as store, vindex
 
     enc_cls = encoder.Encoder
     orig_encode = enc_cls.encode_pixels

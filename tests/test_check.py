@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import write_shapes
-from itrcli.check import GraphFileError, read_graph_file
+from itrcli.jobs.check import GraphFileError, read_graph_file
 
 SPECS = [(c, s, p, i) for i, (c, s, p) in enumerate(
     [(c, s, p) for c in ("red", "blue", "green") for s in ("circle", "square") for p in ("left", "right")]
@@ -181,7 +181,7 @@ def test_graph_drift_is_found_and_the_graph_rebuilt(itr, lib, damage, kind):
 
 def test_graph_file_parser_reads_labels_marks_and_vectors(lib):
     db, _ = lib
-    from itrcli.store import Store
+    from itrcli.store.db import Store
 
     idx = load_graph(db)
     victim = int(sorted(idx.get_ids_list())[3])
@@ -275,7 +275,7 @@ def test_a_damaged_database_is_reported_and_not_papered_over(itr, lib):
 def test_repair_waits_for_or_refuses_a_running_writer(lib):
     db, _ = lib
     from itrcli.errors import LockedError
-    from itrcli.lock import WriteLock
+    from itrcli.store.lock import WriteLock
 
     with WriteLock(db).acquire():
         with pytest.raises(LockedError):

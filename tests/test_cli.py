@@ -61,7 +61,7 @@ def test_unexpected_errors_are_one_line_without_v(itr, monkeypatch, tmp_path):
 
     monkeypatch.setattr(library.Library, "info", boom)
     (tmp_path / "lib").mkdir()
-    from itrcli.store import Store
+    from itrcli.store.db import Store
 
     Store(tmp_path / "lib", create=True).close()
     r = itr("info", "--db", tmp_path / "lib")

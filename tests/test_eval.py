@@ -15,7 +15,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from itrcli import datasets, evaluate, metrics, synth
+from itrcli.evaluation import datasets
+
+from itrcli.evaluation import evaluate
+
+from itrcli.evaluation import metrics
+
+from support import synth
 from itrcli.errors import UsageError
 
 # --- writing one set of images + captions in every format -------------------------------
@@ -199,8 +205,8 @@ def test_parse_int_list():
 
 
 def _fake_hashing() -> types.ModuleType:
-    """A stand-in with the interface of itrcli.hashing: random-hyperplane LSH."""
-    mod = types.ModuleType("itrcli.hashing")
+    """A stand-in with the interface of itrcli.query.hashing: random-hyperplane LSH."""
+    mod = types.ModuleType("itrcli.query.hashing")
 
     class Hasher:
         def __init__(self, planes):
@@ -234,7 +240,7 @@ def fake_hashing(monkeypatch):
     import itrcli
 
     mod = _fake_hashing()
-    monkeypatch.setitem(sys.modules, "itrcli.hashing", mod)
+    monkeypatch.setitem(sys.modules, "itrcli.query.hashing", mod)
     monkeypatch.setattr(itrcli, "hashing", mod, raising=False)
     return mod
 
@@ -308,14 +314,14 @@ def _strip_seconds(result_json):
 
 @pytest.fixture
 def any_hashing(monkeypatch):
-    """itrcli.hashing when it is there, else the stand-in."""
+    """itrcli.query.hashing when it is there, else the stand-in."""
     try:
-        from itrcli import hashing
+        from itrcli.query import hashing
     except ImportError:
         import itrcli
 
         hashing = _fake_hashing()
-        monkeypatch.setitem(sys.modules, "itrcli.hashing", hashing)
+        monkeypatch.setitem(sys.modules, "itrcli.query.hashing", hashing)
         monkeypatch.setattr(itrcli, "hashing", hashing, raising=False)
     return hashing
 
@@ -364,18 +370,18 @@ def test_plumbing_cache_and_rows(tmp_path, tiny_clip, any_hashing):
 
 
 def test_missing_hashing_module_is_a_clear_error(tmp_path, monkeypatch):
-    import itrcli
+    import itrcli.query
 
-    monkeypatch.setitem(sys.modules, "itrcli.hashing", None)  # import fails
-    monkeypatch.delattr(itrcli, "hashing", raising=False)
+    monkeypatch.setitem(sys.modules, "itrcli.query.hashing", None)  # import fails
+    monkeypatch.delattr(itrcli.query, "hashing", raising=False)
     ds = datasets.Dataset("x", "csv", "x.csv", None, ["a.png"], [["a"]])
-    with pytest.raises(evaluate.ItrError, match="--hash-bits needs itrcli.hashing"):
+    with pytest.raises(evaluate.ItrError, match="--hash-bits needs itrcli.query.hashing"):
         evaluate.evaluate(ds, ["whatever"], hash_bits=[64])
 
 
 def test_real_hashing_module_fits_the_interface():
     try:
-        from itrcli import hashing
+        from itrcli.query import hashing
     except ImportError:
         pytest.skip("itrcli/hashing.py not written yet (the stand-in above covers --hash-bits)")
     rng = np.random.default_rng(0)

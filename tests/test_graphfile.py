@@ -6,7 +6,7 @@ import hnswlib
 import numpy as np
 import pytest
 
-from itrcli.graphfile import GraphFile, GraphFileError
+from itrcli.store.graphfile import GraphFile, GraphFileError
 
 DIM = 24
 

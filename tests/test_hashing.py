@@ -1,4 +1,4 @@
-"""Binary codes (itrcli.hashing): packing, Hamming ranking, ITQ, storage, search, dupes."""
+"""Binary codes (itrcli.query.hashing): packing, Hamming ranking, ITQ, storage, search, dupes."""
 
 from __future__ import annotations
 
@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from itrcli import hashing
-from itrcli.hashing import (
+from itrcli.query import hashing
+from itrcli.query.hashing import (
     Hasher, dupe_groups, find_dupes, fit, from_hex, hamming, hamming_topk, hash_search,
     itq_rotation, library_codes, pack, pca, quantization_error, to_hex, unpack,
 )
-from itrcli.store import Store
+from itrcli.store.db import Store
 
 from conftest import MICRO_CLIP, python_cmd
 
@@ -290,7 +290,7 @@ def model_dir(tmp_path_factory) -> Path:
     """The micro-trained CLIP when present (real similarities), else a random tiny CLIP."""
     if (MICRO_CLIP / "model.safetensors").exists():
         return MICRO_CLIP
-    from itrcli import synth
+    from support import synth
 
     return synth.make_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
 
@@ -307,7 +307,7 @@ def write_dupes_set(directory: Path) -> tuple[list[Path], Path, Path]:
     """30 images of different content, plus a resized, recompressed copy of one of them."""
     from PIL import Image
 
-    from itrcli import synth
+    from support import synth
 
     directory.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -343,8 +343,8 @@ def test_micro_recall_at_10_with_codes_is_close_to_exact(tmp_path):
     if not (MICRO_CLIP / "model.safetensors").exists():
         pytest.skip("tests/fixtures/micro-clip missing (run scripts/train_micro_clip.py): "
                     "a random-weight model has no recall to compare")
-    from itrcli import synth
-    from itrcli.encoder import Encoder
+    from support import synth
+    from itrcli.embed.encoder import Encoder
 
     enc = Encoder(str(MICRO_CLIP), device="cpu")
     combos = synth.combinations()

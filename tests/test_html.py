@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from itrcli.contact_sheet import file_url, query_terms, write_dupes_html, write_search_html
-from itrcli.search import Hit
-from itrcli.thumbs import Source, ThumbnailCache
+from itrcli.show.contact_sheet import file_url, query_terms, write_dupes_html, write_search_html
+from itrcli.query.search import Hit
+from itrcli.show.thumbs import Source, ThumbnailCache
 
 COLOURS = [(220, 30, 30), (30, 70, 220), (30, 160, 50), (235, 205, 20)]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from itrcli.images import DRAFT_TOLERANCE, DecodeError, Preprocess, decode_file, open_image
+from itrcli.ingest.images import DRAFT_TOLERANCE, DecodeError, Preprocess, decode_file, open_image
 
 
 def photo(w, h, seed=0, mode="RGB"):

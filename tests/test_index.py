@@ -30,7 +30,7 @@ def index(itr, lib, *args):
 
 
 def stored(lib):
-    from itrcli.store import Store
+    from itrcli.store.db import Store
 
     s = Store(lib)
     ids, vecs = s.vectors()
@@ -53,7 +53,7 @@ def test_first_run_adds_everything_and_prints_exact_keys(itr, tiny_clip, photos,
 def test_second_run_reads_nothing(itr, tiny_clip, photos, tmp_path, monkeypatch):
     lib = tmp_path / "lib"
     index(itr, lib, photos[0].parent, "-m", tiny_clip)
-    import itrcli.indexer as indexer
+    import itrcli.jobs.indexer as indexer
 
     calls = []
     monkeypatch.setattr(indexer, "read_one", lambda *a, **k: calls.append(a) or None)
@@ -69,7 +69,7 @@ def test_rename_edit_delete_show_up_as_moved_updated_removed(itr, tiny_clip, pho
     moved_to = photos[0].parent / "sub" / "renamed.jpg"
     moved_to.parent.mkdir()
     shutil.move(photos[0], moved_to)
-    from itrcli import synth
+    from support import synth
 
     synth.draw("purple", "square", "center", size=64, seed=9).save(photos[1])  # edit in place
     os.utime(photos[1], ns=(time.time_ns(), time.time_ns() + 10**9))

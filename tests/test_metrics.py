@@ -1,4 +1,4 @@
-"""itrcli.metrics against hand-computed cases and a naive reference written with plain loops."""
+"""itrcli.evaluation.metrics against hand-computed cases and a naive reference written with plain loops."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from itrcli import metrics
+from itrcli.evaluation import metrics
 
 # --- the naive reference: full sorts by (-score, index), loops, no numpy tricks ----------
 

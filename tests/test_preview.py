@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from itrcli import preview, thumbs
-from itrcli.preview import Previewer, detect, kitty_sequence, iterm_sequence, sixel_sequence
-from itrcli.thumbs import Source, ThumbnailCache
+from itrcli.show import preview
+
+from itrcli.show import thumbs
+from itrcli.show.preview import Previewer, detect, kitty_sequence, iterm_sequence, sixel_sequence
+from itrcli.show.thumbs import Source, ThumbnailCache
 
 ESC = "\x1b"
 

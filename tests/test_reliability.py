@@ -25,7 +25,7 @@ import pytest
 
 import faults
 from conftest import python_cmd
-from itrcli import synth
+from support import synth
 
 BATCH = ["--batch-size", "4", "--precision", "fp32", "--workers", "2"]
 
@@ -86,7 +86,7 @@ def check(db: Path, *, strict: bool = False):
 
 
 def stored(db: Path) -> dict[str, np.ndarray]:
-    from itrcli.store import Store, fs_path_of
+    from itrcli.store.db import Store, fs_path_of
 
     s = Store(db, readonly=True)
     try:
@@ -167,7 +167,7 @@ def test_bad_files_are_indexed_or_skipped_with_a_reason(itr, tiny_clip, tmp_path
     r = itr("index", d, "--db", db, "-m", tiny_clip, "--json", *BATCH)
     assert r.code == 0, r
     s = r.json()
-    from itrcli.store import db_path_of
+    from itrcli.store.db import db_path_of
 
     errors = {e["path"]: e["error"] for e in s["errors"]}
     have = stored(db)
@@ -190,7 +190,7 @@ def test_bad_files_are_indexed_or_skipped_with_a_reason(itr, tiny_clip, tmp_path
     assert {h["path"] for h in j["results"]} >= {db_path_of(p)[0] for p in have}
 
     # unchanged bad files are not read again, but still reported
-    import itrcli.indexer as indexer
+    import itrcli.jobs.indexer as indexer
 
     reads = []
     real = indexer.read_one
@@ -215,7 +215,7 @@ def test_a_remembered_bad_file_is_read_again_once_it_changes(itr, tiny_clip, tmp
     bad.unlink()
     s = itr("index", d, "--db", db, "--json", "-q").json()
     assert s["removed"] == 1
-    from itrcli.store import Store
+    from itrcli.store.db import Store
 
     st = Store(db, readonly=True)
     assert st.failures() == {}
@@ -281,7 +281,7 @@ def test_permission_denied_files_and_directories(itr, tiny_clip, tmp_path, monke
 
 
 def test_read_file_refuses_fifos_huge_files_and_files_being_written(tmp_path, monkeypatch):
-    from itrcli import indexer
+    from itrcli.jobs import indexer
 
     os.mkfifo(tmp_path / "fifo.jpg")
     r = indexer.read_one(str(tmp_path / "fifo.jpg"), None, True, frozenset())
@@ -314,7 +314,7 @@ def test_files_deleted_and_changed_during_a_run(itr, tiny_clip, tmp_path, monkey
     d = tmp_path / "photos"
     photos = make_photos(d, 24)
     db = tmp_path / "lib"
-    import itrcli.indexer as indexer
+    import itrcli.jobs.indexer as indexer
 
     real, seen, done = indexer.read_one, [], set()
 
@@ -553,9 +553,9 @@ def test_two_index_runs_and_readers_at_once(zygote, killable, itr):
 
 def test_a_lock_left_by_a_killed_holder_is_cleared(tmp_path):
     from itrcli.errors import LockedError
-    from itrcli.lock import WriteLock, holder
+    from itrcli.store.lock import WriteLock, holder
 
-    code = ("import sys, time; from pathlib import Path; from itrcli.lock import WriteLock\n"
+    code = ("import sys, time; from pathlib import Path; from itrcli.store.lock import WriteLock\n"
             "WriteLock(Path(sys.argv[1]), 'itr index').acquire(); print('held', flush=True);"
             " time.sleep(600)")
     p = subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
@@ -604,7 +604,7 @@ def test_read_only_library(itr, tiny_clip, tmp_path, small_fs, monkeypatch):
         for p in [db, *db.rglob("*")]:
             p.chmod(p.stat().st_mode & ~0o222)
     else:  # root without mount: make every write the library attempts fail like EROFS
-        import itrcli.store as store_mod
+        import itrcli.store.db as store_mod
 
         monkeypatch.setattr(store_mod, "_not_writable", lambda d: OSError(errno.EROFS, "Read-only file system"))
         real_connect = sqlite3.connect
@@ -643,7 +643,7 @@ def test_disk_full_is_one_line_and_loses_nothing(itr, tiny_clip, tmp_path, small
     if real:
         filler = faults.fill(mnt)
     else:
-        import itrcli.store as store_mod
+        import itrcli.store.db as store_mod
 
         calls = []
         real_put = store_mod.Store._put_vector
@@ -672,7 +672,7 @@ def test_disk_full_is_one_line_and_loses_nothing(itr, tiny_clip, tmp_path, small
 
 def test_a_graph_cut_short_by_a_full_disk_is_caught(itr, tiny_clip, tmp_path, monkeypatch):
     """hnswlib does not check its writes: a short graph file must not be left in place."""
-    from itrcli.vindex import VectorIndex
+    from itrcli.store.vindex import VectorIndex
 
     d = tmp_path / "photos"
     make_photos(d, 8)
@@ -700,7 +700,7 @@ def test_sqlite_and_os_errors_become_one_line_errors(itr, tiny_clip, tmp_path, m
     d = tmp_path / "photos"
     make_photos(d, 4)
     db = tmp_path / "lib"
-    import itrcli.store as store_mod
+    import itrcli.store.db as store_mod
 
     def broken(self, *a, **k):
         raise sqlite3.DatabaseError("database disk image is malformed")

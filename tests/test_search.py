@@ -61,7 +61,7 @@ def test_hnsw_equals_exact_on_a_small_library(itr, lib):
 
 def test_onnx_text_tower_gives_the_torch_ranking(itr, lib):
     from itrcli import Library
-    from itrcli.textonnx import OnnxTextEncoder
+    from itrcli.embed.textonnx import OnnxTextEncoder
 
     db, _ = lib
     assert OnnxTextEncoder.available(db)
@@ -123,7 +123,7 @@ def test_deleted_files_are_not_printed(itr, lib):
 
 def test_add_and_subtract_move_the_query(itr, lib):
     from itrcli import Library
-    from itrcli.search import QueryPart
+    from itrcli.query.search import QueryPart
 
     db, paths = lib
     with Library.open(db, readonly=True) as L:
@@ -147,7 +147,7 @@ def test_errors(itr, lib, tmp_path):
 
 def test_search_sees_vectors_committed_by_a_killed_run(itr, lib, tmp_path):
     """Rows committed after the last graph save are found (the log is replayed)."""
-    from itrcli.store import Store
+    from itrcli.store.db import Store
 
     db, paths = lib
     for f in (db / "hnsw").iterdir():
@@ -212,7 +212,7 @@ def test_siglip_without_fast_tokenizer_falls_back_to_torch(itr, tiny_siglip, tmp
     """SigLIP's sentencepiece tokenizer has no `tokenizers` conversion in transformers 5:
     no ONNX export then, and text queries go through torch with the same results."""
     from itrcli import Library
-    from itrcli.textonnx import OnnxTextEncoder
+    from itrcli.embed.textonnx import OnnxTextEncoder
 
     write_shapes(tmp_path / "photos", SPECS[:3])
     db = tmp_path / "lib"
@@ -230,7 +230,7 @@ def test_siglip_without_fast_tokenizer_falls_back_to_torch(itr, tiny_siglip, tmp
 def test_table_date_is_capture_time_else_mtime():
     from datetime import datetime
 
-    from itrcli.search import Hit
+    from itrcli.query.search import Hit
 
     assert Hit(1, 0.5, "/a.jpg", 1, 1, "2021-06-01T12:30:00", 1, 0).date == "2021-06-01"
     ns = int(datetime(2020, 2, 3, 12).timestamp() * 1e9)
@@ -239,8 +239,8 @@ def test_table_date_is_capture_time_else_mtime():
 
 
 def test_text_like_queries_and_chunked_exact_top(lib):
-    from itrcli.store import Store
-    from itrcli.vindex import exact_top, needs_calibration, text_like_queries
+    from itrcli.store.db import Store
+    from itrcli.store.vindex import exact_top, needs_calibration, text_like_queries
 
     db, _ = lib
     s = Store(db, readonly=True)
@@ -261,9 +261,9 @@ def test_text_like_queries_and_chunked_exact_top(lib):
 
 
 def test_index_measures_the_search_ef_and_search_uses_it(itr, tiny_clip, tmp_path, monkeypatch):
-    from itrcli.graphfile import GraphFile
-    from itrcli.store import Store
-    from itrcli.vindex import EF_LADDER
+    from itrcli.store.graphfile import GraphFile
+    from itrcli.store.db import Store
+    from itrcli.store.vindex import EF_LADDER
 
     specs = [(c, s, p, i) for i, (c, s, p) in enumerate(
         (c, s, p) for c in ("red", "blue", "green", "yellow", "purple") for s in ("circle", "square")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 
-from itrcli import synth
+from support import synth
 
 # tiny_clip, tiny_siglip and micro_clip are the session fixtures of conftest.py.
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from itrcli.images import IMAGE_EXTENSIONS
-from itrcli.walk import Entry, Known, plan, walk
+from itrcli.ingest.images import IMAGE_EXTENSIONS
+from itrcli.ingest.walk import Entry, Known, plan, walk
 
 
 def touch(p, data=b"x"):

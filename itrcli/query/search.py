@@ -5,7 +5,7 @@ normalised embeddings are summed with signs and the sum normalised again.  Texts
 the exported ONNX text tower when the library has one (no torch import), images already in
 the library use their stored vectors (no model at all), anything else loads the model.
 
-Ranking uses the HNSW graph (``ef`` from :data:`itrcli.vindex.EF_SEARCH`), or an exact
+Ranking uses the HNSW graph (``ef`` from :data:`itrcli.store.vindex.EF_SEARCH`), or an exact
 scan with ``exact=True`` or when filters leave few candidates.  Results are sorted by
 descending cosine similarity, ties by path.
 """
@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Sequence
 
-from .errors import UsageError
-from .walk import HEIF_EXTENSIONS, IMAGE_EXTENSIONS
+from ..errors import UsageError
+from ..ingest.walk import HEIF_EXTENSIONS, IMAGE_EXTENSIONS
 
 #: When filters leave at most this many candidates, score them exactly instead of
 #: asking the graph (exact and cheaper at that size).
@@ -185,7 +185,7 @@ def rank(
     """The ``top`` best images for a query vector, filtered, existing files only."""
     import numpy as np
 
-    from .store import fs_path_of
+    from ..store.db import fs_path_of
 
     allowed = allowed_ids(store.conn, filters)
     excluded: set[int] = set()

@@ -23,11 +23,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
-from .errors import LibraryError
-from .images import MAX_FILE_BYTES, DecodeError, Preprocess, decoder_id, open_image
-from .store import Store, db_path_of
-from .vindex import VectorIndex
-from .walk import Known, plan as make_plan, under, walk
+from ..errors import LibraryError
+from ..ingest.images import MAX_FILE_BYTES, DecodeError, Preprocess, decoder_id, open_image
+from ..store.db import Store, db_path_of
+from ..store.vindex import VectorIndex
+from ..ingest.walk import Known, plan as make_plan, under, walk
 
 #: Seconds between saves of the HNSW graph during a long run (the log covers the rest).
 SAVE_EVERY = 300.0
@@ -535,7 +535,7 @@ class IndexRun:
     def _calibrate(self) -> None:
         """Measure the search ``ef`` on this library's own vectors when it has no
         measurement or has changed size by more than 20% since (:func:`vindex.calibrate`)."""
-        from .vindex import measure_search_ef, needs_calibration
+        from ..store.vindex import measure_search_ef, needs_calibration
 
         if not (self.dim or self.store.get_meta("dim")):
             return

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, NamedTuple
 
 from PIL import Image
 
-from .images import MAX_FILE_BYTES, DecodeError, open_image
+from ..ingest.images import MAX_FILE_BYTES, DecodeError, open_image
 
 #: Default size cap of a library's thumbnail cache.
 DEFAULT_CAP_BYTES = 256 * 1024 * 1024
@@ -51,7 +51,7 @@ class Source(NamedTuple):
 
 
 class _DraftBox:
-    """Duck-types :class:`itrcli.images.Preprocess` for :func:`open_image`'s draft request:
+    """Duck-types :class:`itrcli.ingest.images.Preprocess` for :func:`open_image`'s draft request:
     the decoded image must still cover the box (after EXIF rotation)."""
 
     def __init__(self, box: tuple[int, int]) -> None:
@@ -248,7 +248,7 @@ def cache_stats(library_dir: str | os.PathLike) -> dict[str, int]:
 def source_for(store, path: str) -> Source:
     """The :class:`Source` of a library path (a hit's ``path``): the path to open, with the
     content hash only while the file's size and mtime still match the library's row."""
-    from .store import fs_path_of
+    from ..store.db import fs_path_of
 
     r = store.conn.execute(
         "SELECT path, fsname, size, mtime_ns, hash FROM files WHERE path = ?", (path,)

@@ -3,7 +3,7 @@ and turning pixels and texts into L2-normalised vectors.
 
 Everything here imports torch and transformers lazily: constructing an :class:`Encoder`
 is the moment the ~4 s import is paid, never ``itr --help`` or a cold search with an
-exported text tower (see :mod:`itrcli.textonnx`).
+exported text tower (see :mod:`itrcli.embed.textonnx`).
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from .errors import ModelError, UsageError
-from .images import Preprocess
+from ..errors import ModelError, UsageError
+from ..ingest.images import Preprocess
 
 #: transformers ``model_type`` values whose checkpoints we can run.
 SUPPORTED_TYPES = ("clip", "siglip")
@@ -117,7 +117,7 @@ class Encoder:
     """A loaded dual encoder.
 
     Args:
-        model: hub id or local directory (see :func:`itrcli.models.resolve`).
+        model: hub id or local directory (see :func:`itrcli.embed.models.resolve`).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
     """

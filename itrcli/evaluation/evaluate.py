@@ -1,11 +1,11 @@
 """``itr eval``: encode an image-caption dataset and measure retrieval quality.
 
-Data flow: :class:`~itrcli.datasets.Dataset` -> vectors per model (from the embedding
+Data flow: :class:`~itrcli.evaluation.datasets.Dataset` -> vectors per model (from the embedding
 cache, a library, or the encoder) -> rankings per method (exact cosine, HNSW, binary
-codes) -> :mod:`itrcli.metrics` -> :class:`EvalResult`.
+codes) -> :mod:`itrcli.evaluation.metrics` -> :class:`EvalResult`.
 
 Images are decoded at full size (no JPEG draft mode) and preprocessed by the encoder's
-:class:`~itrcli.images.Preprocess`, which matches the model's own processor, so the
+:class:`~itrcli.ingest.images.Preprocess`, which matches the model's own processor, so the
 figures are comparable with published ones.
 
 The embedding cache (``$XDG_CACHE_HOME/itr/embeddings.db``, SQLite) keys image vectors by
@@ -16,7 +16,7 @@ name, encodes nothing.
 
 Example::
 
-    from itrcli import datasets, evaluate
+    from itrcli.evaluation import datasets, evaluate
     ds = datasets.load("dataset_flickr30k.json", images="flickr30k-images")
     result = evaluate.evaluate(ds, ["laion-b32"], ann=True, hash_bits=[64])
     print(evaluate.format_table(result))
@@ -35,10 +35,11 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import metrics, models
+from . import metrics
+from ..embed import models
 from .datasets import Dataset
-from .errors import ItrError, UsageError
-from .indexer import NoProgress, Progress, content_hash
+from ..errors import ItrError, UsageError
+from ..jobs.indexer import NoProgress, Progress, content_hash
 
 DEFAULT_KS = (1, 5, 10)
 METHODS = ("exact", "hnsw", "hash", "hash+rerank")
@@ -244,7 +245,7 @@ class EmbeddingCache:
 
 
 def default_cache_path() -> Path:
-    from .paths import cache_dir
+    from ..paths import cache_dir
 
     return cache_dir() / CACHE_NAME
 
@@ -265,7 +266,7 @@ class Embedded:
 
 def _decode(path: str, prep) -> tuple[Any, str | None]:
     """Worker: file -> (pixels ``[3, H, W]``, None) or (None, reason)."""
-    from .images import DecodeError, open_image
+    from ..ingest.images import DecodeError, open_image
 
     try:
         with open(path, "rb") as f:
@@ -298,7 +299,7 @@ def embed_dataset(
     library already holds), and the encoder is loaded only for what is left.
     Images that cannot be read or decoded are reported in ``skipped``.
     """
-    from .encoder import resolve_device, resolve_precision
+    from ..embed.encoder import resolve_device, resolve_precision
 
     t0 = time.perf_counter()
     progress = progress or NoProgress()
@@ -310,7 +311,7 @@ def embed_dataset(
     def get_encoder():
         nonlocal encoder, revision
         if encoder is None:
-            from .encoder import Encoder
+            from ..embed.encoder import Encoder
 
             encoder = Encoder(model_id, device=device, precision=precision)
             revision = revision or encoder.revision
@@ -383,7 +384,7 @@ def _encode_images(enc, ds, todo, hashes, image_vecs, skipped, key, cache, batch
     """Decode ``todo`` images in a thread pool one batch ahead of the encoder, and encode."""
     if not todo:
         return
-    from .library import default_workers
+    from ..library import default_workers
 
     batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:
@@ -426,7 +427,7 @@ def hnsw_depth(ks: Sequence[int]) -> tuple[int, int]:
     """(ef, k) for HNSW queries: ``ef`` as ``itr search`` sets it for the largest K, and
     ``k = ef`` results, which costs nothing more (hnswlib keeps ``max(ef, k)`` candidates)
     and lets the median rank be measured up to that depth."""
-    from .vindex import EF_SEARCH
+    from ..store.vindex import EF_SEARCH
 
     k_max = max(max(ks), max(metrics.RSUM_KS))
     ef = max(EF_SEARCH, 4 * k_max)
@@ -434,11 +435,11 @@ def hnsw_depth(ks: Sequence[int]) -> tuple[int, int]:
 
 
 def _hnsw_lists(items: np.ndarray, queries: np.ndarray, ks: Sequence[int]) -> np.ndarray:
-    """Build an HNSW graph over ``items`` ``[n, dim]`` with :mod:`itrcli.vindex`'s
+    """Build an HNSW graph over ``items`` ``[n, dim]`` with :mod:`itrcli.store.vindex`'s
     parameters and answer ``queries`` ``[q, dim]``: ``[q, L]`` item indices, best first."""
     import hnswlib
 
-    from .vindex import EF_CONSTRUCTION, M
+    from ..store.vindex import EF_CONSTRUCTION, M
 
     n, dim = items.shape
     ef, k = hnsw_depth(ks)
@@ -485,7 +486,7 @@ def hash_method(
     keeps the Hamming order after them.
 
     Args:
-        hamming_topk: :func:`itrcli.hashing.hamming_topk`.
+        hamming_topk: :func:`itrcli.query.hashing.hamming_topk`.
         item_codes: ``[n, words]`` uint64; query_codes: ``[q, words]``.
         item_vecs: ``[n, dim]``; query_vecs: ``[q, dim]`` (for the re-rank).
         relevant: (query index, item indices ``[L]``) -> bool ``[L]``.
@@ -520,9 +521,9 @@ def hash_method(
 
 def _load_hashing():
     try:
-        from . import hashing
+        from ..query import hashing
     except ImportError as e:
-        raise ItrError(f"--hash-bits needs itrcli.hashing, which cannot be imported ({e})") from None
+        raise ItrError(f"--hash-bits needs itrcli.query.hashing, which cannot be imported ({e})") from None
     return hashing
 
 
@@ -549,18 +550,18 @@ def evaluate(
     """Measure text->image and image->text retrieval of each model on ``ds``.
 
     Args:
-        ds: from :func:`itrcli.datasets.load`.
+        ds: from :func:`itrcli.evaluation.datasets.load`.
         model_names: preset names, hub ids or local directories; None means the library's
             model (with ``db``), else ``$ITR_MODEL`` or the default preset.
         ks: the K of R@K.
-        ann: add an "hnsw" row per model (hnswlib, :mod:`itrcli.vindex` parameters).
+        ann: add an "hnsw" row per model (hnswlib, :mod:`itrcli.store.vindex` parameters).
         hash_bits: add "hash-B" and "hash-B+rerank" rows per model and B.
-        hash_method_name: passed to :func:`itrcli.hashing.fit`.
+        hash_method_name: passed to :func:`itrcli.query.hashing.fit`.
         folds: evaluate on this many contiguous image folds and average (COCO 1K: 5).
         cache: use the embedding cache (True: the default file; a path: that file).
         db: an itr library whose stored vectors may be reused (same model only; they come
             from draft-mode decoding, so may differ slightly from a fresh encode).
-        progress: start/advance/close while encoding (e.g. :class:`itrcli.output.BarProgress`).
+        progress: start/advance/close while encoding (e.g. :class:`itrcli.show.output.BarProgress`).
     Returns:
         An :class:`EvalResult`, rows in model order then exact, hnsw, hash-B, hash-B+rerank.
     Raises:
@@ -585,7 +586,7 @@ def evaluate(
     library = None
     try:
         if db is not None:
-            from .library import Library
+            from ..library import Library
 
             library = Library.open(db, readonly=True)
         names = []

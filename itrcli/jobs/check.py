@@ -27,13 +27,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import LibraryError
-from .graphfile import GraphFile, GraphFileError
-from .lock import WriteLock, holder
-from .store import fs_path_of, library_error
+from ..errors import LibraryError
+from ..store.graphfile import GraphFile, GraphFileError
+from ..store.lock import WriteLock, holder
+from ..store.db import fs_path_of, library_error
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .library import Library
+    from ..library import Library
 
 ERROR, WARNING, NOTE = "error", "warning", "note"
 #: Paths listed per finding (all of them are counted).
@@ -107,7 +107,7 @@ class Report:
 # --- the graph file, parsed without hnswlib -------------------------------------------------
 
 def read_graph_file(path: Path, dim: int | None = None) -> GraphFile:
-    """Parse and fully validate an hnswlib index file (see :mod:`itrcli.graphfile`):
+    """Parse and fully validate an hnswlib index file (see :mod:`itrcli.store.graphfile`):
     sizes, every link and label.  Raises :class:`GraphFileError`."""
     return GraphFile(path, dim).validate()
 
@@ -390,7 +390,7 @@ def repair(lib: "Library", *, prune: bool = False, wait: float = 0.0) -> Report:
 
 
 def _repair(lib: "Library", prune: bool) -> Report:
-    from .vindex import VectorIndex
+    from ..store.vindex import VectorIndex
 
     store, done = lib.store, []
     before = check(lib, _locked=True)

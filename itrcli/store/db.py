@@ -2,7 +2,7 @@
 
 SQLite is the source of truth.  One row per file in ``files`` (its ``id`` is the file's label
 in the HNSW index), its float32 vector in ``vectors``, and every vector change appended to
-``vector_log`` in the same transaction.  The HNSW index file (see :mod:`itrcli.vindex`) is a
+``vector_log`` in the same transaction.  The HNSW index file (see :mod:`itrcli.store.vindex`) is a
 derived cache that records the last log entry it contains, so after a crash it is brought up
 to date by replaying the log: rows, vectors and labels can never disagree.
 """
@@ -19,8 +19,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from .errors import LibraryError
-from .walk import Known
+from ..errors import LibraryError
+from ..ingest.walk import Known
 
 DB_NAME = "itr.db"
 SCHEMA_VERSION = 2

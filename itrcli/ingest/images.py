@@ -82,7 +82,7 @@ def decoder_id() -> str:
     """
     import PIL
 
-    from . import __version__
+    from .. import __version__
 
     return f"itr {__version__}; Pillow {PIL.__version__}; {MAX_PIXELS} px; {MAX_FILE_BYTES} B"
 

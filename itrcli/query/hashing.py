@@ -39,7 +39,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from .errors import LibraryError, UsageError
+from ..errors import LibraryError, UsageError
 
 #: Code widths offered by ``itr hash --bits``.  :func:`fit` itself takes any width >= 1.
 BIT_CHOICES: tuple[int, ...] = (16, 32, 64, 128, 256)
@@ -552,7 +552,7 @@ def _sync(store, name: str, model: str, dim: int, bits: int, method: str, seed: 
     # also keeps all ids and codes as two blobs (a search reads them in milliseconds where
     # reading 10^6 rows takes seconds).  Both are current when seq_codes is the store's
     # vector-log sequence, which every vector put or delete advances.
-    from .store import now_iso
+    from ..store.db import now_iso
 
     conn = store.conn
     seq = store.last_seq()
@@ -670,7 +670,7 @@ def hash_search(store, query_vec: np.ndarray, top: int, bits: int = DEFAULT_BITS
     ``vector @ query_vec``.
 
     Args:
-        store: an open :class:`itrcli.store.Store` (writable: codes are saved for next time).
+        store: an open :class:`itrcli.store.db.Store` (writable: codes are saved for next time).
         query_vec: ``[dim]`` float32, L2-normalised (a text or an image embedding).
         top: results wanted.
         bits: code length.

@@ -5,7 +5,7 @@ The index lives in ``<library>/hnsw/<seq>.bin`` where ``seq`` is the last
 the point it reflects are replaced together by one atomic ``rename``.  Opening replays any
 newer log entries (a run killed before saving), in memory for readers; the writer saves.
 A one-off search maps the file instead of loading it (:meth:`VectorIndex.open_mapped`,
-:mod:`itrcli.graphfile`) when the file is up to date with the store.
+:mod:`itrcli.store.graphfile`) when the file is up to date with the store.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
-from .store import Store, fsync_dir
+from .db import Store, fsync_dir
 
 #: HNSW build parameters (hnswlib names).  M=16 and ef_construction=200 are the usual
 #: quality/size balance for 512-d CLIP vectors.
@@ -43,7 +43,7 @@ class VectorIndex:
         self.dim = dim
         self.seq = 0
         self.index = None
-        self.mapped = None  #: a :class:`itrcli.graphfile.GraphFile` instead of ``index``
+        self.mapped = None  #: a :class:`itrcli.store.graphfile.GraphFile` instead of ``index``
         self.dirty = False
 
     # -- loading ---------------------------------------------------------------------

@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator
 
-from .errors import UsageError
-from .images import supported_extensions
+from ..errors import UsageError
+from ..ingest.images import supported_extensions
 
 FORMATS = ("karpathy", "coco", "csv", "folder")
 

@@ -1,8 +1,8 @@
 """Inline image previews in terminals: the kitty graphics protocol, iTerm2 inline images
 (also WezTerm) and sixel; which one a terminal speaks; and the escape sequences themselves.
 
-Data flow: a :class:`~itrcli.thumbs.Source` -> a cached JPEG thumbnail
-(:mod:`itrcli.thumbs`) -> one escape sequence (:meth:`Previewer.sequence`), written after
+Data flow: a :class:`~itrcli.show.thumbs.Source` -> a cached JPEG thumbnail
+(:mod:`itrcli.show.thumbs`) -> one escape sequence (:meth:`Previewer.sequence`), written after
 the result line.
 
 Detection (:func:`detect`) never writes anything when stdout is not a terminal.  It reads

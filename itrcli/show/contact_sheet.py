@@ -205,8 +205,8 @@ def write_search_html(out: str | os.PathLike | TextIO, hits: Sequence, sources: 
 
     Args:
         out: a file name, ``-`` for stdout, or a text stream.
-        hits: :class:`itrcli.search.Hit` s, best first.
-        sources: the image of each hit (:func:`itrcli.thumbs.source_for`).
+        hits: :class:`itrcli.query.search.Hit` s, best first.
+        sources: the image of each hit (:func:`itrcli.show.thumbs.source_for`).
         terms: the query, as in :func:`search_page`.
         term_sources: for each term, the image to show (None for texts).
         cache: the thumbnail cache (default: none).
@@ -230,7 +230,7 @@ def write_dupes_html(groups: Sequence[Sequence[str]], out: str | os.PathLike | T
     Args:
         groups: paths (as the library shows them), one list per group.
         out: a file name, ``-`` for stdout, or a text stream.
-        store: the open library's :class:`~itrcli.store.Store`, so that thumbnails are
+        store: the open library's :class:`~itrcli.store.db.Store`, so that thumbnails are
             cached by content hash (and non-UTF-8 names opened); None: paths as given.
         cache: the thumbnail cache, e.g. ``ThumbnailCache.for_library(lib.directory)``.
     """
@@ -256,7 +256,7 @@ def query_terms(query: str | None = None, *, image: str | None = None, text: str
                 subtract: Iterable[str] = ()) -> list[tuple[str, str, float]]:
     """The query's terms (kind, value, sign), classified and ordered as
     :meth:`itrcli.library.Library.search` does."""
-    from .search import query_parts
+    from ..query.search import query_parts
 
     parts = query_parts(query, image=image, text=text, add=add, subtract=subtract)
     return [(p.kind, p.value, p.sign) for p in parts]

@@ -9,7 +9,7 @@ hnswlib's rules for deleted marks and filters), so a search reads only the pages
 visits, straight from the page cache.  The neighbours found are hnswlib's, up to the float
 rounding of distances (numpy and hnswlib's SIMD kernels sum in different orders).
 ``itr check`` uses the same parser with :meth:`GraphFile.validate`.  Writers load the
-graph with hnswlib (:mod:`itrcli.vindex`).
+graph with hnswlib (:mod:`itrcli.store.vindex`).
 
 File layout written by ``HierarchicalNSW::saveIndex`` (hnswlib 0.7-0.8, little-endian):
 a 96-byte header (:data:`HEADER`), then ``count`` level-0 records of ``size_per_element``

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
 #: File extensions that ``itr index`` picks up (lower case, with the dot); HEIF ones only
-#: when pillow-heif is installed (:func:`itrcli.images.supported_extensions`).
+#: when pillow-heif is installed (:func:`itrcli.ingest.images.supported_extensions`).
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 )

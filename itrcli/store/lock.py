@@ -13,7 +13,7 @@ import os
 import time
 from pathlib import Path
 
-from .errors import LibraryError, LockedError
+from ..errors import LibraryError, LockedError
 
 
 class WriteLock:

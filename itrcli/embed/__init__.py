@@ -1,0 +1,1 @@
+"""Pixels and text to vectors: model presets, loading, the ONNX text tower."""

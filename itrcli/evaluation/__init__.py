@@ -1,0 +1,1 @@
+"""Recall@K on image-caption datasets: loaders, metrics, the eval run."""

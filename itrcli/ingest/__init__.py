@@ -1,0 +1,1 @@
+"""Files to pixels: walking the tree, change detection, decoding."""

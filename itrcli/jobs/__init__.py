@@ -1,0 +1,1 @@
+"""Long runs over a library: indexing, checking and repairing."""

@@ -1,0 +1,1 @@
+"""A query to ranked results: query vectors, filters, exact/HNSW/Hamming ranking."""

@@ -1,0 +1,1 @@
+"""Results to people: terminal output, previews, thumbnails, HTML contact sheets."""

@@ -1,0 +1,1 @@
+"""What is on disk: the SQLite database, the HNSW graph and its file, the write lock."""
