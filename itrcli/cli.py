@@ -17,6 +17,7 @@ from typing import Annotated, List, Optional
 import typer
 
 from . import __version__
+from .constants import PRECISIONS
 from .errors import ExitCode, ItrError, Terminated, UsageError
 from .embed.models import PRESETS, preset_names
 
@@ -54,7 +55,7 @@ def _check_device(value: str) -> str:
 
 
 def _check_precision(value: str) -> str:
-    if value not in ("auto", "fp32", "bf16", "fp16"):
+    if value not in PRECISIONS:
         raise typer.BadParameter("expected auto, fp32, bf16 or fp16")
     return value
 

@@ -17,7 +17,7 @@ from ..ingest.images import Preprocess
 
 #: transformers ``model_type`` values whose checkpoints we can run.
 SUPPORTED_TYPES = ("clip", "siglip")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+from ..constants import PRECISIONS
 
 
 def cpu_has_native_bf16() -> bool:

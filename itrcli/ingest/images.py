@@ -22,7 +22,7 @@ from typing import Any
 
 from PIL import Image, ImageFile
 
-from .walk import HEIF_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (defined there: no PIL)
+from ..constants import HEIF_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (no PIL there)
 
 #: Images with more pixels than this (width x height as declared in the header) are refused
 #: before any pixel is allocated: 16,384 x 16,384 = 268 MP.  Larger real photos are rare

@@ -13,12 +13,7 @@ import stat
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
 
-#: File extensions that ``itr index`` picks up (lower case, with the dot); HEIF ones only
-#: when pillow-heif is installed (:func:`itrcli.ingest.images.supported_extensions`).
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-)
-HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".hif"})
+from ..constants import HEIF_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)

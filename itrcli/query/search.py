@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any, Callable, Sequence
 
 from ..errors import UsageError
-from ..ingest.walk import HEIF_EXTENSIONS, IMAGE_EXTENSIONS
+from ..constants import HEIF_EXTENSIONS, IMAGE_EXTENSIONS
 
 #: When filters leave at most this many candidates, score them exactly instead of
 #: asking the graph (exact and cheaper at that size).

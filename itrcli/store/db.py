@@ -22,8 +22,7 @@ from typing import Any, Callable, Iterable, Iterator
 from ..errors import LibraryError
 from ..ingest.walk import Known
 
-DB_NAME = "itr.db"
-SCHEMA_VERSION = 2
+from ..constants import DB_NAME
 
 
 def db_path_of(fs_path: str) -> tuple[str, bytes | None]:
@@ -114,6 +113,8 @@ def m002_failures(conn: sqlite3.Connection) -> None:
 
 
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_create_tables, m002_failures]
+#: The schema version a library has once every migration ran (kept in meta, for readers).
+SCHEMA_VERSION = len(MIGRATIONS)
 
 
 @dataclass(frozen=True)

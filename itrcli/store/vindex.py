@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Iterable
 
+from ..constants import GRAPH_DIR
 from .db import Store, fsync_dir
 
 #: HNSW build parameters (hnswlib names).  M=16 and ef_construction=200 are the usual
@@ -39,7 +40,7 @@ _FILE = re.compile(r"^(\d+)\.bin$")
 
 class VectorIndex:
     def __init__(self, directory: Path, dim: int) -> None:
-        self.dir = Path(directory) / "hnsw"
+        self.dir = Path(directory) / GRAPH_DIR
         self.dim = dim
         self.seq = 0
         self.index = None

@@ -1,0 +1,24 @@
+"""Names and limits shared across the package: no heavy imports, safe for ``itr --help``.
+
+Each thing on disk has one owner module that builds its paths from these names:
+``itr.db`` (:mod:`itrcli.store.db`), ``hnsw/`` (:mod:`itrcli.store.vindex`), ``text/``
+(:mod:`itrcli.embed.textonnx`), ``lock`` (:mod:`itrcli.store.lock`), ``thumbs/``
+(:mod:`itrcli.show.thumbs`).
+"""
+
+from __future__ import annotations
+
+#: File extensions that ``itr index`` picks up (lower case, with the dot); HEIF ones only
+#: when pillow-heif is installed (:func:`itrcli.ingest.images.supported_extensions`).
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+)
+HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".hif"})
+
+#: ``--precision`` values; ``auto`` is bf16 on CPUs with native bf16, fp16 on CUDA, else fp32.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+#: The library directory's entries.
+DB_NAME = "itr.db"
+GRAPH_DIR = "hnsw"
+TEXT_TOWER_DIR = "text"
