@@ -11,7 +11,7 @@ The Python API is :class:`itrcli.Library` (the CLI is a thin layer over it)::
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = ["Library", "ExitCode", "ItrError", "__version__"]
 
