@@ -26,7 +26,8 @@ from .paths import default_library_dir
 from .store.db import Store
 
 if TYPE_CHECKING:  # the index machinery (Pillow, thread pools) is imported when indexing
-    from .jobs.indexer import IndexSummary, Progress
+    from .jobs.indexer import IndexSummary
+    from .progress import Progress
 
 
 class Library:
@@ -136,17 +137,15 @@ class Library:
         try:
             want = self._check_model(model, reindex)
             if reindex and self.model:
-                # the graph first: killed in between, the graph is rebuilt from the rows
-                import shutil
-
-                shutil.rmtree(self.directory / "hnsw", ignore_errors=True)
                 self._clear()
             if reindex:
                 with self.store.transaction() as c:
-                    c.execute("DELETE FROM failures")  # retry every bad file too
+                    self.store.forget_all_failures(c)  # retry every bad file too
             meta = self.store.meta()
             prep = Preprocess.from_config(meta["preprocess"]) if meta.get("preprocess") else None
             dim = meta.get("dim")
+
+            from .progress import default_workers
 
             n_workers = workers or default_workers()
 
@@ -288,7 +287,7 @@ class Library:
             raise UsageError("empty query: give QUERY, --image or --text")
         if top < 1:
             raise UsageError("--top must be at least 1")
-        if not self.model or self.store.conn.execute("SELECT 1 FROM files LIMIT 1").fetchone() is None:
+        if not self.model or not self.store.has_files():
             raise LibraryError(f"library {self.directory} is empty (run 'itr index PATH' first)")
         filters = Filters(list(in_dirs), parse_date(after, "--after"),
                           parse_date(before, "--before"), threshold)
@@ -323,17 +322,16 @@ class Library:
         return int(self.store.get_meta("dim"))
 
     def _clear(self) -> None:
-        """--reindex: forget every vector and the model binding (rows are re-created)."""
-        with self.store.transaction() as c:
-            ids = [r[0] for r in c.execute("SELECT id FROM files")]
-            self.store.delete_files(c, ids)
-            c.execute("DELETE FROM meta WHERE key IN ('model', 'model_revision', 'model_type',"
-                      " 'dim', 'precision', 'preprocess', 'text_max_length', 'text_padding',"
-                      " 'search_ef', 'search_recall', 'search_ef_count')")
-        import shutil
+        """--reindex: forget every vector and the model binding (rows are re-created).
+        The graph goes first: killed in between, it is rebuilt from the rows."""
+        from .embed.textonnx import remove_export
+        from .store.vindex import remove_graphs
 
-        shutil.rmtree(self.directory / "hnsw", ignore_errors=True)
-        shutil.rmtree(self.directory / "text", ignore_errors=True)
+        remove_graphs(self.directory)
+        with self.store.transaction() as c:
+            self.store.delete_files(c, self.store.vector_ids().tolist())
+            self.store.forget_model(c)
+        remove_export(self.directory)
 
     def _catch_up_text_tower(self, model: str, device: str, precision: str) -> None:
         """A run killed before exporting the text tower leaves none; the next run exports
@@ -357,7 +355,7 @@ class Library:
         (``report.ok``, ``report.to_json()``).  ``files``: also look for vanished files."""
         from .jobs.check import check
 
-        return check(self, files=files)
+        return check(self.store, files=files)
 
     def repair(self, *, prune: bool = False, wait: float = 0.0):
         """Fix what :meth:`check` finds (rebuild the graph, drop orphan or damaged vectors,
@@ -368,20 +366,16 @@ class Library:
         """
         from .jobs.check import repair
 
-        return repair(self, prune=prune, wait=wait)
+        return repair(self.store, prune=prune, wait=wait)
 
     # -- information ------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """Path, model, dimension, counts, roots and on-disk sizes (the ``itr info`` object)."""
+        from .embed.textonnx import OnnxTextEncoder
+
         meta = self.store.meta()
-        sizes: dict[str, int] = {}
-        total = 0
-        for p in sorted(self.directory.rglob("*")):
-            if p.is_file():
-                rel = p.relative_to(self.directory).parts[0]
-                n = p.stat().st_size
-                sizes[rel] = sizes.get(rel, 0) + n
-                total += n
+        sizes = disk_usage(self.directory)
+        total = sum(sizes.values())
         db = self.store.db  # sqlite-utils view: table counts without hand-written SQL
         return {
             "library": str(self.directory),
@@ -394,16 +388,56 @@ class Library:
             "files": db["files"].count,
             "vectors": db["vectors"].count,
             "roots": meta.get("roots", []),
-            "fast_text_search": (self.directory / "text" / "text.onnx").exists(),
+            "fast_text_search": OnnxTextEncoder.available(self.directory),
             "search_ef": meta.get("search_ef"),
             "search_recall": meta.get("search_recall"),
             "sizes": {**sizes, "total": total},
         }
 
 
-def default_workers() -> int:
-    """Decode threads: enough to keep the encoder fed without starving torch's threads."""
-    return max(1, min(4, (os.cpu_count() or 1)))
+
+def disk_usage(directory: Path) -> dict[str, int]:
+    """Bytes under each top-level entry of ``directory`` (files counted once, links not
+    followed).  An entry that vanishes meanwhile (a graph file replaced or a thumbnail
+    trimmed by a concurrent run) is simply not counted."""
+    sizes: dict[str, int] = {}
+
+    def walk(d: str) -> int:
+        n = 0
+        try:
+            with os.scandir(d) as it:
+                entries = list(it)
+        except OSError:
+            return 0
+        for e in entries:
+            try:
+                if e.is_dir(follow_symlinks=False):
+                    n += walk(e.path)
+                elif e.is_file(follow_symlinks=False):
+                    n += e.stat(follow_symlinks=False).st_size
+            except OSError:  # gone since the listing
+                continue
+        return n
+
+    try:
+        with os.scandir(directory) as it:
+            top = sorted(it, key=lambda e: e.name)
+    except OSError:
+        return sizes
+    for e in top:
+        try:
+            if e.is_dir(follow_symlinks=False):
+                size = walk(e.path)
+                if not size:
+                    continue  # as before: a folder shows once it holds something
+            elif e.is_file(follow_symlinks=False):
+                size = e.stat(follow_symlinks=False).st_size
+            else:
+                continue
+        except OSError:
+            continue
+        sizes[e.name] = size
+    return sizes
 
 
 __all__ = ["Library", "ExitCode"]

@@ -281,6 +281,7 @@ def test_permission_denied_files_and_directories(itr, tiny_clip, tmp_path, monke
 
 
 def test_read_file_refuses_fifos_huge_files_and_files_being_written(tmp_path, monkeypatch):
+    from itrcli.ingest.files import MAX_FILE_BYTES
     from itrcli.jobs import indexer
 
     os.mkfifo(tmp_path / "fifo.jpg")
@@ -288,9 +289,9 @@ def test_read_file_refuses_fifos_huge_files_and_files_being_written(tmp_path, mo
     assert r.error == "not a regular file" and not r.remember
     big = tmp_path / "big.jpg"
     with open(big, "wb") as f:
-        f.truncate(indexer.MAX_FILE_BYTES + 1)  # sparse: nothing is written or read
+        f.truncate(MAX_FILE_BYTES + 1)  # sparse: nothing is written or read
     r = indexer.read_one(str(big), None, True, frozenset())
-    assert r.error.startswith("file too large") and r.remember and r.size == indexer.MAX_FILE_BYTES + 1
+    assert r.error.startswith("file too large") and r.remember and r.size == MAX_FILE_BYTES + 1
     growing = tmp_path / "growing.jpg"
     synth.draw("red", "circle", "left", size=48).save(growing)
     real_fstat, calls = os.fstat, []

@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
-DIRNAME = "text"
+from ..constants import TEXT_TOWER_DIR as DIRNAME
 MODEL_FILE = "text.onnx"
 DATA_FILE = "text.onnx.data"
 TOKENIZER_FILE = "tokenizer.json"
@@ -195,3 +195,8 @@ class OnnxTextEncoder:
             feeds["attention_mask"] = mask
         (out,) = self.session.run(["embedding"], feeds)
         return np.asarray(out, dtype=np.float32)
+
+
+def remove_export(library_dir: Path) -> None:
+    """Delete the exported text tower (``--reindex``: it belongs to the old model)."""
+    shutil.rmtree(Path(library_dir) / DIRNAME, ignore_errors=True)

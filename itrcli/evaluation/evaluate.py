@@ -39,7 +39,8 @@ from . import metrics
 from ..embed import models
 from .datasets import Dataset
 from ..errors import ItrError, UsageError
-from ..jobs.indexer import NoProgress, Progress, content_hash
+from ..ingest.files import content_hash
+from ..progress import NoProgress, Progress, default_workers
 
 DEFAULT_KS = (1, 5, 10)
 METHODS = ("exact", "hnsw", "hash", "hash+rerank")
@@ -266,13 +267,11 @@ class Embedded:
 
 def _decode(path: str, prep) -> tuple[Any, str | None]:
     """Worker: file -> (pixels ``[3, H, W]``, None) or (None, reason)."""
-    from ..ingest.images import DecodeError, open_image
+    from ..ingest.images import DecodeError, decode_file
 
     try:
-        with open(path, "rb") as f:
-            data = f.read()
-        img, _meta = open_image(data, draft_for=None)  # full-size decode: processor parity
-        return prep(img), None
+        pixels, _meta, _data = decode_file(path, prep, draft=False)  # full size: processor parity
+        return pixels, None
     except DecodeError as e:
         return None, str(e)
     except OSError as e:
@@ -384,7 +383,6 @@ def _encode_images(enc, ds, todo, hashes, image_vecs, skipped, key, cache, batch
     """Decode ``todo`` images in a thread pool one batch ahead of the encoder, and encode."""
     if not todo:
         return
-    from ..library import default_workers
 
     batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
     with ThreadPoolExecutor(max_workers=workers or default_workers()) as pool:

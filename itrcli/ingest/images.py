@@ -22,16 +22,13 @@ from typing import Any
 
 from PIL import Image, ImageFile
 
+from .files import MAX_FILE_BYTES, Unreadable, read_file
 from ..constants import HEIF_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (no PIL there)
 
 #: Images with more pixels than this (width x height as declared in the header) are refused
 #: before any pixel is allocated: 16,384 x 16,384 = 268 MP.  Larger real photos are rare
 #: (panoramas stitched at full size); decompression bombs declare far more.
 MAX_PIXELS = 16384 * 16384
-
-#: Files larger than this are not read at all (a video or disk image with a photo's name
-#: would otherwise be read whole into memory): 1 GiB, far above any compressed photo.
-MAX_FILE_BYTES = 1 << 30
 
 #: Largest absolute difference (in normalised pixel units, i.e. after ``(x/255-mean)/std``)
 #: that we accept between draft-mode and full-size preprocessing, on average per pixel.
@@ -411,8 +408,15 @@ def _gps_coord(value: Any, ref: Any) -> float | None:
 
 
 def decode_file(path: str, prep: Preprocess | None, *, draft: bool = True):
-    """Read and preprocess one file: returns (pixels ``[3, H, W]`` or None, meta, bytes)."""
-    with open(path, "rb") as f:
-        data = f.read()
+    """Read and preprocess one file: returns (pixels ``[3, H, W]`` or None, meta, bytes).
+
+    The one decode path outside indexing (which hashes before it decodes): the same file
+    guards (:func:`itrcli.ingest.files.read_file`) and pixel limit as an index run.
+    Raises :class:`DecodeError` with a one-line reason.
+    """
+    try:
+        _st, data = read_file(path)
+    except Unreadable as e:
+        raise DecodeError(str(e)) from None
     img, meta = open_image(data, draft_for=prep if draft else None)
     return (prep(img, (meta.width, meta.height)) if prep is not None else None), meta, data

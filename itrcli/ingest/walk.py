@@ -7,6 +7,7 @@ Both are pure enough to test without a model.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import os
 import stat
@@ -125,7 +126,7 @@ def walk(
 
 
 def _oserror(e: OSError) -> str:
-    if e.errno == 40:  # ELOOP
+    if e.errno == errno.ELOOP:
         return "symlink loop"
     if isinstance(e, FileNotFoundError):
         return "broken symlink or vanished file"

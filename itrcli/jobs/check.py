@@ -25,15 +25,13 @@ import os
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import LibraryError
+from ..store.db import Store, fs_path_of, library_error
 from ..store.graphfile import GraphFile, GraphFileError
 from ..store.lock import WriteLock, holder
-from ..store.db import fs_path_of, library_error
-
-if TYPE_CHECKING:  # pragma: no cover
-    from ..library import Library
+from ..store.vindex import VectorIndex, graph_files, remove_temp_files
 
 ERROR, WARNING, NOTE = "error", "warning", "note"
 #: Paths listed per finding (all of them are counted).
@@ -48,7 +46,7 @@ _CHUNK = 10_000
 class Finding:
     """One kind of problem or observation, with how many things it concerns."""
 
-    kind: str  #: stable identifier, e.g. ``orphan-vectors`` (see ``docs/reliability.md``)
+    kind: str  #: stable identifier, e.g. ``orphan-vectors`` (see ``docs/library-format.md``)
     severity: str  #: ``error`` (drift or damage), ``warning`` (look at it), ``note``
     count: int
     message: str
@@ -112,71 +110,51 @@ def read_graph_file(path: Path, dim: int | None = None) -> GraphFile:
     return GraphFile(path, dim).validate()
 
 
-def graph_files(directory: Path) -> tuple[list[tuple[int, Path]], list[Path]]:
-    """(``(seq, path)`` of saved graphs, oldest first; temporary files of killed saves)."""
-    import re
-
-    d = Path(directory) / "hnsw"
-    try:
-        names = os.listdir(d)
-    except OSError:
-        return [], []
-    saved = sorted((int(m.group(1)), d / n) for n in names if (m := re.match(r"^(\d+)\.bin$", n)))
-    temps = sorted(d / n for n in names if n.startswith(".") and n.endswith(".tmp"))
-    return saved, temps
-
-
 # --- check ------------------------------------------------------------------------------------
 
-def check(lib: "Library", *, files: bool = True, _locked: bool = False) -> Report:
-    """Verify the library; see the module docstring.  ``files``: also ``stat`` every
-    indexed file (vanished, changed).  Never writes anything."""
-    store = lib.store
-    conn = store.conn
-    rep = Report(library=str(lib.directory))
-    writer = None if _locked else holder(lib.directory)  # _locked: we hold it (repair)
+def check(store: Store, *, files: bool = True, _locked: bool = False) -> Report:
+    """Verify the library whose database ``store`` is; see the module docstring.
+    ``files``: also ``stat`` every indexed file (vanished, changed).  Never writes anything."""
+    directory = store.directory
+    rep = Report(library=str(directory))
+    writer = None if _locked else holder(directory)  # _locked: we hold it (repair)
     if writer:
         rep.add("writer", NOTE, f"{writer} is writing to the library; this check sees its last commit")
     try:
-        conn.execute("BEGIN")  # one read snapshot for every query below
+        store.begin_snapshot()  # one read snapshot for every query below
     except sqlite3.Error as e:
         rep.add("integrity", ERROR, f"the database cannot be read: {e}")
         return rep
     try:
-        if not _check_database(rep, conn):
+        if not _check_database(rep, store):
             return rep
         meta = store.meta()
         dim = meta.get("dim")
-        rep.files = conn.execute("SELECT count(*) FROM files").fetchone()[0]
-        rep.vectors = conn.execute("SELECT count(*) FROM vectors").fetchone()[0]
+        rep.files = store.count()
+        rep.vectors = store.vector_count()
         if (rep.files or rep.vectors) and not (meta.get("model") and dim):
             rep.add("meta", ERROR, "the library has rows but no recorded model or dimension; "
                     "re-index with 'itr index PATH --reindex -m MODEL'")
             return rep
-        good = _check_vectors(rep, conn, dim) if dim else {}
+        good = _check_vectors(rep, store, dim) if dim else {}
         if dim:
-            _check_graph(rep, lib, store, int(dim), good, writer)
+            _check_graph(rep, store, int(dim), good, writer)
         if files:
-            _check_files(rep, conn)
-        has_failures = conn.execute(
-            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'failures'").fetchone()
-        n = conn.execute("SELECT count(*) FROM failures").fetchone()[0] if has_failures else 0
+            _check_files(rep, store)
+        n = store.failure_count()
         if n:
             rep.add("remembered-failures", NOTE, f"{n} file(s) that could not be decoded are "
                     "remembered: reported as skipped, not read again until they change", count=n)
     except sqlite3.DatabaseError as e:
         rep.add("integrity", ERROR, f"the database cannot be read: {e}")
     finally:
-        try:
-            conn.execute("ROLLBACK")
-        except sqlite3.Error:
-            pass
+        store.end_snapshot()
     return rep
 
 
-def _check_database(rep: Report, conn: sqlite3.Connection) -> bool:
+def _check_database(rep: Report, store: Store) -> bool:
     try:
-        msgs = [r[0] for r in conn.execute("PRAGMA integrity_check(20)")]
+        msgs = store.integrity_messages(20)
     except sqlite3.DatabaseError as e:
         rep.add("integrity", ERROR, f"the database is damaged: {e}")
         return False
@@ -186,17 +164,15 @@ def _check_database(rep: Report, conn: sqlite3.Connection) -> bool:
     return True
 
 
-def _check_vectors(rep: Report, conn: sqlite3.Connection, dim: int) -> dict[int, None]:
+def _check_vectors(rep: Report, store: Store, dim: int) -> dict[int, None]:
     """Rows vs vectors; returns the ids of good vectors (in id order)."""
     import numpy as np
 
-    orphans = [r[0] for r in conn.execute(
-        "SELECT v.id FROM vectors v LEFT JOIN files f ON f.id = v.id WHERE f.id IS NULL")]
+    orphans = store.orphan_vector_ids()
     if orphans:
         rep.add("orphan-vectors", ERROR, f"{len(orphans)} vector(s) belong to no file row",
                 items=orphans, ids=orphans)
-    rows = conn.execute("SELECT f.id, f.path FROM files f LEFT JOIN vectors v ON v.id = f.id "
-                        "WHERE v.id IS NULL").fetchall()
+    rows = store.rows_without_vectors()
     if rows:
         rep.add("rows-without-vectors", ERROR, f"{len(rows)} file row(s) have no vector",
                 items=[p for _, p in rows], ids=[i for i, _ in rows])
@@ -204,9 +180,7 @@ def _check_vectors(rep: Report, conn: sqlite3.Connection, dim: int) -> dict[int,
     good: dict[int, None] = {}
     last = -1
     while True:
-        chunk = conn.execute(
-            "SELECT v.id, v.vector, f.path FROM vectors v JOIN files f ON f.id = v.id "
-            "WHERE v.id > ? ORDER BY v.id LIMIT ?", (last, _CHUNK)).fetchall()
+        chunk = store.vector_blobs_after(last, _CHUNK)
         if not chunk:
             break
         last = chunk[-1][0]
@@ -228,11 +202,11 @@ def _check_vectors(rep: Report, conn: sqlite3.Connection, dim: int) -> dict[int,
     return good
 
 
-def _check_graph(rep: Report, lib: "Library", store, dim: int, good: dict[int, None],
+def _check_graph(rep: Report, store: Store, dim: int, good: dict[int, None],
                  writer: str | None) -> None:
     import numpy as np
 
-    saved, temps = graph_files(lib.directory)
+    saved, temps = graph_files(store.directory)
     if temps and not writer:
         rep.add("temp-files", WARNING, f"{len(temps)} temporary graph file(s) left by a run "
                 "killed while saving", items=[p.name for p in temps])
@@ -247,7 +221,7 @@ def _check_graph(rep: Report, lib: "Library", store, dim: int, good: dict[int, N
                     "opens the library; the next 'itr index' or --repair saves one")
         return
     seq, path = saved[-1]
-    rep.graph_file = str(path.relative_to(lib.directory))
+    rep.graph_file = str(path.relative_to(store.directory))
     rep.graph_seq = seq
     if seq > last and writer:
         rep.add("graph-ahead", NOTE, f"graph file {path.name} was saved after this check's "
@@ -329,12 +303,11 @@ def _check_graph(rep: Report, lib: "Library", store, dim: int, good: dict[int, N
                 ids=wrong)
 
 
-def _check_files(rep: Report, conn: sqlite3.Connection) -> None:
+def _check_files(rep: Report, store: Store) -> None:
     import stat as stat_
 
     vanished, unreadable, changed = [], [], []
-    for id_, path, fsname, size, mtime in conn.execute(
-            "SELECT id, path, fsname, size, mtime_ns FROM files ORDER BY path"):
+    for id_, path, fsname, size, mtime in store.file_stats():
         try:
             st = os.stat(fs_path_of(path, fsname))
         except (FileNotFoundError, NotADirectoryError):
@@ -368,7 +341,7 @@ _GRAPH_PROBLEMS = ("graph-unreadable", "graph-ahead", "log-gap", "graph-extra-la
                    "graph-missing-labels", "graph-wrong-vectors")
 
 
-def repair(lib: "Library", *, prune: bool = False, wait: float = 0.0) -> Report:
+def repair(store: Store, *, prune: bool = False, wait: float = 0.0) -> Report:
     """Fix what :func:`check` finds, under the write lock; returns a fresh check with
     ``repaired`` listing what was done.
 
@@ -378,22 +351,20 @@ def repair(lib: "Library", *, prune: bool = False, wait: float = 0.0) -> Report:
     Raises:
         LibraryError: read-only, locked, or a database too damaged to repair here.
     """
-    if lib.store.readonly:
+    if store.readonly:
         raise LibraryError("library opened read-only; cannot repair")
-    lock = WriteLock(lib.directory, "itr check --repair").acquire(wait)
+    lock = WriteLock(store.directory, "itr check --repair").acquire(wait)
     try:
-        return _repair(lib, prune)
+        return _repair(store, prune)
     except (sqlite3.Error, OSError) as e:
-        raise library_error(e, lib.directory) from e
+        raise library_error(e, store.directory) from e
     finally:
         lock.release()
 
 
-def _repair(lib: "Library", prune: bool) -> Report:
-    from ..store.vindex import VectorIndex
-
-    store, done = lib.store, []
-    before = check(lib, _locked=True)
+def _repair(store: Store, prune: bool) -> Report:
+    done: list[str] = []
+    before = check(store, _locked=True)
     if before.get("integrity"):
         try:
             kept = store.rebuild_file()
@@ -404,7 +375,7 @@ def _repair(lib: "Library", prune: bool) -> Report:
                 f"or salvage its rows: sqlite3 {store.path} .recover | sqlite3 recovered.db"
             ) from None
         done.append(f"rebuilt the database file from its tables (the damaged one is kept as {kept.name})")
-        before = check(lib, _locked=True)
+        before = check(store, _locked=True)
     if before.get("meta"):
         raise LibraryError(before.get("meta").message)
 
@@ -417,13 +388,10 @@ def _repair(lib: "Library", prune: bool) -> Report:
     vanished = ids("vanished") if prune else []
     if orphans or drop or vanished:
         with store.transaction() as c:
-            for i in orphans:
-                c.execute("DELETE FROM vectors WHERE id = ?", (i,))
-                c.execute("INSERT INTO vector_log (id, op) VALUES (?, 'del')", (i,))
+            store.delete_orphan_vectors(c, orphans)
             gone = [r["path"] for r in store.rows(vanished).values()]
             store.delete_files(c, drop + vanished)
-            for p in gone:
-                c.execute("DELETE FROM failures WHERE path = ?", (p,))
+            store.forget_failures_shown(c, gone)
         if orphans:
             done.append(f"dropped {len(orphans)} orphan vector(s)")
         if drop:
@@ -433,21 +401,17 @@ def _repair(lib: "Library", prune: bool) -> Report:
             done.append(f"forgot {len(vanished)} vanished file(s)")
     if prune:
         with store.transaction() as c:
-            n = 0
-            for path, fsname in c.execute("SELECT path, fsname FROM failures").fetchall():
-                if not os.path.lexists(fs_path_of(path, fsname)):
-                    c.execute("DELETE FROM failures WHERE path = ?", (path,))
-                    n += 1
-        if n:
-            done.append(f"forgot {n} vanished bad file(s)")
-    saved, temps = graph_files(lib.directory)
-    for p in temps:
-        _unlink(p)
-    if temps:
-        done.append(f"removed {len(temps)} temporary graph file(s)")
+            gone = [p for p in store.failures() if not os.path.lexists(p)]
+            store.forget_failures(c, gone)
+        if gone:
+            done.append(f"forgot {len(gone)} vanished bad file(s)")
+    saved = graph_files(store.directory)[0]
+    n_temps = remove_temp_files(store.directory)
+    if n_temps:
+        done.append(f"removed {n_temps} temporary graph file(s)")
     dim = store.get_meta("dim")
     if dim:
-        vi = VectorIndex(lib.directory, int(dim))
+        vi = VectorIndex(store.directory, int(dim))
         rebuild = any(before.get(k) for k in _GRAPH_PROBLEMS) or orphans or drop or vanished
         if rebuild:
             vi.rebuild(store)
@@ -456,16 +420,13 @@ def _repair(lib: "Library", prune: bool) -> Report:
         if vi.dirty or not saved:
             seq = store.last_seq()
             vi.save(seq)
-            final = Path(lib.directory) / "hnsw" / f"{seq}.bin"
-            if final.stat().st_size != vi.index.index_file_size():
-                _unlink(final)
-                raise LibraryError(f"could not write the search graph to {final} (disk full?)")
+            vi.verify_saved(seq)
             store.truncate_log(seq)
-            n = store.conn.execute("SELECT count(*) FROM vectors").fetchone()[0]
+            n = store.vector_count()
             done.append(f"{'rebuilt' if rebuild else 'saved'} the search graph ({n} vectors)")
-        for _, p in graph_files(lib.directory)[0][:-1]:
+        for _, p in graph_files(store.directory)[0][:-1]:
             _unlink(p)
-    after = check(lib, _locked=True)
+    after = check(store, _locked=True)
     after.repaired = done
     return after
 

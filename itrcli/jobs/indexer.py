@@ -14,6 +14,7 @@ in it, so a run killed or interrupted at any point leaves a graph that the log c
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
@@ -21,33 +22,17 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
-from ..errors import LibraryError
-from ..ingest.images import MAX_FILE_BYTES, DecodeError, Preprocess, decoder_id, open_image
+from ..progress import NoProgress, Progress
+from ..ingest.files import Unreadable, content_hash, read_file
+from ..ingest.images import DecodeError, Preprocess, decoder_id, open_image
 from ..store.db import Store, db_path_of
-from ..store.vindex import VectorIndex
+from ..store.vindex import VectorIndex, graph_files, remove_temp_files
 from ..ingest.walk import Known, plan as make_plan, under, walk
 
 #: Seconds between saves of the HNSW graph during a long run (the log covers the rest).
 SAVE_EVERY = 300.0
-
-
-class Progress(Protocol):
-    def start(self, total: int) -> None: ...
-    def advance(self, files: int, embedded: int) -> None: ...
-    def close(self) -> None: ...
-
-
-class NoProgress:
-    def start(self, total: int) -> None:
-        pass
-
-    def advance(self, files: int, embedded: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 @dataclass
@@ -89,11 +74,6 @@ def _display(path: str) -> str:
     return db_path_of(path)[0]
 
 
-def content_hash(data: bytes) -> str:
-    """blake2b-128 of a file's bytes, hex: the identity used to detect moves and copies."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
 @dataclass
 class _Read:
     path: str
@@ -107,55 +87,6 @@ class _Read:
     remember: bool = False
 
 
-class _Unreadable(Exception):
-    def __init__(self, reason: str, st: os.stat_result | None = None) -> None:
-        super().__init__(reason)
-        self.st = st  #: set when the reason depends only on the file (remembered)
-
-
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
-
-
-def read_file(path: str) -> tuple[os.stat_result, bytes]:
-    """The bytes of a regular file and its ``stat`` as read.
-
-    Refuses what must not be read (a FIFO would block forever; a huge file would be read
-    whole into memory) and a file that changed while it was being read (a copy in
-    progress), which is picked up again by the next run.
-    Raises :class:`_Unreadable` with a one-line reason.
-    """
-    for _attempt in range(2):
-        try:
-            # O_NONBLOCK: a file replaced by a FIFO since the walk must not hang the run
-            fd = os.open(path, _OPEN_FLAGS)
-        except FileNotFoundError:
-            raise _Unreadable("file vanished during the run") from None
-        except IsADirectoryError:
-            raise _Unreadable("is a directory") from None
-        except PermissionError:
-            raise _Unreadable("permission denied") from None
-        except OSError as e:
-            raise _Unreadable("symlink loop" if e.errno == 40 else (e.strerror or str(e))) from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise _Unreadable("not a regular file")
-            if st.st_size > MAX_FILE_BYTES:
-                raise _Unreadable(f"file too large: {st.st_size:,} bytes (limit {MAX_FILE_BYTES:,})", st)
-            with open(fd, "rb", closefd=False) as f:
-                data = f.read(MAX_FILE_BYTES + 1)
-            after = os.fstat(fd)
-        except OSError as e:  # EIO on a failing disk, a network share gone away
-            raise _Unreadable(e.strerror or str(e)) from None
-        finally:
-            os.close(fd)
-        if len(data) > MAX_FILE_BYTES:
-            raise _Unreadable(f"file too large: over {MAX_FILE_BYTES:,} bytes", after)
-        if len(data) == st.st_size == after.st_size and st.st_mtime_ns == after.st_mtime_ns:
-            return st, data
-    raise _Unreadable("file changed while being read (it is read again next run)")
-
-
 def read_one(path: str, prep: Preprocess | None, draft: bool, known_hashes: frozenset[str]) -> _Read:
     """Worker: read, hash, and (unless the content is known) decode and preprocess.
 
@@ -164,7 +95,7 @@ def read_one(path: str, prep: Preprocess | None, draft: bool, known_hashes: froz
     r = _Read(path)
     try:
         st, data = read_file(path)
-    except _Unreadable as e:
+    except Unreadable as e:
         r.error = str(e)
         if e.st is not None:
             r.size, r.mtime_ns, r.remember = e.st.st_size, e.st.st_mtime_ns, True
@@ -400,7 +331,7 @@ class IndexRun:
                     self.store.update_file(c, k.id, {**info, "path": path})
                     counts["moved"] += 1
                 else:  # copy: known content at a new path, or a changed file now equal to another
-                    src_id = self._id_for_hash(c, r.hash)
+                    src_id = self.store.id_for_hash(c, r.hash)
                     if src_id is None:  # its only holder changed in this run: decode it after all
                         redo.append(path)
                         ok.pop()
@@ -443,7 +374,9 @@ class IndexRun:
             vi = self._open_vindex()
             vi.add(np.asarray(put_ids, dtype=np.int64), np.stack(put_vecs))
             vi.seq = max(vi.seq, seq)
-        self.progress.advance(len(batch) + len(ops) - len(redo), len(batch))
+        # failed reads were counted when they were met (in _process), not again here
+        done = len(batch) + sum(kind != "fail" for kind, _, _ in ops) - len(redo)
+        self.progress.advance(done, len(batch))
         again = []
         for path in redo:
             r = read_one(path, self.prep, self.draft, frozenset())
@@ -457,16 +390,10 @@ class IndexRun:
     def _name_taken(self, c, path: str) -> bool:
         """A new file whose shown name is already another file's (two names that differ
         only in bytes that are not UTF-8 and their escapes): skipped, not a crash."""
-        text = db_path_of(path)[0]
-        if c.execute("SELECT 1 FROM files WHERE path = ?", (text,)).fetchone() is None:
+        if not self.store.path_taken(c, path):
             return False
         self.summary.skip(path, "its name, with non-UTF-8 bytes escaped, is another indexed file's")
         return True
-
-    @staticmethod
-    def _id_for_hash(c, h: str) -> int | None:
-        r = c.execute("SELECT id FROM files WHERE hash = ? LIMIT 1", (h,)).fetchone()
-        return None if r is None else int(r[0])
 
     def _remove(self, missing: dict[str, Known], gone_failures: list[str] = ()) -> None:
         if not missing and not gone_failures:
@@ -494,38 +421,13 @@ class IndexRun:
             except BaseException:
                 self._remove_temp_files()
                 raise
-            self._verify_saved(seq)
+            vi.verify_saved(seq)
             self.store.truncate_log(seq)
         self._last_save = time.monotonic()
 
-    def _verify_saved(self, seq: int) -> None:
-        # hnswlib does not check its writes: on a full disk it leaves a short file
-        path = os.path.join(self.library_dir, "hnsw", f"{seq}.bin")
-        want = self.vindex.index.index_file_size()
-        try:
-            got = os.path.getsize(path)
-        except OSError:
-            got = -1
-        if got != want:
-            try:
-                os.unlink(path)  # readers then rebuild from the database
-            except OSError:
-                pass
-            raise LibraryError(
-                f"disk full? cannot write library {self.library_dir}: the search graph was "
-                f"written incompletely ({max(got, 0):,} of {want:,} bytes); free some space and "
-                "run again (the vectors are safe in the database)"
-            )
-
     def _remove_temp_files(self) -> None:
         """Temporary graph files of a run that was killed while saving (we hold the lock)."""
-        from .check import graph_files
-
-        for p in graph_files(self.library_dir)[1]:
-            try:
-                p.unlink()
-            except OSError:
-                pass
+        remove_temp_files(self.library_dir)
 
     def _finish(self) -> None:
         self._catch_up()
@@ -551,10 +453,7 @@ class IndexRun:
         missing or behind the log, so that readers need not replay or rebuild it."""
         if self.vindex is not None or not (self.dim or self.store.get_meta("dim")):
             return
-        from .check import graph_files
-
         saved = graph_files(self.library_dir)[0]
-        if (saved and saved[-1][0] == self.store.last_seq()) or (
-                not saved and self.store.conn.execute("SELECT 1 FROM vectors LIMIT 1").fetchone() is None):
+        if (saved and saved[-1][0] == self.store.last_seq()) or (not saved and not self.store.has_vectors()):
             return
         self._open_vindex()  # replays the log, or rebuilds: then dirty, and saved

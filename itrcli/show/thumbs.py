@@ -26,7 +26,8 @@ from typing import Iterable, Iterator, NamedTuple
 
 from PIL import Image
 
-from ..ingest.images import MAX_FILE_BYTES, DecodeError, open_image
+from ..ingest.files import Unreadable, read_file
+from ..ingest.images import DecodeError, open_image
 
 #: Default size cap of a library's thumbnail cache.
 DEFAULT_CAP_BYTES = 256 * 1024 * 1024
@@ -76,10 +77,10 @@ def make_thumbnail(path: str, box: tuple[int, int]) -> Image.Image:
         OSError: the file cannot be read.
         DecodeError: it is not a usable image.
     """
-    with open(path, "rb") as f:
-        if os.fstat(f.fileno()).st_size > MAX_FILE_BYTES:
-            raise DecodeError(f"file too large (over {MAX_FILE_BYTES >> 20} MiB)")
-        data = f.read()
+    try:
+        _st, data = read_file(path)  # the guards of an index run: no FIFO, no huge file
+    except Unreadable as e:  # st set: the file's own fault (too large); else it cannot be read
+        raise (DecodeError if e.st is not None else OSError)(str(e)) from None
     img, _meta = open_image(data, draft_for=_DraftBox(box))  # type: ignore[arg-type]
     size = fit(img.width, img.height, box)
     if size != img.size:
@@ -250,18 +251,16 @@ def source_for(store, path: str) -> Source:
     content hash only while the file's size and mtime still match the library's row."""
     from ..store.db import fs_path_of
 
-    r = store.conn.execute(
-        "SELECT path, fsname, size, mtime_ns, hash FROM files WHERE path = ?", (path,)
-    ).fetchone()
+    r = store.row_by_shown_path(path)
     if r is None:
         return Source(path)
-    fs_path = fs_path_of(r[0], r[1])
+    fs_path = fs_path_of(r["path"], r["fsname"])
     try:
         st = os.stat(fs_path)
     except OSError:
         return Source(fs_path)
-    fresh = st.st_size == r[2] and st.st_mtime_ns == r[3]
-    return Source(fs_path, r[4] if fresh else None)
+    fresh = st.st_size == r["size"] and st.st_mtime_ns == r["mtime_ns"]
+    return Source(fs_path, r["hash"] if fresh else None)
 
 
 def _touch(f: Path) -> None:

@@ -127,6 +127,11 @@ class Failure:
     decoder: str
 
 
+#: Meta keys that belong to the bound model (dropped by ``--reindex``).
+MODEL_META = ("model", "model_revision", "model_type", "dim", "precision", "preprocess",
+              "text_max_length", "text_padding", "search_ef", "search_recall", "search_ef_count")
+
+
 def library_error(e: BaseException, directory: Path | str) -> LibraryError:
     """A one-line, actionable :class:`LibraryError` for a database or file-system error
     met while writing the library at ``directory``."""
@@ -296,6 +301,8 @@ class Store:
         old = self.directory / f"{DB_NAME}.damaged"
         fresh.unlink(missing_ok=True)
         c = self.conn
+        # copy rows as they are (orphans included: the repair that follows drops them)
+        c.execute("PRAGMA foreign_keys=OFF")
         c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         schema = c.execute("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL "
                            "AND name NOT LIKE 'sqlite_%'").fetchall()
@@ -344,7 +351,6 @@ class Store:
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
         fsync_dir(self.directory)
         self.conn = _connect_writable(self.path)
-        self.conn.execute("PRAGMA foreign_keys=ON")
         return old
 
     # -- meta ------------------------------------------------------------------------
@@ -392,7 +398,11 @@ class Store:
         return out
 
     def row_by_path(self, fs_path: str) -> dict[str, Any] | None:
-        text, _ = db_path_of(fs_path)
+        """The file row of a path to open (None if not indexed)."""
+        return self.row_by_shown_path(db_path_of(fs_path)[0])
+
+    def row_by_shown_path(self, text: str) -> dict[str, Any] | None:
+        """The file row of a path as stored and shown (a hit's ``path``)."""
         cur = self.conn.execute("SELECT * FROM files WHERE path = ?", (text,))
         r = cur.fetchone()
         return None if r is None else dict(zip([d[0] for d in cur.description], r))
@@ -412,6 +422,32 @@ class Store:
                     chunk,
                 ).fetchall()
         return _decode(rows, dim)
+
+    def vector_ids(self):
+        """Every vector's id ``[n]`` int64 (read from the files table, far smaller to scan
+        than the vectors; file ids are vector ids)."""
+        import numpy as np
+
+        return np.fromiter((r[0] for r in self.conn.execute("SELECT id FROM files")), dtype=np.int64)
+
+    def vector_count(self) -> int:
+        return self.conn.execute("SELECT count(*) FROM vectors").fetchone()[0]
+
+    def has_vectors(self) -> bool:
+        return self.conn.execute("SELECT 1 FROM vectors LIMIT 1").fetchone() is not None
+
+    def has_files(self) -> bool:
+        return self.conn.execute("SELECT 1 FROM files LIMIT 1").fetchone() is not None
+
+    def path_taken(self, c: sqlite3.Connection, fs_path: str) -> bool:
+        """Whether a row already shows this path (as text, non-UTF-8 bytes escaped)."""
+        return c.execute("SELECT 1 FROM files WHERE path = ?", (db_path_of(fs_path)[0],)).fetchone() is not None
+
+    @staticmethod
+    def id_for_hash(c: sqlite3.Connection, h: str) -> int | None:
+        """One file id having this content hash, inside a transaction."""
+        r = c.execute("SELECT id FROM files WHERE hash = ? LIMIT 1", (h,)).fetchone()
+        return None if r is None else int(r[0])
 
     def vector_chunks(self, chunk: int = 50_000):
         """Every stored vector, ``chunk`` rows at a time in id order: (ids ``[n]`` int64,
@@ -515,6 +551,67 @@ class Store:
         for p in fs_paths:
             c.execute("DELETE FROM failures WHERE path = ?", (db_path_of(p)[0],))
 
+    # -- reading for `itr check` (inside begin_snapshot() ... end_snapshot()) -----------
+    def begin_snapshot(self) -> None:
+        """Start one read transaction: every query until :meth:`end_snapshot` sees the
+        same commit, while a writer goes on (WAL)."""
+        self.conn.execute("BEGIN")
+
+    def end_snapshot(self) -> None:
+        try:
+            self.conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
+
+    def integrity_messages(self, limit: int = 20) -> list[str]:
+        """``PRAGMA integrity_check``: ``["ok"]`` or up to ``limit`` problems."""
+        return [r[0] for r in self.conn.execute(f"PRAGMA integrity_check({int(limit)})")]
+
+    def orphan_vector_ids(self) -> list[int]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT v.id FROM vectors v LEFT JOIN files f ON f.id = v.id WHERE f.id IS NULL")]
+
+    def rows_without_vectors(self) -> list[tuple[int, str]]:
+        """(id, path) of file rows that have no vector."""
+        return self.conn.execute("SELECT f.id, f.path FROM files f LEFT JOIN vectors v ON "
+                                 "v.id = f.id WHERE v.id IS NULL").fetchall()
+
+    def vector_blobs_after(self, last: int, limit: int) -> list[tuple[int, bytes, str]]:
+        """(id, raw vector blob, path) of up to ``limit`` vectors with id > ``last``, in id order."""
+        return self.conn.execute(
+            "SELECT v.id, v.vector, f.path FROM vectors v JOIN files f ON f.id = v.id "
+            "WHERE v.id > ? ORDER BY v.id LIMIT ?", (last, limit)).fetchall()
+
+    def file_stats(self) -> list[tuple[int, str, bytes | None, int, int]]:
+        """(id, path, fsname, size, mtime_ns) of every file row, by path."""
+        return self.conn.execute(
+            "SELECT id, path, fsname, size, mtime_ns FROM files ORDER BY path").fetchall()
+
+    def failure_count(self) -> int:
+        if not self.conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                                 "AND name = 'failures'").fetchone():
+            return 0
+        return self.conn.execute("SELECT count(*) FROM failures").fetchone()[0]
+
+    # -- writing for `itr check --repair` --------------------------------------------------
+    def forget_failures_shown(self, c: sqlite3.Connection, shown: Iterable[str]) -> None:
+        """Forget remembered failures by their path as stored (shown) text."""
+        for p in shown:
+            c.execute("DELETE FROM failures WHERE path = ?", (p,))
+
+    def delete_orphan_vectors(self, c: sqlite3.Connection, ids: Iterable[int]) -> None:
+        """Drop vectors that belong to no file row (logged, so the graph follows)."""
+        for i in ids:
+            c.execute("DELETE FROM vectors WHERE id = ?", (i,))
+            c.execute("INSERT INTO vector_log (id, op) VALUES (?, 'del')", (i,))
+
+    def forget_all_failures(self, c: sqlite3.Connection) -> None:
+        c.execute("DELETE FROM failures")
+
+    def forget_model(self, c: sqlite3.Connection) -> None:
+        """Drop the model binding and what was measured with it (``--reindex``)."""
+        c.execute(f"DELETE FROM meta WHERE key IN ({','.join('?' * len(MODEL_META))})", MODEL_META)
+
     def truncate_log(self, upto: int) -> None:
         with self.transaction() as c:
             c.execute("DELETE FROM vector_log WHERE seq <= ?", (upto,))
@@ -526,6 +623,8 @@ def _connect_writable(path: Path) -> sqlite3.Connection:
     # WAL + NORMAL: a crash of the process never loses a commit; a power cut may lose the
     # last few, never corrupt the file.
     conn.execute("PRAGMA synchronous=NORMAL")
+    # ON DELETE CASCADE and REFERENCES hold in every run, not only after a repair
+    conn.execute("PRAGMA foreign_keys=ON")
     return conn
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..constants import GRAPH_DIR
+from ..errors import LibraryError
 from .db import Store, fsync_dir
 
 #: HNSW build parameters (hnswlib names).  M=16 and ef_construction=200 are the usual
@@ -38,6 +39,38 @@ RECALIBRATE_CHANGE = 0.2
 _FILE = re.compile(r"^(\d+)\.bin$")
 
 
+def graph_files(directory: Path | str) -> tuple[list[tuple[int, Path]], list[Path]]:
+    """The library's graph files: (``(seq, path)`` of saved graphs, oldest first; temporary
+    files of saves that were killed).  This module owns ``hnsw/`` and its file names."""
+    d = Path(directory) / GRAPH_DIR
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return [], []
+    saved = sorted((int(m.group(1)), d / n) for n in names if (m := _FILE.match(n)))
+    temps = sorted(d / n for n in names if n.startswith(".") and n.endswith(".tmp"))
+    return saved, temps
+
+
+def remove_temp_files(directory: Path | str) -> int:
+    """Delete the temporary graph files of killed saves (call with the write lock held);
+    returns how many there were."""
+    temps = graph_files(directory)[1]
+    for p in temps:
+        try:
+            p.unlink()
+        except OSError:
+            pass
+    return len(temps)
+
+
+def remove_graphs(directory: Path | str) -> None:
+    """Delete every graph file (``--reindex``; searches rebuild from the database)."""
+    import shutil
+
+    shutil.rmtree(Path(directory) / GRAPH_DIR, ignore_errors=True)
+
+
 class VectorIndex:
     def __init__(self, directory: Path, dim: int) -> None:
         self.dir = Path(directory) / GRAPH_DIR
@@ -49,16 +82,7 @@ class VectorIndex:
 
     # -- loading ---------------------------------------------------------------------
     def _files(self) -> list[tuple[int, Path]]:
-        try:
-            names = os.listdir(self.dir)
-        except FileNotFoundError:
-            return []
-        out = []
-        for n in names:
-            m = _FILE.match(n)
-            if m:
-                out.append((int(m.group(1)), self.dir / n))
-        return sorted(out)
+        return graph_files(self.dir.parent)[0]
 
     def _new(self, capacity: int):
         import hnswlib
@@ -179,6 +203,26 @@ class VectorIndex:
         self.seq = seq
         self.dirty = False
 
+    def verify_saved(self, seq: int) -> None:
+        """hnswlib does not check its writes: on a full disk it leaves a short file.  Remove
+        such a file (readers then rebuild from the database) and raise :class:`LibraryError`."""
+        path = self.dir / f"{seq}.bin"
+        want = self.index.index_file_size()
+        try:
+            got = path.stat().st_size
+        except OSError:
+            got = -1
+        if got != want:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            raise LibraryError(
+                f"disk full? cannot write library {self.dir.parent}: the search graph was "
+                f"written incompletely ({max(got, 0):,} of {want:,} bytes); free some space and "
+                "run again (the vectors are safe in the database)"
+            )
+
     # -- searching -------------------------------------------------------------------
     def search(self, query, k: int, live: int, ef: int | None = None, filter=None):
         """Top ``k`` (labels ``[k]``, cosine similarities ``[k]``) for one query ``[dim]``.
@@ -247,8 +291,7 @@ def calibrate(vi: VectorIndex, store: Store, k: int = 10) -> tuple[int, float] |
     when none reaches it).  None when the library is too small to measure."""
     import numpy as np
 
-    # file ids are vector ids; the files table is far smaller to scan than the vectors
-    ids = np.asarray([r[0] for r in store.conn.execute("SELECT id FROM files")], dtype=np.int64)
+    ids = store.vector_ids()
     if len(ids) < 4 * k:
         return None
     rng = np.random.default_rng(0)
