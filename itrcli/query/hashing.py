@@ -444,29 +444,7 @@ def quantization_error(projected: np.ndarray) -> float:
     return float(np.mean(np.sum((np.where(z >= 0, 1.0, -1.0) - z) ** 2, axis=1)))
 
 
-# --- a library's hasher and codes -----------------------------------------------------------
-# The tables are created here, on first use, because hashing is optional; they belong to the
-# library as much as `files` does and could move into a named migration in store.py.
-
-_TABLES = """
-CREATE TABLE IF NOT EXISTS hashers (
-    name TEXT PRIMARY KEY,          -- "<method>-<bits>", e.g. "itq-64"
-    model TEXT NOT NULL,            -- the library's model when fitted
-    seq_fit INTEGER NOT NULL,       -- vector-log sequence at the fit (refit rule)
-    seq_codes INTEGER NOT NULL,     -- vector-log sequence the codes are up to date with
-    fitted_at TEXT NOT NULL,
-    params TEXT NOT NULL,           -- Hasher.to_dict() as JSON
-    snap_ids BLOB,                  -- every id (int64 LE) and code (big-endian uint64 words)
-    snap_codes BLOB                 --   at seq_codes, in id order: one read for a search
-);
-CREATE TABLE IF NOT EXISTS hash_codes (
-    hasher TEXT NOT NULL,
-    id INTEGER NOT NULL,            -- files.id
-    content_hash TEXT NOT NULL,     -- files.hash when coded: a changed file is coded again
-    code BLOB NOT NULL,             -- packed bits, big-endian uint64 words
-    PRIMARY KEY (hasher, id)
-) WITHOUT ROWID
-"""
+# --- a library's hasher and codes (stored by :mod:`itrcli.store.codes`) ------------------------
 
 
 @dataclass
@@ -513,9 +491,7 @@ def library_codes(store, bits: int = DEFAULT_BITS, method: str = DEFAULT_METHOD,
     """
     check_options(bits, method)
     model, dim = store.get_meta("model"), store.get_meta("dim")
-    # not count(*): that reads the whole vectors table (~2 KB a row)
-    empty = store.conn.execute("SELECT 1 FROM vectors LIMIT 1").fetchone() is None
-    if not model or not dim or empty:
+    if not model or not dim or not store.has_vectors():
         raise LibraryError(
             f"library {store.directory} is empty (run 'itr index PATH' first; the hash is "
             "learned from the library's images)"
@@ -524,9 +500,7 @@ def library_codes(store, bits: int = DEFAULT_BITS, method: str = DEFAULT_METHOD,
     if store.readonly:
         return _sync(store, name, model, int(dim), bits, method, seed, save=False)
     try:
-        with store.transaction() as c:  # one snapshot; no indexer writes meanwhile
-            for stmt in _TABLES.split(";"):
-                c.execute(stmt)
+        with store.transaction():  # one snapshot; no indexer writes meanwhile
             return _sync(store, name, model, int(dim), bits, method, seed, save=True)
     except sqlite3.OperationalError as e:
         msg = str(e).replace(" ", "").lower()
@@ -539,40 +513,25 @@ def library_codes(store, bits: int = DEFAULT_BITS, method: str = DEFAULT_METHOD,
         return _sync(store, name, model, int(dim), bits, method, seed, save=False)
 
 
-def _has_tables(conn: sqlite3.Connection) -> bool:
-    return conn.execute(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
-        " AND name IN ('hashers', 'hash_codes')"
-    ).fetchone()[0] == 2
-
-
 def _sync(store, name: str, model: str, dim: int, bits: int, method: str, seed: int,
           save: bool) -> LibraryCodes:
-    # hash_codes holds one row per coded vector (for incremental updates); the hashers row
-    # also keeps all ids and codes as two blobs (a search reads them in milliseconds where
-    # reading 10^6 rows takes seconds).  Both are current when seq_codes is the store's
-    # vector-log sequence, which every vector put or delete advances.
-    from ..store.db import now_iso
+    from ..store import codes as saved
 
     conn = store.conn
     seq = store.last_seq()
-    rec = None
-    if _has_tables(conn):
-        rec = conn.execute(
-            "SELECT model, seq_fit, seq_codes, params, snap_ids, snap_codes FROM hashers"
-            " WHERE name = ?", (name,)).fetchone()
+    rec = saved.read_hasher(store, name)
     hasher = None
     if rec is not None:
         try:
-            hasher = Hasher.from_dict(json.loads(rec[3]))
+            hasher = Hasher.from_dict(json.loads(rec.params))
         except (ValueError, KeyError, TypeError):
             hasher = None  # damaged or from a future version: fit again
-        if hasher is not None and (rec[0] != model or hasher.dim != dim or hasher.seed != seed
+        if hasher is not None and (rec.model != model or hasher.dim != dim or hasher.seed != seed
                                    or hasher.bits != bits or hasher.method != method):
             hasher = None
         # a read-only store keeps using a stale fit: refitting in memory on every search
         # would read every vector each time, and the result could not be saved anyway
-        if hasher is not None and save and refit_due(hasher.n_fit, seq - rec[1]):
+        if hasher is not None and save and refit_due(hasher.n_fit, seq - rec.seq_fit):
             hasher = None
 
     if hasher is None:  # (re)fit on every vector and code them all
@@ -580,76 +539,25 @@ def _sync(store, name: str, model: str, dim: int, bits: int, method: str, seed: 
         hasher = fit(mat, bits, method, seed)
         codes = hasher.codes(mat)
         if save:
-            conn.execute("DELETE FROM hash_codes WHERE hasher = ?", (name,))
-            conn.execute("INSERT OR REPLACE INTO hashers VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
-                         (name, model, seq, seq, now_iso(), json.dumps(hasher.to_dict())))
-            _insert_codes(conn, name, ids, codes, dict(conn.execute("SELECT id, hash FROM files")))
-            _save_snapshot(conn, name, ids, codes)
+            saved.replace_all(conn, name, model, seq, json.dumps(hasher.to_dict()), ids, codes)
         return LibraryCodes(hasher, ids, codes)
 
-    if rec[2] == seq and rec[4] is not None:  # nothing changed since the last sync
-        ids = np.frombuffer(rec[4], dtype="<i8").astype(np.int64)
-        codes = np.frombuffer(rec[5], dtype=">u8").reshape(len(ids), hasher.words)
-        return LibraryCodes(hasher, ids, codes.astype(np.uint64))
+    snap = rec.snapshot(hasher.words) if rec.seq_codes == seq else None
+    if snap is not None:  # nothing changed since the last sync
+        return LibraryCodes(hasher, *snap)
 
     if save:
-        # files removed, or whose content (hence vector) changed, since they were coded
-        conn.execute(
-            "DELETE FROM hash_codes WHERE hasher = ? AND NOT EXISTS (SELECT 1 FROM files f"
-            " WHERE f.id = hash_codes.id AND f.hash = hash_codes.content_hash)", (name,))
-    missing = [r[0] for r in conn.execute(
-        "SELECT v.id FROM vectors v JOIN files f ON f.id = v.id WHERE NOT EXISTS"
-        " (SELECT 1 FROM hash_codes c WHERE c.hasher = ? AND c.id = v.id"
-        " AND c.content_hash = f.hash)", (name,))]
-    new_ids, mat = store.vectors(missing)
+        saved.drop_stale(conn, name)
+    new_ids, mat = store.vectors(saved.uncoded_ids(store, name))
     new_codes = hasher.codes(mat)
     if save:
-        _insert_codes(conn, name, new_ids, new_codes, _content_hashes(conn, new_ids))
-    ids, codes = _load_codes(conn, name, hasher.words, valid_only=not save)
+        saved.add_codes(conn, name, new_ids, new_codes)
+    ids, codes = saved.load_codes(store, name, hasher.words, valid_only=not save)
     if not save:  # nothing was written: add the missing codes in memory
         ids, codes = _merge(ids, codes, new_ids, new_codes)
     else:
-        conn.execute("UPDATE hashers SET seq_codes = ? WHERE name = ?", (seq, name))
-        _save_snapshot(conn, name, ids, codes)
+        saved.save_snapshot(conn, name, ids, codes, seq)
     return LibraryCodes(hasher, ids, codes)
-
-
-def _save_snapshot(conn, name: str, ids: np.ndarray, codes: np.ndarray) -> None:
-    conn.execute("UPDATE hashers SET snap_ids = ?, snap_codes = ? WHERE name = ?",
-                 (np.ascontiguousarray(ids, dtype="<i8").tobytes(),
-                  np.ascontiguousarray(codes.astype(">u8")).tobytes(), name))
-
-
-def _insert_codes(conn, name: str, ids: np.ndarray, codes: np.ndarray, hashes: dict) -> None:
-    blobs = codes.astype(">u8")
-    conn.executemany(
-        "INSERT OR REPLACE INTO hash_codes VALUES (?, ?, ?, ?)",
-        ((name, int(i), hashes[int(i)], blobs[j].tobytes()) for j, i in enumerate(ids)),
-    )
-
-
-def _content_hashes(conn, ids: np.ndarray) -> dict[int, str]:
-    out: dict[int, str] = {}
-    ids = [int(i) for i in ids]
-    for i in range(0, len(ids), 500):
-        chunk = ids[i : i + 500]
-        out.update(conn.execute(
-            f"SELECT id, hash FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk))
-    return out
-
-
-def _load_codes(conn, name: str, words: int, valid_only: bool) -> tuple[np.ndarray, np.ndarray]:
-    if valid_only:  # read-only: skip codes of files changed or removed since they were coded
-        sql = ("SELECT c.id, c.code FROM hash_codes c JOIN files f ON f.id = c.id"
-               " AND f.hash = c.content_hash WHERE c.hasher = ? ORDER BY c.id")
-    else:
-        sql = "SELECT id, code FROM hash_codes WHERE hasher = ? ORDER BY id"
-    rows = conn.execute(sql, (name,)).fetchall()
-    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    if not rows:
-        return ids, np.zeros((0, words), np.uint64)
-    codes = np.frombuffer(b"".join(r[1] for r in rows), dtype=">u8").reshape(len(rows), words)
-    return ids, codes.astype(np.uint64)
 
 
 def _merge(ids, codes, more_ids, more_codes):

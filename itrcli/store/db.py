@@ -17,10 +17,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from ..errors import LibraryError
-from ..ingest.walk import Known
 
 from ..constants import DB_NAME
 
@@ -112,9 +111,49 @@ def m002_failures(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_create_tables, m002_failures]
+def m003_hash_codes(conn: sqlite3.Connection) -> None:
+    # Binary codes (itr hash, search --hash; see store/codes.py).  IF NOT EXISTS: 0.1.0
+    # created these tables on first use, outside the migrations.
+    _script(
+        conn,
+        """
+        CREATE TABLE IF NOT EXISTS hashers (
+            name TEXT PRIMARY KEY,          -- "<method>-<bits>", e.g. "itq-64"
+            model TEXT NOT NULL,            -- the library's model when fitted
+            seq_fit INTEGER NOT NULL,       -- vector-log sequence at the fit (refit rule)
+            seq_codes INTEGER NOT NULL,     -- vector-log sequence the codes are up to date with
+            fitted_at TEXT NOT NULL,
+            params TEXT NOT NULL,           -- Hasher.to_dict() as JSON
+            snap_ids BLOB,                  -- every id (int64 LE) and code (big-endian uint64
+            snap_codes BLOB                 --   words) at seq_codes, in id order
+        );
+        CREATE TABLE IF NOT EXISTS hash_codes (
+            hasher TEXT NOT NULL,
+            id INTEGER NOT NULL,            -- files.id
+            content_hash TEXT NOT NULL,     -- files.hash when coded: a changed file is coded again
+            code BLOB NOT NULL,             -- packed bits, big-endian uint64 words
+            PRIMARY KEY (hasher, id)
+        ) WITHOUT ROWID
+        """,
+    )
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    m001_create_tables,
+    m002_failures,
+    m003_hash_codes,
+]
 #: The schema version a library has once every migration ran (kept in meta, for readers).
 SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoredFile(NamedTuple):
+    """What change detection needs of a file row (duck-types :class:`itrcli.ingest.walk.Known`)."""
+
+    id: int
+    size: int
+    mtime_ns: int
+    hash: str
 
 
 @dataclass(frozen=True)
@@ -370,13 +409,13 @@ class Store:
                 c.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (k, json.dumps(v)))
 
     # -- reading ---------------------------------------------------------------------
-    def known(self) -> dict[str, Known]:
+    def known(self) -> dict[str, StoredFile]:
         """Every file row, keyed by the path to open."""
         out = {}
         for id_, path, fsname, size, mtime, h in self.conn.execute(
             "SELECT id, path, fsname, size, mtime_ns, hash FROM files"
         ):
-            out[fs_path_of(path, fsname)] = Known(id_, size, mtime, h)
+            out[fs_path_of(path, fsname)] = StoredFile(id_, size, mtime, h)
         return out
 
     def count(self) -> int:

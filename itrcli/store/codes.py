@@ -1,0 +1,133 @@
+"""The library's binary codes on disk: the ``hashers`` and ``hash_codes`` tables (created by
+the migration ``m003_hash_codes`` in :mod:`itrcli.store.db`).
+
+:mod:`itrcli.query.hashing` fits hashers and computes codes; this module only stores and
+reads them.  ``hash_codes`` holds one row per coded vector (for incremental updates); the
+``hashers`` row also keeps all ids and codes as two blobs (a search reads them in
+milliseconds where reading 10^6 rows takes seconds).  Both are current when ``seq_codes``
+is the store's vector-log sequence, which every vector put or delete advances.  Codes are
+packed bits, stored as big-endian uint64 words.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+
+import numpy as np
+
+from .db import Store, now_iso
+
+
+@dataclass(frozen=True)
+class HasherRecord:
+    """A saved hasher: its model, the log sequences of its fit and codes, its parameters."""
+
+    model: str
+    seq_fit: int
+    seq_codes: int
+    params: str  #: ``Hasher.to_dict()`` as JSON
+    snap_ids: bytes | None
+    snap_codes: bytes | None
+
+    def snapshot(self, words: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """(ids ``[n]`` int64, codes ``[n, words]`` uint64) as of ``seq_codes``, if saved."""
+        if self.snap_ids is None or self.snap_codes is None:
+            return None
+        ids = np.frombuffer(self.snap_ids, dtype="<i8").astype(np.int64)
+        codes = np.frombuffer(self.snap_codes, dtype=">u8").reshape(len(ids), words)
+        return ids, codes.astype(np.uint64)
+
+
+def has_tables(store: Store) -> bool:
+    """False for a library that no writer of this version has opened yet (read-only)."""
+    return store.conn.execute(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+        " AND name IN ('hashers', 'hash_codes')"
+    ).fetchone()[0] == 2
+
+
+def read_hasher(store: Store, name: str) -> HasherRecord | None:
+    if not has_tables(store):
+        return None
+    r = store.conn.execute(
+        "SELECT model, seq_fit, seq_codes, params, snap_ids, snap_codes FROM hashers"
+        " WHERE name = ?", (name,)).fetchone()
+    return None if r is None else HasherRecord(*r)
+
+
+def replace_all(c: sqlite3.Connection, name: str, model: str, seq: int, params: str,
+                ids: np.ndarray, codes: np.ndarray) -> None:
+    """A new fit: forget the old codes, save the hasher and every code (in a transaction)."""
+    c.execute("DELETE FROM hash_codes WHERE hasher = ?", (name,))
+    c.execute("INSERT OR REPLACE INTO hashers VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
+              (name, model, seq, seq, now_iso(), params))
+    _insert(c, name, ids, codes, dict(c.execute("SELECT id, hash FROM files")))
+    save_snapshot(c, name, ids, codes, seq)
+
+
+def drop_stale(c: sqlite3.Connection, name: str) -> None:
+    """Forget codes of files removed, or whose content (hence vector) changed, since."""
+    c.execute("DELETE FROM hash_codes WHERE hasher = ? AND NOT EXISTS (SELECT 1 FROM files f"
+              " WHERE f.id = hash_codes.id AND f.hash = hash_codes.content_hash)", (name,))
+
+
+def uncoded_ids(store: Store, name: str) -> list[int]:
+    """Ids of vectors without a current code under this hasher."""
+    if not has_tables(store):
+        return [r[0] for r in store.conn.execute("SELECT id FROM vectors ORDER BY id")]
+    return [r[0] for r in store.conn.execute(
+        "SELECT v.id FROM vectors v JOIN files f ON f.id = v.id WHERE NOT EXISTS"
+        " (SELECT 1 FROM hash_codes c WHERE c.hasher = ? AND c.id = v.id"
+        " AND c.content_hash = f.hash)", (name,))]
+
+
+def add_codes(c: sqlite3.Connection, name: str, ids: np.ndarray, codes: np.ndarray) -> None:
+    """Save codes of (new or changed) vectors, keyed by their file's current content."""
+    _insert(c, name, ids, codes, _content_hashes(c, ids))
+
+
+def load_codes(store: Store, name: str, words: int,
+               valid_only: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(ids ``[n]``, codes ``[n, words]`` uint64) in id order.  ``valid_only``: skip codes of
+    files changed or removed since they were coded (a read-only store cannot drop them)."""
+    if not has_tables(store):
+        return np.zeros(0, np.int64), np.zeros((0, words), np.uint64)
+    if valid_only:
+        sql = ("SELECT c.id, c.code FROM hash_codes c JOIN files f ON f.id = c.id"
+               " AND f.hash = c.content_hash WHERE c.hasher = ? ORDER BY c.id")
+    else:
+        sql = "SELECT id, code FROM hash_codes WHERE hasher = ? ORDER BY id"
+    rows = store.conn.execute(sql, (name,)).fetchall()
+    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+    if not rows:
+        return ids, np.zeros((0, words), np.uint64)
+    codes = np.frombuffer(b"".join(r[1] for r in rows), dtype=">u8").reshape(len(rows), words)
+    return ids, codes.astype(np.uint64)
+
+
+def save_snapshot(c: sqlite3.Connection, name: str, ids: np.ndarray, codes: np.ndarray,
+                  seq: int) -> None:
+    """Record that the codes are current as of log entry ``seq``, with their blobs."""
+    c.execute("UPDATE hashers SET seq_codes = ?, snap_ids = ?, snap_codes = ? WHERE name = ?",
+              (seq, np.ascontiguousarray(ids, dtype="<i8").tobytes(),
+               np.ascontiguousarray(codes.astype(">u8")).tobytes(), name))
+
+
+def _insert(c: sqlite3.Connection, name: str, ids: np.ndarray, codes: np.ndarray,
+            hashes: dict) -> None:
+    blobs = codes.astype(">u8")
+    c.executemany(
+        "INSERT OR REPLACE INTO hash_codes VALUES (?, ?, ?, ?)",
+        ((name, int(i), hashes[int(i)], blobs[j].tobytes()) for j, i in enumerate(ids)),
+    )
+
+
+def _content_hashes(c: sqlite3.Connection, ids: np.ndarray) -> dict[int, str]:
+    out: dict[int, str] = {}
+    ids = [int(i) for i in ids]
+    for i in range(0, len(ids), 500):
+        chunk = ids[i : i + 500]
+        out.update(c.execute(
+            f"SELECT id, hash FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+    return out
