@@ -134,24 +134,48 @@ def index(
         itr index ~/photos --exclude '*.thumb.jpg' -q
     """
     from .library import Library
-    from .show.output import BarProgress, LogProgress, err, index_summary_line, is_tty, one_line, print_json
+    from .show.output import print_json
 
-    progress = None if quiet else (BarProgress() if is_tty(sys.stderr) else LogProgress())
     with Library.open(db, create=True) as lib:
-        s = lib.index([str(p) for p in paths], model=model, device=device, precision=precision,
-                      batch_size=batch_size, workers=workers, include_hidden=include_hidden,
-                      exclude=exclude or [], follow_symlinks=follow_symlinks,
-                      prune=not no_prune, reindex=reindex, wait=wait, progress=progress)
+        s = _index_paths(lib, paths, model=model, device=device, precision=precision,
+                         batch_size=batch_size, workers=workers, include_hidden=include_hidden,
+                         exclude=exclude, follow_symlinks=follow_symlinks, prune=not no_prune,
+                         reindex=reindex, wait=wait, quiet=quiet, see_json=True)
     if json_:
         print_json(s.to_json())
     if not quiet:
-        for e in s.errors[:20]:
-            err(f"skipped {one_line(e['path'])}: {e['error']}")
-        if len(s.errors) > 20:
-            err(f"... and {len(s.errors) - 20} more skipped (see --json)")
-        err(("interrupted: " if s.interrupted else "") + index_summary_line(s))
+        _print_summary(s)
     if s.interrupted:
         raise typer.Exit(ExitCode.INTERRUPTED)
+
+
+def _index_paths(lib, paths, *, quiet: bool, see_json: bool, exclude, **options):
+    """The one index call behind `itr index` and `itr hash PATH...`: progress on stderr
+    (a bar on a terminal, log lines otherwise), then the skipped files, listed once."""
+    from .show.output import BarProgress, LogProgress, is_tty
+
+    progress = None if quiet else (BarProgress() if is_tty(sys.stderr) else LogProgress())
+    s = lib.index([str(p) for p in paths], exclude=exclude or [], progress=progress, **options)
+    if not quiet:
+        _print_skipped(s.errors, "see --json" if see_json else None)
+    return s
+
+
+def _print_skipped(errors: list[dict[str, str]], more_hint: str | None = "see --json",
+                   most: int = 20) -> None:
+    """``skipped PATH: reason`` lines on stderr, at most ``most`` of them."""
+    from .show.output import err, one_line
+
+    for e in errors[:most]:
+        err(f"skipped {one_line(e['path'])}: {e['error']}")
+    if len(errors) > most:
+        err(f"... and {len(errors) - most} more skipped" + (f" ({more_hint})" if more_hint else ""))
+
+
+def _print_summary(s) -> None:
+    from .show.output import err, index_summary_line
+
+    err(("interrupted: " if s.interrupted else "") + index_summary_line(s))
 
 
 @app.command("hash")
@@ -199,13 +223,9 @@ def hash_cmd(
         itr hash --text "a dog on a beach"
         itr hash --dupes ~/photos/2023 --threshold 0.97 --html dupes.html
     """
-    from .query.hashing import DUPES_THRESHOLD, check_options, find_dupes, library_codes, to_hex
-    from .ingest.images import supported_extensions
     from .library import Library
-    from .embed.models import resolve
-    from .show.output import BarProgress, LogProgress, err, index_summary_line, is_tty, one_line, print_json
-    from .store.db import db_path_of
-    from .ingest.walk import walk
+    from .query.hashing import DUPES_THRESHOLD, check_options, find_dupes, library_codes, to_hex
+    from .show.output import err, print_json
 
     check_options(bits, method)
     texts = list(text or [])
@@ -227,28 +247,18 @@ def hash_cmd(
     files: list[tuple[str, int]] = []  # (path as shown, file id), in path order
     with Library.open(db, create=bool(paths)) as lib:
         if paths:
-            progress = None if quiet else (BarProgress() if is_tty(sys.stderr) else LogProgress())
-            roots = [str(p) for p in paths]
-            s = lib.index(roots, model=model, device=device, precision=precision,
-                          batch_size=batch_size, workers=workers, include_hidden=include_hidden,
-                          exclude=exclude or [], follow_symlinks=follow_symlinks, prune=False,
-                          wait=wait, progress=progress)
-            if not quiet:
-                for e in s.errors[:20]:
-                    err(f"skipped {one_line(e['path'])}: {e['error']}")
-                if len(s.errors) > 20:
-                    err(f"... and {len(s.errors) - 20} more skipped")
-                if s.added or s.updated or s.interrupted:
-                    err(("interrupted: " if s.interrupted else "") + index_summary_line(s))
+            s = _index_paths(lib, paths, model=model, device=device, precision=precision,
+                             batch_size=batch_size, workers=workers, include_hidden=include_hidden,
+                             exclude=exclude, follow_symlinks=follow_symlinks, prune=False,
+                             wait=wait, quiet=quiet, see_json=False)
+            if not quiet and (s.added or s.updated or s.interrupted):
+                _print_summary(s)
             if s.interrupted:
                 raise typer.Exit(ExitCode.INTERRUPTED)
             # the files under PATH that the library now holds (unreadable ones were skipped)
-            found = walk(roots, extensions=supported_extensions(), include_hidden=include_hidden,
-                         exclude=exclude or [], follow_symlinks=follow_symlinks)
-            known = lib.store.known()
-            files = [(db_path_of(p)[0], known[p].id) for p in sorted(found.files) if p in known]
-        elif model and lib.model and resolve(model) != lib.model:
-            raise UsageError(f"--model {model}: the library holds embeddings of '{lib.model}'")
+            files = lib.indexed(s.found)
+        else:
+            lib.require_model(model)
 
         if dupes:
             cut = DUPES_THRESHOLD if threshold is None else threshold
@@ -525,7 +535,7 @@ def eval_cmd(
     """
     from .evaluation.datasets import load
     from .evaluation.evaluate import evaluate, format_table, parse_int_list, summary_line
-    from .show.output import BarProgress, err, is_tty, one_line, print_json
+    from .show.output import BarProgress, err, is_tty, print_json
 
     ks = parse_int_list(recall, "--recall")
     bits = parse_int_list(hash_bits, "--hash-bits") if hash_bits else ()
@@ -543,10 +553,7 @@ def eval_cmd(
     if not quiet:
         for note in result.notes[:20]:
             err(f"note: {note}")
-        for s in result.skipped[:20]:
-            err(f"skipped {one_line(s['path'])}: {s['error']}")
-        if len(result.skipped) > 20:
-            err(f"... and {len(result.skipped) - 20} more skipped (see --json)")
+        _print_skipped(result.skipped)
         err(summary_line(result))
 
 

@@ -83,6 +83,19 @@ class Library:
             )
         return want
 
+    def require_model(self, model: str | None) -> None:
+        """Raise :class:`UsageError` when ``model`` is given and is not the library's
+        (for commands that read vectors without indexing)."""
+        if model and self.model and models.resolve(model) != self.model:
+            raise UsageError(f"--model {model}: the library holds embeddings of '{self.model}'")
+
+    def indexed(self, fs_paths: Iterable[str]) -> list[tuple[str, int]]:
+        """(path as shown, file id) of those paths the library holds, in path order."""
+        from .store.db import db_path_of
+
+        known = self.store.known()
+        return [(db_path_of(p)[0], known[p].id) for p in sorted(fs_paths) if p in known]
+
     def encoder(self, model: str | None = None, device: str = "auto", precision: str = "auto"):
         """The library's encoder, loaded once (imports torch and transformers)."""
         from .embed.encoder import Encoder

@@ -50,13 +50,15 @@ class IndexSummary:
     seconds: float = 0.0
     embedded: int = 0  #: images decoded and encoded (the images/s numerator)
     interrupted: bool = False
+    #: the image files the walk found under the roots (not in ``to_json``)
+    found: list[str] = field(default_factory=list, repr=False)
 
     @property
     def images_per_second(self) -> float:
         return self.embedded / self.seconds if self.seconds > 0 else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
+        d = self.__dict__
         return {
             "scanned": d["scanned"], "added": d["added"], "updated": d["updated"],
             "moved": d["moved"], "removed": d["removed"], "unchanged": d["unchanged"],
@@ -175,6 +177,7 @@ class IndexRun:
         for path, reason in found.errors:
             s.skip(path, reason)
         s.scanned = len(found.files)
+        s.found = list(found.files)
         known = self.store.known()
         for root, n in empty_roots(roots, found.files, known, found.unlisted) if prune else []:
             # an unmounted disk looks like an empty mount point: never prune a whole root
