@@ -60,6 +60,8 @@ def test_hnsw_equals_exact_on_a_small_library(itr, lib):
 
 
 def test_onnx_text_tower_gives_the_torch_ranking(itr, lib):
+    """Like with like: the ONNX tower runs in fp32, so it is compared with torch in fp32
+    (whatever --precision auto picks on this CPU); bf16 gets its own tolerance below."""
     from itrcli import Library
     from itrcli.embed.textonnx import OnnxTextEncoder
 
@@ -68,11 +70,29 @@ def test_onnx_text_tower_gives_the_torch_ranking(itr, lib):
     with Library.open(db, readonly=True) as L:
         texts = ["a red circle on the left", "a blue square", "green", "two children on a lawn"]
         onnx = OnnxTextEncoder(db).encode_texts(texts)
-        torch = L.encoder().encode_texts(texts)
+        torch = L.encoder(precision="fp32").encode_texts(texts)
         np.testing.assert_allclose(onnx, torch, atol=1e-4)
         ids, vecs = L.store.vectors()
         for a, b in zip(onnx, torch):
             assert list(np.argsort(-(vecs @ a))) == list(np.argsort(-(vecs @ b)))
+
+
+def test_bf16_text_vectors_stay_within_their_tolerance(lib):
+    """bf16 keeps 8 bits of mantissa: vectors differ from fp32 by ~3e-3 per component, and
+    the documented bound is a cosine of at least BF16_MIN_COSINE to the fp32 vector
+    (emulated on CPUs without native bf16: slower, same numbers)."""
+    from itrcli import Library
+    from itrcli.constants import BF16_MIN_COSINE
+    from itrcli.embed.textonnx import OnnxTextEncoder
+
+    db, _ = lib
+    with Library.open(db, readonly=True) as L:
+        texts = ["a red circle on the left", "a blue square", "green", "two children on a lawn"]
+        fp32 = OnnxTextEncoder(db).encode_texts(texts)
+        bf16 = L.encoder(precision="bf16").encode_texts(texts)
+    cos = (fp32 * bf16).sum(1)
+    assert cos.min() >= BF16_MIN_COSINE, cos
+    assert not np.array_equal(fp32, bf16)  # bf16 really ran
 
 
 def test_image_query_excludes_itself_and_uses_stored_vector(itr, lib):

@@ -21,7 +21,14 @@ from ..constants import PRECISIONS
 
 
 def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 matrix instructions (AVX-512 BF16, AMX, Arm BF16)."""
+    """True on CPUs with bf16 matrix instructions (AVX-512 BF16, AMX, Arm BF16).
+
+    ``ITR_CPU_BF16=1`` (or ``0``) overrides the detection, so that the choice ``--precision
+    auto`` makes on the other kind of CPU can be tested and measured on this one.
+    """
+    forced = os.environ.get("ITR_CPU_BF16", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
     try:
         with open("/proc/cpuinfo") as f:
             text = f.read(200_000)
