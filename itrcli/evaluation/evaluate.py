@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sqlite3
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,6 +38,8 @@ from . import metrics
 from ..embed import models
 from .datasets import Dataset
 from ..errors import ItrError, UsageError
+from ..store.db import Store
+from ..store.embedding_cache import EmbeddingCache, default_cache_path
 from ..ingest.files import content_hash
 from ..progress import NoProgress, Progress, default_workers
 
@@ -48,7 +49,6 @@ METHODS = ("exact", "hnsw", "hash", "hash+rerank")
 #: ``max(RERANK_FACTOR * K_max, RERANK_MIN)``.
 RERANK_FACTOR = 10
 RERANK_MIN = 100
-CACHE_NAME = "embeddings.db"
 #: Captions per text-encoder batch, as a multiple of the image batch size (texts are cheap).
 TEXT_BATCH_FACTOR = 4
 
@@ -175,80 +175,6 @@ def model_revision(model_id: str) -> str | None:
 def model_key(model_id: str, revision: str | None, precision: str) -> str:
     """The cache's model key: id, revision and precision."""
     return f"{model_id}@{revision or 'unknown'}/{precision}"
-
-
-class EmbeddingCache:
-    """Vectors already computed, in ``cache_dir()/embeddings.db``.
-
-    Tables ``images`` (model, hash, vector) and ``texts`` (model, text, vector); vectors are
-    float32 little-endian blobs.
-    """
-
-    VERSION = 1
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
-            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > self.VERSION:
-                raise ItrError(f"embedding cache {self.path} was written by a newer itr; "
-                               "use --no-cache or delete the file")
-            if version < self.VERSION:
-                self.conn.execute("BEGIN IMMEDIATE")
-                self.conn.execute("CREATE TABLE IF NOT EXISTS images (model TEXT NOT NULL, "
-                                  "hash TEXT NOT NULL, vector BLOB NOT NULL, "
-                                  "PRIMARY KEY (model, hash)) WITHOUT ROWID")
-                self.conn.execute("CREATE TABLE IF NOT EXISTS texts (model TEXT NOT NULL, "
-                                  "text TEXT NOT NULL, vector BLOB NOT NULL, "
-                                  "PRIMARY KEY (model, text)) WITHOUT ROWID")
-                self.conn.execute(f"PRAGMA user_version = {self.VERSION}")
-                self.conn.execute("COMMIT")
-        except (sqlite3.DatabaseError, OSError) as e:
-            raise ItrError(f"cannot use the embedding cache {self.path}: {e} "
-                           "(use --no-cache, or delete the file)") from None
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def get(self, table: str, model: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        """Cached vectors of ``keys`` (hashes or texts) under ``model``: key -> ``[dim]``."""
-        column = "hash" if table == "images" else "text"
-        out: dict[str, np.ndarray] = {}
-        keys = list(dict.fromkeys(keys))
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
-            rows = self.conn.execute(
-                f"SELECT {column}, vector FROM {table} WHERE model = ? AND {column} IN "
-                f"({','.join('?' * len(chunk))})", [model, *chunk]).fetchall()
-            for k, blob in rows:
-                out[k] = np.frombuffer(blob, dtype="<f4").astype(np.float32)
-        return out
-
-    def put(self, table: str, model: str, items: dict[str, np.ndarray]) -> None:
-        column = "hash" if table == "images" else "text"
-        if not items:
-            return
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.executemany(
-                f"INSERT OR REPLACE INTO {table} (model, {column}, vector) VALUES (?, ?, ?)",
-                [(model, k, np.asarray(v, dtype="<f4").tobytes()) for k, v in items.items()])
-            self.conn.execute("COMMIT")
-        except sqlite3.DatabaseError as e:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise ItrError(f"cannot write the embedding cache {self.path}: {e} "
-                           "(use --no-cache)") from None
-
-
-def default_cache_path() -> Path:
-    from ..paths import cache_dir
-
-    return cache_dir() / CACHE_NAME
 
 
 # -- encoding ---------------------------------------------------------------------------
@@ -584,13 +510,11 @@ def evaluate(
     library = None
     try:
         if db is not None:
-            from ..library import Library
-
-            library = Library.open(db, readonly=True)
+            library = Store(Path(db).expanduser(), readonly=True)
         names = []
         for name in list(model_names) or [None]:
             if name is None and library is not None:
-                name = library.model
+                name = library.get_meta("model")
             if models.resolve(name) not in [models.resolve(n) for n in names]:
                 names.append(name)  # a model given twice is one row, not two
         embedded: list[Embedded] = []
@@ -598,10 +522,11 @@ def evaluate(
             library_vector = None
             if library is not None:
                 want = models.resolve(name)
-                if library.model == want:
-                    library_vector = library.store.vector_for_hash
+                if library.get_meta("model") == want:
+                    library_vector = library.vector_for_hash
                 else:
-                    result.notes.append(f"library {library.directory} holds '{library.model}', "
+                    result.notes.append(f"library {library.directory} holds "
+                                        f"'{library.get_meta('model')}', "
                                         f"not '{want}': its vectors are not reused")
             embedded.append(embed_dataset(
                 ds, name, device=device, precision=precision, batch_size=batch_size,

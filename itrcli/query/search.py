@@ -148,26 +148,12 @@ def build_query(
     return (total / norm).astype(np.float32)
 
 
-def allowed_ids(conn, f: Filters) -> set[int] | None:
+def allowed_ids(store, f: Filters) -> set[int] | None:
     """Ids passing --in/--after/--before (None: no such filter)."""
     if not f.narrows:
         return None
-    where, args = [], []
-    if f.in_dirs:
-        ors = []
-        for d in f.in_dirs:
-            d = os.path.abspath(os.path.expanduser(d)).rstrip(os.sep)
-            ors.append("(path = ? OR substr(path, 1, ?) = ?)")
-            args += [d, len(d) + 1, d + os.sep]
-        where.append("(" + " OR ".join(ors) + ")")
-    when = "COALESCE(taken_at, datetime(mtime_ns / 1000000000, 'unixepoch', 'localtime'))"
-    if f.after:
-        where.append(f"{when} >= ?")
-        args.append(f.after)
-    if f.before:
-        where.append(f"{when} < ?")
-        args.append(f.before)
-    return {r[0] for r in conn.execute(f"SELECT id FROM files WHERE {' AND '.join(where)}", args)}
+    dirs = [os.path.abspath(os.path.expanduser(d)).rstrip(os.sep) for d in f.in_dirs]
+    return store.ids_where(under=dirs, after=f.after, before=f.before)
 
 
 def rank(
@@ -187,7 +173,7 @@ def rank(
 
     from ..store.db import fs_path_of
 
-    allowed = allowed_ids(store.conn, filters)
+    allowed = allowed_ids(store, filters)
     excluded: set[int] = set()
     for p in exclude_paths:
         row = store.row_by_path(p)

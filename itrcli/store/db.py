@@ -462,6 +462,29 @@ class Store:
                 ).fetchall()
         return _decode(rows, dim)
 
+    def ids_where(self, *, under: Iterable[str] = (), after: str | None = None,
+                  before: str | None = None) -> set[int]:
+        """Ids of files under one of the directories ``under`` (absolute, no trailing
+        separator) and taken (EXIF time, else the file's mtime in local time) on or after
+        ``after`` and before ``before`` (ISO dates or times)."""
+        where, args = [], []
+        under = list(under)
+        if under:
+            ors = []
+            for d in under:
+                ors.append("(path = ? OR substr(path, 1, ?) = ?)")
+                args += [d, len(d) + 1, d + os.sep]
+            where.append("(" + " OR ".join(ors) + ")")
+        when = "COALESCE(taken_at, datetime(mtime_ns / 1000000000, 'unixepoch', 'localtime'))"
+        if after:
+            where.append(f"{when} >= ?")
+            args.append(after)
+        if before:
+            where.append(f"{when} < ?")
+            args.append(before)
+        sql = "SELECT id FROM files" + (f" WHERE {' AND '.join(where)}" if where else "")
+        return {r[0] for r in self.conn.execute(sql, args)}
+
     def vector_ids(self):
         """Every vector's id ``[n]`` int64 (read from the files table, far smaller to scan
         than the vectors; file ids are vector ids)."""
