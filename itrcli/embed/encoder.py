@@ -197,6 +197,25 @@ class Encoder:
         if self.device == "cpu":
             torch.set_num_threads(max(1, os.cpu_count() or 1))
 
+    def float32_text_tower(self):
+        """(text model, text projection or None) in float32 on the CPU, for the ONNX export.
+
+        The loaded model itself when it runs in float32 on the CPU; otherwise the text
+        tower read again from the checkpoint in float32 (the vision tower dropped at once):
+        casting bf16 weights back to float32 would keep their rounding.
+        """
+        import torch
+        from transformers import AutoModel
+
+        model = self.model
+        if self.dtype != torch.float32 or self.device != "cpu":
+            model = AutoModel.from_pretrained(
+                self.model_id, config=self.model.config, use_safetensors=True,
+                trust_remote_code=False, dtype=torch.float32, local_files_only=True)
+            model.vision_model = None  # only the text tower is exported
+            model.eval()
+        return model.text_model, getattr(model, "text_projection", None)  # SigLIP: inside
+
     @property
     def info(self) -> ModelInfo:
         return ModelInfo(

@@ -28,8 +28,6 @@ def export(encoder, library_dir: Path) -> Path:
 
     Raises whatever torch/onnx raise; callers treat a failure as "no fast path".
     """
-    import copy
-
     import torch
 
     out = Path(library_dir) / DIRNAME
@@ -51,13 +49,9 @@ def export(encoder, library_dir: Path) -> Path:
         and encoder.model_type == "siglip",
     }
 
-    # Only the text tower, and a float32 copy of it only when the model runs in another
-    # precision: copying the whole model would double the peak memory of the first index run.
-    text_model = encoder.model.text_model
-    proj = getattr(encoder.model, "text_projection", None)  # CLIP has one; SigLIP's is inside
-    if encoder.dtype != torch.float32 or encoder.device != "cpu":
-        text_model = copy.deepcopy(text_model).float().cpu()
-        proj = copy.deepcopy(proj).float().cpu() if proj is not None else None
+    # Only the text tower, in float32 from the checkpoint's own weights (a bf16 or fp16
+    # model cast back to float32 would carry its rounding into every cold search).
+    text_model, proj = encoder.float32_text_tower()
 
     class TextTower(torch.nn.Module):
         """``get_text_features`` of CLIP/SigLIP, then L2 normalisation."""
