@@ -224,7 +224,7 @@ def hash_cmd(
         itr hash --dupes ~/photos/2023 --threshold 0.97 --html dupes.html
     """
     from .library import Library
-    from .query.hashing import DUPES_THRESHOLD, check_options, find_dupes, library_codes, to_hex
+    from .query.hashing import check_options
     from .show.output import err, print_json
 
     check_options(bits, method)
@@ -261,10 +261,7 @@ def hash_cmd(
             lib.require_model(model)
 
         if dupes:
-            cut = DUPES_THRESHOLD if threshold is None else threshold
-            groups = find_dupes(lib.store, [i for _, i in files], bits, method, cut) if files else []
-            shown = {i: p for p, i in files}
-            out = sorted(sorted(shown[i] for i in g) for g in groups)
+            out = lib.near_duplicates(files, bits=bits, method=method, threshold=threshold)
             if html is not None:
                 from .show.contact_sheet import write_dupes_html
                 from .show.thumbs import ThumbnailCache
@@ -285,16 +282,8 @@ def hash_cmd(
                     f"{len(files)} images)")
             return
 
-        results: list[dict[str, str]] = []
-        if files or texts:
-            lc = library_codes(lib.store, bits, method)
-            if files:
-                codes = lc.codes[lc.lookup(i for _, i in files)]  # [n, words]
-                results += [{"path": p, "code": to_hex(c, bits)} for (p, _), c in zip(files, codes)]
-            if texts:
-                vecs = lib.text_encoder(device, precision).encode_texts(texts)  # [t, dim]
-                results += [{"text": t, "code": to_hex(c, bits)}
-                            for t, c in zip(texts, lc.hasher.codes(vecs))]
+        results = lib.hash_codes(files, texts, bits=bits, method=method, device=device,
+                                 precision=precision)
     if json_:
         print_json(results)
     else:

@@ -310,6 +310,41 @@ class Library:
         return rank(q, store=self.store, get_vindex=self._search_graph, top=top, filters=filters,
                     exclude_paths=exclude, exact=exact, ef=ef, hash_bits=hash_bits)
 
+    # -- binary codes ---------------------------------------------------------------------
+    def hash_codes(self, files: Sequence[tuple[str, int]] = (), texts: Sequence[str] = (), *,
+                   bits: int = 64, method: str = "itq", device: str = "auto",
+                   precision: str = "auto") -> list[dict[str, str]]:
+        """Hex codes of indexed files (``(path as shown, id)`` from :meth:`indexed`) and of
+        texts, in that order: ``[{"path"|"text": ..., "code": hex}]``.  The hasher is
+        fitted on the library (see :mod:`itrcli.query.hashing`) and saved when writable."""
+        from .query.hashing import library_codes, to_hex
+
+        if not files and not texts:
+            return []
+        lc = library_codes(self.store, bits, method)
+        out: list[dict[str, str]] = []
+        if files:
+            codes = lc.codes[lc.lookup(i for _, i in files)]  # [n, words]
+            out += [{"path": p, "code": to_hex(c, bits)} for (p, _), c in zip(files, codes)]
+        if texts:
+            vecs = self.text_encoder(device, precision).encode_texts(list(texts))  # [t, dim]
+            out += [{"text": t, "code": to_hex(c, bits)} for t, c in zip(texts, lc.hasher.codes(vecs))]
+        return out
+
+    def near_duplicates(self, files: Sequence[tuple[str, int]], *, bits: int = 64,
+                        method: str = "itq", threshold: float | None = None) -> list[list[str]]:
+        """Groups of near-duplicate files among ``files`` (``(path as shown, id)``): paths
+        sorted within each group, groups sorted.  ``threshold``: the cosine that confirms a
+        pair (default :data:`itrcli.query.hashing.DUPES_THRESHOLD`)."""
+        from .query.hashing import DUPES_THRESHOLD, find_dupes
+
+        if not files:
+            return []
+        cut = DUPES_THRESHOLD if threshold is None else threshold
+        groups = find_dupes(self.store, [i for _, i in files], bits, method, cut)
+        shown = {i: p for p, i in files}
+        return sorted(sorted(shown[i] for i in g) for g in groups)
+
     def vector_index(self):
         """The HNSW graph, up to date with the store (replayed in memory if behind)."""
         from .store.vindex import VectorIndex
