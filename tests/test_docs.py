@@ -316,3 +316,13 @@ def test_readme_stays_a_front_page():
         f"README.md has {lines} lines (at most {README_MAX_LINES}): move reference material "
         "to docs/ and link it")
     assert len(re.findall(r"^#+ Python API", _text(ROOT / "README.md"), re.M)) == 1
+
+
+def test_readme_and_commands_md_list_every_exit_code():
+    from itrcli.errors import ExitCode
+
+    for doc in (ROOT / "README.md", ROOT / "docs" / "commands.md"):
+        text = _text(doc)
+        for code in ExitCode:
+            assert re.search(rf"^\| {int(code)} \|", text, re.M), (
+                f"{doc.relative_to(ROOT)}: exit code {int(code)} is not in its table")
