@@ -34,6 +34,7 @@ def test_ridge_is_least_squares_on_the_augmented_system():
         b = np.vstack([x, np.sqrt(lam * s) * np.eye(6)])
         ref = np.linalg.lstsq(a, b, rcond=None)[0]
         np.testing.assert_allclose(adapt.fit_ridge(t, x, lam), ref, atol=1e-8)
+        np.testing.assert_allclose(adapt.fit_ridge(t, x, lam, adapt.ridge_stats(t, x)), ref, atol=1e-8)
 
 
 def test_ridge_recovers_a_linear_map_and_shrinks_to_the_identity():

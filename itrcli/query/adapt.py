@@ -49,6 +49,8 @@ CCA_FRACTIONS = (0.25, 0.5, 1.0)
 #: K of the recall that picks the method (their mean).
 SELECT_KS = (1, 5, 10)
 DEFAULT_FOLDS = 5
+#: Held-out captions scored at once (a [chunk, fold images] matrix).
+RANK_CHUNK = 2048
 #: Fewest captioned images to fit on: each of the folds needs test images and training
 #: images on the other side.
 MIN_IMAGES_PER_FOLD = 2
@@ -93,18 +95,20 @@ class Adapter:
 # -- fitting ----------------------------------------------------------------------------
 
 
-def _scale(t: np.ndarray) -> float:
-    """trace(T'T) / dim: the mean squared coordinate times n, the unit of regularisation."""
-    return max(float(np.einsum("ij,ij->", t, t)) / t.shape[1], 1e-12)
-
-
-def fit_ridge(t: np.ndarray, x: np.ndarray, lam: float) -> np.ndarray:
-    """``argmin_W |t W - x|^2 + lam s |W - Id|^2`` (``s = trace(t't)/dim``): ``[dim, dim]``."""
+def ridge_stats(t: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``(t't, t'x)`` ``[dim, dim]`` each: all :func:`fit_ridge` needs of the pairs."""
     t, x = np.asarray(t, np.float64), np.asarray(x, np.float64)
-    d = t.shape[1]
-    r = lam * _scale(t)
-    gram = t.T @ t + r * np.eye(d)  # [dim, dim]
-    return np.linalg.solve(gram, t.T @ x + r * np.eye(d))
+    return t.T @ t, t.T @ x
+
+
+def fit_ridge(t: np.ndarray, x: np.ndarray, lam: float,
+              stats: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """``argmin_W |t W - x|^2 + lam s |W - Id|^2`` (``s = trace(t't)/dim``): ``[dim, dim]``.
+    ``stats``: :func:`ridge_stats` of the same pairs, to try several ``lam`` at the cost of one."""
+    tt, tx = stats if stats is not None else ridge_stats(t, x)
+    d = tt.shape[0]
+    r = lam * max(float(np.trace(tt)) / d, 1e-12)
+    return np.linalg.solve(tt + r * np.eye(d), tx + r * np.eye(d))
 
 
 def fit_procrustes(t: np.ndarray, x: np.ndarray) -> np.ndarray:
@@ -170,23 +174,27 @@ def candidates(dim: int, n: int, methods: Sequence[str] = METHODS) -> list[Candi
     return out
 
 
-def fit(t: np.ndarray, x: np.ndarray, cand: Candidate, *, _cca: dict | None = None) -> Adapter:
-    """Fit one candidate on pairs ``t[i] <-> x[i]`` (``[n, dim]`` each)."""
+def fit(t: np.ndarray, x: np.ndarray, cand: Candidate, *, _shared: dict | None = None) -> Adapter:
+    """Fit one candidate on pairs ``t[i] <-> x[i]`` (``[n, dim]`` each).
+
+    ``_shared``: a dict kept across candidates on the same pairs, so that ridge strengths
+    share one ``t't`` and CCA component counts one decomposition."""
     d = t.shape[1]
     mean = np.zeros(d)
+    shared = {} if _shared is None else _shared
     if cand.method == "none":
         w = np.eye(d)
     elif cand.method == "ridge":
-        w = fit_ridge(t, x, cand.params["lam"])
+        if "ridge" not in shared:
+            shared["ridge"] = ridge_stats(t, x)
+        w = fit_ridge(t, x, cand.params["lam"], shared["ridge"])
     elif cand.method == "procrustes":
         w = fit_procrustes(t, x)
     elif cand.method == "cca":
-        reg = cand.params["reg"]
-        c = _cca.get(reg) if _cca is not None else None
-        if c is None:
-            c = fit_cca(t, x, reg)
-            if _cca is not None:
-                _cca[reg] = c  # the k values share one decomposition
+        key = ("cca", cand.params["reg"])
+        if key not in shared:
+            shared[key] = fit_cca(t, x, cand.params["reg"])
+        c = shared[key]
         w, mean = c.matrix(int(cand.params["k"])), c.mean_t
     else:
         raise ValueError(f"unknown method {cand.method!r}")
@@ -302,10 +310,13 @@ def cross_validate(
         tr_t, tr_x = t[~held], x[~held]
         gallery = x[first[test_img]]  # [m_f, dim]: each held-out image once
         queries, truth = t[held], local[inv[held]]
-        cca_cache: dict = {}
+        shared: dict = {}
         for j, c in enumerate(cands):
-            ad = fit(tr_t, tr_x, c, _cca=cca_cache)
-            totals[j].append(t2i_ranks(ad.apply(queries) @ gallery.T, truth))
+            ad = fit(tr_t, tr_x, c, _shared=shared)
+            q = ad.apply(queries)  # [m, dim]
+            for s in range(0, len(q), RANK_CHUNK):  # bounded memory on large sets
+                totals[j].append(t2i_ranks(q[s : s + RANK_CHUNK] @ gallery.T,
+                                           truth[s : s + RANK_CHUNK]))
     scores = [(c, recall(np.concatenate(r))) for c, r in zip(cands, totals)]
     best = max(scores, key=lambda cr: _merit(cr[1]))[0]  # max keeps the first of equals
     return Selection(folds, len(t), len(images), scores, best)
