@@ -285,6 +285,10 @@ def test_eval_adapt_rows_are_cross_validated(itr, shifted_library, micro_clip, t
     rows = {x["method"]: x for x in out["results"]}
     assert rows["exact+adapt"]["t2i"]["R@1"] - rows["exact"]["t2i"]["R@1"] >= SEARCH_GAIN
 
+    # one fold holding every image leaves nothing to fit on: refused, not faked
+    r = itr("eval", s / "all.csv", "-m", micro_clip, "--adapt", s / "all.csv", "--folds", "1")
+    assert r.code == 2 and "0 captioned image(s) left to fit on" in r.err, r
+
     # the table prints the +adapt row
     table = itr("eval", s / "b.csv", "-m", micro_clip, "--adapt", s / "a.csv").out
     assert "\texact+adapt\t" in table
