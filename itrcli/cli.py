@@ -318,6 +318,8 @@ def search(
                                         "Hamming distance, re-rank the best by cosine")] = False,
     hash_bits: Annotated[int, typer.Option("--hash-bits", metavar="B",
                          help="code length for --hash: 16, 32, 64, 128 or 256")] = 64,
+    no_adapt: Annotated[bool, typer.Option("--no-adapt",
+                        help="leave text queries unmapped by the library's adapter (itr adapt)")] = False,
     paths_only: Annotated[bool, typer.Option("--paths", help="print paths only, one per line")] = False,
     null: Annotated[bool, typer.Option("-0", "--null", help="NUL-terminated paths (for xargs -0)")] = False,
     preview: Annotated[bool, typer.Option(
@@ -367,8 +369,9 @@ def search(
                           add=add or [], subtract=subtract or [], top=top,
                           in_dirs=[str(d) for d in in_dirs or []], threshold=threshold,
                           after=after, before=before, exact=exact, device=device,
-                          precision=precision, hash_bits=hash_bits if hash_ else None)
-        model = lib.model
+                          precision=precision, hash_bits=hash_bits if hash_ else None,
+                          adapt=not no_adapt)
+        model, adapted = lib.model, lib.last_adapter
         sources, terms, term_sources, cache = [], [], [], None
         if html is not None or (preview and table and is_tty(out)):
             from .show.contact_sheet import query_terms
@@ -394,12 +397,15 @@ def search(
                 return
         if json_:
             q = query if query is not None else (str(image) if image else text)
-            print_json({"query": q, "model": model, "results": [h.to_json() for h in hits]})
+            print_json({"query": q, "model": model, "adapter": adapted,
+                        "results": [h.to_json() for h in hits]})
         elif null:
             out.write("".join(h.path + "\0" for h in hits))
         elif paths_only:
             out.write("".join(h.path + "\n" for h in hits))
         elif is_tty(out):
+            if adapted and is_tty(sys.stderr):
+                err(f"text mapped by the library's {adapted} adapter (--no-adapt: without)")
             previews = None
             if preview:
                 from .show.preview import for_terminal
@@ -461,6 +467,7 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
         ("text", "onnx (fast cold search)" if data["fast_text_search"] else "torch (no ONNX export)"),
         ("search", f"HNSW ef {data['search_ef']} (recall@10 {data['search_recall']:.3f} on "
                    "text-like queries)" if data["search_ef"] else "HNSW ef 128 (not measured yet)"),
+        ("adapter", _adapter_line(data["adapter"])),
         ("size", human_bytes(data["sizes"]["total"])),
         ("thumbs", f"{data['thumbnail_cache']['thumbnails']} "
                    f"({human_bytes(data['thumbnail_cache']['bytes'])} of "
@@ -468,6 +475,127 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
     ]
     for k, v in lines:
         typer.echo(f"{k + ':':<11}{v}")
+
+
+def _adapter_line(a: dict | None) -> str:
+    if a is None:
+        return "none (itr adapt PAIRS fits one)"
+    from .query.adapt import Candidate
+
+    cv = a["cv"]
+    line = (f"{Candidate(a['method'], a['params']).label()} on {a['pairs']} pairs "
+            f"({a['images']} images) of {a['source']}, pairs hash {a['pairs_hash'][:12]}; "
+            f"held-out text->image R@1 {cv['baseline']['R@1']:.1f} -> {cv['adapted']['R@1']:.1f}")
+    return line if a["active"] else line + " (fitted for another model: not used)"
+
+
+@app.command()
+def adapt(
+    pairs: Annotated[Optional[Path], typer.Argument(
+        help="captioned photos: Karpathy or COCO captions JSON, image,caption CSV, or a "
+             "folder of images + .txt", metavar="PAIRS", show_default=False)] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", metavar="DIR", file_okay=False,
+                      help="directory the pairs' image paths are relative to [default: "
+                           "the file's directory]", show_default=False)] = None,
+    format_: Annotated[Optional[str], typer.Option("--format",
+                       help="karpathy, coco, csv or folder [default: detected]",
+                       show_default=False)] = None,
+    split: Annotated[Optional[str], typer.Option("--split",
+                     help="Karpathy split to fit on [default: test]", show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, metavar="N",
+                     help="only the first N images", show_default=False)] = None,
+    method: Annotated[Optional[List[str]], typer.Option(
+        "--method", metavar="METHOD",
+        help="ridge, procrustes or cca; repeat to choose among several [default: all three]",
+        show_default=False)] = None,
+    folds: Annotated[int, typer.Option("--folds", min=2,
+                     help="cross-validation folds (grouped by image)")] = 5,
+    remove: Annotated[bool, typer.Option("--remove", help="drop the library's adapter")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache",
+                        help="neither read nor write the embedding cache")] = False,
+    db: DbOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    batch_size: BatchOpt = 32,
+    workers: WorkersOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Fit a map from text queries towards your images on your own captioned photos
+
+    Embeds the pairs with the library's model (its stored vectors where it has the images),
+    fits ridge, orthogonal Procrustes and regularised CCA maps, and keeps the one with the
+    best held-out text->image recall in k-fold cross-validation (folds never share an
+    image); nothing is stored when no map beats the model as it is. The map is applied to
+    text queries only (the image vectors and the graph are unchanged); itr search --no-adapt
+    compares.
+
+    \b
+    Example:
+        itr adapt catalogue.csv --images ~/museum/photos
+        itr search "crimson orb" --no-adapt
+        itr adapt --remove
+    """
+    from .library import Library
+    from .show.output import BarProgress, err, is_tty, one_line, print_json
+
+    if remove:
+        if pairs is not None:
+            raise UsageError("--remove takes no PAIRS")
+        with Library.open(db) as lib:
+            removed = lib.remove_adapter()
+        if json_:
+            print_json({"removed": removed})
+        elif not quiet:
+            err("adapter removed" if removed else "no adapter to remove")
+        return
+    if pairs is None:
+        raise UsageError("give PAIRS (captioned photos), or --remove")
+    from .evaluation.datasets import load
+    from .query.adapt import Candidate
+
+    ds = load(pairs, format=format_, images=images, split=split, limit=limit)
+    if not quiet and ds.missing_report():
+        err(f"warning: {ds.missing_report()}")
+    progress = BarProgress("encoding") if not quiet and is_tty(sys.stderr) else None
+    with Library.open(db) as lib:
+        r = lib.adapt(ds, methods=method, folds=folds, device=device, precision=precision,
+                      batch_size=batch_size, workers=workers, cache=not no_cache,
+                      progress=progress)
+        where = lib.directory
+    cv = r["cv"]
+    if json_:
+        print_json(r)
+    else:
+        rows = [("method", "params", "R@1", "R@5", "R@10")]
+        rows += [(m["method"], Candidate(m["method"], m["params"]).label()[len(m["method"]) + 1:],
+                  f"{m['R@1']:.1f}", f"{m['R@5']:.1f}", f"{m['R@10']:.1f}") for m in cv["methods"]]
+        w = [max(len(row[j]) for row in rows) for j in range(5)]
+        for row in rows:
+            typer.echo("  ".join([row[0].ljust(w[0]), row[1].ljust(w[1])]
+                                 + [c.rjust(w[j + 2]) for j, c in enumerate(row[2:])]).rstrip())
+        picked = Candidate(r["method"], r["params"]).label()
+        base, got = cv["baseline"], cv["adapted"]
+        basis = (f"held-out text->image recall, mean of {cv['folds']} folds over {cv['images']} "
+                 f"images and {cv['pairs']} pairs")
+        if r["stored"]:
+            typer.echo(f"picked {picked}: best {basis} (R@1 {base['R@1']:.1f} -> "
+                       f"{got['R@1']:.1f}, R@5 {base['R@5']:.1f} -> {got['R@5']:.1f})")
+        else:
+            typer.echo(f"picked none: no map beats the model as it is on {basis}")
+    if not quiet:
+        for note in r["notes"]:
+            err(f"note: {note}")
+        for s_ in r["skipped"][:20]:
+            err(f"skipped {one_line(s_['path'])}: {s_['error']}")
+        if len(r["skipped"]) > 20:
+            err(f"... and {len(r['skipped']) - 20} more skipped (see --json)")
+        if r["stored"]:
+            err(f"stored in {where} (pairs hash {r['pairs_hash'][:12]}); itr search maps text "
+                "queries with it (--no-adapt: without)")
+        else:
+            err("nothing stored; the library's adapter, if any, is unchanged")
 
 
 @app.command("eval")
@@ -491,8 +619,14 @@ def eval_cmd(
              "[default: laion-b32]", show_default=False)] = None,
     recall: Annotated[str, typer.Option("-k", "--recall", metavar="K,K,...",
                       help="the K of R@K")] = "1,5,10",
-    folds: Annotated[int, typer.Option("--folds", min=1,
-                     help="mean over this many image folds (5 on COCO 5K: the 1K protocol)")] = 1,
+    folds: Annotated[Optional[int], typer.Option("--folds", min=1,
+                     help="mean over this many image folds (5 on COCO 5K: the 1K protocol) "
+                          "[default: 1; 5 when --adapt's pairs share images with DATASET]",
+                     show_default=False)] = None,
+    adapt: Annotated[Optional[Path], typer.Option(
+        "--adapt", metavar="PAIRS", show_default=False,
+        help="add +adapt rows: rank each fold with a map fitted on these pairs (same "
+             "formats and --images) minus those showing the fold's images")] = None,
     ann: Annotated[bool, typer.Option("--ann", help="add rows for HNSW search")] = False,
     hash_bits: Annotated[Optional[str], typer.Option("--hash-bits", metavar="B,B,...",
                          help="add rows for B-bit binary codes, pure Hamming and re-ranked",
@@ -513,14 +647,16 @@ def eval_cmd(
     """Measure text->image and image->text recall@K on an image-caption dataset
 
     Prints R@K and the median rank in both directions, and rsum, one row per model and
-    method (exact; with --ann, HNSW; with --hash-bits, binary codes). Embeddings are
-    cached, so a second run encodes nothing.
+    method (exact; with --ann, HNSW; with --hash-bits, binary codes; with --adapt, the
+    query map of itr adapt, cross-validated). Embeddings are cached, so a second run
+    encodes nothing.
 
     \b
     Example:
         itr eval dataset_flickr30k.json --images flickr30k-images
         itr eval dataset_coco.json --images coco --folds 5 --ann --hash-bits 64,128
         itr eval captions.csv -m laion-b32 -m openai-b32 --json
+        itr eval catalogue.csv --adapt catalogue.csv
     """
     from .evaluation.datasets import load
     from .evaluation.evaluate import evaluate, format_table, parse_int_list, summary_line
@@ -531,8 +667,14 @@ def eval_cmd(
     ds = load(dataset, format=format_, images=images, split=split, limit=limit)
     if not quiet and ds.missing_report():
         err(f"warning: {ds.missing_report()}")
+    pairs = None
+    if adapt is not None:
+        pairs = load(adapt, images=images)
+        if not quiet and pairs.missing_report():
+            err(f"warning: --adapt: {pairs.missing_report()}")
     progress = BarProgress("encoding") if not quiet and is_tty(sys.stderr) else None
     result = evaluate(ds, model or [None], ks=ks, ann=ann, hash_bits=bits, folds=folds,
+                      adapt=pairs,
                       device=device, precision=precision, batch_size=batch_size,
                       workers=workers, cache=not no_cache, db=db, progress=progress)
     if json_:

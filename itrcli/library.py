@@ -38,6 +38,7 @@ class Library:
         self.store = store
         self._encoder = None
         self._encoder_args: tuple[str, str, str] | None = None
+        self.last_adapter: str | None = None  #: method that mapped the last search's text
 
     # -- opening -----------------------------------------------------------------------
     @classmethod
@@ -250,14 +251,21 @@ class Library:
             raise UsageError(f"image query {path}: {e}") from None
         return enc.encode_pixels(pixels[None])[0]
 
-    def embed_query(self, parts, device: str = "auto", precision: str = "auto"):
-        """Combine query parts (:class:`itrcli.query.search.QueryPart`) into one vector ``[dim]``."""
+    def embed_query(self, parts, device: str = "auto", precision: str = "auto", adapter=None):
+        """Combine query parts (:class:`itrcli.query.search.QueryPart`) into one vector ``[dim]``.
+
+        ``adapter`` (an :class:`itrcli.query.adapt.Adapter`) maps the text parts towards
+        image space first; image parts are image vectors already."""
         from .query.search import build_query
+
+        def encode_texts(texts):
+            vecs = self.text_encoder(device, precision).encode_texts(texts)  # [n, dim]
+            return vecs if adapter is None else adapter.apply(vecs)
 
         return build_query(
             parts,
             stored_vector=self.stored_vector,
-            encode_texts=lambda texts: self.text_encoder(device, precision).encode_texts(texts),
+            encode_texts=encode_texts,
             encode_image=lambda p: self.embed_image(p, device, precision),
         )
 
@@ -279,6 +287,7 @@ class Library:
         device: str = "auto",
         precision: str = "auto",
         hash_bits: int | None = None,
+        adapt: bool = True,
     ) -> list:
         """Rank the library's images against a query; returns :class:`itrcli.query.search.Hit` s.
 
@@ -287,6 +296,8 @@ class Library:
         ``hash_bits``: rank binary codes of that length by Hamming distance first, then
         re-rank the best candidates by cosine (see :mod:`itrcli.query.hashing`).
         An image query never returns the query file itself.
+        ``adapt``: map text terms with the library's adapter (``itr adapt``) if it has one;
+        afterwards ``self.last_adapter`` is the method used, or None.
         Raises:
             UsageError: empty query, bad date, unreadable query image.
             LibraryError: the library is empty.
@@ -304,7 +315,9 @@ class Library:
             raise LibraryError(f"library {self.directory} is empty (run 'itr index PATH' first)")
         filters = Filters(list(in_dirs), parse_date(after, "--after"),
                           parse_date(before, "--before"), threshold)
-        q = self.embed_query(parts, device, precision)
+        adapter = self.adapter() if adapt and any(p.kind == "text" for p in parts) else None
+        self.last_adapter = adapter.method if adapter is not None else None
+        q = self.embed_query(parts, device, precision, adapter)
         ef = ef or self.store.get_meta("search_ef")  # measured on this library by `itr index`
         exclude = [p.value for p in parts if p.kind == "image"]
         return rank(q, store=self.store, get_vindex=self._search_graph, top=top, filters=filters,
@@ -345,6 +358,115 @@ class Library:
         shown = {i: p for p, i in files}
         return sorted(sorted(shown[i] for i in g) for g in groups)
 
+    # -- adapting ---------------------------------------------------------------------------
+    def stored_adapter(self):
+        """The stored :class:`itrcli.store.adapters.StoredAdapter`, or None."""
+        from .store import adapters
+
+        return adapters.load(self.store.conn)
+
+    def adapter(self):
+        """The query map fitted by :meth:`adapt` for this library's model, or None."""
+        from .query.adapt import Adapter
+
+        a = self.stored_adapter()
+        if a is None or a.model != self.model or a.dim != self.store.get_meta("dim"):
+            return None  # fitted for a model the library no longer holds
+        return Adapter(a.method, a.params, a.matrix, a.mean)
+
+    def adapt(
+        self,
+        pairs,
+        *,
+        methods: Sequence[str] | None = None,
+        folds: int = 5,
+        device: str = "auto",
+        precision: str = "auto",
+        batch_size: int = 32,
+        workers: int | None = None,
+        cache: bool = True,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """Fit a query map on captioned ``pairs`` and store it (see :mod:`itrcli.query.adapt`).
+
+        Args:
+            pairs: a :class:`itrcli.evaluation.datasets.Dataset` (``datasets.load``).
+            methods: the methods to choose from (default: all of
+                :data:`itrcli.query.adapt.METHODS`); cross-validation picks one, or none.
+            folds: cross-validation folds (grouped by image).
+            cache: use the evaluation embedding cache.
+        Returns:
+            ``{"stored": bool, "method", "params", "pairs_hash", "cv": {...}, "skipped": [...],
+            "notes": [...], "encoded": {...}}``; nothing is stored when no map beats the
+            model as it is on held-out pairs.
+        Raises:
+            LibraryError: empty library, read-only.
+            UsageError: too few readable pairs, bad ``folds`` / ``methods``.
+        """
+        import numpy as np
+
+        from .evaluation.evaluate import embed_dataset, pairs_of
+        from .store.embedding_cache import EmbeddingCache, default_cache_path
+        from .query import adapt as fit
+        from .store import adapters
+        from .store.db import now_iso
+
+        if self.store.readonly:
+            raise LibraryError("library opened read-only")
+        if not self.model:
+            raise LibraryError(f"library {self.directory} is empty (run 'itr index PATH' first: "
+                               "the map is fitted on its model's vectors)")
+        methods = list(methods or fit.METHODS)
+        for m in methods:
+            if m not in fit.METHODS:
+                raise UsageError(f"--method {m}: expected one of {', '.join(fit.METHODS)}")
+        if folds < 2:
+            raise UsageError("--folds must be at least 2")
+        store_cache = EmbeddingCache(default_cache_path()) if cache else None
+        try:
+            e = embed_dataset(pairs, self.model, device=device, precision=precision,
+                              batch_size=batch_size, workers=workers, cache=store_cache,
+                              library_vector=self.store.vector_for_hash, progress=progress)
+        finally:
+            if store_cache is not None:
+                store_cache.close()
+        p = pairs_of(pairs, e)
+        n_images = len(np.unique(p.image_hash))
+        need = fit.min_images(folds)
+        if n_images < need:
+            raise UsageError(
+                f"{pairs.source}: {n_images} readable captioned image(s); adapting needs at "
+                f"least {need} ({folds}-fold cross-validation, {fit.MIN_IMAGES_PER_FOLD} images "
+                "a fold at least)")
+        notes = []
+        dim = p.texts.shape[1]
+        if len(p) < dim:
+            notes.append(f"{len(p)} pairs, fewer than the dimension ({dim}): every map is "
+                         "regularised (ridge towards the model as it is, shrunk CCA with at most "
+                         "as many components as pairs); cross-validation picks the strength")
+        adapter, sel = fit.select_and_fit(p.texts, p.images, p.image_hash, methods=methods,
+                                          folds=folds)
+        phash = fit.pairs_hash(zip(p.image_hash.tolist(), p.captions))
+        cv = sel.to_json()
+        stored = sel.best.method != "none"
+        if stored:
+            with self.store.transaction() as c:
+                adapters.save(c, adapters.StoredAdapter(
+                    self.model, phash, os.path.abspath(pairs.source), len(p), n_images, adapter.method,
+                    adapter.params, dim, adapter.matrix, adapter.mean, cv, now_iso()))
+        return {"stored": stored, "method": sel.best.method, "params": sel.best.params,
+                "pairs_hash": phash, "model": self.model, "cv": cv, "skipped": e.skipped,
+                "notes": notes, "encoded": e.stats}
+
+    def remove_adapter(self) -> bool:
+        """Drop the stored query map; True if there was one."""
+        from .store import adapters
+
+        if self.store.readonly:
+            raise LibraryError("library opened read-only")
+        with self.store.transaction() as c:
+            return adapters.delete(c)
+
     def vector_index(self):
         """The HNSW graph, up to date with the store (replayed in memory if behind)."""
         from .store.vindex import VectorIndex
@@ -373,12 +495,14 @@ class Library:
         """--reindex: forget every vector and the model binding (rows are re-created).
         The graph goes first: killed in between, it is rebuilt from the rows."""
         from .embed.textonnx import remove_export
+        from .store import adapters
         from .store.vindex import remove_graphs
 
         remove_graphs(self.directory)
         with self.store.transaction() as c:
             self.store.delete_files(c, self.store.vector_ids().tolist())
             self.store.forget_model(c)
+            adapters.delete(c)  # fitted on the old model's vectors
         remove_export(self.directory)
 
     def _catch_up_text_tower(self, model: str, device: str, precision: str) -> None:
@@ -439,8 +563,15 @@ class Library:
             "fast_text_search": OnnxTextEncoder.available(self.directory),
             "search_ef": meta.get("search_ef"),
             "search_recall": meta.get("search_recall"),
+            "adapter": self._adapter_info(),
             "sizes": {**sizes, "total": total},
         }
+
+    def _adapter_info(self) -> dict[str, Any] | None:
+        a = self.stored_adapter()
+        if a is None:
+            return None
+        return {**a.to_json(), "active": a.model == self.model}
 
 
 

@@ -49,6 +49,8 @@ METHODS = ("exact", "hnsw", "hash", "hash+rerank")
 #: ``max(RERANK_FACTOR * K_max, RERANK_MIN)``.
 RERANK_FACTOR = 10
 RERANK_MIN = 100
+#: --folds when --adapt's pairs share images with the dataset and no --folds is given.
+ADAPT_FOLDS = 5
 #: Captions per text-encoder batch, as a multiple of the image batch size (texts are cheap).
 TEXT_BATCH_FACTOR = 4
 
@@ -94,6 +96,7 @@ class EvalResult:
     skipped: list[dict[str, str]] = field(default_factory=list)  #: {"path", "error"}: unreadable
     encoded: dict[str, dict[str, Any]] = field(default_factory=dict)  #: per model: counts, seconds
     notes: list[str] = field(default_factory=list)  #: one-line remarks for stderr
+    adapt: dict[str, Any] | None = None  #: with ``adapt=``: the pairs and each fold's pick
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -107,6 +110,7 @@ class EvalResult:
             "skipped": self.skipped,
             "results": [r.to_json() for r in self.results],
             "encoded": self.encoded,
+            "adapt": self.adapt,
         }
 
 
@@ -189,6 +193,7 @@ class Embedded:
     text_vecs: np.ndarray  #: ``[n_captions, dim]`` in :meth:`Dataset.flat` order
     skipped: list[dict[str, str]]
     stats: dict[str, Any]
+    hashes: dict[int, str] = field(default_factory=dict)  #: image index -> content hash
 
 
 def _decode(path: str, prep) -> tuple[Any, str | None]:
@@ -301,7 +306,39 @@ def embed_dataset(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     encoder = None  # free the model before the next one loads
-    return Embedded(model_id, image_vecs, text_vecs, skipped, stats)
+    return Embedded(model_id, image_vecs, text_vecs, skipped, stats, hashes)
+
+
+@dataclass
+class Pairs:
+    """(caption, image) pairs of a dataset as vectors, for fitting an adapter."""
+
+    texts: np.ndarray  #: [n, dim]
+    images: np.ndarray  #: [n, dim], the image of each caption (repeated per caption)
+    image_hash: np.ndarray  #: [n] content hash of each pair's image (groups the folds)
+    captions: list[str]  #: [n]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def select(self, keep: np.ndarray) -> "Pairs":
+        """The pairs where ``keep`` (bool ``[n]``) holds."""
+        return Pairs(self.texts[keep], self.images[keep], self.image_hash[keep],
+                     [c for c, k in zip(self.captions, keep) if k])
+
+
+def pairs_of(ds: Dataset, e: Embedded) -> Pairs:
+    """Every caption of ``ds`` whose image could be read, with its image's vector."""
+    texts, owner = ds.flat()
+    rows = [c for c, i in enumerate(owner) if i in e.image_vecs]
+    dim = e.text_vecs.shape[1]
+    return Pairs(
+        e.text_vecs[rows].astype(np.float32),
+        np.stack([e.image_vecs[owner[c]] for c in rows]).astype(np.float32)
+        if rows else np.zeros((0, dim), np.float32),
+        np.asarray([e.hashes[owner[c]] for c in rows], dtype=str),
+        [texts[c] for c in rows],
+    )
 
 
 def _encode_images(enc, ds, todo, hashes, image_vecs, skipped, key, cache, batch_size, workers,
@@ -462,7 +499,10 @@ def evaluate(
     ann: bool = False,
     hash_bits: Sequence[int] = (),
     hash_method_name: str = "itq",
-    folds: int = 1,
+    folds: int | None = 1,
+    adapt: Dataset | None = None,
+    adapt_methods: Sequence[str] | None = None,
+    adapt_folds: int = 5,
     device: str = "auto",
     precision: str = "auto",
     batch_size: int = 32,
@@ -482,6 +522,11 @@ def evaluate(
         hash_bits: add "hash-B" and "hash-B+rerank" rows per model and B.
         hash_method_name: passed to :func:`itrcli.query.hashing.fit`.
         folds: evaluate on this many contiguous image folds and average (COCO 1K: 5).
+            None: 1, or :data:`ADAPT_FOLDS` when ``adapt`` shares images with ``ds``.
+        adapt: captioned pairs to fit a query map on (:mod:`itrcli.query.adapt`): adds
+            "exact+adapt" (and "hnsw+adapt") rows.  Each fold is ranked with a map fitted
+            on the pairs whose images are not in that fold (compared by content), picked
+            by ``adapt_folds``-fold cross-validation among ``adapt_methods``.
         cache: use the embedding cache (True: the default file; a path: that file).
         db: an itr library whose stored vectors may be reused (same model only; they come
             from draft-mode decoding, so may differ slightly from a fresh encode).
@@ -494,13 +539,13 @@ def evaluate(
     """
     ks = parse_int_list(list(ks), "--recall", DEFAULT_KS)
     hash_bits = parse_int_list(list(hash_bits), "--hash-bits") if hash_bits else ()
-    if folds < 1:
+    if folds is not None and folds < 1:
         raise UsageError("--folds must be at least 1")
-    if folds > len(ds.images):
+    if folds is not None and folds > len(ds.images):
         raise UsageError(f"--folds {folds}: the dataset has only {len(ds.images)} image(s)")
     hashing = _load_hashing() if hash_bits else None
     result = EvalResult(dataset=ds.name, split=ds.split, format=ds.format, images=0, captions=0,
-                        ks=tuple(ks), folds=folds, missing=list(ds.missing))
+                        ks=tuple(ks), folds=folds or 1, missing=list(ds.missing))
     for path in ds.uncaptioned:
         result.notes.append(f"no caption, left out: {path}")
 
@@ -518,6 +563,7 @@ def evaluate(
             if models.resolve(name) not in [models.resolve(n) for n in names]:
                 names.append(name)  # a model given twice is one row, not two
         embedded: list[Embedded] = []
+        adapt_embedded: list[Embedded] = []
         for name in names:
             library_vector = None
             if library is not None:
@@ -532,6 +578,11 @@ def evaluate(
                 ds, name, device=device, precision=precision, batch_size=batch_size,
                 workers=workers, cache=store_cache, library_vector=library_vector,
                 progress=progress))
+            if adapt is not None:
+                adapt_embedded.append(embed_dataset(
+                    adapt, name, device=device, precision=precision, batch_size=batch_size,
+                    workers=workers, cache=store_cache, library_vector=library_vector,
+                    progress=progress))
     finally:
         if store_cache is not None:
             store_cache.close()
@@ -547,6 +598,16 @@ def evaluate(
     result.skipped = [{"path": p, "error": err} for p, err in bad.items()]
     if not keep:
         raise ItrError("no image of the dataset could be read (see the skipped list)")
+    pairs = [pairs_of(adapt, a) for a in adapt_embedded]
+    if folds is None:
+        shared = len(set(pairs[0].image_hash.tolist()) & {embedded[0].hashes[i] for i in keep}) \
+            if pairs else 0
+        folds = ADAPT_FOLDS if shared and len(keep) >= ADAPT_FOLDS else 1
+        if folds > 1:
+            result.notes.append(f"--adapt: the pairs share {shared} image(s) with the dataset: "
+                                f"figures are the mean of {folds} folds, each ranked with a map "
+                                "fitted on pairs whose images are not in it")
+        result.folds = folds
     if folds > len(keep):
         raise UsageError(f"--folds {folds}: only {len(keep)} readable image(s)")
     sub = ds.subset(keep)
@@ -557,17 +618,63 @@ def evaluate(
     result.images, result.captions = len(sub.images), len(caption_image)
     fold_idx = metrics.fold_indices(caption_image, len(sub.images), folds)
 
-    for e in embedded:
+    if adapt is not None:
+        result.adapt = {"pairs": adapt.source, "folds": adapt_folds, "models": {}}
+    for j, e in enumerate(embedded):
         result.encoded[e.model] = e.stats
         img = np.stack([e.image_vecs[i] for i in keep]).astype(np.float32)  # [n_images, dim]
         txt = np.ascontiguousarray(e.text_vecs[kept_captions])  # [n_captions, dim]
+        fit_fold = None
+        if adapt is not None:
+            image_hash = np.asarray([e.hashes[i] for i in keep], dtype=str)  # [n_images]
+            picks: list[dict[str, Any]] = []
+            result.adapt["models"][e.model] = picks
+            fit_fold = _fold_fitter(pairs[j], image_hash, adapt_methods, adapt_folds, picks)
         result.results += _rows(e.model, img, txt, caption_image, fold_idx, ks, ann, hash_bits,
-                                hashing, hash_method_name)
+                                hashing, hash_method_name, fit_fold)
+    if adapt is not None:
+        for model, picks in result.adapt["models"].items():
+            labels = ", ".join(sorted({p["picked"] for p in picks}))
+            sizes = sorted({p["pairs"] for p in picks})
+            n = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+            result.notes.append(f"+adapt ({_short_names([model])[model]}): {labels}, fitted on "
+                                f"{n} pairs, none sharing an image with the images it ranks")
     return result
 
 
+def _fold_fitter(pairs: Pairs, image_hash: np.ndarray, methods, folds: int,
+                 picks: list[dict[str, Any]]) -> Callable[[np.ndarray], Any]:
+    """(image indices of a fold ``[m]``) -> the adapter to rank that fold with: fitted on
+    the pairs whose images (by content) are not in the fold; one fit serves every fold
+    that excludes no pair."""
+    from ..query import adapt as fit
+
+    fitted: dict[str, Any] = {}
+
+    def for_fold(imgs: np.ndarray):
+        train = ~np.isin(pairs.image_hash, image_hash[imgs])  # [n_pairs]
+        if train.all() and "all" in fitted:
+            return fitted["all"]
+        p = pairs.select(train)
+        n_images = len(np.unique(p.image_hash))
+        if n_images < fit.min_images(folds):
+            raise UsageError(
+                f"--adapt: {n_images} captioned image(s) left to fit on once a fold's images "
+                f"are held out; needs at least {fit.min_images(folds)} (more pairs, or more "
+                "--folds)")
+        adapter, sel = fit.select_and_fit(p.texts, p.images, p.image_hash,
+                                          methods=list(methods or fit.METHODS), folds=folds)
+        picks.append({"picked": sel.best.label(), "pairs": len(p), "images": n_images,
+                      "cv": sel.to_json()})
+        if train.all():
+            fitted["all"] = adapter
+        return adapter
+
+    return for_fold
+
+
 def _rows(model_id, img, txt, caption_image, fold_idx, ks, ann, hash_bits, hashing,
-          hash_method_name) -> list[MethodResult]:
+          hash_method_name, fit_fold=None) -> list[MethodResult]:
     """Every method's row for one model, each averaged over the folds."""
     runs: dict[str, list[tuple[Ranks, float]]] = {}
 
@@ -592,6 +699,16 @@ def _rows(model_id, img, txt, caption_image, fold_idx, ks, ann, hash_bits, hashi
         if ann:
             t0 = time.perf_counter()
             record("hnsw", hnsw_method(fi, ft, ci, ks), time.perf_counter() - t0)
+        if fit_fold is not None:
+            t0 = time.perf_counter()
+            adapter = fit_fold(imgs)
+            fit_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            fa = adapter.apply(ft)  # [m_f, dim]: the captions mapped, the images as they are
+            record("exact+adapt", exact_method(fi, fa, ci), fit_s + time.perf_counter() - t0)
+            if ann:
+                t0 = time.perf_counter()
+                record("hnsw+adapt", hnsw_method(fi, fa, ci, ks), time.perf_counter() - t0)
         for bits, img_codes, txt_codes, fit_seconds in codes:
             share = fit_seconds / len(fold_idx)
             c = rerank_candidates(ks)

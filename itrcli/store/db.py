@@ -138,10 +138,35 @@ def m003_hash_codes(conn: sqlite3.Connection) -> None:
     )
 
 
+def m006_adapters(conn: sqlite3.Connection) -> None:
+    # The query-side map fitted by `itr adapt` (see itrcli.store.adapters); at most one.
+    _script(
+        conn,
+        """
+        CREATE TABLE adapters (
+            id INTEGER PRIMARY KEY CHECK (id = 1), -- one map per library
+            model TEXT NOT NULL,                   -- meta.model when it was fitted
+            pairs_hash TEXT NOT NULL,              -- query.adapt.pairs_hash of the pairs
+            source TEXT NOT NULL,                  -- the pairs file or folder
+            pairs INTEGER NOT NULL,
+            images INTEGER NOT NULL,
+            method TEXT NOT NULL,                  -- ridge | procrustes | cca
+            params TEXT NOT NULL,                  -- JSON
+            dim INTEGER NOT NULL,
+            matrix BLOB NOT NULL,                  -- float32 little-endian [dim, dim], row-major
+            mean BLOB NOT NULL,                    -- float32 little-endian [dim]
+            cv TEXT NOT NULL,                      -- JSON: cross-validated recall per method
+            created_at TEXT NOT NULL
+        );
+        """
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m001_create_tables,
     m002_failures,
     m003_hash_codes,
+    m006_adapters,
 ]
 #: The schema version a library has once every migration ran (kept in meta, for readers).
 SCHEMA_VERSION = len(MIGRATIONS)
