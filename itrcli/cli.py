@@ -314,6 +314,20 @@ def search(
                      help="taken on or after this date (EXIF, else mtime)")] = None,
     before: Annotated[Optional[str], typer.Option("--before", metavar="YYYY-MM-DD",
                       help="taken before this date (EXIF, else mtime)")] = None,
+    camera: Annotated[Optional[str], typer.Option("--camera", metavar="TEXT", show_default=False,
+                      help="camera make or model contains TEXT (any case)")] = None,
+    near: Annotated[Optional[str], typer.Option("--near", metavar="LAT,LON[,KM]", show_default=False,
+                    help="taken within KM of a point (GPS; default 10 km)")] = None,
+    glob: Annotated[Optional[List[str]], typer.Option("--glob", metavar="PATTERN",
+                    help="path or file name matches PATTERN (repeatable, any)")] = None,
+    min_size: Annotated[Optional[str], typer.Option("--min-size", metavar="WxH", show_default=False,
+                        help="at least W pixels wide and H high")] = None,
+    kind: Annotated[Optional[str], typer.Option("--kind", metavar="image|video", show_default=False,
+                    help="only images or only videos")] = None,
+    sort: Annotated[str, typer.Option("--sort", metavar="score|date|path",
+                    help="order of the best results: score, date (newest first) or path")] = "score",
+    auto_cut: Annotated[bool, typer.Option("--auto-cut", help="keep only results standing out "
+                        "from the library's scores for this query")] = False,
     exact: Annotated[bool, typer.Option("--exact", help="score every image (no HNSW)")] = False,
     hash_: Annotated[bool, typer.Option("--hash", help="fast then slow: rank binary codes by "
                                         "Hamming distance, re-rank the best by cosine")] = False,
@@ -349,6 +363,7 @@ def search(
         itr search "two children on a lawn" -n 5 --preview
         itr search ~/photos/beach.jpg --subtract "people" --html beach.html
         itr search "beach" -0 | xargs -0 cp -t /tmp/beach
+        itr search "harbour at dusk" --near 43.30,5.37,20 --camera pixel --sort date
     """
     from .library import Library
     from .show.output import err, is_tty, print_json
@@ -368,7 +383,9 @@ def search(
                           add=add or [], subtract=subtract or [], top=top,
                           in_dirs=[str(d) for d in in_dirs or []], threshold=threshold,
                           after=after, before=before, exact=exact, device=device,
-                          precision=precision, hash_bits=hash_bits if hash_ else None)
+                          precision=precision, hash_bits=hash_bits if hash_ else None,
+                          camera=camera, near=near, globs=glob or [], min_size=min_size,
+                          kind=kind, sort=sort, auto_cut=auto_cut)
         model = lib.model
         sources, terms, term_sources, cache = [], [], [], None
         if html is not None or (preview and table and is_tty(out)):
@@ -458,6 +475,8 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
         ("dimension", str(data["dim"] or "-")),
         ("precision", data["precision"] or "-"),
         ("files", str(data["files"])),
+        ("metadata", "{gps} with GPS, {camera} with camera, {taken_at} with capture time"
+                     .format(**data["metadata"])),
         ("roots", ", ".join(data["roots"]) or "-"),
         ("text", "onnx (fast cold search)" if data["fast_text_search"] else "torch (no ONNX export)"),
         ("search", f"HNSW ef {data['search_ef']} (recall@10 {data['search_recall']:.3f} on "

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import UsageError
 from ..constants import HEIF_EXTENSIONS, IMAGE_EXTENSIONS
+from .filters import MetaFilter
 
 #: When filters leave at most this many candidates, score them exactly instead of
 #: asking the graph (exact and cheaper at that size).
@@ -66,10 +67,13 @@ class Filters:
     after: str | None = None  #: YYYY-MM-DD, inclusive
     before: str | None = None  #: YYYY-MM-DD, exclusive
     threshold: float | None = None
+    meta: MetaFilter | None = None  #: camera, place, glob, size, kind (query/filters.py)
+    auto_cut: float | None = None  #: --auto-cut's floor in std devs (query/autocut.py)
 
     @property
     def narrows(self) -> bool:
-        return bool(self.in_dirs or self.after or self.before)
+        return bool(self.in_dirs or self.after or self.before
+                    or (self.meta is not None and self.meta.narrows))
 
 
 def parse_date(value: str | None, option: str) -> str | None:
@@ -149,8 +153,22 @@ def build_query(
 
 
 def allowed_ids(conn, f: Filters) -> set[int] | None:
-    """Ids passing --in/--after/--before (None: no such filter)."""
+    """Ids passing --in/--after/--before and the metadata filters (None: no filter)."""
     if not f.narrows:
+        return None
+    ids = _path_date_ids(conn, f)
+    m = f.meta
+    if m is not None and m.narrows:
+        from ..store.metadata import filter_rows
+
+        rows = filter_rows(conn, lat_range=m.near.lat_range() if m.near else None,
+                           min_size=m.min_size, camera=m.camera is not None, ids=ids)
+        ids = {r["id"] for r in rows if m.matches(r)}
+    return ids
+
+
+def _path_date_ids(conn, f: Filters) -> set[int] | None:
+    if not (f.in_dirs or f.after or f.before):
         return None
     where, args = [], []
     if f.in_dirs:
@@ -187,6 +205,18 @@ def rank(
 
     from ..store.db import fs_path_of
 
+    if filters.auto_cut is not None:
+        from dataclasses import replace
+
+        from .autocut import WINDOW, gap_cut, library_floor
+
+        floor = library_floor(store, query, filters.auto_cut)
+        plain = replace(filters, auto_cut=None, threshold=floor if filters.threshold is None
+                        else max(floor, filters.threshold))
+        best = rank(query, store=store, get_vindex=get_vindex, top=WINDOW, filters=plain,
+                    exclude_paths=exclude_paths, exact=exact, ef=ef, hash_bits=hash_bits)
+        cut = gap_cut([h.score for h in best], plain.threshold)
+        return [h for h in best if h.score >= cut][:top]
     allowed = allowed_ids(store.conn, filters)
     excluded: set[int] = set()
     for p in exclude_paths:
