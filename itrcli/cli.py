@@ -399,6 +399,8 @@ def search(
                                     add=add or [], subtract=subtract or [])
                 term_sources = [source_for(lib.store, v) if k == "image" else None
                                 for k, v, _ in terms]
+    if not hits and not (table and is_tty(out)) and (camera or near or glob or min_size or kind):
+        err("no results with these filters")  # on a terminal the table says "no results"
     try:
         if html is not None:
             from .show.contact_sheet import write_search_html

@@ -281,7 +281,7 @@ def test_bad_input_is_one_line_and_exit_2_and_no_match_is_empty(itr, photo_lib):
         assert r.code == 2 and r.out == "" and r.err.startswith("Error: ") \
             and r.err.count("\n") == 1, (args, r)
     r = itr("search", "red", "--db", db, "--camera", "hasselblad")
-    assert r.code == 0 and r.out == ""
+    assert r.code == 0 and r.out == "" and r.err == "no results with these filters\n"
     r = itr("search", "red", "--db", db, "--camera", "hasselblad", "--json")
     assert r.code == 0 and r.json()["results"] == []
     # a negative latitude is a value, not an option
