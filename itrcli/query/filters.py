@@ -1,26 +1,26 @@
 """Metadata filters and result order for search: camera, place, path glob, size, kind.
 
 Each option is parsed by a small pure function (option text -> value, or a one-line
-:class:`~itrcli.errors.UsageError`), and :meth:`MetaFilter.matches` is the whole predicate
-on one ``files`` row, so both can be tested without a model or a database.  The store
-narrows the rows with what SQL does cheaply (see :mod:`itrcli.store.metadata`); this
-predicate then decides on every row it returns.
+:class:`~itrcli.errors.UsageError`).  The store evaluates what SQL does well, in C, over
+the ``files`` table (camera, glob, size, and the latitude band of ``--near``; see
+:mod:`itrcli.store.metadata`); :meth:`MetaFilter.matches` then decides on the rows that
+remain with what needs more than SQL: the great-circle distance, and :func:`row_kind`.
 
-- ``--camera TEXT``: case-insensitive substring of the camera recorded at index time (EXIF
-  make and model, e.g. ``Apple iPhone 12``).  Files without a camera never match.
+- ``--camera TEXT``: the camera recorded at index time (EXIF make and model, e.g.
+  ``Apple iPhone 12``) contains TEXT, case-insensitive for ASCII letters (SQL ``LIKE``).
+  Files without a camera never match.
 - ``--near LAT,LON[,KM]``: great-circle distance from the point at most KM kilometres
   (default :data:`DEFAULT_NEAR_KM`); files without GPS never match.
-- ``--glob PATTERN`` (repeatable, any may match): shell wildcards, ``*`` also crossing
-  ``/``.  A pattern without ``/`` is matched against the file name and the path; an
-  absolute one against the whole path; a relative one with ``/`` against the end of the
-  path at a folder boundary (``2023/*.jpg`` matches ``/photos/2023/a.jpg``).
+- ``--glob PATTERN`` (repeatable, any may match): shell wildcards ``*``, ``?``, ``[...]``
+  (``[!...]`` negated), case-sensitive, ``*`` also crossing ``/``.  An absolute pattern
+  is matched against the whole path, any other against the end of the path after a
+  ``/`` (``*.png``: files ending in .png; ``2023/*.jpg``: under a folder named 2023).
 - ``--min-size WxH``: at least W pixels wide and H high (after EXIF rotation).
 - ``--kind image|video``: what :func:`row_kind` says the row is.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import os
 import re
@@ -65,28 +65,27 @@ class MetaFilter:
     def narrows(self) -> bool:
         return bool(self.camera or self.near or self.globs or self.min_size or self.kind)
 
+    @property
+    def needs_rows(self) -> bool:
+        """Whether :meth:`matches` has anything to decide after the SQL narrowing."""
+        return self.near is not None or self.kind is not None
+
     def matches(self, row: Mapping[str, Any]) -> bool:
-        """Whether one ``files`` row (``path``, ``camera``, ``lat``, ``lon``, ``width``,
-        ``height``, and ``kind`` where the schema has it) passes every filter."""
+        """What SQL leaves to Python, on one ``files`` row (``lat``, ``lon``, and ``kind``
+        where the schema has it): the distance to ``near`` and the kind."""
         if self.kind is not None and row_kind(row) != self.kind:
             return False
-        if self.min_size is not None:
-            w, h = row.get("width"), row.get("height")
-            if w is None or h is None or w < self.min_size[0] or h < self.min_size[1]:
-                return False
-        if self.camera is not None:
-            cam = row.get("camera")
-            if not cam or self.camera.casefold() not in cam.casefold():
-                return False
         if self.near is not None:
             lat, lon = row.get("lat"), row.get("lon")
             if lat is None or lon is None:
                 return False
             if distance_km(self.near.lat, self.near.lon, lat, lon) > self.near.km:
                 return False
-        if self.globs and not any(glob_matches(g, row["path"]) for g in self.globs):
-            return False
         return True
+
+    def sql_globs(self) -> list[str]:
+        """The ``--glob`` patterns as SQLite ``GLOB`` patterns over the whole path."""
+        return [glob_sql(g) for g in self.globs]
 
 
 def row_kind(row: Mapping[str, Any]) -> str:
@@ -103,13 +102,12 @@ def distance_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(a)))
 
 
-def glob_matches(pattern: str, path: str) -> bool:
-    """Whether ``path`` matches one ``--glob`` pattern (rules in the module docstring)."""
-    if "/" not in pattern:
-        return fnmatch.fnmatch(os.path.basename(path), pattern) or fnmatch.fnmatch(path, pattern)
-    if pattern.startswith("/"):
-        return fnmatch.fnmatch(path, pattern)
-    return fnmatch.fnmatch(path, "*/" + pattern)
+def glob_sql(pattern: str) -> str:
+    """A ``--glob`` pattern as an SQLite ``GLOB`` pattern over the whole path: relative
+    patterns get ``*/`` in front (the end of the path after a ``/``), and the shell's
+    ``[!...]`` becomes SQLite's ``[^...]``."""
+    pattern = re.sub(r"\[!", "[^", pattern)
+    return pattern if pattern.startswith("/") else "*/" + pattern
 
 
 # --- parsing option values ------------------------------------------------------------

@@ -159,11 +159,15 @@ def allowed_ids(conn, f: Filters) -> set[int] | None:
     ids = _path_date_ids(conn, f)
     m = f.meta
     if m is not None and m.narrows:
-        from ..store.metadata import filter_rows
+        from ..store.metadata import filter_ids, filter_rows
 
-        rows = filter_rows(conn, lat_range=m.near.lat_range() if m.near else None,
-                           min_size=m.min_size, camera=m.camera is not None, ids=ids)
-        ids = {r["id"] for r in rows if m.matches(r)}
+        if m.needs_rows:  # distance and kind: decided in Python on the rows SQL leaves
+            rows = filter_rows(conn, camera=m.camera, globs=m.sql_globs(), min_size=m.min_size,
+                               lat_range=m.near.lat_range() if m.near else None, ids=ids)
+            ids = {r["id"] for r in rows if m.matches(r)}
+        else:
+            got = filter_ids(conn, camera=m.camera, globs=m.sql_globs(), min_size=m.min_size)
+            ids = got if ids is None else ids & got
     return ids
 
 

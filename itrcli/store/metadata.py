@@ -1,49 +1,72 @@
 """Reading the photo metadata recorded at index time (camera, GPS, capture time, size).
 
-The SQL behind search filters and ``itr info``'s metadata counts.  Filtering here only
-narrows with what SQL tests cheaply and safely (a superset of the matches); the exact
-predicate is :meth:`itrcli.query.filters.MetaFilter.matches`, applied by the caller.
+The SQL behind search filters, ``itr info``'s metadata counts and ``--auto-cut``'s
+library sample.  Filtering here does camera, glob, size and the latitude band of a place
+in SQL (a superset of the place matches); :meth:`itrcli.query.filters.MetaFilter.matches`
+then decides on the distance and the kind, applied by the caller.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from typing import Any, Iterator
-
-#: Columns a filter predicate reads (``kind`` too where the schema has it).
-FILTER_COLUMNS = ("id", "path", "camera", "lat", "lon", "width", "height")
-
+from typing import Any, Iterator, Sequence
 
 def _columns(conn: sqlite3.Connection) -> set[str]:
     return {r[1] for r in conn.execute("PRAGMA table_info(files)")}
 
 
-def filter_rows(
-    conn: sqlite3.Connection,
-    *,
-    lat_range: tuple[float, float] | None = None,
-    min_size: tuple[int, int] | None = None,
-    camera: bool = False,
-    ids: set[int] | None = None,
-) -> Iterator[dict[str, Any]]:
-    """``files`` rows (as dicts of :data:`FILTER_COLUMNS`) that may pass a filter:
-    within ``lat_range`` with GPS, at least ``min_size`` (width, height), with a camera
-    when ``camera``, and among ``ids`` when given."""
-    cols = list(FILTER_COLUMNS) + (["kind"] if "kind" in _columns(conn) else [])
-    where, args = [], []
-    if lat_range is not None:
-        where.append("lat BETWEEN ? AND ? AND lon IS NOT NULL")
-        args += list(lat_range)
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _where(camera, globs, min_size, lat_range) -> tuple[str, list[Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+    if camera is not None:
+        where.append("camera LIKE ? ESCAPE '\\'")
+        args.append(f"%{_like_escape(camera)}%")
+    if globs:
+        where.append("(" + " OR ".join("path GLOB ?" for _ in globs) + ")")
+        args += list(globs)
     if min_size is not None:
         where.append("width >= ? AND height >= ?")
         args += list(min_size)
-    if camera:
-        where.append("camera IS NOT NULL")
-    sql = f"SELECT {', '.join(cols)} FROM files" + (f" WHERE {' AND '.join(where)}" if where else "")
-    for r in conn.execute(sql, args):
-        row = dict(zip(cols, r))
-        if ids is None or row["id"] in ids:
-            yield row
+    if lat_range is not None:
+        where.append("lat BETWEEN ? AND ? AND lon IS NOT NULL")
+        args += list(lat_range)
+    return (f" WHERE {' AND '.join(where)}" if where else ""), args
+
+
+def filter_rows(
+    conn: sqlite3.Connection,
+    *,
+    camera: str | None = None,
+    globs: Sequence[str] = (),
+    min_size: tuple[int, int] | None = None,
+    lat_range: tuple[float, float] | None = None,
+    ids: set[int] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Rows of ``files`` (``id``, ``lat``, ``lon``, and ``kind`` where the schema has it)
+    whose camera contains ``camera`` (ASCII case-insensitive), whose path matches any of
+    the SQLite ``globs``, at least ``min_size`` (width, height), with GPS inside
+    ``lat_range`` when given, and among ``ids`` when given."""
+    cols = ["id", "lat", "lon"] + (["kind"] if "kind" in _columns(conn) else [])
+    where, args = _where(camera, globs, min_size, lat_range)
+    for r in conn.execute(f"SELECT {', '.join(cols)} FROM files{where}", args):
+        if ids is None or r[0] in ids:
+            yield dict(zip(cols, r))
+
+
+def filter_ids(
+    conn: sqlite3.Connection,
+    *,
+    camera: str | None = None,
+    globs: Sequence[str] = (),
+    min_size: tuple[int, int] | None = None,
+) -> set[int]:
+    """The ids :func:`filter_rows` would give without a place (only the ids: faster)."""
+    where, args = _where(camera, globs, min_size, None)
+    return {r[0] for r in conn.execute(f"SELECT id FROM files{where}", args)}
 
 
 def coverage(conn: sqlite3.Connection) -> dict[str, int]:
