@@ -5,7 +5,9 @@ drawings, seeds the test model never saw): every caption ("a red circle on the l
 ``--per`` times, so that each query has several relevant images.  Queries:
 
 - ``caption``: the 150 full captions; relevant = the drawings of that caption;
-- ``color+shape``: "a red circle" (30 queries); relevant = that colour and shape anywhere.
+- ``color+shape``: "a red circle" (30 queries); relevant = that colour and shape anywhere;
+- ``absent``: the 25 purple captions against the set less its purple drawings (750
+  images): nothing is relevant, so a good cut-off keeps nothing (``empty`` counts those).
 
 Each query is scored against every image, the cut-off is computed exactly as ``--auto-cut``
 does (:func:`itrcli.query.autocut.cut_from_scores` over the library's fixed sample, which
@@ -65,12 +67,17 @@ def main() -> None:
         "color+shape": [(f"a {c} {s}", {i for i, l in enumerate(labels) if l[:2] == (c, s)})
                         for c in synth.COLORS for s in synth.SHAPES],
     }
+    # a query with nothing relevant: the purple captions, against the library less purple
+    others = np.asarray([i for i, l in enumerate(labels) if l[0] != "purple"])
+    sets["absent"] = [(synth.caption(c, s, p), set()) for c, s, p in synth.combinations()
+                      if c == "purple"]
     print(f"{len(vecs)} images ({a.per} per caption), model {Path(a.model).name}")
     print(f"{'queries':<12} {'method':<22} {'precision':>9} {'recall':>7} {'F1':>6} {'kept':>6} {'empty':>6}")
     for name, qs in sets.items():
         q = enc.encode_texts([t for t, _ in qs])  # [nq, dim]
-        scores = q @ vecs.T  # [nq, n]
-        samp = q @ sample.T
+        lib = vecs[others] if name == "absent" else vecs
+        scores = q @ lib.T  # [nq, n]
+        samp = q @ (lib if name == "absent" else sample).T
         desc = -np.sort(-scores, axis=1)  # [nq, n], best first
         methods = {}
         for z in (1.0, 1.5, 2.0, 2.5):

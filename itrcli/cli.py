@@ -319,7 +319,7 @@ def search(
     near: Annotated[Optional[str], typer.Option("--near", metavar="LAT,LON[,KM]", show_default=False,
                     help="taken within KM of a point (GPS; default 10 km)")] = None,
     glob: Annotated[Optional[List[str]], typer.Option("--glob", metavar="PATTERN",
-                    help="path or file name matches PATTERN (repeatable, any)")] = None,
+                    help="the path ends in a match of PATTERN (repeatable, any)")] = None,
     min_size: Annotated[Optional[str], typer.Option("--min-size", metavar="WxH", show_default=False,
                         help="at least W pixels wide and H high")] = None,
     kind: Annotated[Optional[str], typer.Option("--kind", metavar="image|video", show_default=False,
