@@ -427,3 +427,23 @@ def test_filtered_graph_search_agrees_with_exact(tmp_path, monkeypatch):
     assert all(used) and len(used) == len(cases) * len(queries)
     assert found / total >= 0.95, found / total
     store.close()
+
+
+def test_library_sample_is_fixed_and_spread_over_sparse_ids():
+    from itrcli.store.metadata import sample_ids
+
+    conn = sqlite3.connect(":memory:")
+    conn.execute("CREATE TABLE files (id INTEGER PRIMARY KEY)")
+    assert sample_ids(conn, 10) == []
+    conn.executemany("INSERT INTO files VALUES (?)", [(i,) for i in range(1, 6)])
+    assert sample_ids(conn, 10) == [1, 2, 3, 4, 5]  # small library: all of it
+    dense = list(range(1, 5001))
+    sparse = list(range(10, 10_000_000, 9973))  # ~1,000 ids spread thin (after --reindex)
+    for ids in (dense, sparse):
+        conn.execute("DELETE FROM files")
+        conn.executemany("INSERT INTO files VALUES (?)", [(i,) for i in ids])
+        got = sample_ids(conn, 300)
+        assert got == sample_ids(conn, 300) and len(got) == 300 == len(set(got))
+        assert set(got) <= set(ids)
+        # spread over the whole range, not its start
+        assert np.median(got) == pytest.approx(np.median(ids), rel=0.15)

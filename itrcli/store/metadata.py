@@ -93,8 +93,9 @@ def sample_ids(conn: sqlite3.Connection, n: int, seed: int = 0) -> list[int]:
         got: list[int] = []
         for i in range(0, len(draw), 500):
             chunk = [int(x) for x in draw[i: i + 500]]
-            got += [r[0] for r in conn.execute(
-                f"SELECT id FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk)]
+            present = {r[0] for r in conn.execute(
+                f"SELECT id FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk)}
+            got += [i for i in chunk if i in present]  # in draw order: SQL returns id order
             if len(got) >= n:
                 return sorted(got[:n])
     ids = np.asarray([r[0] for r in conn.execute("SELECT id FROM files ORDER BY id")], np.int64)
