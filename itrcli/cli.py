@@ -313,6 +313,20 @@ def search(
                      help="taken on or after this date (EXIF, else mtime)")] = None,
     before: Annotated[Optional[str], typer.Option("--before", metavar="YYYY-MM-DD",
                       help="taken before this date (EXIF, else mtime)")] = None,
+    camera: Annotated[Optional[str], typer.Option("--camera", metavar="TEXT", show_default=False,
+                      help="camera make or model contains TEXT (any case)")] = None,
+    near: Annotated[Optional[str], typer.Option("--near", metavar="LAT,LON[,KM]", show_default=False,
+                    help="taken within KM of a point (GPS; default 10 km)")] = None,
+    glob: Annotated[Optional[List[str]], typer.Option("--glob", metavar="PATTERN",
+                    help="the path ends in a match of PATTERN (repeatable, any)")] = None,
+    min_size: Annotated[Optional[str], typer.Option("--min-size", metavar="WxH", show_default=False,
+                        help="at least W pixels wide and H high")] = None,
+    kind: Annotated[Optional[str], typer.Option("--kind", metavar="image|video", show_default=False,
+                    help="only images or only videos")] = None,
+    sort: Annotated[str, typer.Option("--sort", metavar="score|date|path",
+                    help="order of the best results: score, date (newest first) or path")] = "score",
+    auto_cut: Annotated[bool, typer.Option("--auto-cut", help="keep only results standing out "
+                        "from the library's scores for this query")] = False,
     exact: Annotated[bool, typer.Option("--exact", help="score every image (no HNSW)")] = False,
     hash_: Annotated[bool, typer.Option("--hash", help="fast then slow: rank binary codes by "
                                         "Hamming distance, re-rank the best by cosine")] = False,
@@ -350,6 +364,7 @@ def search(
         itr search "two children on a lawn" -n 5 --preview
         itr search ~/photos/beach.jpg --subtract "people" --html beach.html
         itr search "beach" -0 | xargs -0 cp -t /tmp/beach
+        itr search "harbour at dusk" --near 43.30,5.37,20 --camera pixel --sort date
     """
     from .library import Library
     from .show.output import err, is_tty, print_json
@@ -370,7 +385,8 @@ def search(
                           in_dirs=[str(d) for d in in_dirs or []], threshold=threshold,
                           after=after, before=before, exact=exact, device=device,
                           precision=precision, hash_bits=hash_bits if hash_ else None,
-                          adapt=not no_adapt)
+                          adapt=not no_adapt, camera=camera, near=near, globs=glob or [],
+                          min_size=min_size, kind=kind, sort=sort, auto_cut=auto_cut)
         model, adapted = lib.model, lib.last_adapter
         sources, terms, term_sources, cache = [], [], [], None
         if html is not None or (preview and table and is_tty(out)):
@@ -384,6 +400,8 @@ def search(
                                     add=add or [], subtract=subtract or [])
                 term_sources = [source_for(lib.store, v) if k == "image" else None
                                 for k, v, _ in terms]
+    if not hits and not (table and is_tty(out)) and (camera or near or glob or min_size or kind):
+        err("no results with these filters")  # on a terminal the table says "no results"
     try:
         if html is not None:
             from .show.contact_sheet import write_search_html
@@ -463,6 +481,8 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
         ("dimension", str(data["dim"] or "-")),
         ("precision", data["precision"] or "-"),
         ("files", str(data["files"])),
+        ("metadata", "{gps} with GPS, {camera} with camera, {taken_at} with capture time"
+                     .format(**data["metadata"])),
         ("roots", ", ".join(data["roots"]) or "-"),
         ("text", "onnx (fast cold search)" if data["fast_text_search"] else "torch (no ONNX export)"),
         ("search", f"HNSW ef {data['search_ef']} (recall@10 {data['search_recall']:.3f} on "

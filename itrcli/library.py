@@ -288,6 +288,13 @@ class Library:
         precision: str = "auto",
         hash_bits: int | None = None,
         adapt: bool = True,
+        camera: str | None = None,
+        near: str | None = None,
+        globs: Sequence[str] = (),
+        min_size: str | None = None,
+        kind: str | None = None,
+        sort: str = "score",
+        auto_cut: bool | float = False,
     ) -> list:
         """Rank the library's images against a query; returns :class:`itrcli.query.search.Hit` s.
 
@@ -298,10 +305,17 @@ class Library:
         An image query never returns the query file itself.
         ``adapt``: map text terms with the library's adapter (``itr adapt``) if it has one;
         afterwards ``self.last_adapter`` is the method used, or None.
+        ``camera``, ``near`` (``"LAT,LON[,KM]"``), ``globs``, ``min_size`` (``"WxH"``) and
+        ``kind`` filter by metadata (:mod:`itrcli.query.filters`); ``sort``: ``score``,
+        ``date`` (newest first) or ``path`` order for the best ``top``; ``auto_cut``: keep
+        only results standing out from the library (True, or the floor in standard
+        deviations; :mod:`itrcli.query.autocut`).
         Raises:
-            UsageError: empty query, bad date, unreadable query image.
+            UsageError: empty query, bad date or filter, unreadable query image.
             LibraryError: the library is empty.
         """
+        from .query.autocut import FLOOR_SIGMAS
+        from .query.filters import meta_filter, parse_sort, sort_hits
         from .query.search import Filters, parse_date, query_parts, rank
 
         parts = query_parts(query, image=image, text=text, add=add, subtract=subtract)
@@ -313,15 +327,20 @@ class Library:
             raise UsageError("--top must be at least 1")
         if not self.model or not self.store.has_files():
             raise LibraryError(f"library {self.directory} is empty (run 'itr index PATH' first)")
+        meta = meta_filter(camera=camera, near=near, globs=globs, min_size=min_size, kind=kind)
+        order = parse_sort(sort)
+        sigmas = (None if auto_cut is False or auto_cut is None
+                  else FLOOR_SIGMAS if auto_cut is True else float(auto_cut))
         filters = Filters(list(in_dirs), parse_date(after, "--after"),
-                          parse_date(before, "--before"), threshold)
+                          parse_date(before, "--before"), threshold, meta, sigmas)
         adapter = self.adapter() if adapt and any(p.kind == "text" for p in parts) else None
         self.last_adapter = adapter.method if adapter is not None else None
         q = self.embed_query(parts, device, precision, adapter)
         ef = ef or self.store.get_meta("search_ef")  # measured on this library by `itr index`
         exclude = [p.value for p in parts if p.kind == "image"]
-        return rank(q, store=self.store, get_vindex=self._search_graph, top=top, filters=filters,
+        hits = rank(q, store=self.store, get_vindex=self._search_graph, top=top, filters=filters,
                     exclude_paths=exclude, exact=exact, ef=ef, hash_bits=hash_bits)
+        return sort_hits(hits, order)
 
     # -- binary codes ---------------------------------------------------------------------
     def hash_codes(self, files: Sequence[tuple[str, int]] = (), texts: Sequence[str] = (), *,
@@ -548,6 +567,8 @@ class Library:
         meta = self.store.meta()
         sizes = disk_usage(self.directory)
         total = sum(sizes.values())
+        from .store.metadata import coverage
+
         db = self.store.db  # sqlite-utils view: table counts without hand-written SQL
         return {
             "library": str(self.directory),
@@ -559,6 +580,7 @@ class Library:
             "schema_version": meta.get("schema_version"),
             "files": db["files"].count,
             "vectors": db["vectors"].count,
+            "metadata": coverage(self.store.conn),  # files with gps, camera, taken_at
             "roots": meta.get("roots", []),
             "fast_text_search": OnnxTextEncoder.available(self.directory),
             "search_ef": meta.get("search_ef"),

@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import UsageError
 from ..constants import HEIF_EXTENSIONS, IMAGE_EXTENSIONS
+from .filters import MetaFilter
 
 #: When filters leave at most this many candidates, score them exactly instead of
 #: asking the graph (exact and cheaper at that size).
@@ -66,10 +67,13 @@ class Filters:
     after: str | None = None  #: YYYY-MM-DD, inclusive
     before: str | None = None  #: YYYY-MM-DD, exclusive
     threshold: float | None = None
+    meta: MetaFilter | None = None  #: camera, place, glob, size, kind (query/filters.py)
+    auto_cut: float | None = None  #: --auto-cut's floor in std devs (query/autocut.py)
 
     @property
     def narrows(self) -> bool:
-        return bool(self.in_dirs or self.after or self.before)
+        return bool(self.in_dirs or self.after or self.before
+                    or (self.meta is not None and self.meta.narrows))
 
 
 def parse_date(value: str | None, option: str) -> str | None:
@@ -149,11 +153,26 @@ def build_query(
 
 
 def allowed_ids(store, f: Filters) -> set[int] | None:
-    """Ids passing --in/--after/--before (None: no such filter)."""
+    """Ids passing --in/--after/--before and the metadata filters (None: no filter)."""
     if not f.narrows:
         return None
-    dirs = [os.path.abspath(os.path.expanduser(d)).rstrip(os.sep) for d in f.in_dirs]
-    return store.ids_where(under=dirs, after=f.after, before=f.before)
+    ids = None
+    if f.in_dirs or f.after or f.before:
+        dirs = [os.path.abspath(os.path.expanduser(d)).rstrip(os.sep) for d in f.in_dirs]
+        ids = store.ids_where(under=dirs, after=f.after, before=f.before)
+    m = f.meta
+    if m is not None and m.narrows:
+        from ..store.metadata import filter_ids, filter_rows
+
+        conn = store.conn
+        if m.needs_rows:  # distance and kind: decided in Python on the rows SQL leaves
+            rows = filter_rows(conn, camera=m.camera, globs=m.sql_globs(), min_size=m.min_size,
+                               lat_range=m.near.lat_range() if m.near else None, ids=ids)
+            ids = {r["id"] for r in rows if m.matches(r)}
+        else:
+            got = filter_ids(conn, camera=m.camera, globs=m.sql_globs(), min_size=m.min_size)
+            ids = got if ids is None else ids & got
+    return ids
 
 
 def rank(
@@ -173,6 +192,18 @@ def rank(
 
     from ..store.db import fs_path_of
 
+    if filters.auto_cut is not None:
+        from dataclasses import replace
+
+        from .autocut import WINDOW, gap_cut, library_floor
+
+        floor = library_floor(store, query, filters.auto_cut)
+        plain = replace(filters, auto_cut=None, threshold=floor if filters.threshold is None
+                        else max(floor, filters.threshold))
+        best = rank(query, store=store, get_vindex=get_vindex, top=WINDOW, filters=plain,
+                    exclude_paths=exclude_paths, exact=exact, ef=ef, hash_bits=hash_bits)
+        cut = gap_cut([h.score for h in best], plain.threshold)
+        return [h for h in best if h.score >= cut][:top]
     allowed = allowed_ids(store, filters)
     excluded: set[int] = set()
     for p in exclude_paths:
