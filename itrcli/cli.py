@@ -119,6 +119,10 @@ def index(
                         help="keep library entries of files deleted from disk")] = False,
     reindex: Annotated[bool, typer.Option("--reindex",
                        help="re-embed everything (e.g. with another --model)")] = False,
+    ocr: Annotated[Optional[bool], typer.Option(
+        "--ocr/--no-ocr", show_default=False,
+        help="read the text in images, now and on later runs (needs itr[ocr]); --no-ocr "
+             "stops and forgets it [default: the library's setting]")] = None,
     wait: WaitOpt = 0.0,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -128,27 +132,36 @@ def index(
 
     Unchanged files (same size and mtime) are not read again; moved or renamed files keep
     their vectors; files that cannot be read are listed and skipped (exit code stays 0).
+    With --ocr the text in each image is read too (beside the encoder), so that searches
+    match it; the library keeps doing so until --no-ocr.
 
     \b
     Example:
         itr index ~/photos --exclude '*.thumb.jpg' -q
+        itr index ~/photos --ocr
     """
     from .library import Library
     from .show.output import BarProgress, LogProgress, err, index_summary_line, is_tty, one_line, print_json
 
     progress = None if quiet else (BarProgress() if is_tty(sys.stderr) else LogProgress())
     with Library.open(db, create=True) as lib:
+        had_ocr = lib.ocr
         s = lib.index([str(p) for p in paths], model=model, device=device, precision=precision,
                       batch_size=batch_size, workers=workers, include_hidden=include_hidden,
                       exclude=exclude or [], follow_symlinks=follow_symlinks,
-                      prune=not no_prune, reindex=reindex, wait=wait, progress=progress)
+                      prune=not no_prune, reindex=reindex, wait=wait, progress=progress, ocr=ocr)
     if json_:
         print_json(s.to_json())
+    if not quiet and ocr is False:
+        err("text reading is off for this library" + (
+            ": its stored text is forgotten; 'itr index --ocr' reads it again" if had_ocr else ""))
     if not quiet:
         for e in s.errors[:20]:
             err(f"skipped {one_line(e['path'])}: {e['error']}")
         if len(s.errors) > 20:
             err(f"... and {len(s.errors) - 20} more skipped (see --json)")
+        for e in s.text.errors[:20] if s.text is not None else ():
+            err(f"{one_line(e['path'])}: {e['error']}")
         err(("interrupted: " if s.interrupted else "") + index_summary_line(s))
     if s.interrupted:
         raise typer.Exit(ExitCode.INTERRUPTED)
@@ -319,6 +332,10 @@ def search(
                                         "Hamming distance, re-rank the best by cosine")] = False,
     hash_bits: Annotated[int, typer.Option("--hash-bits", metavar="B",
                          help="code length for --hash: 16, 32, 64, 128 or 256")] = 64,
+    text_only: Annotated[bool, typer.Option(
+        "--text-only", help="rank by the words read in the images alone (itr index --ocr)")] = False,
+    no_text: Annotated[bool, typer.Option(
+        "--no-text", help="rank by meaning alone, ignoring the words read in the images")] = False,
     paths_only: Annotated[bool, typer.Option("--paths", help="print paths only, one per line")] = False,
     null: Annotated[bool, typer.Option("-0", "--null", help="NUL-terminated paths (for xargs -0)")] = False,
     preview: Annotated[bool, typer.Option(
@@ -342,11 +359,14 @@ def search(
     """Rank the library's images against a text or image query
 
     On a terminal: a table, with --preview each image inline. Piped: score<TAB>path lines.
-    Also --paths, -0, --json, and --html for a contact sheet.
+    Also --paths, -0, --json, and --html for a contact sheet. On a library indexed with
+    --ocr, the words of a text query are also matched in the images' text (word beginnings;
+    "quoted phrases" as phrases) and both rankings fused; the matched words are shown.
 
     \b
     Example:
         itr search "two children on a lawn" -n 5 --preview
+        itr search 'acme invoice' --text-only
         itr search ~/photos/beach.jpg --subtract "people" --html beach.html
         itr search "beach" -0 | xargs -0 cp -t /tmp/beach
     """
@@ -354,6 +374,10 @@ def search(
     from .show.output import err, is_tty, print_json
     if query is not None and not query.strip():
         raise UsageError("empty query")
+    if text_only and no_text:
+        raise UsageError("--text-only and --no-text exclude each other")
+    if text_only and (threshold is not None or hash_):
+        raise UsageError("--threshold and --hash rank by cosine: not with --text-only")
     protocol = preview_protocol.strip().lower()
     if protocol != "auto" and protocol not in _preview_protocols():
         raise UsageError(f"--preview-protocol {preview_protocol!r}: expected auto, "
@@ -368,7 +392,8 @@ def search(
                           add=add or [], subtract=subtract or [], top=top,
                           in_dirs=[str(d) for d in in_dirs or []], threshold=threshold,
                           after=after, before=before, exact=exact, device=device,
-                          precision=precision, hash_bits=hash_bits if hash_ else None)
+                          precision=precision, hash_bits=hash_bits if hash_ else None,
+                          text_match="only" if text_only else "none" if no_text else "auto")
         model = lib.model
         sources, terms, term_sources, cache = [], [], [], None
         if html is not None or (preview and table and is_tty(out)):
@@ -412,9 +437,12 @@ def search(
                 else:
                     previews = previewer.sequences(sources)
             width = max([len(str(len(hits)))] + [1])
+            words = {h.id: _words_cell(h.text) for h in hits if h.text is not None}
+            text_w = max([len(w) for w in words.values()] + [0])
             for h in hits:
                 date = h.date or "-"
-                out.write(f"{h.rank:>{width}}  {h.score:.4f}  {date:<10}  {h.path}\n")
+                cell = f"{words.get(h.id, ''):<{text_w}}  " if words else ""
+                out.write(f"{h.rank:>{width}}  {h.score:.4f}  {date:<10}  {cell}{h.path}\n")
                 if previews is not None:
                     seq = next(previews)
                     if isinstance(seq, Exception):
@@ -724,6 +752,12 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         _silence_stdout()
     sys.exit(int(code))
+
+
+def _words_cell(words: list[str] | None, limit: int = 30) -> str:
+    """The matched words of a hit, for the terminal table ("-" when none matched)."""
+    text = " ".join(words or []) or "-"
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 def _preview_protocols() -> tuple[str, ...]:

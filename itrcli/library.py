@@ -111,8 +111,12 @@ class Library:
         draft: bool = True,
         wait: float = 0.0,
         progress: Progress | None = None,
+        ocr: bool | None = None,
     ) -> IndexSummary:
         """Add new and changed images under ``paths``, drop deleted ones (unless not ``prune``).
+
+        ``ocr``: True reads the text in images from now on (a library setting, kept by later
+        runs), False stops and forgets it, None keeps the library's setting.
 
         Returns an :class:`~itrcli.jobs.indexer.IndexSummary`; ``summary.interrupted`` is set when
         Ctrl-C stopped the run (every batch committed before it is kept).
@@ -159,7 +163,7 @@ class Library:
             run = IndexRun(
                 self.store, self.directory, get_encoder, dim=dim, prep=prep,
                 batch_size=batch_size, workers=n_workers,
-                draft=draft, progress=progress,
+                draft=draft, progress=progress, text=self._text_job(ocr, reindex),
             )
             summary = run.run(roots, extensions=supported_extensions(),
                               include_hidden=include_hidden, exclude=list(exclude),
@@ -176,6 +180,38 @@ class Library:
             raise library_error(e, self.directory) from e
         finally:
             lock.release()
+
+    @property
+    def ocr(self) -> bool:
+        """Whether ``itr index`` reads the text in this library's images (``--ocr``)."""
+        return bool(self.store.get_meta("ocr", False))
+
+    def _text_job(self, ocr: bool | None, reindex: bool):
+        """The OCR side of an index run (None when the library reads no text); applies an
+        ``--ocr`` / ``--no-ocr`` request to the library's setting first."""
+        from .store import text as textstore
+
+        if ocr is False:
+            if self.ocr or self.store.conn.execute("SELECT 1 FROM text_status LIMIT 1").fetchone():
+                with self.store.transaction() as c:
+                    textstore.clear(c)
+            self.store.set_meta(ocr=False)
+            return None
+        if not (ocr or self.ocr):
+            return None
+        from .ingest.ocr import available
+
+        if not available():
+            how = "" if ocr else " (this library reads text; 'itr index --no-ocr' turns that off)"
+            raise LibraryError(f"reading text in images needs rapidocr: pip install 'itr[ocr]'{how}")
+        if reindex:
+            with self.store.transaction() as c:
+                textstore.clear(c)
+        if ocr:
+            self.store.set_meta(ocr=True)
+        from .jobs.textread import TextJob
+
+        return TextJob(self.store)
 
     def _bind(self, enc) -> None:
         info = enc.info
@@ -267,8 +303,14 @@ class Library:
         device: str = "auto",
         precision: str = "auto",
         hash_bits: int | None = None,
+        text_match: str = "auto",
     ) -> list:
         """Rank the library's images against a query; returns :class:`itrcli.query.search.Hit` s.
+
+        ``text_match``: on a library that reads text (``index(ocr=True)``), ``"auto"`` fuses
+        the cosine ranking with the match of the query's words in the images' text
+        (:mod:`itrcli.query.fusion`), ``"only"`` ranks by the text match alone (no model is
+        loaded), ``"none"`` by cosine alone.
 
         ``query`` is a text, or an image when it names an existing image file; ``image`` /
         ``text`` force the kind.  ``add`` / ``subtract`` terms are classified the same way.
@@ -292,11 +334,48 @@ class Library:
             raise LibraryError(f"library {self.directory} is empty (run 'itr index PATH' first)")
         filters = Filters(list(in_dirs), parse_date(after, "--after"),
                           parse_date(before, "--before"), threshold)
+        exclude = [p.value for p in parts if p.kind == "image"]
+        tq = self._text_query(parts, text_match)
+        if tq is not None and text_match == "only":
+            from .query.fusion import fused_rank
+
+            return fused_rank(None, tq, store=self.store, get_vindex=self._search_graph, top=top,
+                              filters=filters, exclude_paths=exclude, text_only=True)
         q = self.embed_query(parts, device, precision)
         ef = ef or self.store.get_meta("search_ef")  # measured on this library by `itr index`
-        exclude = [p.value for p in parts if p.kind == "image"]
+        if tq is not None:
+            from .query.fusion import fused_rank
+
+            return fused_rank(q, tq, store=self.store, get_vindex=self._search_graph, top=top,
+                              filters=filters, exclude_paths=exclude, exact=exact, ef=ef,
+                              hash_bits=hash_bits)
         return rank(q, store=self.store, get_vindex=self._search_graph, top=top, filters=filters,
                     exclude_paths=exclude, exact=exact, ef=ef, hash_bits=hash_bits)
+
+    def _text_query(self, parts, mode: str):
+        """The words to match in the images' text, or None for a cosine-only search."""
+        from .store import text as textstore
+
+        if mode not in ("auto", "only", "none"):
+            raise UsageError(f"text_match {mode!r}: expected auto, only or none")
+        if mode == "none":
+            return None
+        words = " ".join(p.value for p in parts if p.kind == "text" and p.sign > 0)
+        has_text = self.ocr and textstore.has_tables(self.store.conn)
+        if mode == "only":
+            if not has_text:
+                raise LibraryError(f"library {self.directory} has no text read from its images "
+                                   "(run 'itr index PATH --ocr' first)")
+            if not words:
+                raise UsageError("--text-only needs a text query")
+            if parts and any(p.kind == "image" or p.sign < 0 for p in parts):
+                raise UsageError("--text-only ranks by words: no image query, --add or --subtract")
+        if not has_text or not words:
+            return None
+        tq = textstore.text_query(words)
+        if tq.empty and mode == "only":
+            raise UsageError(f"--text-only: no word to match in {words!r}")
+        return None if tq.empty else tq
 
     def vector_index(self):
         """The HNSW graph, up to date with the store (replayed in memory if behind)."""
@@ -397,8 +476,22 @@ class Library:
             "fast_text_search": (self.directory / "text" / "text.onnx").exists(),
             "search_ef": meta.get("search_ef"),
             "search_recall": meta.get("search_recall"),
+            "ocr": self._text_info(bool(meta.get("ocr"))),
             "sizes": {**sizes, "total": total},
         }
+
+
+    def _text_info(self, on: bool) -> dict[str, Any]:
+        from .store import text as textstore
+
+        c = self.store.conn
+        if not textstore.has_tables(c):
+            return {"enabled": on, "images_read": 0, "with_text": 0, "lines": 0, "failed": 0}
+        read, with_text, lines, failed = c.execute(
+            "SELECT count(*), coalesce(sum(lines > 0), 0), coalesce(sum(lines), 0), "
+            "coalesce(sum(error IS NOT NULL), 0) FROM text_status").fetchone()
+        return {"enabled": on, "images_read": read, "with_text": with_text, "lines": lines,
+                "failed": failed}
 
 
 def default_workers() -> int:

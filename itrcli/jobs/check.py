@@ -164,6 +164,7 @@ def check(lib: "Library", *, files: bool = True, _locked: bool = False) -> Repor
         if n:
             rep.add("remembered-failures", NOTE, f"{n} file(s) that could not be decoded are "
                     "remembered: reported as skipped, not read again until they change", count=n)
+        _check_text(rep, conn, bool(meta.get("ocr")))
     except sqlite3.DatabaseError as e:
         rep.add("integrity", ERROR, f"the database cannot be read: {e}")
     finally:
@@ -362,6 +363,69 @@ def _check_files(rep: Report, conn: sqlite3.Connection) -> None:
                 ids=[i for i, _ in changed])
 
 
+def _check_text(rep: Report, conn: sqlite3.Connection, ocr: bool) -> None:
+    """The text read in images (``itr index --ocr``): rows vs lines vs the FTS index, and
+    coverage of the library's content."""
+    from ..store import text as textstore
+
+    if not textstore.has_tables(conn):
+        return
+    gone = textstore.orphans(conn)
+    if gone:
+        rep.add("text-orphans", NOTE, f"text of {len(gone)} image content(s) no longer in the "
+                "library: dropped by the next 'itr index' or --repair", count=len(gone))
+    wrong = [h for h, n, m in conn.execute(
+        "SELECT s.hash, s.lines, (SELECT count(*) FROM text_lines l WHERE l.hash = s.hash) "
+        "FROM text_status s") if n != m]
+    loose = conn.execute("SELECT count(DISTINCT hash) FROM text_lines WHERE hash NOT IN "
+                         "(SELECT hash FROM text_status)").fetchone()[0]
+    if wrong or loose:
+        rep.add("text-lines", ERROR, f"{len(wrong) + loose} image(s) have stored text lines that "
+                "disagree with their read record; --repair forgets them (read again next run)",
+                items=wrong, count=len(wrong) + loose)
+    want = {r[0] for r in conn.execute("SELECT id FROM text_status WHERE lines > 0")}
+    have = {r[0] for r in conn.execute("SELECT rowid FROM text_fts")}
+    if want != have:
+        rep.add("text-index", ERROR, f"the full-text index disagrees with the stored text "
+                f"({len(want - have)} missing, {len(have - want)} extra): --repair rebuilds it",
+                count=len(want ^ have))
+    if ocr:
+        n = conn.execute("SELECT count(DISTINCT hash) FROM files WHERE hash NOT IN "
+                         "(SELECT hash FROM text_status)").fetchone()[0]
+        if n:
+            rep.add("text-unread", NOTE, f"the text of {n} image(s) is not read yet: the next "
+                    "'itr index' reads it", count=n)
+    failed = conn.execute("SELECT count(*) FROM text_status WHERE error IS NOT NULL").fetchone()[0]
+    if failed:
+        rep.add("text-failures", NOTE, f"the text of {failed} image(s) could not be read: "
+                "remembered, not tried again (their vectors are fine)", count=failed)
+
+
+def _repair_text(store, before: Report) -> list[str]:
+    from ..store import text as textstore
+
+    done = []
+    if not textstore.has_tables(store.conn):
+        return done
+    if before.get("text-orphans") or before.get("text-lines"):
+        with store.transaction() as c:
+            gone = textstore.orphans(c)
+            bad = [h for h, n, m in c.execute(
+                "SELECT s.hash, s.lines, (SELECT count(*) FROM text_lines l WHERE l.hash = s.hash) "
+                "FROM text_status s") if n != m]
+            textstore.delete(c, gone + bad)
+            c.execute("DELETE FROM text_lines WHERE hash NOT IN (SELECT hash FROM text_status)")
+        if gone:
+            done.append(f"dropped the text of {len(gone)} image content(s) no longer in the library")
+        if bad or before.get("text-lines"):
+            done.append(f"forgot the inconsistent text of {len(bad)} image(s) (read again next run)")
+    if before.get("text-index") or before.get("text-lines"):
+        with store.transaction() as c:
+            n = textstore.rebuild_fts(c)
+        done.append(f"rebuilt the full-text index ({n} images with text)")
+    return done
+
+
 # --- repair -----------------------------------------------------------------------------------
 
 _GRAPH_PROBLEMS = ("graph-unreadable", "graph-ahead", "log-gap", "graph-extra-labels",
@@ -440,6 +504,7 @@ def _repair(lib: "Library", prune: bool) -> Report:
                     n += 1
         if n:
             done.append(f"forgot {n} vanished bad file(s)")
+    done += _repair_text(store, before)
     saved, temps = graph_files(lib.directory)
     for p in temps:
         _unlink(p)

@@ -112,7 +112,15 @@ def m002_failures(conn: sqlite3.Connection) -> None:
     )
 
 
-MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_create_tables, m002_failures]
+def m004_text_lines(conn: sqlite3.Connection) -> None:
+    # Scene text, keyed by content hash like the vectors (see store/text.py)
+    from .text import create_tables
+
+    create_tables(conn)
+
+
+MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [m001_create_tables, m002_failures,
+                                                          m004_text_lines]
 #: The schema version a library has once every migration ran (kept in meta, for readers).
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -299,6 +307,11 @@ class Store:
         c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         schema = c.execute("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL "
                            "AND name NOT LIKE 'sqlite_%'").fetchall()
+        # a virtual table (the text FTS index) creates its own shadow tables and is not
+        # copied: its contents are rebuilt from their rows (check --repair, store/text.py)
+        virtual = [n for _k, n, sql in schema if sql.upper().startswith("CREATE VIRTUAL")]
+        schema = [(k, n, sql) for k, n, sql in schema
+                  if not any(n.startswith(v + "_") for v in virtual)]
         new = sqlite3.connect(fresh, isolation_level=None)
         try:
             for kind, _name, sql in schema:
@@ -310,7 +323,7 @@ class Store:
         try:
             c.execute("BEGIN")
             for kind, name, _sql in schema:
-                if kind == "table":
+                if kind == "table" and name not in virtual:
                     # WHERE 1: no "xfer" shortcut, which would copy the (damaged) indexes;
                     # NOT INDEXED: read the table itself
                     c.execute(f'INSERT INTO fresh."{name}" SELECT * FROM main."{name}" NOT INDEXED WHERE 1')
