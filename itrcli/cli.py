@@ -461,6 +461,78 @@ def search(
             cache.trim()  # evict least recently used thumbnails beyond the cap
 
 
+@app.command("text")
+def text_cmd(
+    paths: Annotated[List[Path], typer.Argument(
+        help="image files, or directories of them", metavar="PATH", exists=True,
+        show_default=False)],
+    db: DbOpt = None,
+    include_hidden: IncludeHiddenOpt = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Print the text read in images: from the library when indexed with --ocr, else read now
+
+    One line of text per line read; with several images, a "==> PATH <==" header before
+    each. --json: a list of {path, source, lines: [{text, box, confidence}]}. Reading
+    needs itr[ocr]; an unreadable image is reported on stderr and makes the exit code 1.
+
+    \b
+    Example:
+        itr text ~/photos/receipt.jpg
+        itr text ~/photos/2023 --json > text.json
+    """
+    from .errors import LibraryError
+    from .ingest.images import supported_extensions
+    from .ingest.ocr import OcrUnavailable, TextReader
+    from .ingest.walk import walk
+    from .jobs.textread import text_for
+    from .library import Library
+    from .show.output import err, one_line, print_json
+
+    files: list[str] = []
+    for p in paths:
+        if p.is_dir():
+            found = walk([str(p)], extensions=supported_extensions(), include_hidden=include_hidden,
+                         exclude=[], follow_symlinks=False)
+            files += sorted(found.files)
+        else:
+            files.append(os.path.abspath(str(p)))
+    try:
+        lib = Library.open(db, readonly=True)
+    except LibraryError:
+        lib = None  # no library: every image is read now
+    reader = TextReader()
+    results = []
+    try:
+        for f in files:
+            try:
+                results.append(text_for(f, lib.store if lib else None, reader))
+            except OcrUnavailable as e:
+                raise UsageError(f"{one_line(f)} is not in the library; {e}") from None
+    finally:
+        if lib is not None:
+            lib.close()
+    bad = [r for r in results if "error" in r]
+    if json_:
+        print_json(results)
+    else:
+        out = []
+        for r in results:
+            if "error" in r:
+                continue
+            if len(results) > 1:
+                out.append(f"==> {r['path']} <==")
+            out += [ln["text"] for ln in r["lines"]]
+        sys.stdout.write("".join(line + "\n" for line in out))
+    if not quiet:
+        for r in bad:
+            err(f"{one_line(r['path'])}: {r['error']}")
+    if bad:
+        raise typer.Exit(ExitCode.ERROR)
+
+
 @app.command()
 def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) -> None:
     """Show the library's location, model, counts, indexed roots and size on disk
@@ -490,6 +562,9 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
         ("text", "onnx (fast cold search)" if data["fast_text_search"] else "torch (no ONNX export)"),
         ("search", f"HNSW ef {data['search_ef']} (recall@10 {data['search_recall']:.3f} on "
                    "text-like queries)" if data["search_ef"] else "HNSW ef 128 (not measured yet)"),
+        ("ocr", (f"on: {data['ocr']['images_read']} images read, {data['ocr']['with_text']} with "
+                 f"text ({data['ocr']['lines']} lines), {data['ocr']['failed']} failed")
+         if data["ocr"]["enabled"] else "off (itr index --ocr reads the text in images)"),
         ("size", human_bytes(data["sizes"]["total"])),
         ("thumbs", f"{data['thumbnail_cache']['thumbnails']} "
                    f"({human_bytes(data['thumbnail_cache']['bytes'])} of "

@@ -453,8 +453,10 @@ class IndexRun:
         for key, n in counts.items():
             setattr(s, key, getattr(s, key) + n)
         s.embedded += len(batch)
-        for path, r in batch if self.text is not None else ():
-            self.text.queue(r.hash, path)
+        if self.text is not None:
+            self.text.committed()
+            for path, r in batch:
+                self.text.queue(r.hash, path)
         if put_ids:
             vi = self._open_vindex()
             vi.add(np.asarray(put_ids, dtype=np.int64), np.stack(put_vecs))

@@ -112,6 +112,7 @@ class TextJob:
         self._pool: ThreadPoolExecutor | None = None
         self._pending: deque[tuple[str, str, Future]] = deque()
         self._seen = textstore.read_hashes(store.conn, self.reader_id)
+        self._uncommitted: list[_Done] = []  #: stored in a transaction not yet committed
 
     def queue_missing(self) -> None:
         """Queue every content hash of the library that has not been read."""
@@ -132,7 +133,8 @@ class TextJob:
 
     def store_done(self, c, *, block: bool = False, limit: int | None = None) -> int:
         """Store finished reads, oldest first, inside the caller's transaction ``c``;
-        ``block``: wait for the oldest.  Returns how many were stored."""
+        ``block``: wait for the oldest.  Returns how many were stored.  Call
+        :meth:`committed` once ``c`` is committed (the counts follow the commits)."""
         n = 0
         while self._pending and (limit is None or n < limit):
             h, path, fut = self._pending[0]
@@ -145,22 +147,32 @@ class TextJob:
         return n
 
     def _store(self, c, d: _Done) -> None:
-        s = self.stats
         if d.stale:
             self._seen.discard(d.hash)
             return
-        s.seconds += d.seconds
         if d.error is not None:
-            s.failed += 1
-            s.errors.append({"path": db_path_of(d.path)[0], "error": f"text not read: {d.error}"})
             if d.remember:
                 textstore.put(c, d.hash, [], reader=self.reader_id, seconds=d.seconds,
                               now=now_iso(), error=d.error)
-            return
-        textstore.put(c, d.hash, d.lines, reader=self.reader_id, seconds=d.seconds, now=now_iso())
-        s.read += 1
-        s.with_text += bool(d.lines)
-        s.lines += len(d.lines)
+        else:
+            textstore.put(c, d.hash, d.lines, reader=self.reader_id, seconds=d.seconds,
+                          now=now_iso())
+        self._uncommitted.append(d)
+
+    def committed(self) -> None:
+        """The transaction holding the last stored reads is committed: count them."""
+        s = self.stats
+        for d in self._uncommitted:
+            s.seconds += d.seconds
+            if d.error is not None:
+                s.failed += 1
+                s.errors.append({"path": db_path_of(d.path)[0],
+                                 "error": f"text not read: {d.error}"})
+            else:
+                s.read += 1
+                s.with_text += bool(d.lines)
+                s.lines += len(d.lines)
+        self._uncommitted.clear()
 
     def finish(self, progress=None) -> None:
         """Wait for every queued read, storing them a few per transaction; then drop the
@@ -171,6 +183,7 @@ class TextJob:
             while self._pending:
                 with self.store.transaction() as c:
                     n = self.store_done(c, block=True, limit=COMMIT_EVERY)
+                self.committed()
                 if progress is not None:
                     progress.advance(n, 0)
         finally:
@@ -184,9 +197,47 @@ class TextJob:
 
     def close(self) -> None:
         """Stop: reads not stored are dropped (queued again by the next run)."""
+        self._uncommitted.clear()  # rolled back: read again by the next run
         self.stats.pending = len(self._pending)
         for _, _, f in self._pending:
             f.cancel()
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def text_for(path: str, store: Store | None, reader) -> dict[str, Any]:
+    """The text of one image file for ``itr text``: the library's read when it holds this
+    content (by hash: a copy or a moved file counts), else read now with ``reader``.
+
+    Returns ``{"path", "source": "library" | "read", "lines": [{"text", "box",
+    "confidence"}]}``, or ``{"path", "error"}`` for a file that cannot be read.
+    """
+    from ..ingest.images import DecodeError, open_image
+    from .indexer import _Unreadable, content_hash, read_file
+
+    shown = db_path_of(path)[0]
+    try:
+        _st, data = read_file(path)
+    except _Unreadable as e:
+        return {"path": shown, "error": str(e)}
+    h = content_hash(data)
+    if store is not None and textstore.has_tables(store.conn):
+        lines = textstore.lines_of(store.conn, h)
+        if lines is not None:
+            return {"path": shown, "source": "library", "lines": [ln.to_json() for ln in lines]}
+    try:
+        img, _meta = open_image(data, draft_for=_Draft())
+    except DecodeError as e:
+        return {"path": shown, "error": str(e)}
+    try:
+        lines = reader.read_kept(img)
+    except MemoryError:
+        return {"path": shown, "error": "not enough memory to read its text"}
+    except Exception as e:
+        from ..ingest.ocr import OcrUnavailable
+
+        if isinstance(e, OcrUnavailable):
+            raise
+        return {"path": shown, "error": f"cannot read text: {type(e).__name__}: {str(e)[:200]}"}
+    return {"path": shown, "source": "read", "lines": [ln.to_json() for ln in lines]}
