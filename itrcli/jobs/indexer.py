@@ -79,7 +79,8 @@ class IndexSummary:
             "skipped": d["skipped"], "errors": d["errors"],
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
-            "ocr": self.text.to_json() if self.text is not None else None,
+            # an extra key, only when the library reads text (--ocr; see docs/ocr.md)
+            **({"ocr": self.text.to_json()} if self.text is not None else {}),
         }
 
     def skip(self, path: str, reason: str) -> None:
