@@ -240,6 +240,17 @@ def test_fused_search_words_prefix_phrase_and_meaning(ocr_library, itr):
     assert r.out.splitlines()[0].split("\t")[1].endswith("invoice.jpg")
 
 
+def test_terminal_table_has_a_words_column(ocr_library, itr, monkeypatch):
+    from itrcli.show import output
+
+    root, _ = ocr_library
+    monkeypatch.setattr(output, "is_tty", lambda stream: True)
+    r = itr("search", "acme invoice", "--db", root / "lib", "-n", "2")
+    first, second = r.out.splitlines()
+    assert first.split()[3:5] == ["ACME", "Invoice"] and first.endswith("invoice.jpg"), r.out
+    assert second.split()[3] == "-", r.out
+
+
 def test_typed_operators_never_fail(ocr_library, itr):
     root, _ = ocr_library
     for q in ['"', 'acme AND "(', "NOT*", "x:y"]:
@@ -283,6 +294,8 @@ def test_incremental_by_content_hash(lib_copy, ocr_library, itr):
 
 def test_no_ocr_turns_it_off_for_good(lib_copy, itr):
     photos, db = lib_copy
+    r = itr("index", photos, "--db", db, "--reindex", "--json")
+    assert r.json()["ocr"]["read"] == 4 and r.json()["added"] == 4  # read again, setting kept
     r = itr("index", photos, "--db", db, "--no-ocr")
     assert r.code == 0 and "text reading is off for this library" in r.err, r
     assert itr("info", "--db", db, "--json").json()["ocr"]["images_read"] == 0
