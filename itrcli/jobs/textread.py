@@ -26,8 +26,9 @@ from typing import Any
 from ..store import text as textstore
 from ..store.db import Store, db_path_of, fs_path_of, now_iso
 
-#: Reads stored per transaction while waiting for the last ones.
-COMMIT_EVERY = 8
+#: Reads stored per transaction while waiting for the last ones (each read takes a large
+#: fraction of a second, so committing each one costs nothing and a kill loses at most one).
+COMMIT_EVERY = 1
 
 
 @dataclass
