@@ -489,3 +489,28 @@ def test_rebuilding_a_damaged_database_keeps_the_text(lib_copy, itr):
     assert "rebuilt the database file" in r.json()["repaired"][0]
     res = itr("search", "harbour", "--db", db, "--text-only", "--json").json()["results"]
     assert [Path(x["path"]).name for x in res] == ["station.jpg"]
+
+
+def test_a_read_that_times_out_is_given_up_and_remembered(tmp_path, itr, micro_clip, monkeypatch):
+    needs_ocr()
+    import time
+
+    from itrcli.ingest import ocr
+
+    photos = make_photos(tmp_path / "photos")
+    real = ocr.TextReader.read
+
+    def stuck_on_plain(self, img):
+        if img.size == (320, 320):  # plain.jpg
+            time.sleep(12)
+            return []
+        return real(self, img)
+
+    monkeypatch.setattr(ocr, "TIMEOUT", 4.0)
+    monkeypatch.setattr(ocr.TextReader, "read", stuck_on_plain)
+    s = itr("index", photos, "--db", tmp_path / "lib", "-m", micro_clip, "--ocr", "--json").json()
+    assert s["added"] == 4 and s["ocr"]["failed"] == 1 and s["ocr"]["read"] == 3, s
+    assert s["ocr"]["errors"][0]["error"] == "text not read: timed out after 4 s"
+    assert Path(s["ocr"]["errors"][0]["path"]).name == "plain.jpg"
+    s = itr("index", photos, "--db", tmp_path / "lib", "--json").json()
+    assert s["ocr"]["read"] == 0 and s["ocr"]["failed"] == 0  # remembered, not tried again

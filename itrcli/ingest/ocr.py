@@ -28,6 +28,9 @@ MAX_SIDE = 1600
 DETECT_SIDE = 960
 #: Lines recognised per image at most (the detector's best candidates).
 MAX_LINES = 200
+#: Seconds one image may take; a read that takes longer is given up and remembered as
+#: failed (the image keeps its vector).
+TIMEOUT = 120.0
 #: Lines read with a lower confidence are dropped.
 MIN_CONFIDENCE = 0.6
 #: A line with at most this many letters and digits is "short" (see :func:`keep_lines`).
@@ -147,6 +150,11 @@ class TextReader:
     def __init__(self) -> None:
         self._engine = None
         self._lock = threading.Lock()
+
+    def load(self) -> None:
+        """Load the models now (they load on first use otherwise)."""
+        with self._lock:
+            self._load()
 
     def _load(self):
         if self._engine is None:

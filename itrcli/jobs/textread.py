@@ -52,8 +52,9 @@ class _Draft:
         return (width, height) if f <= 1 else (max(1, int(width / f)), max(1, int(height / f)))
 
 
-def read_one(path: str, h: str, reader) -> _Done:
-    """Worker: read ``path`` and its text; never raises for a bad file or image."""
+def read_one(path: str, h: str, reader, started: dict[str, float] | None = None) -> _Done:
+    """Worker: read ``path`` and its text; never raises for a bad file or image.
+    ``started``: where the read's start time is noted (for the timeout)."""
     from ..ingest.images import DecodeError, open_image
     from ..ingest.ocr import OcrUnavailable
     from .indexer import _Unreadable, content_hash, read_file
@@ -66,6 +67,9 @@ def read_one(path: str, h: str, reader) -> _Done:
             d.stale = True
             return d
         img, _meta = open_image(data, draft_for=_Draft())
+        reader.load()  # the models' first load is not part of the timed read
+        if started is not None:
+            started[h] = time.monotonic()
         d.lines = reader.read_kept(img)
     except _Unreadable as e:
         d.error, d.remember = str(e), False
@@ -112,6 +116,7 @@ class TextJob:
         self.stats = TextStats()
         self._pool: ThreadPoolExecutor | None = None
         self._pending: deque[tuple[str, str, Future]] = deque()
+        self._started: dict[str, float] = {}  #: hash -> when its read began (worker writes)
         self._seen = textstore.read_hashes(store.conn, self.reader_id)
         self._uncommitted: list[_Done] = []  #: stored in a transaction not yet committed
 
@@ -126,7 +131,40 @@ class TextJob:
         self._seen.add(h)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="itr-ocr")
-        self._pending.append((h, path, self._pool.submit(read_one, path, h, self.reader)))
+        self._pending.append((h, path, self._submit(path, h)))
+
+    def _submit(self, path: str, h: str) -> Future:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="itr-ocr")
+        return self._pool.submit(read_one, path, h, self.reader, self._started)
+
+    def _timed_out(self, h: str) -> bool:
+        from ..ingest import ocr
+
+        t0 = self._started.get(h)
+        return t0 is not None and time.monotonic() - t0 > ocr.TIMEOUT
+
+    def _abandon(self, h: str, path: str) -> _Done:
+        """The oldest read ran past :data:`itrcli.ingest.ocr.TIMEOUT`: remembered as failed;
+        its thread is left to finish alone (its result is dropped) and the reads queued
+        behind it go to a new thread with a reader of its own (the stuck one holds its
+        reader's lock)."""
+        from ..ingest import ocr
+
+        self._pending.popleft()
+        self.reader = type(self.reader)()
+        old, self._pool = self._pool, None
+        rest = list(self._pending)
+        self._pending.clear()
+        for _, _, f in rest:
+            f.cancel()
+        if old is not None:
+            old.shutdown(wait=False, cancel_futures=True)
+        for hh, pp, f in rest:
+            self._pending.append((hh, pp, f if f.running() or f.done() and not f.cancelled()
+                                  else self._submit(pp, hh)))
+        return _Done(h, path, error=f"timed out after {ocr.TIMEOUT:.0f} s",
+                     seconds=float(ocr.TIMEOUT))
 
     @property
     def pending(self) -> int:
@@ -139,10 +177,18 @@ class TextJob:
         n = 0
         while self._pending and (limit is None or n < limit):
             h, path, fut = self._pending[0]
-            if not block and not fut.done():
-                break
-            d = fut.result()  # read_one raises only OcrUnavailable (checked before the run)
-            self._pending.popleft()
+            while block and not fut.done() and not self._timed_out(h):
+                try:
+                    fut.result(timeout=0.5)
+                except TimeoutError:
+                    pass
+            if not fut.done():
+                if not self._timed_out(h):
+                    break
+                d = self._abandon(h, path)
+            else:
+                d = fut.result()  # read_one raises only OcrUnavailable (checked before the run)
+                self._pending.popleft()
             n += 1
             self._store(c, d)
         return n
