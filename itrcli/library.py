@@ -354,12 +354,12 @@ class Library:
 
     def _text_query(self, parts, mode: str):
         """The words to match in the images' text, or None for a cosine-only search."""
-        from .store import text as textstore
-
         if mode not in ("auto", "only", "none"):
             raise UsageError(f"text_match {mode!r}: expected auto, only or none")
-        if mode == "none":
-            return None
+        if mode == "none" or (mode == "auto" and not self.ocr):
+            return None  # a library without text: nothing more imported or read
+        from .store import text as textstore
+
         words = " ".join(p.value for p in parts if p.kind == "text" and p.sign > 0)
         has_text = self.ocr and textstore.has_tables(self.store.conn)
         if mode == "only":

@@ -424,7 +424,6 @@ def test_kill9_while_reading_then_resume(tmp_path, itr, micro_clip):
     """A real ``kill -9`` of a run that is reading text: only whole reads are kept, and
     the next run reads the rest without duplicates."""
     needs_ocr()
-    import os
     import signal
     import time
 
