@@ -119,6 +119,10 @@ def index(
                         help="keep library entries of files deleted from disk")] = False,
     reindex: Annotated[bool, typer.Option("--reindex",
                        help="re-embed everything (e.g. with another --model)")] = False,
+    ocr: Annotated[Optional[bool], typer.Option(
+        "--ocr/--no-ocr", show_default=False,
+        help="read the text in images, now and on later runs (needs itr[ocr]); --no-ocr "
+             "stops and forgets it [default: the library's setting]")] = None,
     wait: WaitOpt = 0.0,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -128,21 +132,28 @@ def index(
 
     Unchanged files (same size and mtime) are not read again; moved or renamed files keep
     their vectors; files that cannot be read are listed and skipped (exit code stays 0).
+    With --ocr the text in each image is read too (beside the encoder), so that searches
+    match it; the library keeps doing so until --no-ocr.
 
     \b
     Example:
         itr index ~/photos --exclude '*.thumb.jpg' -q
+        itr index ~/photos --ocr
     """
     from .library import Library
-    from .show.output import print_json
+    from .show.output import err, print_json
 
     with Library.open(db, create=True) as lib:
+        had_ocr = lib.ocr
         s = _index_paths(lib, paths, model=model, device=device, precision=precision,
                          batch_size=batch_size, workers=workers, include_hidden=include_hidden,
                          exclude=exclude, follow_symlinks=follow_symlinks, prune=not no_prune,
-                         reindex=reindex, wait=wait, quiet=quiet, see_json=True)
+                         reindex=reindex, wait=wait, quiet=quiet, see_json=True, ocr=ocr)
     if json_:
         print_json(s.to_json())
+    if not quiet and ocr is False:
+        err("text reading is off for this library" + (
+            ": its stored text is forgotten; 'itr index --ocr' reads it again" if had_ocr else ""))
     if not quiet:
         _print_summary(s)
     if s.interrupted:
@@ -152,12 +163,14 @@ def index(
 def _index_paths(lib, paths, *, quiet: bool, see_json: bool, exclude, **options):
     """The one index call behind `itr index` and `itr hash PATH...`: progress on stderr
     (a bar on a terminal, log lines otherwise), then the skipped files, listed once."""
-    from .show.output import BarProgress, LogProgress, is_tty
+    from .show.output import BarProgress, LogProgress, err, is_tty, one_line
 
     progress = None if quiet else (BarProgress() if is_tty(sys.stderr) else LogProgress())
     s = lib.index([str(p) for p in paths], exclude=exclude or [], progress=progress, **options)
     if not quiet:
         _print_skipped(s.errors, "see --json" if see_json else None)
+        for e in s.text.errors[:20] if s.text is not None else ():  # OCR failures (--ocr)
+            err(f"{one_line(e['path'])}: {e['error']}")
     return s
 
 
@@ -334,6 +347,10 @@ def search(
                          help="code length for --hash: 16, 32, 64, 128 or 256")] = 64,
     no_adapt: Annotated[bool, typer.Option("--no-adapt",
                         help="leave text queries unmapped by the library's adapter (itr adapt)")] = False,
+    text_only: Annotated[bool, typer.Option(
+        "--text-only", help="rank by the words read in the images alone (itr index --ocr)")] = False,
+    no_text: Annotated[bool, typer.Option(
+        "--no-text", help="rank by meaning alone, ignoring the words read in the images")] = False,
     paths_only: Annotated[bool, typer.Option("--paths", help="print paths only, one per line")] = False,
     null: Annotated[bool, typer.Option("-0", "--null", help="NUL-terminated paths (for xargs -0)")] = False,
     preview: Annotated[bool, typer.Option(
@@ -357,11 +374,14 @@ def search(
     """Rank the library's images against a text or image query
 
     On a terminal: a table, with --preview each image inline. Piped: score<TAB>path lines.
-    Also --paths, -0, --json, and --html for a contact sheet.
+    Also --paths, -0, --json, and --html for a contact sheet. On a library indexed with
+    --ocr, the words of a text query are also matched in the images' text (word beginnings;
+    "quoted phrases" as phrases) and both rankings fused; the matched words are shown.
 
     \b
     Example:
         itr search "two children on a lawn" -n 5 --preview
+        itr search 'acme invoice' --text-only
         itr search ~/photos/beach.jpg --subtract "people" --html beach.html
         itr search "beach" -0 | xargs -0 cp -t /tmp/beach
         itr search "harbour at dusk" --near 43.30,5.37,20 --camera pixel --sort date
@@ -370,6 +390,10 @@ def search(
     from .show.output import err, is_tty, print_json
     if query is not None and not query.strip():
         raise UsageError("empty query")
+    if text_only and no_text:
+        raise UsageError("--text-only and --no-text exclude each other")
+    if text_only and (threshold is not None or hash_):
+        raise UsageError("--threshold and --hash rank by cosine: not with --text-only")
     protocol = preview_protocol.strip().lower()
     if protocol != "auto" and protocol not in _preview_protocols():
         raise UsageError(f"--preview-protocol {preview_protocol!r}: expected auto, "
@@ -386,7 +410,8 @@ def search(
                           after=after, before=before, exact=exact, device=device,
                           precision=precision, hash_bits=hash_bits if hash_ else None,
                           adapt=not no_adapt, camera=camera, near=near, globs=glob or [],
-                          min_size=min_size, kind=kind, sort=sort, auto_cut=auto_cut)
+                          min_size=min_size, kind=kind, sort=sort, auto_cut=auto_cut,
+                          text_match="only" if text_only else "none" if no_text else "auto")
         model, adapted = lib.model, lib.last_adapter
         sources, terms, term_sources, cache = [], [], [], None
         if html is not None or (preview and table and is_tty(out)):
@@ -435,9 +460,12 @@ def search(
                 else:
                     previews = previewer.sequences(sources)
             width = max([len(str(len(hits)))] + [1])
+            words = {h.id: _words_cell(h.text) for h in hits if h.text is not None}
+            text_w = max([len(w) for w in words.values()] + [0])
             for h in hits:
                 date = h.date or "-"
-                out.write(f"{h.rank:>{width}}  {h.score:.4f}  {date:<10}  {h.path}\n")
+                cell = f"{words.get(h.id, ''):<{text_w}}  " if words else ""
+                out.write(f"{h.rank:>{width}}  {h.score:.4f}  {date:<10}  {cell}{h.path}\n")
                 if previews is not None:
                     seq = next(previews)
                     if isinstance(seq, Exception):
@@ -454,6 +482,78 @@ def search(
     finally:
         if cache is not None:
             cache.trim()  # evict least recently used thumbnails beyond the cap
+
+
+@app.command("text")
+def text_cmd(
+    paths: Annotated[List[Path], typer.Argument(
+        help="image files, or directories of them", metavar="PATH", exists=True,
+        show_default=False)],
+    db: DbOpt = None,
+    include_hidden: IncludeHiddenOpt = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Print the text read in images: from the library when indexed with --ocr, else read now
+
+    One line of text per line read; with several images, a "==> PATH <==" header before
+    each. --json: a list of {path, source, lines: [{text, box, confidence}]}. Reading
+    needs itr[ocr]; an unreadable image is reported on stderr and makes the exit code 1.
+
+    \b
+    Example:
+        itr text ~/photos/receipt.jpg
+        itr text ~/photos/2023 --json > text.json
+    """
+    from .errors import LibraryError
+    from .ingest.images import supported_extensions
+    from .ingest.ocr import OcrUnavailable, TextReader
+    from .ingest.walk import walk
+    from .jobs.textread import text_for
+    from .library import Library
+    from .show.output import err, one_line, print_json
+
+    files: list[str] = []
+    for p in paths:
+        if p.is_dir():
+            found = walk([str(p)], extensions=supported_extensions(), include_hidden=include_hidden,
+                         exclude=[], follow_symlinks=False)
+            files += sorted(found.files)
+        else:
+            files.append(os.path.abspath(str(p)))
+    try:
+        lib = Library.open(db, readonly=True)
+    except LibraryError:
+        lib = None  # no library: every image is read now
+    reader = TextReader()
+    results = []
+    try:
+        for f in files:
+            try:
+                results.append(text_for(f, lib.store if lib else None, reader))
+            except OcrUnavailable as e:
+                raise UsageError(f"{one_line(f)} is not in the library; {e}") from None
+    finally:
+        if lib is not None:
+            lib.close()
+    bad = [r for r in results if "error" in r]
+    if json_:
+        print_json(results)
+    else:
+        out = []
+        for r in results:
+            if "error" in r:
+                continue
+            if len(results) > 1:
+                out.append(f"==> {r['path']} <==")
+            out += [ln["text"] for ln in r["lines"]]
+        sys.stdout.write("".join(line + "\n" for line in out))
+    if not quiet:
+        for r in bad:
+            err(f"{one_line(r['path'])}: {r['error']}")
+    if bad:
+        raise typer.Exit(ExitCode.ERROR)
 
 
 @app.command()
@@ -488,6 +588,9 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
         ("search", f"HNSW ef {data['search_ef']} (recall@10 {data['search_recall']:.3f} on "
                    "text-like queries)" if data["search_ef"] else "HNSW ef 128 (not measured yet)"),
         ("adapter", _adapter_line(data["adapter"])),
+        ("ocr", (f"on: {data['ocr']['images_read']} images read, {data['ocr']['with_text']} with "
+                 f"text ({data['ocr']['lines']} lines), {data['ocr']['failed']} failed")
+         if data["ocr"]["enabled"] else "off (itr index --ocr reads the text in images)"),
         ("size", human_bytes(data["sizes"]["total"])),
         ("thumbs", f"{data['thumbnail_cache']['thumbnails']} "
                    f"({human_bytes(data['thumbnail_cache']['bytes'])} of "
@@ -882,6 +985,12 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         _silence_stdout()
     sys.exit(int(code))
+
+
+def _words_cell(words: list[str] | None, limit: int = 30) -> str:
+    """The matched words of a hit, for the terminal table ("-" when none matched)."""
+    text = " ".join(words or []) or "-"
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 def _preview_protocols() -> tuple[str, ...]:

@@ -126,8 +126,12 @@ class Library:
         draft: bool = True,
         wait: float = 0.0,
         progress: Progress | None = None,
+        ocr: bool | None = None,
     ) -> IndexSummary:
         """Add new and changed images under ``paths``, drop deleted ones (unless not ``prune``).
+
+        ``ocr``: True reads the text in images from now on (a library setting, kept by later
+        runs), False stops and forgets it, None keeps the library's setting.
 
         Returns an :class:`~itrcli.jobs.indexer.IndexSummary`; ``summary.interrupted`` is set when
         Ctrl-C stopped the run (every batch committed before it is kept).
@@ -172,7 +176,7 @@ class Library:
             run = IndexRun(
                 self.store, self.directory, get_encoder, dim=dim, prep=prep,
                 batch_size=batch_size, workers=n_workers,
-                draft=draft, progress=progress,
+                draft=draft, progress=progress, text=self._text_job(ocr, reindex),
             )
             summary = run.run(roots, extensions=supported_extensions(),
                               include_hidden=include_hidden, exclude=list(exclude),
@@ -189,6 +193,38 @@ class Library:
             raise library_error(e, self.directory) from e
         finally:
             lock.release()
+
+    @property
+    def ocr(self) -> bool:
+        """Whether ``itr index`` reads the text in this library's images (``--ocr``)."""
+        return bool(self.store.get_meta("ocr", False))
+
+    def _text_job(self, ocr: bool | None, reindex: bool):
+        """The OCR side of an index run (None when the library reads no text); applies an
+        ``--ocr`` / ``--no-ocr`` request to the library's setting first."""
+        from .store import text as textstore
+
+        if ocr is False:
+            if self.ocr or textstore.any_read(self.store.conn):
+                with self.store.transaction() as c:
+                    textstore.clear(c)
+            self.store.set_meta(ocr=False)
+            return None
+        if not (ocr or self.ocr):
+            return None
+        from .ingest.ocr import available
+
+        if not available():
+            how = "" if ocr else " (this library reads text; 'itr index --no-ocr' turns that off)"
+            raise LibraryError(f"reading text in images needs rapidocr: pip install 'itr[ocr]'{how}")
+        if reindex:
+            with self.store.transaction() as c:
+                textstore.clear(c)
+        if ocr:
+            self.store.set_meta(ocr=True)
+        from .jobs.textread import TextJob
+
+        return TextJob(self.store)
 
     def _bind(self, enc) -> None:
         info = enc.info
@@ -295,8 +331,14 @@ class Library:
         kind: str | None = None,
         sort: str = "score",
         auto_cut: bool | float = False,
+        text_match: str = "auto",
     ) -> list:
         """Rank the library's images against a query; returns :class:`itrcli.query.search.Hit` s.
+
+        ``text_match``: on a library that reads text (``index(ocr=True)``), ``"auto"`` fuses
+        the cosine ranking with the match of the query's words in the images' text
+        (:mod:`itrcli.query.fusion`), ``"only"`` ranks by the text match alone (no model is
+        loaded), ``"none"`` by cosine alone.
 
         ``query`` is a text, or an image when it names an existing image file; ``image`` /
         ``text`` force the kind.  ``add`` / ``subtract`` terms are classified the same way.
@@ -333,11 +375,26 @@ class Library:
                   else FLOOR_SIGMAS if auto_cut is True else float(auto_cut))
         filters = Filters(list(in_dirs), parse_date(after, "--after"),
                           parse_date(before, "--before"), threshold, meta, sigmas)
+        exclude = [p.value for p in parts if p.kind == "image"]
+        tq = self._text_query(parts, text_match)
+        if tq is not None and text_match == "only":
+            from .query.fusion import fused_rank
+
+            self.last_adapter = None
+            hits = fused_rank(None, tq, store=self.store, get_vindex=self._search_graph, top=top,
+                              filters=filters, exclude_paths=exclude, text_only=True)
+            return sort_hits(hits, order)
         adapter = self.adapter() if adapt and any(p.kind == "text" for p in parts) else None
         self.last_adapter = adapter.method if adapter is not None else None
         q = self.embed_query(parts, device, precision, adapter)
         ef = ef or self.store.get_meta("search_ef")  # measured on this library by `itr index`
-        exclude = [p.value for p in parts if p.kind == "image"]
+        if tq is not None:
+            from .query.fusion import fused_rank
+
+            hits = fused_rank(q, tq, store=self.store, get_vindex=self._search_graph, top=top,
+                              filters=filters, exclude_paths=exclude, exact=exact, ef=ef,
+                              hash_bits=hash_bits)
+            return sort_hits(hits, order)
         hits = rank(q, store=self.store, get_vindex=self._search_graph, top=top, filters=filters,
                     exclude_paths=exclude, exact=exact, ef=ef, hash_bits=hash_bits)
         return sort_hits(hits, order)
@@ -486,6 +543,31 @@ class Library:
         with self.store.transaction() as c:
             return adapters.delete(c)
 
+    def _text_query(self, parts, mode: str):
+        """The words to match in the images' text, or None for a cosine-only search."""
+        if mode not in ("auto", "only", "none"):
+            raise UsageError(f"text_match {mode!r}: expected auto, only or none")
+        if mode == "none" or (mode == "auto" and not self.ocr):
+            return None  # a library without text: nothing more imported or read
+        from .store import text as textstore
+
+        words = " ".join(p.value for p in parts if p.kind == "text" and p.sign > 0)
+        has_text = self.ocr and textstore.has_tables(self.store.conn)
+        if mode == "only":
+            if not has_text:
+                raise LibraryError(f"library {self.directory} has no text read from its images "
+                                   "(run 'itr index PATH --ocr' first)")
+            if not words:
+                raise UsageError("--text-only needs a text query")
+            if parts and any(p.kind == "image" or p.sign < 0 for p in parts):
+                raise UsageError("--text-only ranks by words: no image query, --add or --subtract")
+        if not has_text or not words:
+            return None
+        tq = textstore.text_query(words)
+        if tq.empty and mode == "only":
+            raise UsageError(f"--text-only: no word to match in {words!r}")
+        return None if tq.empty else tq
+
     def vector_index(self):
         """The HNSW graph, up to date with the store (replayed in memory if behind)."""
         from .store.vindex import VectorIndex
@@ -586,6 +668,7 @@ class Library:
             "search_ef": meta.get("search_ef"),
             "search_recall": meta.get("search_recall"),
             "adapter": self._adapter_info(),
+            "ocr": self._text_info(bool(meta.get("ocr"))),
             "sizes": {**sizes, "total": total},
         }
 
@@ -595,6 +678,10 @@ class Library:
             return None
         return {**a.to_json(), "active": a.model == self.model}
 
+    def _text_info(self, on: bool) -> dict[str, Any]:
+        from .store import text as textstore
+
+        return {"enabled": on, **textstore.status_counts(self.store.conn)}
 
 
 def disk_usage(directory: Path) -> dict[str, int]:

@@ -46,6 +46,8 @@ class Hit:
     taken_at: str | None
     id: int
     mtime_ns: int | None = None
+    #: words of the image's text that matched (searches that use text; see query/fusion.py)
+    text: list[str] | None = None
 
     @property
     def date(self) -> str | None:
@@ -57,8 +59,11 @@ class Hit:
         return None
 
     def to_json(self) -> dict[str, Any]:
-        return {"rank": self.rank, "score": round(self.score, 4), "path": self.path,
-                "width": self.width, "height": self.height, "taken_at": self.taken_at}
+        d = {"rank": self.rank, "score": round(self.score, 4), "path": self.path,
+             "width": self.width, "height": self.height, "taken_at": self.taken_at}
+        if self.text is not None:
+            d["text"] = self.text
+        return d
 
 
 @dataclass

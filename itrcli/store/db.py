@@ -162,10 +162,18 @@ def m006_adapters(conn: sqlite3.Connection) -> None:
     )
 
 
+def m004_text_lines(conn: sqlite3.Connection) -> None:
+    # Scene text, keyed by content hash like the vectors (see store/text.py)
+    from .text import create_tables
+
+    create_tables(conn)
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m001_create_tables,
     m002_failures,
     m003_hash_codes,
+    m004_text_lines,
     m006_adapters,
 ]
 #: The schema version a library has once every migration ran (kept in meta, for readers).
@@ -370,6 +378,11 @@ class Store:
         c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         schema = c.execute("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL "
                            "AND name NOT LIKE 'sqlite_%'").fetchall()
+        # a virtual table (the text FTS index) creates its own shadow tables and is not
+        # copied: its contents are rebuilt from their rows (check --repair, store/text.py)
+        virtual = [n for _k, n, sql in schema if sql.upper().startswith("CREATE VIRTUAL")]
+        schema = [(k, n, sql) for k, n, sql in schema
+                  if not any(n.startswith(v + "_") for v in virtual)]
         new = sqlite3.connect(fresh, isolation_level=None)
         try:
             for kind, _name, sql in schema:
@@ -381,7 +394,7 @@ class Store:
         try:
             c.execute("BEGIN")
             for kind, name, _sql in schema:
-                if kind == "table":
+                if kind == "table" and name not in virtual:
                     # WHERE 1: no "xfer" shortcut, which would copy the (damaged) indexes;
                     # NOT INDEXED: read the table itself
                     c.execute(f'INSERT INTO fresh."{name}" SELECT * FROM main."{name}" NOT INDEXED WHERE 1')
@@ -459,6 +472,18 @@ class Store:
             for r in cur.fetchall():
                 row = dict(zip(cols, r))
                 out[row["id"]] = row
+        return out
+
+    def rows_by_hashes(self, hashes: Iterable[str]) -> list[dict[str, Any]]:
+        """File rows having one of these content hashes."""
+        hashes = list(hashes)
+        out: list[dict[str, Any]] = []
+        cur = self.conn.cursor()
+        for i in range(0, len(hashes), 500):
+            chunk = hashes[i : i + 500]
+            cur.execute(f"SELECT * FROM files WHERE hash IN ({','.join('?' * len(chunk))})", chunk)
+            cols = [d[0] for d in cur.description]
+            out += [dict(zip(cols, r)) for r in cur.fetchall()]
         return out
 
     def row_by_path(self, fs_path: str) -> dict[str, Any] | None:
