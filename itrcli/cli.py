@@ -19,7 +19,8 @@ import typer
 from . import __version__
 from .constants import PRECISIONS
 from .errors import ExitCode, ItrError, Terminated, UsageError
-from .embed.models import PRESETS, preset_names
+from .embed.models import PRESETS, RERANK_PRESETS, preset_names, rerank_preset_names
+from .embed.rerank import DEFAULT_RERANK_K
 
 app = typer.Typer(
     name="itr",
@@ -35,6 +36,10 @@ app = typer.Typer(
 
 def _complete_model(incomplete: str) -> list[str]:
     return [n for n in preset_names() if n.startswith(incomplete)]
+
+
+def _complete_rerank_model(incomplete: str) -> list[str]:
+    return [n for n in rerank_preset_names() if n.startswith(incomplete)]
 
 
 DbOpt = Annotated[
@@ -319,6 +324,16 @@ def search(
                                         "Hamming distance, re-rank the best by cosine")] = False,
     hash_bits: Annotated[int, typer.Option("--hash-bits", metavar="B",
                          help="code length for --hash: 16, 32, 64, 128 or 256")] = 64,
+    rerank: Annotated[bool, typer.Option(
+        "--rerank", help="re-score the first results with an image-text matching model "
+                         "(BLIP ITM; text queries)")] = False,
+    rerank_k: Annotated[int, typer.Option("--rerank-k", min=1, metavar="K",
+                        help="how many results --rerank re-scores")] = DEFAULT_RERANK_K,
+    rerank_model: Annotated[Optional[str], typer.Option(
+        "--rerank-model", envvar="ITR_RERANK_MODEL", metavar="MODEL",
+        autocompletion=_complete_rerank_model,
+        help="re-ranker: preset name, Hugging Face id or local directory "
+             "[default: blip-itm-base-coco]", show_default=False)] = None,
     paths_only: Annotated[bool, typer.Option("--paths", help="print paths only, one per line")] = False,
     null: Annotated[bool, typer.Option("-0", "--null", help="NUL-terminated paths (for xargs -0)")] = False,
     preview: Annotated[bool, typer.Option(
@@ -342,11 +357,14 @@ def search(
     """Rank the library's images against a text or image query
 
     On a terminal: a table, with --preview each image inline. Piped: score<TAB>path lines.
-    Also --paths, -0, --json, and --html for a contact sheet.
+    Also --paths, -0, --json, and --html for a contact sheet. With --rerank, the first
+    --rerank-k results are re-scored by an image-text matching model and printed in its
+    order (piped: match<TAB>score<TAB>path, match '-' past K); the rest follow.
 
     \b
     Example:
         itr search "two children on a lawn" -n 5 --preview
+        itr search "a dog catching a frisbee" --rerank --rerank-k 20
         itr search ~/photos/beach.jpg --subtract "people" --html beach.html
         itr search "beach" -0 | xargs -0 cp -t /tmp/beach
     """
@@ -368,7 +386,12 @@ def search(
                           add=add or [], subtract=subtract or [], top=top,
                           in_dirs=[str(d) for d in in_dirs or []], threshold=threshold,
                           after=after, before=before, exact=exact, device=device,
-                          precision=precision, hash_bits=hash_bits if hash_ else None)
+                          precision=precision, hash_bits=hash_bits if hash_ else None,
+                          rerank=rerank, rerank_k=rerank_k, rerank_model=rerank_model,
+                          rerank_progress=_rerank_progress() if rerank else None)
+        for h in hits:
+            if h.rerank_error:
+                err(f"itr: not re-ranked (now unreadable) {h.path}: {h.rerank_error}")
         model = lib.model
         sources, terms, term_sources, cache = [], [], [], None
         if html is not None or (preview and table and is_tty(out)):
@@ -414,7 +437,9 @@ def search(
             width = max([len(str(len(hits)))] + [1])
             for h in hits:
                 date = h.date or "-"
-                out.write(f"{h.rank:>{width}}  {h.score:.4f}  {date:<10}  {h.path}\n")
+                match = "" if not rerank else (
+                    f"{h.rerank_score:.4f}  " if h.rerank_score is not None else "     -  ")
+                out.write(f"{h.rank:>{width}}  {match}{h.score:.4f}  {date:<10}  {h.path}\n")
                 if previews is not None:
                     seq = next(previews)
                     if isinstance(seq, Exception):
@@ -427,7 +452,11 @@ def search(
         else:
             if preview:
                 err("itr: no image previews: stdout is not a terminal")
-            out.write("".join(f"{h.score:.4f}\t{h.path}\n" for h in hits))
+            if rerank:
+                out.write("".join(("-" if h.rerank_score is None else f"{h.rerank_score:.4f}")
+                                  + f"\t{h.score:.4f}\t{h.path}\n" for h in hits))
+            else:
+                out.write("".join(f"{h.score:.4f}\t{h.path}\n" for h in hits))
     finally:
         if cache is not None:
             cache.trim()  # evict least recently used thumbnails beyond the cap
@@ -604,19 +633,24 @@ def check(
 
 @app.command("models")
 def models_cmd(json_: JsonOpt = False) -> None:
-    """List the named model presets with size and published Flickr30k R@1
+    """List the named model presets with size and published R@1, then the re-rankers
 
     \b
     Example:
         itr models
     """
-    from .embed.models import DEFAULT_PRESET
+    from .embed.models import DEFAULT_PRESET, DEFAULT_RERANK_PRESET
     from .show.output import print_json
 
     if json_:
-        print_json([{"name": p.name, "model": p.hub_id, "params_m": p.params_m,
+        print_json([{"kind": "encoder", "name": p.name, "model": p.hub_id, "params_m": p.params_m,
                      "flickr30k_t2i_r1": p.flickr_t2i_r1, "flickr30k_i2t_r1": p.flickr_i2t_r1,
-                     "default": p.name == DEFAULT_PRESET} for p in PRESETS])
+                     "default": p.name == DEFAULT_PRESET} for p in PRESETS]
+                   + [{"kind": "reranker", "name": p.name, "model": p.hub_id,
+                       "revision": p.revision, "params_m": p.params_m, "input_px": p.input_px,
+                       "coco_t2i_r1": p.coco_t2i_r1, "coco_i2t_r1": p.coco_i2t_r1,
+                       "flickr30k_t2i_r1": p.flickr_t2i_r1, "flickr30k_i2t_r1": p.flickr_i2t_r1,
+                       "default": p.name == DEFAULT_RERANK_PRESET} for p in RERANK_PRESETS])
         return
     fmt = "{:<2}{:<16}{:<42}{:>7}{:>11}{:>11}"
     typer.echo(fmt.format("", "NAME", "MODEL", "PARAMS", "T2I R@1", "I2T R@1"))
@@ -624,6 +658,14 @@ def models_cmd(json_: JsonOpt = False) -> None:
         typer.echo(fmt.format("*" if p.name == DEFAULT_PRESET else "", p.name, p.hub_id,
                               f"{p.params_m}M", _pct(p.flickr_t2i_r1), _pct(p.flickr_i2t_r1)))
     typer.echo("\n* default.  R@1: published zero-shot Flickr30k 1K test, percent.")
+    typer.echo("\nRe-rankers (itr search --rerank, --rerank-model):")
+    rfmt = "{:<2}{:<20}{:<38}{:>7}{:>11}{:>11}"
+    typer.echo(rfmt.format("", "NAME", "MODEL", "PARAMS", "T2I R@1", "I2T R@1"))
+    for p in RERANK_PRESETS:
+        typer.echo(rfmt.format("*" if p.name == DEFAULT_RERANK_PRESET else "", p.name, p.hub_id,
+                              f"{p.params_m}M", _pct(p.flickr_t2i_r1), _pct(p.flickr_i2t_r1)))
+    typer.echo("\n* default.  R@1: published Flickr30k 1K test, percent, COCO-fine-tuned model "
+               "re-ranking its own top 128.")
 
 
 def _pct(v: float | None) -> str:
@@ -724,6 +766,12 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         _silence_stdout()
     sys.exit(int(code))
+
+
+def _rerank_progress():
+    from .embed.rerank import SlowProgress  # no torch import there until a model loads
+
+    return SlowProgress()
 
 
 def _preview_protocols() -> tuple[str, ...]:

@@ -267,6 +267,10 @@ class Library:
         device: str = "auto",
         precision: str = "auto",
         hash_bits: int | None = None,
+        rerank: bool = False,
+        rerank_k: int | None = None,
+        rerank_model: str | None = None,
+        rerank_progress=None,
     ) -> list:
         """Rank the library's images against a query; returns :class:`itrcli.query.search.Hit` s.
 
@@ -275,6 +279,8 @@ class Library:
         ``hash_bits``: rank binary codes of that length by Hamming distance first, then
         re-rank the best candidates by cosine (see :mod:`itrcli.query.hashing`).
         An image query never returns the query file itself.
+        ``rerank``: re-score the first ``rerank_k`` results with an image-text matching
+        model (``rerank_model``; see :meth:`rerank`); text queries only.
         Raises:
             UsageError: empty query, bad date, unreadable query image.
             LibraryError: the library is empty.
@@ -288,6 +294,15 @@ class Library:
             raise UsageError("empty query: give QUERY, --image or --text")
         if top < 1:
             raise UsageError("--top must be at least 1")
+        if rerank:
+            from .embed.rerank import DEFAULT_RERANK_K
+
+            rerank_k = DEFAULT_RERANK_K if rerank_k is None else rerank_k
+            if rerank_k < 1:
+                raise UsageError("--rerank-k must be at least 1")
+            if len(parts) != 1 or parts[0].kind != "text":
+                raise UsageError("--rerank scores one text against images: it takes a text "
+                                 "query without --add/--subtract, not an image query")
         if not self.model or self.store.conn.execute("SELECT 1 FROM files LIMIT 1").fetchone() is None:
             raise LibraryError(f"library {self.directory} is empty (run 'itr index PATH' first)")
         filters = Filters(list(in_dirs), parse_date(after, "--after"),
@@ -295,8 +310,45 @@ class Library:
         q = self.embed_query(parts, device, precision)
         ef = ef or self.store.get_meta("search_ef")  # measured on this library by `itr index`
         exclude = [p.value for p in parts if p.kind == "image"]
-        return rank(q, store=self.store, get_vindex=self._search_graph, top=top, filters=filters,
+        want = max(top, rerank_k) if rerank else top  # type: ignore[type-var]
+        hits = rank(q, store=self.store, get_vindex=self._search_graph, top=want, filters=filters,
                     exclude_paths=exclude, exact=exact, ef=ef, hash_bits=hash_bits)
+        if rerank:
+            hits = self.rerank(hits, parts[0].value, k=rerank_k, model=rerank_model,  # type: ignore[arg-type]
+                               device=device, precision=precision, progress=rerank_progress)
+        return hits[:top]
+
+    def rerank(self, hits: list, text: str, *, k: int, model: str | None = None,
+               device: str = "auto", precision: str = "auto", progress=None) -> list:
+        """Re-score the first ``k`` hits against ``text`` with an image-text matching model
+        (:class:`itrcli.embed.rerank.Reranker`; ``model`` None: ``$ITR_RERANK_MODEL`` or
+        the default preset) and put them in the order of its match probability; hits past
+        ``k`` follow in their first order.  Each hit keeps its cosine ``score`` and gets
+        ``rerank_score`` (None past ``k``, or when its file cannot be read now: those follow
+        the re-scored ones, with ``rerank_error``).  Returns the hits renumbered.
+        Raises:
+            ModelError: the re-ranker cannot be loaded.
+        """
+        from .embed.rerank import Reranker, reorder
+        from .store.db import fs_path_of
+
+        head, tail = hits[:k], hits[k:]
+        if head:
+            rows = self.store.rows(h.id for h in head)
+            paths = [fs_path_of(rows[h.id]["path"], rows[h.id]["fsname"]) if h.id in rows
+                     else h.path for h in head]
+            args = (model, device, precision)
+            if getattr(self, "_reranker_args", None) != args:
+                self._reranker = Reranker(model, device=device, precision=precision)
+                self._reranker_args = args
+            scores, errors = self._reranker.score_files(text, paths, progress=progress)
+            for h, p, s in zip(head, paths, scores):
+                h.rerank_score, h.rerank_error = s, errors.get(p)
+            head = [head[i] for i in reorder(scores)]
+        out = head + tail
+        for n, h in enumerate(out, 1):
+            h.rank, h.reranked = n, True
+        return out
 
     def vector_index(self):
         """The HNSW graph, up to date with the store (replayed in memory if behind)."""

@@ -103,12 +103,14 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _not_found_message(model: str, err: BaseException) -> str:
+def _not_found_message(model: str, err: BaseException, option: str = "--model / ITR_MODEL",
+                       revision: str | None = None) -> str:
     where = "the local Hugging Face cache" + ("" if _hub_offline() else " or the hub")
+    rev = f" --revision {revision}" if revision else ""
     return (
         f"cannot load model '{model}': it is not a local directory and was not found in "
         f"{where} ({type(err).__name__}). Download it once where there is network "
-        f"(`hf download {model}`), or point --model / ITR_MODEL at a local directory "
+        f"(`hf download {model}{rev}`), or point {option} at a local directory "
         "holding config.json, model.safetensors and the processor files"
     )
 

@@ -45,6 +45,10 @@ class Hit:
     taken_at: str | None
     id: int
     mtime_ns: int | None = None
+    #: with ``--rerank``: the re-ranker's match probability (None past K, or unreadable)
+    rerank_score: float | None = None
+    reranked: bool = field(default=False, repr=False)  #: --rerank was asked for
+    rerank_error: str | None = field(default=None, repr=False)  #: why it has no rerank_score
 
     @property
     def date(self) -> str | None:
@@ -56,8 +60,11 @@ class Hit:
         return None
 
     def to_json(self) -> dict[str, Any]:
-        return {"rank": self.rank, "score": round(self.score, 4), "path": self.path,
-                "width": self.width, "height": self.height, "taken_at": self.taken_at}
+        out = {"rank": self.rank, "score": round(self.score, 4), "path": self.path,
+               "width": self.width, "height": self.height, "taken_at": self.taken_at}
+        if self.reranked:
+            out["rerank_score"] = None if self.rerank_score is None else round(self.rerank_score, 4)
+        return out
 
 
 @dataclass

@@ -553,6 +553,52 @@ def make_tiny_siglip(out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
+def make_tiny_blip_itm(out_dir: str | Path, seed: int = 0) -> Path:
+    """Build a random-weight tiny BLIP image-text matching model (``BlipForImageTextRetrieval``)
+    and save it with its processor in hub layout.
+
+    A BERT word-piece tokenizer whose vocabulary holds every caption word; a 2-layer,
+    32-wide vision tower at 32 px and a 2-layer text encoder cross-attending to it.  The
+    weights are drawn wider than transformers' default (std 0.2, not 0.02) so that the match
+    probabilities of different images differ by more than float noise.
+
+    Args:
+        out_dir: directory to write (created if needed).
+        seed: torch seed for the weights.
+
+    Returns:
+        ``out_dir`` as a ``Path``; it loads with ``BlipForImageTextRetrieval`` / ``BlipProcessor``.
+    """
+    import torch
+    from transformers import (BertTokenizer, BlipConfig, BlipForImageTextRetrieval,
+                              BlipImageProcessorPil, BlipProcessor)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = specials + list(dict.fromkeys(caption_words() + list(COMMON_WORDS)))
+    vocab = {w: i for i, w in enumerate(words)}
+    tokenizer = BertTokenizer(vocab=vocab, model_max_length=64)
+    image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    image_processor.save_pretrained(out)  # the hub's layout, as for CLIP
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 initializer_range=0.2)
+    config = BlipConfig(
+        text_config=dict(tower, vocab_size=len(vocab), max_position_embeddings=64,
+                         pad_token_id=vocab["[PAD]"], bos_token_id=vocab["[CLS]"],
+                         sep_token_id=vocab["[SEP]"]),
+        vision_config=dict(tower, image_size=32, patch_size=8),
+        initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    model = BlipForImageTextRetrieval(config).eval()
+    with torch.no_grad():  # a head wide enough that probabilities spread out
+        model.itm_head.weight.normal_(0.0, 1.0)
+    model.save_pretrained(out)
+    return out
+
+
 # --------------------------------------------------------------------------- photos
 
 
