@@ -17,6 +17,9 @@ from ..ingest.images import Preprocess
 
 #: transformers ``model_type`` values whose checkpoints we can run.
 SUPPORTED_TYPES = ("clip", "siglip")
+#: What to use instead of a NaFlex SigLIP 2 checkpoint (``model_type`` "siglip2"): the
+#: fixed-resolution ones are ``model_type`` "siglip" with a Gemma fast tokenizer.
+NAFLEX_INSTEAD = "google/siglip2-base-patch16-224"
 from ..constants import PRECISIONS
 
 
@@ -158,6 +161,12 @@ class Encoder:
                 config = AutoConfig.from_pretrained(model, trust_remote_code=False)
             except (OSError, ValueError) as e2:
                 raise ModelError(_not_found_message(model, e2)) from None
+        if config.model_type == "siglip2":
+            raise ModelError(
+                f"model '{model}' is a SigLIP 2 NaFlex checkpoint (Siglip2Model, variable "
+                "resolution), which itr does not run; use a fixed-resolution SigLIP 2 "
+                f"checkpoint instead: {NAFLEX_INSTEAD} (preset siglip2-b16), or its -256, "
+                "-384 or -512 variants")
         if config.model_type not in SUPPORTED_TYPES:
             raise ModelError(
                 f"model '{model}' is a '{config.model_type}' checkpoint; itr runs dual "

@@ -30,7 +30,7 @@ PRESETS: tuple[Preset, ...] = (
            "slow on CPU; for re-ranking or a GPU"),
     Preset("siglip-b16", "google/siglip-base-patch16-224", 203, None, None, "sigmoid loss CLIP"),
     Preset("siglip2-b16", "google/siglip2-base-patch16-224", 375, None, None,
-           "SigLIP 2, multilingual tokenizer"),
+           "SigLIP 2, multilingual (Gemma fast tokenizer: ONNX text tower)"),
 )
 DEFAULT_PRESET = "laion-b32"
 DEFAULT_MODEL = next(p.hub_id for p in PRESETS if p.name == DEFAULT_PRESET)
