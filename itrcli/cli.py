@@ -527,6 +527,16 @@ def eval_cmd(
     hash_bits: Annotated[Optional[str], typer.Option("--hash-bits", metavar="B,B,...",
                          help="add rows for B-bit binary codes, pure Hamming and re-ranked",
                          show_default=False)] = None,
+    rerank: Annotated[bool, typer.Option(
+        "--rerank", help="add exact+rerank rows: each query's top K re-scored by an "
+                         "image-text matching model")] = False,
+    rerank_k: Annotated[int, typer.Option("--rerank-k", min=1, metavar="K",
+                        help="how many candidates --rerank re-scores per query")] = DEFAULT_RERANK_K,
+    rerank_model: Annotated[Optional[str], typer.Option(
+        "--rerank-model", envvar="ITR_RERANK_MODEL", metavar="MODEL",
+        autocompletion=_complete_rerank_model,
+        help="re-ranker: preset name, Hugging Face id or local directory "
+             "[default: blip-itm-base-coco]", show_default=False)] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache",
                         help="neither read nor write the embedding cache")] = False,
     db: Annotated[Optional[Path], typer.Option(
@@ -543,12 +553,14 @@ def eval_cmd(
     """Measure text->image and image->text recall@K on an image-caption dataset
 
     Prints R@K and the median rank in both directions, and rsum, one row per model and
-    method (exact; with --ann, HNSW; with --hash-bits, binary codes). Embeddings are
-    cached, so a second run encodes nothing.
+    method (exact; with --ann, HNSW; with --hash-bits, binary codes; with --rerank, the
+    exact top K re-scored by an image-text matching model). Embeddings are cached, so a
+    second run encodes nothing.
 
     \b
     Example:
         itr eval dataset_flickr30k.json --images flickr30k-images
+        itr eval dataset_flickr30k.json --images flickr30k-images --rerank --rerank-k 16
         itr eval dataset_coco.json --images coco --folds 5 --ann --hash-bits 64,128
         itr eval captions.csv -m laion-b32 -m openai-b32 --json
     """
@@ -564,7 +576,10 @@ def eval_cmd(
     progress = BarProgress("encoding") if not quiet and is_tty(sys.stderr) else None
     result = evaluate(ds, model or [None], ks=ks, ann=ann, hash_bits=bits, folds=folds,
                       device=device, precision=precision, batch_size=batch_size,
-                      workers=workers, cache=not no_cache, db=db, progress=progress)
+                      workers=workers, cache=not no_cache, db=db, progress=progress,
+                      rerank=rerank, rerank_k=rerank_k, rerank_model=rerank_model,
+                      rerank_progress=BarProgress("re-ranking")
+                      if rerank and not quiet and is_tty(sys.stderr) else None)
     if json_:
         print_json(result.to_json())
     else:

@@ -191,3 +191,94 @@ def test_preset_resolves_to_the_safetensors_revision(monkeypatch):
     monkeypatch.delenv("ITR_RERANK_MODEL", raising=False)
     assert models.resolve_reranker(None)[0] == "Salesforce/blip-itm-base-coco"
     assert models.resolve_reranker("someone/else") == ("someone/else", None)
+
+
+# --- itr eval --rerank ------------------------------------------------------------------
+
+
+def _caption_set(directory):
+    """8 drawings, captions as in the synthetic set (two for every third image)."""
+    from support import synth
+
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, (c, s, p) in enumerate(synth.combinations()[::17][:8]):
+        name = directory / f"img{i}.png"
+        synth.draw(c, s, p, seed=500 + i).save(name)
+        caps = [synth.caption(c, s, p)] + ([f"{c} {s}"] if i % 3 == 0 else [])
+        rows += [(name.name, cap) for cap in caps]
+    csv = directory / "captions.csv"
+    csv.write_text("image,caption\n" + "".join(f"{n},{c}\n" for n, c in rows))
+    return csv, rows
+
+
+def _naive_reranked_ranks(tiny_clip, tiny_blip, directory, rows, k):
+    """Ranks by brute force: cosine from transformers' CLIP, ITM from transformers' BLIP."""
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import (BlipForImageTextRetrieval, BlipProcessor, CLIPModel,
+                              CLIPProcessor)
+
+    names = list(dict.fromkeys(n for n, _ in rows))
+    texts = [c for _, c in rows]
+    owner = np.array([names.index(n) for n, _ in rows])
+    images = [Image.open(directory / n).convert("RGB") for n in names]
+    clip, cproc = CLIPModel.from_pretrained(tiny_clip).eval(), CLIPProcessor.from_pretrained(tiny_clip)
+    with torch.no_grad():
+        iv = clip.get_image_features(**cproc(images=images, return_tensors="pt"))
+        tv = clip.get_text_features(**cproc(text=texts, return_tensors="pt", padding=True))
+    iv = getattr(iv, "pooler_output", iv)
+    tv = getattr(tv, "pooler_output", tv)
+    iv = (iv / iv.norm(dim=-1, keepdim=True)).numpy()
+    tv = (tv / tv.norm(dim=-1, keepdim=True)).numpy()
+    sims = tv @ iv.T  # [captions, images]
+    blip, bproc = BlipForImageTextRetrieval.from_pretrained(tiny_blip).eval(), BlipProcessor.from_pretrained(tiny_blip)
+
+    def itm(i, c):
+        inputs = bproc(images=images[i], text=texts[c], return_tensors="pt")
+        with torch.no_grad():
+            return float(torch.softmax(blip(**inputs).itm_score, -1)[0, 1])
+
+    t2i = []
+    for c in range(len(texts)):
+        order = sorted(range(len(names)), key=lambda i: (-sims[c, i], i))
+        head = sorted(order[:k], key=lambda i: -itm(i, c))
+        t2i.append((head + order[k:]).index(owner[c]))
+    i2t = []
+    for i in range(len(names)):
+        order = sorted(range(len(texts)), key=lambda c: (-sims[c, i], c))
+        head = sorted(order[:k], key=lambda c: -itm(i, c))
+        i2t.append(next(r for r, c in enumerate(head + order[k:]) if owner[c] == i))
+    return np.array(t2i), np.array(i2t)
+
+
+def test_eval_rerank_rows_equal_a_brute_force_reference(tmp_path, tiny_clip, tiny_blip):
+    from itrcli.evaluation import datasets, evaluate, metrics
+
+    csv, rows = _caption_set(tmp_path / "set")
+    ds = datasets.load(csv)
+    ks = (1, 2, 5)
+    result = evaluate.evaluate(ds, [str(tiny_clip)], ks=ks, precision="fp32", cache=False,
+                               rerank=True, rerank_k=3, rerank_model=str(tiny_blip))
+    got = {r.method: r for r in result.results}
+    assert list(got) == ["exact", "exact+rerank"]
+    t2i, i2t = _naive_reranked_ranks(tiny_clip, tiny_blip, tmp_path / "set", rows, 3)
+    want = metrics.summarise(t2i, i2t, ks)
+    assert got["exact+rerank"].t2i == pytest.approx(want["t2i"])
+    assert got["exact+rerank"].i2t == pytest.approx(want["i2t"])
+    assert got["exact+rerank"].rsum != got["exact"].rsum or got["exact"].rsum == 600
+    assert any("exact+rerank" in n and "image-text pairs" in n for n in result.notes)
+
+
+def test_cli_eval_rerank_json(itr, tmp_path, tiny_clip, tiny_blip):
+    csv, _ = _caption_set(tmp_path / "set")
+    r = itr("eval", csv, "-m", tiny_clip, "--precision", "fp32", "--rerank", "--rerank-k", "2",
+            "--rerank-model", tiny_blip, "--json", "--no-cache", "-k", "1,5")
+    assert r.code == 0, r
+    rows = r.json()["results"]
+    assert [x["method"] for x in rows] == ["exact", "exact+rerank"]
+    # re-ranking 2 candidates moves nothing past rank 2: R@5 is that of exact
+    assert rows[1]["t2i"]["R@5"] == rows[0]["t2i"]["R@5"]
+    assert rows[1]["i2t"]["R@5"] == rows[0]["i2t"]["R@5"]
+    assert "note: exact+rerank" in r.err
