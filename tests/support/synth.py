@@ -673,6 +673,54 @@ def make_tiny_blip_itm(out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
+def make_blip_itm_base(out_dir: str | Path, seed: int = 0) -> Path:
+    """Build a random-weight BLIP ITM model with the architecture of
+    ``Salesforce/blip-itm-base-coco`` (ViT-B/16 at 384 px, 12-layer 768-wide BERT text
+    encoder cross-attending to it, vocabulary 30524), for timing the re-ranker.
+
+    The tokenizer's vocabulary is :data:`COMMON_WORDS` and caption words (ids well below
+    30524); only the weight values differ from the real model, so timings and memory match.
+
+    Args:
+        out_dir: directory to write (created if needed); about 900 MB of safetensors.
+        seed: torch seed for the weights.
+    """
+    import torch
+    from transformers import (BertTokenizer, BlipConfig, BlipForImageTextRetrieval,
+                              BlipImageProcessorPil, BlipProcessor)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = specials + list(dict.fromkeys(list(COMMON_WORDS) + caption_words()))
+    vocab = {w: i for i, w in enumerate(words)}
+    tokenizer = BertTokenizer(vocab=vocab, model_max_length=512)
+    image_processor = BlipImageProcessorPil()  # 384 x 384, bicubic, OpenAI CLIP mean and std
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    image_processor.save_pretrained(out)
+    config = BlipConfig(text_config=dict(vocab_size=30524), vision_config=dict(image_size=384))
+    # as make_vit_b32: no per-module initialisation, one seeded normal fill per tensor
+    with torch.device("meta"):
+        model = BlipForImageTextRetrieval(config)
+    model = model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if "position_ids" in name:
+                t.copy_(torch.arange(t.shape[-1]).expand_as(t))
+            elif t.is_floating_point():
+                if name.endswith("bias"):
+                    t.zero_()
+                elif "norm" in name.lower():
+                    t.fill_(1.0)
+                else:
+                    t.normal_(0.0, 0.02, generator=generator)
+            else:
+                t.zero_()
+    model.eval().save_pretrained(out)
+    return out
+
+
 # --------------------------------------------------------------------------- photos
 
 
