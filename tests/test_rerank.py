@@ -33,12 +33,25 @@ def lib(itr, tiny_clip, tmp_path):
     return db, paths
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny models: two OpenMP threads on a busy machine cost ~1 s per forward in
+    synchronisation (0.01 s with one).  The re-ranker sets its own count when it loads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def itm_probabilities(model_dir, text: str, paths) -> dict[str, float]:
     """Match probabilities by transformers alone: processor + model forward + softmax."""
     import torch
     from PIL import Image
     from transformers import BlipForImageTextRetrieval, BlipProcessor
 
+    torch.set_num_threads(1)  # the re-ranker under test may have set more (see above)
     processor = BlipProcessor.from_pretrained(model_dir)
     model = BlipForImageTextRetrieval.from_pretrained(model_dir).eval()
     images = [Image.open(p).convert("RGB") for p in paths]
@@ -220,6 +233,7 @@ def _naive_reranked_ranks(tiny_clip, tiny_blip, directory, rows, k):
     from transformers import (BlipForImageTextRetrieval, BlipProcessor, CLIPModel,
                               CLIPProcessor)
 
+    torch.set_num_threads(1)
     names = list(dict.fromkeys(n for n, _ in rows))
     texts = [c for _, c in rows]
     owner = np.array([names.index(n) for n, _ in rows])
