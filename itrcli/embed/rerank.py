@@ -28,9 +28,10 @@ from typing import Any, Callable, Sequence
 from ..errors import ModelError
 from . import models
 
-#: ``--rerank-k``: how many of the first results the re-ranker re-scores by default.  At
-#: about 0.25 s per image for BLIP base on two CPU cores (README), 30 costs seconds, not
-#: minutes; on a GPU it can be raised to BLIP's own 128-256.
+#: ``--rerank-k``: how many of the first results the re-ranker re-scores by default: three
+#: screens of the default ``--top`` 10, so that images ranked 11-30 by the dual encoder can
+#: reach the top.  BLIP base costs about 3.7 CPU-seconds per image in fp32 on AVX2 (README:
+#: a minute for 30 on two cores, seconds on a GPU, where BLIP's own 128-256 are affordable).
 DEFAULT_RERANK_K = 30
 
 #: Images per forward pass: the vision tower at 384 px holds ``[b, 577, 768]`` activations.
