@@ -37,6 +37,8 @@ class Library:
         self.store = store
         self._encoder = None
         self._encoder_args: tuple[str, str, str] | None = None
+        self._reranker = None  # loaded by the first search with rerank=True
+        self._reranker_args: tuple[str | None, str, str] | None = None
 
     # -- opening -----------------------------------------------------------------------
     @classmethod
@@ -338,7 +340,7 @@ class Library:
             paths = [fs_path_of(rows[h.id]["path"], rows[h.id]["fsname"]) if h.id in rows
                      else h.path for h in head]
             args = (model, device, precision)
-            if getattr(self, "_reranker_args", None) != args:
+            if self._reranker is None or self._reranker_args != args:
                 self._reranker = Reranker(model, device=device, precision=precision)
                 self._reranker_args = args
             scores, errors = self._reranker.score_files(text, paths, progress=progress)
