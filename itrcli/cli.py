@@ -19,7 +19,8 @@ import typer
 from . import __version__
 from .constants import PRECISIONS
 from .errors import ExitCode, ItrError, Terminated, UsageError
-from .embed.models import PRESETS, preset_names
+from .embed.models import PRESETS, RERANK_PRESETS, preset_names, rerank_preset_names
+from .embed.rerank import DEFAULT_RERANK_K
 
 app = typer.Typer(
     name="itr",
@@ -35,6 +36,10 @@ app = typer.Typer(
 
 def _complete_model(incomplete: str) -> list[str]:
     return [n for n in preset_names() if n.startswith(incomplete)]
+
+
+def _complete_rerank_model(incomplete: str) -> list[str]:
+    return [n for n in rerank_preset_names() if n.startswith(incomplete)]
 
 
 DbOpt = Annotated[
@@ -351,6 +356,16 @@ def search(
         "--text-only", help="rank by the words read in the images alone (itr index --ocr)")] = False,
     no_text: Annotated[bool, typer.Option(
         "--no-text", help="rank by meaning alone, ignoring the words read in the images")] = False,
+    rerank: Annotated[bool, typer.Option(
+        "--rerank", help="re-score the first results with an image-text matching model "
+                         "(BLIP ITM; text queries)")] = False,
+    rerank_k: Annotated[int, typer.Option("--rerank-k", min=1, metavar="K",
+                        help="how many results --rerank re-scores")] = DEFAULT_RERANK_K,
+    rerank_model: Annotated[Optional[str], typer.Option(
+        "--rerank-model", envvar="ITR_RERANK_MODEL", metavar="MODEL",
+        autocompletion=_complete_rerank_model,
+        help="re-ranker: preset name, Hugging Face id or local directory "
+             "[default: blip-itm-base-coco]", show_default=False)] = None,
     paths_only: Annotated[bool, typer.Option("--paths", help="print paths only, one per line")] = False,
     null: Annotated[bool, typer.Option("-0", "--null", help="NUL-terminated paths (for xargs -0)")] = False,
     preview: Annotated[bool, typer.Option(
@@ -377,11 +392,15 @@ def search(
     Also --paths, -0, --json, and --html for a contact sheet. On a library indexed with
     --ocr, the words of a text query are also matched in the images' text (word beginnings;
     "quoted phrases" as phrases) and both rankings fused; the matched words are shown.
+    With --rerank, the first --rerank-k results are re-scored by an image-text matching
+    model and printed in its order (piped: match<TAB>score<TAB>path, match '-' past K);
+    the rest follow.
 
     \b
     Example:
         itr search "two children on a lawn" -n 5 --preview
         itr search 'acme invoice' --text-only
+        itr search "a dog catching a frisbee" --rerank --rerank-k 20
         itr search ~/photos/beach.jpg --subtract "people" --html beach.html
         itr search "beach" -0 | xargs -0 cp -t /tmp/beach
         itr search "harbour at dusk" --near 43.30,5.37,20 --camera pixel --sort date
@@ -411,7 +430,12 @@ def search(
                           precision=precision, hash_bits=hash_bits if hash_ else None,
                           adapt=not no_adapt, camera=camera, near=near, globs=glob or [],
                           min_size=min_size, kind=kind, sort=sort, auto_cut=auto_cut,
-                          text_match="only" if text_only else "none" if no_text else "auto")
+                          text_match="only" if text_only else "none" if no_text else "auto",
+                          rerank=rerank, rerank_k=rerank_k, rerank_model=rerank_model,
+                          rerank_progress=_rerank_progress() if rerank else None)
+        for h in hits:
+            if h.rerank_error:
+                err(f"itr: not re-ranked (now unreadable) {h.path}: {h.rerank_error}")
         model, adapted = lib.model, lib.last_adapter
         sources, terms, term_sources, cache = [], [], [], None
         if html is not None or (preview and table and is_tty(out)):
@@ -464,8 +488,10 @@ def search(
             text_w = max([len(w) for w in words.values()] + [0])
             for h in hits:
                 date = h.date or "-"
+                match = "" if not rerank else (
+                    f"{h.rerank_score:.4f}  " if h.rerank_score is not None else "     -  ")
                 cell = f"{words.get(h.id, ''):<{text_w}}  " if words else ""
-                out.write(f"{h.rank:>{width}}  {h.score:.4f}  {date:<10}  {cell}{h.path}\n")
+                out.write(f"{h.rank:>{width}}  {match}{h.score:.4f}  {date:<10}  {cell}{h.path}\n")
                 if previews is not None:
                     seq = next(previews)
                     if isinstance(seq, Exception):
@@ -478,7 +504,11 @@ def search(
         else:
             if preview:
                 err("itr: no image previews: stdout is not a terminal")
-            out.write("".join(f"{h.score:.4f}\t{h.path}\n" for h in hits))
+            if rerank:
+                out.write("".join(("-" if h.rerank_score is None else f"{h.rerank_score:.4f}")
+                                  + f"\t{h.score:.4f}\t{h.path}\n" for h in hits))
+            else:
+                out.write("".join(f"{h.score:.4f}\t{h.path}\n" for h in hits))
     finally:
         if cache is not None:
             cache.trim()  # evict least recently used thumbnails beyond the cap
@@ -754,6 +784,16 @@ def eval_cmd(
     hash_bits: Annotated[Optional[str], typer.Option("--hash-bits", metavar="B,B,...",
                          help="add rows for B-bit binary codes, pure Hamming and re-ranked",
                          show_default=False)] = None,
+    rerank: Annotated[bool, typer.Option(
+        "--rerank", help="add exact+rerank rows: each query's top K re-scored by an "
+                         "image-text matching model")] = False,
+    rerank_k: Annotated[int, typer.Option("--rerank-k", min=1, metavar="K",
+                        help="how many candidates --rerank re-scores per query")] = DEFAULT_RERANK_K,
+    rerank_model: Annotated[Optional[str], typer.Option(
+        "--rerank-model", envvar="ITR_RERANK_MODEL", metavar="MODEL",
+        autocompletion=_complete_rerank_model,
+        help="re-ranker: preset name, Hugging Face id or local directory "
+             "[default: blip-itm-base-coco]", show_default=False)] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache",
                         help="neither read nor write the embedding cache")] = False,
     db: Annotated[Optional[Path], typer.Option(
@@ -771,12 +811,13 @@ def eval_cmd(
 
     Prints R@K and the median rank in both directions, and rsum, one row per model and
     method (exact; with --ann, HNSW; with --hash-bits, binary codes; with --adapt, the
-    query map of itr adapt, cross-validated). Embeddings are cached, so a second run
-    encodes nothing.
+    query map of itr adapt, cross-validated; with --rerank, the exact top K re-scored by an
+    image-text matching model). Embeddings are cached, so a second run encodes nothing.
 
     \b
     Example:
         itr eval dataset_flickr30k.json --images flickr30k-images
+        itr eval dataset_flickr30k.json --images flickr30k-images --rerank --rerank-k 16
         itr eval dataset_coco.json --images coco --folds 5 --ann --hash-bits 64,128
         itr eval captions.csv -m laion-b32 -m openai-b32 --json
         itr eval catalogue.csv --adapt catalogue.csv
@@ -799,7 +840,10 @@ def eval_cmd(
     result = evaluate(ds, model or [None], ks=ks, ann=ann, hash_bits=bits, folds=folds,
                       adapt=pairs,
                       device=device, precision=precision, batch_size=batch_size,
-                      workers=workers, cache=not no_cache, db=db, progress=progress)
+                      workers=workers, cache=not no_cache, db=db, progress=progress,
+                      rerank=rerank, rerank_k=rerank_k, rerank_model=rerank_model,
+                      rerank_progress=BarProgress("re-ranking")
+                      if rerank and not quiet and is_tty(sys.stderr) else None)
     if json_:
         print_json(result.to_json())
     else:
@@ -865,19 +909,24 @@ def check(
 
 @app.command("models")
 def models_cmd(json_: JsonOpt = False) -> None:
-    """List the named model presets with size and published Flickr30k R@1
+    """List the named model presets with size and published R@1, then the re-rankers
 
     \b
     Example:
         itr models
     """
-    from .embed.models import DEFAULT_PRESET
+    from .embed.models import DEFAULT_PRESET, DEFAULT_RERANK_PRESET
     from .show.output import print_json
 
     if json_:
-        print_json([{"name": p.name, "model": p.hub_id, "params_m": p.params_m,
+        print_json([{"kind": "encoder", "name": p.name, "model": p.hub_id, "params_m": p.params_m,
                      "flickr30k_t2i_r1": p.flickr_t2i_r1, "flickr30k_i2t_r1": p.flickr_i2t_r1,
-                     "default": p.name == DEFAULT_PRESET} for p in PRESETS])
+                     "default": p.name == DEFAULT_PRESET} for p in PRESETS]
+                   + [{"kind": "reranker", "name": p.name, "model": p.hub_id,
+                       "revision": p.revision, "params_m": p.params_m, "input_px": p.input_px,
+                       "coco_t2i_r1": p.coco_t2i_r1, "coco_i2t_r1": p.coco_i2t_r1,
+                       "flickr30k_t2i_r1": p.flickr_t2i_r1, "flickr30k_i2t_r1": p.flickr_i2t_r1,
+                       "default": p.name == DEFAULT_RERANK_PRESET} for p in RERANK_PRESETS])
         return
     fmt = "{:<2}{:<16}{:<42}{:>7}{:>11}{:>11}"
     typer.echo(fmt.format("", "NAME", "MODEL", "PARAMS", "T2I R@1", "I2T R@1"))
@@ -885,6 +934,14 @@ def models_cmd(json_: JsonOpt = False) -> None:
         typer.echo(fmt.format("*" if p.name == DEFAULT_PRESET else "", p.name, p.hub_id,
                               f"{p.params_m}M", _pct(p.flickr_t2i_r1), _pct(p.flickr_i2t_r1)))
     typer.echo("\n* default.  R@1: published zero-shot Flickr30k 1K test, percent.")
+    typer.echo("\nRe-rankers (itr search --rerank, --rerank-model):")
+    rfmt = "{:<2}{:<20}{:<38}{:>7}{:>11}{:>11}"
+    typer.echo(rfmt.format("", "NAME", "MODEL", "PARAMS", "T2I R@1", "I2T R@1"))
+    for p in RERANK_PRESETS:
+        typer.echo(rfmt.format("*" if p.name == DEFAULT_RERANK_PRESET else "", p.name, p.hub_id,
+                              f"{p.params_m}M", _pct(p.flickr_t2i_r1), _pct(p.flickr_i2t_r1)))
+    typer.echo("\n* default.  R@1: published Flickr30k 1K test, percent, COCO-fine-tuned model "
+               "re-ranking its own top 128.")
 
 
 def _pct(v: float | None) -> str:
@@ -991,6 +1048,12 @@ def _words_cell(words: list[str] | None, limit: int = 30) -> str:
     """The matched words of a hit, for the terminal table ("-" when none matched)."""
     text = " ".join(words or []) or "-"
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _rerank_progress():
+    from .embed.rerank import SlowProgress  # no torch import there until a model loads
+
+    return SlowProgress()
 
 
 def _preview_protocols() -> tuple[str, ...]:

@@ -39,6 +39,8 @@ class Library:
         self._encoder = None
         self._encoder_args: tuple[str, str, str] | None = None
         self.last_adapter: str | None = None  #: method that mapped the last search's text
+        self._reranker = None  # loaded by the first search with rerank=True
+        self._reranker_args: tuple[str | None, str, str] | None = None
 
     # -- opening -----------------------------------------------------------------------
     @classmethod
@@ -332,6 +334,10 @@ class Library:
         sort: str = "score",
         auto_cut: bool | float = False,
         text_match: str = "auto",
+        rerank: bool = False,
+        rerank_k: int | None = None,
+        rerank_model: str | None = None,
+        rerank_progress=None,
     ) -> list:
         """Rank the library's images against a query; returns :class:`itrcli.query.search.Hit` s.
 
@@ -352,6 +358,8 @@ class Library:
         ``date`` (newest first) or ``path`` order for the best ``top``; ``auto_cut``: keep
         only results standing out from the library (True, or the floor in standard
         deviations; :mod:`itrcli.query.autocut`).
+        ``rerank``: re-score the first ``rerank_k`` results with an image-text matching
+        model (``rerank_model``; see :meth:`rerank`); text queries only.
         Raises:
             UsageError: empty query, bad date or filter, unreadable query image.
             LibraryError: the library is empty.
@@ -367,6 +375,15 @@ class Library:
             raise UsageError("empty query: give QUERY, --image or --text")
         if top < 1:
             raise UsageError("--top must be at least 1")
+        if rerank:
+            from .embed.rerank import DEFAULT_RERANK_K
+
+            rerank_k = DEFAULT_RERANK_K if rerank_k is None else rerank_k
+            if rerank_k < 1:
+                raise UsageError("--rerank-k must be at least 1")
+            if len(parts) != 1 or parts[0].kind != "text":
+                raise UsageError("--rerank scores one text against images: it takes a text "
+                                 "query without --add/--subtract, not an image query")
         if not self.model or not self.store.has_files():
             raise LibraryError(f"library {self.directory} is empty (run 'itr index PATH' first)")
         meta = meta_filter(camera=camera, near=near, globs=globs, min_size=min_size, kind=kind)
@@ -376,28 +393,33 @@ class Library:
         filters = Filters(list(in_dirs), parse_date(after, "--after"),
                           parse_date(before, "--before"), threshold, meta, sigmas)
         exclude = [p.value for p in parts if p.kind == "image"]
+        want = max(top, rerank_k) if rerank else top  # type: ignore[type-var]
         tq = self._text_query(parts, text_match)
         if tq is not None and text_match == "only":
             from .query.fusion import fused_rank
 
             self.last_adapter = None
-            hits = fused_rank(None, tq, store=self.store, get_vindex=self._search_graph, top=top,
-                              filters=filters, exclude_paths=exclude, text_only=True)
-            return sort_hits(hits, order)
-        adapter = self.adapter() if adapt and any(p.kind == "text" for p in parts) else None
-        self.last_adapter = adapter.method if adapter is not None else None
-        q = self.embed_query(parts, device, precision, adapter)
-        ef = ef or self.store.get_meta("search_ef")  # measured on this library by `itr index`
-        if tq is not None:
-            from .query.fusion import fused_rank
+            hits = fused_rank(None, tq, store=self.store, get_vindex=self._search_graph,
+                              top=want, filters=filters, exclude_paths=exclude, text_only=True)
+        else:
+            adapter = self.adapter() if adapt and any(p.kind == "text" for p in parts) else None
+            self.last_adapter = adapter.method if adapter is not None else None
+            q = self.embed_query(parts, device, precision, adapter)
+            ef = ef or self.store.get_meta("search_ef")  # measured on this library by `itr index`
+            if tq is not None:
+                from .query.fusion import fused_rank
 
-            hits = fused_rank(q, tq, store=self.store, get_vindex=self._search_graph, top=top,
-                              filters=filters, exclude_paths=exclude, exact=exact, ef=ef,
-                              hash_bits=hash_bits)
-            return sort_hits(hits, order)
-        hits = rank(q, store=self.store, get_vindex=self._search_graph, top=top, filters=filters,
-                    exclude_paths=exclude, exact=exact, ef=ef, hash_bits=hash_bits)
-        return sort_hits(hits, order)
+                hits = fused_rank(q, tq, store=self.store, get_vindex=self._search_graph,
+                                  top=want, filters=filters, exclude_paths=exclude, exact=exact,
+                                  ef=ef, hash_bits=hash_bits)
+            else:
+                hits = rank(q, store=self.store, get_vindex=self._search_graph, top=want,
+                            filters=filters, exclude_paths=exclude, exact=exact, ef=ef,
+                            hash_bits=hash_bits)
+        if rerank:
+            hits = self.rerank(hits, parts[0].value, k=rerank_k, model=rerank_model,  # type: ignore[arg-type]
+                               device=device, precision=precision, progress=rerank_progress)
+        return sort_hits(hits[:top], order)
 
     # -- binary codes ---------------------------------------------------------------------
     def hash_codes(self, files: Sequence[tuple[str, int]] = (), texts: Sequence[str] = (), *,
@@ -567,6 +589,38 @@ class Library:
         if tq.empty and mode == "only":
             raise UsageError(f"--text-only: no word to match in {words!r}")
         return None if tq.empty else tq
+
+    def rerank(self, hits: list, text: str, *, k: int, model: str | None = None,
+               device: str = "auto", precision: str = "auto", progress=None) -> list:
+        """Re-score the first ``k`` hits against ``text`` with an image-text matching model
+        (:class:`itrcli.embed.rerank.Reranker`; ``model`` None: ``$ITR_RERANK_MODEL`` or
+        the default preset) and put them in the order of its match probability; hits past
+        ``k`` follow in their first order.  Each hit keeps its cosine ``score`` and gets
+        ``rerank_score`` (None past ``k``, or when its file cannot be read now: those follow
+        the re-scored ones, with ``rerank_error``).  Returns the hits renumbered.
+        Raises:
+            ModelError: the re-ranker cannot be loaded.
+        """
+        from .embed.rerank import Reranker, reorder
+        from .store.db import fs_path_of
+
+        head, tail = hits[:k], hits[k:]
+        if head:
+            rows = self.store.rows(h.id for h in head)
+            paths = [fs_path_of(rows[h.id]["path"], rows[h.id]["fsname"]) if h.id in rows
+                     else h.path for h in head]
+            args = (model, device, precision)
+            if self._reranker is None or self._reranker_args != args:
+                self._reranker = Reranker(model, device=device, precision=precision)
+                self._reranker_args = args
+            scores, errors = self._reranker.score_files(text, paths, progress=progress)
+            for h, p, s in zip(head, paths, scores):
+                h.rerank_score, h.rerank_error = s, errors.get(p)
+            head = [head[i] for i in reorder(scores)]
+        out = head + tail
+        for n, h in enumerate(out, 1):
+            h.rank, h.reranked = n, True
+        return out
 
     def vector_index(self):
         """The HNSW graph, up to date with the store (replayed in memory if behind)."""

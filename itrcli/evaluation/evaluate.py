@@ -44,7 +44,7 @@ from ..ingest.files import content_hash
 from ..progress import NoProgress, Progress, default_workers
 
 DEFAULT_KS = (1, 5, 10)
-METHODS = ("exact", "hnsw", "hash", "hash+rerank")
+METHODS = ("exact", "hnsw", "hash", "hash+rerank", "exact+rerank")
 #: hash+rerank: candidates taken by Hamming distance before the exact cosine re-rank:
 #: ``max(RERANK_FACTOR * K_max, RERANK_MIN)``.
 RERANK_FACTOR = 10
@@ -510,6 +510,10 @@ def evaluate(
     cache: bool | str | os.PathLike = True,
     db: str | os.PathLike | None = None,
     progress: Progress | None = None,
+    rerank: bool = False,
+    rerank_k: int | None = None,
+    rerank_model: str | None = None,
+    rerank_progress: Progress | None = None,
 ) -> EvalResult:
     """Measure text->image and image->text retrieval of each model on ``ds``.
 
@@ -531,8 +535,12 @@ def evaluate(
         db: an itr library whose stored vectors may be reused (same model only; they come
             from draft-mode decoding, so may differ slightly from a fresh encode).
         progress: start/advance/close while encoding (e.g. :class:`itrcli.show.output.BarProgress`).
+        rerank: add an "exact+rerank" row per model: the top ``rerank_k`` of exact re-scored
+            by the image-text matching model ``rerank_model`` (see
+            :mod:`itrcli.evaluation.rerank`); ``rerank_progress`` while it scores.
     Returns:
-        An :class:`EvalResult`, rows in model order then exact, hnsw, hash-B, hash-B+rerank.
+        An :class:`EvalResult`, rows in model order then exact, hnsw, hash-B, hash-B+rerank,
+        exact+rerank.
     Raises:
         UsageError: bad ``ks`` / ``folds`` / ``hash_bits``.
         ModelError: a model cannot be loaded.
@@ -620,6 +628,16 @@ def evaluate(
 
     if adapt is not None:
         result.adapt = {"pairs": adapt.source, "folds": adapt_folds, "models": {}}
+    reranker, probs = None, {}
+    if rerank:
+        from ..embed.rerank import DEFAULT_RERANK_K, Reranker
+
+        rerank_k = DEFAULT_RERANK_K if rerank_k is None else rerank_k
+        if rerank_k < 1:
+            raise UsageError("--rerank-k must be at least 1")
+        reranker = Reranker(rerank_model, device=device, precision=precision)
+        all_texts, _ = ds.flat()
+        kept_texts = [all_texts[i] for i in kept_captions]
     for j, e in enumerate(embedded):
         result.encoded[e.model] = e.stats
         img = np.stack([e.image_vecs[i] for i in keep]).astype(np.float32)  # [n_images, dim]
@@ -632,6 +650,15 @@ def evaluate(
             fit_fold = _fold_fitter(pairs[j], image_hash, adapt_methods, adapt_folds, picks)
         result.results += _rows(e.model, img, txt, caption_image, fold_idx, ks, ann, hash_bits,
                                 hashing, hash_method_name, fit_fold)
+        if reranker is not None:
+            row, stats = _rerank_row(e.model, img, txt, caption_image, fold_idx, ks, rerank_k,
+                                     reranker, sub.images, kept_texts, probs, workers,
+                                     rerank_progress)
+            result.results.append(row)
+            result.notes.append(
+                f"exact+rerank: each query's top {rerank_k} re-scored by {reranker.model_id}: "
+                f"{stats['pairs']} image-text pairs on {stats['images']} images in "
+                f"{stats['seconds']:.1f} s")
     if adapt is not None:
         for model, picks in result.adapt["models"].items():
             labels = ", ".join(sorted({p["picked"] for p in picks}))
@@ -671,6 +698,27 @@ def _fold_fitter(pairs: Pairs, image_hash: np.ndarray, methods, folds: int,
         return adapter
 
     return for_fold
+
+
+def _rerank_row(model_id, img, txt, caption_image, fold_idx, ks, k, reranker, image_paths,
+                texts, probs, workers, progress) -> tuple[MethodResult, dict[str, Any]]:
+    """The "exact+rerank" row of one model (``probs``: pair scores shared across models)."""
+    from .rerank import FoldCandidates, score_pairs
+
+    t0 = time.perf_counter()
+    folds, pairs = [], {}
+    for imgs, caps in fold_idx:
+        ci = caption_image[caps] - imgs[0]
+        cand = FoldCandidates(img[imgs], txt[caps], np.asarray(imgs), np.asarray(caps), k)
+        cand.pairs(pairs)
+        folds.append((cand, exact_method(img[imgs], txt[caps], ci)))
+    stats = score_pairs(reranker, image_paths, texts, pairs, probs,
+                        workers=workers or 2, progress=progress)
+    summaries = [metrics.summarise(*cand.ranks(probs, caption_image, base), ks)
+                 for cand, base in folds]
+    summary = metrics.mean_of(summaries)
+    return MethodResult(model_id, "exact+rerank", summary["t2i"], summary["i2t"], summary["rsum"],
+                        time.perf_counter() - t0), stats
 
 
 def _rows(model_id, img, txt, caption_image, fold_idx, ks, ann, hash_bits, hashing,

@@ -48,6 +48,10 @@ class Hit:
     mtime_ns: int | None = None
     #: words of the image's text that matched (searches that use text; see query/fusion.py)
     text: list[str] | None = None
+    #: with ``--rerank``: the re-ranker's match probability (None past K, or unreadable)
+    rerank_score: float | None = None
+    reranked: bool = field(default=False, repr=False)  #: --rerank was asked for
+    rerank_error: str | None = field(default=None, repr=False)  #: why it has no rerank_score
 
     @property
     def date(self) -> str | None:
@@ -63,6 +67,8 @@ class Hit:
              "width": self.width, "height": self.height, "taken_at": self.taken_at}
         if self.text is not None:
             d["text"] = self.text
+        if self.reranked:
+            d["rerank_score"] = None if self.rerank_score is None else round(self.rerank_score, 4)
         return d
 
 
