@@ -317,6 +317,7 @@ def test_refusals_and_reports(itr, shifted_library, micro_clip, tmp_path):
     assert r.code == 0, r
     assert "not found" in r.err and "gone.png" in r.err
     assert r.json()["cv"]["pairs"] == 20
+    assert "20 pairs, fewer than the dimension (64): every map is regularised" in r.err
 
     # captions in the model's own words: no map beats it, nothing is stored
     plain = tmp_path / "plain.csv"
