@@ -119,19 +119,24 @@ def index(
                         help="keep library entries of files deleted from disk")] = False,
     reindex: Annotated[bool, typer.Option("--reindex",
                        help="re-embed everything (e.g. with another --model)")] = False,
+    no_video: Annotated[bool, typer.Option("--no-video",
+                        help="skip videos (those already indexed are kept)")] = False,
     wait: WaitOpt = 0.0,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Add new and changed images under PATH to the library, drop deleted ones
+    """Add new and changed images and videos under PATH to the library, drop deleted ones
 
     Unchanged files (same size and mtime) are not read again; moved or renamed files keep
     their vectors; files that cannot be read are listed and skipped (exit code stays 0).
+    Videos (with PyAV installed: pip install 'itr[video]') get a few frames each, with
+    their times.
 
     \b
     Example:
         itr index ~/photos --exclude '*.thumb.jpg' -q
+        itr index ~/photos --no-video
     """
     from .library import Library
     from .show.output import BarProgress, LogProgress, err, index_summary_line, is_tty, one_line, print_json
@@ -141,12 +146,15 @@ def index(
         s = lib.index([str(p) for p in paths], model=model, device=device, precision=precision,
                       batch_size=batch_size, workers=workers, include_hidden=include_hidden,
                       exclude=exclude or [], follow_symlinks=follow_symlinks,
-                      prune=not no_prune, reindex=reindex, wait=wait, progress=progress)
+                      prune=not no_prune, reindex=reindex, wait=wait, progress=progress,
+                      video=not no_video)
     if json_:
         print_json(s.to_json())
     if not quiet:
         for e in s.errors[:20]:
-            err(f"skipped {one_line(e['path'])}: {e['error']}")
+            # a video cut short is indexed in part, not skipped
+            verb = "" if e["error"].startswith("partly indexed") else "skipped "
+            err(f"{verb}{one_line(e['path'])}: {e['error']}")
         if len(s.errors) > 20:
             err(f"... and {len(s.errors) - 20} more skipped (see --json)")
         err(("interrupted: " if s.interrupted else "") + index_summary_line(s))
@@ -315,6 +323,10 @@ def search(
     before: Annotated[Optional[str], typer.Option("--before", metavar="YYYY-MM-DD",
                       help="taken before this date (EXIF, else mtime)")] = None,
     exact: Annotated[bool, typer.Option("--exact", help="score every image (no HNSW)")] = False,
+    frames: Annotated[bool, typer.Option("--frames",
+                      help="list every matching video frame, not each video once")] = False,
+    at: Annotated[Optional[float], typer.Option("--at", metavar="SECONDS", show_default=False,
+                  help="with a video as query: use its frame at this time")] = None,
     hash_: Annotated[bool, typer.Option("--hash", help="fast then slow: rank binary codes by "
                                         "Hamming distance, re-rank the best by cosine")] = False,
     hash_bits: Annotated[int, typer.Option("--hash-bits", metavar="B",
@@ -341,17 +353,19 @@ def search(
 ) -> None:
     """Rank the library's images against a text or image query
 
-    On a terminal: a table, with --preview each image inline. Piped: score<TAB>path lines.
-    Also --paths, -0, --json, and --html for a contact sheet.
+    On a terminal: a table, with --preview each image inline. Piped: score<TAB>path lines
+    (score<TAB>path<TAB>seconds for a video frame). Also --paths, -0, --json, and --html
+    for a contact sheet. A video ranks once, at its best frame, unless --frames.
 
     \b
     Example:
         itr search "two children on a lawn" -n 5 --preview
         itr search ~/photos/beach.jpg --subtract "people" --html beach.html
         itr search "beach" -0 | xargs -0 cp -t /tmp/beach
+        itr search clip.mp4 --at 12.5 --frames
     """
     from .library import Library
-    from .show.output import err, is_tty, print_json
+    from .show.output import err, format_time, is_tty, print_json
     if query is not None and not query.strip():
         raise UsageError("empty query")
     protocol = preview_protocol.strip().lower()
@@ -368,7 +382,8 @@ def search(
                           add=add or [], subtract=subtract or [], top=top,
                           in_dirs=[str(d) for d in in_dirs or []], threshold=threshold,
                           after=after, before=before, exact=exact, device=device,
-                          precision=precision, hash_bits=hash_bits if hash_ else None)
+                          precision=precision, hash_bits=hash_bits if hash_ else None,
+                          frames=frames, at=at)
         model = lib.model
         sources, terms, term_sources, cache = [], [], [], None
         if html is not None or (preview and table and is_tty(out)):
@@ -376,7 +391,7 @@ def search(
             from .show.thumbs import ThumbnailCache, source_for
 
             cache = ThumbnailCache.for_library(lib.directory)
-            sources = [source_for(lib.store, h.path) for h in hits]
+            sources = [source_for(lib.store, h.path, h.time) for h in hits]
             if html is not None:
                 terms = query_terms(query, image=str(image) if image else None, text=text,
                                     add=add or [], subtract=subtract or [])
@@ -412,9 +427,12 @@ def search(
                 else:
                     previews = previewer.sequences(sources)
             width = max([len(str(len(hits)))] + [1])
-            for h in hits:
+            times = [format_time(h.time) if h.time is not None else "" for h in hits]
+            tw = max(map(len, times), default=0)  # a time column only when a video ranks
+            for h, t in zip(hits, times):
                 date = h.date or "-"
-                out.write(f"{h.rank:>{width}}  {h.score:.4f}  {date:<10}  {h.path}\n")
+                when = f"{t:>{tw}}  " if tw else ""
+                out.write(f"{h.rank:>{width}}  {h.score:.4f}  {date:<10}  {when}{h.path}\n")
                 if previews is not None:
                     seq = next(previews)
                     if isinstance(seq, Exception):
@@ -427,7 +445,8 @@ def search(
         else:
             if preview:
                 err("itr: no image previews: stdout is not a terminal")
-            out.write("".join(f"{h.score:.4f}\t{h.path}\n" for h in hits))
+            out.write("".join(f"{h.score:.4f}\t{h.path}\n" if h.time is None else
+                              f"{h.score:.4f}\t{h.path}\t{h.time:.2f}\n" for h in hits))
     finally:
         if cache is not None:
             cache.trim()  # evict least recently used thumbnails beyond the cap
@@ -458,6 +477,7 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
         ("dimension", str(data["dim"] or "-")),
         ("precision", data["precision"] or "-"),
         ("files", str(data["files"])),
+        ("videos", f"{data['videos']} ({data['frames']} frames)"),
         ("roots", ", ".join(data["roots"]) or "-"),
         ("text", "onnx (fast cold search)" if data["fast_text_search"] else "torch (no ONNX export)"),
         ("search", f"HNSW ef {data['search_ef']} (recall@10 {data['search_recall']:.3f} on "

@@ -111,8 +111,13 @@ class Library:
         draft: bool = True,
         wait: float = 0.0,
         progress: Progress | None = None,
+        video: bool = True,
+        video_budget: float | None = None,
     ) -> IndexSummary:
         """Add new and changed images under ``paths``, drop deleted ones (unless not ``prune``).
+
+        ``video``: also index videos (when PyAV is installed), a few frames each with their
+        times (:mod:`itrcli.ingest.video`); ``video_budget``: seconds one video may take.
 
         Returns an :class:`~itrcli.jobs.indexer.IndexSummary`; ``summary.interrupted`` is set when
         Ctrl-C stopped the run (every batch committed before it is kept).
@@ -159,11 +164,16 @@ class Library:
             run = IndexRun(
                 self.store, self.directory, get_encoder, dim=dim, prep=prep,
                 batch_size=batch_size, workers=n_workers,
-                draft=draft, progress=progress,
+                draft=draft, progress=progress, video_budget=video_budget,
             )
-            summary = run.run(roots, extensions=supported_extensions(),
+            from .constants import VIDEO_EXTENSIONS
+            from .ingest.video import available as video_available
+
+            videos = video and video_available()
+            summary = run.run(roots, extensions=supported_extensions() | (VIDEO_EXTENSIONS if videos else frozenset()),
                               include_hidden=include_hidden, exclude=list(exclude),
-                              follow_symlinks=follow_symlinks, prune=prune)
+                              follow_symlinks=follow_symlinks, prune=prune,
+                              keep=frozenset() if videos else VIDEO_EXTENSIONS)
             known_roots = set(self.store.get_meta("roots", []))
             if not summary.interrupted:
                 self.store.set_meta(roots=sorted(known_roots | set(roots)))
@@ -213,8 +223,14 @@ class Library:
                 pass  # damaged export: the torch path gives the same vectors
         return self.encoder(None, device, precision)
 
-    def stored_vector(self, path: str):
-        """The stored vector of an indexed, unchanged file, else None (no model needed)."""
+    def stored_vector(self, path: str, at: float | None = None):
+        """The stored vector of an indexed, unchanged file, else None (no model needed).
+
+        A video's: the frame kept at ``at`` seconds (within :data:`AT_TOLERANCE`), or with
+        ``at`` None the normalised mean of its frames.
+        """
+        import numpy as np
+
         row = self.store.row_by_path(os.path.abspath(path))
         if row is None:
             return None
@@ -224,29 +240,62 @@ class Library:
             return None
         if st.st_size != row["size"] or st.st_mtime_ns != row["mtime_ns"]:
             return None
-        ids, vecs = self.store.vectors([row["id"]])
+        if row.get("duration") is None:
+            ids, vecs = self.store.vectors([row["id"]])
+            return vecs[0] if len(ids) else None
+        labels, times = self.store.frames(row["id"])
+        if not labels:
+            return None
+        if at is None:
+            _, vecs = self.store.vectors(labels)
+            m = vecs.mean(axis=0)
+            return m / max(float(np.linalg.norm(m)), 1e-12)
+        j = int(np.argmin(np.abs(np.asarray(times) - at)))
+        if abs(times[j] - at) > AT_TOLERANCE:
+            return None  # no frame kept there: that frame is decoded and embedded
+        ids, vecs = self.store.vectors([labels[j]])
         return vecs[0] if len(ids) else None
 
-    def embed_image(self, path: str, device: str = "auto", precision: str = "auto"):
-        """Embed one image file with the library's model: ``[dim]``."""
+    def embed_image(self, path: str, device: str = "auto", precision: str = "auto",
+                    at: float | None = None):
+        """Embed one image file, or a video's frame at ``at`` seconds (default: the normalised
+        mean of the frames ``itr index`` would keep), with the library's model: ``[dim]``."""
+        import numpy as np
+
         from .ingest.images import DecodeError, decode_file
 
         enc = self.encoder(None, device, precision)
+        if _is_video(path):
+            from .ingest import video
+
+            try:
+                if at is not None:
+                    imgs = [video.frame_at(path, at)]
+                else:
+                    imgs = [f.image for f in video.select_frames(path).frames]
+            except (OSError, video.VideoError) as e:
+                raise UsageError(f"video query {path}: {e}") from None
+            vecs = enc.encode_pixels(np.stack([enc.prep(i) for i in imgs]))  # [n, dim]
+            m = vecs.mean(axis=0)
+            return m / max(float(np.linalg.norm(m)), 1e-12)
         try:
             pixels, _meta, _data = decode_file(path, enc.prep, draft=False)
         except (OSError, DecodeError) as e:
             raise UsageError(f"image query {path}: {e}") from None
         return enc.encode_pixels(pixels[None])[0]
 
-    def embed_query(self, parts, device: str = "auto", precision: str = "auto"):
-        """Combine query parts (:class:`itrcli.query.search.QueryPart`) into one vector ``[dim]``."""
+    def embed_query(self, parts, device: str = "auto", precision: str = "auto",
+                    at: float | None = None):
+        """Combine query parts (:class:`itrcli.query.search.QueryPart`) into one vector ``[dim]``.
+        ``at``: the time in seconds of the frame to use for video terms."""
         from .query.search import build_query
 
         return build_query(
             parts,
-            stored_vector=self.stored_vector,
+            stored_vector=lambda p: self.stored_vector(p, at if _is_video(p) else None),
             encode_texts=lambda texts: self.text_encoder(device, precision).encode_texts(texts),
-            encode_image=lambda p: self.embed_image(p, device, precision),
+            encode_image=lambda p: self.embed_image(p, device, precision,
+                                                    at if _is_video(p) else None),
         )
 
     def search(
@@ -267,8 +316,13 @@ class Library:
         device: str = "auto",
         precision: str = "auto",
         hash_bits: int | None = None,
+        frames: bool = False,
+        at: float | None = None,
     ) -> list:
         """Rank the library's images against a query; returns :class:`itrcli.query.search.Hit` s.
+
+        A video ranks once, at its best frame (``hit.time``), unless ``frames``.  A video
+        file as query: ``at`` picks its frame at that many seconds.
 
         ``query`` is a text, or an image when it names an existing image file; ``image`` /
         ``text`` force the kind.  ``add`` / ``subtract`` terms are classified the same way.
@@ -292,11 +346,15 @@ class Library:
             raise LibraryError(f"library {self.directory} is empty (run 'itr index PATH' first)")
         filters = Filters(list(in_dirs), parse_date(after, "--after"),
                           parse_date(before, "--before"), threshold)
-        q = self.embed_query(parts, device, precision)
+        if at is not None and not any(p.kind == "image" and _is_video(p.value) for p in parts):
+            raise UsageError("--at goes with a video query (QUERY or --image naming a video file)")
+        if at is not None and at < 0:
+            raise UsageError("--at must be at least 0")
+        q = self.embed_query(parts, device, precision, at=at)
         ef = ef or self.store.get_meta("search_ef")  # measured on this library by `itr index`
         exclude = [p.value for p in parts if p.kind == "image"]
         return rank(q, store=self.store, get_vindex=self._search_graph, top=top, filters=filters,
-                    exclude_paths=exclude, exact=exact, ef=ef, hash_bits=hash_bits)
+                    exclude_paths=exclude, exact=exact, ef=ef, hash_bits=hash_bits, frames=frames)
 
     def vector_index(self):
         """The HNSW graph, up to date with the store (replayed in memory if behind)."""
@@ -393,12 +451,24 @@ class Library:
             "schema_version": meta.get("schema_version"),
             "files": db["files"].count,
             "vectors": db["vectors"].count,
+            **dict(zip(("videos", "frames"), self.store.video_counts())),
             "roots": meta.get("roots", []),
             "fast_text_search": (self.directory / "text" / "text.onnx").exists(),
             "search_ef": meta.get("search_ef"),
             "search_recall": meta.get("search_recall"),
             "sizes": {**sizes, "total": total},
         }
+
+
+#: ``search --at``: a stored frame within this many seconds of the time asked for is used
+#: as it is (no model load); otherwise the frame there is decoded and embedded.
+AT_TOLERANCE = 0.5
+
+
+def _is_video(path: str) -> bool:
+    from .constants import VIDEO_EXTENSIONS
+
+    return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
 
 
 def default_workers() -> int:

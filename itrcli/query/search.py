@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any, Callable, Sequence
 
 from ..errors import UsageError
-from ..constants import HEIF_EXTENSIONS, IMAGE_EXTENSIONS
+from ..constants import HEIF_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 
 #: When filters leave at most this many candidates, score them exactly instead of
 #: asking the graph (exact and cheaper at that size).
@@ -45,6 +45,7 @@ class Hit:
     taken_at: str | None
     id: int
     mtime_ns: int | None = None
+    time: float | None = None  #: a video frame's time in seconds (None: an image)
 
     @property
     def date(self) -> str | None:
@@ -57,7 +58,8 @@ class Hit:
 
     def to_json(self) -> dict[str, Any]:
         return {"rank": self.rank, "score": round(self.score, 4), "path": self.path,
-                "width": self.width, "height": self.height, "taken_at": self.taken_at}
+                "width": self.width, "height": self.height, "taken_at": self.taken_at,
+                "time": None if self.time is None else round(self.time, 3)}
 
 
 @dataclass
@@ -82,12 +84,13 @@ def parse_date(value: str | None, option: str) -> str | None:
 
 
 def classify(value: str, force: str | None = None) -> QueryPart:
-    """A query term is an image when it names an existing image file (or ``force``)."""
+    """A query term is an image when it names an existing image or video file (or ``force``)."""
     if force:
         return QueryPart(value, force)
     p = os.path.expanduser(value)
     # the extension sets are plain constants: no Pillow import on the search path
-    if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS | HEIF_EXTENSIONS and os.path.isfile(p):
+    pictures = IMAGE_EXTENSIONS | HEIF_EXTENSIONS | VIDEO_EXTENSIONS
+    if os.path.splitext(p)[1].lower() in pictures and os.path.isfile(p):
         return QueryPart(os.path.abspath(p), "image")
     return QueryPart(value, "text")
 
@@ -167,7 +170,11 @@ def allowed_ids(conn, f: Filters) -> set[int] | None:
     if f.before:
         where.append(f"{when} < ?")
         args.append(f.before)
-    return {r[0] for r in conn.execute(f"SELECT id FROM files WHERE {' AND '.join(where)}", args)}
+    cond = " AND ".join(where)
+    # labels: the images passing, and the frames of the videos passing
+    return {r[0] for r in conn.execute(
+        f"SELECT id FROM files WHERE duration IS NULL AND {cond} UNION ALL "
+        f"SELECT fr.id FROM frames fr JOIN files ON files.id = fr.file_id WHERE {cond}", args + args)}
 
 
 def rank(
@@ -181,8 +188,13 @@ def rank(
     exact: bool = False,
     ef: int | None = None,
     hash_bits: int | None = None,
+    frames: bool = False,
 ) -> list[Hit]:
-    """The ``top`` best images for a query vector, filtered, existing files only."""
+    """The ``top`` best images for a query vector, filtered, existing files only.
+
+    A video appears once, at its best frame, unless ``frames``: then every frame ranks
+    on its own.
+    """
     import numpy as np
 
     from ..store.db import fs_path_of
@@ -222,23 +234,28 @@ def rank(
             except RuntimeError:
                 # the graph found fewer than k items passing the filter: score exactly
                 ids, scores = _exact(store, query, k, allowed)
-        rows = store.rows(int(i) for i in ids)
+        labels = store.labels(int(i) for i in ids)  # label -> (file id, frame time)
+        rows = store.rows({fid for fid, _ in labels.values()})
         cand = []
         for i, s in zip(ids, scores):
-            i = int(i)
-            r = rows.get(i)
-            if r is None or i in excluded:
+            fid, t = labels.get(int(i), (None, None))
+            r = rows.get(fid)
+            if r is None or fid in excluded:
                 continue
             if filters.threshold is not None and s < filters.threshold:
                 continue
-            cand.append((float(s), r))
-        cand.sort(key=lambda c: (-round(c[0], 6), c[1]["path"]))
+            cand.append((float(s), r, t))
+        cand.sort(key=lambda c: (-round(c[0], 6), c[1]["path"], c[2] or 0.0))
         hits = []
-        for s, r in cand:
+        seen: set[int] = set()
+        for s, r, t in cand:
+            if not frames and r["id"] in seen:
+                continue  # a video once, at its best frame
+            seen.add(r["id"])
             if not os.path.exists(fs_path_of(r["path"], r["fsname"])):
                 continue  # deleted since it was indexed
             hits.append(Hit(len(hits) + 1, s, r["path"], r["width"], r["height"],
-                            r["taken_at"], r["id"], r.get("mtime_ns")))
+                            r["taken_at"], r["id"], r.get("mtime_ns"), t))
             if len(hits) == top:
                 break
         exhausted = k >= live or (filters.threshold is not None and len(scores)

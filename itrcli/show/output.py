@@ -11,6 +11,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from ..ingest.video import format_time  # noqa: F401  (the time column; no PyAV import)
+
 
 def is_tty(stream: TextIO) -> bool:
     try:
@@ -119,3 +121,4 @@ def index_summary_line(s) -> str:
         f"removed {s.removed}, unchanged {s.unchanged}, skipped {s.skipped} "
         f"in {s.seconds:.1f}s ({s.images_per_second:.1f} images/s)"
     )
+

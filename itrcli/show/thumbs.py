@@ -44,10 +44,11 @@ _HASH_RE = re.compile(r"[0-9a-f]{8,128}")
 
 class Source(NamedTuple):
     """An image to thumbnail: the path to open, and its content hash when it is known to
-    match the file (None: do not cache)."""
+    match the file (None: do not cache); for a video, the time of the frame to show."""
 
     path: str
     content_hash: str | None = None
+    time: float | None = None
 
 
 class _DraftBox:
@@ -69,13 +70,23 @@ def fit(width: int, height: int, box: tuple[int, int]) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def make_thumbnail(path: str, box: tuple[int, int]) -> Image.Image:
-    """Decode ``path`` (JPEG draft mode, EXIF rotation, RGB) and scale it to fit ``box``.
+def make_thumbnail(path: str, box: tuple[int, int], time: float | None = None) -> Image.Image:
+    """Decode ``path`` (JPEG draft mode, EXIF rotation, RGB) and scale it to fit ``box``;
+    with ``time``, the video frame shown then (rotation applied).
 
     Raises:
         OSError: the file cannot be read.
-        DecodeError: it is not a usable image.
+        DecodeError: it is not a usable image (or video).
     """
+    if time is not None:
+        from ..ingest.video import VideoError, frame_at
+
+        try:
+            img = frame_at(path, time, short_side=max(box))
+        except VideoError as e:
+            raise DecodeError(str(e)) from None
+        size = fit(img.width, img.height, box)
+        return img.resize(size, Image.Resampling.LANCZOS) if size != img.size else img
     with open(path, "rb") as f:
         if os.fstat(f.fileno()).st_size > MAX_FILE_BYTES:
             raise DecodeError(f"file too large (over {MAX_FILE_BYTES >> 20} MiB)")
@@ -129,10 +140,11 @@ class ThumbnailCache:
     def __exit__(self, *exc) -> None:
         self.trim()
 
-    def _file(self, content_hash: str, box: tuple[int, int]) -> Path | None:
+    def _file(self, content_hash: str, box: tuple[int, int], time: float | None = None) -> Path | None:
         if not self.enabled or not _HASH_RE.fullmatch(content_hash or ""):
             return None
-        return self.directory / content_hash[:2] / f"{content_hash}-{box[0]}x{box[1]}.jpg"
+        at = "" if time is None else f"-t{int(round(time * 1000))}"  # a frame: keyed by its ms
+        return self.directory / content_hash[:2] / f"{content_hash}{at}-{box[0]}x{box[1]}.jpg"
 
     def get(self, source: Source | str, box: tuple[int, int]) -> bytes:
         """JPEG bytes of the thumbnail of ``source`` fitting ``box``: cached, else made
@@ -143,7 +155,7 @@ class ThumbnailCache:
         """
         if isinstance(source, str):
             source = Source(source)
-        f = self._file(source.content_hash or "", box)
+        f = self._file(source.content_hash or "", box, source.time)
         if f is not None:
             try:
                 data = f.read_bytes()
@@ -152,7 +164,7 @@ class ThumbnailCache:
                     return data
             except OSError:
                 pass
-        data = encode_jpeg(make_thumbnail(source.path, box))
+        data = encode_jpeg(make_thumbnail(source.path, box, source.time))
         if f is not None:
             self._put(f, data)
         return data
@@ -245,23 +257,24 @@ def cache_stats(library_dir: str | os.PathLike) -> dict[str, int]:
     return ThumbnailCache.for_library(library_dir).stats()
 
 
-def source_for(store, path: str) -> Source:
-    """The :class:`Source` of a library path (a hit's ``path``): the path to open, with the
-    content hash only while the file's size and mtime still match the library's row."""
+def source_for(store, path: str, time: float | None = None) -> Source:
+    """The :class:`Source` of a library path (a hit's ``path``; ``time``: a video frame's):
+    the path to open, with the content hash only while the file's size and mtime still
+    match the library's row."""
     from ..store.db import fs_path_of
 
     r = store.conn.execute(
         "SELECT path, fsname, size, mtime_ns, hash FROM files WHERE path = ?", (path,)
     ).fetchone()
     if r is None:
-        return Source(path)
+        return Source(path, None, time)
     fs_path = fs_path_of(r[0], r[1])
     try:
         st = os.stat(fs_path)
     except OSError:
-        return Source(fs_path)
+        return Source(fs_path, None, time)
     fresh = st.st_size == r[2] and st.st_mtime_ns == r[3]
-    return Source(fs_path, r[4] if fresh else None)
+    return Source(fs_path, r[4] if fresh else None, time)
 
 
 def _touch(f: Path) -> None:
