@@ -302,6 +302,9 @@ class Store:
                     "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                     (json.dumps(MIGRATIONS.index(m) + 1),),
                 )
+        if self.get_meta("schema_version", 0) < SCHEMA_VERSION:
+            # every migration is applied, whatever order they were applied in
+            self.set_meta(schema_version=SCHEMA_VERSION)
         self._check_version()
 
     def _check_version(self) -> None:
