@@ -396,3 +396,35 @@ def test_a_library_from_before_videos_is_read_then_migrated(itr, tiny_clip, medi
     s = index(itr, lib, d)
     assert s["added"] == 1 and len(frames_of(lib, "shots.mp4")) == 4
     check_ok(itr, lib)
+
+
+@pytest.fixture(scope="module")
+def zygote(tmp_path_factory):
+    import faults
+
+    z = faults.Zygote(tmp_path_factory.mktemp("zygote"))
+    yield z
+    z.close()
+
+
+@pytest.mark.parametrize("point", ["commit:2", "graph-tmp:1"])
+def test_kill9_mid_run_then_resume(zygote, itr, tiny_clip, tmp_path, point):
+    import signal
+
+    d = tmp_path / "clips"
+    d.mkdir()
+    shapes = [RED, BLUE, GREEN, YELLOW]
+    for i in range(5):  # 5 clips of 3 shots each: one batch (of 4 frames) per clip
+        scenes = [(0.0, shapes[i % 4]), (1.0, shapes[(i + 1) % 4]), (2.0, shapes[(i + 2) % 4])]
+        clips.write_clip(d / f"c{i}.mp4", clips.shape_scenes(scenes), 3, gop_s=1)
+    db = tmp_path / "lib"
+    batch = ["--batch-size", "3", "--precision", "fp32", "--workers", "2"]
+    index(itr, db, d / "c0.mp4", "-m", tiny_clip)
+    c = zygote.run("index", d, "--db", db, *batch, faults=f"kill={point}")
+    assert c.code == -signal.SIGKILL, c
+    check_ok(itr, db)  # whole clips or none; the graph catches up from the log
+    c = zygote.run("index", d, "--db", db, "--json", "-q", *batch)
+    assert c.code == 0, c
+    assert all(len(frames_of(db, f"c{i}.mp4")) == 3 for i in range(5))
+    rep = check_ok(itr, db)
+    assert rep["graph"]["labels"] == 15 and rep["graph"]["log_entries"] == 0
