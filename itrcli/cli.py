@@ -395,7 +395,12 @@ def search(
             if html is not None:
                 terms = query_terms(query, image=str(image) if image else None, text=text,
                                     add=add or [], subtract=subtract or [])
-                term_sources = [source_for(lib.store, v) if k == "image" else None
+                from .constants import VIDEO_EXTENSIONS
+
+                def frame(v):  # a video term shows its --at frame (else its first)
+                    return (at or 0.0) if os.path.splitext(v)[1].lower() in VIDEO_EXTENSIONS else None
+
+                term_sources = [source_for(lib.store, v, frame(v)) if k == "image" else None
                                 for k, v, _ in terms]
     try:
         if html is not None:

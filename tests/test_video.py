@@ -183,10 +183,10 @@ def check_ok(itr, lib):
     return r.json()
 
 
-def test_index_search_group_and_formats(itr, tiny_clip, media, tmp_path):
+def test_index_search_group_and_formats(itr, micro_clip, media, tmp_path):
     d, photos, clip = media
     lib = tmp_path / "lib"
-    s = index(itr, lib, d, "-m", tiny_clip)
+    s = index(itr, lib, d, "-m", micro_clip)
     assert (s["added"], s["skipped"]) == (4, 0)
     assert [round(t, 2) for _, t in frames_of(lib, "shots.mp4")] == [0.0, 3.0, 7.0, 12.0]
     info = itr("info", "--db", lib, "--json").json()
@@ -218,10 +218,10 @@ def test_index_search_group_and_formats(itr, tiny_clip, media, tmp_path):
     assert r.out.splitlines()[0] == str(clip)
 
 
-def test_video_query_at_a_time(itr, tiny_clip, media, tmp_path):
+def test_video_query_at_a_time(itr, micro_clip, media, tmp_path):
     d, photos, clip = media
     lib = tmp_path / "lib"
-    index(itr, lib, d, "-m", tiny_clip)
+    index(itr, lib, d, "-m", micro_clip)
     # an indexed video: its stored frame; the video itself is not a result
     res = itr("search", clip, "--at", "7.2", "--db", lib, "--json", "-n", "1").json()["results"]
     assert res[0]["path"] == str(photos[2]) and res[0]["time"] is None
@@ -315,12 +315,12 @@ def test_bad_videos_are_skipped_with_one_line_and_exit_0(itr, tiny_clip, media, 
     assert (s["skipped"], s["added"], calls) == (4, 0, [])
 
 
-def test_creation_time_is_the_date_for_after_and_before(itr, tiny_clip, media, tmp_path):
+def test_creation_time_is_the_date_for_after_and_before(itr, micro_clip, media, tmp_path):
     d, photos, clip = media
     clips.write_clip(d / "old.mov", clips.shape_scenes([(0.0, RED)]), 1,
                      creation_time="2019-07-04T18:30:00.000000Z")
     lib = tmp_path / "lib"
-    index(itr, lib, d, "-m", tiny_clip)
+    index(itr, lib, d, "-m", micro_clip)
     r = itr("search", "a red circle", "--db", lib, "--before", "2020-01-01", "--json")
     res = r.json()["results"]
     assert [(x["path"], x["taken_at"], x["time"]) for x in res] == [
@@ -351,23 +351,46 @@ def test_check_finds_and_repairs_frame_damage(itr, tiny_clip, media, tmp_path):
     check_ok(itr, lib)
 
 
-def test_html_links_to_the_time_and_shows_the_frame(itr, tiny_clip, media, tmp_path):
+def test_html_links_to_the_time_and_shows_the_frame(itr, micro_clip, media, tmp_path):
     d, photos, clip = media
     lib = tmp_path / "lib"
-    index(itr, lib, d, "-m", tiny_clip)
+    index(itr, lib, d, "-m", micro_clip)
     page = tmp_path / "p.html"
     r = itr("search", photos[1], "--db", lib, "--html", page, "-n", "1")
     assert r.code == 0, r
     html = page.read_text()
-    assert "shots.mp4#t=3.0" in html and "data:image/jpeg;base64," in html
+    assert "shots.mp4#t=3.0" in html, html[-1500:]
+    assert "data:image/jpeg;base64," in html, html[-1500:]
     thumbs = list((lib / "thumbs").rglob("*-t3000-*.jpg"))
     assert len(thumbs) == 1  # cached by content hash and time
 
 
-def test_table_has_a_time_column(itr, tiny_clip, media, tmp_path, monkeypatch):
+def test_frame_thumbnails_and_previews_show_the_frame_at_its_time(tmp_path):
+    from support import synth
+
+    from itrcli.show.preview import Previewer
+    from itrcli.show.thumbs import Source, ThumbnailCache
+
+    p = shots_clip(tmp_path / "shots.mp4")
+    cache = ThumbnailCache(tmp_path / "thumbs")
+    import io
+
+    from PIL import Image
+
+    for t, color in [(1.0, synth.COLORS["red"]), (7.5, synth.COLORS["green"])]:
+        img = Image.open(io.BytesIO(cache.get(Source(str(p), "ab" * 16, t), (32, 32)))).convert("RGB")
+        arr = np.asarray(img).reshape(-1, 3).astype(int)
+        # the shape's colour is there: the frame of that shot, not another one
+        assert (np.abs(arr - color).sum(axis=1) < 120).sum() > 20, (t, color)
+    assert len(list((tmp_path / "thumbs").rglob("*-t1000-32x32.jpg"))) == 1
+    seq = Previewer("iterm", rows=4, cache=cache).sequence(Source(str(p), "ab" * 16, 3.0))
+    assert seq.startswith("\x1b]1337;File=")
+
+
+def test_table_has_a_time_column(itr, micro_clip, media, tmp_path, monkeypatch):
     d, photos, clip = media
     lib = tmp_path / "lib"
-    index(itr, lib, d, "-m", tiny_clip)
+    index(itr, lib, d, "-m", micro_clip)
     import itrcli.show.output as output
 
     monkeypatch.setattr(output, "is_tty", lambda stream: True)  # the table, as on a terminal
