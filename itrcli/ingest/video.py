@@ -39,8 +39,9 @@ THUMB = 16
 DUP_DIFF = 10.0
 #: Standard deviation of the grey thumbnail below which a frame is blank (a fade, black).
 BLANK_STD = 2.0
-#: At most this many frames per video (evenly thinned beyond it: a long film stays bounded).
-MAX_FRAMES = 1000
+#: At most this many frames per video (evenly thinned beyond it), which bounds the memory a
+#: long film takes while its frames wait for the encoder (float16: about 170 MiB at 224 px).
+MAX_FRAMES = 600
 #: Damaged packets in a row after which the rest of the file is given up.
 MAX_ERRORS = 50
 

@@ -272,8 +272,10 @@ def read_video(path: str, prep: Preprocess | None, known_hashes: frozenset[str],
             r.error = "file changed while being read (it is read again next run)"
             return r
         if prep is not None:
+            # float16 while waiting for the encoder: a long clip's frames take half the memory
+            # (the rounding, 1e-3 of the normalised range, is far below the codec's own loss)
             r.pixels = np.stack([prep(f.image, (v.width or f.image.width, v.height or f.image.height))
-                                 for f in v.frames])  # [n, 3, H, W]
+                                 .astype(np.float16) for f in v.frames])  # [n, 3, H, W]
         r.times = [round(f.time, 3) for f in v.frames]
         r.note = v.note
         r.meta = {"width": v.width, "height": v.height, "taken_at": v.taken_at,
@@ -493,9 +495,9 @@ class IndexRun:
         vecs = None
         if batch:
             enc = self.get_encoder()
-            pixels = np.concatenate([r.pixels[None] if r.times is None else r.pixels
-                                     for _, r in batch])  # [frames, 3, H, W]
-            flat = np.concatenate([enc.encode_pixels(pixels[i : i + self.batch_size])
+            pixels = [r.pixels[None] if r.times is None else r.pixels for _, r in batch]
+            pixels = np.concatenate(pixels) if len(pixels) > 1 else pixels[0]  # [frames, 3, H, W]
+            flat = np.concatenate([enc.encode_pixels(pixels[i : i + self.batch_size].astype(np.float32))
                                    for i in range(0, len(pixels), self.batch_size)])  # [frames, dim]
             ends = np.cumsum([r.frames for _, r in batch])
             # one item per file: an image's vector [dim], a video's frames [n, dim]
