@@ -395,10 +395,10 @@ def search(
             if html is not None:
                 terms = query_terms(query, image=str(image) if image else None, text=text,
                                     add=add or [], subtract=subtract or [])
-                from .constants import VIDEO_EXTENSIONS
+                from .ingest.video import is_video
 
                 def frame(v):  # a video term shows its --at frame (else its first)
-                    return (at or 0.0) if os.path.splitext(v)[1].lower() in VIDEO_EXTENSIONS else None
+                    return (at or 0.0) if is_video(v) else None
 
                 term_sources = [source_for(lib.store, v, frame(v)) if k == "image" else None
                                 for k, v, _ in terms]

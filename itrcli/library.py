@@ -466,9 +466,9 @@ AT_TOLERANCE = 0.5
 
 
 def _is_video(path: str) -> bool:
-    from .constants import VIDEO_EXTENSIONS
+    from .ingest.video import is_video  # no PyAV import
 
-    return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
+    return is_video(path)
 
 
 def default_workers() -> int:

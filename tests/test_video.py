@@ -6,7 +6,6 @@ known times, in H.264, VP9 and MPEG-4, rotated, with a variable frame rate.
 
 from __future__ import annotations
 
-import os
 import shutil
 import sqlite3
 

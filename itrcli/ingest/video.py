@@ -69,6 +69,7 @@ class Video:
 
 
 def is_video(path: str) -> bool:
+    """Whether ``path`` has a video extension (:data:`itrcli.constants.VIDEO_EXTENSIONS`)."""
     import os
 
     return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS

@@ -28,11 +28,7 @@ from ..ingest.images import MAX_FILE_BYTES, DecodeError, Preprocess, decoder_id,
 from ..store.db import Store, db_path_of
 from ..store.vindex import VectorIndex
 from ..ingest.walk import Known, plan as make_plan, under, walk
-from ..constants import VIDEO_EXTENSIONS
-
-
-def is_video(path: str) -> bool:
-    return os.path.splitext(path)[1].lower() in VIDEO_EXTENSIONS
+from ..ingest.video import is_video  # no PyAV import
 
 
 def _decoder_for(path: str) -> str:
