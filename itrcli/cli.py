@@ -128,22 +128,27 @@ def index(
         "--ocr/--no-ocr", show_default=False,
         help="read the text in images, now and on later runs (needs itr[ocr]); --no-ocr "
              "stops and forgets it [default: the library's setting]")] = None,
+    no_video: Annotated[bool, typer.Option("--no-video",
+                        help="skip videos (those already indexed are kept)")] = False,
     wait: WaitOpt = 0.0,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Add new and changed images under PATH to the library, drop deleted ones
+    """Add new and changed images and videos under PATH to the library, drop deleted ones
 
     Unchanged files (same size and mtime) are not read again; moved or renamed files keep
     their vectors; files that cannot be read are listed and skipped (exit code stays 0).
     With --ocr the text in each image is read too (beside the encoder), so that searches
     match it; the library keeps doing so until --no-ocr.
+    Videos (with PyAV installed: pip install 'itr[video]') get a few frames each, with
+    their times.
 
     \b
     Example:
         itr index ~/photos --exclude '*.thumb.jpg' -q
         itr index ~/photos --ocr
+        itr index ~/photos --no-video
     """
     from .library import Library
     from .show.output import err, print_json
@@ -153,7 +158,8 @@ def index(
         s = _index_paths(lib, paths, model=model, device=device, precision=precision,
                          batch_size=batch_size, workers=workers, include_hidden=include_hidden,
                          exclude=exclude, follow_symlinks=follow_symlinks, prune=not no_prune,
-                         reindex=reindex, wait=wait, quiet=quiet, see_json=True, ocr=ocr)
+                         reindex=reindex, wait=wait, quiet=quiet, see_json=True, ocr=ocr,
+                         video=not no_video)
     if json_:
         print_json(s.to_json())
     if not quiet and ocr is False:
@@ -185,7 +191,9 @@ def _print_skipped(errors: list[dict[str, str]], more_hint: str | None = "see --
     from .show.output import err, one_line
 
     for e in errors[:most]:
-        err(f"skipped {one_line(e['path'])}: {e['error']}")
+        # a video cut short is indexed in part, not skipped
+        verb = "" if e["error"].startswith("partly indexed") else "skipped "
+        err(f"{verb}{one_line(e['path'])}: {e['error']}")
     if len(errors) > most:
         err(f"... and {len(errors) - most} more skipped" + (f" ({more_hint})" if more_hint else ""))
 
@@ -346,6 +354,10 @@ def search(
     auto_cut: Annotated[bool, typer.Option("--auto-cut", help="keep only results standing out "
                         "from the library's scores for this query")] = False,
     exact: Annotated[bool, typer.Option("--exact", help="score every image (no HNSW)")] = False,
+    frames: Annotated[bool, typer.Option("--frames",
+                      help="list every matching video frame, not each video once")] = False,
+    at: Annotated[Optional[float], typer.Option("--at", metavar="SECONDS", show_default=False,
+                  help="with a video as query: use its frame at this time")] = None,
     hash_: Annotated[bool, typer.Option("--hash", help="fast then slow: rank binary codes by "
                                         "Hamming distance, re-rank the best by cosine")] = False,
     hash_bits: Annotated[int, typer.Option("--hash-bits", metavar="B",
@@ -388,13 +400,14 @@ def search(
 ) -> None:
     """Rank the library's images against a text or image query
 
-    On a terminal: a table, with --preview each image inline. Piped: score<TAB>path lines.
-    Also --paths, -0, --json, and --html for a contact sheet. On a library indexed with
-    --ocr, the words of a text query are also matched in the images' text (word beginnings;
-    "quoted phrases" as phrases) and both rankings fused; the matched words are shown.
-    With --rerank, the first --rerank-k results are re-scored by an image-text matching
-    model and printed in its order (piped: match<TAB>score<TAB>path, match '-' past K);
-    the rest follow.
+    On a terminal: a table, with --preview each image inline. Piped: score<TAB>path lines
+    (score<TAB>path<TAB>seconds for a video frame). Also --paths, -0, --json, and --html
+    for a contact sheet. A video ranks once, at its best frame, unless --frames. On a
+    library indexed with --ocr, the words of a text query are also matched in the images'
+    text (word beginnings; "quoted phrases" as phrases) and both rankings fused; the
+    matched words are shown. With --rerank, the first --rerank-k results are re-scored by
+    an image-text matching model and printed in its order (piped: match<TAB>score<TAB>path,
+    match '-' past K); the rest follow.
 
     \b
     Example:
@@ -404,9 +417,10 @@ def search(
         itr search ~/photos/beach.jpg --subtract "people" --html beach.html
         itr search "beach" -0 | xargs -0 cp -t /tmp/beach
         itr search "harbour at dusk" --near 43.30,5.37,20 --camera pixel --sort date
+        itr search clip.mp4 --at 12.5 --frames
     """
     from .library import Library
-    from .show.output import err, is_tty, print_json
+    from .show.output import err, format_time, is_tty, print_json
     if query is not None and not query.strip():
         raise UsageError("empty query")
     if text_only and no_text:
@@ -432,7 +446,8 @@ def search(
                           min_size=min_size, kind=kind, sort=sort, auto_cut=auto_cut,
                           text_match="only" if text_only else "none" if no_text else "auto",
                           rerank=rerank, rerank_k=rerank_k, rerank_model=rerank_model,
-                          rerank_progress=_rerank_progress() if rerank else None)
+                          rerank_progress=_rerank_progress() if rerank else None,
+                          frames=frames, at=at)
         for h in hits:
             if h.rerank_error:
                 err(f"itr: not re-ranked (now unreadable) {h.path}: {h.rerank_error}")
@@ -443,11 +458,16 @@ def search(
             from .show.thumbs import ThumbnailCache, source_for
 
             cache = ThumbnailCache.for_library(lib.directory)
-            sources = [source_for(lib.store, h.path) for h in hits]
+            sources = [source_for(lib.store, h.path, h.time) for h in hits]
             if html is not None:
                 terms = query_terms(query, image=str(image) if image else None, text=text,
                                     add=add or [], subtract=subtract or [])
-                term_sources = [source_for(lib.store, v) if k == "image" else None
+                from .ingest.video import is_video
+
+                def frame(v):  # a video term shows its --at frame (else its first)
+                    return (at or 0.0) if is_video(v) else None
+
+                term_sources = [source_for(lib.store, v, frame(v)) if k == "image" else None
                                 for k, v, _ in terms]
     if not hits and not (table and is_tty(out)) and (camera or near or glob or min_size or kind):
         err("no results with these filters")  # on a terminal the table says "no results"
@@ -486,12 +506,16 @@ def search(
             width = max([len(str(len(hits)))] + [1])
             words = {h.id: _words_cell(h.text) for h in hits if h.text is not None}
             text_w = max([len(w) for w in words.values()] + [0])
-            for h in hits:
+            times = [format_time(h.time) if h.time is not None else "" for h in hits]
+            tw = max(map(len, times), default=0)  # a time column only when a video ranks
+            for h, t in zip(hits, times):
                 date = h.date or "-"
                 match = "" if not rerank else (
                     f"{h.rerank_score:.4f}  " if h.rerank_score is not None else "     -  ")
                 cell = f"{words.get(h.id, ''):<{text_w}}  " if words else ""
-                out.write(f"{h.rank:>{width}}  {match}{h.score:.4f}  {date:<10}  {cell}{h.path}\n")
+                when = f"{t:>{tw}}  " if tw else ""
+                out.write(f"{h.rank:>{width}}  {match}{h.score:.4f}  {date:<10}  {when}{cell}"
+                          f"{h.path}\n")
                 if previews is not None:
                     seq = next(previews)
                     if isinstance(seq, Exception):
@@ -504,11 +528,14 @@ def search(
         else:
             if preview:
                 err("itr: no image previews: stdout is not a terminal")
+            def tail(h) -> str:  # a video frame's time in seconds after its path
+                return "" if h.time is None else f"\t{h.time:.2f}"
+
             if rerank:
                 out.write("".join(("-" if h.rerank_score is None else f"{h.rerank_score:.4f}")
-                                  + f"\t{h.score:.4f}\t{h.path}\n" for h in hits))
+                                  + f"\t{h.score:.4f}\t{h.path}{tail(h)}\n" for h in hits))
             else:
-                out.write("".join(f"{h.score:.4f}\t{h.path}\n" for h in hits))
+                out.write("".join(f"{h.score:.4f}\t{h.path}{tail(h)}\n" for h in hits))
     finally:
         if cache is not None:
             cache.trim()  # evict least recently used thumbnails beyond the cap
@@ -613,6 +640,7 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
         ("files", str(data["files"])),
         ("metadata", "{gps} with GPS, {camera} with camera, {taken_at} with capture time"
                      .format(**data["metadata"])),
+        ("videos", f"{data['videos']} ({data['frames']} frames)"),
         ("roots", ", ".join(data["roots"]) or "-"),
         ("text", "onnx (fast cold search)" if data["fast_text_search"] else "torch (no ONNX export)"),
         ("search", f"HNSW ef {data['search_ef']} (recall@10 {data['search_recall']:.3f} on "

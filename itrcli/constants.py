@@ -14,6 +14,9 @@ IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 )
 HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".hif"})
+#: Video extensions (``itr index`` reads them with PyAV when it is installed, unless
+#: ``--no-video``; see :mod:`itrcli.ingest.video`).
+VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".3gp"})
 
 #: ``--precision`` values; ``auto`` is bf16 on CPUs with native bf16, fp16 on CUDA, else fp32.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")

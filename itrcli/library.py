@@ -129,9 +129,13 @@ class Library:
         wait: float = 0.0,
         progress: Progress | None = None,
         ocr: bool | None = None,
+        video: bool = True,
+        video_budget: float | None = None,
     ) -> IndexSummary:
         """Add new and changed images under ``paths``, drop deleted ones (unless not ``prune``).
 
+        ``video``: also index videos (when PyAV is installed), a few frames each with their
+        times (:mod:`itrcli.ingest.video`); ``video_budget``: seconds one video may take.
         ``ocr``: True reads the text in images from now on (a library setting, kept by later
         runs), False stops and forgets it, None keeps the library's setting.
 
@@ -179,10 +183,16 @@ class Library:
                 self.store, self.directory, get_encoder, dim=dim, prep=prep,
                 batch_size=batch_size, workers=n_workers,
                 draft=draft, progress=progress, text=self._text_job(ocr, reindex),
+                video_budget=video_budget,
             )
-            summary = run.run(roots, extensions=supported_extensions(),
+            from .constants import VIDEO_EXTENSIONS
+            from .ingest.video import available as video_available
+
+            videos = video and video_available()
+            summary = run.run(roots, extensions=supported_extensions() | (VIDEO_EXTENSIONS if videos else frozenset()),
                               include_hidden=include_hidden, exclude=list(exclude),
-                              follow_symlinks=follow_symlinks, prune=prune)
+                              follow_symlinks=follow_symlinks, prune=prune,
+                              keep=frozenset() if videos else VIDEO_EXTENSIONS)
             known_roots = set(self.store.get_meta("roots", []))
             if not summary.interrupted:
                 self.store.set_meta(roots=sorted(known_roots | set(roots)))
@@ -264,8 +274,14 @@ class Library:
                 pass  # damaged export: the torch path gives the same vectors
         return self.encoder(None, device, precision)
 
-    def stored_vector(self, path: str):
-        """The stored vector of an indexed, unchanged file, else None (no model needed)."""
+    def stored_vector(self, path: str, at: float | None = None):
+        """The stored vector of an indexed, unchanged file, else None (no model needed).
+
+        A video's: the frame kept at ``at`` seconds (within :data:`AT_TOLERANCE`), or with
+        ``at`` None the normalised mean of its frames.
+        """
+        import numpy as np
+
         row = self.store.row_by_path(os.path.abspath(path))
         if row is None:
             return None
@@ -275,25 +291,57 @@ class Library:
             return None
         if st.st_size != row["size"] or st.st_mtime_ns != row["mtime_ns"]:
             return None
-        ids, vecs = self.store.vectors([row["id"]])
+        if row.get("duration") is None:
+            ids, vecs = self.store.vectors([row["id"]])
+            return vecs[0] if len(ids) else None
+        labels, times = self.store.frames(row["id"])
+        if not labels:
+            return None
+        if at is None:
+            _, vecs = self.store.vectors(labels)
+            m = vecs.mean(axis=0)
+            return m / max(float(np.linalg.norm(m)), 1e-12)
+        j = int(np.argmin(np.abs(np.asarray(times) - at)))
+        if abs(times[j] - at) > AT_TOLERANCE:
+            return None  # no frame kept there: that frame is decoded and embedded
+        ids, vecs = self.store.vectors([labels[j]])
         return vecs[0] if len(ids) else None
 
-    def embed_image(self, path: str, device: str = "auto", precision: str = "auto"):
-        """Embed one image file with the library's model: ``[dim]``."""
+    def embed_image(self, path: str, device: str = "auto", precision: str = "auto",
+                    at: float | None = None):
+        """Embed one image file, or a video's frame at ``at`` seconds (default: the normalised
+        mean of the frames ``itr index`` would keep), with the library's model: ``[dim]``."""
+        import numpy as np
+
         from .ingest.images import DecodeError, decode_file
 
         enc = self.encoder(None, device, precision)
+        if _is_video(path):
+            from .ingest import video
+
+            try:
+                if at is not None:
+                    imgs = [video.frame_at(path, at)]
+                else:
+                    imgs = [f.image for f in video.select_frames(path).frames]
+            except (OSError, video.VideoError) as e:
+                raise UsageError(f"video query {path}: {e}") from None
+            vecs = enc.encode_pixels(np.stack([enc.prep(i) for i in imgs]))  # [n, dim]
+            m = vecs.mean(axis=0)
+            return m / max(float(np.linalg.norm(m)), 1e-12)
         try:
             pixels, _meta, _data = decode_file(path, enc.prep, draft=False)
         except (OSError, DecodeError) as e:
             raise UsageError(f"image query {path}: {e}") from None
         return enc.encode_pixels(pixels[None])[0]
 
-    def embed_query(self, parts, device: str = "auto", precision: str = "auto", adapter=None):
+    def embed_query(self, parts, device: str = "auto", precision: str = "auto", adapter=None,
+                    at: float | None = None):
         """Combine query parts (:class:`itrcli.query.search.QueryPart`) into one vector ``[dim]``.
 
         ``adapter`` (an :class:`itrcli.query.adapt.Adapter`) maps the text parts towards
-        image space first; image parts are image vectors already."""
+        image space first; image parts are image vectors already.  ``at``: the time in
+        seconds of the frame to use for video terms."""
         from .query.search import build_query
 
         def encode_texts(texts):
@@ -302,9 +350,10 @@ class Library:
 
         return build_query(
             parts,
-            stored_vector=self.stored_vector,
+            stored_vector=lambda p: self.stored_vector(p, at if _is_video(p) else None),
             encode_texts=encode_texts,
-            encode_image=lambda p: self.embed_image(p, device, precision),
+            encode_image=lambda p: self.embed_image(p, device, precision,
+                                                    at if _is_video(p) else None),
         )
 
     def search(
@@ -338,6 +387,8 @@ class Library:
         rerank_k: int | None = None,
         rerank_model: str | None = None,
         rerank_progress=None,
+        frames: bool = False,
+        at: float | None = None,
     ) -> list:
         """Rank the library's images against a query; returns :class:`itrcli.query.search.Hit` s.
 
@@ -345,6 +396,8 @@ class Library:
         the cosine ranking with the match of the query's words in the images' text
         (:mod:`itrcli.query.fusion`), ``"only"`` ranks by the text match alone (no model is
         loaded), ``"none"`` by cosine alone.
+        A video ranks once, at its best frame (``hit.time``), unless ``frames``.  A video
+        file as query: ``at`` picks its frame at that many seconds.
 
         ``query`` is a text, or an image when it names an existing image file; ``image`` /
         ``text`` force the kind.  ``add`` / ``subtract`` terms are classified the same way.
@@ -392,6 +445,10 @@ class Library:
                   else FLOOR_SIGMAS if auto_cut is True else float(auto_cut))
         filters = Filters(list(in_dirs), parse_date(after, "--after"),
                           parse_date(before, "--before"), threshold, meta, sigmas)
+        if at is not None and not any(p.kind == "image" and _is_video(p.value) for p in parts):
+            raise UsageError("--at goes with a video query (QUERY or --image naming a video file)")
+        if at is not None and at < 0:
+            raise UsageError("--at must be at least 0")
         exclude = [p.value for p in parts if p.kind == "image"]
         want = max(top, rerank_k) if rerank else top  # type: ignore[type-var]
         tq = self._text_query(parts, text_match)
@@ -404,7 +461,7 @@ class Library:
         else:
             adapter = self.adapter() if adapt and any(p.kind == "text" for p in parts) else None
             self.last_adapter = adapter.method if adapter is not None else None
-            q = self.embed_query(parts, device, precision, adapter)
+            q = self.embed_query(parts, device, precision, adapter, at=at)
             ef = ef or self.store.get_meta("search_ef")  # measured on this library by `itr index`
             if tq is not None:
                 from .query.fusion import fused_rank
@@ -415,7 +472,7 @@ class Library:
             else:
                 hits = rank(q, store=self.store, get_vindex=self._search_graph, top=want,
                             filters=filters, exclude_paths=exclude, exact=exact, ef=ef,
-                            hash_bits=hash_bits)
+                            hash_bits=hash_bits, frames=frames)
         if rerank:
             hits = self.rerank(hits, parts[0].value, k=rerank_k, model=rerank_model,  # type: ignore[arg-type]
                                device=device, precision=precision, progress=rerank_progress)
@@ -655,7 +712,7 @@ class Library:
 
         remove_graphs(self.directory)
         with self.store.transaction() as c:
-            self.store.delete_files(c, self.store.vector_ids().tolist())
+            self.store.delete_files(c, self.store.file_ids())
             self.store.forget_model(c)
             adapters.delete(c)  # fitted on the old model's vectors
         remove_export(self.directory)
@@ -717,6 +774,7 @@ class Library:
             "files": db["files"].count,
             "vectors": db["vectors"].count,
             "metadata": coverage(self.store.conn),  # files with gps, camera, taken_at
+            **dict(zip(("videos", "frames"), self.store.video_counts())),
             "roots": meta.get("roots", []),
             "fast_text_search": OnnxTextEncoder.available(self.directory),
             "search_ef": meta.get("search_ef"),
@@ -736,6 +794,17 @@ class Library:
         from .store import text as textstore
 
         return {"enabled": on, **textstore.status_counts(self.store.conn)}
+
+
+#: ``search --at``: a stored frame within this many seconds of the time asked for is used
+#: as it is (no model load); otherwise the frame there is decoded and embedded.
+AT_TOLERANCE = 0.5
+
+
+def _is_video(path: str) -> bool:
+    from .ingest.video import is_video  # no PyAV import
+
+    return is_video(path)
 
 
 def disk_usage(directory: Path) -> dict[str, int]:

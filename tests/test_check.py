@@ -294,7 +294,9 @@ def test_a_schema_1_library_is_checked_read_only_and_migrated_by_index(itr, lib)
     assert report(db).findings == []
     assert itr("index", paths[0].parent, "--db", db, "-q").code == 0
     c = raw(db)
-    assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "2"
+    from itrcli.store.db import SCHEMA_VERSION
+
+    assert c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
     c.close()
 
 

@@ -168,10 +168,10 @@ def test_glob_rules():
 
 def test_kind_predicate_hooks_on_row_kind():
     f = F.MetaFilter(kind="image")
-    assert f.matches({"path": "/a.jpg"}) and f.matches({"path": "/a.jpg", "kind": "image"})
-    assert not f.matches({"path": "/a.mp4", "kind": "video"})
+    assert f.matches({"path": "/a.jpg"}) and f.matches({"path": "/a.jpg", "duration": None})
+    assert not f.matches({"path": "/a.mp4", "duration": 12.5})
     v = F.MetaFilter(kind="video")
-    assert v.matches({"path": "/a.mp4", "kind": "video"}) and not v.matches({"path": "/a.jpg"})
+    assert v.matches({"path": "/a.mp4", "duration": 12.5}) and not v.matches({"path": "/a.jpg"})
 
 
 def test_sort_hits_orders_and_keeps_ranks():

@@ -192,6 +192,8 @@ def test_info_does_not_fail_when_files_vanish_meanwhile(itr, tiny_clip, tmp_path
 
 
 def test_foreign_keys_cascade_in_every_run(itr, tiny_clip, tmp_path):
+    """REFERENCES ... ON DELETE CASCADE holds in normal runs, not only after a repair: a
+    video's frame rows go with its file row (frames.file_id references files.id)."""
     from itrcli.store.db import Store
 
     d = tmp_path / "photos"
@@ -202,8 +204,13 @@ def test_foreign_keys_cascade_in_every_run(itr, tiny_clip, tmp_path):
     try:
         assert store.conn.execute("PRAGMA foreign_keys").fetchone()[0] == 1
         with store.transaction() as c:
-            c.execute("DELETE FROM files")
-        assert store.vector_count() == 0  # ON DELETE CASCADE did its work
+            (fid,) = c.execute("SELECT id FROM files").fetchone()
+            c.execute("INSERT INTO frames (id, file_id, time) VALUES (?, ?, 1.5)", (fid + 100, fid))
+        with store.transaction() as c:
+            c.execute("DELETE FROM files WHERE id = ?", (fid,))
+        assert store.conn.execute("SELECT count(*) FROM frames").fetchone()[0] == 0
+        with pytest.raises(sqlite3.IntegrityError), store.transaction() as c:
+            c.execute("INSERT INTO frames (id, file_id, time) VALUES (1000, 999, 0)")  # no file 999
     finally:
         store.close()
 

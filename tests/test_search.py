@@ -43,7 +43,7 @@ def test_json_paths_and_null_formats(itr, lib):
     j = itr("search", "a red circle", "--db", db, "--json", "-n", "5").json()
     assert j["query"] == "a red circle" and j["model"]
     assert [h["rank"] for h in j["results"]] == [1, 2, 3, 4, 5]
-    assert set(j["results"][0]) == {"rank", "score", "path", "width", "height", "taken_at"}
+    assert set(j["results"][0]) == {"rank", "score", "path", "width", "height", "taken_at", "time"}
     assert j["results"][0]["width"] == 64
     p = itr("search", "a red circle", "--db", db, "--paths", "-n", "5").out.splitlines()
     assert p == [h["path"] for h in j["results"]]

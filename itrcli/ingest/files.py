@@ -72,3 +72,32 @@ def read_file(path: str) -> tuple[os.stat_result, bytes]:
         if len(data) == st.st_size == after.st_size and st.st_mtime_ns == after.st_mtime_ns:
             return st, data
     raise Unreadable("file changed while being read (it is read again next run)")
+
+
+def hash_stream(path: str) -> tuple[os.stat_result, str]:
+    """Stat and content hash of a (large) file read in chunks, never whole into memory.
+    Raises :class:`Unreadable` like :func:`read_file`."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise Unreadable("file vanished during the run") from None
+    except PermissionError:
+        raise Unreadable("permission denied") from None
+    except OSError as e:
+        raise Unreadable(e.strerror or str(e)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise Unreadable("not a regular file")
+        h = hashlib.blake2b(digest_size=16)
+        with open(fd, "rb", closefd=False) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        after = os.fstat(fd)
+    except OSError as e:
+        raise Unreadable(e.strerror or str(e)) from None
+    finally:
+        os.close(fd)
+    if (after.st_size, after.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+        raise Unreadable("file changed while being read (it is read again next run)")
+    return st, h.hexdigest()

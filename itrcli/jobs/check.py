@@ -169,14 +169,16 @@ def _check_vectors(rep: Report, store: Store, dim: int) -> dict[int, None]:
     """Rows vs vectors; returns the ids of good vectors (in id order)."""
     import numpy as np
 
+    # a label (vector id) is an image's file id, or a video frame's id (see m005_video_frames)
     orphans = store.orphan_vector_ids()
     if orphans:
-        rep.add("orphan-vectors", ERROR, f"{len(orphans)} vector(s) belong to no file row",
-                items=orphans, ids=orphans)
+        rep.add("orphan-vectors", ERROR, f"{len(orphans)} vector(s) belong to no image or "
+                "video frame", items=orphans, ids=orphans)
     rows = store.rows_without_vectors()
     if rows:
-        rep.add("rows-without-vectors", ERROR, f"{len(rows)} file row(s) have no vector",
+        rep.add("rows-without-vectors", ERROR, f"{len(rows)} image or frame row(s) have no vector",
                 items=[p for _, p in rows], ids=[i for i, _ in rows])
+    _check_frames(rep, store)
     bad: list[tuple[int, str]] = []
     good: dict[int, None] = {}
     last = -1
@@ -201,6 +203,26 @@ def _check_vectors(rep: Report, store: Store, dim: int) -> dict[int, None]:
         rep.add("bad-vectors", ERROR, f"{len(bad)} vector(s) have the wrong size, non-finite "
                 "values or not unit length", items=[p for _, p in bad], ids=[i for i, _ in bad])
     return good
+
+
+def _check_frames(rep: Report, store: Store) -> None:
+    """Videos vs their frames: every video has frames, every frame its video."""
+    empty = store.videos_without_frames()
+    if empty:
+        rep.add("videos-without-frames", ERROR, f"{len(empty)} video(s) have no frame: searches "
+                "cannot find them", items=[p for _, p in empty], ids=[i for i, _ in empty])
+    lost = store.orphan_frame_ids()
+    if lost:
+        rep.add("orphan-frames", ERROR, f"{len(lost)} frame(s) belong to no video row",
+                items=lost, ids=lost)
+
+
+def _label_paths(store, ids) -> dict[int, str]:
+    """label -> the path shown for it (``path @seconds`` for a video frame)."""
+    owners = store.labels(int(i) for i in ids)
+    rows = store.rows({fid for fid, _ in owners.values()})
+    return {i: rows[fid]["path"] + ("" if t is None else f" @{t:g}")
+            for i, (fid, t) in owners.items() if fid in rows}
 
 
 def _check_graph(rep: Report, store: Store, dim: int, good: dict[int, None],
@@ -279,10 +301,10 @@ def _check_graph(rep: Report, store: Store, dim: int, good: dict[int, None],
     in_graph = np.isin(want, labels)
     missing = want[~in_graph]
     if len(missing):
-        paths = store.rows(int(i) for i in missing[:EXAMPLES])
+        paths = _label_paths(store, missing[:EXAMPLES])
         rep.add("graph-missing-labels", ERROR, f"{len(missing)} vector(s) are not in the graph: "
                 "searches without --exact cannot find them",
-                items=[paths[int(i)]["path"] for i in missing[:EXAMPLES] if int(i) in paths],
+                items=[paths[int(i)] for i in missing[:EXAMPLES] if int(i) in paths],
                 ids=[int(i) for i in missing], count=len(missing))
     # the vectors: label -> position in the file, compared chunk by chunk with the rows
     order = np.argsort(g.labels)
@@ -298,9 +320,9 @@ def _check_graph(rep: Report, store: Store, dim: int, good: dict[int, None],
         off = np.abs(gv - vecs).max(axis=1) > VECTOR_TOLERANCE
         wrong += [int(x) for x in ids[off]]
     if wrong:
-        paths = store.rows(wrong[:EXAMPLES])
+        paths = _label_paths(store, wrong[:EXAMPLES])
         rep.add("graph-wrong-vectors", ERROR, f"{len(wrong)} graph label(s) carry another vector "
-                "than their file's row", items=[paths[i]["path"] for i in wrong[:EXAMPLES] if i in paths],
+                "than their file's row", items=[paths[i] for i in wrong[:EXAMPLES] if i in paths],
                 ids=wrong)
 
 
@@ -441,16 +463,22 @@ def _repair(store: Store, prune: bool) -> Report:
         return f.ids if f else []
 
     orphans = ids("orphan-vectors")
-    drop = sorted(set(ids("rows-without-vectors")) | set(ids("bad-vectors")))
+    lost_frames = ids("orphan-frames")
+    # labels -> their files: a video with a damaged or missing frame vector is dropped whole
+    # (the next 'itr index' reads it again)
+    owners = store.labels(set(ids("rows-without-vectors")) | set(ids("bad-vectors")))
+    drop = sorted({fid for fid, _ in owners.values()} | set(ids("videos-without-frames")))
     vanished = ids("vanished") if prune else []
-    if orphans or drop or vanished:
+    if orphans or drop or vanished or lost_frames:
         with store.transaction() as c:
-            store.delete_orphan_vectors(c, orphans)
+            store.delete_orphan_vectors(c, orphans + lost_frames)
             gone = [r["path"] for r in store.rows(vanished).values()]
             store.delete_files(c, drop + vanished)
             store.forget_failures_shown(c, gone)
         if orphans:
             done.append(f"dropped {len(orphans)} orphan vector(s)")
+        if lost_frames:
+            done.append(f"dropped {len(lost_frames)} frame(s) of no video")
         if drop:
             done.append(f"dropped {len(drop)} row(s) without a usable vector (the next 'itr index' "
                         "re-embeds them)")
@@ -470,7 +498,8 @@ def _repair(store: Store, prune: bool) -> Report:
     dim = store.get_meta("dim")
     if dim:
         vi = VectorIndex(store.directory, int(dim))
-        rebuild = any(before.get(k) for k in _GRAPH_PROBLEMS) or orphans or drop or vanished
+        rebuild = (any(before.get(k) for k in _GRAPH_PROBLEMS) or orphans or drop or vanished
+                   or lost_frames)
         if rebuild:
             vi.rebuild(store)
         else:

@@ -25,11 +25,21 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from ..progress import NoProgress, Progress
-from ..ingest.files import Unreadable, content_hash, read_file
+from ..ingest.files import Unreadable, content_hash, hash_stream, read_file
 from ..ingest.images import DecodeError, Preprocess, decoder_id, open_image
 from ..store.db import Store, db_path_of
 from ..store.vindex import VectorIndex, graph_files, remove_temp_files
 from ..ingest.walk import Known, plan as make_plan, under, walk
+from ..ingest.video import is_video  # no PyAV import
+
+
+def _decoder_for(path: str) -> str:
+    """The decoder id a remembered failure of this file is recorded under."""
+    if is_video(path):
+        from ..ingest.video import decoder_id as video_decoder_id
+
+        return video_decoder_id()
+    return decoder_id()
 
 #: Seconds between saves of the HNSW graph during a long run (the log covers the rest).
 SAVE_EVERY = 300.0
@@ -90,6 +100,14 @@ class _Read:
     error: str | None = None
     #: the error depends only on the file's bytes: remember it until the file changes
     remember: bool = False
+    #: a video: the time of each frame in ``pixels`` (``[n, 3, H, W]``), else None
+    times: list[float] | None = None
+    note: str | None = None  #: a video read only in part: why
+
+    @property
+    def frames(self) -> int:
+        """Pictures to encode: 1 for an image, the kept frames of a video."""
+        return 1 if self.times is None else len(self.times)
 
 
 def read_one(path: str, prep: Preprocess | None, draft: bool, known_hashes: frozenset[str]) -> _Read:
@@ -120,6 +138,57 @@ def read_one(path: str, prep: Preprocess | None, draft: bool, known_hashes: froz
         r.error = "not enough memory to decode"
     except Exception as e:  # whatever a hostile file provokes, it must not stop the run
         r.error = f"cannot decode: {type(e).__name__}: {str(e)[:200]}"
+    return r
+
+
+def read_video(path: str, prep: Preprocess | None, known_hashes: frozenset[str],
+               budget: float | None = None) -> _Read:
+    """Worker for a video: hash it, and (unless the content is known) select its frames
+    (:func:`itrcli.ingest.video.select_frames`) and preprocess them.  Never raises."""
+    import numpy as np
+
+    from ..ingest import video
+
+    r = _Read(path)
+    try:
+        st, r.hash = hash_stream(path)
+    except Unreadable as e:
+        r.error = str(e)
+        return r
+    r.size, r.mtime_ns = st.st_size, st.st_mtime_ns
+    if r.hash in known_hashes:
+        return r
+    if st.st_size == 0:
+        r.error, r.remember = "empty file", True
+        return r
+    short = 256
+    if prep is not None:
+        short = max(prep.shortest_edge or 0, prep.height or 0, prep.width or 0, prep.crop_height) or 256
+    try:
+        v = video.select_frames(path, short_side=short,
+                                **({"budget": budget} if budget is not None else {}))
+        try:
+            now = os.stat(path)
+        except OSError:
+            now = None
+        if now is None or (now.st_size, now.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
+            r.error = "file changed while being read (it is read again next run)"
+            return r
+        if prep is not None:
+            # float16 while waiting for the encoder: a long clip's frames take half the memory
+            # (the rounding, 1e-3 of the normalised range, is far below the codec's own loss)
+            r.pixels = np.stack([prep(f.image, (v.width or f.image.width, v.height or f.image.height))
+                                 .astype(np.float16) for f in v.frames])  # [n, 3, H, W]
+        r.times = [round(f.time, 3) for f in v.frames]
+        r.note = v.note
+        r.meta = {"width": v.width, "height": v.height, "taken_at": v.taken_at,
+                  "duration": v.duration if v.duration is not None else (r.times[-1] if r.times else 0.0)}
+    except video.VideoError as e:
+        r.error, r.remember = str(e), True
+    except MemoryError:
+        r.error = "not enough memory to decode"
+    except Exception as e:  # whatever a hostile file provokes, it must not stop the run
+        r.error = f"cannot decode video: {type(e).__name__}: {str(e)[:200]}"
     return r
 
 
@@ -154,10 +223,12 @@ class IndexRun:
         draft: bool = True,
         progress: Progress | None = None,
         text: Any = None,
+        video_budget: float | None = None,
     ) -> None:
         self.store = store
         #: a :class:`itrcli.jobs.textread.TextJob` when the library reads text (--ocr)
         self.text = text
+        self.video_budget = video_budget  #: seconds per video (None: the default)
         self.library_dir = library_dir
         self.get_encoder = get_encoder
         self.dim = dim
@@ -174,7 +245,9 @@ class IndexRun:
     # -- the run -----------------------------------------------------------------------
     def run(self, roots: list[str], *, extensions: frozenset[str], include_hidden: bool = False,
             exclude: list[str] | None = None, follow_symlinks: bool = False,
-            prune: bool = True) -> IndexSummary:
+            prune: bool = True, keep: frozenset[str] = frozenset()) -> IndexSummary:
+        """``keep``: extensions not walked this run (``--no-video``) whose indexed files are
+        neither read nor pruned."""
         t0 = time.monotonic()
         s = self.summary
         self._remove_temp_files()
@@ -185,6 +258,8 @@ class IndexRun:
         s.scanned = len(found.files)
         s.found = list(found.files)
         known = self.store.known()
+        if keep:
+            known = {p: k for p, k in known.items() if os.path.splitext(p)[1].lower() not in keep}
         for root, n in empty_roots(roots, found.files, known, found.unlisted) if prune else []:
             # an unmounted disk looks like an empty mount point: never prune a whole root
             s.skip(root, f"no image found under it; its {n} indexed files are kept (a disk not "
@@ -195,11 +270,10 @@ class IndexRun:
         missing = {path: known[path] for path in p.missing} if prune else {}
         # files that failed to decode and have not changed since: reported, not read again
         self.failures = self.store.failures()
-        decoder = decoder_id()
         todo = []
         for path in p.changed + p.new:
             f, e = self.failures.get(path), found.files[path]
-            if f is not None and f.decoder == decoder and (f.size, f.mtime_ns) == (e.size, e.mtime_ns):
+            if f is not None and f.decoder == _decoder_for(path) and (f.size, f.mtime_ns) == (e.size, e.mtime_ns):
                 s.skip(path, f.reason)
             else:
                 todo.append(path)
@@ -267,10 +341,18 @@ class IndexRun:
         try:
             def fill() -> None:
                 while len(pending) < depth:
+                    # a video's frames take the memory of many photos: at most one per
+                    # worker waits decoded
+                    if sum(1 for p, _ in pending if is_video(p)) >= self.workers:
+                        return
                     path = next(it, None)
                     if path is None:
                         return
-                    pending.append((path, pool.submit(read_one, path, self.prep, self.draft, known_hashes)))
+                    if is_video(path):
+                        fut = pool.submit(read_video, path, self.prep, known_hashes, self.video_budget)
+                    else:
+                        fut = pool.submit(read_one, path, self.prep, self.draft, known_hashes)
+                    pending.append((path, fut))
 
             fill()
             while pending:
@@ -287,6 +369,8 @@ class IndexRun:
                         ops.append(("fail", r.path, (None, r)))
                     self.progress.advance(1, 0)
                     continue
+                if r.note:
+                    s.errors.append({"path": _display(r.path), "error": r.note})
                 if k is not None and r.hash == k.hash:
                     # touched, same bytes: remember the new mtime so it is not read again
                     ops.append(("touch", r.path, (k, r)))
@@ -298,7 +382,7 @@ class IndexRun:
                     ops.append(("copy", r.path, (k, r)))
                 else:
                     batch.append((r.path, r))
-                if len(batch) >= self.batch_size or len(ops) >= 512:
+                if sum(r.frames for _, r in batch) >= self.batch_size or len(ops) >= 512:
                     batch, ops = self._flush(batch, ops, known), []
                     if time.monotonic() - self._last_save > SAVE_EVERY:
                         self._save()
@@ -325,8 +409,15 @@ class IndexRun:
         vecs = None
         if batch:
             enc = self.get_encoder()
-            pixels = np.stack([r.pixels for _, r in batch])  # [n, 3, H, W]
-            vecs = enc.encode_pixels(pixels)  # [n, dim]
+            pixels = [r.pixels[None] if r.times is None else r.pixels for _, r in batch]
+            pixels = np.concatenate(pixels) if len(pixels) > 1 else pixels[0]  # [frames, 3, H, W]
+            flat = np.concatenate([enc.encode_pixels(pixels[i : i + self.batch_size].astype(np.float32))
+                                   for i in range(0, len(pixels), self.batch_size)])  # [frames, dim]
+            ends = np.cumsum([r.frames for _, r in batch])
+            # one item per file: an image's vector [dim], a video's frames [n, dim]
+            vecs = [flat[e - 1] if r.times is None else flat[e - r.frames : e]
+                    for (_, r), e in zip(batch, ends)]
+        gone: list[int] = []  # labels deleted (a changed video's old frames)
         put_ids, put_vecs, counts = [], [], {"added": 0, "updated": 0, "moved": 0, "unchanged": 0}
         redo: list[str] = []
         ok: list[str] = []  # paths now in the library as they are on disk
@@ -335,7 +426,7 @@ class IndexRun:
             for kind, path, (k, r) in ops:
                 info = {"size": r.size, "mtime_ns": r.mtime_ns, "hash": r.hash}
                 if kind == "fail":
-                    self.store.record_failure(c, path, r.size, r.mtime_ns, r.error, decoder_id())
+                    self.store.record_failure(c, path, r.size, r.mtime_ns, r.error, _decoder_for(path))
                     continue
                 if (k is None or kind == "move") and self._name_taken(c, path):
                     continue
@@ -353,8 +444,30 @@ class IndexRun:
                         ok.pop()
                         continue
                     row = self.store.rows([src_id])[src_id]
+                    if (row.get("duration") is not None) != is_video(path):
+                        redo.append(path)  # the same bytes as a video and as an image: decode
+                        ok.pop()
+                        continue
+                    meta = {m: row.get(m) for m in ("width", "height", "taken_at", "camera", "lat",
+                                                    "lon", "duration")}
+                    if row.get("duration") is not None:  # a copy of a video: copy its frames
+                        labels, times = self.store.frames(src_id)
+                        lids, lvecs = self.store.vectors(labels)
+                        by_label = dict(zip(lids.tolist(), lvecs))
+                        fvecs = np.stack([by_label[i] for i in labels])  # [n, dim], time order
+                        if k is None:
+                            id_ = self.store.insert_file(c, path, {**info, **meta}, None)
+                            counts["added"] += 1
+                        else:
+                            id_ = k.id
+                            self.store.update_file(c, id_, {**info, **meta})
+                            counts["updated"] += 1
+                        old, new = self.store.put_frames(c, id_, times, fvecs)
+                        gone += old
+                        put_ids += new
+                        put_vecs += list(fvecs)
+                        continue
                     vec = self.store.vector_for_hash(r.hash)
-                    meta = {m: row[m] for m in ("width", "height", "taken_at", "camera", "lat", "lon")}
                     if k is None:
                         id_ = self.store.insert_file(c, path, {**info, **meta}, vec)
                         counts["added"] += 1
@@ -367,41 +480,52 @@ class IndexRun:
             for (path, r), vec in zip(batch, vecs if vecs is not None else []):
                 info = {"size": r.size, "mtime_ns": r.mtime_ns, "hash": r.hash, **(r.meta or {})}
                 k = known.get(path)
+                video = r.times is not None
                 if k is None:
                     if self._name_taken(c, path):
                         continue
-                    id_ = self.store.insert_file(c, path, info, vec)
+                    id_ = self.store.insert_file(c, path, info, None if video else vec)
                     counts["added"] += 1
                 else:
-                    self.store.update_file(c, k.id, info, vec)
+                    self.store.update_file(c, k.id, info, None if video else vec)
                     id_ = k.id
                     counts["updated"] += 1
                 ok.append(path)
+                if video:
+                    old, new = self.store.put_frames(c, id_, r.times, vec)
+                    gone += old
+                    put_ids += new
+                    put_vecs += list(vec)
+                    continue
                 put_ids.append(id_)
                 put_vecs.append(vec)
             self.store.forget_failures(c, [p for p in ok if p in self.failures])
             if self.text is not None:
                 self.text.store_done(c)
-            if put_ids:
+            if put_ids or gone:
                 seq = self.store.last_seq()  # the log entry the graph reflects once it has these
         # committed: only now count it, and mirror it into the graph
         for key, n in counts.items():
             setattr(s, key, getattr(s, key) + n)
-        s.embedded += len(batch)
+        s.embedded += sum(r.frames for _, r in batch)
         if self.text is not None:
             self.text.committed()
             for path, r in batch:
-                self.text.queue(r.hash, path)
-        if put_ids:
+                if r.times is None:  # the text of images only (video frames are not read)
+                    self.text.queue(r.hash, path)
+        if put_ids or gone:
             vi = self._open_vindex()
-            vi.add(np.asarray(put_ids, dtype=np.int64), np.stack(put_vecs))
+            vi.remove(gone)
+            if put_ids:
+                vi.add(np.asarray(put_ids, dtype=np.int64), np.stack(put_vecs))
             vi.seq = max(vi.seq, seq)
         # failed reads were counted when they were met (in _process), not again here
         done = len(batch) + sum(kind != "fail" for kind, _, _ in ops) - len(redo)
         self.progress.advance(done, len(batch))
         again = []
         for path in redo:
-            r = read_one(path, self.prep, self.draft, frozenset())
+            r = (read_video(path, self.prep, frozenset(), self.video_budget) if is_video(path)
+                 else read_one(path, self.prep, self.draft, frozenset()))
             if r.error is not None:
                 s.skip(path, r.error)
                 self.progress.advance(1, 0)
@@ -422,13 +546,13 @@ class IndexRun:
             return
         ids = [k.id for k in missing.values()]
         with self.store.transaction() as c:
-            self.store.delete_files(c, ids)
+            labels = self.store.delete_files(c, ids)  # a video's frames too
             self.store.forget_failures(c, gone_failures)
             seq = self.store.last_seq()
         self.summary.removed += len(ids)
         if ids:
             vi = self._open_vindex()
-            vi.remove(ids)
+            vi.remove(labels)
             vi.seq = max(vi.seq, seq)
 
     def _save(self) -> None:

@@ -89,9 +89,9 @@ class MetaFilter:
 
 
 def row_kind(row: Mapping[str, Any]) -> str:
-    """``"image"`` or ``"video"`` for a ``files`` row.  The one place that decides: rows
-    carry a ``kind`` column once videos are indexed; until then every row is an image."""
-    return row.get("kind") or "image"
+    """``"image"`` or ``"video"`` for a ``files`` row.  The one place that decides: a video's
+    row has a ``duration`` (see ``m005_video_frames``); every other row is an image."""
+    return "video" if row.get("duration") is not None else "image"
 
 
 def distance_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:

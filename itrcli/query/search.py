@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any, Callable, Sequence
 
 from ..errors import UsageError
-from ..constants import HEIF_EXTENSIONS, IMAGE_EXTENSIONS
+from ..constants import HEIF_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
 from .filters import MetaFilter
 
 #: When filters leave at most this many candidates, score them exactly instead of
@@ -52,6 +52,7 @@ class Hit:
     rerank_score: float | None = None
     reranked: bool = field(default=False, repr=False)  #: --rerank was asked for
     rerank_error: str | None = field(default=None, repr=False)  #: why it has no rerank_score
+    time: float | None = None  #: a video frame's time in seconds (None: an image)
 
     @property
     def date(self) -> str | None:
@@ -64,7 +65,8 @@ class Hit:
 
     def to_json(self) -> dict[str, Any]:
         d = {"rank": self.rank, "score": round(self.score, 4), "path": self.path,
-             "width": self.width, "height": self.height, "taken_at": self.taken_at}
+             "width": self.width, "height": self.height, "taken_at": self.taken_at,
+             "time": None if self.time is None else round(self.time, 3)}
         if self.text is not None:
             d["text"] = self.text
         if self.reranked:
@@ -97,12 +99,13 @@ def parse_date(value: str | None, option: str) -> str | None:
 
 
 def classify(value: str, force: str | None = None) -> QueryPart:
-    """A query term is an image when it names an existing image file (or ``force``)."""
+    """A query term is an image when it names an existing image or video file (or ``force``)."""
     if force:
         return QueryPart(value, force)
     p = os.path.expanduser(value)
     # the extension sets are plain constants: no Pillow import on the search path
-    if os.path.splitext(p)[1].lower() in IMAGE_EXTENSIONS | HEIF_EXTENSIONS and os.path.isfile(p):
+    pictures = IMAGE_EXTENSIONS | HEIF_EXTENSIONS | VIDEO_EXTENSIONS
+    if os.path.splitext(p)[1].lower() in pictures and os.path.isfile(p):
         return QueryPart(os.path.abspath(p), "image")
     return QueryPart(value, "text")
 
@@ -183,7 +186,8 @@ def allowed_ids(store, f: Filters) -> set[int] | None:
         else:
             got = filter_ids(conn, camera=m.camera, globs=m.sql_globs(), min_size=m.min_size)
             ids = got if ids is None else ids & got
-    return ids
+    # labels: the images passing, and the frames of the videos passing
+    return store.labels_of_files(ids)
 
 
 def rank(
@@ -197,8 +201,13 @@ def rank(
     exact: bool = False,
     ef: int | None = None,
     hash_bits: int | None = None,
+    frames: bool = False,
 ) -> list[Hit]:
-    """The ``top`` best images for a query vector, filtered, existing files only."""
+    """The ``top`` best images for a query vector, filtered, existing files only.
+
+    A video appears once, at its best frame, unless ``frames``: then every frame ranks
+    on its own.
+    """
     import numpy as np
 
     from ..store.db import fs_path_of
@@ -250,23 +259,28 @@ def rank(
             except RuntimeError:
                 # the graph found fewer than k items passing the filter: score exactly
                 ids, scores = _exact(store, query, k, allowed)
-        rows = store.rows(int(i) for i in ids)
+        labels = store.labels(int(i) for i in ids)  # label -> (file id, frame time)
+        rows = store.rows({fid for fid, _ in labels.values()})
         cand = []
         for i, s in zip(ids, scores):
-            i = int(i)
-            r = rows.get(i)
-            if r is None or i in excluded:
+            fid, t = labels.get(int(i), (None, None))
+            r = rows.get(fid)
+            if r is None or fid in excluded:
                 continue
             if filters.threshold is not None and s < filters.threshold:
                 continue
-            cand.append((float(s), r))
-        cand.sort(key=lambda c: (-round(c[0], 6), c[1]["path"]))
+            cand.append((float(s), r, t))
+        cand.sort(key=lambda c: (-round(c[0], 6), c[1]["path"], c[2] or 0.0))
         hits = []
-        for s, r in cand:
+        seen: set[int] = set()
+        for s, r, t in cand:
+            if not frames and r["id"] in seen:
+                continue  # a video once, at its best frame
+            seen.add(r["id"])
             if not os.path.exists(fs_path_of(r["path"], r["fsname"])):
                 continue  # deleted since it was indexed
             hits.append(Hit(len(hits) + 1, s, r["path"], r["width"], r["height"],
-                            r["taken_at"], r["id"], r.get("mtime_ns")))
+                            r["taken_at"], r["id"], r.get("mtime_ns"), time=t))
             if len(hits) == top:
                 break
         exhausted = k >= live or (filters.threshold is not None and len(scores)

@@ -132,11 +132,14 @@ def _cards(cache: ThumbnailCache, sources: Sequence[Source], labels: Sequence[st
            shown: Sequence[str]) -> list[Card]:
     out = []
     for src, label, text, thumb in zip(sources, labels, shown, cache.get_many(sources, THUMB_BOX)):
+        url = file_url(src.path)
+        if src.time is not None:
+            url += f"#t={src.time:.1f}"  # Media Fragments: the browser starts the video there
         if isinstance(thumb, Exception):
             reason = getattr(thumb, "strerror", None) or str(thumb) or type(thumb).__name__
-            out.append(Card(text, file_url(src.path), None, label, f"no preview: {reason}"))
+            out.append(Card(text, url, None, label, f"no preview: {reason}"))
         else:
-            out.append(Card(text, file_url(src.path), thumb, label))
+            out.append(Card(text, url, thumb, label))
     return out
 
 
@@ -215,8 +218,12 @@ def write_search_html(out: str | os.PathLike | TextIO, hits: Sequence, sources: 
         cache: the thumbnail cache (default: none).
     """
     cache = cache or ThumbnailCache(None)
-    cards = _cards(cache, sources, [f"#{h.rank} \u00b7 {h.score:.4f}" for h in hits],
-                   [h.path for h in hits])
+    from ..ingest.video import format_time
+
+    labels = [f"#{h.rank} \u00b7 {h.score:.4f}"
+              + (f" \u00b7 {format_time(h.time)}" if getattr(h, "time", None) is not None else "")
+              for h in hits]
+    cards = _cards(cache, sources, labels, [h.path for h in hits])
     for c, h in zip(cards, hits):
         c.text = " ".join(getattr(h, "text", None) or [])
     wanted = [(i, s) for i, s in enumerate(term_sources) if s is not None]

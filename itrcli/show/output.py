@@ -11,6 +11,8 @@ import sys
 import time
 from typing import Any, TextIO
 
+from ..ingest.video import format_time  # noqa: F401  (the time column; no PyAV import)
+
 
 def is_tty(stream: TextIO) -> bool:
     try:

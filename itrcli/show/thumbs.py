@@ -45,10 +45,11 @@ _HASH_RE = re.compile(r"[0-9a-f]{8,128}")
 
 class Source(NamedTuple):
     """An image to thumbnail: the path to open, and its content hash when it is known to
-    match the file (None: do not cache)."""
+    match the file (None: do not cache); for a video, the time of the frame to show."""
 
     path: str
     content_hash: str | None = None
+    time: float | None = None
 
 
 class _DraftBox:
@@ -70,13 +71,23 @@ def fit(width: int, height: int, box: tuple[int, int]) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def make_thumbnail(path: str, box: tuple[int, int]) -> Image.Image:
-    """Decode ``path`` (JPEG draft mode, EXIF rotation, RGB) and scale it to fit ``box``.
+def make_thumbnail(path: str, box: tuple[int, int], time: float | None = None) -> Image.Image:
+    """Decode ``path`` (JPEG draft mode, EXIF rotation, RGB) and scale it to fit ``box``;
+    with ``time``, the video frame shown then (rotation applied).
 
     Raises:
         OSError: the file cannot be read.
-        DecodeError: it is not a usable image.
+        DecodeError: it is not a usable image (or video).
     """
+    if time is not None:
+        from ..ingest.video import VideoError, frame_at
+
+        try:
+            img = frame_at(path, time, short_side=max(box))
+        except VideoError as e:
+            raise DecodeError(str(e)) from None
+        size = fit(img.width, img.height, box)
+        return img.resize(size, Image.Resampling.LANCZOS) if size != img.size else img
     try:
         _st, data = read_file(path)  # the guards of an index run: no FIFO, no huge file
     except Unreadable as e:  # st set: the file's own fault (too large); else it cannot be read
@@ -130,10 +141,11 @@ class ThumbnailCache:
     def __exit__(self, *exc) -> None:
         self.trim()
 
-    def _file(self, content_hash: str, box: tuple[int, int]) -> Path | None:
+    def _file(self, content_hash: str, box: tuple[int, int], time: float | None = None) -> Path | None:
         if not self.enabled or not _HASH_RE.fullmatch(content_hash or ""):
             return None
-        return self.directory / content_hash[:2] / f"{content_hash}-{box[0]}x{box[1]}.jpg"
+        at = "" if time is None else f"-t{int(round(time * 1000))}"  # a frame: keyed by its ms
+        return self.directory / content_hash[:2] / f"{content_hash}{at}-{box[0]}x{box[1]}.jpg"
 
     def get(self, source: Source | str, box: tuple[int, int]) -> bytes:
         """JPEG bytes of the thumbnail of ``source`` fitting ``box``: cached, else made
@@ -144,7 +156,7 @@ class ThumbnailCache:
         """
         if isinstance(source, str):
             source = Source(source)
-        f = self._file(source.content_hash or "", box)
+        f = self._file(source.content_hash or "", box, source.time)
         if f is not None:
             try:
                 data = f.read_bytes()
@@ -153,7 +165,7 @@ class ThumbnailCache:
                     return data
             except OSError:
                 pass
-        data = encode_jpeg(make_thumbnail(source.path, box))
+        data = encode_jpeg(make_thumbnail(source.path, box, source.time))
         if f is not None:
             self._put(f, data)
         return data
@@ -246,21 +258,22 @@ def cache_stats(library_dir: str | os.PathLike) -> dict[str, int]:
     return ThumbnailCache.for_library(library_dir).stats()
 
 
-def source_for(store, path: str) -> Source:
-    """The :class:`Source` of a library path (a hit's ``path``): the path to open, with the
-    content hash only while the file's size and mtime still match the library's row."""
+def source_for(store, path: str, time: float | None = None) -> Source:
+    """The :class:`Source` of a library path (a hit's ``path``; ``time``: a video frame's):
+    the path to open, with the content hash only while the file's size and mtime still
+    match the library's row."""
     from ..store.db import fs_path_of
 
     r = store.row_by_shown_path(path)
     if r is None:
-        return Source(path)
+        return Source(path, None, time)
     fs_path = fs_path_of(r["path"], r["fsname"])
     try:
         st = os.stat(fs_path)
     except OSError:
-        return Source(fs_path)
+        return Source(fs_path, None, time)
     fresh = st.st_size == r["size"] and st.st_mtime_ns == r["mtime_ns"]
-    return Source(fs_path, r["hash"] if fresh else None)
+    return Source(fs_path, r["hash"] if fresh else None, time)
 
 
 def _touch(f: Path) -> None:

@@ -162,6 +162,35 @@ def m006_adapters(conn: sqlite3.Connection) -> None:
     )
 
 
+def m005_video_frames(conn: sqlite3.Connection) -> None:
+    # A video is one `files` row (its path, hash, size, creation time) holding no vector
+    # itself, and one `frames` row per kept frame.  Frame ids are labels in the same space
+    # as files.id (taken from the files AUTOINCREMENT counter, never reused), so the graph,
+    # the vectors table and vector_log carry frames unchanged: a label is either an image's
+    # file id or a frame id.  vectors.id can then no longer reference files(id): the table
+    # is rebuilt without that constraint (SQLite cannot drop one in place).
+    _script(
+        conn,
+        """
+        ALTER TABLE files ADD COLUMN duration REAL;  -- seconds, set for videos only
+        CREATE TABLE frames (
+            id INTEGER PRIMARY KEY,                -- the frame's label in the vector index
+            file_id INTEGER NOT NULL REFERENCES files(id) ON DELETE CASCADE,
+            time REAL NOT NULL                     -- seconds from the start of the video
+        );
+        CREATE INDEX frames_file ON frames(file_id, time);
+        CREATE INDEX files_videos ON files(id) WHERE duration IS NOT NULL;
+        CREATE TABLE vectors_m005 (
+            id INTEGER PRIMARY KEY,                -- a label: files.id of an image, or frames.id
+            vector BLOB NOT NULL                   -- float32 little-endian, L2-normalised
+        );
+        INSERT INTO vectors_m005 (id, vector) SELECT id, vector FROM vectors;
+        DROP TABLE vectors;
+        ALTER TABLE vectors_m005 RENAME TO vectors
+        """
+    )
+
+
 def m004_text_lines(conn: sqlite3.Connection) -> None:
     # Scene text, keyed by content hash like the vectors (see store/text.py)
     from .text import create_tables
@@ -174,6 +203,7 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m002_failures,
     m003_hash_codes,
     m004_text_lines,
+    m005_video_frames,
     m006_adapters,
 ]
 #: The schema version a library has once every migration ran (kept in meta, for readers).
@@ -293,6 +323,7 @@ class Store:
                 self._migrate()
             else:
                 self._check_version()
+                self._compat_views()
         except sqlite3.DatabaseError as e:
             if not readonly:
                 why = _not_writable(self.directory)
@@ -348,6 +379,9 @@ class Store:
                     "INSERT OR REPLACE INTO meta VALUES ('schema_version', ?)",
                     (json.dumps(MIGRATIONS.index(m) + 1),),
                 )
+        if self.get_meta("schema_version", 0) < SCHEMA_VERSION:
+            # every migration is applied, whatever order they were applied in
+            self.set_meta(schema_version=SCHEMA_VERSION)
         self._check_version()
 
     def _check_version(self) -> None:
@@ -357,6 +391,19 @@ class Store:
                 f"library {self.directory} has schema version {v}, newer than this itr "
                 f"understands ({SCHEMA_VERSION}); upgrade itr"
             )
+
+    def _compat_views(self) -> None:
+        """A reader of a library written before ``m005_video_frames`` (migrated only on the
+        next write) sees the tables it adds as empty: temporary views, in this connection
+        only, shadow the missing table and column."""
+        names = {r[0] for r in self.conn.execute("SELECT name FROM sqlite_master")}
+        if "files" not in names or "frames" in names:
+            return
+        self.conn.execute("CREATE TEMP VIEW frames AS SELECT NULL AS id, NULL AS file_id, "
+                          "NULL AS time WHERE 0")
+        cols = [r[1] for r in self.conn.execute("PRAGMA main.table_info(files)")]
+        if "duration" not in cols:
+            self.conn.execute("CREATE TEMP VIEW files AS SELECT *, NULL AS duration FROM main.files")
 
     def close(self) -> None:
         self.conn.close()
@@ -457,7 +504,10 @@ class Store:
         return out
 
     def count(self) -> int:
-        return self.conn.execute("SELECT count(*) FROM files").fetchone()[0]
+        """Labels that carry a vector: images plus video frames."""
+        return self.conn.execute(  # count(*) of files reads an index; videos a partial one
+            "SELECT (SELECT count(*) FROM files) - (SELECT count(*) FROM files WHERE duration"
+            " IS NOT NULL) + (SELECT count(*) FROM frames)").fetchone()[0]
 
     def rows(self, ids: Iterable[int]) -> dict[int, dict[str, Any]]:
         """File rows by id (missing ids are absent)."""
@@ -535,12 +585,34 @@ class Store:
         sql = "SELECT id FROM files" + (f" WHERE {' AND '.join(where)}" if where else "")
         return {r[0] for r in self.conn.execute(sql, args)}
 
+    def labels_of_files(self, file_ids: set[int] | None) -> set[int] | None:
+        """The labels (vector ids) of these files: an image's own id, a video's frame ids."""
+        if file_ids is None:
+            return None
+        try:
+            videos = {r[0] for r in self.conn.execute(
+                "SELECT id FROM files WHERE duration IS NOT NULL")}
+        except sqlite3.OperationalError:  # no duration column: a library without videos
+            return set(file_ids)
+        out = set(file_ids) - videos
+        vids = sorted(set(file_ids) & videos)
+        for i in range(0, len(vids), 500):
+            chunk = vids[i : i + 500]
+            out.update(r[0] for r in self.conn.execute(
+                f"SELECT id FROM frames WHERE file_id IN ({','.join('?' * len(chunk))})", chunk))
+        return out
+
     def vector_ids(self):
-        """Every vector's id ``[n]`` int64 (read from the files table, far smaller to scan
-        than the vectors; file ids are vector ids)."""
+        """Every label that carries a vector ``[n]`` int64: images' file ids and video frames'
+        ids (read from files and frames, far smaller to scan than the vectors)."""
         import numpy as np
 
-        return np.fromiter((r[0] for r in self.conn.execute("SELECT id FROM files")), dtype=np.int64)
+        return np.fromiter((r[0] for r in self.conn.execute(
+            "SELECT id FROM files WHERE duration IS NULL UNION ALL SELECT id FROM frames")),
+            dtype=np.int64)
+
+    def file_ids(self) -> list[int]:
+        return [r[0] for r in self.conn.execute("SELECT id FROM files")]
 
     def vector_count(self) -> int:
         return self.conn.execute("SELECT count(*) FROM vectors").fetchone()[0]
@@ -607,18 +679,19 @@ class Store:
         text, raw = db_path_of(fs_path)
         cur = c.execute(
             "INSERT INTO files (path, fsname, size, mtime_ns, hash, width, height, taken_at,"
-            " camera, lat, lon, indexed_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            " camera, lat, lon, indexed_at, duration) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
             (text, raw, info["size"], info["mtime_ns"], info["hash"], info.get("width"),
              info.get("height"), info.get("taken_at"), info.get("camera"), info.get("lat"),
-             info.get("lon"), now_iso()),
+             info.get("lon"), now_iso(), info.get("duration")),
         )
         id_ = int(cur.lastrowid)
-        self._put_vector(c, id_, vector)
+        if vector is not None:  # None: a video (its frames hold the vectors)
+            self._put_vector(c, id_, vector)
         return id_
 
     def update_file(self, c: sqlite3.Connection, id_: int, info: dict[str, Any], vector=None) -> None:
         cols = [k for k in ("size", "mtime_ns", "hash", "width", "height", "taken_at", "camera",
-                            "lat", "lon") if k in info]
+                            "lat", "lon", "duration") if k in info]
         if "path" in info:
             text, raw = db_path_of(info["path"])
             cols_sql = ", ".join([f"{k} = ?" for k in cols] + ["path = ?", "fsname = ?"])
@@ -630,11 +703,75 @@ class Store:
         if vector is not None:
             self._put_vector(c, id_, vector)
 
-    def delete_files(self, c: sqlite3.Connection, ids: Iterable[int]) -> None:
+    def delete_files(self, c: sqlite3.Connection, ids: Iterable[int]) -> list[int]:
+        """Delete file rows, their vectors and a video's frames; returns the labels deleted."""
+        labels = []
         for id_ in ids:
+            labels += self.delete_frames(c, id_)
             c.execute("DELETE FROM vectors WHERE id = ?", (id_,))
             c.execute("DELETE FROM files WHERE id = ?", (id_,))
             c.execute("INSERT INTO vector_log (id, op) VALUES (?, 'del')", (id_,))
+            labels.append(id_)
+        return labels
+
+    # -- video frames (see m005_video_frames) ------------------------------------------
+    def new_labels(self, c: sqlite3.Connection, n: int) -> list[int]:
+        """``n`` fresh labels from the files id counter (so file ids never take them)."""
+        r = c.execute("SELECT seq FROM sqlite_sequence WHERE name = 'files'").fetchone()
+        top = max(int(r[0]) if r else 0,
+                  c.execute("SELECT coalesce(max(id), 0) FROM files").fetchone()[0],
+                  c.execute("SELECT coalesce(max(id), 0) FROM frames").fetchone()[0])
+        if r is None:
+            c.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('files', ?)", (top + n,))
+        else:
+            c.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'files'", (top + n,))
+        return list(range(top + 1, top + n + 1))
+
+    def delete_frames(self, c: sqlite3.Connection, file_id: int) -> list[int]:
+        """Delete a video's frames and their vectors (logged); returns their labels."""
+        labels = [r[0] for r in c.execute("SELECT id FROM frames WHERE file_id = ?", (file_id,))]
+        for i in labels:
+            c.execute("DELETE FROM vectors WHERE id = ?", (i,))
+            c.execute("INSERT INTO vector_log (id, op) VALUES (?, 'del')", (i,))
+        c.execute("DELETE FROM frames WHERE file_id = ?", (file_id,))
+        return labels
+
+    def put_frames(self, c: sqlite3.Connection, file_id: int, times, vectors) -> tuple[list[int], list[int]]:
+        """Replace a video's frames by these (times in seconds, vectors ``[n, dim]``).
+        Returns (labels deleted, labels added)."""
+        gone = self.delete_frames(c, file_id)
+        labels = self.new_labels(c, len(times))
+        for label, t, v in zip(labels, times, vectors):
+            c.execute("INSERT INTO frames (id, file_id, time) VALUES (?, ?, ?)", (label, file_id, float(t)))
+            self._put_vector(c, label, v)
+        return gone, labels
+
+    def frames(self, file_id: int) -> tuple[list[int], list[float]]:
+        """(labels, times) of a video's frames, in time order."""
+        rows = self.conn.execute("SELECT id, time FROM frames WHERE file_id = ? ORDER BY time, id",
+                                 (file_id,)).fetchall()
+        return [r[0] for r in rows], [r[1] for r in rows]
+
+    def labels(self, ids: Iterable[int]) -> dict[int, tuple[int, float | None]]:
+        """label -> (file id, time): an image's label is its file id (time None), a frame's
+        is its frames row.  Unknown labels are absent."""
+        ids = list(ids)
+        out: dict[int, tuple[int, float | None]] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            for id_, fid, t in self.conn.execute(
+                    f"SELECT id, file_id, time FROM frames WHERE id IN ({marks})", chunk):
+                out[id_] = (fid, t)
+            for (id_,) in self.conn.execute(
+                    f"SELECT id FROM files WHERE id IN ({marks}) AND duration IS NULL", chunk):
+                out[id_] = (id_, None)
+        return out
+
+    def video_counts(self) -> tuple[int, int]:
+        """(videos, frames) in the library."""
+        v = self.conn.execute("SELECT count(*) FROM files WHERE duration IS NOT NULL").fetchone()[0]
+        return v, self.conn.execute("SELECT count(*) FROM frames").fetchone()[0]
 
     def _put_vector(self, c: sqlite3.Connection, id_: int, vector) -> None:
         import numpy as np
@@ -679,20 +816,41 @@ class Store:
         """``PRAGMA integrity_check``: ``["ok"]`` or up to ``limit`` problems."""
         return [r[0] for r in self.conn.execute(f"PRAGMA integrity_check({int(limit)})")]
 
+    # A label (vector id) is an image's file id, or a video frame's id (m005_video_frames).
     def orphan_vector_ids(self) -> list[int]:
+        """Vectors that belong to no image and no video frame."""
         return [r[0] for r in self.conn.execute(
-            "SELECT v.id FROM vectors v LEFT JOIN files f ON f.id = v.id WHERE f.id IS NULL")]
+            "SELECT v.id FROM vectors v LEFT JOIN files f ON f.id = v.id AND f.duration IS NULL "
+            "LEFT JOIN frames fr ON fr.id = v.id WHERE f.id IS NULL AND fr.id IS NULL")]
 
     def rows_without_vectors(self) -> list[tuple[int, str]]:
-        """(id, path) of file rows that have no vector."""
-        return self.conn.execute("SELECT f.id, f.path FROM files f LEFT JOIN vectors v ON "
-                                 "v.id = f.id WHERE v.id IS NULL").fetchall()
+        """(label, path) of images and video frames (``path @seconds``) without a vector."""
+        rows = self.conn.execute("SELECT f.id, f.path FROM files f LEFT JOIN vectors v ON "
+                                 "v.id = f.id WHERE v.id IS NULL AND f.duration IS NULL").fetchall()
+        rows += self.conn.execute(
+            "SELECT fr.id, f.path || ' @' || fr.time FROM frames fr JOIN files f ON "
+            "f.id = fr.file_id LEFT JOIN vectors v ON v.id = fr.id WHERE v.id IS NULL").fetchall()
+        return rows
 
     def vector_blobs_after(self, last: int, limit: int) -> list[tuple[int, bytes, str]]:
-        """(id, raw vector blob, path) of up to ``limit`` vectors with id > ``last``, in id order."""
+        """(label, raw vector blob, path) of up to ``limit`` vectors of images and video
+        frames with label > ``last``, in label order."""
         return self.conn.execute(
-            "SELECT v.id, v.vector, f.path FROM vectors v JOIN files f ON f.id = v.id "
-            "WHERE v.id > ? ORDER BY v.id LIMIT ?", (last, limit)).fetchall()
+            "SELECT v.id, v.vector, coalesce(f.path, vf.path) FROM vectors v "
+            "LEFT JOIN files f ON f.id = v.id AND f.duration IS NULL "
+            "LEFT JOIN frames fr ON fr.id = v.id LEFT JOIN files vf ON vf.id = fr.file_id "
+            "WHERE v.id > ? AND (f.id IS NOT NULL OR vf.id IS NOT NULL) ORDER BY v.id LIMIT ?",
+            (last, limit)).fetchall()
+
+    def videos_without_frames(self) -> list[tuple[int, str]]:
+        return self.conn.execute(
+            "SELECT f.id, f.path FROM files f WHERE f.duration IS NOT NULL AND NOT "
+            "EXISTS (SELECT 1 FROM frames fr WHERE fr.file_id = f.id)").fetchall()
+
+    def orphan_frame_ids(self) -> list[int]:
+        return [r[0] for r in self.conn.execute(
+            "SELECT fr.id FROM frames fr LEFT JOIN files f ON f.id = fr.file_id "
+            "WHERE f.id IS NULL OR f.duration IS NULL")]
 
     def file_stats(self) -> list[tuple[int, str, bytes | None, int, int]]:
         """(id, path, fsname, size, mtime_ns) of every file row, by path."""
@@ -712,9 +870,11 @@ class Store:
             c.execute("DELETE FROM failures WHERE path = ?", (p,))
 
     def delete_orphan_vectors(self, c: sqlite3.Connection, ids: Iterable[int]) -> None:
-        """Drop vectors that belong to no file row (logged, so the graph follows)."""
+        """Drop vectors (and frame rows) that belong to no image or video (logged, so the
+        graph follows)."""
         for i in ids:
             c.execute("DELETE FROM vectors WHERE id = ?", (i,))
+            c.execute("DELETE FROM frames WHERE id = ?", (i,))
             c.execute("INSERT INTO vector_log (id, op) VALUES (?, 'del')", (i,))
 
     def forget_all_failures(self, c: sqlite3.Connection) -> None:

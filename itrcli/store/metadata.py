@@ -46,11 +46,11 @@ def filter_rows(
     lat_range: tuple[float, float] | None = None,
     ids: set[int] | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """Rows of ``files`` (``id``, ``lat``, ``lon``, and ``kind`` where the schema has it)
+    """Rows of ``files`` (``id``, ``lat``, ``lon``, and ``duration`` where the schema has it)
     whose camera contains ``camera`` (ASCII case-insensitive), whose path matches any of
     the SQLite ``globs``, at least ``min_size`` (width, height), with GPS inside
     ``lat_range`` when given, and among ``ids`` when given."""
-    cols = ["id", "lat", "lon"] + (["kind"] if "kind" in _columns(conn) else [])
+    cols = ["id", "lat", "lon"] + (["duration"] if "duration" in _columns(conn) else [])
     where, args = _where(camera, globs, min_size, lat_range)
     for r in conn.execute(f"SELECT {', '.join(cols)} FROM files{where}", args):
         if ids is None or r[0] in ids:
