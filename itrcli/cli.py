@@ -120,6 +120,14 @@ def index(
     reindex: Annotated[bool, typer.Option("--reindex",
                        help="re-embed everything (e.g. with another --model)")] = False,
     wait: WaitOpt = 0.0,
+    engine: Annotated[str, typer.Option(
+        "--engine", metavar="local|ray",
+        help="local (this process) or ray (read, decode and embed on a Ray cluster; "
+             "needs itr[ray])")] = "local",
+    address: Annotated[Optional[str], typer.Option(
+        "--address", metavar="ADDR", show_default=False,
+        help="with --engine ray: the cluster to join [default: RAY_ADDRESS, else a local "
+             "Ray on this machine's cores]")] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -132,6 +140,7 @@ def index(
     \b
     Example:
         itr index ~/photos --exclude '*.thumb.jpg' -q
+        itr index /archive/photos --engine ray --address head-node:6379
     """
     from .library import Library
     from .show.output import print_json
@@ -140,7 +149,8 @@ def index(
         s = _index_paths(lib, paths, model=model, device=device, precision=precision,
                          batch_size=batch_size, workers=workers, include_hidden=include_hidden,
                          exclude=exclude, follow_symlinks=follow_symlinks, prune=not no_prune,
-                         reindex=reindex, wait=wait, quiet=quiet, see_json=True)
+                         reindex=reindex, wait=wait, quiet=quiet, see_json=True,
+                         engine=engine.strip().lower(), address=address, engine_logs=verbose)
     if json_:
         print_json(s.to_json())
     if not quiet:

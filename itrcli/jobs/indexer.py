@@ -22,7 +22,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..progress import NoProgress, Progress
 from ..ingest.files import Unreadable, content_hash, read_file
@@ -52,6 +52,7 @@ class IndexSummary:
     interrupted: bool = False
     #: the image files the walk found under the roots (not in ``to_json``)
     found: list[str] = field(default_factory=list, repr=False)
+    engine: str = "local"  #: "local", or "ray" (:mod:`itrcli.jobs.distributed`)
 
     @property
     def images_per_second(self) -> float:
@@ -65,6 +66,7 @@ class IndexSummary:
             "skipped": d["skipped"], "errors": d["errors"],
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
+            "engine": self.engine,
         }
 
     def skip(self, path: str, reason: str) -> None:
@@ -83,10 +85,16 @@ class _Read:
     mtime_ns: int = 0
     hash: str = ""
     pixels: Any = None
+    vector: Any = None  #: ``[dim]``, when the engine embedded it already (Ray workers)
     meta: dict[str, Any] | None = None
     error: str | None = None
     #: the error depends only on the file's bytes: remember it until the file changes
     remember: bool = False
+
+    @property
+    def decoded(self) -> bool:
+        """False when the content was already known (its vector is reused, not computed)."""
+        return self.pixels is not None or self.vector is not None
 
 
 def read_one(path: str, prep: Preprocess | None, draft: bool, known_hashes: frozenset[str]) -> _Read:
@@ -246,7 +254,41 @@ class IndexRun:
         self.progress.start(len(todo))
         batch: list[tuple[str, _Read]] = []  # decoded, waiting to be encoded
         ops: list[tuple[str, str, Any]] = []  # (kind, path, payload) without encoding
+        reads = self._reads(todo, known_hashes)
+        try:
+            for r in reads:
+                k = known.get(r.path)
+                if r.error is not None:
+                    s.skip(r.path, r.error)
+                    if r.remember:
+                        ops.append(("fail", r.path, (None, r)))
+                    self.progress.advance(1, 0)
+                    continue
+                if k is not None and r.hash == k.hash:
+                    # touched, same bytes: remember the new mtime so it is not read again
+                    ops.append(("touch", r.path, (k, r)))
+                elif k is None and missing_by_hash.get(r.hash):
+                    old = missing_by_hash[r.hash].pop()
+                    del missing[old]
+                    ops.append(("move", r.path, (known[old], r)))
+                elif r.hash in hashes and not r.decoded:
+                    ops.append(("copy", r.path, (k, r)))
+                else:
+                    batch.append((r.path, r))
+                if len(batch) >= self.batch_size or len(ops) >= 512:
+                    batch, ops = self._flush(batch, ops, known), []
+                    if time.monotonic() - self._last_save > SAVE_EVERY:
+                        self._save()
+            while batch or ops:
+                batch, ops = self._flush(batch, ops, known), []
+        finally:
+            reads.close()
+            self.progress.close()
 
+    def _reads(self, todo: list[str], known_hashes: frozenset[str]) -> Iterator[_Read]:
+        """Each file of ``todo`` read, hashed and, unless its content is known, decoded
+        (:func:`read_one`), in a bounded thread pool ahead of the consumer.  The Ray engine
+        (:mod:`itrcli.jobs.distributed`) replaces this with a cluster that also embeds."""
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="itr-decode")
         pending: deque[tuple[str, Future]] = deque()
         it = iter(todo)
@@ -267,35 +309,11 @@ class IndexRun:
                 except Exception as e:  # read_one does not raise; if it ever does, skip the file
                     r = _Read(path, error=f"cannot read: {type(e).__name__}: {e}")
                 fill()
-                k = known.get(r.path)
-                if r.error is not None:
-                    s.skip(r.path, r.error)
-                    if r.remember:
-                        ops.append(("fail", r.path, (None, r)))
-                    self.progress.advance(1, 0)
-                    continue
-                if k is not None and r.hash == k.hash:
-                    # touched, same bytes: remember the new mtime so it is not read again
-                    ops.append(("touch", r.path, (k, r)))
-                elif k is None and missing_by_hash.get(r.hash):
-                    old = missing_by_hash[r.hash].pop()
-                    del missing[old]
-                    ops.append(("move", r.path, (known[old], r)))
-                elif r.hash in hashes and r.pixels is None:
-                    ops.append(("copy", r.path, (k, r)))
-                else:
-                    batch.append((r.path, r))
-                if len(batch) >= self.batch_size or len(ops) >= 512:
-                    batch, ops = self._flush(batch, ops, known), []
-                    if time.monotonic() - self._last_save > SAVE_EVERY:
-                        self._save()
-            while batch or ops:
-                batch, ops = self._flush(batch, ops, known), []
+                yield r
         finally:
             for _, f in pending:
                 f.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
-            self.progress.close()
 
     def _flush(self, batch: list[tuple[str, _Read]], ops: list[tuple[str, str, Any]],
                known: dict[str, Known]) -> list[tuple[str, _Read]]:
@@ -311,9 +329,13 @@ class IndexRun:
         s = self.summary
         vecs = None
         if batch:
-            enc = self.get_encoder()
-            pixels = np.stack([r.pixels for _, r in batch])  # [n, 3, H, W]
-            vecs = enc.encode_pixels(pixels)  # [n, dim]
+            need = [r for _, r in batch if r.vector is None]  # not embedded by the engine
+            if need:
+                enc = self.get_encoder()
+                pixels = np.stack([r.pixels for r in need])  # [n, 3, H, W]
+                for r, v in zip(need, enc.encode_pixels(pixels)):  # [n, dim]
+                    r.vector = v
+            vecs = [r.vector for _, r in batch]
         put_ids, put_vecs, counts = [], [], {"added": 0, "updated": 0, "moved": 0, "unchanged": 0}
         redo: list[str] = []
         ok: list[str] = []  # paths now in the library as they are on disk

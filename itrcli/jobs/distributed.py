@@ -1,0 +1,315 @@
+"""``itr index --engine ray``: the same run as :mod:`itrcli.jobs.indexer`, with reading,
+decoding and embedding spread over a Ray cluster (Ray Data).
+
+The driver (the ``itr index`` process) walks, plans and commits exactly as a local run:
+:class:`RayIndexRun` is an :class:`~itrcli.jobs.indexer.IndexRun` whose source of read
+files (:meth:`~itrcli.jobs.indexer.IndexRun._reads`) is a Ray Data pipeline instead of a
+thread pool::
+
+    paths of new and changed files (the driver's plan)
+      -> read, hash, decode, preprocess   CPU tasks: indexer.read_one, the local code itself
+      -> embed                            an actor pool, one model load per actor (GPUs if any)
+      -> rows back to the driver          committed in batches by IndexRun._flush
+
+Workers never write the library: rows (path, size, mtime, content hash, EXIF fields,
+ok/error, vector) come back to the driver, which commits them in transactions and mirrors
+them into the graph as a local run does, so a killed driver resumes like a killed local
+run (the next run plans again; committed files are unchanged).  Content the library
+already knows (a moved or copied file) is hashed on the cluster but not decoded or
+embedded, and takes its stored vector on the driver.  Ray retries a task or actor call
+whose worker died; its rows reach the driver once.
+
+Ray is optional (``pip install 'itr[ray]'``) and imported only here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from ..errors import ItrError, LibraryError
+from .indexer import IndexRun, _Read, read_one
+
+#: The extra that installs Ray; named in the error when it is missing.
+EXTRA = "pip install 'itr[ray]'"
+
+#: Object store of a local Ray instance: enough for a few batches of pixels in flight
+#: (224 px: 0.6 MB per image as float32), small next to Ray's default of 30% of memory.
+LOCAL_OBJECT_STORE_BYTES = 512 * 1024 * 1024
+
+#: An embedding actor on CPU takes at most this many cores (more helps ViT little).
+MAX_CPUS_PER_ACTOR = 8
+
+
+def require_ray():
+    """Import Ray and Ray Data; a one-line error naming the extra when they are missing."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as e:
+        raise ItrError(f"--engine ray needs Ray Data, which is not installed ({e.name or e}): "
+                       f"{EXTRA}") from None
+    return ray
+
+
+# --- the Ray session ------------------------------------------------------------------------
+
+@contextmanager
+def ray_session(address: str | None = None, *, logs: bool = False) -> Iterator[float]:
+    """Connect to ``address`` (a running cluster; ``RAY_ADDRESS`` when None and set) or start
+    a local Ray instance sized to this machine; shut down on exit what was started here.
+    A session already initialised in this process (tests, notebooks) is used as it is.
+
+    Yields the seconds that starting or joining took.  ``logs``: let Ray's own log lines
+    through on stderr (otherwise only its errors); stdout never carries them.
+    """
+    ray = require_ray()
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from a CLI run
+    quiet_ray_data(logs)
+    if ray.is_initialized():
+        yield 0.0
+        return
+    t0 = time.monotonic()
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    common = dict(include_dashboard=False, log_to_driver=logs, configure_logging=True,
+                  logging_level=logging.INFO if logs else logging.ERROR)
+    try:
+        if address:
+            ray.init(address=address, **common)
+        else:
+            # the workers of a local instance run this very itrcli (a checkout, a venv)
+            here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+            path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+            ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                     runtime_env={"env_vars": {"PYTHONPATH": path}}, **common)
+    except Exception as e:  # ConnectionError, a version mismatch, a port in use, ...
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = f"the Ray cluster at {address}" if address else "a local Ray instance"
+        raise LibraryError(f"cannot start or join {where}: {msg[:300]}") from None
+    quiet_ray_data(logs)  # ray.init configures logging again
+    try:
+        yield time.monotonic() - t0
+    finally:
+        ray.shutdown()
+
+
+def quiet_ray_data(logs: bool) -> None:
+    """No progress bars, statistics or INFO lines from Ray Data on the driver's stderr."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False
+    if hasattr(ctx, "enable_auto_log_stats"):
+        ctx.enable_auto_log_stats = False
+    for name in ("ray", "ray.data"):
+        lg = logging.getLogger(name)
+        for h in lg.handlers:
+            if not isinstance(h, logging.FileHandler) and type(h).__name__ != "SessionFileHandler":
+                h.setLevel(logging.INFO if logs else logging.ERROR)
+    if not logs:
+        logging.getLogger("ray").setLevel(logging.ERROR)
+
+
+# --- resources ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Plan:
+    """How many embedding actors, and what each reserves."""
+
+    actors: int
+    cpus_per_actor: float
+    gpus_per_actor: float
+    threads: int  #: torch threads per CPU actor
+    decode_cpus: float  #: reserved by each read/decode task
+
+
+def plan_resources(nodes: list[dict[str, float]], device: str = "auto") -> Plan:
+    """Size the actor pool from the alive nodes' resources (``{"CPU": n, "GPU": m}`` each).
+
+    GPUs (unless ``--device cpu``): one actor per GPU.  CPUs only: about three quarters of
+    the cores embed (the encoder costs several times the decoding), in actors of at most
+    :data:`MAX_CPUS_PER_ACTOR` cores that fit on the smallest node; at least one core is
+    left to the decode tasks.
+    """
+    cpus = [float(n.get("CPU", 0)) for n in nodes if n.get("CPU", 0) > 0] or [1.0]
+    gpus = sum(float(n.get("GPU", 0)) for n in nodes)
+    total = sum(cpus)
+    if gpus >= 1 and device != "cpu":
+        return Plan(actors=int(gpus), cpus_per_actor=1.0, gpus_per_actor=1.0, threads=1,
+                    decode_cpus=1.0)
+    if total <= 2:
+        # a small machine: the actor reserves one core and, like the local engine's encoder,
+        # runs torch on all of them; two decode tasks share the other (they wait on the
+        # disk and on Pillow, as the local engine's decode threads do)
+        return Plan(actors=1, cpus_per_actor=1.0, gpus_per_actor=0.0,
+                    threads=int(max(cpus)), decode_cpus=max(total - 1.0, 1.0) / 2)
+    per_actor = float(max(1, min(MAX_CPUS_PER_ACTOR, int(min(cpus) * 3 // 4))))
+    actors = max(1, int(total * 3 // 4 // per_actor))
+    return Plan(actors=actors, cpus_per_actor=per_actor, gpus_per_actor=0.0,
+                threads=int(per_actor), decode_cpus=1.0)
+
+
+def alive_nodes() -> list[dict[str, float]]:
+    import ray
+
+    return [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+
+
+# --- the pipeline stages (run on the workers) ----------------------------------------------------
+
+_KNOWN: dict[str, frozenset[str]] = {}  # per worker process: the library's hashes, fetched once
+
+
+def _known_hashes(ref_box: list) -> frozenset[str]:
+    if not ref_box:
+        return frozenset()
+    ref = ref_box[0]
+    key = ref.hex()
+    if key not in _KNOWN:
+        import ray
+
+        _KNOWN.clear()
+        _KNOWN[key] = ray.get(ref)
+    return _KNOWN[key]
+
+
+def decode_batch(batch: dict[str, Any], *, prep, draft: bool, known: list) -> dict[str, Any]:
+    """Read, hash and (unless known) decode each path: :func:`indexer.read_one` per file.
+
+    ``batch["path"]``: file names as bytes.  Returns one row per path with its pixels as
+    float32 bytes (empty when not decoded) and everything the driver commits.
+    """
+    import numpy as np
+
+    known_hashes = _known_hashes(known)
+    cols: dict[str, list] = {k: [] for k in ("path", "size", "mtime_ns", "hash", "error",
+                                             "remember", "meta", "pixels", "shape")}
+    for raw in batch["path"]:
+        r = read_one(os.fsdecode(bytes(raw)), prep, draft, known_hashes)
+        cols["path"].append(bytes(raw))
+        cols["size"].append(r.size)
+        cols["mtime_ns"].append(r.mtime_ns)
+        cols["hash"].append(r.hash)
+        cols["error"].append("" if r.error is None else r.error)
+        cols["remember"].append(r.remember)
+        cols["meta"].append(json.dumps(r.meta) if r.meta is not None else "")
+        px = r.pixels
+        cols["pixels"].append(b"" if px is None else np.ascontiguousarray(px, np.float32).tobytes())
+        cols["shape"].append(json.dumps(list(px.shape)) if px is not None else "")
+    return {k: np.asarray(v, dtype=object if k in ("path", "hash", "error", "meta", "pixels", "shape")
+                          else None) for k, v in cols.items()}
+
+
+class Embedder:
+    """An actor of the pool: loads the model once, embeds the decoded rows of each batch."""
+
+    def __init__(self, model: str, device: str, precision: str, threads: int) -> None:
+        from ..embed.encoder import Encoder
+
+        self.enc = Encoder(model, device=device, precision=precision)
+        if self.enc.device == "cpu" and threads > 0:
+            import torch
+
+            torch.set_num_threads(threads)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        import numpy as np
+
+        pixels = batch.pop("pixels")
+        shapes = batch.pop("shape")
+        idx = [i for i, p in enumerate(pixels) if len(p)]
+        vectors = [b""] * len(pixels)
+        if idx:
+            shape = json.loads(shapes[idx[0]])
+            x = np.stack([np.frombuffer(pixels[i], dtype=np.float32).reshape(shape) for i in idx])
+            for i, v in zip(idx, self.enc.encode_pixels(x)):  # [n, 3, H, W] -> [n, dim]
+                vectors[i] = np.ascontiguousarray(v, np.float32).tobytes()
+        batch["vector"] = np.asarray(vectors, dtype=object)
+        return batch
+
+
+def row_to_read(row: dict[str, Any]) -> _Read:
+    """A row back from the cluster as the :class:`~itrcli.jobs.indexer._Read` a local
+    read would have given, its vector already computed."""
+    import numpy as np
+
+    r = _Read(os.fsdecode(bytes(row["path"])), size=int(row["size"]),
+              mtime_ns=int(row["mtime_ns"]), hash=str(row["hash"] or ""))
+    if row["error"]:
+        r.error, r.remember = str(row["error"]), bool(row["remember"])
+        return r
+    if row["meta"]:
+        r.meta = json.loads(row["meta"])
+    if len(row["vector"]):
+        r.vector = np.frombuffer(row["vector"], dtype=np.float32).copy()
+    return r
+
+
+# --- the run ---------------------------------------------------------------------------------------
+
+class RayIndexRun(IndexRun):
+    """An :class:`IndexRun` whose files are read, decoded and embedded on a Ray cluster."""
+
+    def __init__(self, *args, model: str, device: str = "auto", precision: str = "auto",
+                 address: str | None = None, logs: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.summary.engine = "ray"
+        self.model, self.device, self.precision = model, device, precision
+        self.address, self.logs = address, logs
+        self.start_seconds: float | None = None  #: starting or joining Ray (None: not needed)
+        self.plan: Plan | None = None
+
+    def _reads(self, todo: list[str], known_hashes: frozenset[str]) -> Iterator[_Read]:
+        # Ray starts only when something must be read: an unchanged library costs nothing
+        with ray_session(self.address, logs=self.logs) as started:
+            self.start_seconds = started
+            yield from self._pipeline(todo, known_hashes)
+
+    def _pipeline(self, todo: list[str], known_hashes: frozenset[str]) -> Iterator[_Read]:
+        import ray
+        import ray.data
+
+        self.plan = plan = plan_resources(alive_nodes(), self.device)
+        known = [ray.put(known_hashes)] if known_hashes else []
+        per_block = self.batch_size
+        ds = ray.data.from_items([{"path": os.fsencode(p)} for p in todo],
+                                 override_num_blocks=max(1, math.ceil(len(todo) / per_block)))
+        ds = ds.map_batches(decode_batch, batch_size=per_block, batch_format="numpy",
+                            num_cpus=plan.decode_cpus,
+                            fn_kwargs={"prep": self.prep, "draft": self.draft, "known": known})
+        ds = ds.map_batches(Embedder, batch_size=per_block, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors),
+                            num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
+                            fn_constructor_kwargs={"model": self.model, "device": self.device,
+                                                   "precision": self.precision,
+                                                   "threads": plan.threads})
+        batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
+        while True:
+            try:
+                batch = next(batches, None)
+            except Exception as e:
+                raise cluster_error(e) from None
+            if batch is None:
+                return
+            for i in range(len(batch["path"])):
+                yield row_to_read({k: v[i] for k, v in batch.items()})
+
+
+def cluster_error(e: BaseException) -> ItrError:
+    """A failure on the cluster as one line: the itr error a worker raised (a model that
+    cannot load there), else the first line of Ray's."""
+    cur: BaseException | None = e
+    seen: set[int] = set()
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, ItrError):
+            return type(cur)(str(cur))
+        cur = getattr(cur, "cause", None) or cur.__cause__
+    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    return LibraryError("the Ray pipeline failed: " + (lines[-1][:300] if lines else type(e).__name__))
