@@ -136,6 +136,8 @@ def index(
 
     Unchanged files (same size and mtime) are not read again; moved or renamed files keep
     their vectors; files that cannot be read are listed and skipped (exit code stays 0).
+    With --engine ray, new and changed files are read, decoded and embedded on a Ray
+    cluster (or a local Ray) and committed here, with the same results.
 
     \b
     Example:

@@ -71,6 +71,10 @@ def ray_session(address: str | None = None, *, logs: bool = False) -> Iterator[f
     """
     ray = require_ray()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from a CLI run
+    if not logs:
+        # the driver's C++ core writes its notices straight to fd 2 (e.g. an "E" line about
+        # every actor that Ray Data starts with restarts enabled): only fatal ones then
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     quiet_ray_data(logs)
     if ray.is_initialized():
         yield 0.0
@@ -80,14 +84,8 @@ def ray_session(address: str | None = None, *, logs: bool = False) -> Iterator[f
     common = dict(include_dashboard=False, log_to_driver=logs, configure_logging=True,
                   logging_level=logging.INFO if logs else logging.ERROR)
     try:
-        if address:
-            ray.init(address=address, **common)
-        else:
-            # the workers of a local instance run this very itrcli (a checkout, a venv)
-            here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-            path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
-            ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
-                     runtime_env={"env_vars": {"PYTHONPATH": path}}, **common)
+        with _fd2_silenced(not logs):  # ... which it announces on fd 2 when it starts
+            _init(ray, address, common)
     except Exception as e:  # ConnectionError, a version mismatch, a port in use, ...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = f"the Ray cluster at {address}" if address else "a local Ray instance"
@@ -97,6 +95,40 @@ def ray_session(address: str | None = None, *, logs: bool = False) -> Iterator[f
         yield time.monotonic() - t0
     finally:
         ray.shutdown()
+
+
+def _init(ray, address: str | None, common: dict[str, Any]) -> None:
+    if address:
+        ray.init(address=address, **common)
+    else:
+        # the workers of a local instance run this very itrcli (a checkout, a venv)
+        here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+        ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
+                 runtime_env={"env_vars": {"PYTHONPATH": path}}, **common)
+
+
+@contextmanager
+def _fd2_silenced(on: bool) -> Iterator[None]:
+    """File descriptor 2 to /dev/null for the block (Python's own writes are flushed first)."""
+    if not on:
+        yield
+        return
+    import sys
+
+    try:
+        sys.stderr.flush()
+    except Exception:
+        pass
+    saved = os.dup(2)
+    null = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(null, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(null)
 
 
 def quiet_ray_data(logs: bool) -> None:
