@@ -57,6 +57,20 @@ def test_resource_plan():
     assert plan_resources([{"CPU": 8.0, "GPU": 2.0}], device="cpu").gpus_per_actor == 0
 
 
+def test_a_worker_error_becomes_one_line():
+    from itrcli.errors import LibraryError, ModelError
+    from itrcli.jobs.distributed import cluster_error
+
+    # Ray re-raises a worker's exception with the worker's traceback as its text
+    e = RuntimeError("ray.exceptions.ActorDiedError: The actor died ...\n  File \"x.py\"\n"
+                     "itrcli.errors.ModelError: cannot load model '/m': not found\n\n")
+    got = cluster_error(e)
+    assert isinstance(got, ModelError) and str(got) == "cannot load model '/m': not found"
+    got = cluster_error(RuntimeError("Traceback ...\nray.exceptions.RaySystemError: node lost\n"))
+    assert isinstance(got, LibraryError)
+    assert str(got) == "the Ray pipeline failed: ray.exceptions.RaySystemError: node lost"
+
+
 # --- with Ray -----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -28,11 +28,13 @@ import json
 import logging
 import math
 import os
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+from .. import errors
 from ..errors import ItrError, LibraryError
 from .indexer import IndexRun, _Read, read_one
 
@@ -84,7 +86,7 @@ def ray_session(address: str | None = None, *, logs: bool = False) -> Iterator[f
     common = dict(include_dashboard=False, log_to_driver=logs, configure_logging=True,
                   logging_level=logging.INFO if logs else logging.ERROR)
     try:
-        with _fd2_silenced(not logs):  # ... which it announces on fd 2 when it starts
+        with _fd2_silenced(not logs), _keep_sigterm():  # fd 2: ... announced when it starts
             _init(ray, address, common)
     except Exception as e:  # ConnectionError, a version mismatch, a port in use, ...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -106,6 +108,23 @@ def _init(ray, address: str | None, common: dict[str, Any]) -> None:
         path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
         ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                  runtime_env={"env_vars": {"PYTHONPATH": path}}, **common)
+
+
+@contextmanager
+def _keep_sigterm() -> Iterator[None]:
+    """``ray.init`` makes SIGTERM a bare ``sys.exit``; keep itr's (stop like Ctrl-C, 143)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
@@ -139,13 +158,22 @@ def quiet_ray_data(logs: bool) -> None:
     ctx.enable_progress_bars = False
     if hasattr(ctx, "enable_auto_log_stats"):
         ctx.enable_auto_log_stats = False
+    # Ray Data logs a failure's whole stack at ERROR; the run reports it in one line
+    level = logging.INFO if logs else logging.CRITICAL
     for name in ("ray", "ray.data"):
         lg = logging.getLogger(name)
         for h in lg.handlers:
             if not isinstance(h, logging.FileHandler) and type(h).__name__ != "SessionFileHandler":
-                h.setLevel(logging.INFO if logs else logging.ERROR)
+                h.setLevel(level)
     if not logs:
-        logging.getLogger("ray").setLevel(logging.ERROR)
+        logging.getLogger("ray").setLevel(logging.CRITICAL)
+    try:
+        # the driver prints errors that workers raise, prefixed "(raylet)", on stdout
+        import ray._private.worker as ray_worker
+
+        ray_worker._worker_logs_enabled = logs
+    except (ImportError, AttributeError):
+        pass
 
 
 # --- resources ----------------------------------------------------------------------------------
@@ -343,5 +371,13 @@ def cluster_error(e: BaseException) -> ItrError:
         if isinstance(cur, ItrError):
             return type(cur)(str(cur))
         cur = getattr(cur, "cause", None) or cur.__cause__
-    lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    # Ray re-raises a worker's exception with the worker's traceback as text
+    text = str(e)
+    found = re.findall(r"^itrcli\.errors\.(\w+): (.+)$", text, flags=re.M)
+    if found:
+        name, msg = found[-1]
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, ItrError):
+            return cls(msg.strip())
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     return LibraryError("the Ray pipeline failed: " + (lines[-1][:300] if lines else type(e).__name__))
