@@ -49,6 +49,8 @@ def test_resource_plan():
     small = plan_resources([{"CPU": 2.0}])  # this machine: one actor, decoding beside it
     assert (small.actors, small.cpus_per_actor, small.gpus_per_actor) == (1, 1.0, 0.0)
     assert small.threads == 2 and small.decode_cpus == 0.5
+    one = plan_resources([{"CPU": 1.0}])  # the actor must leave room for a decode task
+    assert one.cpus_per_actor + one.decode_cpus <= 1.0 and one.decode_cpus > 0
     cpus = plan_resources([{"CPU": 16.0}, {"CPU": 16.0}, {"CPU": 8.0}])
     assert cpus.cpus_per_actor == 6 and cpus.actors == 5 and cpus.gpus_per_actor == 0
     assert cpus.actors * cpus.cpus_per_actor < 40  # cores left to decode
@@ -201,11 +203,16 @@ def test_ray_engine_matches_a_local_run_and_is_incremental(itr, tiny_clip, tmp_p
     synth.draw("blue", "triangle", "top", size=48, seed=99).save(photos[4])
     st = photos[4].stat()
     os.utime(photos[4], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
-    for db, engine in ((local, "local"), (dist, "ray")):
-        r = itr("index", d, "--db", db, "--json", "-q", "--engine", engine, *BATCH)
-        assert r.code == 0, r
-        s = r.json()
-        assert (s["added"], s["removed"], s["moved"], s["updated"]) == (3, 1, 1, 1), (engine, s)
+    r = itr("index", d, "--db", local, "--json", "-q", *BATCH)
+    assert r.code == 0, r
+    s = r.json()
+    assert (s["added"], s["removed"], s["moved"], s["updated"]) == (3, 1, 1, 1), s
+    from itrcli import Library
+
+    with Library.open(dist) as lib:  # the Python API
+        s = lib.index([str(d)], engine="ray", batch_size=4, precision="fp32")
+    assert (s.added, s.removed, s.moved, s.updated, s.engine) == (3, 1, 1, 1, "ray"), s
+    assert s.embedded == 3  # the two new files and the rewritten one: not the copy
     same_library(local, dist)
     assert str(new[0]) in library(dist)
     check_clean(dist)

@@ -204,11 +204,11 @@ def plan_resources(nodes: list[dict[str, float]], device: str = "auto") -> Plan:
         return Plan(actors=int(gpus), cpus_per_actor=1.0, gpus_per_actor=1.0, threads=1,
                     decode_cpus=1.0)
     if total <= 2:
-        # a small machine: the actor reserves one core and, like the local engine's encoder,
-        # runs torch on all of them; two decode tasks share the other (they wait on the
-        # disk and on Pillow, as the local engine's decode threads do)
-        return Plan(actors=1, cpus_per_actor=1.0, gpus_per_actor=0.0,
-                    threads=int(max(cpus)), decode_cpus=max(total - 1.0, 1.0) / 2)
+        # a small machine: the actor reserves half the cores and, like the local engine's
+        # encoder, runs torch on all of them; two decode tasks share the other half (they
+        # wait on the disk and on Pillow, as the local engine's decode threads do)
+        return Plan(actors=1, cpus_per_actor=total / 2, gpus_per_actor=0.0,
+                    threads=max(1, int(max(cpus))), decode_cpus=total / 4)
     per_actor = float(max(1, min(MAX_CPUS_PER_ACTOR, int(min(cpus) * 3 // 4))))
     actors = max(1, int(total * 3 // 4 // per_actor))
     return Plan(actors=actors, cpus_per_actor=per_actor, gpus_per_actor=0.0,
