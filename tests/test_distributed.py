@@ -41,6 +41,8 @@ def test_missing_ray_is_one_line_naming_the_extra(itr, tmp_path, monkeypatch):
     assert not (tmp_path / "lib" / "itr.db").exists() or _count(tmp_path / "lib") == 0
     r = itr("index", d, "--db", tmp_path / "lib", "--address", "host:6379")
     assert r.code == 2 and "--address goes with --engine ray" in r.err, r
+    r = itr("index", d, "--db", tmp_path / "lib", "--engine", "spark")
+    assert r.code == 2 and "--engine spark: expected local or ray" in r.err, r
 
 
 def test_resource_plan():

@@ -73,10 +73,6 @@ def ray_session(address: str | None = None, *, logs: bool = False) -> Iterator[f
     """
     ray = require_ray()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no phoning home from a CLI run
-    if not logs:
-        # the driver's C++ core writes its notices straight to fd 2 (e.g. an "E" line about
-        # every actor that Ray Data starts with restarts enabled): only fatal ones then
-        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     quiet_ray_data(logs)
     if ray.is_initialized():
         yield 0.0
@@ -85,8 +81,12 @@ def ray_session(address: str | None = None, *, logs: bool = False) -> Iterator[f
     address = address or os.environ.get("RAY_ADDRESS") or None
     common = dict(include_dashboard=False, log_to_driver=logs, configure_logging=True,
                   logging_level=logging.INFO if logs else logging.ERROR)
+    # The driver's C++ core writes its notices straight to fd 2 (e.g. an "E" line about
+    # every actor that Ray Data starts with restarts enabled): only fatal ones, unless -v.
+    # It reads the level when it starts, and announces it on fd 2.
+    level = {} if logs or "RAY_BACKEND_LOG_LEVEL" in os.environ else {"RAY_BACKEND_LOG_LEVEL": "fatal"}
     try:
-        with _fd2_silenced(not logs), _keep_sigterm():  # fd 2: ... announced when it starts
+        with _fd2_silenced(not logs), _keep_sigterm(), _env(level):
             _init(ray, address, common)
     except Exception as e:  # ConnectionError, a version mismatch, a port in use, ...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -108,6 +108,20 @@ def _init(ray, address: str | None, common: dict[str, Any]) -> None:
         path = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
         ray.init(num_cpus=os.cpu_count() or 1, object_store_memory=LOCAL_OBJECT_STORE_BYTES,
                  runtime_env={"env_vars": {"PYTHONPATH": path}}, **common)
+
+
+@contextmanager
+def _env(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 @contextmanager
@@ -156,6 +170,8 @@ def quiet_ray_data(logs: bool) -> None:
 
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False
+    if hasattr(ctx, "print_on_execution_start"):
+        ctx.print_on_execution_start = logs
     if hasattr(ctx, "enable_auto_log_stats"):
         ctx.enable_auto_log_stats = False
     # Ray Data logs a failure's whole stack at ERROR; the run reports it in one line
