@@ -19,7 +19,8 @@ import typer
 from . import __version__
 from .constants import PRECISIONS
 from .errors import ExitCode, ItrError, Terminated, UsageError
-from .embed.models import PRESETS, preset_names
+from .embed.models import PRESETS, RERANK_PRESETS, preset_names, rerank_preset_names
+from .embed.rerank import DEFAULT_RERANK_K
 
 app = typer.Typer(
     name="itr",
@@ -35,6 +36,10 @@ app = typer.Typer(
 
 def _complete_model(incomplete: str) -> list[str]:
     return [n for n in preset_names() if n.startswith(incomplete)]
+
+
+def _complete_rerank_model(incomplete: str) -> list[str]:
+    return [n for n in rerank_preset_names() if n.startswith(incomplete)]
 
 
 DbOpt = Annotated[
@@ -119,6 +124,10 @@ def index(
                         help="keep library entries of files deleted from disk")] = False,
     reindex: Annotated[bool, typer.Option("--reindex",
                        help="re-embed everything (e.g. with another --model)")] = False,
+    ocr: Annotated[Optional[bool], typer.Option(
+        "--ocr/--no-ocr", show_default=False,
+        help="read the text in images, now and on later runs (needs itr[ocr]); --no-ocr "
+             "stops and forgets it [default: the library's setting]")] = None,
     wait: WaitOpt = 0.0,
     engine: Annotated[str, typer.Option(
         "--engine", metavar="local|ray",
@@ -136,25 +145,32 @@ def index(
 
     Unchanged files (same size and mtime) are not read again; moved or renamed files keep
     their vectors; files that cannot be read are listed and skipped (exit code stays 0).
+    With --ocr the text in each image is read too (beside the encoder), so that searches
+    match it; the library keeps doing so until --no-ocr.
     With --engine ray, new and changed files are read, decoded and embedded on a Ray
     cluster (or a local Ray) and committed here, with the same results.
 
     \b
     Example:
         itr index ~/photos --exclude '*.thumb.jpg' -q
+        itr index ~/photos --ocr
         itr index /archive/photos --engine ray --address head-node:6379
     """
     from .library import Library
-    from .show.output import print_json
+    from .show.output import err, print_json
 
     with Library.open(db, create=True) as lib:
+        had_ocr = lib.ocr
         s = _index_paths(lib, paths, model=model, device=device, precision=precision,
                          batch_size=batch_size, workers=workers, include_hidden=include_hidden,
                          exclude=exclude, follow_symlinks=follow_symlinks, prune=not no_prune,
-                         reindex=reindex, wait=wait, quiet=quiet, see_json=True,
+                         reindex=reindex, wait=wait, quiet=quiet, see_json=True, ocr=ocr,
                          engine=engine.strip().lower(), address=address, engine_logs=verbose)
     if json_:
         print_json(s.to_json())
+    if not quiet and ocr is False:
+        err("text reading is off for this library" + (
+            ": its stored text is forgotten; 'itr index --ocr' reads it again" if had_ocr else ""))
     if not quiet:
         _print_summary(s)
     if s.interrupted:
@@ -164,12 +180,14 @@ def index(
 def _index_paths(lib, paths, *, quiet: bool, see_json: bool, exclude, **options):
     """The one index call behind `itr index` and `itr hash PATH...`: progress on stderr
     (a bar on a terminal, log lines otherwise), then the skipped files, listed once."""
-    from .show.output import BarProgress, LogProgress, is_tty
+    from .show.output import BarProgress, LogProgress, err, is_tty, one_line
 
     progress = None if quiet else (BarProgress() if is_tty(sys.stderr) else LogProgress())
     s = lib.index([str(p) for p in paths], exclude=exclude or [], progress=progress, **options)
     if not quiet:
         _print_skipped(s.errors, "see --json" if see_json else None)
+        for e in s.text.errors[:20] if s.text is not None else ():  # OCR failures (--ocr)
+            err(f"{one_line(e['path'])}: {e['error']}")
     return s
 
 
@@ -236,7 +254,7 @@ def hash_cmd(
         itr hash --dupes ~/photos/2023 --threshold 0.97 --html dupes.html
     """
     from .library import Library
-    from .query.hashing import DUPES_THRESHOLD, check_options, find_dupes, library_codes, to_hex
+    from .query.hashing import check_options
     from .show.output import err, print_json
 
     check_options(bits, method)
@@ -273,10 +291,7 @@ def hash_cmd(
             lib.require_model(model)
 
         if dupes:
-            cut = DUPES_THRESHOLD if threshold is None else threshold
-            groups = find_dupes(lib.store, [i for _, i in files], bits, method, cut) if files else []
-            shown = {i: p for p, i in files}
-            out = sorted(sorted(shown[i] for i in g) for g in groups)
+            out = lib.near_duplicates(files, bits=bits, method=method, threshold=threshold)
             if html is not None:
                 from .show.contact_sheet import write_dupes_html
                 from .show.thumbs import ThumbnailCache
@@ -297,16 +312,8 @@ def hash_cmd(
                     f"{len(files)} images)")
             return
 
-        results: list[dict[str, str]] = []
-        if files or texts:
-            lc = library_codes(lib.store, bits, method)
-            if files:
-                codes = lc.codes[lc.lookup(i for _, i in files)]  # [n, words]
-                results += [{"path": p, "code": to_hex(c, bits)} for (p, _), c in zip(files, codes)]
-            if texts:
-                vecs = lib.text_encoder(device, precision).encode_texts(texts)  # [t, dim]
-                results += [{"text": t, "code": to_hex(c, bits)}
-                            for t, c in zip(texts, lc.hasher.codes(vecs))]
+        results = lib.hash_codes(files, texts, bits=bits, method=method, device=device,
+                                 precision=precision)
     if json_:
         print_json(results)
     else:
@@ -336,11 +343,41 @@ def search(
                      help="taken on or after this date (EXIF, else mtime)")] = None,
     before: Annotated[Optional[str], typer.Option("--before", metavar="YYYY-MM-DD",
                       help="taken before this date (EXIF, else mtime)")] = None,
+    camera: Annotated[Optional[str], typer.Option("--camera", metavar="TEXT", show_default=False,
+                      help="camera make or model contains TEXT (any case)")] = None,
+    near: Annotated[Optional[str], typer.Option("--near", metavar="LAT,LON[,KM]", show_default=False,
+                    help="taken within KM of a point (GPS; default 10 km)")] = None,
+    glob: Annotated[Optional[List[str]], typer.Option("--glob", metavar="PATTERN",
+                    help="the path ends in a match of PATTERN (repeatable, any)")] = None,
+    min_size: Annotated[Optional[str], typer.Option("--min-size", metavar="WxH", show_default=False,
+                        help="at least W pixels wide and H high")] = None,
+    kind: Annotated[Optional[str], typer.Option("--kind", metavar="image|video", show_default=False,
+                    help="only images or only videos")] = None,
+    sort: Annotated[str, typer.Option("--sort", metavar="score|date|path",
+                    help="order of the best results: score, date (newest first) or path")] = "score",
+    auto_cut: Annotated[bool, typer.Option("--auto-cut", help="keep only results standing out "
+                        "from the library's scores for this query")] = False,
     exact: Annotated[bool, typer.Option("--exact", help="score every image (no HNSW)")] = False,
     hash_: Annotated[bool, typer.Option("--hash", help="fast then slow: rank binary codes by "
                                         "Hamming distance, re-rank the best by cosine")] = False,
     hash_bits: Annotated[int, typer.Option("--hash-bits", metavar="B",
                          help="code length for --hash: 16, 32, 64, 128 or 256")] = 64,
+    no_adapt: Annotated[bool, typer.Option("--no-adapt",
+                        help="leave text queries unmapped by the library's adapter (itr adapt)")] = False,
+    text_only: Annotated[bool, typer.Option(
+        "--text-only", help="rank by the words read in the images alone (itr index --ocr)")] = False,
+    no_text: Annotated[bool, typer.Option(
+        "--no-text", help="rank by meaning alone, ignoring the words read in the images")] = False,
+    rerank: Annotated[bool, typer.Option(
+        "--rerank", help="re-score the first results with an image-text matching model "
+                         "(BLIP ITM; text queries)")] = False,
+    rerank_k: Annotated[int, typer.Option("--rerank-k", min=1, metavar="K",
+                        help="how many results --rerank re-scores")] = DEFAULT_RERANK_K,
+    rerank_model: Annotated[Optional[str], typer.Option(
+        "--rerank-model", envvar="ITR_RERANK_MODEL", metavar="MODEL",
+        autocompletion=_complete_rerank_model,
+        help="re-ranker: preset name, Hugging Face id or local directory "
+             "[default: blip-itm-base-coco]", show_default=False)] = None,
     paths_only: Annotated[bool, typer.Option("--paths", help="print paths only, one per line")] = False,
     null: Annotated[bool, typer.Option("-0", "--null", help="NUL-terminated paths (for xargs -0)")] = False,
     preview: Annotated[bool, typer.Option(
@@ -364,18 +401,30 @@ def search(
     """Rank the library's images against a text or image query
 
     On a terminal: a table, with --preview each image inline. Piped: score<TAB>path lines.
-    Also --paths, -0, --json, and --html for a contact sheet.
+    Also --paths, -0, --json, and --html for a contact sheet. On a library indexed with
+    --ocr, the words of a text query are also matched in the images' text (word beginnings;
+    "quoted phrases" as phrases) and both rankings fused; the matched words are shown.
+    With --rerank, the first --rerank-k results are re-scored by an image-text matching
+    model and printed in its order (piped: match<TAB>score<TAB>path, match '-' past K);
+    the rest follow.
 
     \b
     Example:
         itr search "two children on a lawn" -n 5 --preview
+        itr search 'acme invoice' --text-only
+        itr search "a dog catching a frisbee" --rerank --rerank-k 20
         itr search ~/photos/beach.jpg --subtract "people" --html beach.html
         itr search "beach" -0 | xargs -0 cp -t /tmp/beach
+        itr search "harbour at dusk" --near 43.30,5.37,20 --camera pixel --sort date
     """
     from .library import Library
     from .show.output import err, is_tty, print_json
     if query is not None and not query.strip():
         raise UsageError("empty query")
+    if text_only and no_text:
+        raise UsageError("--text-only and --no-text exclude each other")
+    if text_only and (threshold is not None or hash_):
+        raise UsageError("--threshold and --hash rank by cosine: not with --text-only")
     protocol = preview_protocol.strip().lower()
     if protocol != "auto" and protocol not in _preview_protocols():
         raise UsageError(f"--preview-protocol {preview_protocol!r}: expected auto, "
@@ -390,8 +439,16 @@ def search(
                           add=add or [], subtract=subtract or [], top=top,
                           in_dirs=[str(d) for d in in_dirs or []], threshold=threshold,
                           after=after, before=before, exact=exact, device=device,
-                          precision=precision, hash_bits=hash_bits if hash_ else None)
-        model = lib.model
+                          precision=precision, hash_bits=hash_bits if hash_ else None,
+                          adapt=not no_adapt, camera=camera, near=near, globs=glob or [],
+                          min_size=min_size, kind=kind, sort=sort, auto_cut=auto_cut,
+                          text_match="only" if text_only else "none" if no_text else "auto",
+                          rerank=rerank, rerank_k=rerank_k, rerank_model=rerank_model,
+                          rerank_progress=_rerank_progress() if rerank else None)
+        for h in hits:
+            if h.rerank_error:
+                err(f"itr: not re-ranked (now unreadable) {h.path}: {h.rerank_error}")
+        model, adapted = lib.model, lib.last_adapter
         sources, terms, term_sources, cache = [], [], [], None
         if html is not None or (preview and table and is_tty(out)):
             from .show.contact_sheet import query_terms
@@ -404,6 +461,8 @@ def search(
                                     add=add or [], subtract=subtract or [])
                 term_sources = [source_for(lib.store, v) if k == "image" else None
                                 for k, v, _ in terms]
+    if not hits and not (table and is_tty(out)) and (camera or near or glob or min_size or kind):
+        err("no results with these filters")  # on a terminal the table says "no results"
     try:
         if html is not None:
             from .show.contact_sheet import write_search_html
@@ -417,12 +476,15 @@ def search(
                 return
         if json_:
             q = query if query is not None else (str(image) if image else text)
-            print_json({"query": q, "model": model, "results": [h.to_json() for h in hits]})
+            print_json({"query": q, "model": model, "adapter": adapted,
+                        "results": [h.to_json() for h in hits]})
         elif null:
             out.write("".join(h.path + "\0" for h in hits))
         elif paths_only:
             out.write("".join(h.path + "\n" for h in hits))
         elif is_tty(out):
+            if adapted and is_tty(sys.stderr):
+                err(f"text mapped by the library's {adapted} adapter (--no-adapt: without)")
             previews = None
             if preview:
                 from .show.preview import for_terminal
@@ -434,9 +496,14 @@ def search(
                 else:
                     previews = previewer.sequences(sources)
             width = max([len(str(len(hits)))] + [1])
+            words = {h.id: _words_cell(h.text) for h in hits if h.text is not None}
+            text_w = max([len(w) for w in words.values()] + [0])
             for h in hits:
                 date = h.date or "-"
-                out.write(f"{h.rank:>{width}}  {h.score:.4f}  {date:<10}  {h.path}\n")
+                match = "" if not rerank else (
+                    f"{h.rerank_score:.4f}  " if h.rerank_score is not None else "     -  ")
+                cell = f"{words.get(h.id, ''):<{text_w}}  " if words else ""
+                out.write(f"{h.rank:>{width}}  {match}{h.score:.4f}  {date:<10}  {cell}{h.path}\n")
                 if previews is not None:
                     seq = next(previews)
                     if isinstance(seq, Exception):
@@ -449,10 +516,86 @@ def search(
         else:
             if preview:
                 err("itr: no image previews: stdout is not a terminal")
-            out.write("".join(f"{h.score:.4f}\t{h.path}\n" for h in hits))
+            if rerank:
+                out.write("".join(("-" if h.rerank_score is None else f"{h.rerank_score:.4f}")
+                                  + f"\t{h.score:.4f}\t{h.path}\n" for h in hits))
+            else:
+                out.write("".join(f"{h.score:.4f}\t{h.path}\n" for h in hits))
     finally:
         if cache is not None:
             cache.trim()  # evict least recently used thumbnails beyond the cap
+
+
+@app.command("text")
+def text_cmd(
+    paths: Annotated[List[Path], typer.Argument(
+        help="image files, or directories of them", metavar="PATH", exists=True,
+        show_default=False)],
+    db: DbOpt = None,
+    include_hidden: IncludeHiddenOpt = False,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Print the text read in images: from the library when indexed with --ocr, else read now
+
+    One line of text per line read; with several images, a "==> PATH <==" header before
+    each. --json: a list of {path, source, lines: [{text, box, confidence}]}. Reading
+    needs itr[ocr]; an unreadable image is reported on stderr and makes the exit code 1.
+
+    \b
+    Example:
+        itr text ~/photos/receipt.jpg
+        itr text ~/photos/2023 --json > text.json
+    """
+    from .errors import LibraryError
+    from .ingest.images import supported_extensions
+    from .ingest.ocr import OcrUnavailable, TextReader
+    from .ingest.walk import walk
+    from .jobs.textread import text_for
+    from .library import Library
+    from .show.output import err, one_line, print_json
+
+    files: list[str] = []
+    for p in paths:
+        if p.is_dir():
+            found = walk([str(p)], extensions=supported_extensions(), include_hidden=include_hidden,
+                         exclude=[], follow_symlinks=False)
+            files += sorted(found.files)
+        else:
+            files.append(os.path.abspath(str(p)))
+    try:
+        lib = Library.open(db, readonly=True)
+    except LibraryError:
+        lib = None  # no library: every image is read now
+    reader = TextReader()
+    results = []
+    try:
+        for f in files:
+            try:
+                results.append(text_for(f, lib.store if lib else None, reader))
+            except OcrUnavailable as e:
+                raise UsageError(f"{one_line(f)} is not in the library; {e}") from None
+    finally:
+        if lib is not None:
+            lib.close()
+    bad = [r for r in results if "error" in r]
+    if json_:
+        print_json(results)
+    else:
+        out = []
+        for r in results:
+            if "error" in r:
+                continue
+            if len(results) > 1:
+                out.append(f"==> {r['path']} <==")
+            out += [ln["text"] for ln in r["lines"]]
+        sys.stdout.write("".join(line + "\n" for line in out))
+    if not quiet:
+        for r in bad:
+            err(f"{one_line(r['path'])}: {r['error']}")
+    if bad:
+        raise typer.Exit(ExitCode.ERROR)
 
 
 @app.command()
@@ -480,10 +623,16 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
         ("dimension", str(data["dim"] or "-")),
         ("precision", data["precision"] or "-"),
         ("files", str(data["files"])),
+        ("metadata", "{gps} with GPS, {camera} with camera, {taken_at} with capture time"
+                     .format(**data["metadata"])),
         ("roots", ", ".join(data["roots"]) or "-"),
         ("text", "onnx (fast cold search)" if data["fast_text_search"] else "torch (no ONNX export)"),
         ("search", f"HNSW ef {data['search_ef']} (recall@10 {data['search_recall']:.3f} on "
                    "text-like queries)" if data["search_ef"] else "HNSW ef 128 (not measured yet)"),
+        ("adapter", _adapter_line(data["adapter"])),
+        ("ocr", (f"on: {data['ocr']['images_read']} images read, {data['ocr']['with_text']} with "
+                 f"text ({data['ocr']['lines']} lines), {data['ocr']['failed']} failed")
+         if data["ocr"]["enabled"] else "off (itr index --ocr reads the text in images)"),
         ("size", human_bytes(data["sizes"]["total"])),
         ("thumbs", f"{data['thumbnail_cache']['thumbnails']} "
                    f"({human_bytes(data['thumbnail_cache']['bytes'])} of "
@@ -491,6 +640,127 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
     ]
     for k, v in lines:
         typer.echo(f"{k + ':':<11}{v}")
+
+
+def _adapter_line(a: dict | None) -> str:
+    if a is None:
+        return "none (itr adapt PAIRS fits one)"
+    from .query.adapt import Candidate
+
+    cv = a["cv"]
+    line = (f"{Candidate(a['method'], a['params']).label()} on {a['pairs']} pairs "
+            f"({a['images']} images) of {a['source']}, pairs hash {a['pairs_hash'][:12]}; "
+            f"held-out text->image R@1 {cv['baseline']['R@1']:.1f} -> {cv['adapted']['R@1']:.1f}")
+    return line if a["active"] else line + " (fitted for another model: not used)"
+
+
+@app.command()
+def adapt(
+    pairs: Annotated[Optional[Path], typer.Argument(
+        help="captioned photos: Karpathy or COCO captions JSON, image,caption CSV, or a "
+             "folder of images + .txt", metavar="PAIRS", show_default=False)] = None,
+    images: Annotated[Optional[Path], typer.Option("--images", metavar="DIR", file_okay=False,
+                      help="directory the pairs' image paths are relative to [default: "
+                           "the file's directory]", show_default=False)] = None,
+    format_: Annotated[Optional[str], typer.Option("--format",
+                       help="karpathy, coco, csv or folder [default: detected]",
+                       show_default=False)] = None,
+    split: Annotated[Optional[str], typer.Option("--split",
+                     help="Karpathy split to fit on [default: test]", show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, metavar="N",
+                     help="only the first N images", show_default=False)] = None,
+    method: Annotated[Optional[List[str]], typer.Option(
+        "--method", metavar="METHOD",
+        help="ridge, procrustes or cca; repeat to choose among several [default: all three]",
+        show_default=False)] = None,
+    folds: Annotated[int, typer.Option("--folds", min=2,
+                     help="cross-validation folds (grouped by image)")] = 5,
+    remove: Annotated[bool, typer.Option("--remove", help="drop the library's adapter")] = False,
+    no_cache: Annotated[bool, typer.Option("--no-cache",
+                        help="neither read nor write the embedding cache")] = False,
+    db: DbOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    batch_size: BatchOpt = 32,
+    workers: WorkersOpt = None,
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Fit a map from text queries towards your images on your own captioned photos
+
+    Embeds the pairs with the library's model (its stored vectors where it has the images),
+    fits ridge, orthogonal Procrustes and regularised CCA maps, and keeps the one with the
+    best held-out text->image recall in k-fold cross-validation (folds never share an
+    image); nothing is stored when no map beats the model as it is. The map is applied to
+    text queries only (the image vectors and the graph are unchanged); itr search --no-adapt
+    compares.
+
+    \b
+    Example:
+        itr adapt catalogue.csv --images ~/museum/photos
+        itr search "crimson orb" --no-adapt
+        itr adapt --remove
+    """
+    from .library import Library
+    from .show.output import BarProgress, err, is_tty, one_line, print_json
+
+    if remove:
+        if pairs is not None:
+            raise UsageError("--remove takes no PAIRS")
+        with Library.open(db) as lib:
+            removed = lib.remove_adapter()
+        if json_:
+            print_json({"removed": removed})
+        elif not quiet:
+            err("adapter removed" if removed else "no adapter to remove")
+        return
+    if pairs is None:
+        raise UsageError("give PAIRS (captioned photos), or --remove")
+    from .evaluation.datasets import load
+    from .query.adapt import Candidate
+
+    ds = load(pairs, format=format_, images=images, split=split, limit=limit)
+    if not quiet and ds.missing_report():
+        err(f"warning: {ds.missing_report()}")
+    progress = BarProgress("encoding") if not quiet and is_tty(sys.stderr) else None
+    with Library.open(db) as lib:
+        r = lib.adapt(ds, methods=method, folds=folds, device=device, precision=precision,
+                      batch_size=batch_size, workers=workers, cache=not no_cache,
+                      progress=progress)
+        where = lib.directory
+    cv = r["cv"]
+    if json_:
+        print_json(r)
+    else:
+        rows = [("method", "params", "R@1", "R@5", "R@10")]
+        rows += [(m["method"], Candidate(m["method"], m["params"]).label()[len(m["method"]) + 1:],
+                  f"{m['R@1']:.1f}", f"{m['R@5']:.1f}", f"{m['R@10']:.1f}") for m in cv["methods"]]
+        w = [max(len(row[j]) for row in rows) for j in range(5)]
+        for row in rows:
+            typer.echo("  ".join([row[0].ljust(w[0]), row[1].ljust(w[1])]
+                                 + [c.rjust(w[j + 2]) for j, c in enumerate(row[2:])]).rstrip())
+        picked = Candidate(r["method"], r["params"]).label()
+        base, got = cv["baseline"], cv["adapted"]
+        basis = (f"held-out text->image recall, mean of {cv['folds']} folds over {cv['images']} "
+                 f"images and {cv['pairs']} pairs")
+        if r["stored"]:
+            typer.echo(f"picked {picked}: best {basis} (R@1 {base['R@1']:.1f} -> "
+                       f"{got['R@1']:.1f}, R@5 {base['R@5']:.1f} -> {got['R@5']:.1f})")
+        else:
+            typer.echo(f"picked none: no map beats the model as it is on {basis}")
+    if not quiet:
+        for note in r["notes"]:
+            err(f"note: {note}")
+        for s_ in r["skipped"][:20]:
+            err(f"skipped {one_line(s_['path'])}: {s_['error']}")
+        if len(r["skipped"]) > 20:
+            err(f"... and {len(r['skipped']) - 20} more skipped (see --json)")
+        if r["stored"]:
+            err(f"stored in {where} (pairs hash {r['pairs_hash'][:12]}); itr search maps text "
+                "queries with it (--no-adapt: without)")
+        else:
+            err("nothing stored; the library's adapter, if any, is unchanged")
 
 
 @app.command("eval")
@@ -514,12 +784,28 @@ def eval_cmd(
              "[default: laion-b32]", show_default=False)] = None,
     recall: Annotated[str, typer.Option("-k", "--recall", metavar="K,K,...",
                       help="the K of R@K")] = "1,5,10",
-    folds: Annotated[int, typer.Option("--folds", min=1,
-                     help="mean over this many image folds (5 on COCO 5K: the 1K protocol)")] = 1,
+    folds: Annotated[Optional[int], typer.Option("--folds", min=1,
+                     help="mean over this many image folds (5 on COCO 5K: the 1K protocol) "
+                          "[default: 1; 5 when --adapt's pairs share images with DATASET]",
+                     show_default=False)] = None,
+    adapt: Annotated[Optional[Path], typer.Option(
+        "--adapt", metavar="PAIRS", show_default=False,
+        help="add +adapt rows: rank each fold with a map fitted on these pairs (same "
+             "formats and --images) minus those showing the fold's images")] = None,
     ann: Annotated[bool, typer.Option("--ann", help="add rows for HNSW search")] = False,
     hash_bits: Annotated[Optional[str], typer.Option("--hash-bits", metavar="B,B,...",
                          help="add rows for B-bit binary codes, pure Hamming and re-ranked",
                          show_default=False)] = None,
+    rerank: Annotated[bool, typer.Option(
+        "--rerank", help="add exact+rerank rows: each query's top K re-scored by an "
+                         "image-text matching model")] = False,
+    rerank_k: Annotated[int, typer.Option("--rerank-k", min=1, metavar="K",
+                        help="how many candidates --rerank re-scores per query")] = DEFAULT_RERANK_K,
+    rerank_model: Annotated[Optional[str], typer.Option(
+        "--rerank-model", envvar="ITR_RERANK_MODEL", metavar="MODEL",
+        autocompletion=_complete_rerank_model,
+        help="re-ranker: preset name, Hugging Face id or local directory "
+             "[default: blip-itm-base-coco]", show_default=False)] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache",
                         help="neither read nor write the embedding cache")] = False,
     db: Annotated[Optional[Path], typer.Option(
@@ -536,14 +822,17 @@ def eval_cmd(
     """Measure text->image and image->text recall@K on an image-caption dataset
 
     Prints R@K and the median rank in both directions, and rsum, one row per model and
-    method (exact; with --ann, HNSW; with --hash-bits, binary codes). Embeddings are
-    cached, so a second run encodes nothing.
+    method (exact; with --ann, HNSW; with --hash-bits, binary codes; with --adapt, the
+    query map of itr adapt, cross-validated; with --rerank, the exact top K re-scored by an
+    image-text matching model). Embeddings are cached, so a second run encodes nothing.
 
     \b
     Example:
         itr eval dataset_flickr30k.json --images flickr30k-images
+        itr eval dataset_flickr30k.json --images flickr30k-images --rerank --rerank-k 16
         itr eval dataset_coco.json --images coco --folds 5 --ann --hash-bits 64,128
         itr eval captions.csv -m laion-b32 -m openai-b32 --json
+        itr eval catalogue.csv --adapt catalogue.csv
     """
     from .evaluation.datasets import load
     from .evaluation.evaluate import evaluate, format_table, parse_int_list, summary_line
@@ -554,10 +843,19 @@ def eval_cmd(
     ds = load(dataset, format=format_, images=images, split=split, limit=limit)
     if not quiet and ds.missing_report():
         err(f"warning: {ds.missing_report()}")
+    pairs = None
+    if adapt is not None:
+        pairs = load(adapt, images=images)
+        if not quiet and pairs.missing_report():
+            err(f"warning: --adapt: {pairs.missing_report()}")
     progress = BarProgress("encoding") if not quiet and is_tty(sys.stderr) else None
     result = evaluate(ds, model or [None], ks=ks, ann=ann, hash_bits=bits, folds=folds,
+                      adapt=pairs,
                       device=device, precision=precision, batch_size=batch_size,
-                      workers=workers, cache=not no_cache, db=db, progress=progress)
+                      workers=workers, cache=not no_cache, db=db, progress=progress,
+                      rerank=rerank, rerank_k=rerank_k, rerank_model=rerank_model,
+                      rerank_progress=BarProgress("re-ranking")
+                      if rerank and not quiet and is_tty(sys.stderr) else None)
     if json_:
         print_json(result.to_json())
     else:
@@ -623,19 +921,24 @@ def check(
 
 @app.command("models")
 def models_cmd(json_: JsonOpt = False) -> None:
-    """List the named model presets with size and published Flickr30k R@1
+    """List the named model presets with size and published R@1, then the re-rankers
 
     \b
     Example:
         itr models
     """
-    from .embed.models import DEFAULT_PRESET
+    from .embed.models import DEFAULT_PRESET, DEFAULT_RERANK_PRESET
     from .show.output import print_json
 
     if json_:
-        print_json([{"name": p.name, "model": p.hub_id, "params_m": p.params_m,
+        print_json([{"kind": "encoder", "name": p.name, "model": p.hub_id, "params_m": p.params_m,
                      "flickr30k_t2i_r1": p.flickr_t2i_r1, "flickr30k_i2t_r1": p.flickr_i2t_r1,
-                     "default": p.name == DEFAULT_PRESET} for p in PRESETS])
+                     "default": p.name == DEFAULT_PRESET} for p in PRESETS]
+                   + [{"kind": "reranker", "name": p.name, "model": p.hub_id,
+                       "revision": p.revision, "params_m": p.params_m, "input_px": p.input_px,
+                       "coco_t2i_r1": p.coco_t2i_r1, "coco_i2t_r1": p.coco_i2t_r1,
+                       "flickr30k_t2i_r1": p.flickr_t2i_r1, "flickr30k_i2t_r1": p.flickr_i2t_r1,
+                       "default": p.name == DEFAULT_RERANK_PRESET} for p in RERANK_PRESETS])
         return
     fmt = "{:<2}{:<16}{:<42}{:>7}{:>11}{:>11}"
     typer.echo(fmt.format("", "NAME", "MODEL", "PARAMS", "T2I R@1", "I2T R@1"))
@@ -643,6 +946,14 @@ def models_cmd(json_: JsonOpt = False) -> None:
         typer.echo(fmt.format("*" if p.name == DEFAULT_PRESET else "", p.name, p.hub_id,
                               f"{p.params_m}M", _pct(p.flickr_t2i_r1), _pct(p.flickr_i2t_r1)))
     typer.echo("\n* default.  R@1: published zero-shot Flickr30k 1K test, percent.")
+    typer.echo("\nRe-rankers (itr search --rerank, --rerank-model):")
+    rfmt = "{:<2}{:<20}{:<38}{:>7}{:>11}{:>11}"
+    typer.echo(rfmt.format("", "NAME", "MODEL", "PARAMS", "T2I R@1", "I2T R@1"))
+    for p in RERANK_PRESETS:
+        typer.echo(rfmt.format("*" if p.name == DEFAULT_RERANK_PRESET else "", p.name, p.hub_id,
+                              f"{p.params_m}M", _pct(p.flickr_t2i_r1), _pct(p.flickr_i2t_r1)))
+    typer.echo("\n* default.  R@1: published Flickr30k 1K test, percent, COCO-fine-tuned model "
+               "re-ranking its own top 128.")
 
 
 def _pct(v: float | None) -> str:
@@ -743,6 +1054,18 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:
         _silence_stdout()
     sys.exit(int(code))
+
+
+def _words_cell(words: list[str] | None, limit: int = 30) -> str:
+    """The matched words of a hit, for the terminal table ("-" when none matched)."""
+    text = " ".join(words or []) or "-"
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _rerank_progress():
+    from .embed.rerank import SlowProgress  # no torch import there until a model loads
+
+    return SlowProgress()
 
 
 def _preview_protocols() -> tuple[str, ...]:

@@ -38,6 +38,9 @@ class Library:
         self.store = store
         self._encoder = None
         self._encoder_args: tuple[str, str, str] | None = None
+        self.last_adapter: str | None = None  #: method that mapped the last search's text
+        self._reranker = None  # loaded by the first search with rerank=True
+        self._reranker_args: tuple[str | None, str, str] | None = None
 
     # -- opening -----------------------------------------------------------------------
     @classmethod
@@ -125,12 +128,15 @@ class Library:
         draft: bool = True,
         wait: float = 0.0,
         progress: Progress | None = None,
+        ocr: bool | None = None,
         engine: str = "local",
         address: str | None = None,
         engine_logs: bool = False,
     ) -> IndexSummary:
         """Add new and changed images under ``paths``, drop deleted ones (unless not ``prune``).
 
+        ``ocr``: True reads the text in images from now on (a library setting, kept by later
+        runs), False stops and forgets it, None keeps the library's setting.
         ``engine="ray"`` reads, decodes and embeds on a Ray cluster (``address``, else a
         local Ray instance; needs ``itr[ray]``), committing here as a local run does;
         ``engine_logs`` lets Ray's own log lines through on stderr.
@@ -197,7 +203,7 @@ class Library:
             run = run_cls(
                 self.store, self.directory, get_encoder, dim=dim, prep=prep,
                 batch_size=batch_size, workers=n_workers,
-                draft=draft, progress=progress, **extra,
+                draft=draft, progress=progress, text=self._text_job(ocr, reindex), **extra,
             )
             summary = run.run(roots, extensions=supported_extensions(),
                               include_hidden=include_hidden, exclude=list(exclude),
@@ -214,6 +220,38 @@ class Library:
             raise library_error(e, self.directory) from e
         finally:
             lock.release()
+
+    @property
+    def ocr(self) -> bool:
+        """Whether ``itr index`` reads the text in this library's images (``--ocr``)."""
+        return bool(self.store.get_meta("ocr", False))
+
+    def _text_job(self, ocr: bool | None, reindex: bool):
+        """The OCR side of an index run (None when the library reads no text); applies an
+        ``--ocr`` / ``--no-ocr`` request to the library's setting first."""
+        from .store import text as textstore
+
+        if ocr is False:
+            if self.ocr or textstore.any_read(self.store.conn):
+                with self.store.transaction() as c:
+                    textstore.clear(c)
+            self.store.set_meta(ocr=False)
+            return None
+        if not (ocr or self.ocr):
+            return None
+        from .ingest.ocr import available
+
+        if not available():
+            how = "" if ocr else " (this library reads text; 'itr index --no-ocr' turns that off)"
+            raise LibraryError(f"reading text in images needs rapidocr: pip install 'itr[ocr]'{how}")
+        if reindex:
+            with self.store.transaction() as c:
+                textstore.clear(c)
+        if ocr:
+            self.store.set_meta(ocr=True)
+        from .jobs.textread import TextJob
+
+        return TextJob(self.store)
 
     def _bind(self, enc) -> None:
         info = enc.info
@@ -276,14 +314,21 @@ class Library:
             raise UsageError(f"image query {path}: {e}") from None
         return enc.encode_pixels(pixels[None])[0]
 
-    def embed_query(self, parts, device: str = "auto", precision: str = "auto"):
-        """Combine query parts (:class:`itrcli.query.search.QueryPart`) into one vector ``[dim]``."""
+    def embed_query(self, parts, device: str = "auto", precision: str = "auto", adapter=None):
+        """Combine query parts (:class:`itrcli.query.search.QueryPart`) into one vector ``[dim]``.
+
+        ``adapter`` (an :class:`itrcli.query.adapt.Adapter`) maps the text parts towards
+        image space first; image parts are image vectors already."""
         from .query.search import build_query
+
+        def encode_texts(texts):
+            vecs = self.text_encoder(device, precision).encode_texts(texts)  # [n, dim]
+            return vecs if adapter is None else adapter.apply(vecs)
 
         return build_query(
             parts,
             stored_vector=self.stored_vector,
-            encode_texts=lambda texts: self.text_encoder(device, precision).encode_texts(texts),
+            encode_texts=encode_texts,
             encode_image=lambda p: self.embed_image(p, device, precision),
         )
 
@@ -305,18 +350,47 @@ class Library:
         device: str = "auto",
         precision: str = "auto",
         hash_bits: int | None = None,
+        adapt: bool = True,
+        camera: str | None = None,
+        near: str | None = None,
+        globs: Sequence[str] = (),
+        min_size: str | None = None,
+        kind: str | None = None,
+        sort: str = "score",
+        auto_cut: bool | float = False,
+        text_match: str = "auto",
+        rerank: bool = False,
+        rerank_k: int | None = None,
+        rerank_model: str | None = None,
+        rerank_progress=None,
     ) -> list:
         """Rank the library's images against a query; returns :class:`itrcli.query.search.Hit` s.
+
+        ``text_match``: on a library that reads text (``index(ocr=True)``), ``"auto"`` fuses
+        the cosine ranking with the match of the query's words in the images' text
+        (:mod:`itrcli.query.fusion`), ``"only"`` ranks by the text match alone (no model is
+        loaded), ``"none"`` by cosine alone.
 
         ``query`` is a text, or an image when it names an existing image file; ``image`` /
         ``text`` force the kind.  ``add`` / ``subtract`` terms are classified the same way.
         ``hash_bits``: rank binary codes of that length by Hamming distance first, then
         re-rank the best candidates by cosine (see :mod:`itrcli.query.hashing`).
         An image query never returns the query file itself.
+        ``adapt``: map text terms with the library's adapter (``itr adapt``) if it has one;
+        afterwards ``self.last_adapter`` is the method used, or None.
+        ``camera``, ``near`` (``"LAT,LON[,KM]"``), ``globs``, ``min_size`` (``"WxH"``) and
+        ``kind`` filter by metadata (:mod:`itrcli.query.filters`); ``sort``: ``score``,
+        ``date`` (newest first) or ``path`` order for the best ``top``; ``auto_cut``: keep
+        only results standing out from the library (True, or the floor in standard
+        deviations; :mod:`itrcli.query.autocut`).
+        ``rerank``: re-score the first ``rerank_k`` results with an image-text matching
+        model (``rerank_model``; see :meth:`rerank`); text queries only.
         Raises:
-            UsageError: empty query, bad date, unreadable query image.
+            UsageError: empty query, bad date or filter, unreadable query image.
             LibraryError: the library is empty.
         """
+        from .query.autocut import FLOOR_SIGMAS
+        from .query.filters import meta_filter, parse_sort, sort_hits
         from .query.search import Filters, parse_date, query_parts, rank
 
         parts = query_parts(query, image=image, text=text, add=add, subtract=subtract)
@@ -326,15 +400,252 @@ class Library:
             raise UsageError("empty query: give QUERY, --image or --text")
         if top < 1:
             raise UsageError("--top must be at least 1")
+        if rerank:
+            from .embed.rerank import DEFAULT_RERANK_K
+
+            rerank_k = DEFAULT_RERANK_K if rerank_k is None else rerank_k
+            if rerank_k < 1:
+                raise UsageError("--rerank-k must be at least 1")
+            if len(parts) != 1 or parts[0].kind != "text":
+                raise UsageError("--rerank scores one text against images: it takes a text "
+                                 "query without --add/--subtract, not an image query")
         if not self.model or not self.store.has_files():
             raise LibraryError(f"library {self.directory} is empty (run 'itr index PATH' first)")
+        meta = meta_filter(camera=camera, near=near, globs=globs, min_size=min_size, kind=kind)
+        order = parse_sort(sort)
+        sigmas = (None if auto_cut is False or auto_cut is None
+                  else FLOOR_SIGMAS if auto_cut is True else float(auto_cut))
         filters = Filters(list(in_dirs), parse_date(after, "--after"),
-                          parse_date(before, "--before"), threshold)
-        q = self.embed_query(parts, device, precision)
-        ef = ef or self.store.get_meta("search_ef")  # measured on this library by `itr index`
+                          parse_date(before, "--before"), threshold, meta, sigmas)
         exclude = [p.value for p in parts if p.kind == "image"]
-        return rank(q, store=self.store, get_vindex=self._search_graph, top=top, filters=filters,
-                    exclude_paths=exclude, exact=exact, ef=ef, hash_bits=hash_bits)
+        want = max(top, rerank_k) if rerank else top  # type: ignore[type-var]
+        tq = self._text_query(parts, text_match)
+        if tq is not None and text_match == "only":
+            from .query.fusion import fused_rank
+
+            self.last_adapter = None
+            hits = fused_rank(None, tq, store=self.store, get_vindex=self._search_graph,
+                              top=want, filters=filters, exclude_paths=exclude, text_only=True)
+        else:
+            adapter = self.adapter() if adapt and any(p.kind == "text" for p in parts) else None
+            self.last_adapter = adapter.method if adapter is not None else None
+            q = self.embed_query(parts, device, precision, adapter)
+            ef = ef or self.store.get_meta("search_ef")  # measured on this library by `itr index`
+            if tq is not None:
+                from .query.fusion import fused_rank
+
+                hits = fused_rank(q, tq, store=self.store, get_vindex=self._search_graph,
+                                  top=want, filters=filters, exclude_paths=exclude, exact=exact,
+                                  ef=ef, hash_bits=hash_bits)
+            else:
+                hits = rank(q, store=self.store, get_vindex=self._search_graph, top=want,
+                            filters=filters, exclude_paths=exclude, exact=exact, ef=ef,
+                            hash_bits=hash_bits)
+        if rerank:
+            hits = self.rerank(hits, parts[0].value, k=rerank_k, model=rerank_model,  # type: ignore[arg-type]
+                               device=device, precision=precision, progress=rerank_progress)
+        return sort_hits(hits[:top], order)
+
+    # -- binary codes ---------------------------------------------------------------------
+    def hash_codes(self, files: Sequence[tuple[str, int]] = (), texts: Sequence[str] = (), *,
+                   bits: int = 64, method: str = "itq", device: str = "auto",
+                   precision: str = "auto") -> list[dict[str, str]]:
+        """Hex codes of indexed files (``(path as shown, id)`` from :meth:`indexed`) and of
+        texts, in that order: ``[{"path"|"text": ..., "code": hex}]``.  The hasher is
+        fitted on the library (see :mod:`itrcli.query.hashing`) and saved when writable."""
+        from .query.hashing import library_codes, to_hex
+
+        if not files and not texts:
+            return []
+        lc = library_codes(self.store, bits, method)
+        out: list[dict[str, str]] = []
+        if files:
+            codes = lc.codes[lc.lookup(i for _, i in files)]  # [n, words]
+            out += [{"path": p, "code": to_hex(c, bits)} for (p, _), c in zip(files, codes)]
+        if texts:
+            vecs = self.text_encoder(device, precision).encode_texts(list(texts))  # [t, dim]
+            out += [{"text": t, "code": to_hex(c, bits)} for t, c in zip(texts, lc.hasher.codes(vecs))]
+        return out
+
+    def near_duplicates(self, files: Sequence[tuple[str, int]], *, bits: int = 64,
+                        method: str = "itq", threshold: float | None = None) -> list[list[str]]:
+        """Groups of near-duplicate files among ``files`` (``(path as shown, id)``): paths
+        sorted within each group, groups sorted.  ``threshold``: the cosine that confirms a
+        pair (default :data:`itrcli.query.hashing.DUPES_THRESHOLD`)."""
+        from .query.hashing import DUPES_THRESHOLD, find_dupes
+
+        if not files:
+            return []
+        cut = DUPES_THRESHOLD if threshold is None else threshold
+        groups = find_dupes(self.store, [i for _, i in files], bits, method, cut)
+        shown = {i: p for p, i in files}
+        return sorted(sorted(shown[i] for i in g) for g in groups)
+
+    # -- adapting ---------------------------------------------------------------------------
+    def stored_adapter(self):
+        """The stored :class:`itrcli.store.adapters.StoredAdapter`, or None."""
+        from .store import adapters
+
+        return adapters.load(self.store.conn)
+
+    def adapter(self):
+        """The query map fitted by :meth:`adapt` for this library's model, or None."""
+        from .query.adapt import Adapter
+
+        a = self.stored_adapter()
+        if a is None or a.model != self.model or a.dim != self.store.get_meta("dim"):
+            return None  # fitted for a model the library no longer holds
+        return Adapter(a.method, a.params, a.matrix, a.mean)
+
+    def adapt(
+        self,
+        pairs,
+        *,
+        methods: Sequence[str] | None = None,
+        folds: int = 5,
+        device: str = "auto",
+        precision: str = "auto",
+        batch_size: int = 32,
+        workers: int | None = None,
+        cache: bool = True,
+        progress: Progress | None = None,
+    ) -> dict[str, Any]:
+        """Fit a query map on captioned ``pairs`` and store it (see :mod:`itrcli.query.adapt`).
+
+        Args:
+            pairs: a :class:`itrcli.evaluation.datasets.Dataset` (``datasets.load``).
+            methods: the methods to choose from (default: all of
+                :data:`itrcli.query.adapt.METHODS`); cross-validation picks one, or none.
+            folds: cross-validation folds (grouped by image).
+            cache: use the evaluation embedding cache.
+        Returns:
+            ``{"stored": bool, "method", "params", "pairs_hash", "cv": {...}, "skipped": [...],
+            "notes": [...], "encoded": {...}}``; nothing is stored when no map beats the
+            model as it is on held-out pairs.
+        Raises:
+            LibraryError: empty library, read-only.
+            UsageError: too few readable pairs, bad ``folds`` / ``methods``.
+        """
+        import numpy as np
+
+        from .evaluation.evaluate import embed_dataset, pairs_of
+        from .store.embedding_cache import EmbeddingCache, default_cache_path
+        from .query import adapt as fit
+        from .store import adapters
+        from .store.db import now_iso
+
+        if self.store.readonly:
+            raise LibraryError("library opened read-only")
+        if not self.model:
+            raise LibraryError(f"library {self.directory} is empty (run 'itr index PATH' first: "
+                               "the map is fitted on its model's vectors)")
+        methods = list(methods or fit.METHODS)
+        for m in methods:
+            if m not in fit.METHODS:
+                raise UsageError(f"--method {m}: expected one of {', '.join(fit.METHODS)}")
+        if folds < 2:
+            raise UsageError("--folds must be at least 2")
+        store_cache = EmbeddingCache(default_cache_path()) if cache else None
+        try:
+            e = embed_dataset(pairs, self.model, device=device, precision=precision,
+                              batch_size=batch_size, workers=workers, cache=store_cache,
+                              library_vector=self.store.vector_for_hash, progress=progress)
+        finally:
+            if store_cache is not None:
+                store_cache.close()
+        p = pairs_of(pairs, e)
+        n_images = len(np.unique(p.image_hash))
+        need = fit.min_images(folds)
+        if n_images < need:
+            raise UsageError(
+                f"{pairs.source}: {n_images} readable captioned image(s); adapting needs at "
+                f"least {need} ({folds}-fold cross-validation, {fit.MIN_IMAGES_PER_FOLD} images "
+                "a fold at least)")
+        notes = []
+        dim = p.texts.shape[1]
+        if len(p) < dim:
+            notes.append(f"{len(p)} pairs, fewer than the dimension ({dim}): every map is "
+                         "regularised (ridge towards the model as it is, shrunk CCA with at most "
+                         "as many components as pairs); cross-validation picks the strength")
+        adapter, sel = fit.select_and_fit(p.texts, p.images, p.image_hash, methods=methods,
+                                          folds=folds)
+        phash = fit.pairs_hash(zip(p.image_hash.tolist(), p.captions))
+        cv = sel.to_json()
+        stored = sel.best.method != "none"
+        if stored:
+            with self.store.transaction() as c:
+                adapters.save(c, adapters.StoredAdapter(
+                    self.model, phash, os.path.abspath(pairs.source), len(p), n_images, adapter.method,
+                    adapter.params, dim, adapter.matrix, adapter.mean, cv, now_iso()))
+        return {"stored": stored, "method": sel.best.method, "params": sel.best.params,
+                "pairs_hash": phash, "model": self.model, "cv": cv, "skipped": e.skipped,
+                "notes": notes, "encoded": e.stats}
+
+    def remove_adapter(self) -> bool:
+        """Drop the stored query map; True if there was one."""
+        from .store import adapters
+
+        if self.store.readonly:
+            raise LibraryError("library opened read-only")
+        with self.store.transaction() as c:
+            return adapters.delete(c)
+
+    def _text_query(self, parts, mode: str):
+        """The words to match in the images' text, or None for a cosine-only search."""
+        if mode not in ("auto", "only", "none"):
+            raise UsageError(f"text_match {mode!r}: expected auto, only or none")
+        if mode == "none" or (mode == "auto" and not self.ocr):
+            return None  # a library without text: nothing more imported or read
+        from .store import text as textstore
+
+        words = " ".join(p.value for p in parts if p.kind == "text" and p.sign > 0)
+        has_text = self.ocr and textstore.has_tables(self.store.conn)
+        if mode == "only":
+            if not has_text:
+                raise LibraryError(f"library {self.directory} has no text read from its images "
+                                   "(run 'itr index PATH --ocr' first)")
+            if not words:
+                raise UsageError("--text-only needs a text query")
+            if parts and any(p.kind == "image" or p.sign < 0 for p in parts):
+                raise UsageError("--text-only ranks by words: no image query, --add or --subtract")
+        if not has_text or not words:
+            return None
+        tq = textstore.text_query(words)
+        if tq.empty and mode == "only":
+            raise UsageError(f"--text-only: no word to match in {words!r}")
+        return None if tq.empty else tq
+
+    def rerank(self, hits: list, text: str, *, k: int, model: str | None = None,
+               device: str = "auto", precision: str = "auto", progress=None) -> list:
+        """Re-score the first ``k`` hits against ``text`` with an image-text matching model
+        (:class:`itrcli.embed.rerank.Reranker`; ``model`` None: ``$ITR_RERANK_MODEL`` or
+        the default preset) and put them in the order of its match probability; hits past
+        ``k`` follow in their first order.  Each hit keeps its cosine ``score`` and gets
+        ``rerank_score`` (None past ``k``, or when its file cannot be read now: those follow
+        the re-scored ones, with ``rerank_error``).  Returns the hits renumbered.
+        Raises:
+            ModelError: the re-ranker cannot be loaded.
+        """
+        from .embed.rerank import Reranker, reorder
+        from .store.db import fs_path_of
+
+        head, tail = hits[:k], hits[k:]
+        if head:
+            rows = self.store.rows(h.id for h in head)
+            paths = [fs_path_of(rows[h.id]["path"], rows[h.id]["fsname"]) if h.id in rows
+                     else h.path for h in head]
+            args = (model, device, precision)
+            if self._reranker is None or self._reranker_args != args:
+                self._reranker = Reranker(model, device=device, precision=precision)
+                self._reranker_args = args
+            scores, errors = self._reranker.score_files(text, paths, progress=progress)
+            for h, p, s in zip(head, paths, scores):
+                h.rerank_score, h.rerank_error = s, errors.get(p)
+            head = [head[i] for i in reorder(scores)]
+        out = head + tail
+        for n, h in enumerate(out, 1):
+            h.rank, h.reranked = n, True
+        return out
 
     def vector_index(self):
         """The HNSW graph, up to date with the store (replayed in memory if behind)."""
@@ -364,12 +675,14 @@ class Library:
         """--reindex: forget every vector and the model binding (rows are re-created).
         The graph goes first: killed in between, it is rebuilt from the rows."""
         from .embed.textonnx import remove_export
+        from .store import adapters
         from .store.vindex import remove_graphs
 
         remove_graphs(self.directory)
         with self.store.transaction() as c:
             self.store.delete_files(c, self.store.vector_ids().tolist())
             self.store.forget_model(c)
+            adapters.delete(c)  # fitted on the old model's vectors
         remove_export(self.directory)
 
     def _catch_up_text_tower(self, model: str, device: str, precision: str) -> None:
@@ -415,6 +728,8 @@ class Library:
         meta = self.store.meta()
         sizes = disk_usage(self.directory)
         total = sum(sizes.values())
+        from .store.metadata import coverage
+
         db = self.store.db  # sqlite-utils view: table counts without hand-written SQL
         return {
             "library": str(self.directory),
@@ -426,13 +741,26 @@ class Library:
             "schema_version": meta.get("schema_version"),
             "files": db["files"].count,
             "vectors": db["vectors"].count,
+            "metadata": coverage(self.store.conn),  # files with gps, camera, taken_at
             "roots": meta.get("roots", []),
             "fast_text_search": OnnxTextEncoder.available(self.directory),
             "search_ef": meta.get("search_ef"),
             "search_recall": meta.get("search_recall"),
+            "adapter": self._adapter_info(),
+            "ocr": self._text_info(bool(meta.get("ocr"))),
             "sizes": {**sizes, "total": total},
         }
 
+    def _adapter_info(self) -> dict[str, Any] | None:
+        a = self.stored_adapter()
+        if a is None:
+            return None
+        return {**a.to_json(), "active": a.model == self.model}
+
+    def _text_info(self, on: bool) -> dict[str, Any]:
+        from .store import text as textstore
+
+        return {"enabled": on, **textstore.status_counts(self.store.conn)}
 
 
 def disk_usage(directory: Path) -> dict[str, int]:

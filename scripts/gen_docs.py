@@ -43,6 +43,10 @@ ENVIRONMENT: dict[str, str] = {
     "ITR_MODEL": "The model, when --model is not given: a preset name (see itr models), a "
                  "Hugging Face id or a local directory. A library stays bound to the model "
                  "that first indexed it.",
+    "ITR_RERANK_MODEL": "The re-ranker of --rerank, when --rerank-model is not given: a "
+                        "re-rank preset name (see itr models), a Hugging Face id or a local "
+                        "directory of a BLIP image-text matching checkpoint. Default: "
+                        "blip-itm-base-coco.",
     "HF_HUB_OFFLINE": "When 1, never use the network: a hub id is looked up in the Hugging "
                       "Face cache only.",
     "HF_HOME": "The Hugging Face cache, where hub models are looked up first. "

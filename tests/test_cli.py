@@ -76,9 +76,11 @@ def test_models_lists_presets_and_marks_the_default(itr):
     r = itr("models")
     assert r.code == 0 and "laion/CLIP-ViT-B-32-laion2B-s34B-b79K" in r.out
     default = [line for line in r.out.splitlines() if line.startswith("*")]
-    assert len(default) == 2 and "laion-b32" in default[0]  # the row, and the footnote
+    # the row and the footnote, of the encoders then of the re-rankers
+    assert len(default) == 4 and "laion-b32" in default[0] and "blip-itm" in default[2]
     j = itr("models", "--json").json()
-    assert sum(p["default"] for p in j) == 1
+    assert sum(p["default"] for p in j if p["kind"] == "encoder") == 1
+    assert sum(p["default"] for p in j if p["kind"] == "reranker") == 1
 
 
 def test_exit_codes_are_documented():

@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -193,3 +194,135 @@ def test_subcommand_and_path_completion():
     r = _complete_bash("itr index /us")
     _assert_completion_works(r)
     assert r.stdout.strip() == ""
+
+
+# --- README and docs/ -------------------------------------------------------------------
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+README_MAX_LINES = 420  # a front page: a short section per command (13 of them), links for the rest
+_LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+#: `itr NAME` where a command starts: a code span, a shell prompt, after && || ; or $(
+_ITR_COMMAND = re.compile(r"(?:^|[`(]|\$ |&& |\|\| |; )itr ([a-z][a-z-]*)", re.M)
+#: repository paths named in the docs (not the end of a longer path such as ~/x/man/y)
+_REPO_PATH = re.compile(r"(?<![\w/.~-])((?:bench|tests|scripts|itrcli|man|completions|docs)"
+                        r"/[\w./-]*\w)")
+_MODULE = re.compile(r"(?<![\w/.])(itrcli(?:\.[A-Za-z_]\w*)+)")
+
+
+def _text(path: Path) -> str:
+    return path.read_text(encoding="utf-8")
+
+
+def _slug(heading: str) -> str:
+    """The anchor GitHub gives a heading."""
+    text = heading.strip().lower()
+    return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(path: Path) -> set[str]:
+    text = re.sub(r"```.*?```", "", _text(path), flags=re.S)  # no headings in code blocks
+    return {_slug(m) for m in re.findall(r"^#{1,6} (.+)$", text, re.M)}
+
+
+def _command_names() -> list[str]:
+    return [path[0] for path, _ in _subcommands() if len(path) == 1]
+
+
+def test_docs_exist_and_the_readme_links_them():
+    readme = _text(ROOT / "README.md")
+    for name in ("commands", "library-format", "hash", "performance", "api", "architecture"):
+        assert (ROOT / "docs" / f"{name}.md").is_file(), f"docs/{name}.md is missing"
+        assert f"](docs/{name}.md" in readme, f"README.md does not link docs/{name}.md"
+
+
+def test_relative_links_point_to_existing_files_and_headings():
+    problems = []
+    for doc in DOCS:
+        for target in _LINK.findall(_text(doc)):
+            if re.match(r"[a-z]+:", target):
+                continue  # http:, https:, mailto:
+            file, _, anchor = target.partition("#")
+            dest = (doc.parent / file).resolve() if file else doc
+            where = f"{doc.relative_to(ROOT)}: ({target})"
+            if not dest.exists():
+                problems.append(f"{where}: no such file")
+            elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+                problems.append(f"{where}: no heading with that anchor")
+    assert not problems, "broken links:\n" + "\n".join(problems)
+
+
+def test_paths_and_modules_named_in_the_docs_exist():
+    problems = []
+    for doc in DOCS:
+        text = _text(doc)
+        for rel in set(_REPO_PATH.findall(text)):
+            if rel.startswith("bench/out") or re.search(r"[A-Z]{4,}", rel):
+                continue  # made by the benchmarks; placeholders such as man/itr-COMMAND.1
+            if not (ROOT / rel).exists():
+                problems.append(f"{doc.relative_to(ROOT)}: {rel} does not exist")
+        for dotted in set(_MODULE.findall(text)):
+            parts = dotted.split(".")
+            # the longest prefix that is a module or package; the rest are names in it
+            for n in range(len(parts), 0, -1):
+                base = ROOT.joinpath(*parts[:n])
+                src = base.with_suffix(".py") if base.with_suffix(".py").is_file() else (
+                    base / "__init__.py")
+                if src.is_file():
+                    break
+            else:
+                problems.append(f"{doc.relative_to(ROOT)}: {dotted}: no such module")
+                continue
+            rest = parts[n:]
+            source = src.read_text(encoding="utf-8")
+            if rest and not re.search(rf"\b(?:def|class) {rest[0]}\b|^{rest[0]}\b|\"{rest[0]}\"",
+                                      source, re.M):
+                problems.append(f"{doc.relative_to(ROOT)}: {dotted}: {src.relative_to(ROOT)} "
+                                f"has no {rest[0]}")
+    assert not problems, "\n".join(problems)
+
+
+def test_every_command_has_a_readme_section_and_a_full_one_in_commands_md():
+    readme, commands = _text(ROOT / "README.md"), _text(ROOT / "docs" / "commands.md")
+    names = _command_names()
+    assert {"index", "search", "info", "check", "eval", "hash", "models", "path"} <= set(names)
+    for name in names:
+        assert re.search(rf"^### `itr {name}\b", readme, re.M), (
+            f"README.md has no section for `itr {name}`")
+        assert re.search(rf"^## `itr {name}\b", commands, re.M), (
+            f"docs/commands.md has no section for `itr {name}`")
+
+
+def test_commands_named_in_the_docs_exist():
+    names = set(_command_names())
+    for doc in DOCS:
+        for word in set(_ITR_COMMAND.findall(_text(doc))):
+            assert word in names, f"{doc.relative_to(ROOT)} names `itr {word}`, not a command"
+
+
+def test_every_option_is_in_commands_md():
+    commands = _text(ROOT / "docs" / "commands.md")
+    missing = []
+    for path, cmd in _subcommands():
+        for param in cmd.params:
+            if param.param_type_name == "option" and not param.hidden:
+                if not any(re.search(rf"`[^`]*{re.escape(opt)}\b", commands) for opt in param.opts):
+                    missing.append(f"itr {' '.join(path)} {'/'.join(param.opts)}")
+    assert not missing, "docs/commands.md does not mention:\n" + "\n".join(missing)
+
+
+def test_readme_stays_a_front_page():
+    lines = _text(ROOT / "README.md").count("\n")
+    assert lines <= README_MAX_LINES, (
+        f"README.md has {lines} lines (at most {README_MAX_LINES}): move reference material "
+        "to docs/ and link it")
+    assert len(re.findall(r"^#+ Python API", _text(ROOT / "README.md"), re.M)) == 1
+
+
+def test_readme_and_commands_md_list_every_exit_code():
+    from itrcli.errors import ExitCode
+
+    for doc in (ROOT / "README.md", ROOT / "docs" / "commands.md"):
+        text = _text(doc)
+        for code in ExitCode:
+            assert re.search(rf"^\| {int(code)} \|", text, re.M), (
+                f"{doc.relative_to(ROOT)}: exit code {int(code)} is not in its table")

@@ -17,6 +17,9 @@ from ..ingest.images import Preprocess
 
 #: transformers ``model_type`` values whose checkpoints we can run.
 SUPPORTED_TYPES = ("clip", "siglip")
+#: What to use instead of a NaFlex SigLIP 2 checkpoint (``model_type`` "siglip2"): the
+#: fixed-resolution ones are ``model_type`` "siglip" with a Gemma fast tokenizer.
+NAFLEX_INSTEAD = "google/siglip2-base-patch16-224"
 from ..constants import PRECISIONS
 
 
@@ -110,12 +113,14 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
-def _not_found_message(model: str, err: BaseException) -> str:
+def _not_found_message(model: str, err: BaseException, option: str = "--model / ITR_MODEL",
+                       revision: str | None = None) -> str:
     where = "the local Hugging Face cache" + ("" if _hub_offline() else " or the hub")
+    rev = f" --revision {revision}" if revision else ""
     return (
         f"cannot load model '{model}': it is not a local directory and was not found in "
         f"{where} ({type(err).__name__}). Download it once where there is network "
-        f"(`hf download {model}`), or point --model / ITR_MODEL at a local directory "
+        f"(`hf download {model}{rev}`), or point {option} at a local directory "
         "holding config.json, model.safetensors and the processor files"
     )
 
@@ -163,6 +168,12 @@ class Encoder:
                 config = AutoConfig.from_pretrained(model, trust_remote_code=False)
             except (OSError, ValueError) as e2:
                 raise ModelError(_not_found_message(model, e2)) from None
+        if config.model_type == "siglip2":
+            raise ModelError(
+                f"model '{model}' is a SigLIP 2 NaFlex checkpoint (Siglip2Model, variable "
+                "resolution), which itr does not run; use a fixed-resolution SigLIP 2 "
+                f"checkpoint instead: {NAFLEX_INSTEAD} (preset siglip2-b16), or its -256, "
+                "-384 or -512 variants")
         if config.model_type not in SUPPORTED_TYPES:
             raise ModelError(
                 f"model '{model}' is a '{config.model_type}' checkpoint; itr runs dual "
@@ -196,6 +207,25 @@ class Encoder:
         self.revision = getattr(config, "_commit_hash", None)
         if self.device == "cpu":
             torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    def float32_text_tower(self):
+        """(text model, text projection or None) in float32 on the CPU, for the ONNX export.
+
+        The loaded model itself when it runs in float32 on the CPU; otherwise the text
+        tower read again from the checkpoint in float32 (the vision tower dropped at once):
+        casting bf16 weights back to float32 would keep their rounding.
+        """
+        import torch
+        from transformers import AutoModel
+
+        model = self.model
+        if self.dtype != torch.float32 or self.device != "cpu":
+            model = AutoModel.from_pretrained(
+                self.model_id, config=self.model.config, use_safetensors=True,
+                trust_remote_code=False, dtype=torch.float32, local_files_only=True)
+            model.vision_model = None  # only the text tower is exported
+            model.eval()
+        return model.text_model, getattr(model, "text_projection", None)  # SigLIP: inside
 
     @property
     def info(self) -> ModelInfo:

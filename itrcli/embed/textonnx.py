@@ -28,8 +28,6 @@ def export(encoder, library_dir: Path) -> Path:
 
     Raises whatever torch/onnx raise; callers treat a failure as "no fast path".
     """
-    import copy
-
     import torch
 
     out = Path(library_dir) / DIRNAME
@@ -49,15 +47,15 @@ def export(encoder, library_dir: Path) -> Path:
         "model": encoder.model_id,
         "lowercase": bool(getattr(encoder.tokenizer, "do_lower_case", False))
         and encoder.model_type == "siglip",
+        # Gemma's tokenizer (SigLIP 2) pads on the left unless its config says otherwise;
+        # SigLIP pools the last position, so the side changes the vector
+        "padding_side": getattr(encoder.tokenizer, "padding_side", "right") or "right",
+        "truncation_side": getattr(encoder.tokenizer, "truncation_side", "right") or "right",
     }
 
-    # Only the text tower, and a float32 copy of it only when the model runs in another
-    # precision: copying the whole model would double the peak memory of the first index run.
-    text_model = encoder.model.text_model
-    proj = getattr(encoder.model, "text_projection", None)  # CLIP has one; SigLIP's is inside
-    if encoder.dtype != torch.float32 or encoder.device != "cpu":
-        text_model = copy.deepcopy(text_model).float().cpu()
-        proj = copy.deepcopy(proj).float().cpu() if proj is not None else None
+    # Only the text tower, in float32 from the checkpoint's own weights (a bf16 or fp16
+    # model cast back to float32 would carry its rounding into every cold search).
+    text_model, proj = encoder.float32_text_tower()
 
     class TextTower(torch.nn.Module):
         """``get_text_features`` of CLIP/SigLIP, then L2 normalisation."""
@@ -152,11 +150,14 @@ class OnnxTextEncoder:
 
         self.tok = Tokenizer.from_file(str(d / TOKENIZER_FILE))
         ml = int(self.settings["max_length"])
-        self.tok.enable_truncation(max_length=ml)
+        # exports written before the sides were recorded padded and truncated on the right
+        self.tok.enable_truncation(max_length=ml,
+                                   direction=self.settings.get("truncation_side", "right"))
+        side = self.settings.get("padding_side", "right")
         if self.settings["padding"] == "max_length":
-            self.tok.enable_padding(pad_id=int(self.settings["pad_id"]), length=ml)
+            self.tok.enable_padding(pad_id=int(self.settings["pad_id"]), length=ml, direction=side)
         else:
-            self.tok.enable_padding(pad_id=int(self.settings["pad_id"]))
+            self.tok.enable_padding(pad_id=int(self.settings["pad_id"]), direction=side)
         import onnxruntime as ort
 
         so = ort.SessionOptions()

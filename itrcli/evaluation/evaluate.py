@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sqlite3
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -39,16 +38,19 @@ from . import metrics
 from ..embed import models
 from .datasets import Dataset
 from ..errors import ItrError, UsageError
+from ..store.db import Store
+from ..store.embedding_cache import EmbeddingCache, default_cache_path
 from ..ingest.files import content_hash
 from ..progress import NoProgress, Progress, default_workers
 
 DEFAULT_KS = (1, 5, 10)
-METHODS = ("exact", "hnsw", "hash", "hash+rerank")
+METHODS = ("exact", "hnsw", "hash", "hash+rerank", "exact+rerank")
 #: hash+rerank: candidates taken by Hamming distance before the exact cosine re-rank:
 #: ``max(RERANK_FACTOR * K_max, RERANK_MIN)``.
 RERANK_FACTOR = 10
 RERANK_MIN = 100
-CACHE_NAME = "embeddings.db"
+#: --folds when --adapt's pairs share images with the dataset and no --folds is given.
+ADAPT_FOLDS = 5
 #: Captions per text-encoder batch, as a multiple of the image batch size (texts are cheap).
 TEXT_BATCH_FACTOR = 4
 
@@ -94,6 +96,7 @@ class EvalResult:
     skipped: list[dict[str, str]] = field(default_factory=list)  #: {"path", "error"}: unreadable
     encoded: dict[str, dict[str, Any]] = field(default_factory=dict)  #: per model: counts, seconds
     notes: list[str] = field(default_factory=list)  #: one-line remarks for stderr
+    adapt: dict[str, Any] | None = None  #: with ``adapt=``: the pairs and each fold's pick
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -107,6 +110,7 @@ class EvalResult:
             "skipped": self.skipped,
             "results": [r.to_json() for r in self.results],
             "encoded": self.encoded,
+            "adapt": self.adapt,
         }
 
 
@@ -177,80 +181,6 @@ def model_key(model_id: str, revision: str | None, precision: str) -> str:
     return f"{model_id}@{revision or 'unknown'}/{precision}"
 
 
-class EmbeddingCache:
-    """Vectors already computed, in ``cache_dir()/embeddings.db``.
-
-    Tables ``images`` (model, hash, vector) and ``texts`` (model, text, vector); vectors are
-    float32 little-endian blobs.
-    """
-
-    VERSION = 1
-
-    def __init__(self, path: str | os.PathLike) -> None:
-        self.path = Path(path)
-        try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-            self.conn.execute("PRAGMA journal_mode=WAL")
-            self.conn.execute("PRAGMA synchronous=NORMAL")
-            version = self.conn.execute("PRAGMA user_version").fetchone()[0]
-            if version > self.VERSION:
-                raise ItrError(f"embedding cache {self.path} was written by a newer itr; "
-                               "use --no-cache or delete the file")
-            if version < self.VERSION:
-                self.conn.execute("BEGIN IMMEDIATE")
-                self.conn.execute("CREATE TABLE IF NOT EXISTS images (model TEXT NOT NULL, "
-                                  "hash TEXT NOT NULL, vector BLOB NOT NULL, "
-                                  "PRIMARY KEY (model, hash)) WITHOUT ROWID")
-                self.conn.execute("CREATE TABLE IF NOT EXISTS texts (model TEXT NOT NULL, "
-                                  "text TEXT NOT NULL, vector BLOB NOT NULL, "
-                                  "PRIMARY KEY (model, text)) WITHOUT ROWID")
-                self.conn.execute(f"PRAGMA user_version = {self.VERSION}")
-                self.conn.execute("COMMIT")
-        except (sqlite3.DatabaseError, OSError) as e:
-            raise ItrError(f"cannot use the embedding cache {self.path}: {e} "
-                           "(use --no-cache, or delete the file)") from None
-
-    def close(self) -> None:
-        self.conn.close()
-
-    def get(self, table: str, model: str, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        """Cached vectors of ``keys`` (hashes or texts) under ``model``: key -> ``[dim]``."""
-        column = "hash" if table == "images" else "text"
-        out: dict[str, np.ndarray] = {}
-        keys = list(dict.fromkeys(keys))
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
-            rows = self.conn.execute(
-                f"SELECT {column}, vector FROM {table} WHERE model = ? AND {column} IN "
-                f"({','.join('?' * len(chunk))})", [model, *chunk]).fetchall()
-            for k, blob in rows:
-                out[k] = np.frombuffer(blob, dtype="<f4").astype(np.float32)
-        return out
-
-    def put(self, table: str, model: str, items: dict[str, np.ndarray]) -> None:
-        column = "hash" if table == "images" else "text"
-        if not items:
-            return
-        try:
-            self.conn.execute("BEGIN IMMEDIATE")
-            self.conn.executemany(
-                f"INSERT OR REPLACE INTO {table} (model, {column}, vector) VALUES (?, ?, ?)",
-                [(model, k, np.asarray(v, dtype="<f4").tobytes()) for k, v in items.items()])
-            self.conn.execute("COMMIT")
-        except sqlite3.DatabaseError as e:
-            if self.conn.in_transaction:
-                self.conn.execute("ROLLBACK")
-            raise ItrError(f"cannot write the embedding cache {self.path}: {e} "
-                           "(use --no-cache)") from None
-
-
-def default_cache_path() -> Path:
-    from ..paths import cache_dir
-
-    return cache_dir() / CACHE_NAME
-
-
 # -- encoding ---------------------------------------------------------------------------
 
 
@@ -263,6 +193,7 @@ class Embedded:
     text_vecs: np.ndarray  #: ``[n_captions, dim]`` in :meth:`Dataset.flat` order
     skipped: list[dict[str, str]]
     stats: dict[str, Any]
+    hashes: dict[int, str] = field(default_factory=dict)  #: image index -> content hash
 
 
 def _decode(path: str, prep) -> tuple[Any, str | None]:
@@ -375,7 +306,39 @@ def embed_dataset(
         "seconds": round(time.perf_counter() - t0, 3),
     }
     encoder = None  # free the model before the next one loads
-    return Embedded(model_id, image_vecs, text_vecs, skipped, stats)
+    return Embedded(model_id, image_vecs, text_vecs, skipped, stats, hashes)
+
+
+@dataclass
+class Pairs:
+    """(caption, image) pairs of a dataset as vectors, for fitting an adapter."""
+
+    texts: np.ndarray  #: [n, dim]
+    images: np.ndarray  #: [n, dim], the image of each caption (repeated per caption)
+    image_hash: np.ndarray  #: [n] content hash of each pair's image (groups the folds)
+    captions: list[str]  #: [n]
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def select(self, keep: np.ndarray) -> "Pairs":
+        """The pairs where ``keep`` (bool ``[n]``) holds."""
+        return Pairs(self.texts[keep], self.images[keep], self.image_hash[keep],
+                     [c for c, k in zip(self.captions, keep) if k])
+
+
+def pairs_of(ds: Dataset, e: Embedded) -> Pairs:
+    """Every caption of ``ds`` whose image could be read, with its image's vector."""
+    texts, owner = ds.flat()
+    rows = [c for c, i in enumerate(owner) if i in e.image_vecs]
+    dim = e.text_vecs.shape[1]
+    return Pairs(
+        e.text_vecs[rows].astype(np.float32),
+        np.stack([e.image_vecs[owner[c]] for c in rows]).astype(np.float32)
+        if rows else np.zeros((0, dim), np.float32),
+        np.asarray([e.hashes[owner[c]] for c in rows], dtype=str),
+        [texts[c] for c in rows],
+    )
 
 
 def _encode_images(enc, ds, todo, hashes, image_vecs, skipped, key, cache, batch_size, workers,
@@ -536,7 +499,10 @@ def evaluate(
     ann: bool = False,
     hash_bits: Sequence[int] = (),
     hash_method_name: str = "itq",
-    folds: int = 1,
+    folds: int | None = 1,
+    adapt: Dataset | None = None,
+    adapt_methods: Sequence[str] | None = None,
+    adapt_folds: int = 5,
     device: str = "auto",
     precision: str = "auto",
     batch_size: int = 32,
@@ -544,6 +510,10 @@ def evaluate(
     cache: bool | str | os.PathLike = True,
     db: str | os.PathLike | None = None,
     progress: Progress | None = None,
+    rerank: bool = False,
+    rerank_k: int | None = None,
+    rerank_model: str | None = None,
+    rerank_progress: Progress | None = None,
 ) -> EvalResult:
     """Measure text->image and image->text retrieval of each model on ``ds``.
 
@@ -556,25 +526,34 @@ def evaluate(
         hash_bits: add "hash-B" and "hash-B+rerank" rows per model and B.
         hash_method_name: passed to :func:`itrcli.query.hashing.fit`.
         folds: evaluate on this many contiguous image folds and average (COCO 1K: 5).
+            None: 1, or :data:`ADAPT_FOLDS` when ``adapt`` shares images with ``ds``.
+        adapt: captioned pairs to fit a query map on (:mod:`itrcli.query.adapt`): adds
+            "exact+adapt" (and "hnsw+adapt") rows.  Each fold is ranked with a map fitted
+            on the pairs whose images are not in that fold (compared by content), picked
+            by ``adapt_folds``-fold cross-validation among ``adapt_methods``.
         cache: use the embedding cache (True: the default file; a path: that file).
         db: an itr library whose stored vectors may be reused (same model only; they come
             from draft-mode decoding, so may differ slightly from a fresh encode).
         progress: start/advance/close while encoding (e.g. :class:`itrcli.show.output.BarProgress`).
+        rerank: add an "exact+rerank" row per model: the top ``rerank_k`` of exact re-scored
+            by the image-text matching model ``rerank_model`` (see
+            :mod:`itrcli.evaluation.rerank`); ``rerank_progress`` while it scores.
     Returns:
-        An :class:`EvalResult`, rows in model order then exact, hnsw, hash-B, hash-B+rerank.
+        An :class:`EvalResult`, rows in model order then exact, hnsw, hash-B, hash-B+rerank,
+        exact+rerank.
     Raises:
         UsageError: bad ``ks`` / ``folds`` / ``hash_bits``.
         ModelError: a model cannot be loaded.
     """
     ks = parse_int_list(list(ks), "--recall", DEFAULT_KS)
     hash_bits = parse_int_list(list(hash_bits), "--hash-bits") if hash_bits else ()
-    if folds < 1:
+    if folds is not None and folds < 1:
         raise UsageError("--folds must be at least 1")
-    if folds > len(ds.images):
+    if folds is not None and folds > len(ds.images):
         raise UsageError(f"--folds {folds}: the dataset has only {len(ds.images)} image(s)")
     hashing = _load_hashing() if hash_bits else None
     result = EvalResult(dataset=ds.name, split=ds.split, format=ds.format, images=0, captions=0,
-                        ks=tuple(ks), folds=folds, missing=list(ds.missing))
+                        ks=tuple(ks), folds=folds or 1, missing=list(ds.missing))
     for path in ds.uncaptioned:
         result.notes.append(f"no caption, left out: {path}")
 
@@ -584,29 +563,34 @@ def evaluate(
     library = None
     try:
         if db is not None:
-            from ..library import Library
-
-            library = Library.open(db, readonly=True)
+            library = Store(Path(db).expanduser(), readonly=True)
         names = []
         for name in list(model_names) or [None]:
             if name is None and library is not None:
-                name = library.model
+                name = library.get_meta("model")
             if models.resolve(name) not in [models.resolve(n) for n in names]:
                 names.append(name)  # a model given twice is one row, not two
         embedded: list[Embedded] = []
+        adapt_embedded: list[Embedded] = []
         for name in names:
             library_vector = None
             if library is not None:
                 want = models.resolve(name)
-                if library.model == want:
-                    library_vector = library.store.vector_for_hash
+                if library.get_meta("model") == want:
+                    library_vector = library.vector_for_hash
                 else:
-                    result.notes.append(f"library {library.directory} holds '{library.model}', "
+                    result.notes.append(f"library {library.directory} holds "
+                                        f"'{library.get_meta('model')}', "
                                         f"not '{want}': its vectors are not reused")
             embedded.append(embed_dataset(
                 ds, name, device=device, precision=precision, batch_size=batch_size,
                 workers=workers, cache=store_cache, library_vector=library_vector,
                 progress=progress))
+            if adapt is not None:
+                adapt_embedded.append(embed_dataset(
+                    adapt, name, device=device, precision=precision, batch_size=batch_size,
+                    workers=workers, cache=store_cache, library_vector=library_vector,
+                    progress=progress))
     finally:
         if store_cache is not None:
             store_cache.close()
@@ -622,6 +606,16 @@ def evaluate(
     result.skipped = [{"path": p, "error": err} for p, err in bad.items()]
     if not keep:
         raise ItrError("no image of the dataset could be read (see the skipped list)")
+    pairs = [pairs_of(adapt, a) for a in adapt_embedded]
+    if folds is None:
+        shared = len(set(pairs[0].image_hash.tolist()) & {embedded[0].hashes[i] for i in keep}) \
+            if pairs else 0
+        folds = ADAPT_FOLDS if shared and len(keep) >= ADAPT_FOLDS else 1
+        if folds > 1:
+            result.notes.append(f"--adapt: the pairs share {shared} image(s) with the dataset: "
+                                f"figures are the mean of {folds} folds, each ranked with a map "
+                                "fitted on pairs whose images are not in it")
+        result.folds = folds
     if folds > len(keep):
         raise UsageError(f"--folds {folds}: only {len(keep)} readable image(s)")
     sub = ds.subset(keep)
@@ -632,17 +626,103 @@ def evaluate(
     result.images, result.captions = len(sub.images), len(caption_image)
     fold_idx = metrics.fold_indices(caption_image, len(sub.images), folds)
 
-    for e in embedded:
+    if adapt is not None:
+        result.adapt = {"pairs": adapt.source, "folds": adapt_folds, "models": {}}
+    reranker, probs = None, {}
+    if rerank:
+        from ..embed.rerank import DEFAULT_RERANK_K, Reranker
+
+        rerank_k = DEFAULT_RERANK_K if rerank_k is None else rerank_k
+        if rerank_k < 1:
+            raise UsageError("--rerank-k must be at least 1")
+        reranker = Reranker(rerank_model, device=device, precision=precision)
+        all_texts, _ = ds.flat()
+        kept_texts = [all_texts[i] for i in kept_captions]
+    for j, e in enumerate(embedded):
         result.encoded[e.model] = e.stats
         img = np.stack([e.image_vecs[i] for i in keep]).astype(np.float32)  # [n_images, dim]
         txt = np.ascontiguousarray(e.text_vecs[kept_captions])  # [n_captions, dim]
+        fit_fold = None
+        if adapt is not None:
+            image_hash = np.asarray([e.hashes[i] for i in keep], dtype=str)  # [n_images]
+            picks: list[dict[str, Any]] = []
+            result.adapt["models"][e.model] = picks
+            fit_fold = _fold_fitter(pairs[j], image_hash, adapt_methods, adapt_folds, picks)
         result.results += _rows(e.model, img, txt, caption_image, fold_idx, ks, ann, hash_bits,
-                                hashing, hash_method_name)
+                                hashing, hash_method_name, fit_fold)
+        if reranker is not None:
+            row, stats = _rerank_row(e.model, img, txt, caption_image, fold_idx, ks, rerank_k,
+                                     reranker, sub.images, kept_texts, probs, workers,
+                                     rerank_progress)
+            result.results.append(row)
+            result.notes.append(
+                f"exact+rerank: each query's top {rerank_k} re-scored by {reranker.model_id}: "
+                f"{stats['pairs']} image-text pairs on {stats['images']} images in "
+                f"{stats['seconds']:.1f} s")
+    if adapt is not None:
+        for model, picks in result.adapt["models"].items():
+            labels = ", ".join(sorted({p["picked"] for p in picks}))
+            sizes = sorted({p["pairs"] for p in picks})
+            n = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+            result.notes.append(f"+adapt ({_short_names([model])[model]}): {labels}, fitted on "
+                                f"{n} pairs, none sharing an image with the images it ranks")
     return result
 
 
+def _fold_fitter(pairs: Pairs, image_hash: np.ndarray, methods, folds: int,
+                 picks: list[dict[str, Any]]) -> Callable[[np.ndarray], Any]:
+    """(image indices of a fold ``[m]``) -> the adapter to rank that fold with: fitted on
+    the pairs whose images (by content) are not in the fold; one fit serves every fold
+    that excludes no pair."""
+    from ..query import adapt as fit
+
+    fitted: dict[str, Any] = {}
+
+    def for_fold(imgs: np.ndarray):
+        train = ~np.isin(pairs.image_hash, image_hash[imgs])  # [n_pairs]
+        if train.all() and "all" in fitted:
+            return fitted["all"]
+        p = pairs.select(train)
+        n_images = len(np.unique(p.image_hash))
+        if n_images < fit.min_images(folds):
+            raise UsageError(
+                f"--adapt: {n_images} captioned image(s) left to fit on once a fold's images "
+                f"are held out; needs at least {fit.min_images(folds)} (more pairs, or more "
+                "--folds)")
+        adapter, sel = fit.select_and_fit(p.texts, p.images, p.image_hash,
+                                          methods=list(methods or fit.METHODS), folds=folds)
+        picks.append({"picked": sel.best.label(), "pairs": len(p), "images": n_images,
+                      "cv": sel.to_json()})
+        if train.all():
+            fitted["all"] = adapter
+        return adapter
+
+    return for_fold
+
+
+def _rerank_row(model_id, img, txt, caption_image, fold_idx, ks, k, reranker, image_paths,
+                texts, probs, workers, progress) -> tuple[MethodResult, dict[str, Any]]:
+    """The "exact+rerank" row of one model (``probs``: pair scores shared across models)."""
+    from .rerank import FoldCandidates, score_pairs
+
+    t0 = time.perf_counter()
+    folds, pairs = [], {}
+    for imgs, caps in fold_idx:
+        ci = caption_image[caps] - imgs[0]
+        cand = FoldCandidates(img[imgs], txt[caps], np.asarray(imgs), np.asarray(caps), k)
+        cand.pairs(pairs)
+        folds.append((cand, exact_method(img[imgs], txt[caps], ci)))
+    stats = score_pairs(reranker, image_paths, texts, pairs, probs,
+                        workers=workers or 2, progress=progress)
+    summaries = [metrics.summarise(*cand.ranks(probs, caption_image, base), ks)
+                 for cand, base in folds]
+    summary = metrics.mean_of(summaries)
+    return MethodResult(model_id, "exact+rerank", summary["t2i"], summary["i2t"], summary["rsum"],
+                        time.perf_counter() - t0), stats
+
+
 def _rows(model_id, img, txt, caption_image, fold_idx, ks, ann, hash_bits, hashing,
-          hash_method_name) -> list[MethodResult]:
+          hash_method_name, fit_fold=None) -> list[MethodResult]:
     """Every method's row for one model, each averaged over the folds."""
     runs: dict[str, list[tuple[Ranks, float]]] = {}
 
@@ -667,6 +747,16 @@ def _rows(model_id, img, txt, caption_image, fold_idx, ks, ann, hash_bits, hashi
         if ann:
             t0 = time.perf_counter()
             record("hnsw", hnsw_method(fi, ft, ci, ks), time.perf_counter() - t0)
+        if fit_fold is not None:
+            t0 = time.perf_counter()
+            adapter = fit_fold(imgs)
+            fit_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            fa = adapter.apply(ft)  # [m_f, dim]: the captions mapped, the images as they are
+            record("exact+adapt", exact_method(fi, fa, ci), fit_s + time.perf_counter() - t0)
+            if ann:
+                t0 = time.perf_counter()
+                record("hnsw+adapt", hnsw_method(fi, fa, ci, ks), time.perf_counter() - t0)
         for bits, img_codes, txt_codes, fit_seconds in codes:
             share = fit_seconds / len(fold_idx)
             c = rerank_candidates(ks)

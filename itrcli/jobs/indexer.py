@@ -52,6 +52,7 @@ class IndexSummary:
     interrupted: bool = False
     #: the image files the walk found under the roots (not in ``to_json``)
     found: list[str] = field(default_factory=list, repr=False)
+    text: Any = None  #: :class:`itrcli.jobs.textread.TextStats` when text is read (--ocr)
     engine: str = "local"  #: "local", or "ray" (:mod:`itrcli.jobs.distributed`)
 
     @property
@@ -67,6 +68,8 @@ class IndexSummary:
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
             "engine": self.engine,
+            # an extra key, only when the library reads text (--ocr; see docs/ocr.md)
+            **({"ocr": self.text.to_json()} if self.text is not None else {}),
         }
 
     def skip(self, path: str, reason: str) -> None:
@@ -158,8 +161,11 @@ class IndexRun:
         workers: int = 2,
         draft: bool = True,
         progress: Progress | None = None,
+        text: Any = None,
     ) -> None:
         self.store = store
+        #: a :class:`itrcli.jobs.textread.TextJob` when the library reads text (--ocr)
+        self.text = text
         self.library_dir = library_dir
         self.get_encoder = get_encoder
         self.dim = dim
@@ -210,9 +216,14 @@ class IndexRun:
             if path not in found.files and under(path, roots) and not under(path, found.unlisted)
         ] if prune else []
         try:
+            if self.text is not None:
+                s.text = self.text.stats
+                self.text.queue_missing()  # read beside the encoder from the start
             if todo or missing or gone_failures:
                 self._process(todo, known, missing)
                 self._remove(missing, gone_failures)
+            if self.text is not None:
+                self.text.finish(self.progress)
         except KeyboardInterrupt:
             s.interrupted = True
         except BaseException:
@@ -223,6 +234,8 @@ class IndexRun:
                 pass
             raise
         finally:
+            if self.text is not None:
+                self.text.close()
             s.seconds = time.monotonic() - t0
         if s.interrupted:
             self._save()  # no catching up: Ctrl-C should end the run promptly
@@ -389,12 +402,18 @@ class IndexRun:
                 put_ids.append(id_)
                 put_vecs.append(vec)
             self.store.forget_failures(c, [p for p in ok if p in self.failures])
+            if self.text is not None:
+                self.text.store_done(c)
             if put_ids:
                 seq = self.store.last_seq()  # the log entry the graph reflects once it has these
         # committed: only now count it, and mirror it into the graph
         for key, n in counts.items():
             setattr(s, key, getattr(s, key) + n)
         s.embedded += len(batch)
+        if self.text is not None:
+            self.text.committed()
+            for path, r in batch:
+                self.text.queue(r.hash, path)
         if put_ids:
             vi = self._open_vindex()
             vi.add(np.asarray(put_ids, dtype=np.int64), np.stack(put_vecs))

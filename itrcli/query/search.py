@@ -20,6 +20,7 @@ from typing import Any, Callable, Sequence
 
 from ..errors import UsageError
 from ..constants import HEIF_EXTENSIONS, IMAGE_EXTENSIONS
+from .filters import MetaFilter
 
 #: When filters leave at most this many candidates, score them exactly instead of
 #: asking the graph (exact and cheaper at that size).
@@ -45,6 +46,12 @@ class Hit:
     taken_at: str | None
     id: int
     mtime_ns: int | None = None
+    #: words of the image's text that matched (searches that use text; see query/fusion.py)
+    text: list[str] | None = None
+    #: with ``--rerank``: the re-ranker's match probability (None past K, or unreadable)
+    rerank_score: float | None = None
+    reranked: bool = field(default=False, repr=False)  #: --rerank was asked for
+    rerank_error: str | None = field(default=None, repr=False)  #: why it has no rerank_score
 
     @property
     def date(self) -> str | None:
@@ -56,8 +63,13 @@ class Hit:
         return None
 
     def to_json(self) -> dict[str, Any]:
-        return {"rank": self.rank, "score": round(self.score, 4), "path": self.path,
-                "width": self.width, "height": self.height, "taken_at": self.taken_at}
+        d = {"rank": self.rank, "score": round(self.score, 4), "path": self.path,
+             "width": self.width, "height": self.height, "taken_at": self.taken_at}
+        if self.text is not None:
+            d["text"] = self.text
+        if self.reranked:
+            d["rerank_score"] = None if self.rerank_score is None else round(self.rerank_score, 4)
+        return d
 
 
 @dataclass
@@ -66,10 +78,13 @@ class Filters:
     after: str | None = None  #: YYYY-MM-DD, inclusive
     before: str | None = None  #: YYYY-MM-DD, exclusive
     threshold: float | None = None
+    meta: MetaFilter | None = None  #: camera, place, glob, size, kind (query/filters.py)
+    auto_cut: float | None = None  #: --auto-cut's floor in std devs (query/autocut.py)
 
     @property
     def narrows(self) -> bool:
-        return bool(self.in_dirs or self.after or self.before)
+        return bool(self.in_dirs or self.after or self.before
+                    or (self.meta is not None and self.meta.narrows))
 
 
 def parse_date(value: str | None, option: str) -> str | None:
@@ -148,26 +163,27 @@ def build_query(
     return (total / norm).astype(np.float32)
 
 
-def allowed_ids(conn, f: Filters) -> set[int] | None:
-    """Ids passing --in/--after/--before (None: no such filter)."""
+def allowed_ids(store, f: Filters) -> set[int] | None:
+    """Ids passing --in/--after/--before and the metadata filters (None: no filter)."""
     if not f.narrows:
         return None
-    where, args = [], []
-    if f.in_dirs:
-        ors = []
-        for d in f.in_dirs:
-            d = os.path.abspath(os.path.expanduser(d)).rstrip(os.sep)
-            ors.append("(path = ? OR substr(path, 1, ?) = ?)")
-            args += [d, len(d) + 1, d + os.sep]
-        where.append("(" + " OR ".join(ors) + ")")
-    when = "COALESCE(taken_at, datetime(mtime_ns / 1000000000, 'unixepoch', 'localtime'))"
-    if f.after:
-        where.append(f"{when} >= ?")
-        args.append(f.after)
-    if f.before:
-        where.append(f"{when} < ?")
-        args.append(f.before)
-    return {r[0] for r in conn.execute(f"SELECT id FROM files WHERE {' AND '.join(where)}", args)}
+    ids = None
+    if f.in_dirs or f.after or f.before:
+        dirs = [os.path.abspath(os.path.expanduser(d)).rstrip(os.sep) for d in f.in_dirs]
+        ids = store.ids_where(under=dirs, after=f.after, before=f.before)
+    m = f.meta
+    if m is not None and m.narrows:
+        from ..store.metadata import filter_ids, filter_rows
+
+        conn = store.conn
+        if m.needs_rows:  # distance and kind: decided in Python on the rows SQL leaves
+            rows = filter_rows(conn, camera=m.camera, globs=m.sql_globs(), min_size=m.min_size,
+                               lat_range=m.near.lat_range() if m.near else None, ids=ids)
+            ids = {r["id"] for r in rows if m.matches(r)}
+        else:
+            got = filter_ids(conn, camera=m.camera, globs=m.sql_globs(), min_size=m.min_size)
+            ids = got if ids is None else ids & got
+    return ids
 
 
 def rank(
@@ -187,7 +203,19 @@ def rank(
 
     from ..store.db import fs_path_of
 
-    allowed = allowed_ids(store.conn, filters)
+    if filters.auto_cut is not None:
+        from dataclasses import replace
+
+        from .autocut import WINDOW, gap_cut, library_floor
+
+        floor = library_floor(store, query, filters.auto_cut)
+        plain = replace(filters, auto_cut=None, threshold=floor if filters.threshold is None
+                        else max(floor, filters.threshold))
+        best = rank(query, store=store, get_vindex=get_vindex, top=WINDOW, filters=plain,
+                    exclude_paths=exclude_paths, exact=exact, ef=ef, hash_bits=hash_bits)
+        cut = gap_cut([h.score for h in best], plain.threshold)
+        return [h for h in best if h.score >= cut][:top]
+    allowed = allowed_ids(store, filters)
     excluded: set[int] = set()
     for p in exclude_paths:
         row = store.row_by_path(p)

@@ -53,6 +53,7 @@ figure img { max-width: 100%; max-height: 220px; display: block; }
 .missing { color: var(--muted); font-style: italic; }
 figcaption { padding: 6px 8px 8px; }
 .label { font-variant-numeric: tabular-nums; color: var(--muted); }
+.words { font-weight: 600; overflow-wrap: anywhere; }
 .path { display: block; word-break: break-all; color: inherit; text-decoration: none;
         font-size: 12px; }
 .path:hover { text-decoration: underline; }
@@ -71,6 +72,7 @@ class Card:
     thumb: bytes | None  #: JPEG, or None when it could not be made
     label: str = ""  #: e.g. ``#1 · 0.3124``
     error: str | None = None  #: why there is no thumbnail
+    text: str = ""  #: words read in the picture that the query matched
 
 
 def file_url(path: str | os.PathLike) -> str:
@@ -106,7 +108,8 @@ def _card_html(c: Card) -> str:
     else:
         pic = f'<span class="missing">{_esc(c.error or "no preview")}</span>'
     label = f'<span class="label">{_esc(c.label)}</span>' if c.label else ""
-    return (f'<figure><a class="thumb" href="{href}">{pic}</a><figcaption>{label}'
+    words = f'<span class="words">{_esc(c.text)}</span>' if c.text else ""
+    return (f'<figure><a class="thumb" href="{href}">{pic}</a><figcaption>{label}{words}'
             f'<a class="path" href="{href}">{_esc(c.path)}</a></figcaption></figure>')
 
 
@@ -214,6 +217,8 @@ def write_search_html(out: str | os.PathLike | TextIO, hits: Sequence, sources: 
     cache = cache or ThumbnailCache(None)
     cards = _cards(cache, sources, [f"#{h.rank} \u00b7 {h.score:.4f}" for h in hits],
                    [h.path for h in hits])
+    for c, h in zip(cards, hits):
+        c.text = " ".join(getattr(h, "text", None) or [])
     wanted = [(i, s) for i, s in enumerate(term_sources) if s is not None]
     made = _cards(cache, [s for _, s in wanted], [""] * len(wanted), [s.path for _, s in wanted])
     qcards: list[Card | None] = [None] * len(terms)

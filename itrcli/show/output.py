@@ -57,6 +57,7 @@ class BarProgress:
         from tqdm import tqdm
 
         self.t0 = time.monotonic()
+        self.embedded = 0
         self.bar = tqdm(total=total, unit="file", file=sys.stderr, dynamic_ncols=True,
                         desc=self.desc, leave=False)
 
@@ -86,6 +87,7 @@ class LogProgress:
 
     def start(self, total: int) -> None:
         self.total = total
+        self.done = self.embedded = 0
         self.t0 = self.last = time.monotonic()
 
     def advance(self, files: int, embedded: int) -> None:
@@ -118,4 +120,15 @@ def index_summary_line(s) -> str:
         f"scanned {s.scanned}, added {s.added}, updated {s.updated}, moved {s.moved}, "
         f"removed {s.removed}, unchanged {s.unchanged}, skipped {s.skipped} "
         f"in {s.seconds:.1f}s ({s.images_per_second:.1f} images/s)"
-    )
+    ) + (_text_part(s.text) if getattr(s, "text", None) is not None else "")
+
+
+def _text_part(t) -> str:
+    """The OCR share of a run (``itr index --ocr``)."""
+    part = (f"; text read in {t.read} images ({t.with_text} with text, {t.lines} lines, "
+            f"{t.seconds:.1f}s of OCR)")
+    if t.failed:
+        part += f", {t.failed} failed"
+    if t.pending:
+        part += f", {t.pending} left for the next run"
+    return part

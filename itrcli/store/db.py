@@ -138,10 +138,43 @@ def m003_hash_codes(conn: sqlite3.Connection) -> None:
     )
 
 
+def m006_adapters(conn: sqlite3.Connection) -> None:
+    # The query-side map fitted by `itr adapt` (see itrcli.store.adapters); at most one.
+    _script(
+        conn,
+        """
+        CREATE TABLE adapters (
+            id INTEGER PRIMARY KEY CHECK (id = 1), -- one map per library
+            model TEXT NOT NULL,                   -- meta.model when it was fitted
+            pairs_hash TEXT NOT NULL,              -- query.adapt.pairs_hash of the pairs
+            source TEXT NOT NULL,                  -- the pairs file or folder
+            pairs INTEGER NOT NULL,
+            images INTEGER NOT NULL,
+            method TEXT NOT NULL,                  -- ridge | procrustes | cca
+            params TEXT NOT NULL,                  -- JSON
+            dim INTEGER NOT NULL,
+            matrix BLOB NOT NULL,                  -- float32 little-endian [dim, dim], row-major
+            mean BLOB NOT NULL,                    -- float32 little-endian [dim]
+            cv TEXT NOT NULL,                      -- JSON: cross-validated recall per method
+            created_at TEXT NOT NULL
+        );
+        """
+    )
+
+
+def m004_text_lines(conn: sqlite3.Connection) -> None:
+    # Scene text, keyed by content hash like the vectors (see store/text.py)
+    from .text import create_tables
+
+    create_tables(conn)
+
+
 MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     m001_create_tables,
     m002_failures,
     m003_hash_codes,
+    m004_text_lines,
+    m006_adapters,
 ]
 #: The schema version a library has once every migration ran (kept in meta, for readers).
 SCHEMA_VERSION = len(MIGRATIONS)
@@ -345,6 +378,11 @@ class Store:
         c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         schema = c.execute("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL "
                            "AND name NOT LIKE 'sqlite_%'").fetchall()
+        # a virtual table (the text FTS index) creates its own shadow tables and is not
+        # copied: its contents are rebuilt from their rows (check --repair, store/text.py)
+        virtual = [n for _k, n, sql in schema if sql.upper().startswith("CREATE VIRTUAL")]
+        schema = [(k, n, sql) for k, n, sql in schema
+                  if not any(n.startswith(v + "_") for v in virtual)]
         new = sqlite3.connect(fresh, isolation_level=None)
         try:
             for kind, _name, sql in schema:
@@ -356,7 +394,7 @@ class Store:
         try:
             c.execute("BEGIN")
             for kind, name, _sql in schema:
-                if kind == "table":
+                if kind == "table" and name not in virtual:
                     # WHERE 1: no "xfer" shortcut, which would copy the (damaged) indexes;
                     # NOT INDEXED: read the table itself
                     c.execute(f'INSERT INTO fresh."{name}" SELECT * FROM main."{name}" NOT INDEXED WHERE 1')
@@ -436,6 +474,18 @@ class Store:
                 out[row["id"]] = row
         return out
 
+    def rows_by_hashes(self, hashes: Iterable[str]) -> list[dict[str, Any]]:
+        """File rows having one of these content hashes."""
+        hashes = list(hashes)
+        out: list[dict[str, Any]] = []
+        cur = self.conn.cursor()
+        for i in range(0, len(hashes), 500):
+            chunk = hashes[i : i + 500]
+            cur.execute(f"SELECT * FROM files WHERE hash IN ({','.join('?' * len(chunk))})", chunk)
+            cols = [d[0] for d in cur.description]
+            out += [dict(zip(cols, r)) for r in cur.fetchall()]
+        return out
+
     def row_by_path(self, fs_path: str) -> dict[str, Any] | None:
         """The file row of a path to open (None if not indexed)."""
         return self.row_by_shown_path(db_path_of(fs_path)[0])
@@ -461,6 +511,29 @@ class Store:
                     chunk,
                 ).fetchall()
         return _decode(rows, dim)
+
+    def ids_where(self, *, under: Iterable[str] = (), after: str | None = None,
+                  before: str | None = None) -> set[int]:
+        """Ids of files under one of the directories ``under`` (absolute, no trailing
+        separator) and taken (EXIF time, else the file's mtime in local time) on or after
+        ``after`` and before ``before`` (ISO dates or times)."""
+        where, args = [], []
+        under = list(under)
+        if under:
+            ors = []
+            for d in under:
+                ors.append("(path = ? OR substr(path, 1, ?) = ?)")
+                args += [d, len(d) + 1, d + os.sep]
+            where.append("(" + " OR ".join(ors) + ")")
+        when = "COALESCE(taken_at, datetime(mtime_ns / 1000000000, 'unixepoch', 'localtime'))"
+        if after:
+            where.append(f"{when} >= ?")
+            args.append(after)
+        if before:
+            where.append(f"{when} < ?")
+            args.append(before)
+        sql = "SELECT id FROM files" + (f" WHERE {' AND '.join(where)}" if where else "")
+        return {r[0] for r in self.conn.execute(sql, args)}
 
     def vector_ids(self):
         """Every vector's id ``[n]`` int64 (read from the files table, far smaller to scan

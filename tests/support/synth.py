@@ -553,6 +553,174 @@ def make_tiny_siglip(out_dir: str | Path, seed: int = 0) -> Path:
     return out
 
 
+#: Words in other scripts that the SigLIP 2-style tokenizer holds as single pieces; other
+#: characters (Arabic, Devanagari, emoji, ...) go through Gemma's byte fallback.
+MULTILINGUAL_WORDS: tuple[str, ...] = ("赤い", "円", "青い", "四角", "猫", "красный", "круг",
+                                       "синий", "квадрат", "rojo", "círculo", "über")
+
+
+def make_gemma_tokenizer(words: Iterable[str], *, padding_side: str = "right",
+                         model_max_length: int = 16):
+    """A small Gemma-style fast tokenizer (``GemmaTokenizer``: BPE with byte fallback,
+    spaces as ``▁``, ``<pad>`` 0, ``<eos>`` 1, ``<bos>`` 2) in which each of ``words``,
+    preceded by a space, is one piece.
+
+    It appends ``<eos>`` and no ``<bos>``, as SigLIP 2's texts were tokenized.  Pieces are
+    built left to right (merges ``("▁re", "d")``), so BPE rebuilds exactly those words.
+    """
+    from transformers import GemmaTokenizer
+
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    vocab: dict[str, int] = {t: i for i, t in enumerate(specials)}
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    merges: list[tuple[str, str]] = []
+    for w in dict.fromkeys(words):
+        piece = "▁" + w
+        for ch in piece:
+            vocab.setdefault(ch, len(vocab))
+        prefix = piece[0]
+        for ch in piece[1:]:
+            if prefix + ch not in vocab:
+                merges.append((prefix, ch))
+                vocab[prefix + ch] = len(vocab)
+            prefix += ch
+    return GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=False, add_eos_token=True,
+                          padding_side=padding_side, model_max_length=model_max_length)
+
+
+def make_tiny_siglip2(out_dir: str | Path, *, padding_side: str = "right", seed: int = 0) -> Path:
+    """Build a random-weight tiny SigLIP 2-style model and save it in hub layout.
+
+    As the fixed-resolution SigLIP 2 checkpoints (``google/siglip2-base-patch16-224``):
+    ``model_type`` "siglip", a Gemma fast tokenizer (:func:`make_gemma_tokenizer`, caption
+    words and :data:`MULTILINGUAL_WORDS`), texts padded to ``max_length`` (16 here, 64
+    there), bilinear resize to a square, mean and std 0.5.
+
+    Args:
+        out_dir: directory to write (created if needed).
+        padding_side: the tokenizer's padding side ("right"; Gemma's own default is "left").
+        seed: torch seed for the weights.
+    """
+    import torch
+    from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel, SiglipProcessor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    max_length = 16
+    tokenizer = make_gemma_tokenizer(caption_words() + list(MULTILINGUAL_WORDS),
+                                     padding_side=padding_side, model_max_length=max_length)
+    image_processor = SiglipImageProcessorPil(size={"height": 32, "width": 32}, resample=2,
+                                              image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    image_processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    config = SiglipConfig(
+        text_config=dict(tower, vocab_size=len(tokenizer), max_position_embeddings=max_length,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                         bos_token_id=tokenizer.bos_token_id),
+        vision_config=dict(tower, image_size=32, patch_size=8),
+    )
+    torch.manual_seed(seed)
+    SiglipModel(config).eval().save_pretrained(out)
+    return out
+
+
+def make_tiny_blip_itm(out_dir: str | Path, seed: int = 0) -> Path:
+    """Build a random-weight tiny BLIP image-text matching model (``BlipForImageTextRetrieval``)
+    and save it with its processor in hub layout.
+
+    A BERT word-piece tokenizer whose vocabulary holds every caption word; a 2-layer,
+    32-wide vision tower at 32 px and a 2-layer text encoder cross-attending to it.  The
+    weights are drawn wider than transformers' default (std 0.2, not 0.02) so that the match
+    probabilities of different images differ by more than float noise.
+
+    Args:
+        out_dir: directory to write (created if needed).
+        seed: torch seed for the weights.
+
+    Returns:
+        ``out_dir`` as a ``Path``; it loads with ``BlipForImageTextRetrieval`` / ``BlipProcessor``.
+    """
+    import torch
+    from transformers import (BertTokenizer, BlipConfig, BlipForImageTextRetrieval,
+                              BlipImageProcessorPil, BlipProcessor)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = specials + list(dict.fromkeys(caption_words() + list(COMMON_WORDS)))
+    vocab = {w: i for i, w in enumerate(words)}
+    tokenizer = BertTokenizer(vocab=vocab, model_max_length=64)
+    image_processor = BlipImageProcessorPil(size={"height": 32, "width": 32})
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    image_processor.save_pretrained(out)  # the hub's layout, as for CLIP
+    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 initializer_range=0.2)
+    config = BlipConfig(
+        text_config=dict(tower, vocab_size=len(vocab), max_position_embeddings=64,
+                         pad_token_id=vocab["[PAD]"], bos_token_id=vocab["[CLS]"],
+                         sep_token_id=vocab["[SEP]"]),
+        vision_config=dict(tower, image_size=32, patch_size=8),
+        initializer_range=0.2,
+    )
+    torch.manual_seed(seed)
+    model = BlipForImageTextRetrieval(config).eval()
+    with torch.no_grad():  # a head wide enough that probabilities spread out
+        model.itm_head.weight.normal_(0.0, 1.0)
+    model.save_pretrained(out)
+    return out
+
+
+def make_blip_itm_base(out_dir: str | Path, seed: int = 0) -> Path:
+    """Build a random-weight BLIP ITM model with the architecture of
+    ``Salesforce/blip-itm-base-coco`` (ViT-B/16 at 384 px, 12-layer 768-wide BERT text
+    encoder cross-attending to it, vocabulary 30524), for timing the re-ranker.
+
+    The tokenizer's vocabulary is :data:`COMMON_WORDS` and caption words (ids well below
+    30524); only the weight values differ from the real model, so timings and memory match.
+
+    Args:
+        out_dir: directory to write (created if needed); about 900 MB of safetensors.
+        seed: torch seed for the weights.
+    """
+    import torch
+    from transformers import (BertTokenizer, BlipConfig, BlipForImageTextRetrieval,
+                              BlipImageProcessorPil, BlipProcessor)
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    words = specials + list(dict.fromkeys(list(COMMON_WORDS) + caption_words()))
+    vocab = {w: i for i, w in enumerate(words)}
+    tokenizer = BertTokenizer(vocab=vocab, model_max_length=512)
+    image_processor = BlipImageProcessorPil()  # 384 x 384, bicubic, OpenAI CLIP mean and std
+    BlipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    image_processor.save_pretrained(out)
+    config = BlipConfig(text_config=dict(vocab_size=30524), vision_config=dict(image_size=384))
+    # as make_vit_b32: no per-module initialisation, one seeded normal fill per tensor
+    with torch.device("meta"):
+        model = BlipForImageTextRetrieval(config)
+    model = model.to_empty(device="cpu")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+            if "position_ids" in name:
+                t.copy_(torch.arange(t.shape[-1]).expand_as(t))
+            elif t.is_floating_point():
+                if name.endswith("bias"):
+                    t.zero_()
+                elif "norm" in name.lower():
+                    t.fill_(1.0)
+                else:
+                    t.normal_(0.0, 0.02, generator=generator)
+            else:
+                t.zero_()
+    model.eval().save_pretrained(out)
+    return out
+
+
 # --------------------------------------------------------------------------- photos
 
 

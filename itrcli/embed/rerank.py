@@ -1,0 +1,277 @@
+"""Cross-attention re-ranking: an image-text matching (ITM) model re-scores the best few.
+
+"Fast then slow": the dual encoder screens the whole library in milliseconds; a BLIP ITM
+model, which reads the query's words and the image's patches together, then decides the
+order of the top K.  The score is BLIP's match probability: ``softmax(itm_head(h_cls))[1]``
+where ``h_cls`` is the text encoder's first output attending to the image (what
+``BlipForImageTextRetrieval(use_itm_head=True)`` computes).
+
+Loading follows the encoder's rules (:mod:`itrcli.embed.encoder`): the local directory or
+the local Hugging Face cache first, the hub only when reachable, safetensors only, no
+remote code, one line when it cannot be loaded.  Images are decoded again at the
+re-ranker's own resolution (384 px for BLIP base) and preprocessed by
+:class:`~itrcli.ingest.images.Preprocess`, which matches ``BlipImageProcessor``.
+
+Example::
+
+    from itrcli.embed.rerank import Reranker
+    rr = Reranker("blip-itm-base-coco")
+    scores, errors = rr.score_files("two dogs on a beach", ["a.jpg", "b.jpg"])
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Callable, Sequence
+
+from ..errors import ModelError
+from . import models
+
+#: ``--rerank-k``: how many of the first results the re-ranker re-scores by default: three
+#: screens of the default ``--top`` 10, so that images ranked 11-30 by the dual encoder can
+#: reach the top.  BLIP base costs about 3.7 CPU-seconds per image in fp32 on AVX2 (README:
+#: a minute for 30 on two cores, seconds on a GPU, where BLIP's own 128-256 are affordable).
+DEFAULT_RERANK_K = 30
+
+#: Images per forward pass: the vision tower at 384 px holds ``[b, 577, 768]`` activations.
+BATCH_SIZE = 8
+
+#: transformers ``model_type`` values whose ITM head we can run.
+SUPPORTED_TYPES = ("blip",)
+
+#: Called as ``progress(done, total)`` after each batch of images.
+Progress = Callable[[int, int], None]
+
+
+def reorder(scores: Sequence[float | None]) -> list[int]:
+    """The new order of K candidates: those with a score by descending score (ties keep
+    their first order), then those without one (undecodable) in their first order.
+
+    Returns indices into ``scores``.
+    """
+    scored = [i for i, s in enumerate(scores) if s is not None]
+    unscored = [i for i, s in enumerate(scores) if s is None]
+    scored.sort(key=lambda i: -float(scores[i]))  # type: ignore[arg-type]  # stable: ties by first order
+    return scored + unscored
+
+
+class Reranker:
+    """A loaded image-text matching model.
+
+    Args:
+        model: re-rank preset name, hub id or local directory; None: ``$ITR_RERANK_MODEL``,
+            else :data:`itrcli.embed.models.DEFAULT_RERANK_PRESET`.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (as for the encoder).
+    Raises:
+        ModelError: it cannot be found or loaded, or is not an ITM checkpoint.
+    """
+
+    def __init__(self, model: str | None = None, device: str = "auto",
+                 precision: str = "auto") -> None:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as for the encoder
+        import torch
+
+        from .encoder import resolve_device, resolve_precision
+
+        self.model_id, self.revision = models.resolve_reranker(model)
+        self.device = resolve_device(device)
+        self.precision = resolve_precision(precision, self.device)
+        self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+            self.precision
+        ]
+        self._load()
+
+    def _load(self) -> None:
+        import torch
+        import transformers
+        from transformers import (AutoConfig, AutoImageProcessor, AutoTokenizer,
+                                  BlipForImageTextRetrieval)
+
+        from ..ingest.images import Preprocess
+        from .encoder import _hub_offline, _hub_reachable, _not_found_message
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        name, rev = self.model_id, self.revision
+        option = "--rerank-model / ITR_RERANK_MODEL"
+        local_only = True
+        try:
+            config = AutoConfig.from_pretrained(name, revision=rev, trust_remote_code=False,
+                                                local_files_only=True)
+        except (OSError, ValueError) as e:
+            if os.path.isdir(name) or _hub_offline() or not _hub_reachable():
+                raise ModelError(_not_found_message(name, e, option, rev)) from None
+            local_only = False
+            try:
+                config = AutoConfig.from_pretrained(name, revision=rev, trust_remote_code=False)
+            except (OSError, ValueError) as e2:
+                raise ModelError(_not_found_message(name, e2, option, rev)) from None
+        if config.model_type not in SUPPORTED_TYPES:
+            hint = (" (a dual encoder: give it to --model, not --rerank-model)"
+                    if config.model_type in ("clip", "siglip") else "")
+            raise ModelError(
+                f"re-rank model '{name}' is a '{config.model_type}' checkpoint; --rerank runs "
+                f"BLIP image-text matching checkpoints (BlipForImageTextRetrieval), e.g. "
+                f"{models.DEFAULT_RERANK_PRESET}{hint}")
+        try:
+            self.model, loading = BlipForImageTextRetrieval.from_pretrained(
+                name, revision=rev, config=config, use_safetensors=True, trust_remote_code=False,
+                dtype=self.dtype, local_files_only=local_only, output_loading_info=True)
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                name, revision=rev, trust_remote_code=False, local_files_only=local_only)
+            image_processor = AutoImageProcessor.from_pretrained(
+                name, revision=rev, trust_remote_code=False, local_files_only=local_only)
+            self.prep = Preprocess.from_config(image_processor.to_dict())
+        except Exception as e:  # safetensors, torch and tokenizers raise their own types
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            if "safetensors" in msg.lower():
+                raise ModelError(
+                    f"re-rank model '{name}' has no safetensors weights; itr never loads "
+                    "pickled (.bin) weights. Convert it, or choose a checkpoint with "
+                    "model.safetensors") from None
+            raise ModelError(f"cannot load re-rank model '{name}': {msg[:300]}") from None
+        missing = [k for k in loading.get("missing_keys", ())
+                   if k.startswith(("itm_head", "text_encoder", "vision_model"))]
+        if missing:
+            raise ModelError(
+                f"re-rank model '{name}' has no trained image-text matching weights "
+                f"({len(missing)} missing, e.g. {sorted(missing)[0]}): not a "
+                "BlipForImageTextRetrieval checkpoint")
+        self.model.eval().to(self.device)
+        self.text_max_length = int(getattr(config.text_config, "max_position_embeddings", 512))
+        if self.device == "cpu":
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    # -- scoring ------------------------------------------------------------------------
+    def _tokens(self, texts: Sequence[str]) -> dict[str, Any]:
+        # as BlipProcessor tokenizes (no token type ids), padded to the longest text
+        enc = self.tokenizer(list(texts), padding="longest", truncation=True,
+                             max_length=self.text_max_length, return_tensors="pt",
+                             return_token_type_ids=False)
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    def image_embeds(self, pixels):
+        """``[n, 3, H, W]`` float32 numpy -> the vision tower's last hidden state
+        ``[n, patches + 1, width]`` (a torch tensor on the device)."""
+        import torch
+
+        x = torch.from_numpy(pixels).to(self.device, self.dtype)
+        with torch.inference_mode():
+            return self.model.vision_model(pixel_values=x).last_hidden_state
+
+    def match(self, image_embeds, input_ids, attention_mask):
+        """ITM probabilities ``[b]`` of ``b`` (image, text) pairs: ``image_embeds``
+        ``[b, L, width]``, ``input_ids`` / ``attention_mask`` ``[b, T]``."""
+        import torch
+
+        with torch.inference_mode():
+            image_mask = torch.ones(image_embeds.shape[:-1], dtype=torch.long,
+                                    device=image_embeds.device)  # [b, L]
+            h = self.model.text_encoder(
+                input_ids=input_ids, attention_mask=attention_mask,
+                encoder_hidden_states=image_embeds, encoder_attention_mask=image_mask,
+            ).last_hidden_state  # [b, T, hidden]
+            logits = self.model.itm_head(h[:, 0, :]).float()  # [b, 2]: no match, match
+            return torch.softmax(logits, dim=-1)[:, 1].cpu().numpy()
+
+    def score_pixels(self, text: str, pixels):
+        """Match probability of ``text`` with each image: ``pixels`` ``[n, 3, H, W]`` -> ``[n]``."""
+        import numpy as np
+
+        tok = self._tokens([text])
+        out = []
+        for s in range(0, len(pixels), BATCH_SIZE):
+            emb = self.image_embeds(pixels[s : s + BATCH_SIZE])  # [b, L, width]
+            b = emb.shape[0]
+            out.append(self.match(emb, tok["input_ids"].expand(b, -1),
+                                  tok["attention_mask"].expand(b, -1)))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def score_texts(self, pixels_one, texts: Sequence[str], batch: int = 32):
+        """Match probability of one image ``[3, H, W]`` with each of ``texts`` -> ``[m]``
+        (the vision tower runs once)."""
+        import numpy as np
+
+        emb = self.image_embeds(pixels_one[None])  # [1, L, width]
+        out = []
+        for s in range(0, len(texts), batch):
+            tok = self._tokens(texts[s : s + batch])
+            m = tok["input_ids"].shape[0]
+            out.append(self.match(emb.expand(m, -1, -1), tok["input_ids"], tok["attention_mask"]))
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def score_files(self, text: str, paths: Sequence[str], *, workers: int = 2,
+                    progress: Progress | None = None) -> tuple[list[float | None], dict[str, str]]:
+        """Match probability of ``text`` with each image file, decoded at full size and
+        preprocessed as the re-ranker's own processor does (no JPEG draft mode: the scores
+        are those of the model on the file; decoding overlaps the model's work).
+
+        Returns (scores in ``paths`` order, None for files that cannot be read now;
+        {path: one-line reason} for those).
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        import numpy as np
+
+        from ..ingest.images import DecodeError, decode_file
+
+        def load(path: str):
+            try:
+                return decode_file(path, self.prep, draft=False)[0], None
+            except DecodeError as e:
+                return None, str(e)
+            except OSError as e:
+                return None, e.strerror or str(e)
+
+        scores: list[float | None] = [None] * len(paths)
+        errors: dict[str, str] = {}
+        done = 0
+        with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+            batches = [list(range(s, min(s + BATCH_SIZE, len(paths))))
+                       for s in range(0, len(paths), BATCH_SIZE)]
+            pending = [pool.submit(load, paths[i]) for i in batches[0]] if batches else []
+            for n, b in enumerate(batches):
+                decoded = [f.result() for f in pending]
+                if n + 1 < len(batches):  # decode the next batch while this one runs
+                    pending = [pool.submit(load, paths[i]) for i in batches[n + 1]]
+                ok = []
+                for i, (pixels, error) in zip(b, decoded):
+                    if error is not None:
+                        errors[paths[i]] = error
+                    else:
+                        ok.append((i, pixels))
+                if ok:
+                    probs = self.score_pixels(text, np.stack([p for _, p in ok]))  # [b]
+                    for (i, _), p in zip(ok, probs):
+                        scores[i] = float(p)
+                done += len(b)
+                if progress is not None:
+                    progress(done, len(paths))
+        return scores, errors
+
+
+class SlowProgress:
+    """``progress(done, total)`` that stays quiet for ``after`` seconds, then prints
+    ``itr: re-ranked done/total images`` on stderr (one updating line on a terminal)."""
+
+    def __init__(self, after: float = 1.5, stream=None) -> None:
+        import sys
+
+        self.t0 = time.monotonic()
+        self.after = after
+        self.stream = stream or sys.stderr
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if time.monotonic() - self.t0 < self.after:
+            return
+        tty = getattr(self.stream, "isatty", lambda: False)()
+        line = f"itr: re-ranked {done}/{total} images"
+        if tty:
+            self.stream.write("\r" + line + ("\n" if done >= total else ""))
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self.shown = True

@@ -1,0 +1,290 @@
+"""Reading the text in a library's images during ``itr index --ocr``, beside the encoder.
+
+One background thread (``itr-ocr``) reads images one at a time: it reads the file again,
+checks that its content hash is still the one queued (a file changed since is read by the
+next run), decodes it upright at full size (JPEGs at the smallest DCT scale that covers
+:data:`itrcli.ingest.ocr.MAX_SIDE`) and reads its lines.  The index run's own thread
+stores finished reads inside its batch transactions (SQLite is written from one thread),
+and after the last batch waits for the rest, storing them a few at a time.
+
+Work is keyed by content hash, like the vectors: what is queued is every hash the library
+holds without a read by the current reader (:func:`itrcli.store.text.missing`), plus the
+hashes of files embedded during the run.  A run killed at any point leaves only whole
+reads (each is one ``text_status`` row with its lines and FTS document, in one
+transaction); the next run queues the rest.  Failed reads are remembered with their reason
+and reported in the run that met them; the file keeps its vector.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..store import text as textstore
+from ..store.db import Store, db_path_of, fs_path_of, now_iso
+
+#: Reads stored per transaction while waiting for the last ones (each read takes a large
+#: fraction of a second, so committing each one costs nothing and a kill loses at most one).
+COMMIT_EVERY = 1
+
+
+@dataclass
+class _Done:
+    hash: str
+    path: str
+    lines: list | None = None
+    error: str | None = None
+    remember: bool = True  #: False: not the image's fault (memory, file gone): retried
+    stale: bool = False  #: the file's content changed since it was queued
+    seconds: float = 0.0
+
+
+class _Draft:
+    """Asks Pillow's JPEG draft mode for the OCR size (duck-types ``Preprocess``)."""
+
+    def draft_request(self, width: int, height: int) -> tuple[int, int]:
+        from ..ingest.ocr import MAX_SIDE
+
+        f = max(width, height) / MAX_SIDE
+        return (width, height) if f <= 1 else (max(1, int(width / f)), max(1, int(height / f)))
+
+
+def read_one(path: str, h: str, reader, started: dict[str, float] | None = None) -> _Done:
+    """Worker: read ``path`` and its text; never raises for a bad file or image.
+    ``started``: where the read's start time is noted (for the timeout)."""
+    from ..ingest.images import DecodeError, open_image
+    from ..ingest.ocr import OcrUnavailable
+    from ..ingest.files import Unreadable as _Unreadable, content_hash, read_file
+
+    t0 = time.monotonic()
+    d = _Done(h, path)
+    try:
+        _st, data = read_file(path)
+        if content_hash(data) != h:
+            d.stale = True
+            return d
+        img, _meta = open_image(data, draft_for=_Draft())
+        reader.load()  # the models' first load is not part of the timed read
+        if started is not None:
+            started[h] = time.monotonic()
+        d.lines = reader.read_kept(img)
+    except _Unreadable as e:
+        d.error, d.remember = str(e), False
+    except DecodeError as e:
+        d.error = str(e)
+    except MemoryError:
+        d.error, d.remember = "not enough memory to read its text", False
+    except OcrUnavailable:
+        raise
+    except Exception as e:  # whatever the OCR engine raises on a hostile image
+        d.error = f"cannot read text: {type(e).__name__}: {str(e)[:200]}"
+    d.seconds = time.monotonic() - t0
+    return d
+
+
+@dataclass
+class TextStats:
+    """The ``ocr`` object of ``itr index --json`` (see docs/ocr.md)."""
+
+    read: int = 0  #: images read in this run
+    with_text: int = 0  #: of which some text was kept
+    lines: int = 0  #: lines kept
+    failed: int = 0  #: reads that failed (listed in ``errors``)
+    seconds: float = 0.0  #: time the OCR thread spent reading (overlaps the encoder)
+    pending: int = 0  #: queued but not read (the run was interrupted): read next run
+    removed: int = 0  #: reads dropped because their content left the library
+    errors: list[dict[str, str]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"read": self.read, "with_text": self.with_text, "lines": self.lines,
+                "failed": self.failed, "seconds": round(self.seconds, 3),
+                "pending": self.pending, "removed": self.removed, "errors": self.errors}
+
+
+class TextJob:
+    """The OCR side of one index run; see the module docstring."""
+
+    def __init__(self, store: Store, reader=None) -> None:
+        from ..ingest.ocr import TextReader, reader_id
+
+        self.store = store
+        self.reader = reader or TextReader()
+        self.reader_id = reader_id()
+        self.stats = TextStats()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[tuple[str, str, Future]] = deque()
+        self._started: dict[str, float] = {}  #: hash -> when its read began (worker writes)
+        self._seen = textstore.read_hashes(store.conn, self.reader_id)
+        self._uncommitted: list[_Done] = []  #: stored in a transaction not yet committed
+
+    def queue_missing(self) -> None:
+        """Queue every content hash of the library that has not been read."""
+        for h, path, fsname in textstore.missing(self.store.conn, self.reader_id):
+            self.queue(h, fs_path_of(path, fsname))
+
+    def queue(self, h: str, path: str) -> None:
+        if not h or h in self._seen:
+            return
+        self._seen.add(h)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="itr-ocr")
+        self._pending.append((h, path, self._submit(path, h)))
+
+    def _submit(self, path: str, h: str) -> Future:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="itr-ocr")
+        return self._pool.submit(read_one, path, h, self.reader, self._started)
+
+    def _timed_out(self, h: str) -> bool:
+        from ..ingest import ocr
+
+        t0 = self._started.get(h)
+        return t0 is not None and time.monotonic() - t0 > ocr.TIMEOUT
+
+    def _abandon(self, h: str, path: str) -> _Done:
+        """The oldest read ran past :data:`itrcli.ingest.ocr.TIMEOUT`: remembered as failed;
+        its thread is left to finish alone (its result is dropped) and the reads queued
+        behind it go to a new thread with a reader of its own (the stuck one holds its
+        reader's lock)."""
+        from ..ingest import ocr
+
+        self._pending.popleft()
+        self.reader = type(self.reader)()
+        old, self._pool = self._pool, None
+        rest = list(self._pending)
+        self._pending.clear()
+        for _, _, f in rest:
+            f.cancel()
+        if old is not None:
+            old.shutdown(wait=False, cancel_futures=True)
+        for hh, pp, f in rest:
+            self._pending.append((hh, pp, f if f.running() or f.done() and not f.cancelled()
+                                  else self._submit(pp, hh)))
+        return _Done(h, path, error=f"timed out after {ocr.TIMEOUT:.0f} s",
+                     seconds=float(ocr.TIMEOUT))
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def store_done(self, c, *, block: bool = False, limit: int | None = None) -> int:
+        """Store finished reads, oldest first, inside the caller's transaction ``c``;
+        ``block``: wait for the oldest.  Returns how many were stored.  Call
+        :meth:`committed` once ``c`` is committed (the counts follow the commits)."""
+        n = 0
+        while self._pending and (limit is None or n < limit):
+            h, path, fut = self._pending[0]
+            while block and not fut.done() and not self._timed_out(h):
+                try:
+                    fut.result(timeout=0.5)
+                except TimeoutError:
+                    pass
+            if not fut.done():
+                if not self._timed_out(h):
+                    break
+                d = self._abandon(h, path)
+            else:
+                d = fut.result()  # read_one raises only OcrUnavailable (checked before the run)
+                self._pending.popleft()
+            n += 1
+            self._store(c, d)
+        return n
+
+    def _store(self, c, d: _Done) -> None:
+        if d.stale:
+            self._seen.discard(d.hash)
+            return
+        if d.error is not None:
+            if d.remember:
+                textstore.put(c, d.hash, [], reader=self.reader_id, seconds=d.seconds,
+                              now=now_iso(), error=d.error)
+        else:
+            textstore.put(c, d.hash, d.lines, reader=self.reader_id, seconds=d.seconds,
+                          now=now_iso())
+        self._uncommitted.append(d)
+
+    def committed(self) -> None:
+        """The transaction holding the last stored reads is committed: count them."""
+        s = self.stats
+        for d in self._uncommitted:
+            s.seconds += d.seconds
+            if d.error is not None:
+                s.failed += 1
+                s.errors.append({"path": db_path_of(d.path)[0],
+                                 "error": f"text not read: {d.error}"})
+            else:
+                s.read += 1
+                s.with_text += bool(d.lines)
+                s.lines += len(d.lines)
+        self._uncommitted.clear()
+
+    def finish(self, progress=None) -> None:
+        """Wait for every queued read, storing them a few per transaction; then drop the
+        text of content no longer in the library."""
+        if self._pending and progress is not None:
+            progress.start(len(self._pending))
+        try:
+            while self._pending:
+                with self.store.transaction() as c:
+                    n = self.store_done(c, block=True, limit=COMMIT_EVERY)
+                self.committed()
+                if progress is not None:
+                    progress.advance(n, 0)
+        finally:
+            if progress is not None:
+                progress.close()
+        with self.store.transaction() as c:
+            gone = textstore.orphans(c)
+            textstore.delete(c, gone)
+        self.stats.removed = len(gone)
+        self.close()
+
+    def close(self) -> None:
+        """Stop: reads not stored are dropped (queued again by the next run)."""
+        self._uncommitted.clear()  # rolled back: read again by the next run
+        self.stats.pending = len(self._pending)
+        for _, _, f in self._pending:
+            f.cancel()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def text_for(path: str, store: Store | None, reader) -> dict[str, Any]:
+    """The text of one image file for ``itr text``: the library's read when it holds this
+    content (by hash: a copy or a moved file counts), else read now with ``reader``.
+
+    Returns ``{"path", "source": "library" | "read", "lines": [{"text", "box",
+    "confidence"}]}``, or ``{"path", "error"}`` for a file that cannot be read.
+    """
+    from ..ingest.images import DecodeError, open_image
+    from ..ingest.files import Unreadable as _Unreadable, content_hash, read_file
+
+    shown = db_path_of(path)[0]
+    try:
+        _st, data = read_file(path)
+    except _Unreadable as e:
+        return {"path": shown, "error": str(e)}
+    h = content_hash(data)
+    if store is not None and textstore.has_tables(store.conn):
+        lines = textstore.lines_of(store.conn, h)
+        if lines is not None:
+            return {"path": shown, "source": "library", "lines": [ln.to_json() for ln in lines]}
+    try:
+        img, _meta = open_image(data, draft_for=_Draft())
+    except DecodeError as e:
+        return {"path": shown, "error": str(e)}
+    try:
+        lines = reader.read_kept(img)
+    except MemoryError:
+        return {"path": shown, "error": "not enough memory to read its text"}
+    except Exception as e:
+        from ..ingest.ocr import OcrUnavailable
+
+        if isinstance(e, OcrUnavailable):
+            raise
+        return {"path": shown, "error": f"cannot read text: {type(e).__name__}: {str(e)[:200]}"}
+    return {"path": shown, "source": "read", "lines": [ln.to_json() for ln in lines]}

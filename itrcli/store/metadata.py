@@ -1,0 +1,104 @@
+"""Reading the photo metadata recorded at index time (camera, GPS, capture time, size).
+
+The SQL behind search filters, ``itr info``'s metadata counts and ``--auto-cut``'s
+library sample.  Filtering here does camera, glob, size and the latitude band of a place
+in SQL (a superset of the place matches); :meth:`itrcli.query.filters.MetaFilter.matches`
+then decides on the distance and the kind, applied by the caller.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from typing import Any, Iterator, Sequence
+
+def _columns(conn: sqlite3.Connection) -> set[str]:
+    return {r[1] for r in conn.execute("PRAGMA table_info(files)")}
+
+
+def _like_escape(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def _where(camera, globs, min_size, lat_range) -> tuple[str, list[Any]]:
+    where: list[str] = []
+    args: list[Any] = []
+    if camera is not None:
+        where.append("camera LIKE ? ESCAPE '\\'")
+        args.append(f"%{_like_escape(camera)}%")
+    if globs:
+        where.append("(" + " OR ".join("path GLOB ?" for _ in globs) + ")")
+        args += list(globs)
+    if min_size is not None:
+        where.append("width >= ? AND height >= ?")
+        args += list(min_size)
+    if lat_range is not None:
+        where.append("lat BETWEEN ? AND ? AND lon IS NOT NULL")
+        args += list(lat_range)
+    return (f" WHERE {' AND '.join(where)}" if where else ""), args
+
+
+def filter_rows(
+    conn: sqlite3.Connection,
+    *,
+    camera: str | None = None,
+    globs: Sequence[str] = (),
+    min_size: tuple[int, int] | None = None,
+    lat_range: tuple[float, float] | None = None,
+    ids: set[int] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Rows of ``files`` (``id``, ``lat``, ``lon``, and ``kind`` where the schema has it)
+    whose camera contains ``camera`` (ASCII case-insensitive), whose path matches any of
+    the SQLite ``globs``, at least ``min_size`` (width, height), with GPS inside
+    ``lat_range`` when given, and among ``ids`` when given."""
+    cols = ["id", "lat", "lon"] + (["kind"] if "kind" in _columns(conn) else [])
+    where, args = _where(camera, globs, min_size, lat_range)
+    for r in conn.execute(f"SELECT {', '.join(cols)} FROM files{where}", args):
+        if ids is None or r[0] in ids:
+            yield dict(zip(cols, r))
+
+
+def filter_ids(
+    conn: sqlite3.Connection,
+    *,
+    camera: str | None = None,
+    globs: Sequence[str] = (),
+    min_size: tuple[int, int] | None = None,
+) -> set[int]:
+    """The ids :func:`filter_rows` would give without a place (only the ids: faster)."""
+    where, args = _where(camera, globs, min_size, None)
+    return {r[0] for r in conn.execute(f"SELECT id FROM files{where}", args)}
+
+
+def coverage(conn: sqlite3.Connection) -> dict[str, int]:
+    """How many files carry each kind of metadata: ``gps``, ``camera``, ``taken_at``."""
+    gps, camera, taken = conn.execute(
+        "SELECT count(lat IS NOT NULL AND lon IS NOT NULL OR NULL), count(camera),"
+        " count(taken_at) FROM files"
+    ).fetchone()
+    return {"gps": gps, "camera": camera, "taken_at": taken}
+
+
+def sample_ids(conn: sqlite3.Connection, n: int, seed: int = 0) -> list[int]:
+    """Up to ``n`` file ids drawn with a fixed seed (the same ids for the same library):
+    all of them when the library has at most ``n``.  Draws from the id range first (no
+    scan of every id); falls back to the list of ids when ids are too sparse for that."""
+    import numpy as np
+
+    count, lo, hi = conn.execute("SELECT count(*), min(id), max(id) FROM files").fetchone()
+    if not count:
+        return []
+    if count > n:
+        rng = np.random.default_rng(seed)
+        draw = rng.permutation(np.unique(rng.integers(lo, hi + 1, 4 * n)))
+        got: list[int] = []
+        for i in range(0, len(draw), 500):
+            chunk = [int(x) for x in draw[i: i + 500]]
+            present = {r[0] for r in conn.execute(
+                f"SELECT id FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk)}
+            got += [i for i in chunk if i in present]  # in draw order: SQL returns id order
+            if len(got) >= n:
+                return sorted(got[:n])
+    ids = np.asarray([r[0] for r in conn.execute("SELECT id FROM files ORDER BY id")], np.int64)
+    if len(ids) <= n:
+        return ids.tolist()
+    return sorted(np.random.default_rng(seed).choice(ids, n, replace=False).tolist())
