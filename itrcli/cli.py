@@ -131,6 +131,14 @@ def index(
     no_video: Annotated[bool, typer.Option("--no-video",
                         help="skip videos (those already indexed are kept)")] = False,
     wait: WaitOpt = 0.0,
+    engine: Annotated[str, typer.Option(
+        "--engine", metavar="local|ray",
+        help="local (this process) or ray (read, decode and embed on a Ray cluster; "
+             "needs itr[ray])")] = "local",
+    address: Annotated[Optional[str], typer.Option(
+        "--address", metavar="ADDR", show_default=False,
+        help="with --engine ray: the cluster to join [default: RAY_ADDRESS, else a local "
+             "Ray on this machine's cores]")] = None,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -143,12 +151,15 @@ def index(
     match it; the library keeps doing so until --no-ocr.
     Videos (with PyAV installed: pip install 'itr[video]') get a few frames each, with
     their times.
+    With --engine ray, new and changed files are read, decoded and embedded on a Ray
+    cluster (or a local Ray) and committed here, with the same results.
 
     \b
     Example:
         itr index ~/photos --exclude '*.thumb.jpg' -q
         itr index ~/photos --ocr
         itr index ~/photos --no-video
+        itr index /archive/photos --engine ray --address head-node:6379
     """
     from .library import Library
     from .show.output import err, print_json
@@ -159,7 +170,8 @@ def index(
                          batch_size=batch_size, workers=workers, include_hidden=include_hidden,
                          exclude=exclude, follow_symlinks=follow_symlinks, prune=not no_prune,
                          reindex=reindex, wait=wait, quiet=quiet, see_json=True, ocr=ocr,
-                         video=not no_video)
+                         video=not no_video, engine=engine.strip().lower(), address=address,
+                         engine_logs=verbose)
     if json_:
         print_json(s.to_json())
     if not quiet and ocr is False:

@@ -131,6 +131,9 @@ class Library:
         ocr: bool | None = None,
         video: bool = True,
         video_budget: float | None = None,
+        engine: str = "local",
+        address: str | None = None,
+        engine_logs: bool = False,
     ) -> IndexSummary:
         """Add new and changed images under ``paths``, drop deleted ones (unless not ``prune``).
 
@@ -138,6 +141,9 @@ class Library:
         times (:mod:`itrcli.ingest.video`); ``video_budget``: seconds one video may take.
         ``ocr``: True reads the text in images from now on (a library setting, kept by later
         runs), False stops and forgets it, None keeps the library's setting.
+        ``engine="ray"`` reads, decodes and embeds on a Ray cluster (``address``, else a
+        local Ray instance; needs ``itr[ray]``), committing here as a local run does;
+        ``engine_logs`` lets Ray's own log lines through on stderr.
 
         Returns an :class:`~itrcli.jobs.indexer.IndexSummary`; ``summary.interrupted`` is set when
         Ctrl-C stopped the run (every batch committed before it is kept).
@@ -151,6 +157,14 @@ class Library:
         roots = [os.path.abspath(os.path.expanduser(p)) for p in paths]
         if not roots:
             raise UsageError("no PATH given to index")
+        if engine not in ("local", "ray"):
+            raise UsageError(f"--engine {engine}: expected local or ray")
+        if address and engine != "ray":
+            raise UsageError("--address goes with --engine ray")
+        if engine == "ray":
+            from .jobs.distributed import require_ray
+
+            require_ray()  # before any work: one line naming the extra
         if self.store.readonly:
             raise LibraryError("library opened read-only")
         import sqlite3
@@ -173,22 +187,34 @@ class Library:
 
             n_workers = workers or default_workers()
 
+            # with Ray the workers embed; the driver may have no GPU (it loads the model only
+            # to bind a new library, export the text tower, or re-embed a rare leftover)
+            drv_device, drv_precision = (device, precision) if engine == "local" else (
+                "cpu", "auto" if precision == "fp16" else precision)
+
             def get_encoder():
-                enc = self.encoder(want, device, precision)
+                enc = self.encoder(want, drv_device, drv_precision)
                 if not self.store.get_meta("model"):
                     self._bind(enc)
                 return enc
 
-            run = IndexRun(
+            run_cls, extra = IndexRun, {}
+            if engine == "ray":
+                from .jobs.distributed import RayIndexRun as run_cls
+
+                extra = dict(model=want, device=device, precision=precision, address=address,
+                             logs=engine_logs)
+            run = run_cls(
                 self.store, self.directory, get_encoder, dim=dim, prep=prep,
                 batch_size=batch_size, workers=n_workers,
                 draft=draft, progress=progress, text=self._text_job(ocr, reindex),
-                video_budget=video_budget,
+                video_budget=video_budget, **extra,
             )
             from .constants import VIDEO_EXTENSIONS
             from .ingest.video import available as video_available
 
-            videos = video and video_available()
+            # the Ray engine reads images only: videos are left to (and kept for) a local run
+            videos = video and engine == "local" and video_available()
             summary = run.run(roots, extensions=supported_extensions() | (VIDEO_EXTENSIONS if videos else frozenset()),
                               include_hidden=include_hidden, exclude=list(exclude),
                               follow_symlinks=follow_symlinks, prune=prune,
@@ -196,7 +222,7 @@ class Library:
             known_roots = set(self.store.get_meta("roots", []))
             if not summary.interrupted:
                 self.store.set_meta(roots=sorted(known_roots | set(roots)))
-                self._catch_up_text_tower(want, device, precision)
+                self._catch_up_text_tower(want, drv_device, drv_precision)
                 self._export_text_tower()
             return summary
         except (sqlite3.Error, OSError) as e:

@@ -12,7 +12,7 @@ import pytest
 from conftest import write_shapes
 
 SUMMARY_KEYS = {"scanned", "added", "updated", "moved", "removed", "unchanged", "skipped",
-                "errors", "seconds", "images_per_second"}
+                "errors", "seconds", "images_per_second", "engine"}
 
 
 @pytest.fixture

@@ -22,7 +22,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from ..progress import NoProgress, Progress
 from ..ingest.files import Unreadable, content_hash, hash_stream, read_file
@@ -63,6 +63,7 @@ class IndexSummary:
     #: the image files the walk found under the roots (not in ``to_json``)
     found: list[str] = field(default_factory=list, repr=False)
     text: Any = None  #: :class:`itrcli.jobs.textread.TextStats` when text is read (--ocr)
+    engine: str = "local"  #: "local", or "ray" (:mod:`itrcli.jobs.distributed`)
 
     @property
     def images_per_second(self) -> float:
@@ -76,6 +77,7 @@ class IndexSummary:
             "skipped": d["skipped"], "errors": d["errors"],
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
+            "engine": self.engine,
             # an extra key, only when the library reads text (--ocr; see docs/ocr.md)
             **({"ocr": self.text.to_json()} if self.text is not None else {}),
         }
@@ -96,6 +98,7 @@ class _Read:
     mtime_ns: int = 0
     hash: str = ""
     pixels: Any = None
+    vector: Any = None  #: ``[dim]``, when the engine embedded it already (Ray workers)
     meta: dict[str, Any] | None = None
     error: str | None = None
     #: the error depends only on the file's bytes: remember it until the file changes
@@ -108,6 +111,11 @@ class _Read:
     def frames(self) -> int:
         """Pictures to encode: 1 for an image, the kept frames of a video."""
         return 1 if self.times is None else len(self.times)
+
+    @property
+    def decoded(self) -> bool:
+        """False when the content was already known (its vector is reused, not computed)."""
+        return self.pixels is not None or self.vector is not None
 
 
 def read_one(path: str, prep: Preprocess | None, draft: bool, known_hashes: frozenset[str]) -> _Read:
@@ -333,7 +341,43 @@ class IndexRun:
         self.progress.start(len(todo))
         batch: list[tuple[str, _Read]] = []  # decoded, waiting to be encoded
         ops: list[tuple[str, str, Any]] = []  # (kind, path, payload) without encoding
+        reads = self._reads(todo, known_hashes)
+        try:
+            for r in reads:
+                k = known.get(r.path)
+                if r.error is not None:
+                    s.skip(r.path, r.error)
+                    if r.remember:
+                        ops.append(("fail", r.path, (None, r)))
+                    self.progress.advance(1, 0)
+                    continue
+                if r.note:  # a video read in part
+                    s.errors.append({"path": _display(r.path), "error": r.note})
+                if k is not None and r.hash == k.hash:
+                    # touched, same bytes: remember the new mtime so it is not read again
+                    ops.append(("touch", r.path, (k, r)))
+                elif k is None and missing_by_hash.get(r.hash):
+                    old = missing_by_hash[r.hash].pop()
+                    del missing[old]
+                    ops.append(("move", r.path, (known[old], r)))
+                elif r.hash in hashes and not r.decoded:
+                    ops.append(("copy", r.path, (k, r)))
+                else:
+                    batch.append((r.path, r))
+                if sum(r.frames for _, r in batch) >= self.batch_size or len(ops) >= 512:
+                    batch, ops = self._flush(batch, ops, known), []
+                    if time.monotonic() - self._last_save > SAVE_EVERY:
+                        self._save()
+            while batch or ops:
+                batch, ops = self._flush(batch, ops, known), []
+        finally:
+            reads.close()
+            self.progress.close()
 
+    def _reads(self, todo: list[str], known_hashes: frozenset[str]) -> Iterator[_Read]:
+        """Each file of ``todo`` read, hashed and, unless its content is known, decoded
+        (:func:`read_one`), in a bounded thread pool ahead of the consumer.  The Ray engine
+        (:mod:`itrcli.jobs.distributed`) replaces this with a cluster that also embeds."""
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="itr-decode")
         pending: deque[tuple[str, Future]] = deque()
         it = iter(todo)
@@ -362,37 +406,11 @@ class IndexRun:
                 except Exception as e:  # read_one does not raise; if it ever does, skip the file
                     r = _Read(path, error=f"cannot read: {type(e).__name__}: {e}")
                 fill()
-                k = known.get(r.path)
-                if r.error is not None:
-                    s.skip(r.path, r.error)
-                    if r.remember:
-                        ops.append(("fail", r.path, (None, r)))
-                    self.progress.advance(1, 0)
-                    continue
-                if r.note:
-                    s.errors.append({"path": _display(r.path), "error": r.note})
-                if k is not None and r.hash == k.hash:
-                    # touched, same bytes: remember the new mtime so it is not read again
-                    ops.append(("touch", r.path, (k, r)))
-                elif k is None and missing_by_hash.get(r.hash):
-                    old = missing_by_hash[r.hash].pop()
-                    del missing[old]
-                    ops.append(("move", r.path, (known[old], r)))
-                elif r.hash in hashes and r.pixels is None:
-                    ops.append(("copy", r.path, (k, r)))
-                else:
-                    batch.append((r.path, r))
-                if sum(r.frames for _, r in batch) >= self.batch_size or len(ops) >= 512:
-                    batch, ops = self._flush(batch, ops, known), []
-                    if time.monotonic() - self._last_save > SAVE_EVERY:
-                        self._save()
-            while batch or ops:
-                batch, ops = self._flush(batch, ops, known), []
+                yield r
         finally:
             for _, f in pending:
                 f.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
-            self.progress.close()
 
     def _flush(self, batch: list[tuple[str, _Read]], ops: list[tuple[str, str, Any]],
                known: dict[str, Known]) -> list[tuple[str, _Read]]:
@@ -408,15 +426,18 @@ class IndexRun:
         s = self.summary
         vecs = None
         if batch:
-            enc = self.get_encoder()
-            pixels = [r.pixels[None] if r.times is None else r.pixels for _, r in batch]
-            pixels = np.concatenate(pixels) if len(pixels) > 1 else pixels[0]  # [frames, 3, H, W]
-            flat = np.concatenate([enc.encode_pixels(pixels[i : i + self.batch_size].astype(np.float32))
-                                   for i in range(0, len(pixels), self.batch_size)])  # [frames, dim]
-            ends = np.cumsum([r.frames for _, r in batch])
-            # one item per file: an image's vector [dim], a video's frames [n, dim]
-            vecs = [flat[e - 1] if r.times is None else flat[e - r.frames : e]
-                    for (_, r), e in zip(batch, ends)]
+            need = [r for _, r in batch if r.vector is None]  # not embedded by the engine
+            if need:
+                enc = self.get_encoder()
+                pixels = [r.pixels[None] if r.times is None else r.pixels for r in need]
+                pixels = np.concatenate(pixels) if len(pixels) > 1 else pixels[0]  # [frames, 3, H, W]
+                flat = np.concatenate([enc.encode_pixels(pixels[i : i + self.batch_size].astype(np.float32))
+                                       for i in range(0, len(pixels), self.batch_size)])  # [frames, dim]
+                ends = np.cumsum([r.frames for r in need])
+                # an image's vector [dim], a video's frames [n, dim]
+                for r, e in zip(need, ends):
+                    r.vector = flat[e - 1] if r.times is None else flat[e - r.frames : e]
+            vecs = [r.vector for _, r in batch]
         gone: list[int] = []  # labels deleted (a changed video's old frames)
         put_ids, put_vecs, counts = [], [], {"added": 0, "updated": 0, "moved": 0, "unchanged": 0}
         redo: list[str] = []
