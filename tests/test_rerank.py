@@ -73,8 +73,10 @@ def assert_in_order_of(paths: list[str], reference: dict[str, float]) -> None:
 def test_rerank_order_equals_transformers_itm(itr, lib, tiny_blip):
     db, _ = lib
     first = itr("search", QUERY, "--db", db, "--json", "-n", "9", "--exact").json()["results"]
+    # like with like: the reference runs in fp32, so does the re-ranker here (--precision
+    # auto would pick bf16 on CPUs with native bf16)
     r = itr("search", QUERY, "--db", db, "--json", "-n", "9", "--exact", "--rerank",
-            "--rerank-k", "6", "--rerank-model", tiny_blip)
+            "--rerank-k", "6", "--rerank-model", tiny_blip, "--precision", "fp32")
     assert r.code == 0, r
     got = r.json()["results"]
     head, tail = got[:6], got[6:]

@@ -62,9 +62,10 @@ def test_onnx_tower_equals_torch_in_every_script(lib):
     with Library.open(lib, readonly=True) as L:
         onnx = OnnxTextEncoder(lib)
         ids, _mask = onnx.tokenize(QUERIES)
-        torch_ids = L.encoder().tokenize(QUERIES)["input_ids"].numpy()
+        fp32 = L.encoder(precision="fp32")  # the ONNX tower is fp32: like with like
+        torch_ids = fp32.tokenize(QUERIES)["input_ids"].numpy()
         np.testing.assert_array_equal(ids, torch_ids)  # same pieces, padding side and length
-        np.testing.assert_allclose(onnx.encode_texts(QUERIES), L.encoder().encode_texts(QUERIES),
+        np.testing.assert_allclose(onnx.encode_texts(QUERIES), fp32.encode_texts(QUERIES),
                                    atol=1e-5)
 
 
@@ -74,7 +75,7 @@ def test_queries_in_other_scripts_end_to_end(itr, lib):
     with Library.open(lib, readonly=True) as L:
         ids, vecs = L.store.vectors()
         rows = L.store.rows(int(i) for i in ids)
-        torch_enc = L.encoder()
+        torch_enc = L.encoder(precision="fp32")  # searches use the fp32 ONNX tower
         for q in QUERIES[1:]:
             r = itr("search", q, "--db", lib, "--json", "-n", "4", "--exact")
             assert r.code == 0, r
