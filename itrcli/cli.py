@@ -83,6 +83,13 @@ WaitOpt = Annotated[float, typer.Option(
 JsonOpt = Annotated[bool, typer.Option("--json", help="print one JSON object on stdout")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="no progress or summary on stderr")]
 VerboseOpt = Annotated[bool, typer.Option("-v", "--verbose", help="tracebacks for unexpected errors")]
+# the dataset options of eval and adapt (PAIRS are read like an eval DATASET)
+DatasetFormatOpt = Annotated[Optional[str], typer.Option(
+    "--format", help="karpathy, coco, csv or folder [default: detected]", show_default=False)]
+LimitOpt = Annotated[Optional[int], typer.Option(
+    "--limit", min=1, metavar="N", help="only the first N images", show_default=False)]
+NoCacheOpt = Annotated[bool, typer.Option(
+    "--no-cache", help="neither read nor write the embedding cache")]
 
 
 def _version(value: bool) -> None:
@@ -690,13 +697,10 @@ def adapt(
     images: Annotated[Optional[Path], typer.Option("--images", metavar="DIR", file_okay=False,
                       help="directory the pairs' image paths are relative to [default: "
                            "the file's directory]", show_default=False)] = None,
-    format_: Annotated[Optional[str], typer.Option("--format",
-                       help="karpathy, coco, csv or folder [default: detected]",
-                       show_default=False)] = None,
+    format_: DatasetFormatOpt = None,
     split: Annotated[Optional[str], typer.Option("--split",
                      help="Karpathy split to fit on [default: test]", show_default=False)] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, metavar="N",
-                     help="only the first N images", show_default=False)] = None,
+    limit: LimitOpt = None,
     method: Annotated[Optional[List[str]], typer.Option(
         "--method", metavar="METHOD",
         help="ridge, procrustes or cca; repeat to choose among several [default: all three]",
@@ -704,8 +708,7 @@ def adapt(
     folds: Annotated[int, typer.Option("--folds", min=2,
                      help="cross-validation folds (grouped by image)")] = 5,
     remove: Annotated[bool, typer.Option("--remove", help="drop the library's adapter")] = False,
-    no_cache: Annotated[bool, typer.Option("--no-cache",
-                        help="neither read nor write the embedding cache")] = False,
+    no_cache: NoCacheOpt = False,
     db: DbOpt = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
@@ -799,13 +802,10 @@ def eval_cmd(
     images: Annotated[Optional[Path], typer.Option("--images", metavar="DIR", file_okay=False,
                       help="directory the dataset's image paths are relative to [default: "
                            "the dataset file's directory]", show_default=False)] = None,
-    format_: Annotated[Optional[str], typer.Option("--format",
-                       help="karpathy, coco, csv or folder [default: detected]",
-                       show_default=False)] = None,
+    format_: DatasetFormatOpt = None,
     split: Annotated[Optional[str], typer.Option("--split",
                      help="Karpathy split to evaluate [default: test]", show_default=False)] = None,
-    limit: Annotated[Optional[int], typer.Option("--limit", min=1, metavar="N",
-                     help="only the first N images", show_default=False)] = None,
+    limit: LimitOpt = None,
     model: Annotated[Optional[List[str]], typer.Option(
         "-m", "--model", envvar="ITR_MODEL", autocompletion=_complete_model, metavar="MODEL",
         help="preset name, Hugging Face id or local directory; repeat to compare models "
@@ -834,8 +834,7 @@ def eval_cmd(
         autocompletion=_complete_rerank_model,
         help="re-ranker: preset name, Hugging Face id or local directory "
              "[default: blip-itm-base-coco]", show_default=False)] = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache",
-                        help="neither read nor write the embedding cache")] = False,
+    no_cache: NoCacheOpt = False,
     db: Annotated[Optional[Path], typer.Option(
         "--db", file_okay=False, show_default=False,
         help="reuse the vectors of this library where its model matches (ITR_DB is not read)")] = None,

@@ -534,3 +534,22 @@ def fill(directory: Path, leave: int = 0) -> Path:
 
 if __name__ == "__main__" and sys.argv[1:] == ["--zygote"]:
     _zygote_main()
+
+
+def damage_index_page(db: Path, index: str = "files_hash") -> None:
+    """Overwrite the root page of one of itr.db's indexes with garbage (its header kept):
+    damage that ``itr check`` finds and ``--repair`` mends by rebuilding the file."""
+    import sqlite3
+
+    c = sqlite3.connect(db / "itr.db")
+    try:
+        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        page = c.execute("PRAGMA page_size").fetchone()[0]
+        root = c.execute("SELECT rootpage FROM sqlite_master WHERE name = ?", (index,)).fetchone()[0]
+    finally:
+        c.close()
+    data = bytearray((db / "itr.db").read_bytes())
+    start = (root - 1) * page
+    data[start + 8 : start + page] = bytes(((i * 13) & 0xFF) for i in range(page - 8))
+    (db / "itr.db").write_bytes(bytes(data))
+

@@ -327,16 +327,10 @@ def test_cli_check_exit_codes_and_json(itr, lib):
 
 
 def test_a_damaged_index_is_rebuilt_by_repair(itr, lib):
+    from faults import damage_index_page
+
     db, _ = lib
-    c = raw(db)
-    c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    page = c.execute("PRAGMA page_size").fetchone()[0]
-    root = c.execute("SELECT rootpage FROM sqlite_master WHERE name = 'files_hash'").fetchone()[0]
-    c.close()
-    data = bytearray((db / "itr.db").read_bytes())
-    start = (root - 1) * page
-    data[start + 8 : start + page] = bytes(((i * 13) & 0xFF) for i in range(page - 8))
-    (db / "itr.db").write_bytes(bytes(data))
+    damage_index_page(db)
     rep = report(db)
     assert not rep.ok and "integrity" in kinds(rep), rep.to_json()
     fixed = repair(db)

@@ -473,16 +473,10 @@ def test_kill9_while_reading_then_resume(tmp_path, itr, micro_clip):
 def test_rebuilding_a_damaged_database_keeps_the_text(lib_copy, itr):
     """``check --repair`` copies a damaged database table by table: the FTS index (a
     virtual table) is rebuilt from the stored lines."""
+    from faults import damage_index_page
+
     photos, db = lib_copy
-    c = sqlite3.connect(db / "itr.db")
-    c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-    page = c.execute("PRAGMA page_size").fetchone()[0]
-    root = c.execute("SELECT rootpage FROM sqlite_master WHERE name = 'files_hash'").fetchone()[0]
-    c.close()
-    data = bytearray((db / "itr.db").read_bytes())
-    start = (root - 1) * page
-    data[start + 8 : start + page] = bytes(((i * 13) & 0xFF) for i in range(page - 8))
-    (db / "itr.db").write_bytes(bytes(data))
+    damage_index_page(db)
     r = itr("check", "--db", db, "--repair", "--json")
     assert r.code == 0 and r.json()["problems"] == [], r
     assert "rebuilt the database file" in r.json()["repaired"][0]

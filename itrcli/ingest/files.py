@@ -19,7 +19,11 @@ MAX_FILE_BYTES = 1 << 30
 
 def content_hash(data: bytes) -> str:
     """blake2b-128 of a file's bytes, hex: the identity used to detect moves and copies."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    return _hasher(data).hexdigest()
+
+
+def _hasher(data: bytes = b""):
+    return hashlib.blake2b(data, digest_size=16)
 
 
 class Unreadable(Exception):
@@ -34,6 +38,21 @@ class Unreadable(Exception):
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0)
 
 
+def _open(path: str) -> int:
+    """A read-only descriptor, or :class:`Unreadable` with a one-line reason.  O_NONBLOCK:
+    a file replaced by a FIFO since the walk must not hang the run."""
+    try:
+        return os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        raise Unreadable("file vanished during the run") from None
+    except IsADirectoryError:
+        raise Unreadable("is a directory") from None
+    except PermissionError:
+        raise Unreadable("permission denied") from None
+    except OSError as e:
+        raise Unreadable("symlink loop" if e.errno == errno.ELOOP else (e.strerror or str(e))) from None
+
+
 def read_file(path: str) -> tuple[os.stat_result, bytes]:
     """The bytes of a regular file and its ``stat`` as read.
 
@@ -43,17 +62,7 @@ def read_file(path: str) -> tuple[os.stat_result, bytes]:
     Raises :class:`Unreadable` with a one-line reason.
     """
     for _attempt in range(2):
-        try:
-            # O_NONBLOCK: a file replaced by a FIFO since the walk must not hang the run
-            fd = os.open(path, _OPEN_FLAGS)
-        except FileNotFoundError:
-            raise Unreadable("file vanished during the run") from None
-        except IsADirectoryError:
-            raise Unreadable("is a directory") from None
-        except PermissionError:
-            raise Unreadable("permission denied") from None
-        except OSError as e:
-            raise Unreadable("symlink loop" if e.errno == errno.ELOOP else (e.strerror or str(e))) from None
+        fd = _open(path)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -77,19 +86,12 @@ def read_file(path: str) -> tuple[os.stat_result, bytes]:
 def hash_stream(path: str) -> tuple[os.stat_result, str]:
     """Stat and content hash of a (large) file read in chunks, never whole into memory.
     Raises :class:`Unreadable` like :func:`read_file`."""
-    try:
-        fd = os.open(path, _OPEN_FLAGS)
-    except FileNotFoundError:
-        raise Unreadable("file vanished during the run") from None
-    except PermissionError:
-        raise Unreadable("permission denied") from None
-    except OSError as e:
-        raise Unreadable(e.strerror or str(e)) from None
+    fd = _open(path)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise Unreadable("not a regular file")
-        h = hashlib.blake2b(digest_size=16)
+        h = _hasher()
         with open(fd, "rb", closefd=False) as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
