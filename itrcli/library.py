@@ -99,14 +99,18 @@ class Library:
         known = self.store.known()
         return [(db_path_of(p)[0], known[p].id) for p in sorted(fs_paths) if p in known]
 
-    def encoder(self, model: str | None = None, device: str = "auto", precision: str = "auto"):
-        """The library's encoder, loaded once (imports torch and transformers)."""
+    def encoder(self, model: str | None = None, device: str = "auto", precision: str = "auto",
+                towers: str = "both"):
+        """The library's encoder, loaded once (imports torch and transformers).
+
+        ``towers="image"`` (indexing) leaves the text tower's weights unread until a text is
+        encoded (see :class:`itrcli.embed.encoder.Encoder`)."""
         from .embed.encoder import Encoder
 
         name = model or self.model or models.resolve(None)
         args = (name, device, precision)
         if self._encoder is None or self._encoder_args != args:
-            self._encoder = Encoder(name, device=device, precision=precision)
+            self._encoder = Encoder(name, device=device, precision=precision, towers=towers)
             self._encoder_args = args
         return self._encoder
 
@@ -172,10 +176,12 @@ class Library:
         from .store.db import library_error
 
         lock = WriteLock(self.directory, "itr index").acquire(wait)
+        export = None  # the text tower's export, in a child process beside the run
         try:
             want = self._check_model(model, reindex)
             if reindex and self.model:
                 self._clear()
+            export = self._start_text_export(want)
             if reindex:
                 with self.store.transaction() as c:
                     self.store.forget_all_failures(c)  # retry every bad file too
@@ -193,7 +199,7 @@ class Library:
                 "cpu", "auto" if precision == "fp16" else precision)
 
             def get_encoder():
-                enc = self.encoder(want, drv_device, drv_precision)
+                enc = self.encoder(want, drv_device, drv_precision, towers="image")
                 if not self.store.get_meta("model"):
                     self._bind(enc)
                 return enc
@@ -222,14 +228,16 @@ class Library:
             known_roots = set(self.store.get_meta("roots", []))
             if not summary.interrupted:
                 self.store.set_meta(roots=sorted(known_roots | set(roots)))
-                self._catch_up_text_tower(want, drv_device, drv_precision)
-                self._export_text_tower()
+                export, started = None, export
+                self._finish_text_tower(started)
             return summary
         except (sqlite3.Error, OSError) as e:
             # a full disk, a read-only or vanished library directory, a damaged database:
             # one actionable line (committed batches are kept; the next run goes on)
             raise library_error(e, self.directory) from e
         finally:
+            if export is not None:  # failed or interrupted: the next run exports
+                export.cancel()
             lock.release()
 
     @property
@@ -272,21 +280,73 @@ class Library:
             text_max_length=info.text_max_length, text_padding=info.text_padding,
         )
 
-    def _export_text_tower(self) -> None:
-        """Export the text tower for fast cold searches, once, if the model is loaded anyway."""
-        from .embed.textonnx import OnnxTextEncoder, export
+    # -- the exported text tower (fast cold searches; see embed/textonnx.py) ------------------
+    def _text_export_due(self, model: str | None) -> bool:
+        """No exported tower for ``model`` yet, and its export has not been given up."""
+        from .embed.textonnx import OnnxTextEncoder
 
-        if self._encoder is None or OnnxTextEncoder.available(self.directory):
+        return bool(model) and not OnnxTextEncoder.available(self.directory) and (
+            self.store.get_meta("text_export_failed") != model)
+
+    def _start_text_export(self, model: str):
+        """Start the export in a child process at the start of a run that needs one (a new
+        library, or a tower still missing), so that it overlaps the run's own start-up and
+        encoding; None when it is not needed or is done in this process (small towers)."""
+        from .embed import textonnx
+
+        if not self._text_export_due(model) or not textonnx.use_child(model):
+            return None
+        return textonnx.start(model, self.directory)
+
+    def _finish_text_tower(self, export) -> None:
+        """End of a run: wait for the export started with it (or export now: small towers,
+        or a tower a killed or failed run left missing) and record the outcome.  Never
+        raises: without the tower searches use the torch text tower, same vectors, slower.
+        A failure is retried by the next runs (EXPORT_TRIES in all), unless the model
+        cannot be exported at all (e.g. a sentencepiece tokenizer that ``tokenizers`` cannot
+        load)."""
+        from .embed import textonnx
+
+        model = self.model
+        if not self._text_export_due(model):
+            if export is not None:
+                export.cancel()
+            if not model:  # no image was found: a tower of no bound model is not kept
+                textonnx.remove_export(self.directory)
             return
-        try:
-            export(self._encoder, self.directory)
-        except Exception as e:
-            # No fast path then (e.g. a sentencepiece tokenizer that `tokenizers` cannot
-            # load): searches use the torch text tower, with the same results, only slower.
-            import logging
+        if export is None and textonnx.use_child(model):
+            export = textonnx.start(model, self.directory)
+        if export is not None:
+            code, why = export.wait()
+            if code == textonnx.NOT_LOCAL:  # it started before the run downloaded the model
+                code, why = textonnx.start(model, self.directory).wait()
+            unsupported = code == textonnx.UNSUPPORTED
+        else:
+            code, why, unsupported = 0, "", False
+            try:
+                textonnx.export(self._encoder or self._text_side(model), self.directory)
+            except textonnx.ExportUnsupported as e:
+                code, why, unsupported = 1, str(e), True
+            except Exception as e:
+                code, why = 1, f"{type(e).__name__}: {str(e)[:200]}"
+        if code == 0 and textonnx.OnnxTextEncoder.available(self.directory):
+            self.store.set_meta(text_export_tries=None)
+            return
+        import logging
 
-            logging.getLogger("itr").debug("text tower export failed: %s", str(e)[:200])
-            self.store.set_meta(text_export_failed=self.model)
+        logging.getLogger("itr").debug("text tower export failed: %s", why)
+        tries = self.store.get_meta("text_export_tries") or {}
+        n = (tries.get("n", 0) if tries.get("model") == model else 0) + 1
+        if unsupported or n >= EXPORT_TRIES:
+            self.store.set_meta(text_export_failed=model, text_export_tries=None)
+        else:
+            self.store.set_meta(text_export_tries={"model": model, "n": n})
+
+    def _text_side(self, model: str):
+        """The text tower alone, in float32 on the CPU (an export with no model loaded)."""
+        from .embed.encoder import Encoder
+
+        return Encoder(model, device="cpu", precision="fp32", towers="text")
 
     # -- searching --------------------------------------------------------------------------
     def text_encoder(self, device: str = "auto", precision: str = "auto"):
@@ -742,22 +802,7 @@ class Library:
             self.store.forget_model(c)
             adapters.delete(c)  # fitted on the old model's vectors
         remove_export(self.directory)
-
-    def _catch_up_text_tower(self, model: str, device: str, precision: str) -> None:
-        """A run killed before exporting the text tower leaves none; the next run exports
-        it even with nothing to embed (once: a failed export is not retried every run)."""
-        from .embed.textonnx import OnnxTextEncoder
-
-        if (self._encoder is not None or not self.model or OnnxTextEncoder.available(self.directory)
-                or self.store.get_meta("text_export_failed") == self.model):
-            return
-        try:
-            self.encoder(model, device, precision)
-        except Exception:  # the model is gone: searches fall back to it anyway
-            return
-        self._export_text_tower()
-        if not OnnxTextEncoder.available(self.directory):
-            self.store.set_meta(text_export_failed=self.model)
+        self.store.set_meta(text_export_failed=None, text_export_tries=None)  # tried afresh
 
     # -- verifying and repairing ---------------------------------------------------------------
     def check(self, *, files: bool = True):
@@ -821,6 +866,10 @@ class Library:
 
         return {"enabled": on, **textstore.status_counts(self.store.conn)}
 
+
+#: Runs that try to export a model's text tower before it is given up (see
+#: :meth:`Library._finish_text_tower`); ``itr index --reindex`` starts again.
+EXPORT_TRIES = 3
 
 #: ``search --at``: a stored frame within this many seconds of the time asked for is used
 #: as it is (no model load); otherwise the frame there is decoded and embedded.

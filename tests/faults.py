@@ -394,7 +394,8 @@ def install(spec: str) -> None:
     Points: ``encode`` (before a batch is encoded), ``commit`` (right after a COMMIT),
     ``graph-tmp`` (graph written to its temporary file, not renamed),
     ``graph-replace`` (renamed, older graphs not yet removed), ``truncate`` (before the
-    log is truncated), ``export`` (before the text tower is exported).
+    log is truncated), ``export`` (before the text tower is exported, or its child process
+    started).
     """
     if not spec:
         return
@@ -466,13 +467,17 @@ def install(spec: str) -> None:
                 os.replace(src, dst)
 
     vindex.os = _Os()
-    orig_export = textonnx.export
+    orig_export, orig_start = textonnx.export, textonnx.start
 
     def export(*a, **k):
         at("export")
         return orig_export(*a, **k)
 
-    textonnx.export = export
+    def start(*a, **k):  # the export in a child process (large towers, ITR_TEXT_EXPORT=child)
+        at("export")
+        return orig_start(*a, **k)
+
+    textonnx.export, textonnx.start = export, start
 
 
 # --- a small real file system ------------------------------------------------------------------

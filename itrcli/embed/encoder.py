@@ -125,6 +125,10 @@ def _not_found_message(model: str, err: BaseException, option: str = "--model / 
     )
 
 
+#: ``Encoder(towers=...)``: which towers are loaded at once (the other one on first use).
+TOWERS = ("both", "image", "text")
+
+
 class Encoder:
     """A loaded dual encoder.
 
@@ -132,38 +136,44 @@ class Encoder:
         model: hub id or local directory (see :func:`itrcli.embed.models.resolve`).
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
+        towers: ``both``; ``image`` (indexing: the text tower's weights are not read until
+            :meth:`encode_texts` is called); ``text`` (the text tower's export).
     """
 
-    def __init__(self, model: str, device: str = "auto", precision: str = "auto") -> None:
+    def __init__(self, model: str, device: str = "auto", precision: str = "auto",
+                 towers: str = "both") -> None:
         # torch's OpenMP threads spin while waiting for work by default, taking the cores
         # from the decode threads that run beside the encoder; sleeping instead indexed
         # 2 MP photos 20% faster on 2 cores.  Read when OpenMP starts: set before torch runs.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         import torch
 
+        if towers not in TOWERS:
+            raise ValueError(f"towers={towers!r}: expected one of {TOWERS}")
         self.device = resolve_device(device)
         self.precision = resolve_precision(precision, self.device)
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
             self.precision
         ]
         self.model_id = model
-        self._load(model)
+        self._image = self._text = self._tokenizer = None
+        self._load(model, towers)
 
-    def _load(self, model: str) -> None:
+    def _load(self, model: str, towers: str) -> None:
         import torch
         import transformers
-        from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoTokenizer
+        from transformers import AutoConfig, AutoImageProcessor
 
         transformers.logging.set_verbosity_error()  # torchvision fallback notices etc.
         transformers.logging.disable_progress_bar()  # "Loading weights" bars: ours only
         # Local directory or the local hub cache first: no network round trip on every run.
-        local_only = True
+        self._local_only = True
         try:
             config = AutoConfig.from_pretrained(model, trust_remote_code=False, local_files_only=True)
         except (OSError, ValueError) as e:
             if os.path.isdir(model) or _hub_offline() or not _hub_reachable():
                 raise ModelError(_not_found_message(model, e)) from None
-            local_only = False
+            self._local_only = False
             try:
                 config = AutoConfig.from_pretrained(model, trust_remote_code=False)
             except (OSError, ValueError) as e2:
@@ -179,26 +189,27 @@ class Encoder:
                 f"model '{model}' is a '{config.model_type}' checkpoint; itr runs dual "
                 f"encoders of type {', '.join(SUPPORTED_TYPES)} (CLIPModel, SiglipModel)"
             )
-        try:
-            self.model = AutoModel.from_pretrained(
-                model, config=config, use_safetensors=True, trust_remote_code=False,
-                dtype=self.dtype, local_files_only=local_only,
-            )
-            self.tokenizer = AutoTokenizer.from_pretrained(
-                model, trust_remote_code=False, local_files_only=local_only)
-            image_processor = AutoImageProcessor.from_pretrained(
-                model, trust_remote_code=False, local_files_only=local_only)
-        except (OSError, ValueError) as e:
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            if "safetensors" in msg.lower() or "model.safetensors" in msg:
-                raise ModelError(
-                    f"model '{model}' has no safetensors weights; itr never loads pickled "
-                    "(.bin) weights. Convert it, or choose a checkpoint with model.safetensors"
-                ) from None
-            raise ModelError(f"cannot load model '{model}': {msg}") from None
-        self.model.eval().to(self.device)
-        self.prep = Preprocess.from_config(image_processor.to_dict())
+        self.config = config
         self.model_type = config.model_type
+        try:
+            if towers == "both":
+                from transformers import AutoModel
+
+                both = self._from_pretrained(AutoModel, self.dtype)
+                self._image = both.get_image_features
+                self._text = both.get_text_features
+                self.model = both
+            elif towers == "image":
+                self._image = self._tower("image", self.dtype)
+            if towers != "image":
+                self._load_tokenizer()
+                if towers == "text":
+                    self._text = self._tower("text", self.dtype)
+            image_processor = AutoImageProcessor.from_pretrained(
+                model, trust_remote_code=False, local_files_only=self._local_only)
+        except (OSError, ValueError) as e:
+            raise ModelError(_load_error(model, e)) from None
+        self.prep = Preprocess.from_config(image_processor.to_dict())
         text_cfg = config.text_config
         self.text_max_length = int(getattr(text_cfg, "max_position_embeddings", 77))
         # SigLIP was trained on texts padded to max_length; CLIP on the padded batch + mask
@@ -208,24 +219,91 @@ class Encoder:
         if self.device == "cpu":
             torch.set_num_threads(max(1, os.cpu_count() or 1))
 
+    def _from_pretrained(self, cls, dtype, device: str | None = None, config=None):
+        """``cls`` from the checkpoint in ``dtype``, in eval mode on the device.  A one-tower
+        class reads only its own tower's weights from the full checkpoint; a weight it
+        expects and does not find (or finds in another shape) is an error, never a random
+        initialisation."""
+        model, loading = cls.from_pretrained(
+            self.model_id, config=config or self.config, use_safetensors=True,
+            trust_remote_code=False, dtype=dtype, local_files_only=self._local_only,
+            output_loading_info=True)
+        missing = [k for k in loading.get("missing_keys", ()) if not k.endswith("position_ids")]
+        missing += [str(k) for k in loading.get("mismatched_keys", ())]
+        if missing:
+            raise ValueError(f"{cls.__name__}: the checkpoint lacks {len(missing)} weights "
+                             f"({', '.join(sorted(missing)[:3])}...)")
+        return model.eval().to(device or self.device)
+
+    def _tower(self, which: str, dtype, device: str | None = None):
+        """One tower as a callable: pixels or token ids -> unnormalised embeddings
+        (``get_image_features`` / ``get_text_features`` of the two-tower model)."""
+        import transformers
+
+        name = {("clip", "image"): "CLIPVisionModelWithProjection",
+                ("clip", "text"): "CLIPTextModelWithProjection",
+                ("siglip", "image"): "SiglipVisionModel",  # its pooling head is inside
+                ("siglip", "text"): "SiglipTextModel"}[(self.model_type, which)]
+        import copy
+
+        config = copy.deepcopy(getattr(self.config, f"{'vision' if which == 'image' else 'text'}_config"))
+        if self.model_type == "clip":  # the projection's width is the two-tower config's
+            config.projection_dim = self.config.projection_dim
+        tower = self._from_pretrained(getattr(transformers, name), dtype, device, config)
+        key = "image_embeds" if which == "image" else "text_embeds"
+
+        def run(**kwargs):
+            out = tower(**kwargs)
+            return out[key] if self.model_type == "clip" else out.pooler_output
+
+        run.module = tower  # the float32 export reads it
+        return run
+
+    def _load_tokenizer(self) -> None:
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(
+            self.model_id, trust_remote_code=False, local_files_only=self._local_only)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            try:
+                self._load_tokenizer()
+            except (OSError, ValueError) as e:
+                raise ModelError(_load_error(self.model_id, e)) from None
+        return self._tokenizer
+
+    def _text_features(self, **kwargs):
+        if self._text is None:  # loaded for indexing: the text tower on first use
+            try:
+                self._text = self._tower("text", self.dtype)
+            except (OSError, ValueError) as e:
+                raise ModelError(_load_error(self.model_id, e)) from None
+        return self._text(**kwargs)
+
+    def release_text(self) -> None:
+        """Forget the text tower (loaded again on the next :meth:`encode_texts`)."""
+        self._text = None
+        if getattr(self, "model", None) is not None:
+            self._text = self.model.get_text_features
+
     def float32_text_tower(self):
         """(text model, text projection or None) in float32 on the CPU, for the ONNX export.
 
-        The loaded model itself when it runs in float32 on the CPU; otherwise the text
-        tower read again from the checkpoint in float32 (the vision tower dropped at once):
-        casting bf16 weights back to float32 would keep their rounding.
+        The loaded text tower itself when it runs in float32 on the CPU; otherwise read
+        again from the checkpoint in float32 (text weights only): casting bf16 weights back
+        to float32 would keep their rounding.
         """
         import torch
-        from transformers import AutoModel
 
-        model = self.model
-        if self.dtype != torch.float32 or self.device != "cpu":
-            model = AutoModel.from_pretrained(
-                self.model_id, config=self.model.config, use_safetensors=True,
-                trust_remote_code=False, dtype=torch.float32, local_files_only=True)
-            model.vision_model = None  # only the text tower is exported
-            model.eval()
-        return model.text_model, getattr(model, "text_projection", None)  # SigLIP: inside
+        text = self._text
+        if text is None or self.dtype != torch.float32 or self.device != "cpu":
+            text = self._tower("text", torch.float32, "cpu")
+        module = getattr(text, "module", None)
+        if module is None:  # the two-tower model
+            module = text.__self__
+        return module.text_model, getattr(module, "text_projection", None)  # SigLIP: inside
 
     @property
     def info(self) -> ModelInfo:
@@ -243,7 +321,7 @@ class Encoder:
         if self.device != "cpu":
             x = x.pin_memory().to(self.device, non_blocking=True)
         with torch.inference_mode():
-            out = self.model.get_image_features(pixel_values=x.to(self.dtype))
+            out = self._image(pixel_values=x.to(self.dtype))
             feats = getattr(out, "pooler_output", out)
             return _normalise(feats)
 
@@ -266,9 +344,17 @@ class Encoder:
             names = {"input_ids"}  # SigLIP's text tower attends to its padding, as trained
         kwargs = {k: v.to(self.device) for k, v in enc.items() if k in names}
         with torch.inference_mode():
-            out = self.model.get_text_features(**kwargs)
+            out = self._text_features(**kwargs)
             feats = getattr(out, "pooler_output", out)
             return _normalise(feats)
+
+
+def _load_error(model: str, e: BaseException) -> str:
+    msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if "safetensors" in msg.lower():
+        return (f"model '{model}' has no safetensors weights; itr never loads pickled "
+                "(.bin) weights. Convert it, or choose a checkpoint with model.safetensors")
+    return f"cannot load model '{model}': {msg}"
 
 
 def _normalise(feats):

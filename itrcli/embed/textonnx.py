@@ -6,6 +6,11 @@ exported once to ``<library>/text/`` with the weights as external data (which on
 memory-maps: a 3x faster session start) together with ``tokenizer.json`` and the
 tokenizer settings.  :class:`OnnxTextEncoder` runs it with no torch import at all.  If the
 export is missing or fails, search falls back to the torch encoder: same vectors, slower.
+
+The export of a large tower runs in a child process (:func:`start`) that reads only the
+text tower's float32 weights, at idle CPU priority, beside the index run that encodes
+images: the run's own memory never holds the text weights or the exporter's copies of them,
+and the child's imports overlap the run's own start-up.
 """
 
 from __future__ import annotations
@@ -23,16 +28,25 @@ TOKENIZER_FILE = "tokenizer.json"
 SETTINGS_FILE = "settings.json"
 
 
-def export(encoder, library_dir: Path) -> Path:
+class ExportUnsupported(Exception):
+    """This model's text tower cannot be exported (its tokenizer has no ``tokenizers``
+    form): a property of the model, not retried."""
+
+
+def export(encoder, library_dir: Path, *, release: bool = False) -> Path:
     """Export ``encoder``'s text tower and tokenizer to ``<library>/text`` atomically.
 
-    Raises whatever torch/onnx raise; callers treat a failure as "no fast path".
+    ``release``: drop the encoder's text tower once its weights are written (the child
+    process of :func:`start`, which has no other use for it).
+
+    Raises :class:`ExportUnsupported` when the tokenizer cannot be exported, else whatever
+    torch/onnx raise; callers treat a failure as "no fast path".
     """
     import torch
 
     out = Path(library_dir) / DIRNAME
-    tmp = Path(library_dir) / f".{DIRNAME}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    remove_temp_files(library_dir)  # of an export that was killed
+    tmp = Path(library_dir) / f".{DIRNAME}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
     tok = _fast_tokenizer(encoder.tokenizer)
     tok.save(str(tmp / TOKENIZER_FILE))
@@ -81,22 +95,99 @@ def export(encoder, library_dir: Path) -> Path:
         args = (ids, sample["attention_mask"])
         names.append("attention_mask")
         axes["attention_mask"] = {0: "batch", 1: "seq"}
+    tower = TextTower()
+    with torch.inference_mode(False), torch.no_grad():
+        reference = tower(*args).float().numpy()  # [2, dim]: what the export must give
     raw = tmp / "raw"  # the plain export; onnxruntime's optimised copy replaces it
     raw.mkdir()
     onnx_path = raw / MODEL_FILE
     import warnings
 
-    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer notes about constant shapes: expected
-        torch.onnx.export(TextTower(), args, str(onnx_path), input_names=names,
-                          output_names=["embedding"], dynamic_axes=axes, opset_version=17,
-                          dynamo=False)
-    _optimise(onnx_path, tmp)
-    shutil.rmtree(raw)
-    (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    try:
+        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer notes about constant shapes: expected
+            try:
+                _export_graph_then_weights(tower, args, names, axes, onnx_path)
+            except _Unmapped:
+                for f in raw.iterdir():
+                    f.unlink()
+                torch.onnx.export(tower, args, str(onnx_path), input_names=names,
+                                  output_names=["embedding"], dynamic_axes=axes,
+                                  opset_version=17, dynamo=False)
+        # the torch weights are no longer needed: gone before onnxruntime loads its copy
+        del tower, text_model, proj
+        if release:
+            encoder.release_text()
+        _optimise(onnx_path, tmp)
+        shutil.rmtree(raw)
+        _verify(tmp, {n: a.numpy() for n, a in zip(names, args)}, reference)
+        (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return out
+
+
+class _Unmapped(Exception):
+    """The graph has an input that is no weight of the module (the plain export is used)."""
+
+
+def _export_graph_then_weights(module, args, names, axes, path: Path) -> None:
+    """``torch.onnx.export`` of the graph alone (weights as graph inputs), then each weight
+    written once, straight from the module's tensor, to ``<path>.data`` as an external
+    initializer.  The same graph as a plain export, for about half the exporter's memory
+    (it never holds a serialised copy of the weights) and a third less time."""
+    import numpy as np
+    import onnx
+    import torch
+    from onnx import TensorProto
+
+    torch.onnx.export(module, args, str(path), input_names=names, output_names=["embedding"],
+                      dynamic_axes=axes, opset_version=17, dynamo=False, export_params=False,
+                      do_constant_folding=False)  # folding needs the weights; onnxruntime folds
+    model = onnx.load(str(path))
+    tensors = dict(module.named_parameters())
+    tensors.update(dict(module.named_buffers()))
+    data = path.name + ".data"
+    keep, offset = [], 0
+    with open(path.parent / data, "wb") as f:
+        for inp in model.graph.input:
+            if inp.name in names:
+                keep.append(inp)
+                continue
+            if inp.name not in tensors:
+                raise _Unmapped(inp.name)
+            a = np.ascontiguousarray(tensors[inp.name].detach().cpu().numpy())
+            t = TensorProto(name=inp.name, data_type=onnx.helper.np_dtype_to_tensor_dtype(a.dtype),
+                            dims=a.shape, data_location=TensorProto.EXTERNAL)
+            for k, v in (("location", data), ("offset", str(offset)), ("length", str(a.nbytes))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+            f.write(a.tobytes())  # one weight at a time: no copy of them all
+            offset += a.nbytes
+            model.graph.initializer.append(t)
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    onnx.save(model, str(path))
+
+
+def _verify(d: Path, feeds: dict[str, Any], reference) -> None:
+    """The exported tower gives the torch tower's vectors on the export's own sample (else
+    it is not kept: searches use torch)."""
+    import numpy as np
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(d / MODEL_FILE), sess_options=so,
+                                providers=["CPUExecutionProvider"])
+    (got,) = sess.run(["embedding"], feeds)
+    if not np.allclose(got, reference, atol=1e-4):
+        raise RuntimeError(f"exported text tower differs from torch by "
+                           f"{float(np.abs(got - reference).max()):.2e}")
 
 
 def _optimise(src: Path, d: Path) -> None:
@@ -126,7 +217,11 @@ def _fast_tokenizer(hf_tokenizer):
     else:
         from transformers.convert_slow_tokenizer import convert_slow_tokenizer
 
-        tok = convert_slow_tokenizer(hf_tokenizer)
+        try:
+            tok = convert_slow_tokenizer(hf_tokenizer)
+        except Exception as e:
+            raise ExportUnsupported(f"{type(hf_tokenizer).__name__} has no fast form: "
+                                    f"{str(e)[:200]}") from None
     tok = type(tok).from_str(tok.to_str())  # a copy we may reconfigure
     tok.no_padding()
     tok.no_truncation()
@@ -201,3 +296,154 @@ class OnnxTextEncoder:
 def remove_export(library_dir: Path) -> None:
     """Delete the exported text tower (``--reindex``: it belongs to the old model)."""
     shutil.rmtree(Path(library_dir) / DIRNAME, ignore_errors=True)
+    remove_temp_files(library_dir)
+
+
+def remove_temp_files(library_dir: Path) -> None:
+    """The half-written exports of killed runs (the caller holds the write lock)."""
+    for p in Path(library_dir).glob(f".{DIRNAME}.tmp*"):
+        shutil.rmtree(p, ignore_errors=True)
+
+
+# -- the export in a child process -------------------------------------------------------
+
+#: Exit status of the child when the export is not possible for this model (not retried).
+UNSUPPORTED = 3
+#: Exit status of the child when the model could not be loaded (from local files only: a
+#: hub model the run itself is downloading meanwhile).
+NOT_LOCAL = 4
+#: Towers smaller than this (weights on disk) are exported in the indexing process itself:
+#: a child's own torch import would cost more than the tower's memory.
+CHILD_MIN_BYTES = 64 << 20
+
+
+def use_child(model: str) -> bool:
+    """Whether the export of ``model`` runs in a child process: ``ITR_TEXT_EXPORT=child``
+    or ``inline`` decides; otherwise a child for checkpoints of CHILD_MIN_BYTES or more
+    (a hub id not yet in the local cache counts as large)."""
+    how = os.environ.get("ITR_TEXT_EXPORT", "").strip().lower()
+    if how in ("child", "inline"):
+        return how == "child"
+    d = Path(model)
+    if not d.is_dir():
+        return True
+    return sum(f.stat().st_size for f in d.glob("*.safetensors")) >= CHILD_MIN_BYTES
+
+
+class ExportProcess:
+    """An export running in a child process (see :func:`start`)."""
+
+    def __init__(self, proc, log) -> None:
+        self.proc, self.log = proc, log
+
+    def wait(self) -> tuple[int, str]:
+        """Wait for the child: (exit status, its last line of error output or "").
+
+        The child's CPU priority is raised back to normal first: the run has no more use
+        for the cores, and on a machine busy with other work an idle-priority child would
+        wait for them."""
+        try:
+            os.sched_setscheduler(self.proc.pid, os.SCHED_OTHER, os.sched_param(0))
+        except (AttributeError, OSError):
+            pass
+        try:
+            code = self.proc.wait()
+        except BaseException:
+            self.cancel()
+            raise
+        self.log.seek(0)
+        lines = self.log.read().decode("utf-8", "replace").strip().splitlines()
+        self.log.close()
+        return code, (lines[-1] if lines and code else "")
+
+    def cancel(self) -> None:
+        """Stop the child (the run failed or was interrupted); its files are left for the
+        next export to remove."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def start(model: str, library_dir: Path) -> ExportProcess:
+    """Start exporting ``model``'s text tower to ``<library>/text`` in a child process that
+    runs at idle CPU priority and dies with its parent.  ``wait()`` gives its exit status:
+    0 exported, :data:`UNSUPPORTED`, anything else a failure worth another try."""
+    import subprocess
+    import sys
+    import tempfile
+
+    pkg_parent = str(Path(__file__).resolve().parents[2])
+    # the package's own location first, never the current directory
+    code = (f"import sys; sys.path[0] = {pkg_parent!r}; "
+            "from itrcli.embed.textonnx import _child_main; _child_main()")
+    log = tempfile.TemporaryFile()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, model, str(library_dir), str(os.getpid())],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, close_fds=True)
+    return ExportProcess(proc, log)
+
+
+def _child_main() -> None:
+    """``python -c ... MODEL LIBRARY PARENT_PID``: the child of :func:`start`."""
+    import sys
+    import threading
+
+    model, library_dir, parent = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    _idle_priority()
+    _die_with(parent)
+
+    def watch() -> None:  # where the parent-death signal is not available
+        import time
+
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+    from ..errors import ModelError
+    from .encoder import Encoder
+
+    try:
+        enc = Encoder(model, device="cpu", precision="fp32", towers="text")
+    except ModelError as e:
+        print(f"text tower not loaded: {e}", file=sys.stderr)
+        sys.exit(NOT_LOCAL)
+    try:
+        export(enc, library_dir, release=True)
+    except ExportUnsupported as e:
+        print(f"text tower not exported: {e}", file=sys.stderr)
+        sys.exit(UNSUPPORTED)
+    except Exception as e:
+        print(f"text tower export failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _idle_priority() -> None:
+    """Run only on otherwise idle CPU time: the image encoder beside it keeps the cores."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):
+        try:
+            os.nice(19)
+        except OSError:
+            pass
+
+
+def _die_with(parent: int) -> None:
+    """SIGKILL this process when its parent dies (Linux), so that a killed run leaves no
+    export behind that outlives it."""
+    import signal
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before the signal was armed
+        os._exit(1)
