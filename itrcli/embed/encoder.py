@@ -303,7 +303,9 @@ class Encoder:
         module = getattr(text, "module", None)
         if module is None:  # the two-tower model
             module = text.__self__
-        return module.text_model, getattr(module, "text_projection", None)  # SigLIP: inside
+        # SigLIP: the projection ("head") is inside; transformers 5's SiglipTextModel is
+        # the text transformer itself
+        return getattr(module, "text_model", module), getattr(module, "text_projection", None)
 
     @property
     def info(self) -> ModelInfo:

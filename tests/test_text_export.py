@@ -1,0 +1,161 @@
+"""The text tower's ONNX export during `itr index`: in a child process (large towers, here
+forced with ITR_TEXT_EXPORT=child) or in the run itself (small ones); what a failed export
+leaves (an intact index, searches through torch) and its retries; the run's image-only
+encoder."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import write_shapes
+
+SPECS = [("red", "circle", "left", 1), ("blue", "square", "right", 2),
+         ("green", "triangle", "top", 3), ("yellow", "circle", "bottom", 4)]
+TEXTS = ["a red circle on the left", "a blue square", "green", "two children on a lawn"]
+
+
+@pytest.fixture
+def photos(tmp_path):
+    write_shapes(tmp_path / "photos", SPECS)
+    return tmp_path / "photos"
+
+
+@pytest.fixture
+def towers_loaded(monkeypatch):
+    """Which towers this process loads: ``["image", "text", ...]``."""
+    from itrcli.embed.encoder import Encoder
+
+    seen: list[str] = []
+    orig = Encoder._tower
+
+    def spy(self, which, *a, **k):
+        seen.append(which)
+        return orig(self, which, *a, **k)
+
+    monkeypatch.setattr(Encoder, "_tower", spy)
+    return seen
+
+
+def onnx_equals_torch(db) -> None:
+    """Searches use the exported tower, and it gives torch's fp32 vectors and ranking."""
+    from itrcli import Library
+    from itrcli.embed.textonnx import OnnxTextEncoder
+
+    with Library.open(db, readonly=True) as L:
+        enc = L.text_encoder()
+        assert isinstance(enc, OnnxTextEncoder)
+        onnx = enc.encode_texts(TEXTS)
+        torch = L.encoder(precision="fp32").encode_texts(TEXTS)
+        np.testing.assert_allclose(onnx, torch, atol=1e-4)
+        ids, vecs = L.store.vectors()
+        assert [h.id for h in L.search(TEXTS[0], top=4)] == [
+            int(i) for i in ids[np.argsort(-(vecs @ torch[0]), kind="stable")]]
+
+
+def searches_through_torch(itr, db) -> None:
+    from itrcli import Library
+    from itrcli.embed.textonnx import OnnxTextEncoder
+
+    with Library.open(db, readonly=True) as L:
+        assert not isinstance(L.text_encoder(), OnnxTextEncoder)
+        assert L.check().ok
+    r = itr("search", TEXTS[0], "--db", db, "--json", "-n", "4")
+    assert r.code == 0 and len(r.json()["results"]) == 4, r
+
+
+def test_first_run_exports_in_a_child_and_never_loads_the_text_tower(
+        itr, tiny_clip, photos, tmp_path, monkeypatch, towers_loaded):
+    monkeypatch.setenv("ITR_TEXT_EXPORT", "child")
+    db = tmp_path / "lib"
+    r = itr("index", photos, "--db", db, "-m", tiny_clip, "--json", "-q")
+    assert r.code == 0 and r.json()["added"] == 4, r
+    assert towers_loaded == ["image"]  # the tower on disk was written by the child
+    assert itr("info", "--db", db, "--json").json()["fast_text_search"] is True
+    assert not list(db.glob(".text.tmp*"))
+    onnx_equals_torch(db)
+
+
+def test_small_tower_is_exported_by_the_run_itself(itr, tiny_clip, photos, tmp_path, monkeypatch,
+                                                   towers_loaded):
+    monkeypatch.delenv("ITR_TEXT_EXPORT", raising=False)
+    db = tmp_path / "lib"
+    assert itr("index", photos, "--db", db, "-m", tiny_clip, "-q").code == 0
+    assert towers_loaded == ["image", "text"]  # text: in float32, for the export, after encoding
+    onnx_equals_torch(db)
+
+
+@pytest.mark.parametrize("model", ["tiny_clip", "tiny_siglip"])
+def test_image_tower_alone_gives_the_two_tower_vectors(model, request):
+    from itrcli.embed.encoder import Encoder
+
+    path = str(request.getfixturevalue(model))
+    both = Encoder(path, device="cpu", precision="fp32")
+    image = Encoder(path, device="cpu", precision="fp32", towers="image")
+    p = both.prep
+    x = np.random.default_rng(0).standard_normal(
+        (3, 3, p.crop_height or p.height, p.crop_width or p.width)).astype(np.float32)  # [n, 3, H, W]
+    assert np.array_equal(image.encode_pixels(x), both.encode_pixels(x))
+    # and its text side, loaded on first use, is the two-tower model's
+    np.testing.assert_array_equal(image.encode_texts(TEXTS), both.encode_texts(TEXTS))
+    assert image.info == both.info
+
+
+def test_failed_child_export_keeps_the_index_and_is_retried(itr, tiny_clip, photos, tmp_path,
+                                                            monkeypatch):
+    from itrcli.embed import textonnx
+
+    monkeypatch.setenv("ITR_TEXT_EXPORT", "child")
+    broken = tmp_path / "broken-model"  # the child reads this: a checkpoint it cannot load
+    shutil.copytree(tiny_clip, broken)
+    (broken / "model.safetensors").write_bytes(b"not a checkpoint")
+    orig = textonnx.start
+    monkeypatch.setattr(textonnx, "start", lambda model, d: orig(str(broken), d))
+    db = tmp_path / "lib"
+    r = itr("index", photos, "--db", db, "-m", tiny_clip, "--json", "-q")
+    assert r.code == 0 and r.json()["added"] == 4 and r.json()["skipped"] == 0, r
+    assert not (db / "text").exists() and not list(db.glob(".text.tmp*"))
+    searches_through_torch(itr, db)
+    monkeypatch.setattr(textonnx, "start", orig)
+    r = itr("index", photos, "--db", db, "--json", "-q")  # nothing to embed: export only
+    assert r.code == 0 and r.json()["unchanged"] == 4, r
+    onnx_equals_torch(db)
+
+
+def test_failed_export_is_retried_then_given_up(itr, tiny_clip, photos, tmp_path, monkeypatch):
+    from itrcli.embed import textonnx
+    from itrcli.library import EXPORT_TRIES
+
+    monkeypatch.setenv("ITR_TEXT_EXPORT", "inline")
+    calls = []
+
+    def failing(*a, **k):
+        calls.append(1)
+        raise RuntimeError("simulated export failure")
+
+    orig = textonnx.export
+    monkeypatch.setattr(textonnx, "export", failing)
+    db = tmp_path / "lib"
+    assert itr("index", photos, "--db", db, "-m", tiny_clip, "-q").code == 0
+    searches_through_torch(itr, db)
+    for _ in range(EXPORT_TRIES):  # each run tries again, up to EXPORT_TRIES in all
+        assert itr("index", photos, "--db", db, "-q").code == 0
+    assert len(calls) == EXPORT_TRIES
+    assert not (db / "text").exists()
+    monkeypatch.setattr(textonnx, "export", orig)
+    assert itr("index", photos, "--db", db, "-q").code == 0
+    assert not (db / "text").exists()  # given up: no run pays for it again...
+    assert itr("index", photos, "--db", db, "-q", "--reindex").code == 0
+    onnx_equals_torch(db)  # ...until --reindex starts afresh
+
+
+def test_run_that_finds_no_image_keeps_no_tower(itr, tiny_clip, tmp_path, monkeypatch):
+    """The child starts before the walk; a library left unbound keeps no tower (a later run
+    may bind it to another model)."""
+    monkeypatch.setenv("ITR_TEXT_EXPORT", "child")
+    (tmp_path / "empty").mkdir()
+    db = tmp_path / "lib"
+    assert itr("index", tmp_path / "empty", "--db", db, "-m", tiny_clip, "-q").code == 0
+    assert not (db / "text").exists() and not list(db.glob(".text.tmp*"))
