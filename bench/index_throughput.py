@@ -8,9 +8,20 @@ directory (cost does not depend on the weight values) and reproducible photo set
 - the reference: the model's own processor on fully decoded images, fp32, batches of 16.
 
 Net throughput = 72 extra photos / extra seconds between the 24- and the 96-photo run, so
-process start, imports, model load and warm-up cancel.  Also reports peak RSS, and the time
-of a re-run of `itr index` over N unchanged files (walk + change detection only), and with
-`--rss N` the peak RSS of one `itr index` run over N distinct 2 MP photos.
+process start, imports, model load and warm-up cancel.  Also reports peak RSS (of the
+largest process, and of the whole process tree: the run and its text-tower export child,
+sampled), and the time of a re-run of `itr index` over N unchanged files (walk + change
+detection only), and with `--rss N` the peak RSS of one `itr index` run over N distinct
+2 MP photos.
+
+The machine's ceiling, measured in the same run from its two parts at the chosen precision:
+decode + preprocess alone on ONE core with itr's own code (`read_one`: draft-mode JPEG
+decode, resize, crop, normalise), and the image tower alone on all C cores (batches of 32).
+Each image costs 1/decode core-seconds to decode and C/encode to encode, so
+ceiling = C / (1/decode + C/encode); the net rate is reported as a share of it.
+
+The start-up tax (`--tax`, default on): the same 24 photos into a new library, and into a
+library already bound to the model with its text tower exported (holding one other photo).
 
     python bench/index_throughput.py [--sizes 12mp,2mp] [--unchanged 100000] [--rss 10000]
 """
@@ -79,26 +90,139 @@ def model_dir() -> Path:
     return d
 
 
+def _tree_rss(root: int) -> int:
+    """Bytes resident in ``root`` and all its descendants now (from /proc; 0 elsewhere)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(name))
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            pass
+        todo += children.get(pid, [])
+    return total
+
+
+LAST_TREE_RSS = [0.0]  #: peak RSS MiB of the last run()'s whole process tree
+
+
 def run(cmd: list[str]) -> tuple[float, float]:
-    """(wall seconds, peak RSS MiB of this child alone)."""
+    """(wall seconds, peak RSS MiB of its largest process: the child or any descendant).
+    The peak of the whole tree's sum, sampled every 20 ms, is left in LAST_TREE_RSS."""
+    import threading
+
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
+    peak, done = [0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], _tree_rss(proc.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
     dt = time.perf_counter() - t
+    done.set()
+    sampler.join()
+    LAST_TREE_RSS[0] = peak[0] / 2**20
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed with {proc.returncode}")
     return dt, usage.ru_maxrss / 1024
 
 
-def itr_index(paths: list[Path], extra: list[str]) -> tuple[float, float]:
+def itr_index(paths: list[Path], extra: list[str], library: Path | None = None) -> tuple[float, float]:
+    """One `itr index` of ``paths`` into a new library (or a copy of ``library``)."""
+    import shutil
+
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp) / "photos"
         d.mkdir()
         for p in paths:
             os.symlink(p, d / p.name)
-        return run([sys.executable, "-m", "itrcli", "index", str(d), "--db", str(Path(tmp) / "lib"),
+        lib = Path(tmp) / "lib"
+        if library is not None:
+            shutil.copytree(library, lib)
+        return run([sys.executable, "-m", "itrcli", "index", str(d), "--db", str(lib),
                     "-m", str(model_dir()), "-q", *extra])
+
+
+def primed_library(photo: Path, extra: list[str]) -> Path:
+    """A library bound to the model, its text tower exported, holding only ``photo``."""
+    lib = OUT / "primed-lib"
+    if not (lib / "text" / "settings.json").exists():
+        import shutil
+
+        shutil.rmtree(lib, ignore_errors=True)
+        d = OUT / "primed-photo"
+        d.mkdir(parents=True, exist_ok=True)
+        if not (d / photo.name).exists():
+            os.symlink(photo, d / photo.name)
+        subprocess.run([sys.executable, "-m", "itrcli", "index", str(d), "--db", str(lib),
+                        "-m", str(model_dir()), "-q", *extra], check=True)
+    return lib
+
+
+DECODE = r"""
+import os, sys, time
+os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
+from itrcli.ingest.images import Preprocess
+from itrcli.jobs.indexer import read_one
+from itrcli.store.db import Store
+prep = Preprocess.from_config(Store(sys.argv[1]).get_meta("preprocess"))
+paths = sys.argv[2:]
+for p in paths[:2]:
+    read_one(p, prep, True, frozenset())  # warm-up
+t = time.perf_counter()
+for p in paths:
+    assert read_one(p, prep, True, frozenset()).pixels is not None
+print(len(paths) / (time.perf_counter() - t))
+"""
+
+ENCODE = r"""
+import sys, time
+import numpy as np
+from itrcli.embed.encoder import Encoder
+enc = Encoder(sys.argv[1], device="cpu", precision=sys.argv[2], towers="image")
+p = enc.prep
+x = np.random.default_rng(0).standard_normal(
+    (32, 3, p.crop_height or p.height, p.crop_width or p.width)).astype(np.float32)
+enc.encode_pixels(x)  # warm-up
+t, n = time.perf_counter(), 0
+while n < 96 or time.perf_counter() - t < 5:
+    enc.encode_pixels(x)
+    n += len(x)
+print(n / (time.perf_counter() - t))
+"""
+
+
+def ceiling_parts(paths: list[Path], library: Path, precision: str) -> tuple[float, float]:
+    """(decode+preprocess img/s on one core, image tower img/s on all cores)."""
+    def rate(code: str, *args: str) -> float:
+        out = subprocess.run([sys.executable, "-c", code, *args], check=True,
+                             capture_output=True, text=True).stdout
+        return float(out.strip().splitlines()[-1])
+
+    decode = rate(DECODE, str(library), *map(str, paths))
+    encode = rate(ENCODE, str(model_dir()), precision)
+    return decode, encode
+
+
+def ceiling(decode: float, encode: float, cores: int) -> float:
+    """img/s when decoding (1/decode core-seconds an image) and encoding (cores/encode) share
+    ``cores`` cores with nothing idle."""
+    return cores / (1 / decode + cores / encode)
 
 
 def reference(paths: list[Path]) -> tuple[float, float]:
@@ -151,27 +275,52 @@ def main() -> None:
     ap.add_argument("--rss", type=int, default=0, metavar="N",
                     help="also index N distinct 2 MP photos in one run and report its peak RSS")
     ap.add_argument("--itr-args", default="", help="extra itr index options, e.g. '--precision bf16'")
+    ap.add_argument("--no-reference", action="store_true", help="skip the reference pipeline")
+    ap.add_argument("--no-tax", action="store_true", help="skip the start-up tax")
     a = ap.parse_args()
     model_dir()
     extra = a.itr_args.split()
-    print(f"cpus: {os.cpu_count()}, model: random-weight ViT-B/32 ({model_dir()})")
+    from itrcli.embed.encoder import resolve_precision
+
+    precision = resolve_precision(extra[extra.index("--precision") + 1] if "--precision" in extra
+                                  else "auto", "cpu")
+    cores = len(os.sched_getaffinity(0))
+    print(f"cpus: {cores}, precision: {precision}, model: random-weight ViT-B/32 ({model_dir()})")
     for kind in filter(None, a.sizes.split(",")):
-        ps = photos(kind, a.large)
+        ps = photos(kind, a.large + 1)
+        ps, spare = ps[: a.large], ps[a.large]
         i_s, _ = itr_index(ps[: a.small], extra)
         i_l, i_rss = itr_index(ps, extra)
-        r_s, _ = reference(ps[: a.small])
-        r_l, r_rss = reference(ps)
-        itr_net, ref_net = net(i_s, i_l, a.small, a.large), net(r_s, r_l, a.small, a.large)
+        tree = LAST_TREE_RSS[0]
+        itr_net = net(i_s, i_l, a.small, a.large)
         print(f"{kind}: itr index {itr_net:.1f} img/s net ({a.small}: {i_s:.1f}s, {a.large}: {i_l:.1f}s, "
-              f"end to end {a.large / i_l:.1f} img/s, peak RSS {i_rss:.0f} MiB)")
-        print(f"{kind}: reference {ref_net:.1f} img/s net ({a.small}: {r_s:.1f}s, {a.large}: {r_l:.1f}s, "
-              f"peak RSS {r_rss:.0f} MiB)")
-        print(f"{kind}: ratio itr / reference: {itr_net / ref_net:.2f}x")
+              f"end to end {a.large / i_l:.1f} img/s, peak RSS {i_rss:.0f} MiB, "
+              f"whole process tree {tree:.0f} MiB)")
+        primed = primed_library(spare, extra)
+        dec, enc = ceiling_parts(ps[: a.small], primed, precision)
+        top = ceiling(dec, enc, cores)
+        print(f"{kind}: ceiling {top:.1f} img/s = {cores} / (1/{dec:.1f} + {cores}/{enc:.1f}) "
+              f"(decode+preprocess {dec:.1f} img/s on one core, image tower {enc:.1f} img/s "
+              f"on {cores} cores, {precision}); net / ceiling {itr_net / top:.0%}")
+        if not a.no_tax:
+            new, new_rss = itr_index(ps[: a.small], extra)
+            new_tree = LAST_TREE_RSS[0]
+            inc, inc_rss = itr_index(ps[: a.small], extra, library=primed)
+            print(f"{kind}: start-up tax {new - inc:+.1f}s ({a.small} photos into a new library "
+                  f"{new:.1f}s, peak RSS {new_rss:.0f} MiB, tree {new_tree:.0f} MiB; into a library "
+                  f"with the model bound and its tower exported {inc:.1f}s, peak RSS {inc_rss:.0f} MiB)")
+        if not a.no_reference:
+            r_s, _ = reference(ps[: a.small])
+            r_l, r_rss = reference(ps)
+            ref_net = net(r_s, r_l, a.small, a.large)
+            print(f"{kind}: reference {ref_net:.1f} img/s net ({a.small}: {r_s:.1f}s, {a.large}: {r_l:.1f}s, "
+                  f"peak RSS {r_rss:.0f} MiB)")
+            print(f"{kind}: ratio itr / reference: {itr_net / ref_net:.2f}x")
     if a.rss:
         ps = photos("2mp", a.rss)
         dt, rss = itr_index(ps, extra)
         print(f"itr index of {a.rss} distinct 2 MP photos: {dt:.0f}s end to end "
-              f"({a.rss / dt:.1f} img/s), peak RSS {rss:.0f} MiB")
+              f"({a.rss / dt:.1f} img/s), peak RSS {rss:.0f} MiB, whole tree {LAST_TREE_RSS[0]:.0f} MiB")
     if a.unchanged:
         print(f"re-run over {a.unchanged} unchanged files: {unchanged_rerun(a.unchanged):.2f}s")
 
