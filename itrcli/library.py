@@ -181,7 +181,7 @@ class Library:
             want = self._check_model(model, reindex)
             if reindex and self.model:
                 self._clear()
-            export = self._start_text_export(want)
+            export = self._start_text_export(want, gate=engine == "local" and device in ("auto", "cpu"))
             if reindex:
                 with self.store.transaction() as c:
                     self.store.forget_all_failures(c)  # retry every bad file too
@@ -288,15 +288,18 @@ class Library:
         return bool(model) and not OnnxTextEncoder.available(self.directory) and (
             self.store.get_meta("text_export_failed") != model)
 
-    def _start_text_export(self, model: str):
+    def _start_text_export(self, model: str, gate: bool):
         """Start the export in a child process at the start of a run that needs one (a new
-        library, or a tower still missing), so that it overlaps the run's own start-up and
-        encoding; None when it is not needed or is done in this process (small towers)."""
+        library, or a tower still missing), so that its imports and loading overlap the
+        run's own start-up; None when it is not needed or is done in this process (small
+        towers).  ``gate`` (the run encodes on this CPU): the export proper waits for the
+        end of encoding (:meth:`_finish_text_tower`), so that the two peaks of memory do
+        not add up."""
         from .embed import textonnx
 
         if not self._text_export_due(model) or not textonnx.use_child(model):
             return None
-        return textonnx.start(model, self.directory)
+        return textonnx.start(model, self.directory, gate=gate)
 
     def _finish_text_tower(self, export) -> None:
         """End of a run: wait for the export started with it (or export now: small towers,
@@ -317,6 +320,7 @@ class Library:
         if export is None and textonnx.use_child(model):
             export = textonnx.start(model, self.directory)
         if export is not None:
+            self._release_image_tower()
             code, why = export.wait()
             if code == textonnx.NOT_LOCAL:  # it started before the run downloaded the model
                 code, why = textonnx.start(model, self.directory).wait()
@@ -341,6 +345,24 @@ class Library:
             self.store.set_meta(text_export_failed=model, text_export_tries=None)
         else:
             self.store.set_meta(text_export_tries={"model": model, "n": n})
+
+    def _release_image_tower(self) -> None:
+        """Give the memory of an encoder loaded for indexing back before the export child
+        peaks (a later use loads it again)."""
+        enc = self._encoder
+        if enc is None or getattr(enc, "model", None) is not None:
+            return  # a two-tower encoder: a caller may use it for texts
+        self._encoder = self._encoder_args = None
+        del enc
+        import gc
+
+        gc.collect()
+        try:  # glibc keeps freed heap pages otherwise
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
 
     def _text_side(self, model: str):
         """The text tower alone, in float32 on the CPU (an export with no model loaded)."""

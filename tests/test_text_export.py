@@ -112,7 +112,7 @@ def test_failed_child_export_keeps_the_index_and_is_retried(itr, tiny_clip, phot
     shutil.copytree(tiny_clip, broken)
     (broken / "model.safetensors").write_bytes(b"not a checkpoint")
     orig = textonnx.start
-    monkeypatch.setattr(textonnx, "start", lambda model, d: orig(str(broken), d))
+    monkeypatch.setattr(textonnx, "start", lambda model, d, **k: orig(str(broken), d, **k))
     db = tmp_path / "lib"
     r = itr("index", photos, "--db", db, "-m", tiny_clip, "--json", "-q")
     assert r.code == 0 and r.json()["added"] == 4 and r.json()["skipped"] == 0, r

@@ -8,7 +8,7 @@ tokenizer settings.  :class:`OnnxTextEncoder` runs it with no torch import at al
 export is missing or fails, search falls back to the torch encoder: same vectors, slower.
 
 The export of a large tower runs in a child process (:func:`start`) that reads only the
-text tower's float32 weights, at idle CPU priority, beside the index run that encodes
+text tower's float32 weights, at a low CPU priority, beside the index run that encodes
 images: the run's own memory never holds the text weights or the exporter's copies of them,
 and the child's imports overlap the run's own start-up.
 """
@@ -336,17 +336,27 @@ class ExportProcess:
     def __init__(self, proc, log) -> None:
         self.proc, self.log = proc, log
 
+    def go(self) -> None:
+        """Let the child export (it has loaded the text tower and waits for this, so that
+        its peak memory does not add to the run's own while the run encodes)."""
+        if self.proc.stdin is not None and not self.proc.stdin.closed:
+            try:
+                self.proc.stdin.write(b"go\n")
+                self.proc.stdin.close()
+            except OSError:  # it has ended: wait() says how
+                pass
+
     def wait(self) -> tuple[int, str]:
         """Wait for the child: (exit status, its last line of error output or "").
 
-        The child's CPU priority is raised back to normal first: the run has no more use
-        for the cores, and on a machine busy with other work an idle-priority child would
-        wait for them."""
+        The child's CPU priority is raised back to the run's own first where allowed: the
+        run has no more use for the cores."""
         try:
-            os.sched_setscheduler(self.proc.pid, os.SCHED_OTHER, os.sched_param(0))
+            os.setpriority(os.PRIO_PROCESS, self.proc.pid, os.getpriority(os.PRIO_PROCESS, 0))
         except (AttributeError, OSError):
             pass
         try:
+            self.go()
             code = self.proc.wait()
         except BaseException:
             self.cancel()
@@ -362,13 +372,19 @@ class ExportProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
         self.log.close()
 
 
-def start(model: str, library_dir: Path) -> ExportProcess:
+def start(model: str, library_dir: Path, *, gate: bool = False) -> ExportProcess:
     """Start exporting ``model``'s text tower to ``<library>/text`` in a child process that
-    runs at idle CPU priority and dies with its parent.  ``wait()`` gives its exit status:
-    0 exported, :data:`UNSUPPORTED`, anything else a failure worth another try."""
+    runs at a low CPU priority and dies with its parent.  ``wait()`` gives its exit status:
+    0 exported, :data:`UNSUPPORTED`, anything else a failure worth another try.
+
+    ``gate``: the child imports and loads the text tower at once (beside the run's own
+    start-up), then waits for :meth:`ExportProcess.go` (or ``wait()``) before the export
+    itself, the part that needs the most memory."""
     import subprocess
     import sys
     import tempfile
@@ -379,8 +395,9 @@ def start(model: str, library_dir: Path) -> ExportProcess:
             "from itrcli.embed.textonnx import _child_main; _child_main()")
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, model, str(library_dir), str(os.getpid())],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, close_fds=True)
+        [sys.executable, "-c", code, model, str(library_dir), str(os.getpid()), str(int(gate))],
+        stdin=subprocess.PIPE if gate else subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=log, close_fds=True)
     return ExportProcess(proc, log)
 
 
@@ -389,7 +406,7 @@ def _child_main() -> None:
     import sys
     import threading
 
-    model, library_dir, parent = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    model, library_dir, parent, gate = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
     _idle_priority()
     _die_with(parent)
 
@@ -409,6 +426,8 @@ def _child_main() -> None:
     except ModelError as e:
         print(f"text tower not loaded: {e}", file=sys.stderr)
         sys.exit(NOT_LOCAL)
+    if gate and sys.stdin.readline().strip() != "go":  # the run ended without asking
+        sys.exit(1)
     try:
         export(enc, library_dir, release=True)
     except ExportUnsupported as e:
@@ -420,14 +439,13 @@ def _child_main() -> None:
 
 
 def _idle_priority() -> None:
-    """Run only on otherwise idle CPU time: the image encoder beside it keeps the cores."""
+    """Yield the CPU to the run that encodes images beside it (nice 10: about a twentieth
+    of a core against two busy encoder threads, yet never starved by unrelated work the
+    way an idle-class process is)."""
     try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        os.nice(10)
     except (AttributeError, OSError):
-        try:
-            os.nice(19)
-        except OSError:
-            pass
+        pass
 
 
 def _die_with(parent: int) -> None:
