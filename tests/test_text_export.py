@@ -6,6 +6,7 @@ encoder."""
 from __future__ import annotations
 
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -159,3 +160,33 @@ def test_run_that_finds_no_image_keeps_no_tower(itr, tiny_clip, tmp_path, monkey
     db = tmp_path / "lib"
     assert itr("index", tmp_path / "empty", "--db", db, "-m", tiny_clip, "-q").code == 0
     assert not (db / "text").exists() and not list(db.glob(".text.tmp*"))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_export_child_dies_with_its_run(tiny_clip, tmp_path):
+    """A run killed with -9 leaves no export process behind to write into the library."""
+    import signal
+    import subprocess
+    import time
+
+    code = ("import sys, time; from itrcli.embed import textonnx\n"
+            "e = textonnx.start(sys.argv[1], sys.argv[2], gate=True)\n"
+            "print(e.proc.pid, flush=True); time.sleep(120)")
+    run = subprocess.Popen([sys.executable, "-c", code, str(tiny_clip), str(tmp_path)],
+                           stdout=subprocess.PIPE, text=True)
+    child = int(run.stdout.readline())
+    run.send_signal(signal.SIGKILL)
+    run.wait()
+
+    def alive() -> bool:
+        try:
+            with open(f"/proc/{child}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive()
+    assert not (tmp_path / "text").exists()
