@@ -181,7 +181,7 @@ class Library:
             want = self._check_model(model, reindex)
             if reindex and self.model:
                 self._clear()
-            export = self._start_text_export(want, gate=engine == "local" and device in ("auto", "cpu"))
+            export = self._start_text_export(want, local=engine == "local")
             if reindex:
                 with self.store.transaction() as c:
                     self.store.forget_all_failures(c)  # retry every bad file too
@@ -288,18 +288,18 @@ class Library:
         return bool(model) and not OnnxTextEncoder.available(self.directory) and (
             self.store.get_meta("text_export_failed") != model)
 
-    def _start_text_export(self, model: str, gate: bool):
+    def _start_text_export(self, model: str, local: bool):
         """Start the export in a child process at the start of a run that needs one (a new
         library, or a tower still missing), so that its imports and loading overlap the
         run's own start-up; None when it is not needed or is done in this process (small
-        towers).  ``gate`` (the run encodes on this CPU): the export proper waits for the
-        end of encoding (:meth:`_finish_text_tower`), so that the two peaks of memory do
-        not add up."""
+        towers).  In a ``local`` run the export proper waits for the end of encoding
+        (:meth:`_finish_text_tower`), so that the two peaks of memory do not add up (it
+        was not slower than exporting beside the encoder either, on 2 busy cores)."""
         from .embed import textonnx
 
         if not self._text_export_due(model) or not textonnx.use_child(model):
             return None
-        return textonnx.start(model, self.directory, gate=gate)
+        return textonnx.start(model, self.directory, gate=local)
 
     def _finish_text_tower(self, export) -> None:
         """End of a run: wait for the export started with it (or export now: small towers,

@@ -349,8 +349,8 @@ class ExportProcess:
     def wait(self) -> tuple[int, str]:
         """Wait for the child: (exit status, its last line of error output or "").
 
-        The child's CPU priority is raised back to the run's own first where allowed: the
-        run has no more use for the cores."""
+        A waiting child's CPU priority is raised back to the run's own first where allowed:
+        the run has no more use for the cores."""
         try:
             os.setpriority(os.PRIO_PROCESS, self.proc.pid, os.getpriority(os.PRIO_PROCESS, 0))
         except (AttributeError, OSError):
@@ -407,7 +407,8 @@ def _child_main() -> None:
     import threading
 
     model, library_dir, parent, gate = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-    _idle_priority()
+    if gate:  # its loading must not slow the run's encoder: the export waits for it anyway
+        _low_priority()
     _die_with(parent)
 
     def watch() -> None:  # where the parent-death signal is not available
@@ -438,7 +439,7 @@ def _child_main() -> None:
         sys.exit(1)
 
 
-def _idle_priority() -> None:
+def _low_priority() -> None:
     """Yield the CPU to the run that encodes images beside it (nice 10: about a twentieth
     of a core against two busy encoder threads, yet never starved by unrelated work the
     way an idle-class process is)."""
