@@ -669,12 +669,19 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
                  f"text ({data['ocr']['lines']} lines), {data['ocr']['failed']} failed")
          if data["ocr"]["enabled"] else "off (itr index --ocr reads the text in images)"),
         ("size", human_bytes(data["sizes"]["total"])),
+        ("storage", _storage_line(data["storage"])),
         ("thumbs", f"{data['thumbnail_cache']['thumbnails']} "
                    f"({human_bytes(data['thumbnail_cache']['bytes'])} of "
                    f"{human_bytes(data['thumbnail_cache']['cap_bytes'])})"),
     ]
     for k, v in lines:
         typer.echo(f"{k + ':':<11}{v}")
+
+
+def _storage_line(st: dict) -> str:
+    per = f"{st['bytes_per_image']:,} bytes per image" if st["bytes_per_image"] else "empty"
+    line = f"{per}; vectors {st['vector_dtype']}, {st['page_size'] // 1024} KiB pages"
+    return line if st["compact"] else line + " (run 'itr check --compact' to store it densely)"
 
 
 def _adapter_line(a: dict | None) -> str:
@@ -904,8 +911,12 @@ def check(
                      help="with --repair: also forget indexed files that no longer exist")] = False,
     no_files: Annotated[bool, typer.Option("--no-files",
                         help="do not look for vanished or changed files on disk")] = False,
+    compact: Annotated[bool, typer.Option("--compact",
+                       help="first store a library made before 0.2.0 densely: float16 "
+                            "vectors in 16 KiB pages (resumable)")] = False,
     wait: Annotated[float, typer.Option("--wait", min=0, metavar="SECONDS",
-                    help="with --repair: wait this long for a running index to finish")] = 0.0,
+                    help="with --repair or --compact: wait this long for a running index "
+                         "to finish")] = 0.0,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -914,21 +925,34 @@ def check(
 
     Exit code 1 when an error is found (after --repair: when one remains); vanished files
     are a warning, not an error. Runs beside a running `itr index` (it reads the last commit).
+    --compact converts, then checks; interrupted, it goes on where it stopped next time.
 
     \b
     Example:
         itr check
         itr check --repair --prune -q
+        itr check --compact
     """
     from .library import Library
-    from .show.output import err, one_line, print_json
+    from .show.output import BarProgress, LogProgress, err, human_bytes, is_tty, one_line, print_json
 
     if prune and not repair:
         raise UsageError("--prune goes with --repair")
-    with Library.open(db, readonly=not repair) as lib:
+    done = None
+    with Library.open(db, readonly=not (repair or compact)) as lib:
+        if compact:
+            progress = None if quiet else (
+                BarProgress("compacting", unit="vector", rate="vectors/s") if is_tty(sys.stderr)
+                else LogProgress(unit="vectors", rate="vectors/s"))
+            done = lib.compact(progress=progress, wait=wait)
+            if not quiet:
+                err(f"compacted: {done.converted} vectors to float16, database "
+                    f"{human_bytes(done.bytes_before)} -> {human_bytes(done.bytes_after)} "
+                    f"({done.page_size // 1024} KiB pages) in {done.seconds:.1f}s"
+                    if done.converted or done.rewritten else "compacted: already dense")
         report = lib.repair(prune=prune, wait=wait) if repair else lib.check(files=not no_files)
     if json_:
-        print_json(report.to_json())
+        print_json({**report.to_json(), **({"compact": done.to_json()} if done else {})})
     if not quiet:
         for line in report.repaired:
             err(f"repaired: {line}")

@@ -778,6 +778,17 @@ class Library:
 
         return repair(self.store, prune=prune, wait=wait)
 
+    def compact(self, *, progress=None, wait: float = 0.0):
+        """Convert a library made before 0.2.0 to the dense layout (float16 vectors in 16 KiB
+        pages; resumable, see :mod:`itrcli.jobs.compact`).  Returns a
+        :class:`~itrcli.jobs.compact.Compaction`.
+        Raises:
+            LibraryError: opened read-only, or locked (``wait`` seconds).
+        """
+        from .jobs.compact import compact
+
+        return compact(self.store, progress=progress, wait=wait)
+
     # -- information ------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """Path, model, dimension, counts, roots and on-disk sizes (the ``itr info`` object)."""
@@ -788,7 +799,12 @@ class Library:
         total = sum(sizes.values())
         from .store.metadata import coverage
 
-        db = self.store.db  # sqlite-utils view: table counts without hand-written SQL
+        from .show.thumbs import THUMBS_DIR
+        from .store.db import PAGE_SIZE
+
+        vectors = self.store.count()  # from the files and frames indexes, not the vectors
+        layout = self.store.layout()
+        kept = sum(v for k, v in sizes.items() if k != THUMBS_DIR)  # thumbnails are a cache
         return {
             "library": str(self.directory),
             "model": meta.get("model"),
@@ -797,8 +813,8 @@ class Library:
             "dim": meta.get("dim"),
             "precision": meta.get("precision"),
             "schema_version": meta.get("schema_version"),
-            "files": db["files"].count,
-            "vectors": db["vectors"].count,
+            "files": self.store.file_count(),
+            "vectors": vectors,
             "metadata": coverage(self.store.conn),  # files with gps, camera, taken_at
             **dict(zip(("videos", "frames"), self.store.video_counts())),
             "roots": meta.get("roots", []),
@@ -808,6 +824,10 @@ class Library:
             "adapter": self._adapter_info(),
             "ocr": self._text_info(bool(meta.get("ocr"))),
             "sizes": {**sizes, "total": total},
+            # database, graph and text tower per image or video frame (thumbnails excluded)
+            "storage": {**layout, "bytes_per_image": round(kept / vectors) if vectors else None,
+                        "compact": layout["vector_dtype"] == "float16"
+                        and layout["page_size"] == PAGE_SIZE},
         }
 
     def _adapter_info(self) -> dict[str, Any] | None:
