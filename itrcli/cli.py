@@ -984,6 +984,7 @@ def models_cmd(json_: JsonOpt = False) -> None:
     if json_:
         print_json([{"kind": "encoder", "name": p.name, "model": p.hub_id, "params_m": p.params_m,
                      "flickr30k_t2i_r1": p.flickr_t2i_r1, "flickr30k_i2t_r1": p.flickr_i2t_r1,
+                     "coco_t2i_r1": p.coco_t2i_r1, "coco_i2t_r1": p.coco_i2t_r1,
                      "default": p.name == DEFAULT_PRESET} for p in PRESETS]
                    + [{"kind": "reranker", "name": p.name, "model": p.hub_id,
                        "revision": p.revision, "params_m": p.params_m, "input_px": p.input_px,
@@ -991,12 +992,15 @@ def models_cmd(json_: JsonOpt = False) -> None:
                        "flickr30k_t2i_r1": p.flickr_t2i_r1, "flickr30k_i2t_r1": p.flickr_i2t_r1,
                        "default": p.name == DEFAULT_RERANK_PRESET} for p in RERANK_PRESETS])
         return
-    fmt = "{:<2}{:<16}{:<42}{:>7}{:>11}{:>11}"
-    typer.echo(fmt.format("", "NAME", "MODEL", "PARAMS", "T2I R@1", "I2T R@1"))
+    fmt = "{:<2}{:<21}{:<40}{:>7}{:>9}{:>9}{:>9}{:>9}"
+    typer.echo(fmt.format("", "", "", "", "Flickr30k", "", "COCO", "").rstrip())
+    typer.echo(fmt.format("", "NAME", "MODEL", "PARAMS", "T2I", "I2T", "T2I", "I2T"))
     for p in PRESETS:
         typer.echo(fmt.format("*" if p.name == DEFAULT_PRESET else "", p.name, p.hub_id,
-                              f"{p.params_m}M", _pct(p.flickr_t2i_r1), _pct(p.flickr_i2t_r1)))
-    typer.echo("\n* default.  R@1: published zero-shot Flickr30k 1K test, percent.")
+                              f"{p.params_m}M", _pct(p.flickr_t2i_r1), _pct(p.flickr_i2t_r1),
+                              _pct(p.coco_t2i_r1), _pct(p.coco_i2t_r1)))
+    typer.echo("\n* default.  Published zero-shot recall@1, percent: Flickr30k 1K and COCO 5K "
+               "test (sources: itrcli/embed/models.py).")
     typer.echo("\nRe-rankers (itr search --rerank, --rerank-model):")
     rfmt = "{:<2}{:<20}{:<38}{:>7}{:>11}{:>11}"
     typer.echo(rfmt.format("", "NAME", "MODEL", "PARAMS", "T2I R@1", "I2T R@1"))
