@@ -799,7 +799,7 @@ class Library:
         total = sum(sizes.values())
         from .store.metadata import coverage
 
-        from .show.thumbs import THUMBS_DIR
+        from .constants import THUMBS_DIR
         from .store.db import PAGE_SIZE
 
         vectors = self.store.count()  # from the files and frames indexes, not the vectors

@@ -237,3 +237,20 @@ def test_eval_figures_from_float16_and_float32_libraries_agree(itr, micro_clip, 
     assert figures["f16"].keys() == figures["f32"].keys() and figures["f16"]
     for k, v in figures["f32"].items():
         assert abs(figures["f16"][k] - v) <= 0.1, (k, figures)
+
+
+def test_info_reads_no_vectors_and_imports_nothing_heavy(lib):
+    """`itr info` stays well under a second at a million images: counts from indexes, no
+    numpy, Pillow, sqlite-utils (pandas) or model libraries."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from itrcli.cli import main\n"
+            f"try: main(['info', '--db', {str(lib)!r}])\n"
+            "except SystemExit: pass\n"
+            "heavy = [m for m in ('torch', 'transformers', 'onnxruntime', 'hnswlib', 'numpy', "
+            "'PIL', 'pandas', 'sqlite_utils') if m in sys.modules]\n"
+            "print('HEAVY', heavy, file=sys.stderr)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "HEAVY []" in r.stderr, r.stderr
+    assert "storage:" in r.stdout
