@@ -305,9 +305,20 @@ PAGE_SIZE = 16384
 _LE = {"float16": "<f2", "float32": "<f4"}
 
 
+def _unit16(half):
+    """float16 rows -> float32 rows scaled back to unit length (rounding moved each norm by
+    ~1e-4; the cosine graph normalises what it is given, so the database must give the
+    same unit vectors to every other reader: exact search, hashing, eval, check)."""
+    import numpy as np
+
+    v = half.astype(np.float32)
+    norms = np.linalg.norm(v, axis=-1, keepdims=True)
+    return v / np.where(norms > 0, norms, 1)
+
+
 def decode_vectors(blobs: list[bytes], dim: int):
-    """Raw ``vectors.vector`` blobs -> ``[n, dim]`` float32; a blob of any other length than
-    ``2*dim`` or ``4*dim`` bytes raises ``ValueError``."""
+    """Raw ``vectors.vector`` blobs -> ``[n, dim]`` float32 unit vectors; a blob of any
+    other length than ``2*dim`` or ``4*dim`` bytes raises ``ValueError``."""
     import numpy as np
 
     n = len(blobs)
@@ -315,13 +326,13 @@ def decode_vectors(blobs: list[bytes], dim: int):
         return np.zeros((0, dim), dtype=np.float32)
     joined = b"".join(blobs)
     if len(joined) == 2 * n * dim and all(len(b) == 2 * dim for b in blobs):
-        return np.frombuffer(joined, dtype="<f2").reshape(n, dim).astype(np.float32)
+        return _unit16(np.frombuffer(joined, dtype="<f2").reshape(n, dim))
     if len(joined) == 4 * n * dim and all(len(b) == 4 * dim for b in blobs):
         return np.frombuffer(joined, dtype="<f4").reshape(n, dim).astype(np.float32, copy=False)
     out = np.empty((n, dim), dtype=np.float32)  # a conversion stopped half-way: both kinds
     for i, b in enumerate(blobs):
         if len(b) == 2 * dim:
-            out[i] = np.frombuffer(b, dtype="<f2")
+            out[i] = _unit16(np.frombuffer(b, dtype="<f2"))
         elif len(b) == 4 * dim:
             out[i] = np.frombuffer(b, dtype="<f4")
         else:
@@ -898,12 +909,13 @@ class Store:
         self._vector_dtype = dtype
 
     def as_stored(self, vectors):
-        """``[n, dim]`` vectors as this library stores them, read back as float32: what the
-        graph must hold so that it can be rebuilt from the database exactly."""
+        """``[n, dim]`` vectors as this library stores them and reads them back (float16
+        rounding, unit length again): what the graph must hold so that it can be rebuilt
+        from the database exactly."""
         import numpy as np
 
         v = np.asarray(vectors, dtype=np.float32)
-        return v.astype(np.float16).astype(np.float32) if self.vector_dtype == "float16" else v
+        return _unit16(v.astype(np.float16)) if self.vector_dtype == "float16" else v
 
     def _put_vector(self, c: sqlite3.Connection, id_: int, vector) -> None:
         import numpy as np
