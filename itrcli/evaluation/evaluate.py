@@ -24,7 +24,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -147,35 +146,6 @@ def parse_int_list(
 # -- model key and cache ----------------------------------------------------------------
 
 
-def model_revision(model_id: str) -> str | None:
-    """The revision to key the cache on, without loading the model.
-
-    A local directory: a fingerprint of its ``config.json`` and the names, sizes and
-    modification times of its weight files (retraining in place changes it).  A hub id:
-    the commit that ``refs/main`` points to in the local Hugging Face cache.  None when
-    unknown (the loaded model's own revision is used then).
-    """
-    p = Path(model_id)
-    if p.is_dir():
-        h = hashlib.blake2b(digest_size=8)
-        try:
-            h.update((p / "config.json").read_bytes())
-        except OSError:
-            pass
-        for f in sorted(p.iterdir()):
-            if f.suffix in (".safetensors", ".json", ".txt", ".model"):
-                st = f.stat()
-                h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return "local-" + h.hexdigest()
-    try:
-        from huggingface_hub import constants
-
-        ref = Path(constants.HF_HUB_CACHE) / ("models--" + model_id.replace("/", "--")) / "refs" / "main"
-        return ref.read_text().strip() or None
-    except Exception:  # no hub cache, no such model: the loaded model tells us
-        return None
-
-
 def model_key(model_id: str, revision: str | None, precision: str) -> str:
     """The cache's model key: id, revision and precision."""
     return f"{model_id}@{revision or 'unknown'}/{precision}"
@@ -235,7 +205,7 @@ def embed_dataset(
     progress = progress or NoProgress()
     model_id = models.resolve(model)
     precision = resolve_precision(precision, resolve_device(device))
-    revision = model_revision(model_id)
+    revision = models.model_revision(model_id)
     encoder = None
 
     def get_encoder():
