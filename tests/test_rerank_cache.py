@@ -302,3 +302,22 @@ def test_concurrent_processes_never_see_a_torn_entry(tmp_path):
     c.trim()
     assert c.size() <= c.max_bytes
     assert not list(root.glob("*/*.tmp"))  # no writer left a temporary file
+
+
+def test_eval_rerank_shares_the_cache(itr, tmp_path, tiny_clip, tiny_blip, vision_calls):
+    from test_rerank import _caption_set
+
+    csv, _ = _caption_set(tmp_path / "set")
+    args = ("eval", csv, "-m", tiny_clip, "--precision", "fp32", "--rerank", "--rerank-k", "3",
+            "--rerank-model", tiny_blip, "--json", "-k", "1,5")
+    off = itr(*args, "--no-cache")
+    assert off.code == 0, off
+    assert cache_files(tmp_path) == {} and sum(vision_calls) == 8
+    cold = itr(*args)
+    assert len(cache_files(tmp_path)) == 8 and sum(vision_calls) == 16
+    warm = itr(*args)
+    assert sum(vision_calls) == 16  # every image's features came from the cache
+    rows = [r.json()["results"][1] for r in (off, cold, warm)]
+    assert rows[0]["method"] == "exact+rerank"
+    assert rows[0]["t2i"] == rows[1]["t2i"] == rows[2]["t2i"]
+    assert rows[0]["i2t"] == rows[1]["i2t"] == rows[2]["i2t"]

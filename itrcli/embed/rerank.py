@@ -10,7 +10,10 @@ Loading follows the encoder's rules (:mod:`itrcli.embed.encoder`): the local dir
 the local Hugging Face cache first, the hub only when reachable, safetensors only, no
 remote code, one line when it cannot be loaded.  Images are decoded again at the
 re-ranker's own resolution (384 px for BLIP base) and preprocessed by
-:class:`~itrcli.ingest.images.Preprocess`, which matches ``BlipImageProcessor``.
+:class:`~itrcli.ingest.images.Preprocess`, which matches ``BlipImageProcessor``.  The
+vision tower's output depends only on the image, so a feature cache passed in by the caller
+(:mod:`itrcli.store.feature_cache`) keeps it per content hash: another query over the
+same images runs only the text encoder (10x less CPU for BLIP base).
 
 Example::
 
@@ -239,12 +242,13 @@ class Reranker:
                                   tok["attention_mask"].expand(b, -1)))
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
-    def score_texts(self, pixels_one, texts: Sequence[str], batch: int = 32):
+    def score_texts(self, pixels_one, texts: Sequence[str], batch: int = 32, *, embeds=None):
         """Match probability of one image ``[3, H, W]`` with each of ``texts`` -> ``[m]``
-        (the vision tower runs once)."""
+        (the vision tower runs once; not at all when its output ``embeds`` ``[1, L, width]``
+        is given, from :meth:`features`)."""
         import numpy as np
 
-        emb = self.image_embeds(pixels_one[None])  # [1, L, width]
+        emb = self.image_embeds(pixels_one[None]) if embeds is None else embeds  # [1, L, width]
         out = []
         for s in range(0, len(texts), batch):
             tok = self._tokens(texts[s : s + batch])
@@ -270,30 +274,7 @@ class Reranker:
         """
         from concurrent.futures import ThreadPoolExecutor
 
-        from ..ingest.files import Unreadable, content_hash, read_file
-        from ..ingest.images import DecodeError, open_image
-
-        ns = self.cache_namespace if cache is not None else None
-
-        def load(path: str):
-            """path -> (content hash, pixels or None, cached features or None, error)."""
-            try:
-                _st, data = read_file(path)
-            except Unreadable as e:
-                return None, None, None, str(e)
-            key = content_hash(data)
-            if ns is not None:
-                feats = cache.get(ns, key, self.feature_shape, self.feature_dtype)
-                if feats is not None:
-                    return key, None, feats, None
-            try:
-                img, meta = open_image(data)
-                return key, self.prep(img, (meta.width, meta.height)), None, None
-            except DecodeError as e:
-                return None, None, None, str(e)
-            except OSError as e:
-                return None, None, None, e.strerror or str(e)
-
+        use = cache if cache is not None and self.cache_namespace else None
         tok = self._tokens([text])
         scores: list[float | None] = [None] * len(paths)
         errors: dict[str, str] = {}
@@ -301,11 +282,11 @@ class Reranker:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             batches = [list(range(s, min(s + BATCH_SIZE, len(paths))))
                        for s in range(0, len(paths), BATCH_SIZE)]
-            pending = [pool.submit(load, paths[i]) for i in batches[0]] if batches else []
+            pending = [pool.submit(self.load_file, paths[i], use) for i in batches[0]] if batches else []
             for n, b in enumerate(batches):
                 loaded = [f.result() for f in pending]
                 if n + 1 < len(batches):  # decode the next batch while this one runs
-                    pending = [pool.submit(load, paths[i]) for i in batches[n + 1]]
+                    pending = [pool.submit(self.load_file, paths[i], use) for i in batches[n + 1]]
                 ok = []
                 for i, (key, pixels, feats, error) in zip(b, loaded):
                     if error is not None:
@@ -313,13 +294,55 @@ class Reranker:
                     else:
                         ok.append((i, key, pixels, feats))
                 if ok:
-                    written += self._score_batch(tok, ok, scores, cache if ns else None)
+                    written += self._score_batch(tok, ok, scores, use)
                 done += len(b)
                 if progress is not None:
                     progress(done, len(paths))
         if written:
             cache.trim()
         return scores, errors
+
+    def load_file(self, path: str, cache: Any = None):
+        """Worker: a file -> (content hash, pixels ``[3, H, W]`` or None, cached features
+        ``[L, width]`` (numpy) or None, one-line error or None).
+
+        The hash is of the bytes read now (a file changed since indexing has a new one);
+        on a cache hit the file is not decoded.
+        """
+        from ..ingest.files import Unreadable, content_hash, read_file
+        from ..ingest.images import DecodeError, open_image
+
+        try:
+            _st, data = read_file(path)
+        except Unreadable as e:
+            return None, None, None, str(e)
+        key = content_hash(data)
+        if cache is not None and self.cache_namespace:
+            feats = cache.get(self.cache_namespace, key, self.feature_shape, self.feature_dtype)
+            if feats is not None:
+                return key, None, feats, None
+        try:
+            img, meta = open_image(data)  # full size (no draft): the model's own scores
+            return key, self.prep(img, (meta.width, meta.height)), None, None
+        except DecodeError as e:
+            return None, None, None, str(e)
+        except OSError as e:
+            return None, None, None, e.strerror or str(e)
+        except MemoryError:
+            return None, None, None, "not enough memory to decode"
+
+    def features(self, key: str, pixels, feats, cache: Any = None):
+        """One image's vision features ``[1, L, width]`` on the device: ``feats`` (from the
+        cache) as they are, else the vision tower on ``pixels`` (then cached)."""
+        import torch
+
+        if feats is not None:
+            with torch.inference_mode():
+                return self._features_from_numpy(feats)[None]
+        emb = self.image_embeds(pixels[None])  # [1, L, width]
+        if cache is not None and self.cache_namespace and tuple(emb.shape[1:]) == self.feature_shape:
+            cache.put(self.cache_namespace, key, self._features_to_numpy(emb[0]))
+        return emb
 
     def _score_batch(self, tok, ok, scores, cache) -> int:
         """Score one batch ``ok`` of (index, content hash, pixels or None, cached features

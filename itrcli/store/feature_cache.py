@@ -175,8 +175,11 @@ class FeatureCache:
 
 
 def _unlink(path: str) -> bool:
+    """Remove a file; True when it is gone (a concurrent trim may have removed it first)."""
     try:
         os.unlink(path)
+        return True
+    except FileNotFoundError:
         return True
     except OSError:
         return False
