@@ -321,3 +321,22 @@ def test_eval_rerank_shares_the_cache(itr, tmp_path, tiny_clip, tiny_blip, visio
     assert rows[0]["method"] == "exact+rerank"
     assert rows[0]["t2i"] == rows[1]["t2i"] == rows[2]["t2i"]
     assert rows[0]["i2t"] == rows[1]["i2t"] == rows[2]["i2t"]
+
+
+def test_a_model_rewritten_in_place_gets_a_new_namespace(tiny_blip, tmp_path):
+    """A local directory's weights are fingerprinted (names, sizes, modification times):
+    retraining into the same directory never reads the old model's features."""
+    import shutil
+
+    from itrcli.embed.rerank import Reranker
+
+    d = tmp_path / "blip"
+    shutil.copytree(tiny_blip, d)
+    before = Reranker(str(d), device="cpu", precision="fp32")
+    again = Reranker(str(d), device="cpu", precision="fp32")
+    st = (d / "model.safetensors").stat()
+    os.utime(d / "model.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    after = Reranker(str(d), device="cpu", precision="fp32")
+    assert before.cache_namespace == again.cache_namespace
+    assert after.cache_namespace != before.cache_namespace
+    assert "fp32" in before.cache_namespace and "cpu" in before.cache_namespace

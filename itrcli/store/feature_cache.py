@@ -7,10 +7,10 @@ the same top results reuses it from here.
 
 Layout: ``$XDG_CACHE_HOME/itr/rerank/<namespace digest>/<content hash>.npy``, one ``.npy``
 per image in the compute dtype (so a hit gives exactly the scores of a miss), where the
-namespace names the model, its revision, the precision and the device type.  Writes go to a
-temporary file renamed into place, so a reader (another process included) sees a whole
-file or none; a file that does not load, or loads with the wrong shape or dtype, is
-ignored and replaced.  A hit refreshes the file's modification time; after writing, the
+namespace names the model, its revision, the precision, the device type and the decoder.
+Writes go to a temporary file, synced, then renamed into place, so a reader (another
+process included) sees a whole file or none; a file that does not load, or loads with the
+wrong shape or dtype, is ignored and replaced.  A hit refreshes the file's modification time; after writing, the
 least recently used files are removed until the cache holds at most ``max_bytes``
 (``$ITR_RERANK_CACHE_BYTES``, default 1 GiB; 0 disables the cache).
 
@@ -118,6 +118,10 @@ class FeatureCache:
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
+                f.flush()
+                # on disk before the rename: after a crash, a full-length file of zeros
+                # would pass the shape check (milliseconds against seconds of compute)
+                os.fsync(f.fileno())
             os.replace(tmp, path)
             self.writes += 1
         except OSError as e:
