@@ -397,6 +397,9 @@ def search(
         autocompletion=_complete_rerank_model,
         help="re-ranker: preset name, Hugging Face id or local directory "
              "[default: blip-itm-base-coco]", show_default=False)] = None,
+    no_rerank_cache: Annotated[bool, typer.Option(
+        "--no-rerank-cache", help="neither read nor write the re-ranker's image feature cache "
+                                  "(ITR_RERANK_CACHE_BYTES=0 turns it off for good)")] = False,
     paths_only: Annotated[bool, typer.Option("--paths", help="print paths only, one per line")] = False,
     null: Annotated[bool, typer.Option("-0", "--null", help="NUL-terminated paths (for xargs -0)")] = False,
     preview: Annotated[bool, typer.Option(
@@ -466,10 +469,12 @@ def search(
                           text_match="only" if text_only else "none" if no_text else "auto",
                           rerank=rerank, rerank_k=rerank_k, rerank_model=rerank_model,
                           rerank_progress=_rerank_progress() if rerank else None,
-                          frames=frames, at=at)
+                          rerank_cache=not no_rerank_cache, frames=frames, at=at)
         for h in hits:
             if h.rerank_error:
                 err(f"itr: not re-ranked (now unreadable) {h.path}: {h.rerank_error}")
+        if lib.last_rerank_cache is not None and lib.last_rerank_cache.error:
+            err(f"itr: re-rank feature cache not written: {lib.last_rerank_cache.error}")
         model, adapted = lib.model, lib.last_adapter
         sources, terms, term_sources, cache = [], [], [], None
         if html is not None or (preview and table and is_tty(out)):

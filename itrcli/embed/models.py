@@ -13,8 +13,10 @@ models, :mod:`itrcli.embed.rerank`) have their own presets and option,
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -129,3 +131,33 @@ def resolve_reranker(model: str | None) -> tuple[str, str | None]:
 
 def rerank_preset_names() -> list[str]:
     return [p.name for p in RERANK_PRESETS]
+
+
+def model_revision(model_id: str) -> str | None:
+    """The revision to key a cache on, without loading the model (the evaluation
+    embedding cache, the re-ranker's feature cache).
+
+    A local directory: a fingerprint of its ``config.json`` and the names, sizes and
+    modification times of its weight files (retraining in place changes it).  A hub id:
+    the commit that ``refs/main`` points to in the local Hugging Face cache.  None when
+    unknown (the loaded model's own revision is used then).
+    """
+    p = Path(model_id)
+    if p.is_dir():
+        h = hashlib.blake2b(digest_size=8)
+        try:
+            h.update((p / "config.json").read_bytes())
+        except OSError:
+            pass
+        for f in sorted(p.iterdir()):
+            if f.suffix in (".safetensors", ".json", ".txt", ".model"):
+                st = f.stat()
+                h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return "local-" + h.hexdigest()
+    try:
+        from huggingface_hub import constants
+
+        ref = Path(constants.HF_HUB_CACHE) / ("models--" + model_id.replace("/", "--")) / "refs" / "main"
+        return ref.read_text().strip() or None
+    except Exception:  # no hub cache, no such model: the loaded model tells us
+        return None
