@@ -397,6 +397,9 @@ def search(
         autocompletion=_complete_rerank_model,
         help="re-ranker: preset name, Hugging Face id or local directory "
              "[default: blip-itm-base-coco]", show_default=False)] = None,
+    no_rerank_cache: Annotated[bool, typer.Option(
+        "--no-rerank-cache", help="neither read nor write the re-ranker's image feature cache "
+                                  "(ITR_RERANK_CACHE_BYTES=0 turns it off for good)")] = False,
     paths_only: Annotated[bool, typer.Option("--paths", help="print paths only, one per line")] = False,
     null: Annotated[bool, typer.Option("-0", "--null", help="NUL-terminated paths (for xargs -0)")] = False,
     preview: Annotated[bool, typer.Option(
@@ -466,10 +469,12 @@ def search(
                           text_match="only" if text_only else "none" if no_text else "auto",
                           rerank=rerank, rerank_k=rerank_k, rerank_model=rerank_model,
                           rerank_progress=_rerank_progress() if rerank else None,
-                          frames=frames, at=at)
+                          rerank_cache=not no_rerank_cache, frames=frames, at=at)
         for h in hits:
             if h.rerank_error:
                 err(f"itr: not re-ranked (now unreadable) {h.path}: {h.rerank_error}")
+        if lib.last_rerank_cache is not None and lib.last_rerank_cache.error:
+            err(f"itr: re-rank feature cache not written: {lib.last_rerank_cache.error}")
         model, adapted = lib.model, lib.last_adapter
         sources, terms, term_sources, cache = [], [], [], None
         if html is not None or (preview and table and is_tty(out)):
@@ -669,12 +674,19 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
                  f"text ({data['ocr']['lines']} lines), {data['ocr']['failed']} failed")
          if data["ocr"]["enabled"] else "off (itr index --ocr reads the text in images)"),
         ("size", human_bytes(data["sizes"]["total"])),
+        ("storage", _storage_line(data["storage"])),
         ("thumbs", f"{data['thumbnail_cache']['thumbnails']} "
                    f"({human_bytes(data['thumbnail_cache']['bytes'])} of "
                    f"{human_bytes(data['thumbnail_cache']['cap_bytes'])})"),
     ]
     for k, v in lines:
         typer.echo(f"{k + ':':<11}{v}")
+
+
+def _storage_line(st: dict) -> str:
+    per = f"{st['bytes_per_image']:,} bytes per image" if st["bytes_per_image"] else "empty"
+    line = f"{per}; vectors {st['vector_dtype']}, {st['page_size'] // 1024} KiB pages"
+    return line if st["compact"] else line + " (run 'itr check --compact' to store it densely)"
 
 
 def _adapter_line(a: dict | None) -> str:
@@ -904,8 +916,12 @@ def check(
                      help="with --repair: also forget indexed files that no longer exist")] = False,
     no_files: Annotated[bool, typer.Option("--no-files",
                         help="do not look for vanished or changed files on disk")] = False,
+    compact: Annotated[bool, typer.Option("--compact",
+                       help="first store a library made before 0.2.0 densely: float16 "
+                            "vectors in 16 KiB pages (resumable)")] = False,
     wait: Annotated[float, typer.Option("--wait", min=0, metavar="SECONDS",
-                    help="with --repair: wait this long for a running index to finish")] = 0.0,
+                    help="with --repair or --compact: wait this long for a running index "
+                         "to finish")] = 0.0,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
@@ -914,21 +930,34 @@ def check(
 
     Exit code 1 when an error is found (after --repair: when one remains); vanished files
     are a warning, not an error. Runs beside a running `itr index` (it reads the last commit).
+    --compact converts, then checks; interrupted, it goes on where it stopped next time.
 
     \b
     Example:
         itr check
         itr check --repair --prune -q
+        itr check --compact
     """
     from .library import Library
-    from .show.output import err, one_line, print_json
+    from .show.output import BarProgress, LogProgress, err, human_bytes, is_tty, one_line, print_json
 
     if prune and not repair:
         raise UsageError("--prune goes with --repair")
-    with Library.open(db, readonly=not repair) as lib:
+    done = None
+    with Library.open(db, readonly=not (repair or compact)) as lib:
+        if compact:
+            progress = None if quiet else (
+                BarProgress("compacting", unit="vector", rate="vectors/s") if is_tty(sys.stderr)
+                else LogProgress(unit="vectors", rate="vectors/s"))
+            done = lib.compact(progress=progress, wait=wait)
+            if not quiet:
+                err(f"compacted: {done.converted} vectors to float16, database "
+                    f"{human_bytes(done.bytes_before)} -> {human_bytes(done.bytes_after)} "
+                    f"({done.page_size // 1024} KiB pages) in {done.seconds:.1f}s"
+                    if done.converted or done.rewritten else "compacted: already dense")
         report = lib.repair(prune=prune, wait=wait) if repair else lib.check(files=not no_files)
     if json_:
-        print_json(report.to_json())
+        print_json({**report.to_json(), **({"compact": done.to_json()} if done else {})})
     if not quiet:
         for line in report.repaired:
             err(f"repaired: {line}")
@@ -960,6 +989,7 @@ def models_cmd(json_: JsonOpt = False) -> None:
     if json_:
         print_json([{"kind": "encoder", "name": p.name, "model": p.hub_id, "params_m": p.params_m,
                      "flickr30k_t2i_r1": p.flickr_t2i_r1, "flickr30k_i2t_r1": p.flickr_i2t_r1,
+                     "coco_t2i_r1": p.coco_t2i_r1, "coco_i2t_r1": p.coco_i2t_r1,
                      "default": p.name == DEFAULT_PRESET} for p in PRESETS]
                    + [{"kind": "reranker", "name": p.name, "model": p.hub_id,
                        "revision": p.revision, "params_m": p.params_m, "input_px": p.input_px,
@@ -967,12 +997,15 @@ def models_cmd(json_: JsonOpt = False) -> None:
                        "flickr30k_t2i_r1": p.flickr_t2i_r1, "flickr30k_i2t_r1": p.flickr_i2t_r1,
                        "default": p.name == DEFAULT_RERANK_PRESET} for p in RERANK_PRESETS])
         return
-    fmt = "{:<2}{:<16}{:<42}{:>7}{:>11}{:>11}"
-    typer.echo(fmt.format("", "NAME", "MODEL", "PARAMS", "T2I R@1", "I2T R@1"))
+    fmt = "{:<2}{:<21}{:<40}{:>7}{:>9}{:>9}{:>9}{:>9}"
+    typer.echo(fmt.format("", "", "", "", "Flickr30k", "", "COCO", "").rstrip())
+    typer.echo(fmt.format("", "NAME", "MODEL", "PARAMS", "T2I", "I2T", "T2I", "I2T"))
     for p in PRESETS:
         typer.echo(fmt.format("*" if p.name == DEFAULT_PRESET else "", p.name, p.hub_id,
-                              f"{p.params_m}M", _pct(p.flickr_t2i_r1), _pct(p.flickr_i2t_r1)))
-    typer.echo("\n* default.  R@1: published zero-shot Flickr30k 1K test, percent.")
+                              f"{p.params_m}M", _pct(p.flickr_t2i_r1), _pct(p.flickr_i2t_r1),
+                              _pct(p.coco_t2i_r1), _pct(p.coco_i2t_r1)))
+    typer.echo("\n* default.  Published zero-shot recall@1, percent: Flickr30k 1K and COCO 5K "
+               "test (sources: itrcli/embed/models.py).")
     typer.echo("\nRe-rankers (itr search --rerank, --rerank-model):")
     rfmt = "{:<2}{:<20}{:<38}{:>7}{:>11}{:>11}"
     typer.echo(rfmt.format("", "NAME", "MODEL", "PARAMS", "T2I R@1", "I2T R@1"))

@@ -27,5 +27,7 @@ BF16_MIN_COSINE = 0.999
 
 #: The library directory's entries.
 DB_NAME = "itr.db"
+#: The thumbnail cache's folder in a library (:mod:`itrcli.show.thumbs`).
+THUMBS_DIR = "thumbs"
 GRAPH_DIR = "hnsw"
 TEXT_TOWER_DIR = "text"

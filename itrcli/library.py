@@ -41,6 +41,9 @@ class Library:
         self.last_adapter: str | None = None  #: method that mapped the last search's text
         self._reranker = None  # loaded by the first search with rerank=True
         self._reranker_args: tuple[str | None, str, str] | None = None
+        #: the re-ranker's feature cache as the last search used it (hits, misses, writes,
+        #: error), or None
+        self.last_rerank_cache = None
 
     # -- opening -----------------------------------------------------------------------
     @classmethod
@@ -495,6 +498,7 @@ class Library:
         rerank_k: int | None = None,
         rerank_model: str | None = None,
         rerank_progress=None,
+        rerank_cache: bool = True,
         frames: bool = False,
         at: float | None = None,
     ) -> list:
@@ -520,7 +524,8 @@ class Library:
         only results standing out from the library (True, or the floor in standard
         deviations; :mod:`itrcli.query.autocut`).
         ``rerank``: re-score the first ``rerank_k`` results with an image-text matching
-        model (``rerank_model``; see :meth:`rerank`); text queries only.
+        model (``rerank_model``; see :meth:`rerank`); text queries only.  ``rerank_cache``:
+        use the re-ranker's feature cache (see :meth:`rerank`).
         Raises:
             UsageError: empty query, bad date or filter, unreadable query image.
             LibraryError: the library is empty.
@@ -583,7 +588,8 @@ class Library:
                             hash_bits=hash_bits, frames=frames)
         if rerank:
             hits = self.rerank(hits, parts[0].value, k=rerank_k, model=rerank_model,  # type: ignore[arg-type]
-                               device=device, precision=precision, progress=rerank_progress)
+                               device=device, precision=precision, progress=rerank_progress,
+                               cache=rerank_cache)
         return sort_hits(hits[:top], order)
 
     # -- binary codes ---------------------------------------------------------------------
@@ -756,29 +762,41 @@ class Library:
         return None if tq.empty else tq
 
     def rerank(self, hits: list, text: str, *, k: int, model: str | None = None,
-               device: str = "auto", precision: str = "auto", progress=None) -> list:
+               device: str = "auto", precision: str = "auto", progress=None,
+               cache: bool = True) -> list:
         """Re-score the first ``k`` hits against ``text`` with an image-text matching model
         (:class:`itrcli.embed.rerank.Reranker`; ``model`` None: ``$ITR_RERANK_MODEL`` or
         the default preset) and put them in the order of its match probability; hits past
         ``k`` follow in their first order.  Each hit keeps its cosine ``score`` and gets
         ``rerank_score`` (None past ``k``, or when its file cannot be read now: those follow
         the re-scored ones, with ``rerank_error``).  Returns the hits renumbered.
+
+        ``cache``: keep the re-ranker's vision features of each image in the feature cache
+        (``$XDG_CACHE_HOME/itr/rerank``, bounded by ``$ITR_RERANK_CACHE_BYTES``; see
+        :mod:`itrcli.store.feature_cache`), so that another query over the same images
+        skips the vision tower; the scores are the same either way.
         Raises:
             ModelError: the re-ranker cannot be loaded.
+            UsageError: ``$ITR_RERANK_CACHE_BYTES`` is not a number of bytes.
         """
         from .embed.rerank import Reranker, reorder
         from .store.db import fs_path_of
+        from .store.feature_cache import FeatureCache
 
+        self.last_rerank_cache = None
         head, tail = hits[:k], hits[k:]
         if head:
             rows = self.store.rows(h.id for h in head)
             paths = [fs_path_of(rows[h.id]["path"], rows[h.id]["fsname"]) if h.id in rows
                      else h.path for h in head]
+            features = FeatureCache.from_env() if cache else None  # a bad bound fails first
             args = (model, device, precision)
             if self._reranker is None or self._reranker_args != args:
                 self._reranker = Reranker(model, device=device, precision=precision)
                 self._reranker_args = args
-            scores, errors = self._reranker.score_files(text, paths, progress=progress)
+            scores, errors = self._reranker.score_files(text, paths, progress=progress,
+                                                        cache=features)
+            self.last_rerank_cache = features
             for h, p, s in zip(head, paths, scores):
                 h.rerank_score, h.rerank_error = s, errors.get(p)
             head = [head[i] for i in reorder(scores)]
@@ -845,6 +863,17 @@ class Library:
 
         return repair(self.store, prune=prune, wait=wait)
 
+    def compact(self, *, progress=None, wait: float = 0.0):
+        """Convert a library made before 0.2.0 to the dense layout (float16 vectors in 16 KiB
+        pages; resumable, see :mod:`itrcli.jobs.compact`).  Returns a
+        :class:`~itrcli.jobs.compact.Compaction`.
+        Raises:
+            LibraryError: opened read-only, or locked (``wait`` seconds).
+        """
+        from .jobs.compact import compact
+
+        return compact(self.store, progress=progress, wait=wait)
+
     # -- information ------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """Path, model, dimension, counts, roots and on-disk sizes (the ``itr info`` object)."""
@@ -855,7 +884,12 @@ class Library:
         total = sum(sizes.values())
         from .store.metadata import coverage
 
-        db = self.store.db  # sqlite-utils view: table counts without hand-written SQL
+        from .constants import THUMBS_DIR
+        from .store.db import PAGE_SIZE
+
+        vectors = self.store.count()  # from the files and frames indexes, not the vectors
+        layout = self.store.layout()
+        kept = sum(v for k, v in sizes.items() if k != THUMBS_DIR)  # thumbnails are a cache
         return {
             "library": str(self.directory),
             "model": meta.get("model"),
@@ -864,8 +898,8 @@ class Library:
             "dim": meta.get("dim"),
             "precision": meta.get("precision"),
             "schema_version": meta.get("schema_version"),
-            "files": db["files"].count,
-            "vectors": db["vectors"].count,
+            "files": self.store.file_count(),
+            "vectors": vectors,
             "metadata": coverage(self.store.conn),  # files with gps, camera, taken_at
             **dict(zip(("videos", "frames"), self.store.video_counts())),
             "roots": meta.get("roots", []),
@@ -875,6 +909,10 @@ class Library:
             "adapter": self._adapter_info(),
             "ocr": self._text_info(bool(meta.get("ocr"))),
             "sizes": {**sizes, "total": total},
+            # database, graph and text tower per image or video frame (thumbnails excluded)
+            "storage": {**layout, "bytes_per_image": round(kept / vectors) if vectors else None,
+                        "compact": layout["vector_dtype"] == "float16"
+                        and layout["page_size"] == PAGE_SIZE},
         }
 
     def _adapter_info(self) -> dict[str, Any] | None:

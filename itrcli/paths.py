@@ -16,6 +16,7 @@ def default_library_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/itr`` (``~/.cache/itr``): the eval embedding cache lives here."""
+    """``$XDG_CACHE_HOME/itr`` (``~/.cache/itr``): the eval embedding cache and the
+    re-ranker's feature cache live here."""
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
     return Path(base).expanduser() / "itr"

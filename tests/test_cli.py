@@ -83,6 +83,31 @@ def test_models_lists_presets_and_marks_the_default(itr):
     assert sum(p["default"] for p in j if p["kind"] == "reranker") == 1
 
 
+def test_every_preset_has_published_figures_and_the_docs_table_agrees(itr):
+    """Each encoder preset carries a published recall (Flickr30k or COCO), SigLIP 2 ones
+    their authors' COCO figures; docs/commands.md lists the same numbers."""
+    import re
+
+    from itrcli.embed.models import PRESETS
+
+    j = {p["name"]: p for p in itr("models", "--json").json() if p["kind"] == "encoder"}
+    assert set(j) == {p.name for p in PRESETS}
+    for p in j.values():
+        assert p["flickr30k_t2i_r1"] is not None or p["coco_t2i_r1"] is not None, p
+    sig2 = [p for n, p in j.items() if n.startswith("siglip2-")]
+    assert len(sig2) >= 12 and all(p["coco_t2i_r1"] and p["coco_i2t_r1"] for p in sig2)
+    assert (j["siglip2-b16"]["model"], j["siglip2-b16"]["coco_t2i_r1"]) == (
+        "google/siglip2-base-patch16-224", 52.1)
+    docs = (ROOT / "docs" / "commands.md").read_text().split("## `itr models`")[1].split("\n## ")[0]
+    for p in PRESETS:
+        row = re.search(rf"^\| `{re.escape(p.name)}`.*$", docs, re.M)
+        assert row, p.name
+        cells = [c.strip() for c in row.group(0).split("|")]
+        coco = f"{p.coco_t2i_r1} / {p.coco_i2t_r1}" if p.coco_t2i_r1 else "-"
+        flickr = f"{p.flickr_t2i_r1} / {p.flickr_i2t_r1}" if p.flickr_t2i_r1 else "-"
+        assert (cells[2], cells[4], cells[5]) == (f"`{p.hub_id}`", flickr, coco), cells
+
+
 def test_exit_codes_are_documented():
     from itrcli.errors import ExitCode
 

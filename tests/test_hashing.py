@@ -208,7 +208,8 @@ def test_library_codes_are_saved_and_deterministic(tmp_path):
     s2 = fake_library(tmp_path / "b", x)
     a, b = library_codes(s1, 64), library_codes(s2, 64)
     assert np.array_equal(a.codes, b.codes) and np.array_equal(a.ids, b.ids)
-    assert np.array_equal(a.codes, fit(x, 64).codes(x))
+    xs = s1.as_stored(x)  # what the library holds (float16 copies)
+    assert np.array_equal(a.codes, fit(xs, 64).codes(xs))
     again = library_codes(s1, 64)  # from the tables, not refitted
     assert np.array_equal(again.codes, a.codes)
     assert s1.conn.execute("SELECT count(*) FROM hash_codes").fetchone()[0] == 400
@@ -222,20 +223,21 @@ def test_library_codes_are_saved_and_deterministic(tmp_path):
 def test_refit_rule_and_incremental_codes(tmp_path):
     x = clustered(1000, 32, seed=5)
     store = fake_library(tmp_path / "lib", x[:500])
+    xs = store.as_stored(x)  # what the library holds of each (float16 copies)
     first = library_codes(store, 64)
     assert first.hasher.n_fit == 500
     add_vectors(store, x[500:550], first=500)  # +10%: same fit, new vectors coded
     second = library_codes(store, 64)
     assert second.hasher.n_fit == 500 and len(second.ids) == 550
     assert np.array_equal(second.codes[:500], first.codes)
-    assert np.array_equal(second.codes[500:], first.hasher.codes(x[500:550]))
+    assert np.array_equal(second.codes[500:], first.hasher.codes(xs[500:550]))
     # a changed file (new content, new vector) is coded again; a removed one is dropped
     with store.transaction() as c:
         store.update_file(c, int(second.ids[0]), {"hash": "changed"}, x[999])
         store.delete_files(c, [int(second.ids[1])])
     third = library_codes(store, 64)
     assert len(third.ids) == 549 and int(second.ids[1]) not in third.ids.tolist()
-    assert np.array_equal(third.codes[0], first.hasher.codes(x[999])[0])
+    assert np.array_equal(third.codes[0], first.hasher.codes(xs[999])[0])
     # more than 20% changed since the fit: refitted on everything
     add_vectors(store, x[550:700], first=550)
     fourth = library_codes(store, 64)

@@ -344,7 +344,9 @@ def test_files_deleted_and_changed_during_a_run(itr, tiny_clip, tmp_path, monkey
     s = itr("index", d, "--db", db, "--json", "-q").json()
     assert (s["removed"], s["added"], s["skipped"]) == (1, 0, 0)
     # the rewritten file was read after the rewrite: its vector is the new content's
-    np.testing.assert_allclose(stored(db)[str(photos[23])], embed_one(db, str(photos[23])), atol=1e-4)
+    # (within float16 rounding: the library keeps float16 copies)
+    np.testing.assert_allclose(stored(db)[str(photos[23])], embed_one(db, str(photos[23])),
+                               rtol=1e-3, atol=1e-4)
     assert set(stored(db)) == {str(p) for p in d.glob("*.jpg")}
     check(db, strict=True)
 

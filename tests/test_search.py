@@ -280,6 +280,36 @@ def test_text_like_queries_and_chunked_exact_top(lib):
     assert needs_calibration(1000, 799) and not needs_calibration(1000, 800)
 
 
+def test_calibration_truth_from_the_saved_graph_equals_the_database_scan(lib):
+    """The recall measurement reads its exact top k from the mapped graph file (fast at a
+    million images): the same scores as scanning the database, deleted marks skipped."""
+    from itrcli.store.db import Store
+    from itrcli.store.vindex import VectorIndex, _saved_graph_top, exact_top, text_like_queries
+
+    db, _ = lib
+    s = Store(db)
+    vi = VectorIndex(db, int(s.get_meta("dim"))).open(s)
+    ids, mat = s.vectors()
+    q = text_like_queries(mat, 0.3, seed=2)
+    for chunk in (3, 65_536):
+        got = _saved_graph_top(vi, q, 4, chunk=chunk)
+        _, want = exact_top(s, q, 4)
+        # (the graph holds the float16 rows normalised: scores within the calibration's 1e-4)
+        np.testing.assert_allclose(np.sort(got, 1), np.sort(want, 1), atol=1e-4)
+    # a deleted mark: that label no longer counts, as it is gone from the database too
+    victim = int(ids[np.argmax(q[0] @ mat.T)])
+    vi.remove([victim])
+    vi.save(vi.seq + 1)
+    vi.dirty = False
+    got = _saved_graph_top(vi, q[:1], 4)
+    keep = ids != victim
+    want = np.sort(q[:1] @ mat[keep].T, axis=1)[:, -4:]
+    np.testing.assert_allclose(np.sort(got, 1), want, atol=1e-4)
+    vi.dirty = True  # unsaved changes: no file holds exactly this graph
+    assert _saved_graph_top(vi, q, 4) is None
+    s.close()
+
+
 def test_index_measures_the_search_ef_and_search_uses_it(itr, tiny_clip, tmp_path, monkeypatch):
     from itrcli.store.graphfile import GraphFile
     from itrcli.store.db import Store

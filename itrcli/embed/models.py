@@ -1,15 +1,22 @@
 """Named model presets, the default model, and resolving a ``--model`` value.
 
-Published zero-shot Flickr30k (1K test) recall@1, in percent, from each model's paper or
-card; ``None`` where the authors published no such figure.  Re-rankers (image-text
-matching models, :mod:`itrcli.embed.rerank`) have their own presets and option,
+Published zero-shot retrieval recall@1, in percent: Flickr30k (1K test) and COCO (5K
+test), text->image and image->text; ``None`` where no such figure was published.  Sources:
+the CLIP paper (Radford et al. 2021, Table 13) for ``openai-l14-336``; OpenCLIP's
+benchmark of the same weights (docs/openclip_retrieval_results.csv in mlfoundations/
+open_clip) for ``laion-b32``, ``openai-b32`` and ``siglip-b16``; the SigLIP 2 authors'
+checkpoint table (big_vision/configs/proj/image_text/README_siglip2.md, the paper's
+Table 1), which gives COCO only, for ``siglip2-*``.  Re-rankers (image-text matching
+models, :mod:`itrcli.embed.rerank`) have their own presets and option,
 ``--rerank-model`` / ``ITR_RERANK_MODEL``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -20,17 +27,40 @@ class Preset:
     flickr_t2i_r1: float | None
     flickr_i2t_r1: float | None
     note: str = ""
+    coco_t2i_r1: float | None = None
+    coco_i2t_r1: float | None = None
+
+
+def _siglip2(name: str, hub: str, params_m: int, coco_t2i: float, coco_i2t: float,
+             note: str = "") -> Preset:
+    return Preset(name, hub, params_m, None, None,
+                  note or "SigLIP 2, multilingual (Gemma fast tokenizer: ONNX text tower)",
+                  coco_t2i, coco_i2t)
 
 
 PRESETS: tuple[Preset, ...] = (
     Preset("laion-b32", "laion/CLIP-ViT-B-32-laion2B-s34B-b79K", 151, 66.8, 84.1,
-           "OpenCLIP on LAION-2B; best quality at ViT-B/32 cost"),
-    Preset("openai-b32", "openai/clip-vit-base-patch32", 151, 58.8, 78.9, "the original CLIP"),
+           "OpenCLIP on LAION-2B; best quality at ViT-B/32 cost", 39.3, 56.3),
+    Preset("openai-b32", "openai/clip-vit-base-patch32", 151, 58.8, 78.9, "the original CLIP",
+           30.4, 50.1),
     Preset("openai-l14-336", "openai/clip-vit-large-patch14-336", 428, 68.7, 88.0,
-           "slow on CPU; for re-ranking or a GPU"),
-    Preset("siglip-b16", "google/siglip-base-patch16-224", 203, None, None, "sigmoid loss CLIP"),
-    Preset("siglip2-b16", "google/siglip2-base-patch16-224", 375, None, None,
-           "SigLIP 2, multilingual (Gemma fast tokenizer: ONNX text tower)"),
+           "slow on CPU; for re-ranking or a GPU", 37.8, 58.4),
+    Preset("siglip-b16", "google/siglip-base-patch16-224", 203, 74.7, 89.1, "sigmoid loss CLIP",
+           47.8, 65.7),
+    _siglip2("siglip2-b16", "google/siglip2-base-patch16-224", 375, 52.1, 68.9),
+    _siglip2("siglip2-b16-256", "google/siglip2-base-patch16-256", 375, 53.2, 69.7),
+    _siglip2("siglip2-b16-384", "google/siglip2-base-patch16-384", 376, 54.6, 71.4),
+    _siglip2("siglip2-b16-512", "google/siglip2-base-patch16-512", 376, 55.2, 71.2),
+    _siglip2("siglip2-l16-256", "google/siglip2-large-patch16-256", 882, 54.7, 71.5),
+    _siglip2("siglip2-l16-384", "google/siglip2-large-patch16-384", 882, 55.3, 71.4),
+    _siglip2("siglip2-l16-512", "google/siglip2-large-patch16-512", 882, 55.2, 72.1),
+    _siglip2("siglip2-so400m14-224", "google/siglip2-so400m-patch14-224", 1136, 55.1, 71.5),
+    _siglip2("siglip2-so400m14-384", "google/siglip2-so400m-patch14-384", 1136, 55.8, 71.7),
+    _siglip2("siglip2-so400m16-256", "google/siglip2-so400m-patch16-256", 1136, 55.4, 71.5),
+    _siglip2("siglip2-so400m16-384", "google/siglip2-so400m-patch16-384", 1136, 56.0, 71.2),
+    _siglip2("siglip2-so400m16-512", "google/siglip2-so400m-patch16-512", 1136, 56.0, 71.3),
+    _siglip2("siglip2-g16-256", "google/siglip2-giant-opt-patch16-256", 1871, 55.7, 72.5),
+    _siglip2("siglip2-g16-384", "google/siglip2-giant-opt-patch16-384", 1871, 56.1, 72.8),
 )
 DEFAULT_PRESET = "laion-b32"
 DEFAULT_MODEL = next(p.hub_id for p in PRESETS if p.name == DEFAULT_PRESET)
@@ -101,3 +131,33 @@ def resolve_reranker(model: str | None) -> tuple[str, str | None]:
 
 def rerank_preset_names() -> list[str]:
     return [p.name for p in RERANK_PRESETS]
+
+
+def model_revision(model_id: str) -> str | None:
+    """The revision to key a cache on, without loading the model (the evaluation
+    embedding cache, the re-ranker's feature cache).
+
+    A local directory: a fingerprint of its ``config.json`` and the names, sizes and
+    modification times of its weight files (retraining in place changes it).  A hub id:
+    the commit that ``refs/main`` points to in the local Hugging Face cache.  None when
+    unknown (the loaded model's own revision is used then).
+    """
+    p = Path(model_id)
+    if p.is_dir():
+        h = hashlib.blake2b(digest_size=8)
+        try:
+            h.update((p / "config.json").read_bytes())
+        except OSError:
+            pass
+        for f in sorted(p.iterdir()):
+            if f.suffix in (".safetensors", ".json", ".txt", ".model"):
+                st = f.stat()
+                h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return "local-" + h.hexdigest()
+    try:
+        from huggingface_hub import constants
+
+        ref = Path(constants.HF_HUB_CACHE) / ("models--" + model_id.replace("/", "--")) / "refs" / "main"
+        return ref.read_text().strip() or None
+    except Exception:  # no hub cache, no such model: the loaded model tells us
+        return None

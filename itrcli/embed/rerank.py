@@ -10,7 +10,10 @@ Loading follows the encoder's rules (:mod:`itrcli.embed.encoder`): the local dir
 the local Hugging Face cache first, the hub only when reachable, safetensors only, no
 remote code, one line when it cannot be loaded.  Images are decoded again at the
 re-ranker's own resolution (384 px for BLIP base) and preprocessed by
-:class:`~itrcli.ingest.images.Preprocess`, which matches ``BlipImageProcessor``.
+:class:`~itrcli.ingest.images.Preprocess`, which matches ``BlipImageProcessor``.  The
+vision tower's output depends only on the image, so a feature cache passed in by the caller
+(:mod:`itrcli.store.feature_cache`) keeps it per content hash: another query over the
+same images runs only the text encoder (10x less CPU for BLIP base).
 
 Example::
 
@@ -141,8 +144,58 @@ class Reranker:
                 "BlipForImageTextRetrieval checkpoint")
         self.model.eval().to(self.device)
         self.text_max_length = int(getattr(config.text_config, "max_position_embeddings", 512))
+        vision = config.vision_config
+        side = int(vision.image_size) // int(vision.patch_size)
+        self.feature_shape = (side * side + 1, int(vision.hidden_size))  # [patches + 1, width]
+        self.cache_namespace = self._cache_namespace(config)
         if self.device == "cpu":
             torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    # -- the feature cache ----------------------------------------------------------------
+    def _cache_namespace(self, config) -> str | None:
+        """What the vision tower's output depends on besides the image's bytes: the weights
+        (a hub commit, or a local directory's fingerprint), the precision, the device type
+        and the decoder (Pillow's resampling).  None when the weights' revision is unknown
+        (nothing is cached then: a moving ``main`` would serve stale features)."""
+        import torch
+
+        from ..ingest.images import decoder_id
+
+        if os.path.isdir(self.model_id):
+            rev = models.model_revision(self.model_id)
+        else:  # the commit transformers loaded (a pinned ref such as refs/pr/5 may move)
+            rev = getattr(config, "_commit_hash", None)
+        if not rev:
+            return None
+        return (f"{self.model_id}@{rev}; {self.precision}; {torch.device(self.device).type}; "
+                f"{decoder_id()}")
+
+    @property
+    def feature_dtype(self):
+        """The numpy dtype features are cached in: the compute dtype (bf16 as its raw
+        16 bits), so that a cache hit gives exactly the scores of a miss."""
+        import numpy as np
+
+        return {"fp32": np.dtype("<f4"), "fp16": np.dtype("<f2"), "bf16": np.dtype("<i2")}[
+            self.precision]
+
+    def _features_to_numpy(self, emb):
+        """One image's ``[L, width]`` features (torch, compute dtype) -> numpy to cache."""
+        import torch
+
+        emb = emb.detach().cpu().contiguous()
+        if emb.dtype == torch.bfloat16:
+            emb = emb.view(torch.int16)
+        return emb.numpy().astype(self.feature_dtype, copy=False)
+
+    def _features_from_numpy(self, arr):
+        """Cached ``[L, width]`` numpy -> a torch tensor in the compute dtype on the device."""
+        import torch
+
+        t = torch.from_numpy(arr.astype(arr.dtype.newbyteorder("="), copy=False))
+        if self.dtype == torch.bfloat16:
+            t = t.view(torch.bfloat16)
+        return t.to(self.device)
 
     # -- scoring ------------------------------------------------------------------------
     def _tokens(self, texts: Sequence[str]) -> dict[str, Any]:
@@ -189,12 +242,13 @@ class Reranker:
                                   tok["attention_mask"].expand(b, -1)))
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
-    def score_texts(self, pixels_one, texts: Sequence[str], batch: int = 32):
+    def score_texts(self, pixels_one, texts: Sequence[str], batch: int = 32, *, embeds=None):
         """Match probability of one image ``[3, H, W]`` with each of ``texts`` -> ``[m]``
-        (the vision tower runs once)."""
+        (the vision tower runs once; not at all when its output ``embeds`` ``[1, L, width]``
+        is given, from :meth:`features`)."""
         import numpy as np
 
-        emb = self.image_embeds(pixels_one[None])  # [1, L, width]
+        emb = self.image_embeds(pixels_one[None]) if embeds is None else embeds  # [1, L, width]
         out = []
         for s in range(0, len(texts), batch):
             tok = self._tokens(texts[s : s + batch])
@@ -203,53 +257,118 @@ class Reranker:
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
     def score_files(self, text: str, paths: Sequence[str], *, workers: int = 2,
-                    progress: Progress | None = None) -> tuple[list[float | None], dict[str, str]]:
+                    progress: Progress | None = None,
+                    cache: Any = None) -> tuple[list[float | None], dict[str, str]]:
         """Match probability of ``text`` with each image file, decoded at full size and
         preprocessed as the re-ranker's own processor does (no JPEG draft mode: the scores
         are those of the model on the file; decoding overlaps the model's work).
+
+        ``cache``: a :class:`itrcli.store.feature_cache.FeatureCache` (or None): the vision
+        tower's output is looked up by the content hash of the file's bytes as read now (a
+        changed file has a new hash), and stored after a miss; a hit skips decoding and
+        the vision tower and gives the same scores.  The cache is trimmed to its bound
+        after writing.
 
         Returns (scores in ``paths`` order, None for files that cannot be read now;
         {path: one-line reason} for those).
         """
         from concurrent.futures import ThreadPoolExecutor
 
-        import numpy as np
-
-        from ..ingest.images import DecodeError, decode_file
-
-        def load(path: str):
-            try:
-                return decode_file(path, self.prep, draft=False)[0], None
-            except DecodeError as e:
-                return None, str(e)
-            except OSError as e:
-                return None, e.strerror or str(e)
-
+        use = cache if cache is not None and self.cache_namespace else None
+        tok = self._tokens([text])
         scores: list[float | None] = [None] * len(paths)
         errors: dict[str, str] = {}
-        done = 0
+        done = written = 0
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             batches = [list(range(s, min(s + BATCH_SIZE, len(paths))))
                        for s in range(0, len(paths), BATCH_SIZE)]
-            pending = [pool.submit(load, paths[i]) for i in batches[0]] if batches else []
+            pending = [pool.submit(self.load_file, paths[i], use) for i in batches[0]] if batches else []
             for n, b in enumerate(batches):
-                decoded = [f.result() for f in pending]
+                loaded = [f.result() for f in pending]
                 if n + 1 < len(batches):  # decode the next batch while this one runs
-                    pending = [pool.submit(load, paths[i]) for i in batches[n + 1]]
+                    pending = [pool.submit(self.load_file, paths[i], use) for i in batches[n + 1]]
                 ok = []
-                for i, (pixels, error) in zip(b, decoded):
+                for i, (key, pixels, feats, error) in zip(b, loaded):
                     if error is not None:
                         errors[paths[i]] = error
                     else:
-                        ok.append((i, pixels))
+                        ok.append((i, key, pixels, feats))
                 if ok:
-                    probs = self.score_pixels(text, np.stack([p for _, p in ok]))  # [b]
-                    for (i, _), p in zip(ok, probs):
-                        scores[i] = float(p)
+                    written += self._score_batch(tok, ok, scores, use)
                 done += len(b)
                 if progress is not None:
                     progress(done, len(paths))
+        if written:
+            cache.trim()
         return scores, errors
+
+    def load_file(self, path: str, cache: Any = None):
+        """Worker: a file -> (content hash, pixels ``[3, H, W]`` or None, cached features
+        ``[L, width]`` (numpy) or None, one-line error or None).
+
+        The hash is of the bytes read now (a file changed since indexing has a new one);
+        on a cache hit the file is not decoded.
+        """
+        from ..ingest.files import Unreadable, content_hash, read_file
+        from ..ingest.images import DecodeError, open_image
+
+        try:
+            _st, data = read_file(path)
+        except Unreadable as e:
+            return None, None, None, str(e)
+        key = content_hash(data)
+        if cache is not None and self.cache_namespace:
+            feats = cache.get(self.cache_namespace, key, self.feature_shape, self.feature_dtype)
+            if feats is not None:
+                return key, None, feats, None
+        try:
+            img, meta = open_image(data)  # full size (no draft): the model's own scores
+            return key, self.prep(img, (meta.width, meta.height)), None, None
+        except DecodeError as e:
+            return None, None, None, str(e)
+        except OSError as e:
+            return None, None, None, e.strerror or str(e)
+        except MemoryError:
+            return None, None, None, "not enough memory to decode"
+
+    def features(self, key: str, pixels, feats, cache: Any = None):
+        """One image's vision features ``[1, L, width]`` on the device: ``feats`` (from the
+        cache) as they are, else the vision tower on ``pixels`` (then cached)."""
+        import torch
+
+        if feats is not None:
+            with torch.inference_mode():
+                return self._features_from_numpy(feats)[None]
+        emb = self.image_embeds(pixels[None])  # [1, L, width]
+        if cache is not None and self.cache_namespace and tuple(emb.shape[1:]) == self.feature_shape:
+            cache.put(self.cache_namespace, key, self._features_to_numpy(emb[0]))
+        return emb
+
+    def _score_batch(self, tok, ok, scores, cache) -> int:
+        """Score one batch ``ok`` of (index, content hash, pixels or None, cached features
+        or None) into ``scores``: the vision tower runs on the misses only (and they are
+        cached); returns how many were written to ``cache``."""
+        import numpy as np
+        import torch
+
+        misses = [j for j, (_, _, pixels, _) in enumerate(ok) if pixels is not None]
+        fresh, written = {}, 0
+        if misses:
+            emb = self.image_embeds(np.stack([ok[j][2] for j in misses]))  # [m, L, width]
+            for r, j in enumerate(misses):
+                fresh[j] = emb[r]
+                if cache is not None and tuple(emb.shape[1:]) == self.feature_shape:
+                    cache.put(self.cache_namespace, ok[j][1], self._features_to_numpy(emb[r]))
+                    written += 1
+        with torch.inference_mode():
+            embeds = torch.stack([fresh[j] if j in fresh else self._features_from_numpy(ok[j][3])
+                                  for j in range(len(ok))])  # [b, L, width]
+        b = embeds.shape[0]
+        probs = self.match(embeds, tok["input_ids"].expand(b, -1),
+                           tok["attention_mask"].expand(b, -1))  # [b]
+        for (i, _, _, _), p in zip(ok, probs):
+            scores[i] = float(p)
+        return written
 
 
 class SlowProgress:

@@ -24,7 +24,6 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -147,35 +146,6 @@ def parse_int_list(
 # -- model key and cache ----------------------------------------------------------------
 
 
-def model_revision(model_id: str) -> str | None:
-    """The revision to key the cache on, without loading the model.
-
-    A local directory: a fingerprint of its ``config.json`` and the names, sizes and
-    modification times of its weight files (retraining in place changes it).  A hub id:
-    the commit that ``refs/main`` points to in the local Hugging Face cache.  None when
-    unknown (the loaded model's own revision is used then).
-    """
-    p = Path(model_id)
-    if p.is_dir():
-        h = hashlib.blake2b(digest_size=8)
-        try:
-            h.update((p / "config.json").read_bytes())
-        except OSError:
-            pass
-        for f in sorted(p.iterdir()):
-            if f.suffix in (".safetensors", ".json", ".txt", ".model"):
-                st = f.stat()
-                h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-        return "local-" + h.hexdigest()
-    try:
-        from huggingface_hub import constants
-
-        ref = Path(constants.HF_HUB_CACHE) / ("models--" + model_id.replace("/", "--")) / "refs" / "main"
-        return ref.read_text().strip() or None
-    except Exception:  # no hub cache, no such model: the loaded model tells us
-        return None
-
-
 def model_key(model_id: str, revision: str | None, precision: str) -> str:
     """The cache's model key: id, revision and precision."""
     return f"{model_id}@{revision or 'unknown'}/{precision}"
@@ -235,7 +205,7 @@ def embed_dataset(
     progress = progress or NoProgress()
     model_id = models.resolve(model)
     precision = resolve_precision(precision, resolve_device(device))
-    revision = model_revision(model_id)
+    revision = models.model_revision(model_id)
     encoder = None
 
     def get_encoder():
@@ -537,7 +507,9 @@ def evaluate(
         progress: start/advance/close while encoding (e.g. :class:`itrcli.show.output.BarProgress`).
         rerank: add an "exact+rerank" row per model: the top ``rerank_k`` of exact re-scored
             by the image-text matching model ``rerank_model`` (see
-            :mod:`itrcli.evaluation.rerank`); ``rerank_progress`` while it scores.
+            :mod:`itrcli.evaluation.rerank`); ``rerank_progress`` while it scores.  With
+            ``cache``, the re-ranker's vision features are kept in the feature cache
+            (:mod:`itrcli.store.feature_cache`) as ``itr search --rerank`` keeps them.
     Returns:
         An :class:`EvalResult`, rows in model order then exact, hnsw, hash-B, hash-B+rerank,
         exact+rerank.
@@ -628,13 +600,15 @@ def evaluate(
 
     if adapt is not None:
         result.adapt = {"pairs": adapt.source, "folds": adapt_folds, "models": {}}
-    reranker, probs = None, {}
+    reranker, probs, features = None, {}, None
     if rerank:
         from ..embed.rerank import DEFAULT_RERANK_K, Reranker
+        from ..store.feature_cache import FeatureCache
 
         rerank_k = DEFAULT_RERANK_K if rerank_k is None else rerank_k
         if rerank_k < 1:
             raise UsageError("--rerank-k must be at least 1")
+        features = FeatureCache.from_env() if cache else None
         reranker = Reranker(rerank_model, device=device, precision=precision)
         all_texts, _ = ds.flat()
         kept_texts = [all_texts[i] for i in kept_captions]
@@ -653,7 +627,7 @@ def evaluate(
         if reranker is not None:
             row, stats = _rerank_row(e.model, img, txt, caption_image, fold_idx, ks, rerank_k,
                                      reranker, sub.images, kept_texts, probs, workers,
-                                     rerank_progress)
+                                     rerank_progress, features)
             result.results.append(row)
             result.notes.append(
                 f"exact+rerank: each query's top {rerank_k} re-scored by {reranker.model_id}: "
@@ -701,7 +675,8 @@ def _fold_fitter(pairs: Pairs, image_hash: np.ndarray, methods, folds: int,
 
 
 def _rerank_row(model_id, img, txt, caption_image, fold_idx, ks, k, reranker, image_paths,
-                texts, probs, workers, progress) -> tuple[MethodResult, dict[str, Any]]:
+                texts, probs, workers, progress,
+                features=None) -> tuple[MethodResult, dict[str, Any]]:
     """The "exact+rerank" row of one model (``probs``: pair scores shared across models)."""
     from .rerank import FoldCandidates, score_pairs
 
@@ -713,7 +688,7 @@ def _rerank_row(model_id, img, txt, caption_image, fold_idx, ks, k, reranker, im
         cand.pairs(pairs)
         folds.append((cand, exact_method(img[imgs], txt[caps], ci)))
     stats = score_pairs(reranker, image_paths, texts, pairs, probs,
-                        workers=workers or 2, progress=progress)
+                        workers=workers or 2, progress=progress, cache=features)
     summaries = [metrics.summarise(*cand.ranks(probs, caption_image, base), ks)
                  for cand, base in folds]
     summary = metrics.mean_of(summaries)

@@ -7,8 +7,9 @@ what ``itr search --rerank --rerank-k K`` gains over ``exact``, as BLIP's paper 
 ITM re-ranking of its own contrastive top k.
 
 The (image, caption) pairs that any fold, direction or model needs are scored once,
-grouped by image: each image is decoded at full size, runs through the vision tower once,
-and meets all of its candidate captions in batches.
+grouped by image: each image is decoded at full size, runs through the vision tower once
+(or its features come from the feature cache that ``itr search --rerank`` shares), and
+meets all of its candidate captions in batches.
 """
 
 from __future__ import annotations
@@ -70,16 +71,16 @@ class FoldCandidates:
 
 def score_pairs(reranker, image_paths: Sequence[str], texts: Sequence[str], pairs: Pairs,
                 probs: dict[tuple[int, int], float | None], *, workers: int = 2,
-                progress: Any = None) -> dict[str, Any]:
+                progress: Any = None, cache: Any = None) -> dict[str, Any]:
     """Fill ``probs[(image, caption)]`` for every pair not in it yet (None: the image
-    cannot be read now).  Returns counts and seconds."""
-    from .evaluate import _decode
-
+    cannot be read now).  ``cache``: a :class:`itrcli.store.feature_cache.FeatureCache`
+    for the vision features, or None.  Returns counts and seconds."""
     todo = {i: sorted(c for c in caps if (i, c) not in probs) for i, caps in pairs.items()}
     todo = {i: caps for i, caps in todo.items() if caps}
     order = sorted(todo)
     t0 = time.perf_counter()
     n_pairs = sum(len(c) for c in todo.values())
+    written = 0
     if progress is not None and order:
         progress.start(len(order))
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
@@ -88,17 +89,22 @@ def score_pairs(reranker, image_paths: Sequence[str], texts: Sequence[str], pair
         for n, i in enumerate(order):
             for j in order[n : n + ahead]:
                 if j not in pending:
-                    pending[j] = pool.submit(_decode, image_paths[j], reranker.prep)
-            pixels, _error = pending.pop(i).result()
+                    pending[j] = pool.submit(reranker.load_file, image_paths[j], cache)
+            key, pixels, feats, error = pending.pop(i).result()
             caps = todo[i]
-            if pixels is None:
+            if error is not None:
                 scores = [None] * len(caps)
             else:
-                scores = [float(p) for p in reranker.score_texts(pixels, [texts[c] for c in caps])]
+                emb = reranker.features(key, pixels, feats, cache)  # [1, L, width]
+                written += feats is None
+                scores = [float(p) for p in reranker.score_texts(
+                    None, [texts[c] for c in caps], embeds=emb)]
             for c, p in zip(caps, scores):
                 probs[(i, c)] = p
             if progress is not None:
                 progress.advance(1, 1)
     if progress is not None and order:
         progress.close()
+    if cache is not None and written:
+        cache.trim()
     return {"images": len(order), "pairs": n_pairs, "seconds": time.perf_counter() - t0}

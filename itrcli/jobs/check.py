@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LibraryError
-from ..store.db import Store, fs_path_of, library_error
+from ..store.db import Store, decode_vectors, fs_path_of, library_error
 from ..store.graphfile import GraphFile, GraphFileError
 from ..store.lock import WriteLock, holder
 from ..store.vindex import VectorIndex, graph_files, remove_temp_files
@@ -39,6 +39,8 @@ EXAMPLES = 5
 #: How far a stored vector's norm may be from 1, and a graph vector from the stored one.
 NORM_TOLERANCE = 1e-3
 VECTOR_TOLERANCE = 1e-4
+#: float16's relative rounding (half a unit in the last of its 11 significant bits)
+F16_ROUNDING = 2.0 ** -11
 _CHUNK = 10_000
 
 
@@ -187,10 +189,11 @@ def _check_vectors(rep: Report, store: Store, dim: int) -> dict[int, None]:
         if not chunk:
             break
         last = chunk[-1][0]
-        ok_rows = [(i, b) for i, b, _ in chunk if len(b) == 4 * dim]
-        bad += [(i, p) for i, b, p in chunk if len(b) != 4 * dim]
+        # float16 (since 0.2.0, or compacted) or float32 (0.1.0): 2 or 4 bytes a value
+        ok_rows = [(i, b) for i, b, _ in chunk if len(b) in (2 * dim, 4 * dim)]
+        bad += [(i, p) for i, b, p in chunk if len(b) not in (2 * dim, 4 * dim)]
         if ok_rows:
-            mat = np.frombuffer(b"".join(b for _, b in ok_rows), dtype="<f4").reshape(len(ok_rows), dim)
+            mat = decode_vectors([b for _, b in ok_rows], dim)
             with np.errstate(all="ignore"):
                 fine = np.isfinite(mat).all(axis=1) & (np.abs(np.linalg.norm(mat, axis=1) - 1) < NORM_TOLERANCE)
             paths = {i: p for i, _, p in chunk}
@@ -317,7 +320,8 @@ def _check_graph(rep: Report, store: Store, dim: int, good: dict[int, None],
         pos = order[np.searchsorted(sorted_labels, ids)]
         gv = np.asarray(g.vectors[pos], dtype=np.float32)
         gv = gv / np.maximum(np.linalg.norm(gv, axis=1, keepdims=True), 1e-12)  # cosine: unit vectors
-        off = np.abs(gv - vecs).max(axis=1) > VECTOR_TOLERANCE
+        # a float16 row (compacted) against its graph's float32 original: float16 rounding
+        off = (np.abs(gv - vecs) > VECTOR_TOLERANCE + np.abs(vecs) * F16_ROUNDING).any(axis=1)
         wrong += [int(x) for x in ids[off]]
     if wrong:
         paths = _label_paths(store, wrong[:EXAMPLES])

@@ -437,7 +437,9 @@ class IndexRun:
                 # an image's vector [dim], a video's frames [n, dim]
                 for r, e in zip(need, ends):
                     r.vector = flat[e - 1] if r.times is None else flat[e - r.frames : e]
-            vecs = [r.vector for _, r in batch]
+            # as the database will hold them (float16 values): the graph gets the same, so a
+            # graph rebuilt from the database is this one
+            vecs = [self.store.as_stored(r.vector) for _, r in batch]
         gone: list[int] = []  # labels deleted (a changed video's old frames)
         put_ids, put_vecs, counts = [], [], {"added": 0, "updated": 0, "moved": 0, "unchanged": 0}
         redo: list[str] = []

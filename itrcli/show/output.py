@@ -49,8 +49,9 @@ def human_bytes(n: int) -> str:
 class BarProgress:
     """tqdm on stderr: files, img/s and ETA.  Only used when stderr is a terminal."""
 
-    def __init__(self, desc: str = "indexing") -> None:
+    def __init__(self, desc: str = "indexing", unit: str = "file", rate: str = "img/s") -> None:
         self.desc = desc
+        self.unit, self.rate = unit, rate
         self.bar = None
         self.t0 = time.monotonic()
         self.embedded = 0
@@ -60,7 +61,7 @@ class BarProgress:
 
         self.t0 = time.monotonic()
         self.embedded = 0
-        self.bar = tqdm(total=total, unit="file", file=sys.stderr, dynamic_ncols=True,
+        self.bar = tqdm(total=total, unit=self.unit, file=sys.stderr, dynamic_ncols=True,
                         desc=self.desc, leave=False)
 
     def advance(self, files: int, embedded: int) -> None:
@@ -68,7 +69,7 @@ class BarProgress:
             return
         self.embedded += embedded
         dt = time.monotonic() - self.t0
-        self.bar.set_postfix_str(f"{self.embedded / dt:.1f} img/s" if dt > 0 else "", refresh=False)
+        self.bar.set_postfix_str(f"{self.embedded / dt:.1f} {self.rate}" if dt > 0 else "", refresh=False)
         self.bar.update(files)
 
     def close(self) -> None:
@@ -80,8 +81,9 @@ class BarProgress:
 class LogProgress:
     """Plain periodic lines on stderr for cron and pipes (no terminal codes)."""
 
-    def __init__(self, every: float = 10.0) -> None:
+    def __init__(self, every: float = 10.0, unit: str = "files", rate: str = "img/s") -> None:
         self.every = every
+        self.unit, self.rate = unit, rate
         self.total = 0
         self.done = 0
         self.embedded = 0
@@ -102,7 +104,7 @@ class LogProgress:
             rate = self.embedded / dt if dt > 0 else 0.0
             left = self.total - self.done
             eta = f", ETA {_duration(left / (self.done / dt))}" if self.done and dt > 0 else ""
-            err(f"itr: {self.done}/{self.total} files, {rate:.1f} img/s{eta}")
+            err(f"itr: {self.done}/{self.total} {self.unit}, {rate:.1f} {self.rate}{eta}")
 
     def close(self) -> None:
         pass

@@ -22,12 +22,12 @@ import re
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple
 
-from PIL import Image
+from ..constants import THUMBS_DIR
 
-from ..ingest.files import Unreadable, read_file
-from ..ingest.images import DecodeError, open_image
+if TYPE_CHECKING:  # Pillow and the decoders load when a thumbnail is made, not for `itr info`
+    from PIL import Image
 
 #: Default size cap of a library's thumbnail cache.
 DEFAULT_CAP_BYTES = 256 * 1024 * 1024
@@ -37,7 +37,6 @@ CAP_ENV = "ITR_THUMB_CACHE_MIB"
 #: runs do not trim again.
 TRIM_TO = 0.9
 #: The cache's directory inside a library.
-THUMBS_DIR = "thumbs"
 JPEG_QUALITY = 85
 
 _HASH_RE = re.compile(r"[0-9a-f]{8,128}")
@@ -79,6 +78,11 @@ def make_thumbnail(path: str, box: tuple[int, int], time: float | None = None) -
         OSError: the file cannot be read.
         DecodeError: it is not a usable image (or video).
     """
+    from PIL import Image
+
+    from ..ingest.files import Unreadable, read_file
+    from ..ingest.images import DecodeError, open_image
+
     if time is not None:
         from ..ingest.video import VideoError, frame_at
 
@@ -174,6 +178,8 @@ class ThumbnailCache:
                  workers: int | None = None) -> Iterator[bytes | Exception]:
         """:meth:`get` for each source, in order, a few decoded in parallel; a failure is
         yielded as its exception instead of bytes."""
+        from ..ingest.images import DecodeError
+
         sources = list(sources)
 
         def one(s):

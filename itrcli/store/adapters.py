@@ -42,8 +42,6 @@ class StoredAdapter:
 
 def load(conn: sqlite3.Connection) -> StoredAdapter | None:
     """The stored map, or None (none fitted, or a library from before the table)."""
-    import numpy as np
-
     try:
         r = conn.execute(
             "SELECT model, pairs_hash, source, pairs, images, method, params, dim, matrix, "
@@ -52,6 +50,8 @@ def load(conn: sqlite3.Connection) -> StoredAdapter | None:
         return None
     if r is None:
         return None
+    import numpy as np  # only now: `itr info` on a library without a map never needs it
+
     dim = int(r[7])
     matrix = np.frombuffer(r[8], dtype="<f4").astype(np.float32).reshape(dim, dim)
     mean = np.frombuffer(r[9], dtype="<f4").astype(np.float32)

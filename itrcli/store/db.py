@@ -1,7 +1,8 @@
 """The library's SQLite database: schema, migrations, rows, raw vectors and the change log.
 
 SQLite is the source of truth.  One row per file in ``files`` (its ``id`` is the file's label
-in the HNSW index), its float32 vector in ``vectors``, and every vector change appended to
+in the HNSW index), its vector in ``vectors`` (float16 in libraries made since 0.2.0, float32
+before; see :data:`VECTOR_DTYPE`), and every vector change appended to
 ``vector_log`` in the same transaction.  The HNSW index file (see :mod:`itrcli.store.vindex`) is a
 derived cache that records the last log entry it contains, so after a crash it is brought up
 to date by replaying the log: rows, vectors and labels can never disagree.
@@ -288,23 +289,77 @@ def _not_writable(directory: Path) -> OSError | None:
 
 
 
+# --- the vectors' database copy ------------------------------------------------------------
+#: How new libraries store each vector's database copy: float16 (1 KiB for 512-d, half of
+#: float32).  The graph keeps float32, of the same float16 values, so that a graph rebuilt
+#: from the database is the graph that was saved.  Libraries made before 0.2.0 keep float32
+#: until ``itr check --compact`` converts them.  Each blob's length says its type (2 or 4
+#: bytes per dimension), so a library half-way through a conversion reads correctly.
+VECTOR_DTYPE = "float16"
+#: SQLite page size of new libraries.  A row holding a 512-d float32 vector (2 KiB) is just
+#: over half of a 4 KiB page, so each page held one and wasted ~2 KiB; 16 KiB pages hold
+#: fifteen float16 rows (~1,090 bytes each).  Larger pages pack slightly better (64 KiB:
+#: ~1,040) but every random write (the content-hash index) then costs a 64 KiB page in the
+#: write-ahead log.
+PAGE_SIZE = 16384
+_LE = {"float16": "<f2", "float32": "<f4"}
+
+
+def _unit16(half):
+    """float16 rows -> float32 rows scaled back to unit length (rounding moved each norm by
+    ~1e-4; the cosine graph normalises what it is given, so the database must give the
+    same unit vectors to every other reader: exact search, hashing, eval, check)."""
+    import numpy as np
+
+    v = half.astype(np.float32)
+    norms = np.linalg.norm(v, axis=-1, keepdims=True)
+    return v / np.where(norms > 0, norms, 1)
+
+
+def decode_vectors(blobs: list[bytes], dim: int):
+    """Raw ``vectors.vector`` blobs -> ``[n, dim]`` float32 unit vectors; a blob of any
+    other length than ``2*dim`` or ``4*dim`` bytes raises ``ValueError``."""
+    import numpy as np
+
+    n = len(blobs)
+    if n == 0:
+        return np.zeros((0, dim), dtype=np.float32)
+    joined = b"".join(blobs)
+    if len(joined) == 2 * n * dim and all(len(b) == 2 * dim for b in blobs):
+        return _unit16(np.frombuffer(joined, dtype="<f2").reshape(n, dim))
+    if len(joined) == 4 * n * dim and all(len(b) == 4 * dim for b in blobs):
+        return np.frombuffer(joined, dtype="<f4").reshape(n, dim).astype(np.float32, copy=False)
+    out = np.empty((n, dim), dtype=np.float32)  # a conversion stopped half-way: both kinds
+    for i, b in enumerate(blobs):
+        if len(b) == 2 * dim:
+            out[i] = _unit16(np.frombuffer(b, dtype="<f2"))
+        elif len(b) == 4 * dim:
+            out[i] = np.frombuffer(b, dtype="<f4")
+        else:
+            raise ValueError(f"vector blob of {len(b)} bytes for dimension {dim}")
+    return out
+
+
 def _decode(rows, dim: int):
-    """(id, float32 blob) rows -> (ids ``[n]`` int64, vectors ``[n, dim]`` float32)."""
+    """(id, blob) rows -> (ids ``[n]`` int64, vectors ``[n, dim]`` float32)."""
     import numpy as np
 
     ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    if not rows:
-        return ids, np.zeros((0, dim), dtype=np.float32)
-    mat = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(len(rows), -1)
-    return ids, mat.astype(np.float32, copy=False)
+    return ids, decode_vectors([r[1] for r in rows], dim)
 
 class Store:
     """An open library database."""
 
-    def __init__(self, directory: Path, *, create: bool = False, readonly: bool = False) -> None:
+    def __init__(self, directory: Path, *, create: bool = False, readonly: bool = False,
+                 vector_dtype: str = VECTOR_DTYPE, page_size: int = PAGE_SIZE) -> None:
+        """Open (``create``: or make) the library database in ``directory``.
+        ``vector_dtype`` and ``page_size`` apply to a database made now (the defaults; the
+        0.1.0 layout is float32 in 4,096-byte pages)."""
         self.directory = Path(directory)
         self.path = self.directory / DB_NAME
-        if not self.path.exists():
+        new = not self.path.exists()
+        self._vector_dtype: str | None = None
+        if new:
             if not create:
                 raise LibraryError(
                     f"no library at {self.directory} (run 'itr index PATH' first, or pass --db)"
@@ -318,9 +373,11 @@ class Store:
             if readonly:
                 self.conn = _connect_readonly(self.path)
             else:
-                self.conn = _connect_writable(self.path)
+                self.conn = _connect_writable(self.path, page_size if new else None)
             if not readonly:
                 self._migrate()
+                if new and self.get_meta("vector_dtype") is None:
+                    self.set_vector_dtype(vector_dtype)
             else:
                 self._check_version()
                 self._compat_views()
@@ -477,6 +534,67 @@ class Store:
         self.conn = _connect_writable(self.path)
         return old
 
+    # -- layout and compaction (itr check --compact) ----------------------------------
+    def layout(self) -> dict[str, Any]:
+        """How the database is laid out: page size, pages, free pages, and the dtype new
+        vectors are written in."""
+        c = self.conn
+        return {"page_size": c.execute("PRAGMA page_size").fetchone()[0],
+                "pages": c.execute("PRAGMA page_count").fetchone()[0],
+                "free_pages": c.execute("PRAGMA freelist_count").fetchone()[0],
+                "vector_dtype": self.vector_dtype}
+
+    def float32_vectors(self) -> int:
+        """How many vectors are still stored as float32 (reads every row's length)."""
+        dim = int(self.get_meta("dim", 0))
+        return self.conn.execute("SELECT count(*) FROM vectors WHERE length(vector) = ?",
+                                 (4 * dim,)).fetchone()[0]
+
+    def convert_vectors(self, after: int, limit: int) -> tuple[int | None, int]:
+        """Rewrite as float16 the float32 vectors among the next ``limit`` rows after label
+        ``after``, in one transaction (the caller holds the write lock and has set
+        ``vector_dtype`` to float16).  Returns (last label looked at, or None at the end;
+        vectors converted).  The graph is not touched: it keeps the float32 originals."""
+        import numpy as np
+
+        dim = int(self.get_meta("dim", 0))
+        with self.transaction() as c:
+            rows = c.execute("SELECT id, vector FROM vectors WHERE id > ? ORDER BY id LIMIT ?",
+                             (after, limit)).fetchall()
+            if not rows:
+                return None, 0
+            old = [(i, b) for i, b in rows if len(b) == 4 * dim]
+            if old:
+                mat = np.frombuffer(b"".join(b for _, b in old), dtype="<f4").reshape(len(old), dim)
+                half = mat.astype("<f2")
+                c.executemany("UPDATE vectors SET vector = ? WHERE id = ?",
+                              ((half[j].tobytes(), i) for j, (i, _) in enumerate(old)))
+        return rows[-1][0], len(old)
+
+    def rewrite_file(self, page_size: int = PAGE_SIZE) -> None:
+        """Write the database afresh into a new file with ``page_size`` pages and no free
+        pages (``VACUUM INTO``), then swap it in (the caller holds the write lock).  An
+        interruption leaves the old file as it was and a temporary file that the next
+        rewrite (or ``itr check --repair``) removes."""
+        fresh = self.directory / f".{DB_NAME}.compact"
+        fresh.unlink(missing_ok=True)
+        c = self.conn
+        c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        c.execute(f"PRAGMA page_size={int(page_size)}")  # honoured by VACUUM INTO
+        try:
+            c.execute("VACUUM INTO ?", (str(fresh),))
+            with open(fresh, "rb") as f:
+                os.fsync(f.fileno())
+        except BaseException:
+            fresh.unlink(missing_ok=True)
+            raise
+        self.conn.close()
+        os.replace(fresh, self.path)
+        for suffix in ("-wal", "-shm"):  # they belonged to the old file: never replay them
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        fsync_dir(self.directory)
+        self.conn = _connect_writable(self.path)
+
     # -- meta ------------------------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:
         try:
@@ -502,6 +620,10 @@ class Store:
         ):
             out[fs_path_of(path, fsname)] = StoredFile(id_, size, mtime, h)
         return out
+
+    def file_count(self) -> int:
+        """Rows in ``files`` (images and videos)."""
+        return self.conn.execute("SELECT count(*) FROM files").fetchone()[0]
 
     def count(self) -> int:
         """Labels that carry a vector: images plus video frames."""
@@ -648,13 +770,11 @@ class Store:
 
     def vector_for_hash(self, h: str):
         """A stored vector for this content hash, or None (for moved and copied files)."""
-        import numpy as np
-
         r = self.conn.execute(
             "SELECT v.vector FROM files f JOIN vectors v ON v.id = f.id WHERE f.hash = ? LIMIT 1",
             (h,),
         ).fetchone()
-        return None if r is None else np.frombuffer(r[0], dtype="<f4").copy()
+        return None if r is None else decode_vectors([r[0]], int(self.get_meta("dim", 0)))[0].copy()
 
     def hashes(self) -> dict[str, int]:
         """content hash -> one id having it."""
@@ -773,10 +893,34 @@ class Store:
         v = self.conn.execute("SELECT count(*) FROM files WHERE duration IS NOT NULL").fetchone()[0]
         return v, self.conn.execute("SELECT count(*) FROM frames").fetchone()[0]
 
+    @property
+    def vector_dtype(self) -> str:
+        """How vectors are written: ``float16`` (libraries since 0.2.0, or compacted) or
+        ``float32`` (made by 0.1.0).  Read once (only a write-locked compaction changes it)."""
+        if self._vector_dtype is None:
+            self._vector_dtype = self.get_meta("vector_dtype", "float32")
+        return self._vector_dtype
+
+    def set_vector_dtype(self, dtype: str) -> None:
+        """Write vectors as ``dtype`` from now on (``itr check --compact``)."""
+        if dtype not in _LE:
+            raise ValueError(f"unknown vector dtype {dtype!r}")
+        self.set_meta(vector_dtype=dtype)
+        self._vector_dtype = dtype
+
+    def as_stored(self, vectors):
+        """``[n, dim]`` vectors as this library stores them and reads them back (float16
+        rounding, unit length again): what the graph must hold so that it can be rebuilt
+        from the database exactly."""
+        import numpy as np
+
+        v = np.asarray(vectors, dtype=np.float32)
+        return _unit16(v.astype(np.float16)) if self.vector_dtype == "float16" else v
+
     def _put_vector(self, c: sqlite3.Connection, id_: int, vector) -> None:
         import numpy as np
 
-        blob = np.ascontiguousarray(vector, dtype="<f4").tobytes()
+        blob = np.ascontiguousarray(vector, dtype=_LE[self.vector_dtype]).tobytes()
         c.execute("INSERT OR REPLACE INTO vectors VALUES (?, ?)", (id_, blob))
         c.execute("INSERT INTO vector_log (id, op) VALUES (?, 'put')", (id_,))
 
@@ -889,8 +1033,10 @@ class Store:
             c.execute("DELETE FROM vector_log WHERE seq <= ?", (upto,))
 
 
-def _connect_writable(path: Path) -> sqlite3.Connection:
+def _connect_writable(path: Path, page_size: int | None = None) -> sqlite3.Connection:
     conn = sqlite3.connect(path, timeout=30, isolation_level=None)
+    if page_size:  # only takes effect before the first table is written (a new file)
+        conn.execute(f"PRAGMA page_size={int(page_size)}")
     conn.execute("PRAGMA journal_mode=WAL")
     # WAL + NORMAL: a crash of the process never loses a commit; a power cut may lose the
     # last few, never corrupt the file.

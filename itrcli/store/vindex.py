@@ -284,6 +284,36 @@ def exact_top(store: Store, queries, k: int, chunk: int = 50_000):
     return best_i, best_s
 
 
+def _saved_graph_top(vi: VectorIndex, queries, k: int, chunk: int = 65_536):
+    """Scores ``[n_queries, k]`` of the exact top ``k`` over the live vectors of the saved
+    graph file that holds exactly ``vi`` (None when there is none).  At a million images
+    this is several times faster than reading the database: the file is mapped, its
+    vectors are float32 already, and it holds what the graph searches."""
+    import numpy as np
+
+    from .graphfile import GraphFile, GraphFileError
+
+    if vi.dirty or vi.index is None:
+        return None
+    path = next((p for s, p in vi._files() if s == vi.seq), None)
+    if path is None:
+        return None
+    try:
+        g = GraphFile(path, vi.dim)
+    except GraphFileError:
+        return None
+    if g.count != vi.index.get_current_count():
+        return None
+    dead = g.deleted
+    best = np.full((len(queries), 0), -np.inf, dtype=np.float32)
+    for lo in range(0, g.count, chunk):
+        s = queries @ np.ascontiguousarray(g.vectors[lo : lo + chunk]).T  # [nq, chunk]
+        s[:, dead[lo : lo + chunk]] = -np.inf
+        s = np.concatenate([best, s], axis=1)
+        best = np.partition(s, s.shape[1] - min(k, s.shape[1]), axis=1)[:, -k:]  # the k best
+    return best
+
+
 def calibrate(vi: VectorIndex, store: Store, k: int = 10) -> tuple[int, float] | None:
     """The smallest ``ef`` in :data:`EF_LADDER` whose recall@``k`` against exact search
     reaches :data:`RECALL_TARGET` on :data:`CALIBRATION_QUERIES` text-like queries made
@@ -298,10 +328,13 @@ def calibrate(vi: VectorIndex, store: Store, k: int = 10) -> tuple[int, float] |
     sample = rng.choice(ids, size=min(CALIBRATION_QUERIES, len(ids)), replace=False)
     _, base = store.vectors(sample.tolist())
     queries = text_like_queries(base)
-    _, truth = exact_top(store, queries, k)
+    truth = _saved_graph_top(vi, queries, k)
+    if truth is None:  # no saved file holds exactly these vectors: read the database
+        _, truth = exact_top(store, queries, k)
     # tie-aware: a result counts when it scores at least the exact k-th best (equal
     # scores are interchangeable; copies of one photo are common in real libraries)
-    kth = truth.min(axis=1, keepdims=True) - 1e-5  # [n_queries, 1]
+    # (1e-4: a compacted library scores its float16 rows against a graph of float32 originals)
+    kth = truth.min(axis=1, keepdims=True) - 1e-4  # [n_queries, 1]
     threads = min(2, os.cpu_count() or 1)
     for ef in EF_LADDER:
         vi.index.set_ef(ef)
