@@ -168,7 +168,7 @@ def hamming_pairs(codes: np.ndarray, i: np.ndarray, j: np.ndarray) -> np.ndarray
         if _HAS_BITWISE_COUNT:
             d += np.bitwise_count(x)
         else:
-            d += _POPCOUNT16[x.view(np.uint16).reshape(-1, 4)].sum(axis=1)
+            d += _POPCOUNT16[x.view(np.uint16).reshape(-1, 4)].sum(axis=1, dtype=np.int64)
     return d
 
 
