@@ -254,25 +254,26 @@ def groups(codes: np.ndarray, vectors: "Vectors | np.ndarray", bits: int,
         for c, m in enumerate(members):
             if len(m):
                 cols = np.flatnonzero(np.unpackbits(partners[c], count=n))
-                _cluster_block(pt, centres[c], m, angle[m], cols, thetas[c], t, pending)
+                _cluster_block(pt, pnorm, centres[c], m, angle[m], cols, thetas[c], t, pending)
         pending.flush()
     return uf.groups()
 
 
-def _cluster_block(pt: np.ndarray, centre: np.ndarray, rows: np.ndarray, row_angle: np.ndarray,
-                   cols: np.ndarray, theta: float, t: float, pending: "_Pending") -> None:
+def _cluster_block(pt: np.ndarray, pnorm: np.ndarray, centre: np.ndarray, rows: np.ndarray,
+                   row_angle: np.ndarray, cols: np.ndarray, theta: float, t: float,
+                   pending: "_Pending") -> None:
     """A cluster's rows against its partners, each partner only against the rows whose
     angle to the centre is within ``theta`` of its own (the triangle inequality)."""
-    ra = np.argsort(row_angle, kind="stable")
-    rows, row_angle = rows[ra], row_angle[ra].astype(np.float64)
-    col_angle = np.arccos(np.clip(_unit(pt[cols, :-1]) @ centre, -1.0, 1.0)).astype(np.float64)
-    ca = np.argsort(col_angle, kind="stable")
+    ra = np.argsort(row_angle)
+    rows, row_angle = rows[ra], row_angle[ra]
+    col_angle = np.arccos(np.clip((pt[cols, :-1] @ centre) / pnorm[cols], -1.0, 1.0))
+    ca = np.argsort(col_angle)
     cols, col_angle = cols[ca], col_angle[ca]
     reach = theta + ANGLE_SLACK
     for j in range(0, len(cols), _COL_TILE // 4):
         c = cols[j : j + _COL_TILE // 4]
-        lo = np.searchsorted(row_angle, col_angle[j] - reach, side="left")
-        hi = np.searchsorted(row_angle, col_angle[j + len(c) - 1] + reach, side="right")
+        lo = np.searchsorted(row_angle, np.float32(col_angle[j] - reach), side="left")
+        hi = np.searchsorted(row_angle, np.float32(col_angle[j + len(c) - 1] + reach), side="right")
         if hi > lo:
             _block(pt, rows[lo:hi], c, t, pending)
 
