@@ -6,7 +6,8 @@ Builds (once, cached under bench/out/dupes-N/) a library of N synthetic clustere
 vectors (``clustered()`` of bench/search_latency.py: 1,000 clusters in a 48-d subspace)
 of which 1% are replaced by noisy copies of other rows (planted near-duplicates, cosine
 0.96-0.995, some copies of copies), each row pointing at an empty file under files/, with a
-stand-in model name (no model is loaded: nothing needs embedding).  Then, each in a fresh
+stand-in model name (no model is loaded: nothing needs embedding), and its HNSW graph as
+`itr index` leaves it (the longest part of a build at 10^6).  Then, each in a fresh
 process, reporting wall seconds and peak RSS (``ru_maxrss``):
 
 1. the library call on every file, with no saved hash (``Library.near_duplicates``: fit
@@ -61,9 +62,10 @@ def _build(n: int) -> None:
 
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(ROOT))
-    from search_latency import clustered
+    from search_latency import clustered, measure_ef
 
     from itrcli.store.db import Store
+    from itrcli.store.vindex import VectorIndex
 
     base = OUT / f"dupes-{n}"
     if base.exists():
@@ -86,7 +88,15 @@ def _build(n: int) -> None:
             st = p.stat()
             store.insert_file(c, str(p), {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
                                           "hash": f"{i:032x}", "width": 1, "height": 1}, x[i])
+    del x
+    # a library as `itr index` leaves it: with its graph and measured search ef (without
+    # them the first `itr hash PATH` would build them, minutes at 10^6)
+    vi = VectorIndex(base / "lib", 512)
+    vi.rebuild(store)
+    vi.save(store.last_seq())
+    store.truncate_log(vi.seq)
     store.close()
+    measure_ef(base / "lib")
     (base / "ready").write_text("planted: %d copies\n" % k)
 
 

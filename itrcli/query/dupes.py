@@ -14,22 +14,23 @@ pair:
    is what is selective, so the pruning works on the vectors.
 2. **A low-dimensional bound.**  With ``U`` the top ``PROJ_DIMS`` right singular vectors of
    a sample, each vector ``a = U p_a + r_a`` with ``r_a`` orthogonal to ``U``, so
-   ``a . b = p_a . p_b + r_a . r_b <= p~_a . p~_b`` where ``p~ = [p, |r| + SLACK |a|]``:
-   one ``PROJ_DIMS + 1``-d product bounds the 512-d cosine (``SLACK`` covers float32
-   rounding many times over).
-3. **Clusters and the angular triangle inequality.**  Rows are assigned to ``K ~ sqrt(n)``
-   spherical k-means centres ``c`` of their ``p`` (fitted on a sample).  If ``a . b >= t``
-   then ``angle(p_a, p_b) <= acos((t - s_A s) / (|p|_A |p|))`` (``s``, ``|p|``: the largest
-   residual and projection norms, of ``a``'s cluster ``A`` and of all rows), and
-   ``angle(p_b, c_A) <= rho_A + that``, where ``rho_A`` is the widest angle of ``A``'s own
-   rows to ``c_A``.  Only those ``b`` are compared with ``A``'s rows.
+   ``a . b = p_a . p_b + r_a . r_b <= p~_a . p~_b`` where ``p~ = [p, |r| + c |a|]``:
+   one ``PROJ_DIMS + 1``-d product bounds the 512-d one (``c``, from :func:`_slack`,
+   covers every float32 rounding, worst case, many times over).
+3. **Clusters and the angular triangle inequality.**  Rows are assigned to up to
+   ``MAX_CLUSTERS`` spherical k-means centres ``c`` of their ``p`` (seeded on a sample).  If
+   ``a . b >= t`` then ``angle(p_a, p_b) <= theta = acos((t - s_A s) / (|p|_A |p|))``
+   (``s``, ``|p|``: the largest residual and projection norms, of ``a``'s cluster ``A``
+   and of all rows), so ``|angle(p_b, c_A) - angle(p_a, c_A)| <= theta``: a cluster's rows
+   are compared only with rows within its widest angle + ``theta`` of its centre, and each
+   of those only with the cluster rows whose angle is within ``theta`` of its own.
 4. **Blocks.**  For each cluster, its rows against its possible partners: a matrix product
    of ``p~`` (BLAS), kept where the bound reaches the threshold, then the Hamming radius,
    then the exact cosine of the survivors (same vectors, same float32 ``einsum`` as the
    exhaustive method).
 
-Rows whose projection is almost nothing (``|p| < LOOSE |a|``, e.g. zero vectors) have no
-usable angle: they are compared with every row.  Every step is a bound or an exact test, so
+Rows without a direction (``p = 0``, e.g. zero vectors) or with a residual far above the
+others (``LOOSE_RESIDUAL``) are compared with every row.  Every step is a bound or an exact test, so
 the groups equal the exhaustive ones for any data; the pruning only decides the speed
 (clustered data such as photo embeddings prune well; with ``threshold <= 0`` nothing is
 pruned and every pair is compared, in the low-dimensional product).
