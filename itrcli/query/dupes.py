@@ -418,9 +418,13 @@ def _block(pt: np.ndarray, rows: np.ndarray, cols: np.ndarray, t: float, pending
         a = pt[r]  # [tr, k + 1]
         for j in range(0, len(cols), _COL_TILE):
             c = cols[j : j + _COL_TILE]
-            ii, jj = np.nonzero(a @ pt[c].T >= t)  # [tr, tc] bound >= threshold
-            if len(ii):
-                pending.add(r[ii], c[jj])
+            g = a @ pt[c].T  # [tr, tc] bounds
+            _same, ri, cj = np.intersect1d(r, c, assume_unique=True, return_indices=True)
+            g[ri, cj] = -np.inf  # a row with itself is no pair
+            if g.max() < t:  # the usual case: skip the mask and its scan
+                continue
+            ii, jj = np.nonzero(g >= t)
+            pending.add(r[ii], c[jj])
 
 
 class _Pending:
