@@ -320,22 +320,44 @@ def fit(vectors: np.ndarray, bits: int, method: str = "itq", seed: int = 0) -> H
     Raises:
         ValueError: no vectors, ``bits < 1`` or an unknown method.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown hash method {method!r} (use {', '.join(METHODS)})")
-    bits = int(bits)
-    if bits < 1:
-        raise ValueError("bits must be at least 1")
-    with _one_blas_thread():
-        return _fit(np.asarray(vectors, dtype=np.float32), bits, method, seed)
-
-
-def _fit(x: np.ndarray, bits: int, method: str, seed: int) -> Hasher:
+    x = np.asarray(vectors, dtype=np.float32)
+    _check_fit(bits, method)
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"need vectors [n, dim] with n >= 1, got shape {x.shape}")
-    n, dim = x.shape
-    rng = np.random.default_rng(seed)
-    if n > FIT_SAMPLE:
-        x = x[np.sort(rng.choice(n, FIT_SAMPLE, replace=False))]
+    return fit_rows(x.shape[0], lambda pos: x if len(pos) == len(x) else x[pos], bits, method, seed)
+
+
+def fit_rows(n: int, read, bits: int, method: str = "itq", seed: int = 0) -> Hasher:
+    """:func:`fit` on ``n`` vectors that are read only as far as the fit needs them:
+    ``read(positions)`` (sorted row positions) returns their vectors ``[len, dim]``.  The
+    same hasher as ``fit(all_vectors, ...)``, without holding all the vectors.
+
+    Raises:
+        ValueError: ``n < 1``, ``bits < 1`` or an unknown method.
+    """
+    _check_fit(bits, method)
+    if n < 1:
+        raise ValueError("need at least one vector to fit")
+    with _one_blas_thread():
+        rng = np.random.default_rng(seed)
+        pos = np.sort(rng.choice(n, FIT_SAMPLE, replace=False)) if n > FIT_SAMPLE else np.arange(n)
+        x = np.asarray(read(pos), dtype=np.float32)
+        if x.ndim != 2 or x.shape[0] != len(pos):
+            raise ValueError(f"read {len(pos)} rows, got shape {x.shape}")
+        return _fit(x, n, int(bits), method, seed, rng)
+
+
+def _check_fit(bits: int, method: str) -> None:
+    if method not in METHODS:
+        raise ValueError(f"unknown hash method {method!r} (use {', '.join(METHODS)})")
+    if int(bits) < 1:
+        raise ValueError("bits must be at least 1")
+
+
+def _fit(x: np.ndarray, n: int, bits: int, method: str, seed: int,
+         rng: np.random.Generator) -> Hasher:
+    # x: the sample (at most FIT_SAMPLE of the n rows), rng: after drawing it
+    dim = x.shape[1]
     mean = x.mean(axis=0, dtype=np.float64).astype(np.float32)  # [dim]
     xc = x - mean  # [m, dim]; float32 products: 2-3x faster than float64, ample precision
     parts = []
@@ -535,9 +557,16 @@ def _sync(store, name: str, model: str, dim: int, bits: int, method: str, seed: 
             hasher = None
 
     if hasher is None:  # (re)fit on every vector and code them all
-        ids, mat = store.vectors()
-        hasher = fit(mat, bits, method, seed)
-        codes = hasher.codes(mat)
+        # streamed: the fit reads its sample, the codes are made chunk by chunk, so a
+        # million vectors are never all in memory (2 GB as float32)
+        all_ids = saved.vector_ids(store)
+        hasher = fit_rows(len(all_ids), lambda pos: store.vectors(all_ids[pos].tolist())[1],
+                          bits, method, seed)
+        parts = [(cid, hasher.codes(vec)) for cid, vec in store.vector_chunks(_CHUNK)]
+        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+        codes = (np.concatenate([p[1] for p in parts]) if parts
+                 else np.zeros((0, hasher.words), np.uint64))
+        del parts
         if save:
             saved.replace_all(conn, name, model, seq, json.dumps(hasher.to_dict()), ids, codes)
         return LibraryCodes(hasher, ids, codes)
@@ -548,8 +577,12 @@ def _sync(store, name: str, model: str, dim: int, bits: int, method: str, seed: 
 
     if save:
         saved.drop_stale(conn, name)
-    new_ids, mat = store.vectors(saved.uncoded_ids(store, name))
-    new_codes = hasher.codes(mat)
+    todo = saved.uncoded_ids(store, name)
+    parts = [store.vectors(todo[i : i + _CHUNK]) for i in range(0, len(todo), _CHUNK)]
+    new_ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+    new_codes = (np.concatenate([hasher.codes(p[1]) for p in parts]) if parts
+                 else np.zeros((0, hasher.words), np.uint64))
+    del parts
     if save:
         saved.add_codes(conn, name, new_ids, new_codes)
     ids, codes = saved.load_codes(store, name, hasher.words, valid_only=not save)
@@ -635,6 +668,10 @@ def dupe_groups(vectors: np.ndarray, codes: np.ndarray, bits: int,
                 threshold: float = DUPES_THRESHOLD, radius: int | None = None) -> list[list[int]]:
     """Groups of near-duplicates among rows: connected components of confirmed pairs.
 
+    The exhaustive method, kept as the reference: it compares every pair of codes
+    (``n^2 / 2``; over 300 s at 10^6 rows) and holds every vector.
+    :func:`itrcli.query.dupes.groups` returns the same groups without either.
+
     Candidates are pairs within ``radius`` (default :func:`dupes_radius`) in Hamming
     distance, confirmed when ``vectors[i] @ vectors[j] >= threshold``.
 
@@ -668,26 +705,30 @@ def dupe_groups(vectors: np.ndarray, codes: np.ndarray, bits: int,
 def find_dupes(store, ids: Sequence[int], bits: int = DEFAULT_BITS,
                method: str = DEFAULT_METHOD, threshold: float = DUPES_THRESHOLD,
                radius: int | None = None) -> list[list[int]]:
-    """Near-duplicate groups among the library files ``ids`` (see :func:`dupe_groups`).
+    """Near-duplicate groups among the library files ``ids`` (see :func:`dupe_groups`),
+    found by :func:`itrcli.query.dupes.groups`: the same groups as the exhaustive method,
+    without comparing all pairs or holding all the vectors.
 
     Returns:
-        Groups of file ids (each of at least two), in the order of the given ``ids``.
+        Groups of file ids (each of at least two), in the order of the given ``ids``; ids
+        without a vector are left out.
     """
+    from .dupes import StoreVectors, groups
+
     lc = library_codes(store, bits, method)
-    vec_ids, mat = store.vectors(ids)  # sorted by id; ids without a vector are dropped
-    codes = lc.codes[lc.lookup(vec_ids)]
-    # order rows as given, so that groups come out in the caller's order (e.g. by path)
-    rank = {int(i): r for r, i in enumerate(ids)}
-    order = np.array(sorted(range(len(vec_ids)), key=lambda r: rank[int(vec_ids[r])]),
-                     dtype=np.int64)
-    groups = dupe_groups(mat[order], codes[order], bits, threshold, radius)
-    return [[int(vec_ids[order[r]]) for r in g] for g in groups]
+    want = np.asarray(list(dict.fromkeys(int(i) for i in ids)), dtype=np.int64)  # given order
+    pos = np.minimum(np.searchsorted(lc.ids, want), max(0, len(lc.ids) - 1))
+    have = lc.ids[pos] == want if len(lc.ids) else np.zeros(len(want), bool)
+    row_ids = want[have]  # every vector has a code: these are the ids with a vector
+    src = StoreVectors(store, row_ids, total=len(lc.ids))
+    found = groups(lc.codes[pos[have]], src, bits, threshold, radius)
+    return [[int(row_ids[r]) for r in g] for g in found]
 
 
 __all__ = [
     "BIT_CHOICES", "DEFAULT_BITS", "DEFAULT_METHOD", "DUPES_THRESHOLD", "dupes_radius",
     "Hasher", "LibraryCodes", "METHODS", "candidate_pairs", "dupe_groups", "find_dupes",
-    "fit", "from_hex", "hamming", "hamming_topk", "hash_search", "itq_rotation",
+    "fit", "fit_rows", "from_hex", "hamming", "hamming_topk", "hash_search", "itq_rotation",
     "library_codes", "n_words", "pack", "pca", "quantization_error", "refit_due",
     "to_hex", "unpack",
 ]

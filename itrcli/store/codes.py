@@ -72,6 +72,12 @@ def drop_stale(c: sqlite3.Connection, name: str) -> None:
               " WHERE f.id = hash_codes.id AND f.hash = hash_codes.content_hash)", (name,))
 
 
+def vector_ids(store: Store) -> np.ndarray:
+    """Every vector's id ``[n]`` int64, in id order."""
+    return np.fromiter((r[0] for r in store.conn.execute("SELECT id FROM vectors ORDER BY id")),
+                       dtype=np.int64)
+
+
 def uncoded_ids(store: Store, name: str) -> list[int]:
     """Ids of vectors without a current code under this hasher."""
     if not has_tables(store):

@@ -1,0 +1,226 @@
+"""Near-duplicate groups without comparing all pairs (itrcli.query.dupes): the same groups as
+the exhaustive method (hashing.dupe_groups), on random and adversarial inputs, through the
+library and through `itr hash --dupes`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from itrcli.query import dupes, hashing
+from itrcli.query.hashing import BIT_CHOICES, dupe_groups, find_dupes, library_codes
+from itrcli.store.db import Store
+
+
+def photo_like(n: int, dim: int, seed: int, clusters: int = 30, copies: float = 0.05,
+               latent: int = 12, noise: float = 0.02) -> np.ndarray:
+    """Unit vectors in clusters of a low-dimensional subspace plus a little full-dimensional
+    noise (like image embeddings), with a share of them replaced by noisy copies of others
+    (planted near-duplicates, some copies of copies)."""
+    rng = np.random.default_rng(seed)
+    basis = rng.standard_normal((latent, dim))
+    centres = rng.standard_normal((clusters, latent))
+    z = centres[rng.integers(0, clusters, n)] + 0.6 * rng.standard_normal((n, latent))
+    x = z @ basis + 0.5 * rng.standard_normal((n, dim)) + 3.0 * rng.standard_normal(dim)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    k = int(copies * n)
+    src, dst = rng.choice(n, k), rng.choice(n, k, replace=False)
+    x[dst] = x[src] + noise * rng.standard_normal((k, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def both(vectors: np.ndarray, codes: np.ndarray, bits: int, threshold: float, radius=None):
+    """(exhaustive groups, pruned groups)."""
+    ref = dupe_groups(vectors, codes, bits, threshold=threshold, radius=radius)
+    got = dupes.groups(codes, vectors, bits, threshold=threshold, radius=radius)
+    return ref, got
+
+
+def pair_cosines(v: np.ndarray, n_pairs: int, seed: int) -> np.ndarray:
+    """Cosines of random pairs, computed as the exact test computes them."""
+    rng = np.random.default_rng(seed)
+    i, j = rng.integers(0, len(v), n_pairs), rng.integers(0, len(v), n_pairs)
+    keep = i != j
+    return np.einsum("ij,ij->i", v[i[keep]], v[j[keep]])
+
+
+# --- the same groups as the exhaustive method -----------------------------------------------
+
+
+@pytest.mark.parametrize("bits", BIT_CHOICES)
+@pytest.mark.parametrize("method", ["itq", "lsh"])
+def test_same_groups_as_exhaustive_for_every_width(bits, method):
+    v = photo_like(1500 if bits > 16 else 600, 96, seed=bits)
+    codes = hashing.fit(v, bits, method).codes(v)
+    ref, got = both(v, codes, bits, hashing.DUPES_THRESHOLD)
+    assert ref, "the planted copies should make groups"
+    assert got == ref
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_same_groups_at_thresholds_and_radii_drawn_at_random(seed):
+    rng = np.random.default_rng(100 + seed)
+    dim = int(rng.choice([24, 64, 160]))
+    v = photo_like(int(rng.integers(300, 1200)), dim, seed=seed, noise=float(rng.choice([0.01, 0.05])))
+    bits = int(rng.choice(BIT_CHOICES))
+    codes = hashing.fit(v, bits, str(rng.choice(hashing.METHODS)), seed=seed).codes(v)
+    cos = pair_cosines(v, 2000, seed)
+    for threshold in (float(rng.uniform(0.5, 0.99)), float(np.quantile(cos, 0.99)),
+                      float(cos.max())):
+        for radius in (0, int(rng.integers(1, bits // 2 + 1)), bits // 2, None):
+            ref, got = both(v, codes, bits, threshold, radius)
+            assert got == ref, (threshold, radius)
+
+
+def test_threshold_equal_to_a_pairs_cosine_keeps_that_pair():
+    # pairs right at the threshold: the exact test is the same float32 product
+    v = photo_like(800, 64, seed=7, copies=0.1)
+    codes = hashing.fit(v, 64).codes(v)
+    ref = dupe_groups(v, codes, 64)
+    a, b = ref[0][0], ref[0][1]
+    t = float(np.einsum("ij,ij->i", v[[a]], v[[b]])[0])
+    ref, got = both(v, codes, 64, t)
+    assert any(a in g for g in ref)
+    assert got == ref
+    assert both(v, codes, 64, float(np.nextafter(np.float32(t), np.float32(2))))[1] == \
+        dupe_groups(v, codes, 64, threshold=float(np.nextafter(np.float32(t), np.float32(2))))
+
+
+def test_many_identical_codes_and_vectors():
+    rng = np.random.default_rng(3)
+    v = photo_like(400, 48, seed=3)
+    v[100:300] = v[100]  # 200 identical vectors: one group of at least 200
+    codes = hashing.fit(v, 32).codes(v)
+    ref, got = both(v, codes, 32, 0.95)
+    assert max(map(len, ref)) >= 200 and got == ref
+    same_code = np.zeros_like(codes)  # every code identical: only the cosine decides
+    for t in (0.95, 0.5, -1.0):
+        assert both(v, same_code, 32, t) == (dupe_groups(v, same_code, 32, threshold=t),) * 2
+    assert dupes.groups(same_code[:150], v[:150], 32, threshold=-1.0) == [list(range(150))]
+    shuffled = rng.permutation(len(v))
+    assert both(v[shuffled], codes[shuffled], 32, 0.95)[1] == \
+        dupe_groups(v[shuffled], codes[shuffled], 32, threshold=0.95)
+
+
+def test_zero_vectors_vectors_off_the_basis_and_unnormalised_ones():
+    # rows without a direction in the projection, or far off it, are compared with all
+    rng = np.random.default_rng(5)
+    v = photo_like(700, 64, seed=5)
+    v[10] = 0
+    v[11] = 0
+    odd = rng.standard_normal(64).astype(np.float32)
+    odd -= (v[:200].T @ np.linalg.lstsq(v[:200].T, odd, rcond=None)[0]).astype(np.float32)
+    v[20] = v[21] = odd / np.linalg.norm(odd)  # a pair nearly orthogonal to the others
+    v[30:60] *= 1.7  # longer than unit: the product, not the cosine, is compared
+    codes = hashing.fit(v, 64).codes(v)
+    for t in (0.95, 0.0, -0.5):
+        ref, got = both(v, codes, 64, t)
+        assert got == ref, t
+    assert any(20 in g and 21 in g for g in dupe_groups(v, codes, 64))
+
+
+def test_tiny_inputs():
+    v = photo_like(50, 16, seed=1)
+    codes = hashing.fit(v, 16).codes(v)
+    for n in (0, 1, 2, 3, 33):
+        for t in (0.99, -1.0):
+            ref, got = both(v[:n], codes[:n], 16, t)
+            assert got == ref
+    with pytest.raises(ValueError):
+        dupes.groups(codes[:3], v[:4], 16)
+
+
+def test_groups_do_not_depend_on_the_seed_or_the_chunking():
+    v = photo_like(1000, 64, seed=9)
+    codes = hashing.fit(v, 64).codes(v)
+    ref = dupe_groups(v, codes, 64)
+    for seed in (1, 2):
+        assert dupes.groups(codes, v, 64, seed=seed) == ref
+    assert dupes.groups(codes, dupes.ArrayVectors(v, chunk=77), 64) == ref
+
+
+def test_hamming_pairs_equal_the_scan_with_and_without_bitwise_count(monkeypatch):
+    rng = np.random.default_rng(0)
+    codes = rng.integers(0, 2**63, (50, 2), dtype=np.int64).astype(np.uint64) * 2 + 1
+    i, j = rng.integers(0, 50, 200), rng.integers(0, 50, 200)
+    want = [int(hashing.hamming(codes[a], codes[[b]])[0]) for a, b in zip(i, j)]
+    assert dupes.hamming_pairs(codes, i, j).tolist() == want
+    monkeypatch.setattr(dupes, "_HAS_BITWISE_COUNT", False)
+    assert dupes.hamming_pairs(codes, i, j).tolist() == want
+
+
+# --- a library: the store's vectors, never all in memory --------------------------------------
+
+
+def fake_library(directory: Path, vectors: np.ndarray) -> Store:
+    """A library holding ``vectors`` as files ``f{i:05d}.jpg`` that exist (empty), with the
+    size and mtime stored, so `itr hash PATH` finds nothing to index (no model needed)."""
+    files = directory / "photos"
+    files.mkdir(parents=True)
+    store = Store(directory / "db", create=True)
+    store.set_meta(model="fake-model", dim=int(vectors.shape[1]), text_export_failed="fake-model")
+    with store.transaction() as c:
+        for i, v in enumerate(vectors):
+            p = files / f"f{i:05d}.jpg"
+            p.touch()
+            st = p.stat()
+            store.insert_file(c, str(p), {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
+                                          "hash": f"{i:032x}", "width": 1, "height": 1}, v)
+    return store
+
+
+def test_find_dupes_on_a_library_equals_exhaustive_and_streams(tmp_path, monkeypatch):
+    v = photo_like(1200, 64, seed=11)
+    store = fake_library(tmp_path, v)
+    ids, mat = store.vectors()
+    lc = library_codes(store, 64)
+    want = [[int(ids[r]) for r in g] for g in dupe_groups(mat, lc.codes, 64)]
+    assert want
+    # the whole matrix is never asked for: only chunks and id lists
+    real = Store.vectors
+
+    def no_full_read(self, ids=None):
+        assert ids is not None, "read every vector at once"
+        return real(self, ids)
+
+    monkeypatch.setattr(Store, "vectors", no_full_read)
+    assert find_dupes(store, ids.tolist()) == want
+    # a subset (looked up by id, not scanned) in another order: groups follow that order
+    sub = ids[::-1][:400].tolist()
+    rows = {int(i): r for r, i in enumerate(ids)}
+    sub_rows = [rows[i] for i in sub]
+    ref = dupe_groups(mat[sub_rows], lc.codes[sub_rows], 64)
+    assert find_dupes(store, sub) == [[sub[r] for r in g] for g in ref]
+    # a refit reads a sample and codes chunk by chunk: the same codes as fitting in memory
+    h = hashing.fit(mat, 32, "itq")
+    assert np.array_equal(library_codes(store, 32).codes, h.codes(mat))
+    store.close()
+
+
+def test_cli_dupes_prints_the_exhaustive_groups(tmp_path, itr):
+    v = photo_like(900, 48, seed=13, copies=0.08)
+    store = fake_library(tmp_path, v)
+    ids, mat = store.vectors()
+    paths = {int(i): p for i, p in store.conn.execute("SELECT id, path FROM files")}
+    store.close()
+    db, photos = tmp_path / "db", tmp_path / "photos"
+    r = itr("hash", "--dupes", str(photos), "--db", str(db), "--json", "--threshold", "0.97")
+    assert r.code == 0, r.err
+    s = Store(db, readonly=True)
+    codes = library_codes(s, 64).codes
+    s.close()
+    want = sorted(sorted(paths[int(ids[i])] for i in g)
+                  for g in dupe_groups(mat, codes, 64, threshold=0.97))
+    assert want and json.loads(r.out) == want
+    assert "groups of near-duplicates" in r.err
+    r = itr("hash", "--dupes", str(photos), "--db", str(db), "--bits", "16", "--method", "lsh")
+    assert r.code == 0, r.err
+    s = Store(db, readonly=True)
+    codes = library_codes(s, 16, "lsh").codes
+    s.close()
+    want = sorted(sorted(paths[int(ids[i])] for i in g) for g in dupe_groups(mat, codes, 16))
+    assert r.out == "\n".join("".join(p + "\n" for p in g) for g in want)
