@@ -207,7 +207,7 @@ def commands(lib_dir: Path, files: Path, runs: int, dupes: bool) -> dict:
     t, rss, code = run_timed(["index", files, "-q", *db])
     out["rerun_s"], out["rerun_rss_mib"], out["rerun_code"] = round(t, 1), round(rss), code
     if dupes:
-        t, rss, code = run_timed(["hash", "--dupes", "-q", *db], timeout=900)
+        t, rss, code = run_timed(["hash", "--dupes", files, "-q", *db], timeout=900)
         out["dupes_s"], out["dupes_rss_mib"], out["dupes_code"] = round(t, 1), round(rss), code
     return out
 
