@@ -16,38 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import write_shapes
-
-SPECS = [(c, s, p, i) for i, (c, s, p) in enumerate(
-    [(c, s, p) for c in ("red", "blue", "green") for s in ("circle", "square") for p in ("left", "right")]
-)]
-QUERY = "a red circle on the left"
-
-
-@pytest.fixture(scope="module")
-def tiny_blip(tmp_path_factory):
-    from support import synth
-
-    return synth.make_tiny_blip_itm(tmp_path_factory.mktemp("models") / "tiny-blip-itm")
-
-
-@pytest.fixture
-def lib(itr, tiny_clip, tmp_path):
-    paths = write_shapes(tmp_path / "photos", SPECS)
-    db = tmp_path / "lib"
-    r = itr("index", tmp_path / "photos", "--db", db, "-m", tiny_clip, "-q")
-    assert r.code == 0, r
-    return db, paths
-
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# the same drawings, library and one-thread rule as the re-ranking tests
+from test_rerank import QUERY, SPECS, _one_torch_thread, lib, tiny_blip  # noqa: F401
 
 
 @pytest.fixture
