@@ -618,7 +618,8 @@ class Library:
         """Groups of near-duplicate files among ``files`` (``(path as shown, id)``): paths
         sorted within each group, groups sorted.  ``threshold``: the cosine that confirms a
         pair (default :data:`itrcli.query.hashing.DUPES_THRESHOLD`)."""
-        from .query.hashing import DUPES_THRESHOLD, find_dupes
+        from .query.dupes import find_dupes
+        from .query.hashing import DUPES_THRESHOLD
 
         if not files:
             return []

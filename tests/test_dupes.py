@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from itrcli.query import dupes, hashing
-from itrcli.query.hashing import BIT_CHOICES, dupe_groups, find_dupes, library_codes
+from itrcli.query.dupes import find_dupes
+from itrcli.query.hashing import BIT_CHOICES, dupe_groups, library_codes
 from itrcli.store.db import Store
 
 

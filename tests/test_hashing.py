@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from itrcli.query import hashing
+from itrcli.query.dupes import find_dupes
 from itrcli.query.hashing import (
-    Hasher, dupe_groups, find_dupes, fit, from_hex, hamming, hamming_topk, hash_search,
+    Hasher, dupe_groups, fit, from_hex, hamming, hamming_topk, hash_search,
     itq_rotation, library_codes, pack, pca, quantization_error, to_hex, unpack,
 )
 from itrcli.store.db import Store

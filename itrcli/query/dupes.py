@@ -42,11 +42,12 @@ once), so a million 512-d vectors need ``n x (PROJ_DIMS + 1)`` float32 (260 MB),
 from __future__ import annotations
 
 import math
-from typing import Iterator, Protocol
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
-from .hashing import DUPES_THRESHOLD, _HAS_BITWISE_COUNT, _POPCOUNT16, _one_blas_thread, dupes_radius
+from .hashing import (DEFAULT_BITS, DEFAULT_METHOD, DUPES_THRESHOLD, _HAS_BITWISE_COUNT,
+                      _POPCOUNT16, _one_blas_thread, dupes_radius, library_codes)
 
 #: Dimensions of the projection that bounds the cosine (plus one column for the residual).
 PROJ_DIMS = 63
@@ -487,4 +488,26 @@ class _UnionFind:
         return sorted((g for g in out.values() if len(g) > 1), key=lambda g: g[0])
 
 
-__all__ = ["ArrayVectors", "StoreVectors", "Vectors", "confirmed", "groups", "hamming_pairs"]
+def find_dupes(store, ids: Sequence[int], bits: int = DEFAULT_BITS,
+               method: str = DEFAULT_METHOD, threshold: float = DUPES_THRESHOLD,
+               radius: int | None = None) -> list[list[int]]:
+    """Near-duplicate groups among the library files ``ids`` (see :func:`itrcli.query.hashing.dupe_groups`),
+    found by :func:`groups`: the same groups as the exhaustive method,
+    without comparing all pairs or holding all the vectors.
+
+    Returns:
+        Groups of file ids (each of at least two), in the order of the given ``ids``; ids
+        without a vector are left out.
+    """
+    lc = library_codes(store, bits, method)
+    want = np.asarray(list(dict.fromkeys(int(i) for i in ids)), dtype=np.int64)  # given order
+    pos = np.minimum(np.searchsorted(lc.ids, want), max(0, len(lc.ids) - 1))
+    have = lc.ids[pos] == want if len(lc.ids) else np.zeros(len(want), bool)
+    row_ids = want[have]  # every vector has a code: these are the ids with a vector
+    src = StoreVectors(store, row_ids, total=len(lc.ids))
+    found = groups(lc.codes[pos[have]], src, bits, threshold, radius)
+    return [[int(row_ids[r]) for r in g] for g in found]
+
+
+__all__ = ["ArrayVectors", "StoreVectors", "Vectors", "confirmed", "find_dupes", "groups",
+           "hamming_pairs"]

@@ -670,7 +670,8 @@ def dupe_groups(vectors: np.ndarray, codes: np.ndarray, bits: int,
 
     The exhaustive method, kept as the reference: it compares every pair of codes
     (``n^2 / 2``; over 300 s at 10^6 rows) and holds every vector.
-    :func:`itrcli.query.dupes.groups` returns the same groups without either.
+    :func:`itrcli.query.dupes.groups` returns the same groups without either
+    (:func:`itrcli.query.dupes.find_dupes` for a library).
 
     Candidates are pairs within ``radius`` (default :func:`dupes_radius`) in Hamming
     distance, confirmed when ``vectors[i] @ vectors[j] >= threshold``.
@@ -702,32 +703,9 @@ def dupe_groups(vectors: np.ndarray, codes: np.ndarray, bits: int,
     return sorted((g for g in groups.values() if len(g) > 1), key=lambda g: g[0])
 
 
-def find_dupes(store, ids: Sequence[int], bits: int = DEFAULT_BITS,
-               method: str = DEFAULT_METHOD, threshold: float = DUPES_THRESHOLD,
-               radius: int | None = None) -> list[list[int]]:
-    """Near-duplicate groups among the library files ``ids`` (see :func:`dupe_groups`),
-    found by :func:`itrcli.query.dupes.groups`: the same groups as the exhaustive method,
-    without comparing all pairs or holding all the vectors.
-
-    Returns:
-        Groups of file ids (each of at least two), in the order of the given ``ids``; ids
-        without a vector are left out.
-    """
-    from .dupes import StoreVectors, groups
-
-    lc = library_codes(store, bits, method)
-    want = np.asarray(list(dict.fromkeys(int(i) for i in ids)), dtype=np.int64)  # given order
-    pos = np.minimum(np.searchsorted(lc.ids, want), max(0, len(lc.ids) - 1))
-    have = lc.ids[pos] == want if len(lc.ids) else np.zeros(len(want), bool)
-    row_ids = want[have]  # every vector has a code: these are the ids with a vector
-    src = StoreVectors(store, row_ids, total=len(lc.ids))
-    found = groups(lc.codes[pos[have]], src, bits, threshold, radius)
-    return [[int(row_ids[r]) for r in g] for g in found]
-
-
 __all__ = [
     "BIT_CHOICES", "DEFAULT_BITS", "DEFAULT_METHOD", "DUPES_THRESHOLD", "dupes_radius",
-    "Hasher", "LibraryCodes", "METHODS", "candidate_pairs", "dupe_groups", "find_dupes",
+    "Hasher", "LibraryCodes", "METHODS", "candidate_pairs", "dupe_groups",
     "fit", "fit_rows", "from_hex", "hamming", "hamming_topk", "hash_search", "itq_rotation",
     "library_codes", "n_words", "pack", "pca", "quantization_error", "refit_due",
     "to_hex", "unpack",
