@@ -88,6 +88,11 @@ DatasetFormatOpt = Annotated[Optional[str], typer.Option(
     "--format", help="karpathy, coco, csv or folder [default: detected]", show_default=False)]
 LimitOpt = Annotated[Optional[int], typer.Option(
     "--limit", min=1, metavar="N", help="only the first N images", show_default=False)]
+RerankModelOpt = Annotated[Optional[str], typer.Option(
+    "--rerank-model", envvar="ITR_RERANK_MODEL", metavar="MODEL",
+    autocompletion=_complete_rerank_model,
+    help="re-ranker: preset name, Hugging Face id or local directory "
+         "[default: blip-itm-base-coco]", show_default=False)]
 NoCacheOpt = Annotated[bool, typer.Option(
     "--no-cache", help="neither read nor write the embedding cache")]
 
@@ -392,11 +397,7 @@ def search(
                          "(BLIP ITM; text queries)")] = False,
     rerank_k: Annotated[int, typer.Option("--rerank-k", min=1, metavar="K",
                         help="how many results --rerank re-scores")] = DEFAULT_RERANK_K,
-    rerank_model: Annotated[Optional[str], typer.Option(
-        "--rerank-model", envvar="ITR_RERANK_MODEL", metavar="MODEL",
-        autocompletion=_complete_rerank_model,
-        help="re-ranker: preset name, Hugging Face id or local directory "
-             "[default: blip-itm-base-coco]", show_default=False)] = None,
+    rerank_model: RerankModelOpt = None,
     no_rerank_cache: Annotated[bool, typer.Option(
         "--no-rerank-cache", help="neither read nor write the re-ranker's image feature cache "
                                   "(ITR_RERANK_CACHE_BYTES=0 turns it off for good)")] = False,
@@ -841,11 +842,7 @@ def eval_cmd(
                          "image-text matching model")] = False,
     rerank_k: Annotated[int, typer.Option("--rerank-k", min=1, metavar="K",
                         help="how many candidates --rerank re-scores per query")] = DEFAULT_RERANK_K,
-    rerank_model: Annotated[Optional[str], typer.Option(
-        "--rerank-model", envvar="ITR_RERANK_MODEL", metavar="MODEL",
-        autocompletion=_complete_rerank_model,
-        help="re-ranker: preset name, Hugging Face id or local directory "
-             "[default: blip-itm-base-coco]", show_default=False)] = None,
+    rerank_model: RerankModelOpt = None,
     no_cache: NoCacheOpt = False,
     db: Annotated[Optional[Path], typer.Option(
         "--db", file_okay=False, show_default=False,

@@ -96,15 +96,22 @@ def write_clip(path: str | Path, frame_at: Callable[[float], np.ndarray], durati
         for p in s.encode(None):
             out.mux(p)
         if audio:
-            for i in range(int(duration * 8000 / 1024)):
-                af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp",
-                                                layout="mono")
-                af.sample_rate, af.pts = 8000, i * 1024
-                for p in a.encode(af):
-                    out.mux(p)
-            for p in a.encode(None):
-                out.mux(p)
+            _mux_silence(out, a, duration)
     return path
+
+
+def _mux_silence(out, stream, seconds: float) -> None:
+    """Encode and mux ``seconds`` of silent 8 kHz mono audio into ``stream`` of ``out``."""
+    import av
+
+    for i in range(int(seconds * 8000 / 1024)):
+        af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp",
+                                        layout="mono")
+        af.sample_rate, af.pts = 8000, i * 1024
+        for p in stream.encode(af):
+            out.mux(p)
+    for p in stream.encode(None):
+        out.mux(p)
 
 
 def write_audio_only(path: str | Path, seconds: float = 1.0) -> Path:
@@ -113,15 +120,7 @@ def write_audio_only(path: str | Path, seconds: float = 1.0) -> Path:
 
     path = Path(path)
     with av.open(str(path), "w") as out:
-        a = out.add_stream("aac", rate=8000)
-        for i in range(int(seconds * 8000 / 1024)):
-            af = av.AudioFrame.from_ndarray(np.zeros((1, 1024), dtype=np.float32), format="fltp",
-                                            layout="mono")
-            af.sample_rate, af.pts = 8000, i * 1024
-            for p in a.encode(af):
-                out.mux(p)
-        for p in a.encode(None):
-            out.mux(p)
+        _mux_silence(out, out.add_stream("aac", rate=8000), seconds)
     return path
 
 
