@@ -105,3 +105,53 @@ def test_damaged_files_are_refused_or_fail_loudly(graph, tmp_path):
         g.validate()
     with pytest.raises((IndexError, KeyError)):
         g.search(graph[5][0], 10, 40)
+
+
+def naive_upper(raw: bytes, n: int, body_end: int, block: int, maxlevel: int) -> dict[int, int] | str:
+    """The upper-layer offsets by visiting every element's size in turn (or the error)."""
+    pos, found = body_end, {}
+    for elem in range(n):
+        if pos + 4 > len(raw):
+            return "truncated in the link lists"
+        size = int.from_bytes(raw[pos: pos + 4], "little")
+        if size:
+            if size % block or size // block > maxlevel:
+                return "garbled or truncated link lists"
+            found[elem] = (pos - body_end) // 4 + 1
+        pos += 4 + size
+    if pos > len(raw):
+        return "truncated in the link lists"
+    return found if pos == len(raw) else "trailing garbage"
+
+
+def test_upper_layers_are_found_as_a_walk_over_every_element_finds_them(graph, tmp_path):
+    path = graph[0]
+    raw = path.read_bytes()
+    g = GraphFile(path, DIM)
+    body_end, block = 96 + g.count * 4 * g._w.shape[1], 4 * g._list_words
+    assert g._upper == naive_upper(raw, g.count, body_end, block, g.maxlevel)
+    assert len(g._upper) > 100
+    rng = np.random.default_rng(3)
+    sizes = np.frombuffer(raw, "<u4", offset=body_end)
+    words = [int(w) for w in rng.choice(len(sizes), 300, replace=False)]
+    words += [g._upper[e] - 1 for e in list(g._upper)[:50]]  # size words themselves
+    outcomes = set()
+    for i, w in enumerate(words):
+        value = [0, block, 2 * block, block + 4, (g.maxlevel + 1) * block, int(rng.integers(1, 3000)),
+                 int(sizes[w]) + block][i % 7]
+        bad = bytearray(raw)
+        bad[body_end + 4 * w: body_end + 4 * w + 4] = value.to_bytes(4, "little")
+        p = tmp_path / "damaged.bin"
+        p.write_bytes(bytes(bad))
+        want = naive_upper(bytes(bad), g.count, body_end, block, g.maxlevel)
+        try:
+            got = GraphFile(p, DIM)._upper
+        except GraphFileError as e:
+            got = str(e)
+        if isinstance(want, str):
+            assert isinstance(got, str) and want in got, (w, value)
+        else:
+            assert got == want, (w, value)
+        outcomes.add(want if isinstance(want, str) else "read")
+    # files still read and files refused both met ("trailing garbage": the test above)
+    assert outcomes == {"read", "garbled or truncated link lists", "truncated in the link lists"}
