@@ -1110,6 +1110,14 @@ def main(argv: list[str] | None = None) -> None:
         sys.stdout.flush()
     except BrokenPipeError:
         _silence_stdout()
+    if argv is None:
+        # The process is about to end: spare its exit the collector's walks over every
+        # object left (torch and transformers make ~10^6: 2.0 s of an index run's exit
+        # here, 0.4 s frozen; a cold search's exit 0.15 s, 0.05 s frozen).  Only for the
+        # process itself; main([...]) called from Python changes nothing.
+        import gc
+
+        gc.freeze()
     sys.exit(int(code))
 
 

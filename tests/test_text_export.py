@@ -190,3 +190,49 @@ def test_export_child_dies_with_its_run(tiny_clip, tmp_path):
         time.sleep(0.1)
     assert not alive()
     assert not (tmp_path / "text").exists()
+
+
+@pytest.mark.parametrize("model", ["clip", "siglip2"])
+def test_quick_trace_gives_torch_vectors_at_any_batch_and_length(model, request, tmp_path,
+                                                                  monkeypatch):
+    from itrcli.embed import textonnx
+    from itrcli.embed.encoder import Encoder
+    from support import synth
+
+    path = (request.getfixturevalue("tiny_clip") if model == "clip"
+            else synth.make_tiny_siglip2(tmp_path / "siglip2"))
+
+    tries: list[bool] = []
+    orig = textonnx._export
+    monkeypatch.setattr(textonnx, "_export", lambda *a, **k: tries.append(k["quick"]) or orig(*a, **k))
+    enc = Encoder(str(path), device="cpu", precision="fp32")
+    textonnx.export(enc, tmp_path / "lib")
+    assert tries == [True]  # kept: it gave torch's vectors
+    onnx = textonnx.OnnxTextEncoder(tmp_path / "lib")
+    for texts in (TEXTS[:1], TEXTS, TEXTS * 5 + ["a much longer caption " * 4]):
+        np.testing.assert_allclose(onnx.encode_texts(texts), enc.encode_texts(texts), atol=1e-4)
+
+
+def test_a_quick_trace_that_differs_is_traced_again_the_usual_way(tiny_clip, tmp_path, monkeypatch):
+    from itrcli.embed import textonnx
+    from itrcli.embed.encoder import Encoder
+
+    tries: list[bool] = []
+    orig_export, orig_verify = textonnx._export, textonnx._verify
+    monkeypatch.setattr(textonnx, "_export", lambda *a, **k: tries.append(k["quick"]) or orig_export(*a, **k))
+
+    def verify(d, checks):
+        if len(tries) == 1:  # the quick graph "differs"
+            raise RuntimeError("exported text tower differs from torch by 1.0e+00")
+        orig_verify(d, checks)
+
+    monkeypatch.setattr(textonnx, "_verify", verify)
+    enc = Encoder(str(tiny_clip), device="cpu", precision="fp32")
+    textonnx.export(enc, tmp_path, release=True)  # released: the second try reads it again
+    assert tries == [True, False]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["text"]  # no half-written copy left
+    np.testing.assert_allclose(textonnx.OnnxTextEncoder(tmp_path).encode_texts(TEXTS),
+                               enc.encode_texts(TEXTS), atol=1e-4)
+    import torch
+
+    assert torch._C._jit_pass_onnx_graph_shape_type_inference.__name__ != "<lambda>"  # restored

@@ -8,7 +8,9 @@ exported text tower (see :mod:`itrcli.embed.textonnx`).
 
 from __future__ import annotations
 
+import gc
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -21,6 +23,23 @@ SUPPORTED_TYPES = ("clip", "siglip")
 #: fixed-resolution ones are ``model_type`` "siglip" with a Gemma fast tokenizer.
 NAFLEX_INSTEAD = "google/siglip2-base-patch16-224"
 from ..constants import PRECISIONS
+
+
+@contextmanager
+def gc_paused():
+    """The cyclic garbage collector off for a block that only builds long-lived objects
+    (importing torch and transformers, loading a model), then back as it was.
+
+    Those imports make ~10^6 objects, and each full collection on the way walks all of
+    them again: pausing it took `import torch, transformers` from 6.9 to 5.8 s here.
+    Nothing is lost: what the block leaves as garbage is collected afterwards."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def cpu_has_native_bf16() -> bool:
@@ -137,7 +156,8 @@ class Encoder:
         device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
         towers: ``both``; ``image`` (indexing: the text tower's weights are not read until
-            :meth:`encode_texts` is called); ``text`` (the text tower's export).
+            :meth:`encode_texts` is called); ``text`` (the text tower's export: no image
+            preprocessing, ``prep`` is None).
     """
 
     def __init__(self, model: str, device: str = "auto", precision: str = "auto",
@@ -146,7 +166,8 @@ class Encoder:
         # from the decode threads that run beside the encoder; sleeping instead indexed
         # 2 MP photos 20% faster on 2 cores.  Read when OpenMP starts: set before torch runs.
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        import torch
+        with gc_paused():
+            import torch
 
         if towers not in TOWERS:
             raise ValueError(f"towers={towers!r}: expected one of {TOWERS}")
@@ -157,12 +178,13 @@ class Encoder:
         ]
         self.model_id = model
         self._image = self._text = self._tokenizer = None
-        self._load(model, towers)
+        with gc_paused():
+            self._load(model, towers)
 
     def _load(self, model: str, towers: str) -> None:
         import torch
         import transformers
-        from transformers import AutoConfig, AutoImageProcessor
+        from transformers import AutoConfig
 
         transformers.logging.set_verbosity_error()  # torchvision fallback notices etc.
         transformers.logging.disable_progress_bar()  # "Loading weights" bars: ours only
@@ -205,11 +227,10 @@ class Encoder:
                 self._load_tokenizer()
                 if towers == "text":
                     self._text = self._tower("text", self.dtype)
-            image_processor = AutoImageProcessor.from_pretrained(
-                model, trust_remote_code=False, local_files_only=self._local_only)
+            # the text tower's export needs no pixels (nor the image processors' imports)
+            self.prep = None if towers == "text" else self._preprocess()
         except (OSError, ValueError) as e:
             raise ModelError(_load_error(model, e)) from None
-        self.prep = Preprocess.from_config(image_processor.to_dict())
         text_cfg = config.text_config
         self.text_max_length = int(getattr(text_cfg, "max_position_embeddings", 77))
         # SigLIP was trained on texts padded to max_length; CLIP on the padded batch + mask
@@ -218,6 +239,13 @@ class Encoder:
         self.revision = getattr(config, "_commit_hash", None)
         if self.device == "cpu":
             torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    def _preprocess(self) -> Preprocess:
+        from transformers import AutoImageProcessor
+
+        image_processor = AutoImageProcessor.from_pretrained(
+            self.model_id, trust_remote_code=False, local_files_only=self._local_only)
+        return Preprocess.from_config(image_processor.to_dict())
 
     def _from_pretrained(self, cls, dtype, device: str | None = None, config=None):
         """``cls`` from the checkpoint in ``dtype``, in eval mode on the device.  A one-tower

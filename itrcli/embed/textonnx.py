@@ -10,7 +10,7 @@ export is missing or fails, search falls back to the torch encoder: same vectors
 The export of a large tower runs in a child process (:func:`start`) that reads only the
 text tower's float32 weights, at a low CPU priority, beside the index run that encodes
 images: the run's own memory never holds the text weights or the exporter's copies of them,
-and the child's imports overlap the run's own start-up.
+and the child's imports and tracing overlap the run's own start-up and encoding.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from ..constants import TEXT_TOWER_DIR as DIRNAME
 MODEL_FILE = "text.onnx"
@@ -33,15 +33,29 @@ class ExportUnsupported(Exception):
     form): a property of the model, not retried."""
 
 
-def export(encoder, library_dir: Path, *, release: bool = False) -> Path:
+def export(encoder, library_dir: Path, *, release: bool = False,
+           before_optimise: Callable[[], None] | None = None) -> Path:
     """Export ``encoder``'s text tower and tokenizer to ``<library>/text`` atomically.
 
     ``release``: drop the encoder's text tower once its weights are written (the child
     process of :func:`start`, which has no other use for it).
+    ``before_optimise``: called once the tower is traced and its weights written, before
+    the part that needs the most memory (onnxruntime's own copy of the weights).
 
-    Raises :class:`ExportUnsupported` when the tokenizer cannot be exported, else whatever
-    torch/onnx raise; callers treat a failure as "no fast path".
+    The tower is traced the quick way first (:class:`_whole_graph_inference`); if that
+    fails, or its result does not give the torch tower's vectors, it is traced again the
+    exporter's usual way.  Raises :class:`ExportUnsupported` when the tokenizer cannot be
+    exported, else whatever torch/onnx raise; callers treat a failure as "no fast path".
     """
+    try:
+        return _export(encoder, library_dir, release, before_optimise, quick=True)
+    except (ExportUnsupported, KeyboardInterrupt):
+        raise
+    except Exception:
+        return _export(encoder, library_dir, release, before_optimise, quick=False)
+
+
+def _export(encoder, library_dir: Path, release: bool, before_optimise, *, quick: bool) -> Path:
     import torch
 
     out = Path(library_dir) / DIRNAME
@@ -86,41 +100,35 @@ def export(encoder, library_dir: Path, *, release: bool = False) -> Path:
                 f = self.proj(f)  # [batch, dim]
             return f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
 
-    sample = encoder.tokenize(["a photo of a dog", "two children on a lawn"])
-    ids = sample["input_ids"]
-    args: tuple[Any, ...] = (ids,)
+    # two batches of other sizes and lengths: the export must hold for any (dynamic axes)
+    samples = [encoder.tokenize(["a photo of a dog", "two children on a lawn"]),
+               encoder.tokenize(["a", "a red bicycle leaning on a wall beside a blue door",
+                                 "three words here"])]
     names = ["input_ids"]
     axes = {"input_ids": {0: "batch", 1: "seq"}, "embedding": {0: "batch"}}
     if use_mask:
-        args = (ids, sample["attention_mask"])
         names.append("attention_mask")
         axes["attention_mask"] = {0: "batch", 1: "seq"}
+    feeds = [tuple(s[n] for n in names) for s in samples]
     tower = TextTower()
     with torch.inference_mode(False), torch.no_grad():
-        reference = tower(*args).float().numpy()  # [2, dim]: what the export must give
+        # what the export must give
+        checks = [({n: a.numpy() for n, a in zip(names, f)}, tower(*f).float().numpy())
+                  for f in feeds]  # [batch, dim] each
     raw = tmp / "raw"  # the plain export; onnxruntime's optimised copy replaces it
     raw.mkdir()
     onnx_path = raw / MODEL_FILE
-    import warnings
-
     try:
-        with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # tracer notes about constant shapes: expected
-            try:
-                _export_graph_then_weights(tower, args, names, axes, onnx_path)
-            except _Unmapped:
-                for f in raw.iterdir():
-                    f.unlink()
-                torch.onnx.export(tower, args, str(onnx_path), input_names=names,
-                                  output_names=["embedding"], dynamic_axes=axes,
-                                  opset_version=17, dynamo=False)
+        _trace(tower, feeds[0], names, axes, onnx_path, quick=quick)
+        if before_optimise is not None:
+            before_optimise()
         # the torch weights are no longer needed: gone before onnxruntime loads its copy
         del tower, text_model, proj
         if release:
             encoder.release_text()
         _optimise(onnx_path, tmp)
         shutil.rmtree(raw)
-        _verify(tmp, {n: a.numpy() for n, a in zip(names, args)}, reference)
+        _verify(tmp, checks)
         (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
@@ -132,6 +140,55 @@ def export(encoder, library_dir: Path, *, release: bool = False) -> Path:
 
 class _Unmapped(Exception):
     """The graph has an input that is no weight of the module (the plain export is used)."""
+
+
+def _trace(module, args, names, axes, path: Path, *, quick: bool) -> None:
+    """Trace ``module`` to ``path``, its weights to ``path``.data."""
+    import warnings
+
+    import torch
+
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), \
+            _whole_graph_inference(off=quick):
+        warnings.simplefilter("ignore")  # tracer notes about constant shapes: expected
+        try:
+            _export_graph_then_weights(module, args, names, axes, path)
+        except _Unmapped:
+            for f in path.parent.iterdir():
+                f.unlink()
+            torch.onnx.export(module, args, str(path), input_names=names,
+                              output_names=["embedding"], dynamic_axes=axes,
+                              opset_version=17, dynamo=False)
+
+
+class _whole_graph_inference:
+    """With ``off``, the TorchScript exporter's two passes of shape and type inference over
+    the whole finished graph do nothing (restored on exit; a no-op where this torch has no
+    such pass).
+
+    They take 2.8 of the exporter's 3.9 s for a ViT-B/32 text tower, and the file needs
+    nothing from them: each node's types are inferred as it is converted, the outputs'
+    are set from the trace, and onnxruntime infers shapes itself when it loads the graph.
+    :func:`export` keeps such a graph only when it gives the torch tower's vectors.
+    """
+
+    NAME = "_jit_pass_onnx_graph_shape_type_inference"
+
+    def __init__(self, *, off: bool) -> None:
+        self.off, self.saved = off, None
+
+    def __enter__(self) -> None:
+        import torch
+
+        if self.off and hasattr(torch._C, self.NAME):
+            self.saved = getattr(torch._C, self.NAME)
+            setattr(torch._C, self.NAME, lambda *args, **kwargs: None)
+
+    def __exit__(self, *exc) -> None:
+        import torch
+
+        if self.saved is not None:
+            setattr(torch._C, self.NAME, self.saved)
 
 
 def _export_graph_then_weights(module, args, names, axes, path: Path) -> None:
@@ -173,9 +230,9 @@ def _export_graph_then_weights(module, args, names, axes, path: Path) -> None:
     onnx.save(model, str(path))
 
 
-def _verify(d: Path, feeds: dict[str, Any], reference) -> None:
-    """The exported tower gives the torch tower's vectors on the export's own sample (else
-    it is not kept: searches use torch)."""
+def _verify(d: Path, checks) -> None:
+    """The ONNX tower in ``d`` gives the torch tower's vectors on each ``(feeds, vectors)``
+    of ``checks`` (else it is not kept: searches use torch)."""
     import numpy as np
     import onnxruntime as ort
 
@@ -184,10 +241,11 @@ def _verify(d: Path, feeds: dict[str, Any], reference) -> None:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(str(d / MODEL_FILE), sess_options=so,
                                 providers=["CPUExecutionProvider"])
-    (got,) = sess.run(["embedding"], feeds)
-    if not np.allclose(got, reference, atol=1e-4):
-        raise RuntimeError(f"exported text tower differs from torch by "
-                           f"{float(np.abs(got - reference).max()):.2e}")
+    for feeds, reference in checks:
+        (got,) = sess.run(["embedding"], feeds)
+        if got.shape != reference.shape or not np.allclose(got, reference, atol=1e-4):
+            diff = float(np.abs(got - reference).max()) if got.shape == reference.shape else "shape"
+            raise RuntimeError(f"exported text tower differs from torch by {diff}")
 
 
 def _optimise(src: Path, d: Path) -> None:
@@ -337,8 +395,8 @@ class ExportProcess:
         self.proc, self.log = proc, log
 
     def go(self) -> None:
-        """Let the child export (it has loaded the text tower and waits for this, so that
-        its peak memory does not add to the run's own while the run encodes)."""
+        """Let the child finish the export (it has traced the text tower and waits for this,
+        so that its peak memory does not add to the run's own while the run encodes)."""
         if self.proc.stdin is not None and not self.proc.stdin.closed:
             try:
                 self.proc.stdin.write(b"go\n")
@@ -382,9 +440,10 @@ def start(model: str, library_dir: Path, *, gate: bool = False) -> ExportProcess
     runs at a low CPU priority and dies with its parent.  ``wait()`` gives its exit status:
     0 exported, :data:`UNSUPPORTED`, anything else a failure worth another try.
 
-    ``gate``: the child imports and loads the text tower at once (beside the run's own
-    start-up), then waits for :meth:`ExportProcess.go` (or ``wait()``) before the export
-    itself, the part that needs the most memory."""
+    ``gate``: the child imports, loads and traces the text tower at once (beside the run's
+    own start-up and encoding, at a low priority), then waits for :meth:`ExportProcess.go`
+    (or ``wait()``) before onnxruntime's optimisation, the part that needs the most
+    memory."""
     import subprocess
     import sys
     import tempfile
@@ -402,12 +461,25 @@ def start(model: str, library_dir: Path, *, gate: bool = False) -> ExportProcess
 
 
 def _child_main() -> None:
-    """``python -c ... MODEL LIBRARY PARENT_PID``: the child of :func:`start`."""
+    """``python -c ... MODEL LIBRARY PARENT_PID GATE``: the child of :func:`start`."""
+    import sys
+
+    try:
+        code = _child_export()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    sys.stderr.flush()
+    # the files are written and closed: skip the interpreter's teardown, 2 s of collector
+    # walks over the objects torch and transformers made, which the run would wait for
+    os._exit(code)
+
+
+def _child_export() -> int:
     import sys
     import threading
 
     model, library_dir, parent, gate = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-    if gate:  # its loading must not slow the run's encoder: the export waits for it anyway
+    if gate:  # its loading and tracing must not slow the run's encoder (it waits for it anyway)
         _low_priority()
     _die_with(parent)
 
@@ -426,17 +498,24 @@ def _child_main() -> None:
         enc = Encoder(model, device="cpu", precision="fp32", towers="text")
     except ModelError as e:
         print(f"text tower not loaded: {e}", file=sys.stderr)
-        sys.exit(NOT_LOCAL)
-    if gate and sys.stdin.readline().strip() != "go":  # the run ended without asking
-        sys.exit(1)
+        return NOT_LOCAL
+    gone_ahead: list[bool] = []
+
+    def go_ahead() -> None:  # the run asks once its own encoder has let go of its memory
+        if gate and not gone_ahead:
+            if sys.stdin.readline().strip() != "go":  # the run ended without asking
+                sys.exit(1)
+            gone_ahead.append(True)
+
     try:
-        export(enc, library_dir, release=True)
+        export(enc, library_dir, release=True, before_optimise=go_ahead)
     except ExportUnsupported as e:
         print(f"text tower not exported: {e}", file=sys.stderr)
-        sys.exit(UNSUPPORTED)
+        return UNSUPPORTED
     except Exception as e:
         print(f"text tower export failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
-        sys.exit(1)
+        return 1
+    return 0
 
 
 def _low_priority() -> None:
