@@ -80,3 +80,24 @@ def test_plan_classifies_changes():
 def test_plan_does_not_confuse_sibling_prefixes():
     known = {"/photos2/a.jpg": Known(1, 1, 1, "h")}
     assert plan({}, known, ["/photos"]).missing == []
+
+
+def test_extensions_are_read_as_splitext_reads_them(tmp_path):
+    from itrcli.ingest.walk import extension
+
+    names = ["a.jpg", "B.JPG", ".d.jpg", "..jpg", ".jpg", "...png", "x.jpg.txt", "x.txt.jpg",
+             "noext", "a.", ".", "..", ".a.b.PNG", "e\u0301.Png"]
+    for n in names:
+        assert extension(n) == os.path.splitext(n)[1].lower(), n
+    for n in names:
+        if n not in (".", ".."):
+            touch(tmp_path / "plain" / n)
+    (tmp_path / "dir.jpg").mkdir()
+    touch(tmp_path / "dir.jpg" / "inside.png")
+    os.symlink(tmp_path / "dir.jpg", tmp_path / "plain" / "link.jpg")  # a directory: not a file
+    for hidden in (False, True):
+        r = walk([str(tmp_path / "plain")], extensions=IMAGE_EXTENSIONS, include_hidden=hidden)
+        want = sorted(n for n in names if os.path.splitext(n)[1].lower() in IMAGE_EXTENSIONS
+                      and (hidden or not n.startswith(".")))
+        assert sorted(os.path.basename(p) for p in r.files) == want and not r.errors
+        assert all(e.path == p and e.size == 1 for p, e in r.files.items())

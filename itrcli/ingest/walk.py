@@ -12,14 +12,15 @@ import fnmatch
 import os
 import stat
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
+from operator import attrgetter
+from typing import Iterable, Mapping, NamedTuple
 
 from ..constants import HEIF_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (re-exported)
+from ..gcpause import gc_paused
 
 
-@dataclass(frozen=True)
-class Entry:
-    """A file found by the walk."""
+class Entry(NamedTuple):
+    """A file found by the walk (a named tuple: a million are made in a walk)."""
 
     path: str  #: absolute, not resolved (symlinks keep the name the user sees)
     size: int
@@ -36,6 +37,19 @@ class WalkResult:
 
 def is_hidden(name: str) -> bool:
     return name.startswith(".")
+
+
+def extension(name: str) -> str:
+    """``os.path.splitext(name)[1].lower()`` for a bare file name, in a third of the time
+    (a walk asks it of every file): leading dots start no extension."""
+    i = name.rfind(".")
+    if i <= 0 or (name[0] == "." and not name[:i].lstrip(".")):
+        return ""
+    return name[i:].lower()
+
+
+_new_entry = tuple.__new__  # Entry(...) without the keyword-handling __new__
+_by_name = attrgetter("name")
 
 
 def _excluded(path: str, name: str, patterns: Iterable[str]) -> bool:
@@ -60,12 +74,17 @@ def walk(
     entered twice, so symlink loops end.  Broken links and unreadable directories go to
     ``errors``.
     """
-    patterns = list(exclude)
+    with gc_paused():  # a million entries: see itrcli.gcpause
+        return _walk(roots, extensions, include_hidden, list(exclude), follow_symlinks)
+
+
+def _walk(roots: Iterable[str], extensions: frozenset[str], include_hidden: bool,
+          patterns: list[str], follow_symlinks: bool) -> WalkResult:
+
     res = WalkResult()
     seen_dirs: set[tuple[int, int]] = set()
 
-    def add_file(path: str, st: os.stat_result) -> None:
-        res.files[path] = Entry(path, st.st_size, st.st_mtime_ns)
+    files = res.files
 
     for root in roots:
         root = os.path.abspath(os.path.expanduser(root))
@@ -78,7 +97,7 @@ def walk(
             continue
         if stat.S_ISREG(st.st_mode):
             # a file named explicitly is taken whatever its extension says
-            add_file(root, st)
+            files[root] = Entry(root, st.st_size, st.st_mtime_ns)
             continue
         if not stat.S_ISDIR(st.st_mode):
             res.errors.append((root, "not a regular file or directory"))
@@ -94,15 +113,15 @@ def walk(
                 res.errors.append((d, _oserror(e)))
                 res.unlisted.append(d)
                 continue
-            for de in sorted(entries, key=lambda e: e.name):
+            entries.sort(key=_by_name)
+            for de in entries:  # a million times in a large library: kept lean
                 name = de.name
-                if not include_hidden and is_hidden(name):
+                if not include_hidden and name[0] == ".":  # is_hidden
                     continue
-                path = os.path.join(d, name)
+                path = de.path  # os.path.join(d, name), made by scandir
                 if patterns and _excluded(path, name, patterns):
                     continue
                 try:
-                    is_link = de.is_symlink()
                     if de.is_dir(follow_symlinks=follow_symlinks):
                         dst = de.stat(follow_symlinks=True)
                         key = (dst.st_dev, dst.st_ino)
@@ -111,17 +130,20 @@ def walk(
                         seen_dirs.add(key)
                         stack.append(path)
                         continue
-                    if is_link and de.is_dir(follow_symlinks=True):
-                        continue  # symlinked directory, not followed
-                    if os.path.splitext(name)[1].lower() not in extensions:
+                    # extension(name) in extensions, inline: "" for a name of leading dots
+                    i = name.rfind(".")
+                    if i <= 0 or name[i:].lower() not in extensions or (
+                            name[0] == "." and not name[:i].lstrip(".")):
                         continue
+                    if de.is_symlink() and de.is_dir(follow_symlinks=True):
+                        continue  # symlinked directory, not followed
                     fst = de.stat(follow_symlinks=True)
                 except OSError as e:
-                    if os.path.splitext(name)[1].lower() in extensions or de.is_symlink():
+                    if extension(name) in extensions or de.is_symlink():
                         res.errors.append((path, _oserror(e)))
                     continue
                 if stat.S_ISREG(fst.st_mode):
-                    add_file(path, fst)
+                    files[path] = _new_entry(Entry, (path, fst.st_size, fst.st_mtime_ns))
     return res
 
 
@@ -174,6 +196,12 @@ def plan(
 ) -> Plan:
     """Compare a walk with the library.  Rows under ``unlisted`` directories (which could
     not be read this time) are never reported missing."""
+    with gc_paused():
+        return _plan(found, known, roots, unlisted)
+
+
+def _plan(found: Mapping[str, Entry], known: Mapping[str, Known], roots: Iterable[str],
+          unlisted: Iterable[str]) -> Plan:
     p = Plan()
     for path, e in found.items():
         k = known.get(path)

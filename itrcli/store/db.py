@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from ..errors import LibraryError
+from ..gcpause import gc_paused
 
 from ..constants import DB_NAME
 
@@ -614,11 +615,15 @@ class Store:
     # -- reading ---------------------------------------------------------------------
     def known(self) -> dict[str, StoredFile]:
         """Every file row, keyed by the path to open."""
-        out = {}
-        for id_, path, fsname, size, mtime, h in self.conn.execute(
-            "SELECT id, path, fsname, size, mtime_ns, hash FROM files"
-        ):
-            out[fs_path_of(path, fsname)] = StoredFile(id_, size, mtime, h)
+        new = tuple.__new__  # StoredFile(...) without the keyword-handling __new__
+        with gc_paused():  # a million rows: see itrcli.gcpause
+            out = {path: new(StoredFile, (id_, size, mtime, h))
+                   for path, id_, size, mtime, h in self.conn.execute(
+                       "SELECT path, id, size, mtime_ns, hash FROM files WHERE fsname IS NULL")}
+            for id_, path, fsname, size, mtime, h in self.conn.execute(
+                "SELECT id, path, fsname, size, mtime_ns, hash FROM files WHERE fsname IS NOT NULL"
+            ):
+                out[fs_path_of(path, fsname)] = StoredFile(id_, size, mtime, h)
         return out
 
     def file_count(self) -> int:
