@@ -97,10 +97,8 @@ class Library:
 
     def indexed(self, fs_paths: Iterable[str]) -> list[tuple[str, int]]:
         """(path as shown, file id) of those paths the library holds, in path order."""
-        from .store.db import db_path_of
-
-        known = self.store.known()
-        return [(db_path_of(p)[0], known[p].id) for p in sorted(fs_paths) if p in known]
+        shown = self.store.shown_paths()
+        return [shown[p] for p in sorted(fs_paths) if p in shown]
 
     def encoder(self, model: str | None = None, device: str = "auto", precision: str = "auto",
                 towers: str = "both"):

@@ -626,6 +626,16 @@ class Store:
                 out[fs_path_of(path, fsname)] = StoredFile(id_, size, mtime, h)
         return out
 
+    def shown_paths(self) -> dict[str, tuple[str, int]]:
+        """Every file row as path to open -> (path as shown, id)."""
+        with gc_paused():  # a million rows: see itrcli.gcpause
+            out = {path: (path, id_) for path, id_ in self.conn.execute(
+                "SELECT path, id FROM files WHERE fsname IS NULL")}
+            for id_, path, fsname in self.conn.execute(
+                    "SELECT id, path, fsname FROM files WHERE fsname IS NOT NULL"):
+                out[fs_path_of(path, fsname)] = (path, id_)
+        return out
+
     def file_count(self) -> int:
         """Rows in ``files`` (images and videos)."""
         return self.conn.execute("SELECT count(*) FROM files").fetchone()[0]
