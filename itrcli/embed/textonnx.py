@@ -39,8 +39,9 @@ def export(encoder, library_dir: Path, *, release: bool = False,
 
     ``release``: drop the encoder's text tower once its weights are written (the child
     process of :func:`start`, which has no other use for it).
-    ``before_optimise``: called once the tower is traced and its weights written, before
-    the part that needs the most memory (onnxruntime's own copy of the weights).
+    ``before_optimise``: called once the tower is traced, its weights written and (with
+    ``release``) dropped, before the part that needs the most memory (onnxruntime's own
+    copy of the weights).
 
     The tower is traced the quick way first (:class:`_whole_graph_inference`); if that
     fails, or its result does not give the torch tower's vectors, it is traced again the
@@ -120,12 +121,13 @@ def _export(encoder, library_dir: Path, release: bool, before_optimise, *, quick
     onnx_path = raw / MODEL_FILE
     try:
         _trace(tower, feeds[0], names, axes, onnx_path, quick=quick)
-        if before_optimise is not None:
-            before_optimise()
-        # the torch weights are no longer needed: gone before onnxruntime loads its copy
+        # the torch weights are written and no longer needed: gone before the wait for
+        # before_optimise and before onnxruntime loads its copy (a second try reads them again)
         del tower, text_model, proj
         if release:
             encoder.release_text()
+        if before_optimise is not None:
+            before_optimise()
         _optimise(onnx_path, tmp)
         shutil.rmtree(raw)
         _verify(tmp, checks)
