@@ -124,10 +124,16 @@ def naive_upper(raw: bytes, n: int, body_end: int, block: int, maxlevel: int) ->
     return found if pos == len(raw) else "trailing garbage"
 
 
-def test_upper_layers_are_found_as_a_walk_over_every_element_finds_them(graph, tmp_path):
+def test_upper_layers_are_found_as_a_walk_over_every_element_finds_them(graph, tmp_path,
+                                                                        monkeypatch):
     path = graph[0]
     raw = path.read_bytes()
+    plain: list[bool] = []  # whether the quick proof answered (else the walk did)
+    orig = GraphFile._plain_upper
+    monkeypatch.setattr(GraphFile, "_plain_upper",
+                        lambda self, *a: plain.append(orig(self, *a) is not None) or orig(self, *a))
     g = GraphFile(path, DIM)
+    assert plain == [True]
     body_end, block = 96 + g.count * 4 * g._w.shape[1], 4 * g._list_words
     assert g._upper == naive_upper(raw, g.count, body_end, block, g.maxlevel)
     assert len(g._upper) > 100
@@ -153,5 +159,6 @@ def test_upper_layers_are_found_as_a_walk_over_every_element_finds_them(graph, t
         else:
             assert got == want, (w, value)
         outcomes.add(want if isinstance(want, str) else "read")
+    assert True in plain[1:] and False in plain[1:]  # both ways were taken
     # files still read and files refused both met ("trailing garbage": the test above)
     assert outcomes == {"read", "garbled or truncated link lists", "truncated in the link lists"}
