@@ -236,3 +236,35 @@ def test_a_quick_trace_that_differs_is_traced_again_the_usual_way(tiny_clip, tmp
     import torch
 
     assert torch._C._jit_pass_onnx_graph_shape_type_inference.__name__ != "<lambda>"  # restored
+
+
+@pytest.mark.parametrize("early", [True, False])
+def test_the_child_traces_beside_the_run_or_after_its_go(tiny_clip, tmp_path, early):
+    from itrcli.embed import textonnx
+    from itrcli.embed.encoder import Encoder
+
+    enc = Encoder(str(tiny_clip), device="cpu", precision="fp32", towers="text")
+    seen: list[list[str]] = []
+
+    def readline() -> str:  # the run's "go": what the child has written by then
+        seen.append(sorted(p.name for p in tmp_path.glob(".text.tmp-*/raw/*")))
+        return "go\n"
+
+    assert textonnx._export_when_asked(enc, tmp_path, readline, trace_early=early) == 0
+    assert seen == [["text.onnx", "text.onnx.data"] if early else []]
+    np.testing.assert_allclose(textonnx.OnnxTextEncoder(tmp_path).encode_texts(TEXTS),
+                               enc.encode_texts(TEXTS), atol=1e-4)
+    # a run that ends without its go leaves no half-written export behind
+    shutil.rmtree(tmp_path / "text")
+    with pytest.raises(SystemExit):
+        textonnx._export_when_asked(enc, tmp_path, lambda: "", trace_early=early)
+    assert not list(tmp_path.glob(".text.tmp*")) and not (tmp_path / "text").exists()
+
+
+def test_machines_short_of_memory_trace_after_the_go(monkeypatch):
+    from itrcli.embed import textonnx
+
+    monkeypatch.setattr(textonnx, "EARLY_TRACE_MEMORY", 1)
+    assert textonnx.trace_early()
+    monkeypatch.setattr(textonnx, "EARLY_TRACE_MEMORY", 1 << 60)
+    assert not textonnx.trace_early()
