@@ -24,7 +24,6 @@ NAFLEX_INSTEAD = "google/siglip2-base-patch16-224"
 from ..constants import PRECISIONS
 
 
-
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with bf16 matrix instructions (AVX-512 BF16, AMX, Arm BF16).
 

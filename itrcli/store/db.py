@@ -616,24 +616,22 @@ class Store:
     def known(self) -> dict[str, StoredFile]:
         """Every file row, keyed by the path to open."""
         new = tuple.__new__  # StoredFile(...) without the keyword-handling __new__
-        with gc_paused():  # a million rows: see itrcli.gcpause
-            out = {path: new(StoredFile, (id_, size, mtime, h))
-                   for path, id_, size, mtime, h in self.conn.execute(
-                       "SELECT path, id, size, mtime_ns, hash FROM files WHERE fsname IS NULL")}
-            for id_, path, fsname, size, mtime, h in self.conn.execute(
-                "SELECT id, path, fsname, size, mtime_ns, hash FROM files WHERE fsname IS NOT NULL"
-            ):
-                out[fs_path_of(path, fsname)] = StoredFile(id_, size, mtime, h)
-        return out
+        return self._by_fs_path("id, size, mtime_ns, hash", lambda row: new(StoredFile, row[1:]))
 
     def shown_paths(self) -> dict[str, tuple[str, int]]:
         """Every file row as path to open -> (path as shown, id)."""
-        with gc_paused():  # a million rows: see itrcli.gcpause
-            out = {path: (path, id_) for path, id_ in self.conn.execute(
-                "SELECT path, id FROM files WHERE fsname IS NULL")}
-            for id_, path, fsname in self.conn.execute(
-                    "SELECT id, path, fsname FROM files WHERE fsname IS NOT NULL"):
-                out[fs_path_of(path, fsname)] = (path, id_)
+        return self._by_fs_path("id", tuple)
+
+    def _by_fs_path(self, columns: str, make: Callable[[tuple], Any]) -> dict[str, Any]:
+        """``make((path, *columns))`` of every file row, keyed by the path to open: most rows
+        in one query with no per-row decoding (their path is its own text), then the rows of
+        names that are not UTF-8.  A million rows: built with the collector paused."""
+        with gc_paused():
+            out = {row[0]: make(row) for row in self.conn.execute(
+                f"SELECT path, {columns} FROM files WHERE fsname IS NULL")}
+            for row in self.conn.execute(
+                    f"SELECT path, {columns}, fsname FROM files WHERE fsname IS NOT NULL"):
+                out[fs_path_of(row[0], row[-1])] = make(row[:-1])
         return out
 
     def file_count(self) -> int:
