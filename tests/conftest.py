@@ -104,5 +104,29 @@ def write_shapes(directory: Path, specs, size: int = 64, fmt: str = "jpg") -> li
     return out
 
 
+def index_shapes(itr, tmp_path: Path, specs, model) -> tuple[Path, list[Path]]:
+    """Draw ``specs`` into ``tmp_path/photos`` and index them into ``tmp_path/lib`` with
+    ``model``: (the library, the drawings)."""
+    paths = write_shapes(tmp_path / "photos", specs)
+    db = tmp_path / "lib"
+    r = itr("index", tmp_path / "photos", "--db", db, "-m", model, "-q")
+    assert r.code == 0, r
+    return db, paths
+
+
+def main_in_fresh_python(args: list[str], modules: tuple[str, ...], timeout: float = 120):
+    """``main(args)`` run in a new interpreter; its stderr ends with ``HEAVY [...]``, those
+    of ``modules`` that were imported (the completed process)."""
+    import subprocess
+
+    code = ("import sys; from itrcli.cli import main\n"
+            f"try: main({[str(a) for a in args]!r})\n"
+            "except SystemExit: pass\n"
+            f"heavy = [m for m in {modules!r} if m in sys.modules]\n"
+            "print('HEAVY', heavy, file=sys.stderr)")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=timeout)
+
+
 def python_cmd() -> list[str]:
     return [sys.executable, "-m", "itrcli"]

@@ -11,7 +11,7 @@ import struct
 import numpy as np
 import pytest
 
-from conftest import write_shapes
+from conftest import index_shapes
 from itrcli.jobs.check import GraphFileError, read_graph_file
 
 SPECS = [(c, s, p, i) for i, (c, s, p) in enumerate(
@@ -21,11 +21,7 @@ SPECS = [(c, s, p, i) for i, (c, s, p) in enumerate(
 
 @pytest.fixture
 def lib(itr, tiny_clip, tmp_path):
-    paths = write_shapes(tmp_path / "photos", SPECS)
-    db = tmp_path / "lib"
-    r = itr("index", tmp_path / "photos", "--db", db, "-m", tiny_clip, "-q")
-    assert r.code == 0, r
-    return db, paths
+    return index_shapes(itr, tmp_path, SPECS, tiny_clip)
 
 
 def report(db, **kw):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import write_shapes
+from conftest import index_shapes
 
 SPECS = [(c, s, p, i) for i, (c, s, p) in enumerate(
     [(c, s, p) for c in ("red", "blue", "green") for s in ("circle", "square") for p in ("left", "right")]
@@ -26,11 +26,7 @@ def tiny_blip(tmp_path_factory):
 
 @pytest.fixture
 def lib(itr, tiny_clip, tmp_path):
-    paths = write_shapes(tmp_path / "photos", SPECS)
-    db = tmp_path / "lib"
-    r = itr("index", tmp_path / "photos", "--db", db, "-m", tiny_clip, "-q")
-    assert r.code == 0, r
-    return db, paths
+    return index_shapes(itr, tmp_path, SPECS, tiny_clip)
 
 
 @pytest.fixture(autouse=True)

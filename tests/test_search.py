@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import write_shapes
+from conftest import index_shapes, main_in_fresh_python, write_shapes
 
 SPECS = [(c, s, p, i) for i, (c, s, p) in enumerate(
     [(c, s, p) for c in ("red", "blue", "green") for s in ("circle", "square") for p in ("left", "right")]
@@ -19,11 +19,7 @@ SPECS = [(c, s, p, i) for i, (c, s, p) in enumerate(
 
 @pytest.fixture
 def lib(itr, tiny_clip, tmp_path):
-    paths = write_shapes(tmp_path / "photos", SPECS)
-    lib = tmp_path / "lib"
-    r = itr("index", tmp_path / "photos", "--db", lib, "-m", tiny_clip, "-q")
-    assert r.code == 0, r
-    return lib, paths
+    return index_shapes(itr, tmp_path, SPECS, tiny_clip)
 
 
 def test_piped_output_is_score_tab_path(itr, lib):
@@ -218,12 +214,8 @@ def test_cold_search_imports_no_torch(lib):
 
 
 def test_help_is_instant_and_imports_nothing_heavy():
-    code = ("import sys; from itrcli.cli import main\n"
-            "try: main(['--help'])\n"
-            "except SystemExit: pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'onnxruntime', 'hnswlib', 'numpy') if m in sys.modules]\n"
-            "print('HEAVY', heavy, file=sys.stderr)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    r = main_in_fresh_python(["--help"], ("torch", "transformers", "onnxruntime", "hnswlib", "numpy"),
+                             timeout=60)
     assert "HEAVY []" in r.stderr, r.stderr
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from conftest import write_shapes
+from conftest import index_shapes, write_shapes
 
 SPECS = [("red", "circle", "left", 0), ("blue", "square", "right", 1),
          ("green", "star", "top", 2), ("yellow", "triangle", "center", 3)]
@@ -27,11 +27,7 @@ def siglip2(request, tmp_path_factory):
 
 @pytest.fixture
 def lib(itr, siglip2, tmp_path):
-    write_shapes(tmp_path / "photos", SPECS)
-    db = tmp_path / "lib"
-    r = itr("index", tmp_path / "photos", "--db", db, "-m", siglip2, "-q")
-    assert r.code == 0, r
-    return db
+    return index_shapes(itr, tmp_path, SPECS, siglip2)[0]
 
 
 def test_tokens_and_pixels_equal_the_processor(siglip2):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, MICRO_CLIP, write_shapes
+from conftest import FIXTURES, MICRO_CLIP, index_shapes, main_in_fresh_python, write_shapes
 
 SPECS = [(c, s, p, i) for i, (c, s, p) in enumerate(
     [(c, s, p) for c in ("red", "blue", "green", "yellow", "purple") for s in ("circle", "square")
@@ -48,11 +48,7 @@ def graph_results(db: Path, queries, ef: int = 400):
 
 @pytest.fixture
 def lib(itr, tiny_clip, tmp_path):
-    write_shapes(tmp_path / "photos", SPECS)
-    db = tmp_path / "lib"
-    r = itr("index", tmp_path / "photos", "--db", db, "-m", tiny_clip, "-q")
-    assert r.code == 0, r
-    return db
+    return index_shapes(itr, tmp_path, SPECS, tiny_clip)[0]
 
 
 def test_a_new_library_stores_float16_vectors_in_16k_pages(itr, lib):
@@ -242,15 +238,8 @@ def test_eval_figures_from_float16_and_float32_libraries_agree(itr, micro_clip, 
 def test_info_reads_no_vectors_and_imports_nothing_heavy(lib):
     """`itr info` stays well under a second at a million images: counts from indexes, no
     numpy, Pillow, sqlite-utils (pandas) or model libraries."""
-    import subprocess
-    import sys
-
-    code = ("import sys; from itrcli.cli import main\n"
-            f"try: main(['info', '--db', {str(lib)!r}])\n"
-            "except SystemExit: pass\n"
-            "heavy = [m for m in ('torch', 'transformers', 'onnxruntime', 'hnswlib', 'numpy', "
-            "'PIL', 'pandas', 'sqlite_utils') if m in sys.modules]\n"
-            "print('HEAVY', heavy, file=sys.stderr)")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = main_in_fresh_python(["info", "--db", lib], ("torch", "transformers", "onnxruntime",
+                                                      "hnswlib", "numpy", "PIL", "pandas",
+                                                      "sqlite_utils"))
     assert "HEAVY []" in r.stderr, r.stderr
     assert "storage:" in r.stdout
