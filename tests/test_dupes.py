@@ -144,6 +144,49 @@ def test_groups_do_not_depend_on_the_seed_or_the_chunking():
     assert dupes.groups(codes, dupes.ArrayVectors(v, chunk=77), 64) == ref
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_groups_are_the_same_on_one_thread_or_several(threads, monkeypatch):
+    # small tasks: many passes and cluster blocks run at once, finishing out of order
+    monkeypatch.setattr(dupes, "_threads", lambda: threads)
+    monkeypatch.setattr(dupes, "_PASS_ROWS", 200)
+    v = photo_like(1500, 64, seed=21, copies=0.1)
+    codes = hashing.fit(v, 64).codes(v)
+    ref = dupe_groups(v, codes, 64)
+    assert len(ref) > 20
+    assert dupes.groups(codes, dupes.ArrayVectors(v, chunk=97), 64) == ref
+
+
+def test_in_order_gives_results_in_order_with_a_bounded_number_in_flight():
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    pulled, running, most = [], [0], [0]
+    lock = threading.Lock()
+
+    def items():
+        for i in range(40):
+            pulled.append(i)
+            yield i
+
+    def work(i):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+        time.sleep(0.002 * (i % 3))  # later items often finish first
+        with lock:
+            running[0] -= 1
+        return i * i
+
+    got = []
+    with ThreadPoolExecutor(4) as pool:
+        for r in dupes._in_order(pool, work, items(), ahead=3):
+            got.append(r)
+            assert len(pulled) <= len(got) + 3  # never more than `ahead` beyond the results
+    assert got == [i * i for i in range(40)]
+    assert 1 < most[0] <= 3
+
+
 def test_hamming_pairs_equal_the_scan_with_and_without_bitwise_count(monkeypatch):
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 2**63, (50, 2), dtype=np.int64).astype(np.uint64) * 2 + 1
@@ -189,6 +232,10 @@ def test_find_dupes_on_a_library_equals_exhaustive_and_streams(tmp_path, monkeyp
         return real(self, ids)
 
     monkeypatch.setattr(Store, "vectors", no_full_read)
+    assert find_dupes(store, ids.tolist()) == want
+    # the scan in many chunks, decoded in threads while the next are read
+    monkeypatch.setattr(dupes, "_SCAN_CHUNK", 101)
+    monkeypatch.setattr(dupes, "_threads", lambda: 2)
     assert find_dupes(store, ids.tolist()) == want
     # a subset (looked up by id, not scanned) in another order: groups follow that order
     sub = ids[::-1][:400].tolist()

@@ -243,3 +243,35 @@ def test_info_reads_no_vectors_and_imports_nothing_heavy(lib):
                                                       "sqlite_utils"))
     assert "HEAVY []" in r.stderr, r.stderr
     assert "storage:" in r.stdout
+
+
+def test_vector_chunks_decoded_in_threads_equal_those_read_in_one(tmp_path):
+    from itrcli.store.db import Store
+
+    rng = np.random.default_rng(3)
+    v = rng.standard_normal((1000, 24)).astype(np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    store = Store(tmp_path / "db", create=True)
+    store.set_meta(model="fake-model", dim=24)
+    with store.transaction() as c:
+        for i, x in enumerate(v):
+            store.insert_file(c, str(tmp_path / f"f{i:04d}.jpg"),
+                              {"size": 1, "mtime_ns": 1, "hash": f"{i:032x}", "width": 1, "height": 1}, x)
+
+    def read(threads):
+        parts = list(store.vector_chunks(77, threads))
+        return [len(i) for i, _ in parts], np.concatenate([i for i, _ in parts]), np.concatenate([m for _, m in parts])
+
+    sizes, ids, mat = read(1)
+    assert sizes[:-1] == [77] * 12 and sizes[-1] == 1000 - 12 * 77
+    assert np.array_equal(ids, np.sort(ids)) and len(ids) == 1000
+    for threads in (2, 3):
+        t_sizes, t_ids, t_mat = read(threads)
+        assert t_sizes == sizes and np.array_equal(t_ids, ids)
+        assert np.array_equal(t_mat.view(np.uint32), mat.view(np.uint32))  # bit for bit
+    # a reader that stops early closes the pool without waiting for the rest
+    it = store.vector_chunks(77, 2)
+    first_ids, _ = next(it)
+    assert np.array_equal(first_ids, ids[:77])
+    it.close()
+    store.close()

@@ -37,12 +37,21 @@ pruned and every pair is compared, in the low-dimensional product).
 
 Vectors come from a :class:`Vectors` source read twice in chunks (a sample, then every row
 once), so a million 512-d vectors need ``n x (PROJ_DIMS + 1)`` float32 (260 MB), not 2 GB.
+
+The work runs on every CPU the process may use (up to ``MAX_THREADS`` threads, one BLAS
+thread each; numpy and BLAS release the GIL): projecting each chunk while the next is read,
+the two passes of every row against the centres, and the cluster blocks, a few clusters
+ahead of the exact test of their pairs, which reads vectors in the calling thread.  The
+result does not depend on the number of threads.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterator, Protocol, Sequence
+import os
+from collections import deque
+from concurrent.futures import Executor, ThreadPoolExecutor
+from typing import Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 import numpy as np
 
@@ -71,9 +80,38 @@ BASIS_SAMPLE = 10_000
 _ROW_TILE = 1024
 _COL_TILE = 8192
 _CHUNK = 65_536
-_PASS_ROWS = 16_384  # rows per product with all centres: [K, rows] float32 <= 128 MB
+_SCAN_CHUNK = 16_384  # rows per chunk of a scan decoded in threads (a few held at once)
+_PASS_ROWS = 16_384  # rows per product with all centres, all threads together: [K, rows] float32 <= 128 MB
+#: Threads for the passes over every row and for the cluster blocks (numpy and BLAS release
+#: the GIL: each thread takes a core, with one BLAS thread each).
+MAX_THREADS = 4
 #: Candidate pairs verified at a time (their vectors are fetched: <= 2 x this many rows).
 _VERIFY = 32_768
+
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+
+def _threads() -> int:
+    """Threads for :func:`groups`: the CPUs this process may use, at most ``MAX_THREADS``."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_THREADS, cpus))
+
+
+def _in_order(pool: Executor, fn: Callable[[_T], _R], items: Iterable[_T], ahead: int) -> Iterator[_R]:
+    """``fn`` of each item, run in ``pool`` with at most ``ahead`` items in flight; the
+    results come in the items' order."""
+    waiting: deque = deque()
+    for item in items:
+        waiting.append(pool.submit(fn, item))
+        if len(waiting) >= ahead:
+            yield waiting.popleft().result()
+    while waiting:
+        yield waiting.popleft().result()
 
 
 class Vectors(Protocol):
@@ -114,8 +152,9 @@ class StoreVectors:
     """A :class:`Vectors` over library vectors ``ids`` (row ``r`` is ``ids[r]``), read through
     the store's own methods (never decoding its blobs here)."""
 
-    def __init__(self, store, ids: np.ndarray, total: int | None = None) -> None:
+    def __init__(self, store, ids: np.ndarray, total: int | None = None, threads: int = 1) -> None:
         self.store = store
+        self.threads = threads  # decoding the scan's chunks (Store.vector_chunks)
         self.ids = np.asarray(ids, dtype=np.int64)
         self.n = len(self.ids)
         self.dim = int(store.get_meta("dim", 0))
@@ -127,7 +166,7 @@ class StoreVectors:
 
     def chunks(self):
         if self._scan:
-            for cid, vec in self.store.vector_chunks(_CHUNK):
+            for cid, vec in self.store.vector_chunks(_SCAN_CHUNK, self.threads):
                 k = np.minimum(np.searchsorted(self._sorted, cid), max(0, self.n - 1))
                 hit = self._sorted[k] == cid
                 if hit.any():
@@ -197,7 +236,6 @@ def groups(codes: np.ndarray, vectors: "Vectors | np.ndarray", bits: int,
         raise ValueError(f"codes {codes.shape} do not match {n} vectors")
     radius = dupes_radius(bits) if radius is None else int(radius)
     t = float(threshold)
-    uf = _UnionFind(n)
     if n < 2:
         return []
     rng = np.random.default_rng(seed)
@@ -206,19 +244,33 @@ def groups(codes: np.ndarray, vectors: "Vectors | np.ndarray", bits: int,
     k = min(PROJ_DIMS, src.dim)
     slack = _slack(src.dim, k)
     k_clusters = max(1, min(MAX_CLUSTERS, n // ROWS_PER_CLUSTER))
-    with _one_blas_thread():  # small products and an eigensolver: faster on one thread
+    threads = _threads()
+    # one BLAS thread per thread of ours: the basis, the centres and the blocks are small
+    # products and an eigensolver, where BLAS threads only add synchronisation (on a busy
+    # CPU each can cost a time slice; see hashing._one_blas_thread)
+    with _one_blas_thread(), ThreadPoolExecutor(threads, thread_name_prefix="itr-dupes") as pool:
         basis = _basis(xs[:: max(1, len(xs) // BASIS_SAMPLE)], k)  # [dim, k]
         ps = _project(xs, basis, slack)
         centres = _spherical_kmeans(ps[:, :-1], k_clusters, rng)  # [K, k]
-    del xs
+        del xs, ps
+        return _groups(codes, src, basis, slack, centres, t, radius, pool, threads)
 
+
+def _groups(codes: np.ndarray, src: "Vectors", basis: np.ndarray, slack: float,
+            centres: np.ndarray, t: float, radius: int, pool: Executor, threads: int) -> list[list[int]]:
+    """:func:`groups` once the basis and the centres are drawn; ``pool`` runs the passes
+    over every row and the cluster blocks."""
+    n, k = src.n, basis.shape[1]
     pt = np.empty((n, k + 1), dtype=np.float32)  # every row's bound vector p~
     xnorm = np.empty(n, dtype=np.float32)
-    seen = 0
-    for rows, x in src.chunks():
+
+    def project(chunk: tuple[np.ndarray, np.ndarray]) -> int:
+        rows, x = chunk
         pt[rows] = _project(x, basis, slack)
         xnorm[rows] = np.linalg.norm(x, axis=1)
-        seen += len(rows)
+        return len(rows)
+
+    seen = sum(_in_order(pool, project, src.chunks(), threads))  # reading beside projecting
     if seen != n:
         raise ValueError(f"the vector source gave {seen} rows, not {n}")
     pnorm = np.linalg.norm(pt[:, :-1], axis=1)
@@ -231,7 +283,7 @@ def groups(codes: np.ndarray, vectors: "Vectors | np.ndarray", bits: int,
     p_all = float(pnorm[tight].max()) if tight.any() else 0.0
 
     # each row's cluster (nearest centre) and its angle to the centre
-    label, angle = _assign_all(pt[:, :-1], centres)
+    label, angle = _assign_all(pt[:, :-1], centres, pool, threads)
     label[loose] = -1
     k_clusters = len(centres)
     order = np.argsort(label, kind="stable")
@@ -245,39 +297,55 @@ def groups(codes: np.ndarray, vectors: "Vectors | np.ndarray", bits: int,
         if len(m):
             thetas[c] = _theta(t, float(res[m].max()), s_all, float(pnorm[m].max()), p_all)
             kappa[c] = _kappa(float(angle[m].max()) + thetas[c])
-    partners = _partner_bits(pt[:, :-1], tight, centres, kappa)  # [K, ceil(n / 8)]
+    partners = _partner_bits(pt[:, :-1], tight, centres, kappa, pool, threads)  # [K, ceil(n / 8)]
 
-    pending = _Pending(codes, src, t, radius, uf)
-    # thousands of small products: BLAS threads would only add synchronisation (on a busy
-    # CPU each can cost a time slice; see hashing._one_blas_thread)
-    with _one_blas_thread():
-        if len(loose_rows):
-            _block(pt, loose_rows, np.arange(n), t, pending)
-        for c, m in enumerate(members):
-            if len(m):
-                cols = np.flatnonzero(np.unpackbits(partners[c], count=n))
-                _cluster_block(pt, pnorm, centres[c], m, angle[m], cols, thetas[c], t, pending)
-        pending.flush()
+    def cluster_pairs(c: int) -> tuple[np.ndarray, np.ndarray]:
+        m = members[c]
+        cols = np.flatnonzero(np.unpackbits(partners[c], count=n))
+        i, j = _cluster_block(pt, pnorm, centres[c], m, angle[m], cols, thetas[c], t)
+        return _within(codes, radius, i, j)
+
+    uf = _UnionFind(n)
+    pending = _Pending(src, t, uf)  # the exact test reads vectors: in this thread only
+    if len(loose_rows):
+        pending.add(*_within(codes, radius, *_block(pt, loose_rows, np.arange(n), t)))
+    # thousands of small products, a few clusters ahead of the exact test of their pairs
+    for i, j in _in_order(pool, cluster_pairs, (c for c, m in enumerate(members) if len(m)),
+                          2 * threads):
+        pending.add(i, j)
+    pending.flush()
     return uf.groups()
 
 
 def _cluster_block(pt: np.ndarray, pnorm: np.ndarray, centre: np.ndarray, rows: np.ndarray,
-                   row_angle: np.ndarray, cols: np.ndarray, theta: float, t: float,
-                   pending: "_Pending") -> None:
+                   row_angle: np.ndarray, cols: np.ndarray, theta: float,
+                   t: float) -> tuple[np.ndarray, np.ndarray]:
     """A cluster's rows against its partners, each partner only against the rows whose
-    angle to the centre is within ``theta`` of its own (the triangle inequality)."""
+    angle to the centre is within ``theta`` of its own (the triangle inequality): the
+    pairs ``(rows, cols)`` whose bound reaches ``t``."""
     ra = np.argsort(row_angle)
     rows, row_angle = rows[ra], row_angle[ra]
     col_angle = np.arccos(np.clip((pt[cols, :-1] @ centre) / pnorm[cols], -1.0, 1.0))
     ca = np.argsort(col_angle)
     cols, col_angle = cols[ca], col_angle[ca]
     reach = theta + ANGLE_SLACK
+    parts = []
     for j in range(0, len(cols), _COL_TILE // 4):
         c = cols[j : j + _COL_TILE // 4]
         lo = np.searchsorted(row_angle, np.float32(col_angle[j] - reach), side="left")
         hi = np.searchsorted(row_angle, np.float32(col_angle[j + len(c) - 1] + reach), side="right")
         if hi > lo:
-            _block(pt, rows[lo:hi], c, t, pending)
+            parts.append(_block(pt, rows[lo:hi], c, t))
+    return _concat(parts)
+
+
+def _concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs from several ``(i, j)`` parts as one ``(i, j)``."""
+    if len(parts) == 1:
+        return parts[0]
+    if not parts:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    return np.concatenate([i for i, _ in parts]), np.concatenate([j for _, j in parts])
 
 
 def _slack(dim: int, k: int) -> float:
@@ -388,32 +456,52 @@ def _assign(p: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     return lab, np.arccos(np.clip(best, -1.0, 1.0)).astype(np.float32)
 
 
-def _assign_all(p: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_assign` over all rows, in chunks (the ``[m, K]`` products stay small)."""
+def _pass_rows(threads: int) -> int:
+    """Rows per task of a pass over every row with all centres: ``_PASS_ROWS`` shared by
+    the threads (their ``[K, rows]`` products together stay at one task's size), a
+    multiple of 8 (tasks pack into whole bytes)."""
+    return max(8, _PASS_ROWS // threads // 8 * 8)
+
+
+def _assign_all(p: np.ndarray, centres: np.ndarray, pool: Executor,
+                threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_assign` over all rows, in tasks of :func:`_pass_rows` rows (the ``[m, K]``
+    products stay small)."""
     label = np.empty(p.shape[0], dtype=np.int64)
     angle = np.empty(p.shape[0], dtype=np.float32)
-    for i in range(0, p.shape[0], _PASS_ROWS):
-        label[i : i + _PASS_ROWS], angle[i : i + _PASS_ROWS] = _assign(p[i : i + _PASS_ROWS], centres)
+    step = _pass_rows(threads)
+
+    def one(i: int) -> None:
+        label[i : i + step], angle[i : i + step] = _assign(p[i : i + step], centres)
+
+    for _ in pool.map(one, range(0, p.shape[0], step)):
+        pass
     return label, angle
 
 
-def _partner_bits(p: np.ndarray, tight: np.ndarray, centres: np.ndarray,
-                  kappa: np.ndarray) -> np.ndarray:
+def _partner_bits(p: np.ndarray, tight: np.ndarray, centres: np.ndarray, kappa: np.ndarray,
+                  pool: Executor, threads: int) -> np.ndarray:
     """Bits ``[c, b]`` (packed, ``[K, ceil(n / 8)]``) set where row ``b`` is tight and
     ``cos(p_b, centre c) >= kappa[c]``."""
     n = p.shape[0]
     out = np.zeros((len(centres), (n + 7) // 8), dtype=np.uint8)
     kap = kappa[:, None]
-    for i in range(0, n, _PASS_ROWS):  # a multiple of 8: chunks pack into whole bytes
-        j = min(n, i + _PASS_ROWS)
+    step = _pass_rows(threads)
+
+    def one(i: int) -> None:  # i: a multiple of 8, so tasks write whole, distinct bytes
+        j = min(n, i + step)
         mask = (centres @ _unit(p[i:j]).T) >= kap  # [K, m]: rows contiguous for the packing
         mask &= tight[None, i:j]
         out[:, i // 8 : (j + 7) // 8] = np.packbits(mask, axis=1)
+
+    for _ in pool.map(one, range(0, n, step)):
+        pass
     return out
 
 
-def _block(pt: np.ndarray, rows: np.ndarray, cols: np.ndarray, t: float, pending: "_Pending") -> None:
-    """Pairs of ``rows`` x ``cols`` whose bound reaches ``t``, handed to ``pending``."""
+def _block(pt: np.ndarray, rows: np.ndarray, cols: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs ``(rows[a], cols[b])`` whose bound reaches ``t``."""
+    parts = []
     for i in range(0, len(rows), _ROW_TILE):
         r = rows[i : i + _ROW_TILE]
         a = pt[r]  # [tr, k + 1]
@@ -425,24 +513,32 @@ def _block(pt: np.ndarray, rows: np.ndarray, cols: np.ndarray, t: float, pending
             if g.max() < t:  # the usual case: skip the mask and its scan
                 continue
             ii, jj = np.nonzero(g >= t)
-            pending.add(r[ii], c[jj])
+            parts.append((r[ii], c[jj]))
+    return _concat(parts)
+
+
+def _within(codes: np.ndarray, radius: int, i: np.ndarray, j: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs ``(i, j)`` of two rows whose codes are within ``radius``, as (lower row,
+    higher row)."""
+    keep = i != j
+    i, j = i[keep], j[keep]
+    keep = hamming_pairs(codes, i, j) <= radius
+    i, j = i[keep], j[keep]
+    return np.minimum(i, j), np.maximum(i, j)
 
 
 class _Pending:
-    """Candidate pairs that passed the bound: Hamming radius, then the exact cosine."""
+    """Candidate pairs within the Hamming radius (:func:`_within`), gathered for the exact
+    cosine."""
 
-    def __init__(self, codes, src, t: float, radius: int, uf: "_UnionFind") -> None:
-        self.codes, self.src, self.t, self.radius, self.uf = codes, src, t, radius, uf
+    def __init__(self, src, t: float, uf: "_UnionFind") -> None:
+        self.src, self.t, self.uf = src, t, uf
         self.parts: list[np.ndarray] = []
         self.size = 0
 
-    def add(self, i: np.ndarray, j: np.ndarray) -> None:
-        keep = i != j
-        i, j = i[keep], j[keep]
-        keep = hamming_pairs(self.codes, i, j) <= self.radius
-        if not keep.any():
+    def add(self, lo: np.ndarray, hi: np.ndarray) -> None:
+        if not len(lo):
             return
-        lo, hi = np.minimum(i[keep], j[keep]), np.maximum(i[keep], j[keep])
         self.parts.append(lo * self.src.n + hi)  # one key per unordered pair
         self.size += len(lo)
         if self.size >= 4 * _VERIFY:
@@ -504,7 +600,7 @@ def find_dupes(store, ids: Sequence[int], bits: int = DEFAULT_BITS,
     pos = np.minimum(np.searchsorted(lc.ids, want), max(0, len(lc.ids) - 1))
     have = lc.ids[pos] == want if len(lc.ids) else np.zeros(len(want), bool)
     row_ids = want[have]  # every vector has a code: these are the ids with a vector
-    src = StoreVectors(store, row_ids, total=len(lc.ids))
+    src = StoreVectors(store, row_ids, total=len(lc.ids), threads=_threads())
     found = groups(lc.codes[pos[have]], src, bits, threshold, radius)
     return [[int(row_ids[r]) for r in g] for g in found]
 

@@ -768,10 +768,32 @@ class Store:
         r = c.execute("SELECT id FROM files WHERE hash = ? LIMIT 1", (h,)).fetchone()
         return None if r is None else int(r[0])
 
-    def vector_chunks(self, chunk: int = 50_000):
+    def vector_chunks(self, chunk: int = 50_000, threads: int = 1):
         """Every stored vector, ``chunk`` rows at a time in id order: (ids ``[n]`` int64,
-        vectors ``[n, dim]`` float32) per chunk, so memory stays ``chunk x dim``."""
+        vectors ``[n, dim]`` float32) per chunk, so memory stays ``chunk x dim``.
+
+        ``threads`` > 1 decodes the chunks in that many threads while this one reads the
+        next (decoding takes three times as long as reading); at most ``threads + 1``
+        chunks are held, and they still come in id order."""
         dim = int(self.get_meta("dim", 0))
+        if threads <= 1:
+            for rows in self._vector_rows(chunk):
+                yield _decode(rows, dim)
+            return
+        from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(threads, thread_name_prefix="itr-decode") as pool:
+            waiting: deque = deque()
+            for rows in self._vector_rows(chunk):  # the connection stays in this thread
+                waiting.append(pool.submit(_decode, rows, dim))
+                if len(waiting) > threads:
+                    yield waiting.popleft().result()
+            while waiting:
+                yield waiting.popleft().result()
+
+    def _vector_rows(self, chunk: int) -> Iterator[list]:
+        """``(id, blob)`` rows of every stored vector, ``chunk`` at a time in id order."""
         last = -1
         while True:
             rows = self.conn.execute("SELECT id, vector FROM vectors WHERE id > ? ORDER BY id LIMIT ?",
@@ -779,7 +801,7 @@ class Store:
             if not rows:
                 return
             last = rows[-1][0]
-            yield _decode(rows, dim)
+            yield rows
 
     def vector_for_hash(self, h: str):
         """A stored vector for this content hash, or None (for moved and copied files)."""
