@@ -139,6 +139,7 @@ class Library:
         engine: str = "local",
         address: str | None = None,
         engine_logs: bool = False,
+        held: bool = False,
     ) -> IndexSummary:
         """Add new and changed images under ``paths``, drop deleted ones (unless not ``prune``).
 
@@ -148,7 +149,9 @@ class Library:
         runs), False stops and forgets it, None keeps the library's setting.
         ``engine="ray"`` reads, decodes and embeds on a Ray cluster (``address``, else a
         local Ray instance; needs ``itr[ray]``), committing here as a local run does;
-        ``engine_logs`` lets Ray's own log lines through on stderr.
+        ``engine_logs`` lets Ray's own log lines through on stderr.  ``held``: give
+        ``summary.held`` (what :meth:`indexed` would give for ``summary.found``) when the run
+        changed no file row, without reading the rows again.
 
         Returns an :class:`~itrcli.jobs.indexer.IndexSummary`; ``summary.interrupted`` is set when
         Ctrl-C stopped the run (every batch committed before it is kept).
@@ -225,7 +228,7 @@ class Library:
             summary = run.run(roots, extensions=supported_extensions() | (VIDEO_EXTENSIONS if videos else frozenset()),
                               include_hidden=include_hidden, exclude=list(exclude),
                               follow_symlinks=follow_symlinks, prune=prune,
-                              keep=frozenset() if videos else VIDEO_EXTENSIONS)
+                              keep=frozenset() if videos else VIDEO_EXTENSIONS, held=held)
             known_roots = set(self.store.get_meta("roots", []))
             if not summary.interrupted:
                 self.store.set_meta(roots=sorted(known_roots | set(roots)))

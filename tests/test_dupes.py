@@ -187,6 +187,16 @@ def test_in_order_gives_results_in_order_with_a_bounded_number_in_flight():
     assert 1 < most[0] <= 3
 
 
+def test_set_bits_equal_unpacking_every_bit():
+    rng = np.random.default_rng(4)
+    for n in (1, 7, 8, 9, 1000, 4099):
+        for density in (0.0, 0.003, 0.3, 1.0):
+            row = np.packbits(rng.random(n) < density)
+            want = np.flatnonzero(np.unpackbits(row, count=n))
+            got = dupes._set_bits(row)
+            assert got.tolist() == want.tolist(), (n, density)
+
+
 def test_hamming_pairs_equal_the_scan_with_and_without_bitwise_count(monkeypatch):
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 2**63, (50, 2), dtype=np.int64).astype(np.uint64) * 2 + 1

@@ -200,6 +200,30 @@ def test_bad_files_are_indexed_or_skipped_with_a_reason(itr, tiny_clip, tmp_path
     assert {e["path"] for e in again["errors"]} == set(errors)
     assert (again["skipped"], again["unchanged"], again["added"]) == (s["skipped"], n_indexed + 3, 0)
 
+    # an unchanged run gives the files it found and holds (what `itr hash PATH` reads)
+    # from its change detection: the same as asking the library, odd names included
+    from itrcli import Library
+
+    with Library.open(db) as lib:
+        run = lib.index([str(d)], held=True)
+        assert run.held is not None and len(run.held) == n_indexed + 3
+        assert run.held == lib.indexed(run.found)
+        assert any(not p.isascii() for p, _ in run.held)
+        assert lib.index([str(d)]).held is None  # not asked for
+    make_photos(d / "good", 1, start=3)  # one file more: rows change, so the library is asked
+    with Library.open(db) as lib:
+        run = lib.index([str(d)], held=True)
+        assert run.added == 1 and run.held is None
+    # an indexed photo overwritten by a broken one: its row stays, the failure is remembered,
+    # and later runs leave it unread but still held
+    spoilt = sorted((d / "good").iterdir())[0]
+    spoilt.write_bytes(b"\xff\xd8\xff\xe0 cut short")
+    with Library.open(db) as lib:
+        assert lib.index([str(d)], held=True).held is None
+        run = lib.index([str(d)], held=True)
+        assert run.held is not None and run.held == lib.indexed(run.found)
+        assert str(spoilt) in dict(run.held)
+
 
 def test_a_remembered_bad_file_is_read_again_once_it_changes(itr, tiny_clip, tmp_path):
     d = tmp_path / "photos"

@@ -168,6 +168,8 @@ class Plan:
     """What an index run must do; paths only, nothing read yet."""
 
     unchanged: list[str] = field(default_factory=list)
+    #: the library's id of each ``unchanged`` path, in the same order
+    unchanged_ids: list[int] = field(default_factory=list)
     #: path in the library, size or mtime differ: hash, then re-embed if the content changed
     changed: list[str] = field(default_factory=list)
     #: not in the library: hash, then reuse a known vector (move/copy) or embed
@@ -205,6 +207,7 @@ def _plan(found: Mapping[str, Entry], known: Mapping[str, Known], roots: Iterabl
             p.new.append(path)
         elif k.size == e.size and k.mtime_ns == e.mtime_ns:
             p.unchanged.append(path)
+            p.unchanged_ids.append(k.id)
         else:
             p.changed.append(path)
     roots = [os.path.abspath(os.path.expanduser(r)) for r in roots]

@@ -19,17 +19,19 @@ import hashlib
 import os
 import stat
 import time
+from array import array
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
+from ..gcpause import gc_paused
 from ..progress import NoProgress, Progress
 from ..ingest.files import Unreadable, content_hash, hash_stream, read_file
 from ..ingest.images import DecodeError, Preprocess, decoder_id, open_image
 from ..store.db import Store, db_path_of
 from ..store.vindex import VectorIndex, graph_files, remove_temp_files
-from ..ingest.walk import Known, plan as make_plan, under, walk
+from ..ingest.walk import Known, Plan, plan as make_plan, under, walk
 from ..ingest.video import is_video  # no PyAV import
 
 
@@ -62,8 +64,22 @@ class IndexSummary:
     interrupted: bool = False
     #: the image files the walk found under the roots (not in ``to_json``)
     found: list[str] = field(default_factory=list, repr=False)
+    #: with ``run(held=True)``, when the run changed no file row: the found files the
+    #: library holds, in path order, and their ids (see ``held``)
+    held_rows: tuple[list[str], "array[int]"] | None = field(default=None, repr=False)
     text: Any = None  #: :class:`itrcli.jobs.textread.TextStats` when text is read (--ocr)
     engine: str = "local"  #: "local", or "ray" (:mod:`itrcli.jobs.distributed`)
+
+    @property
+    def held(self) -> list[tuple[str, int]] | None:
+        """(path as shown, id) of the found files the library holds, in path order, when
+        the run was asked for them (``run(held=True)``) and changed no file row; else None
+        (ask :meth:`itrcli.library.Library.indexed`).  Made anew on each access."""
+        if self.held_rows is None:
+            return None
+        paths, ids = self.held_rows
+        with gc_paused():  # a million pairs
+            return [(p if p.isascii() else db_path_of(p)[0], i) for p, i in zip(paths, ids)]
 
     @property
     def images_per_second(self) -> float:
@@ -200,6 +216,19 @@ def read_video(path: str, prep: Preprocess | None, known_hashes: frozenset[str],
     return r
 
 
+def held_rows(p: Plan, known: Mapping[str, Any]) -> tuple[list[str], "array[int]"]:
+    """The found paths that the library holds, in path order, and their ids, when the run
+    planned as ``p`` (``known``: what it planned against) changed no row: the unchanged
+    paths and the changed ones left unread (a bad file remembered).  The ids are copied
+    into an array: a list would hold ``known``'s int objects, and with them the memory of
+    every row read for change detection."""
+    with gc_paused():
+        paths = p.unchanged + p.changed
+        ids = p.unchanged_ids + [known[path].id for path in p.changed]
+        order = sorted(range(len(paths)), key=paths.__getitem__)  # faster than sorting pairs
+        return [paths[i] for i in order], array("q", [ids[i] for i in order])
+
+
 def empty_roots(roots: list[str], found, known, unlisted) -> list[tuple[str, int]]:
     """Directory roots under which the walk found no image although the library holds
     some: ``(root, how many it holds)``."""
@@ -253,9 +282,11 @@ class IndexRun:
     # -- the run -----------------------------------------------------------------------
     def run(self, roots: list[str], *, extensions: frozenset[str], include_hidden: bool = False,
             exclude: list[str] | None = None, follow_symlinks: bool = False,
-            prune: bool = True, keep: frozenset[str] = frozenset()) -> IndexSummary:
+            prune: bool = True, keep: frozenset[str] = frozenset(),
+            held: bool = False) -> IndexSummary:
         """``keep``: extensions not walked this run (``--no-video``) whose indexed files are
-        neither read nor pruned."""
+        neither read nor pruned.  ``held``: fill ``summary.held`` when no file row changes
+        (from the rows read for change detection: no second read of a million rows)."""
         t0 = time.monotonic()
         s = self.summary
         self._remove_temp_files()
@@ -296,6 +327,8 @@ class IndexRun:
             if todo or missing or gone_failures:
                 self._process(todo, known, missing)
                 self._remove(missing, gone_failures)
+            elif held:
+                s.held_rows = held_rows(p, known)
             if self.text is not None:
                 self.text.finish(self.progress)
         except KeyboardInterrupt:

@@ -251,7 +251,7 @@ def groups(codes: np.ndarray, vectors: "Vectors | np.ndarray", bits: int,
     with _one_blas_thread(), ThreadPoolExecutor(threads, thread_name_prefix="itr-dupes") as pool:
         basis = _basis(xs[:: max(1, len(xs) // BASIS_SAMPLE)], k)  # [dim, k]
         ps = _project(xs, basis, slack)
-        centres = _spherical_kmeans(ps[:, :-1], k_clusters, rng)  # [K, k]
+        centres = _spherical_kmeans(ps[:, :-1], k_clusters, rng, pool, threads)  # [K, k]
         del xs, ps
         return _groups(codes, src, basis, slack, centres, t, radius, pool, threads)
 
@@ -263,11 +263,19 @@ def _groups(codes: np.ndarray, src: "Vectors", basis: np.ndarray, slack: float,
     n, k = src.n, basis.shape[1]
     pt = np.empty((n, k + 1), dtype=np.float32)  # every row's bound vector p~
     xnorm = np.empty(n, dtype=np.float32)
+    # each row's cluster (nearest centre) and its angle to the centre
+    label = np.empty(n, dtype=np.int64)
+    angle = np.empty(n, dtype=np.float32)
+    step = _pass_rows(threads)
 
     def project(chunk: tuple[np.ndarray, np.ndarray]) -> int:
         rows, x = chunk
-        pt[rows] = _project(x, basis, slack)
-        xnorm[rows] = np.linalg.norm(x, axis=1)
+        norms = np.empty(len(rows), dtype=np.float32)
+        q = _project(x, basis, slack, norms)
+        pt[rows] = q
+        xnorm[rows] = norms
+        for i in range(0, len(rows), step):
+            label[rows[i : i + step]], angle[rows[i : i + step]] = _assign(q[i : i + step, :-1], centres)
         return len(rows)
 
     seen = sum(_in_order(pool, project, src.chunks(), threads))  # reading beside projecting
@@ -282,8 +290,6 @@ def _groups(codes: np.ndarray, src: "Vectors", basis: np.ndarray, slack: float,
     s_all = float(res[tight].max()) if tight.any() else 0.0
     p_all = float(pnorm[tight].max()) if tight.any() else 0.0
 
-    # each row's cluster (nearest centre) and its angle to the centre
-    label, angle = _assign_all(pt[:, :-1], centres, pool, threads)
     label[loose] = -1
     k_clusters = len(centres)
     order = np.argsort(label, kind="stable")
@@ -301,7 +307,7 @@ def _groups(codes: np.ndarray, src: "Vectors", basis: np.ndarray, slack: float,
 
     def cluster_pairs(c: int) -> tuple[np.ndarray, np.ndarray]:
         m = members[c]
-        cols = np.flatnonzero(np.unpackbits(partners[c], count=n))
+        cols = _set_bits(partners[c])
         i, j = _cluster_block(pt, pnorm, centres[c], m, angle[m], cols, thetas[c], t)
         return _within(codes, radius, i, j)
 
@@ -387,14 +393,18 @@ def _basis(xs: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(evecs[:, ::-1][:, :k], dtype=np.float32)
 
 
-def _project(x: np.ndarray, basis: np.ndarray, slack: float) -> np.ndarray:
+def _project(x: np.ndarray, basis: np.ndarray, slack: float,
+             norms: np.ndarray | None = None) -> np.ndarray:
     """``p~ [m, k + 1]``: coordinates in the basis, then a bound on the residual's norm
-    (allowing for the rounding of the coordinates) plus ``slack x |x|``."""
+    (allowing for the rounding of the coordinates) plus ``slack x |x|``.  ``norms``: an
+    ``[m]`` array to receive ``|x|``."""
     x = np.asarray(x, dtype=np.float32)
     k, dim = basis.shape[1], basis.shape[0]
     p = x @ basis  # [m, k]
     xx = np.square(x).sum(axis=1, dtype=np.float64)  # [m]
     xn = np.sqrt(xx)
+    if norms is not None:
+        norms[...] = xn
     e = math.sqrt(k) * dim * 2.0 ** -24 / (1 - dim * 2.0 ** -24) * xn  # |p - exact p| <= e
     pn = np.linalg.norm(p.astype(np.float64), axis=1)
     res = np.sqrt(np.maximum(0.0, xx - np.maximum(0.0, pn - e) ** 2) + 1e-6 * xx) + 1.01 * e
@@ -410,8 +420,10 @@ def _unit(p: np.ndarray) -> np.ndarray:
     return p / np.where(nrm > 0, nrm, 1)
 
 
-def _spherical_kmeans(p: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """``k`` unit centres ``[k, dim]`` float32 of the directions of ``p`` (seeded)."""
+def _spherical_kmeans(p: np.ndarray, k: int, rng: np.random.Generator, pool: Executor,
+                      threads: int) -> np.ndarray:
+    """``k`` unit centres ``[k, dim]`` float32 of the directions of ``p`` (seeded; the
+    iterations' products with the centres run in ``pool``)."""
     u = _unit(p)
     u = u[np.linalg.norm(p, axis=1) > 0]
     if not len(u):
@@ -437,8 +449,13 @@ def _spherical_kmeans(p: np.ndarray, k: int, rng: np.random.Generator) -> np.nda
         c[have : have + take] = u[j]
         np.maximum(best, (u @ c[have : have + take].T).max(axis=1), out=best)
         have += take
+    step = _pass_rows(threads)
+
+    def nearest(i: int) -> np.ndarray:
+        return np.argmax(u[i : i + step] @ c.T, axis=1)
+
     for _ in range(KMEANS_ITERATIONS):
-        lab = np.argmax(u @ c.T, axis=1)
+        lab = np.concatenate(list(pool.map(nearest, range(0, len(u), step))))
         order = np.argsort(lab, kind="stable")
         used, starts = np.unique(lab[order], return_index=True)
         sums = np.add.reduceat(u[order], starts, axis=0)  # [len(used), dim]
@@ -463,22 +480,6 @@ def _pass_rows(threads: int) -> int:
     return max(8, _PASS_ROWS // threads // 8 * 8)
 
 
-def _assign_all(p: np.ndarray, centres: np.ndarray, pool: Executor,
-                threads: int) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_assign` over all rows, in tasks of :func:`_pass_rows` rows (the ``[m, K]``
-    products stay small)."""
-    label = np.empty(p.shape[0], dtype=np.int64)
-    angle = np.empty(p.shape[0], dtype=np.float32)
-    step = _pass_rows(threads)
-
-    def one(i: int) -> None:
-        label[i : i + step], angle[i : i + step] = _assign(p[i : i + step], centres)
-
-    for _ in pool.map(one, range(0, p.shape[0], step)):
-        pass
-    return label, angle
-
-
 def _partner_bits(p: np.ndarray, tight: np.ndarray, centres: np.ndarray, kappa: np.ndarray,
                   pool: Executor, threads: int) -> np.ndarray:
     """Bits ``[c, b]`` (packed, ``[K, ceil(n / 8)]``) set where row ``b`` is tight and
@@ -487,16 +488,30 @@ def _partner_bits(p: np.ndarray, tight: np.ndarray, centres: np.ndarray, kappa: 
     out = np.zeros((len(centres), (n + 7) // 8), dtype=np.uint8)
     kap = kappa[:, None]
     step = _pass_rows(threads)
+    all_tight = bool(tight.all())  # the usual case: no pass over the masks for it
 
     def one(i: int) -> None:  # i: a multiple of 8, so tasks write whole, distinct bytes
         j = min(n, i + step)
         mask = (centres @ _unit(p[i:j]).T) >= kap  # [K, m]: rows contiguous for the packing
-        mask &= tight[None, i:j]
+        if not all_tight:
+            mask &= tight[None, i:j]
         out[:, i // 8 : (j + 7) // 8] = np.packbits(mask, axis=1)
 
     for _ in pool.map(one, range(0, n, step)):
         pass
     return out
+
+
+_BIT_OFFSETS = np.arange(8, dtype=np.int64)
+
+
+def _set_bits(packed: np.ndarray) -> np.ndarray:
+    """Positions of the set bits of ``packed`` (``np.packbits`` order), ascending: the
+    non-zero bytes first, then their bits (4x faster than unpacking every bit of a
+    sparse row)."""
+    nz = np.flatnonzero(packed)
+    bits = np.unpackbits(packed[nz][:, None], axis=1).astype(bool)  # [len(nz), 8]
+    return (nz[:, None] * 8 + _BIT_OFFSETS)[bits]
 
 
 def _block(pt: np.ndarray, rows: np.ndarray, cols: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
