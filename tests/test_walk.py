@@ -4,8 +4,19 @@ from __future__ import annotations
 
 import os
 
+import pytest
+
+from itrcli.ingest import walk as walk_module
 from itrcli.ingest.images import IMAGE_EXTENSIONS
 from itrcli.ingest.walk import Entry, Known, plan, walk
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["by-descriptor", "by-path"])
+def listing(request, monkeypatch):
+    """Every test twice: directories listed through a descriptor (entries stat'ed by bare
+    name) and by path (where scandir takes no descriptor)."""
+    monkeypatch.setattr(walk_module, "_LIST_BY_FD", request.param)
+    return request.param
 
 
 def touch(p, data=b"x"):
@@ -101,3 +112,15 @@ def test_extensions_are_read_as_splitext_reads_them(tmp_path):
                       and (hidden or not n.startswith(".")))
         assert sorted(os.path.basename(p) for p in r.files) == want and not r.errors
         assert all(e.path == p and e.size == 1 for p, e in r.files.items())
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
+def test_the_walk_closes_every_directory_it_opens(tmp_path):
+    for i in range(60):
+        touch(tmp_path / f"d{i % 6}" / f"e{i}" / "a.jpg")
+    os.symlink(tmp_path / "d0", tmp_path / "d1" / "loop")  # a second route, not followed
+    before = len(os.listdir("/proc/self/fd"))
+    for follow in (False, True):
+        res = walk([str(tmp_path)], extensions=IMAGE_EXTENSIONS, follow_symlinks=follow)
+        assert len(res.files) == 60 and not res.errors
+    assert len(os.listdir("/proc/self/fd")) == before
