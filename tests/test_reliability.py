@@ -273,13 +273,13 @@ def test_permission_denied_files_and_directories(itr, tiny_clip, tmp_path, monke
     else:
         real_open, real_scandir = os.open, os.scandir
 
-        def deny_open(path, *a, **k):
-            if os.fspath(path) == str(locked_file):
+        def deny_open(path, *a, **k):  # the file, and the directory (the walk opens it)
+            if os.fspath(path) in (str(locked_file), str(d / "private")):
                 raise PermissionError(errno.EACCES, "Permission denied", str(path))
             return real_open(path, *a, **k)
 
-        def deny_scandir(path="."):
-            if os.fspath(path) == str(d / "private"):
+        def deny_scandir(path="."):  # where the walk lists by path
+            if not isinstance(path, int) and os.fspath(path) == str(d / "private"):
                 raise PermissionError(errno.EACCES, "Permission denied", str(path))
             return real_scandir(path)
 
