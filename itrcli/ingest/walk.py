@@ -138,11 +138,14 @@ def _list_dir(d: str, entries: list[os.DirEntry], files: dict[str, Entry], res: 
     """The entries of directory ``d`` into ``files``, its subdirectories onto ``stack``."""
     prefix = d if d.endswith(os.sep) else d + os.sep
     entries.sort(key=_by_name)
-    for de in entries:  # a million times in a large library: kept lean
+    # the paths made together, before the entries' own objects: the paths that are kept
+    # then share memory with each other, not with what the run frees (a million files:
+    # 0.4 GB that would stay taken until the process ends)
+    paths = [prefix + de.name for de in entries]  # os.path.join(d, name)
+    for de, path in zip(entries, paths):  # a million times in a large library: kept lean
         name = de.name
         if not include_hidden and is_hidden(name):
             continue
-        path = prefix + name  # os.path.join(d, name)
         if patterns and _excluded(path, name, patterns):
             continue
         try:
