@@ -17,7 +17,7 @@ process, reporting wall seconds and peak RSS (``ru_maxrss``):
    unchanged, then 2.), unless ``--no-cli``.
 
 ``--check M`` builds a library of M vectors the same way and compares, through the library,
-the groups of :func:`itrcli.query.hashing.find_dupes` with the exhaustive method
+the groups of :func:`itrcli.query.dupes.find_dupes` with the exhaustive method
 (:func:`itrcli.query.hashing.dupe_groups` on every stored vector), printing whether they are
 identical and both times.
 
@@ -125,7 +125,8 @@ def _library_call(lib: str, bits: int, forget: bool) -> None:
 def _check(m: int, bits: int) -> None:
     """Child: find_dupes against the exhaustive method on a library of ``m`` vectors."""
     sys.path.insert(0, str(ROOT))
-    from itrcli.query.hashing import dupe_groups, find_dupes, library_codes
+    from itrcli.query.dupes import find_dupes
+    from itrcli.query.hashing import dupe_groups, library_codes
     from itrcli.store.db import Store
 
     base = build(m)
