@@ -107,6 +107,37 @@ def test_many_identical_codes_and_vectors():
         dupe_groups(v[shuffled], codes[shuffled], 32, threshold=0.95)
 
 
+def test_where_nothing_is_pruned_each_step_returns_few_pairs_at_a_time(monkeypatch):
+    # threshold -1 and one code for all: every pair passes the bound and the radius, so
+    # only the size of the tasks (and, for rows compared with all, the tiles) bounds the
+    # pairs held at once; the groups are still the exhaustive ones
+    monkeypatch.setattr(dupes, "_COL_TILE", 512)
+    monkeypatch.setattr(dupes, "_ROW_TILE", 64)
+    monkeypatch.setattr(dupes, "_TASK_PAIRS", 16_384)
+    most = {"cluster": 0, "tile": 0}
+    real_cluster, real_block = dupes._cluster_block, dupes._block
+
+    def cluster_block(*a, **k):
+        i, _ = out = real_cluster(*a, **k)
+        most["cluster"] = max(most["cluster"], len(i))
+        return out
+
+    def block(*a, **k):
+        i, _ = out = real_block(*a, **k)
+        most["tile"] = max(most["tile"], len(i))
+        return out
+
+    monkeypatch.setattr(dupes, "_cluster_block", cluster_block)
+    monkeypatch.setattr(dupes, "_block", block)
+    v = photo_like(900, 32, seed=8)
+    v[5] = 0  # compared with every row, tile by tile
+    same = np.zeros((len(v), 1), dtype=np.uint64)
+    ref, got = both(v, same, 64, -1.0)
+    assert got == ref and len(ref) == 1
+    assert 0 < most["cluster"] <= max(16_384, (512 // 4) ** 2)
+    assert 0 < most["tile"] <= 64 * 512
+
+
 def test_zero_vectors_vectors_off_the_basis_and_unnormalised_ones():
     # rows without a direction in the projection, or far off it, are compared with all
     rng = np.random.default_rng(5)

@@ -39,10 +39,11 @@ Vectors come from a :class:`Vectors` source read twice in chunks (a sample, then
 once), so a million 512-d vectors need ``n x (PROJ_DIMS + 1)`` float32 (260 MB), not 2 GB.
 
 The work runs on every CPU the process may use (up to ``MAX_THREADS`` threads, one BLAS
-thread each; numpy and BLAS release the GIL): projecting each chunk while the next is read,
-the two passes of every row against the centres, and the cluster blocks, a few clusters
-ahead of the exact test of their pairs, which reads vectors in the calling thread.  The
-result does not depend on the number of threads.
+thread each; numpy and BLAS release the GIL): projecting each chunk and assigning its rows
+to their clusters while the next is read, the pass of every row against the centres for
+the partners, and the cluster blocks, in tasks of at most ``_TASK_PAIRS`` bounds a few
+tasks ahead of the exact test of their pairs, which reads vectors in the calling thread.
+The result does not depend on the number of threads.
 """
 
 from __future__ import annotations
@@ -87,6 +88,10 @@ _PASS_ROWS = 16_384  # rows per product with all centres, all threads together: 
 MAX_THREADS = 4
 #: Candidate pairs verified at a time (their vectors are fetched: <= 2 x this many rows).
 _VERIFY = 32_768
+#: Pair bounds computed by one task of the cluster blocks (at most ``_COL_TILE // 4``
+#: cluster rows x partners); the pairs it returns are at most as many (16 bytes each),
+#: a few tasks in flight.
+_TASK_PAIRS = 1 << 22
 
 
 _T = TypeVar("_T")
@@ -305,30 +310,44 @@ def _groups(codes: np.ndarray, src: "Vectors", basis: np.ndarray, slack: float,
             kappa[c] = _kappa(float(angle[m].max()) + thetas[c])
     partners = _partner_bits(pt[:, :-1], tight, centres, kappa, pool, threads)  # [K, ceil(n / 8)]
 
-    def cluster_pairs(c: int) -> tuple[np.ndarray, np.ndarray]:
-        m = members[c]
-        cols = _set_bits(partners[c])
-        i, j = _cluster_block(pt, pnorm, centres[c], m, angle[m], cols, thetas[c], t)
-        return _within(codes, radius, i, j)
+    def tasks() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """Some rows of a cluster and some of its partners: at most ``_TASK_PAIRS`` bounds
+        a task (most clusters are one), so that the pairs a task returns stay few even
+        where the bound prunes nothing."""
+        for c, m in enumerate(members):
+            if len(m):
+                cols = _set_bits(partners[c])
+                for r in range(0, len(m), _COL_TILE // 4):
+                    rows = m[r : r + _COL_TILE // 4]
+                    step = max(_COL_TILE // 4, _TASK_PAIRS // len(rows))
+                    for a in range(0, len(cols), step):
+                        yield c, rows, cols[a : a + step]
+
+    def cluster_pairs(task: tuple[int, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        c, rows, cols = task
+        return _cluster_block(pt, pnorm, centres[c], rows, angle[rows], cols, thetas[c], t,
+                              codes, radius)
 
     uf = _UnionFind(n)
     pending = _Pending(src, t, uf)  # the exact test reads vectors: in this thread only
-    if len(loose_rows):
-        pending.add(*_within(codes, radius, *_block(pt, loose_rows, np.arange(n), t)))
-    # thousands of small products, a few clusters ahead of the exact test of their pairs
-    for i, j in _in_order(pool, cluster_pairs, (c for c, m in enumerate(members) if len(m)),
-                          2 * threads):
+    for a in range(0, len(loose_rows), _ROW_TILE):  # tile by tile, as few pairs at a time
+        for b in range(0, n, _COL_TILE):
+            pending.add(*_block(pt, loose_rows[a : a + _ROW_TILE], np.arange(b, min(n, b + _COL_TILE)),
+                                t, codes, radius))
+    # thousands of small products, a few tasks ahead of the exact test of their pairs
+    for i, j in _in_order(pool, cluster_pairs, tasks(), 2 * threads):
         pending.add(i, j)
     pending.flush()
     return uf.groups()
 
 
 def _cluster_block(pt: np.ndarray, pnorm: np.ndarray, centre: np.ndarray, rows: np.ndarray,
-                   row_angle: np.ndarray, cols: np.ndarray, theta: float,
-                   t: float) -> tuple[np.ndarray, np.ndarray]:
+                   row_angle: np.ndarray, cols: np.ndarray, theta: float, t: float,
+                   codes: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
     """A cluster's rows against its partners, each partner only against the rows whose
     angle to the centre is within ``theta`` of its own (the triangle inequality): the
-    pairs ``(rows, cols)`` whose bound reaches ``t``."""
+    pairs ``(rows, cols)`` whose bound reaches ``t`` and whose codes are within
+    ``radius`` (:func:`_block`)."""
     ra = np.argsort(row_angle)
     rows, row_angle = rows[ra], row_angle[ra]
     col_angle = np.arccos(np.clip((pt[cols, :-1] @ centre) / pnorm[cols], -1.0, 1.0))
@@ -341,7 +360,7 @@ def _cluster_block(pt: np.ndarray, pnorm: np.ndarray, centre: np.ndarray, rows: 
         lo = np.searchsorted(row_angle, np.float32(col_angle[j] - reach), side="left")
         hi = np.searchsorted(row_angle, np.float32(col_angle[j + len(c) - 1] + reach), side="right")
         if hi > lo:
-            parts.append(_block(pt, rows[lo:hi], c, t))
+            parts.append(_block(pt, rows[lo:hi], c, t, codes, radius))
     return _concat(parts)
 
 
@@ -514,8 +533,10 @@ def _set_bits(packed: np.ndarray) -> np.ndarray:
     return (nz[:, None] * 8 + _BIT_OFFSETS)[bits]
 
 
-def _block(pt: np.ndarray, rows: np.ndarray, cols: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
-    """The pairs ``(rows[a], cols[b])`` whose bound reaches ``t``."""
+def _block(pt: np.ndarray, rows: np.ndarray, cols: np.ndarray, t: float, codes: np.ndarray,
+           radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs ``(rows[a], cols[b])`` whose bound reaches ``t`` and whose codes are within
+    ``radius``, as (lower row, higher row) (:func:`_within`, tile by tile)."""
     parts = []
     for i in range(0, len(rows), _ROW_TILE):
         r = rows[i : i + _ROW_TILE]
@@ -528,7 +549,7 @@ def _block(pt: np.ndarray, rows: np.ndarray, cols: np.ndarray, t: float) -> tupl
             if g.max() < t:  # the usual case: skip the mask and its scan
                 continue
             ii, jj = np.nonzero(g >= t)
-            parts.append((r[ii], c[jj]))
+            parts.append(_within(codes, radius, r[ii], c[jj]))
     return _concat(parts)
 
 
