@@ -109,21 +109,22 @@ def test_many_identical_codes_and_vectors():
 
 def test_where_nothing_is_pruned_each_step_returns_few_pairs_at_a_time(monkeypatch):
     # threshold -1 and one code for all: every pair passes the bound and the radius, so
-    # only the size of the tasks (and, for rows compared with all, the tiles) bounds the
-    # pairs held at once; the groups are still the exhaustive ones
-    monkeypatch.setattr(dupes, "_COL_TILE", 512)
+    # only the tasks stopping (and going on later) and, for rows compared with all, the
+    # tiles bound the pairs held at once; the groups are still the exhaustive ones
+    monkeypatch.setattr(dupes, "_COL_TILE", 128)  # tiles of 32 x 32 in the cluster blocks
     monkeypatch.setattr(dupes, "_ROW_TILE", 64)
-    monkeypatch.setattr(dupes, "_TASK_PAIRS", 16_384)
-    most = {"cluster": 0, "tile": 0}
+    monkeypatch.setattr(dupes, "_TASK_PAIRS", 2_000)
+    most = {"task": 0, "tile": 0, "resumed": 0}
     real_cluster, real_block = dupes._cluster_block, dupes._block
 
-    def cluster_block(*a, **k):
-        i, _ = out = real_cluster(*a, **k)
-        most["cluster"] = max(most["cluster"], len(i))
+    def cluster_block(*a):
+        i, _, more = out = real_cluster(*a)
+        most["task"] = max(most["task"], len(i))
+        most["resumed"] += a[-1] > 0
         return out
 
-    def block(*a, **k):
-        i, _ = out = real_block(*a, **k)
+    def block(*a):
+        i, _ = out = real_block(*a)
         most["tile"] = max(most["tile"], len(i))
         return out
 
@@ -134,8 +135,9 @@ def test_where_nothing_is_pruned_each_step_returns_few_pairs_at_a_time(monkeypat
     same = np.zeros((len(v), 1), dtype=np.uint64)
     ref, got = both(v, same, 64, -1.0)
     assert got == ref and len(ref) == 1
-    assert 0 < most["cluster"] <= max(16_384, (512 // 4) ** 2)
-    assert 0 < most["tile"] <= 64 * 512
+    assert most["resumed"] > 0
+    assert 0 < most["task"] <= 2_000 + 32 * 32
+    assert 0 < most["tile"] <= 64 * 128
 
 
 def test_zero_vectors_vectors_off_the_basis_and_unnormalised_ones():

@@ -88,9 +88,9 @@ _PASS_ROWS = 16_384  # rows per product with all centres, all threads together: 
 MAX_THREADS = 4
 #: Candidate pairs verified at a time (their vectors are fetched: <= 2 x this many rows).
 _VERIFY = 32_768
-#: Pair bounds computed by one task of the cluster blocks (at most ``_COL_TILE // 4``
-#: cluster rows x partners); the pairs it returns are at most as many (16 bytes each),
-#: a few tasks in flight.
+#: Pairs after which a task of the cluster blocks (at most ``_COL_TILE // 4`` rows of a
+#: cluster against its partners) stops, to go on later: it returns at most this many plus
+#: one tile's (16 bytes each), a few tasks in flight.
 _TASK_PAIRS = 1 << 22
 
 
@@ -310,23 +310,19 @@ def _groups(codes: np.ndarray, src: "Vectors", basis: np.ndarray, slack: float,
             kappa[c] = _kappa(float(angle[m].max()) + thetas[c])
     partners = _partner_bits(pt[:, :-1], tight, centres, kappa, pool, threads)  # [K, ceil(n / 8)]
 
-    def tasks() -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """Some rows of a cluster and some of its partners: at most ``_TASK_PAIRS`` bounds
-        a task (most clusters are one), so that the pairs a task returns stay few even
-        where the bound prunes nothing."""
+    def tasks() -> Iterator[tuple[int, np.ndarray, int]]:
+        """A cluster's rows (at most ``_COL_TILE // 4``, by their angle to the centre: most
+        clusters are one task) against its partners, from the first partner on."""
         for c, m in enumerate(members):
             if len(m):
-                cols = _set_bits(partners[c])
+                m = m[np.argsort(angle[m], kind="stable")]
                 for r in range(0, len(m), _COL_TILE // 4):
-                    rows = m[r : r + _COL_TILE // 4]
-                    step = max(_COL_TILE // 4, _TASK_PAIRS // len(rows))
-                    for a in range(0, len(cols), step):
-                        yield c, rows, cols[a : a + step]
+                    yield c, m[r : r + _COL_TILE // 4], 0
 
-    def cluster_pairs(task: tuple[int, np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        c, rows, cols = task
-        return _cluster_block(pt, pnorm, centres[c], rows, angle[rows], cols, thetas[c], t,
-                              codes, radius)
+    def cluster_pairs(task: tuple[int, np.ndarray, int]):
+        c, rows, start = task
+        return (task, *_cluster_block(pt, pnorm, centres[c], rows, angle[rows], _set_bits(partners[c]),
+                                      thetas[c], t, codes, radius, start))
 
     uf = _UnionFind(n)
     pending = _Pending(src, t, uf)  # the exact test reads vectors: in this thread only
@@ -335,33 +331,42 @@ def _groups(codes: np.ndarray, src: "Vectors", basis: np.ndarray, slack: float,
             pending.add(*_block(pt, loose_rows[a : a + _ROW_TILE], np.arange(b, min(n, b + _COL_TILE)),
                                 t, codes, radius))
     # thousands of small products, a few tasks ahead of the exact test of their pairs
-    for i, j in _in_order(pool, cluster_pairs, tasks(), 2 * threads):
+    for (c, rows, _), i, j, more in _in_order(pool, cluster_pairs, tasks(), 2 * threads):
         pending.add(i, j)
+        while more is not None:  # a task stopped at _TASK_PAIRS pairs: the rest, here
+            _, i, j, more = cluster_pairs((c, rows, more))
+            pending.add(i, j)
     pending.flush()
     return uf.groups()
 
 
 def _cluster_block(pt: np.ndarray, pnorm: np.ndarray, centre: np.ndarray, rows: np.ndarray,
                    row_angle: np.ndarray, cols: np.ndarray, theta: float, t: float,
-                   codes: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
+                   codes: np.ndarray, radius: int,
+                   start: int = 0) -> tuple[np.ndarray, np.ndarray, int | None]:
     """A cluster's rows against its partners, each partner only against the rows whose
     angle to the centre is within ``theta`` of its own (the triangle inequality): the
     pairs ``(rows, cols)`` whose bound reaches ``t`` and whose codes are within
-    ``radius`` (:func:`_block`)."""
+    ``radius`` (:func:`_block`), from the ``start``-th partner by angle on.  Stops once
+    ``_TASK_PAIRS`` pairs are found (only where the bound prunes little), and says from
+    which partner to go on (None: done)."""
     ra = np.argsort(row_angle)
     rows, row_angle = rows[ra], row_angle[ra]
     col_angle = np.arccos(np.clip((pt[cols, :-1] @ centre) / pnorm[cols], -1.0, 1.0))
     ca = np.argsort(col_angle)
     cols, col_angle = cols[ca], col_angle[ca]
     reach = theta + ANGLE_SLACK
-    parts = []
-    for j in range(0, len(cols), _COL_TILE // 4):
-        c = cols[j : j + _COL_TILE // 4]
+    parts, found, step = [], 0, _COL_TILE // 4
+    for j in range(start, len(cols), step):
+        c = cols[j : j + step]
         lo = np.searchsorted(row_angle, np.float32(col_angle[j] - reach), side="left")
         hi = np.searchsorted(row_angle, np.float32(col_angle[j + len(c) - 1] + reach), side="right")
         if hi > lo:
             parts.append(_block(pt, rows[lo:hi], c, t, codes, radius))
-    return _concat(parts)
+            found += len(parts[-1][0])
+            if found >= _TASK_PAIRS and j + step < len(cols):
+                return (*_concat(parts), j + step)
+    return (*_concat(parts), None)
 
 
 def _concat(parts: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
