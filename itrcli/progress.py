@@ -26,5 +26,6 @@ class NoProgress:
 
 
 def default_workers() -> int:
-    """Decode threads: enough to keep the encoder fed without starving torch's threads."""
+    """Decode threads: enough to keep the encoder fed without starving torch's threads
+    (and the near-duplicate search's threads, :mod:`itrcli.query.dupes`)."""
     return max(1, min(4, (os.cpu_count() or 1)))

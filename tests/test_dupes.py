@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from itrcli.pools import in_order
 from itrcli.query import dupes, hashing
 from itrcli.query.dupes import find_dupes
 from itrcli.query.hashing import BIT_CHOICES, dupe_groups, library_codes
@@ -180,7 +181,7 @@ def test_groups_do_not_depend_on_the_seed_or_the_chunking():
 @pytest.mark.parametrize("threads", [1, 3])
 def test_groups_are_the_same_on_one_thread_or_several(threads, monkeypatch):
     # small tasks: many passes and cluster blocks run at once, finishing out of order
-    monkeypatch.setattr(dupes, "_threads", lambda: threads)
+    monkeypatch.setattr(dupes, "default_workers", lambda: threads)
     monkeypatch.setattr(dupes, "_PASS_ROWS", 200)
     v = photo_like(1500, 64, seed=21, copies=0.1)
     codes = hashing.fit(v, 64).codes(v)
@@ -213,7 +214,7 @@ def test_in_order_gives_results_in_order_with_a_bounded_number_in_flight():
 
     got = []
     with ThreadPoolExecutor(4) as pool:
-        for r in dupes._in_order(pool, work, items(), ahead=3):
+        for r in in_order(pool, work, items(), ahead=3):
             got.append(r)
             assert len(pulled) <= len(got) + 3  # never more than `ahead` beyond the results
     assert got == [i * i for i in range(40)]
@@ -278,7 +279,7 @@ def test_find_dupes_on_a_library_equals_exhaustive_and_streams(tmp_path, monkeyp
     assert find_dupes(store, ids.tolist()) == want
     # the scan in many chunks, decoded in threads while the next are read
     monkeypatch.setattr(dupes, "_SCAN_CHUNK", 101)
-    monkeypatch.setattr(dupes, "_threads", lambda: 2)
+    monkeypatch.setattr(dupes, "default_workers", lambda: 2)
     assert find_dupes(store, ids.tolist()) == want
     # a subset (looked up by id, not scanned) in another order: groups follow that order
     sub = ids[::-1][:400].tolist()

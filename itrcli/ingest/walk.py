@@ -108,26 +108,22 @@ def _walk(roots: Iterable[str], extensions: frozenset[str], include_hidden: bool
         seen_dirs.add((st.st_dev, st.st_ino))
         while stack:
             d = stack.pop()
+            fd = entries = None
             try:
                 # listed through a descriptor, each entry's stat is an fstatat of its bare
                 # name: no lookup of the whole path again (a million files: 1 s less)
                 fd = os.open(d, _DIR_FLAGS) if _LIST_BY_FD else None
+                with os.scandir(d if fd is None else fd) as it:
+                    entries = list(it)
             except OSError as e:
                 res.errors.append((d, _oserror(e)))
                 res.unlisted.append(d)
-                continue
             try:
-                try:
-                    with os.scandir(d if fd is None else fd) as it:
-                        entries = list(it)
-                except OSError as e:
-                    res.errors.append((d, _oserror(e)))
-                    res.unlisted.append(d)
-                    continue
-                _list_dir(d, entries, files, res, stack, seen_dirs, extensions,
-                          include_hidden, patterns, follow_symlinks)
+                if entries is not None:
+                    _list_dir(d, entries, files, res, stack, seen_dirs, extensions,
+                              include_hidden, patterns, follow_symlinks)
             finally:
-                if fd is not None:
+                if fd is not None:  # the entries' stat needed it open
                     os.close(fd)
     return res
 

@@ -38,8 +38,8 @@ pruned and every pair is compared, in the low-dimensional product).
 Vectors come from a :class:`Vectors` source read twice in chunks (a sample, then every row
 once), so a million 512-d vectors need ``n x (PROJ_DIMS + 1)`` float32 (260 MB), not 2 GB.
 
-The work runs on every CPU the process may use (up to ``MAX_THREADS`` threads, one BLAS
-thread each; numpy and BLAS release the GIL): projecting each chunk and assigning its rows
+The work runs on the CPUs (:func:`itrcli.progress.default_workers` threads, at most 4, one
+BLAS thread each; numpy and BLAS release the GIL): projecting each chunk and assigning its rows
 to their clusters while the next is read, the pass of every row against the centres for
 the partners, and the cluster blocks, in tasks of at most ``_TASK_PAIRS`` bounds a few
 tasks ahead of the exact test of their pairs, which reads vectors in the calling thread.
@@ -49,13 +49,13 @@ The result does not depend on the number of threads.
 from __future__ import annotations
 
 import math
-import os
-from collections import deque
 from concurrent.futures import Executor, ThreadPoolExecutor
-from typing import Callable, Iterable, Iterator, Protocol, Sequence, TypeVar
+from typing import Iterator, Protocol, Sequence
 
 import numpy as np
 
+from ..pools import in_order
+from ..progress import default_workers
 from .hashing import (DEFAULT_BITS, DEFAULT_METHOD, DUPES_THRESHOLD, _HAS_BITWISE_COUNT,
                       _POPCOUNT16, _one_blas_thread, dupes_radius, library_codes)
 
@@ -83,40 +83,12 @@ _COL_TILE = 8192
 _CHUNK = 65_536
 _SCAN_CHUNK = 16_384  # rows per chunk of a scan decoded in threads (a few held at once)
 _PASS_ROWS = 16_384  # rows per product with all centres, all threads together: [K, rows] float32 <= 128 MB
-#: Threads for the passes over every row and for the cluster blocks (numpy and BLAS release
-#: the GIL: each thread takes a core, with one BLAS thread each).
-MAX_THREADS = 4
 #: Candidate pairs verified at a time (their vectors are fetched: <= 2 x this many rows).
 _VERIFY = 32_768
 #: Pairs after which a task of the cluster blocks (at most ``_COL_TILE // 4`` rows of a
 #: cluster against its partners) stops, to go on later: it returns at most this many plus
 #: one tile's (16 bytes each), a few tasks in flight.
 _TASK_PAIRS = 1 << 22
-
-
-_T = TypeVar("_T")
-_R = TypeVar("_R")
-
-
-def _threads() -> int:
-    """Threads for :func:`groups`: the CPUs this process may use, at most ``MAX_THREADS``."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(MAX_THREADS, cpus))
-
-
-def _in_order(pool: Executor, fn: Callable[[_T], _R], items: Iterable[_T], ahead: int) -> Iterator[_R]:
-    """``fn`` of each item, run in ``pool`` with at most ``ahead`` items in flight; the
-    results come in the items' order."""
-    waiting: deque = deque()
-    for item in items:
-        waiting.append(pool.submit(fn, item))
-        if len(waiting) >= ahead:
-            yield waiting.popleft().result()
-    while waiting:
-        yield waiting.popleft().result()
 
 
 class Vectors(Protocol):
@@ -249,7 +221,7 @@ def groups(codes: np.ndarray, vectors: "Vectors | np.ndarray", bits: int,
     k = min(PROJ_DIMS, src.dim)
     slack = _slack(src.dim, k)
     k_clusters = max(1, min(MAX_CLUSTERS, n // ROWS_PER_CLUSTER))
-    threads = _threads()
+    threads = default_workers()
     # one BLAS thread per thread of ours: the basis, the centres and the blocks are small
     # products and an eigensolver, where BLAS threads only add synchronisation (on a busy
     # CPU each can cost a time slice; see hashing._one_blas_thread)
@@ -283,7 +255,7 @@ def _groups(codes: np.ndarray, src: "Vectors", basis: np.ndarray, slack: float,
             label[rows[i : i + step]], angle[rows[i : i + step]] = _assign(q[i : i + step, :-1], centres)
         return len(rows)
 
-    seen = sum(_in_order(pool, project, src.chunks(), threads))  # reading beside projecting
+    seen = sum(in_order(pool, project, src.chunks(), threads))  # reading beside projecting
     if seen != n:
         raise ValueError(f"the vector source gave {seen} rows, not {n}")
     pnorm = np.linalg.norm(pt[:, :-1], axis=1)
@@ -331,7 +303,7 @@ def _groups(codes: np.ndarray, src: "Vectors", basis: np.ndarray, slack: float,
             pending.add(*_block(pt, loose_rows[a : a + _ROW_TILE], np.arange(b, min(n, b + _COL_TILE)),
                                 t, codes, radius))
     # thousands of small products, a few tasks ahead of the exact test of their pairs
-    for (c, rows, _), i, j, more in _in_order(pool, cluster_pairs, tasks(), 2 * threads):
+    for (c, rows, _), i, j, more in in_order(pool, cluster_pairs, tasks(), 2 * threads):
         pending.add(i, j)
         while more is not None:  # a task stopped at _TASK_PAIRS pairs: the rest, here
             _, i, j, more = cluster_pairs((c, rows, more))
@@ -641,7 +613,7 @@ def find_dupes(store, ids: Sequence[int], bits: int = DEFAULT_BITS,
     pos = np.minimum(np.searchsorted(lc.ids, want), max(0, len(lc.ids) - 1))
     have = lc.ids[pos] == want if len(lc.ids) else np.zeros(len(want), bool)
     row_ids = want[have]  # every vector has a code: these are the ids with a vector
-    src = StoreVectors(store, row_ids, total=len(lc.ids), threads=_threads())
+    src = StoreVectors(store, row_ids, total=len(lc.ids), threads=default_workers())
     found = groups(lc.codes[pos[have]], src, bits, threshold, radius)
     return [[int(row_ids[r]) for r in g] for g in found]
 

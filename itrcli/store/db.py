@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from ..errors import LibraryError
 from ..gcpause import gc_paused
+from ..pools import in_order
 
 from ..constants import DB_NAME
 
@@ -780,17 +781,12 @@ class Store:
             for rows in self._vector_rows(chunk):
                 yield _decode(rows, dim)
             return
-        from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
         with ThreadPoolExecutor(threads, thread_name_prefix="itr-decode") as pool:
-            waiting: deque = deque()
-            for rows in self._vector_rows(chunk):  # the connection stays in this thread
-                waiting.append(pool.submit(_decode, rows, dim))
-                if len(waiting) > threads:
-                    yield waiting.popleft().result()
-            while waiting:
-                yield waiting.popleft().result()
+            # the rows are read in this thread, which owns the connection
+            yield from in_order(pool, lambda rows: _decode(rows, dim), self._vector_rows(chunk),
+                                threads + 1)
 
     def _vector_rows(self, chunk: int) -> Iterator[list]:
         """``(id, blob)`` rows of every stored vector, ``chunk`` at a time in id order."""
