@@ -30,4 +30,7 @@ DB_NAME = "itr.db"
 #: The thumbnail cache's folder in a library (:mod:`itrcli.show.thumbs`).
 THUMBS_DIR = "thumbs"
 GRAPH_DIR = "hnsw"
+#: Where ``itr index --reindex`` builds the new library before swapping it in
+#: (:meth:`itrcli.library.Library.index`).
+REINDEX_DIR = ".reindex"
 TEXT_TOWER_DIR = "text"

@@ -21,7 +21,6 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from .embed import models
 from .errors import ExitCode, LibraryError, UsageError
-from .store.lock import WriteLock
 from .paths import default_library_dir
 from .store.db import Store
 
@@ -159,9 +158,6 @@ class Library:
             LibraryError: bound to another model, or locked by another writer.
             ModelError: the model cannot be loaded.
         """
-        from .ingest.images import Preprocess, supported_extensions
-        from .jobs.indexer import IndexRun
-
         roots = [os.path.abspath(os.path.expanduser(p)) for p in paths]
         if not roots:
             raise UsageError("no PATH given to index")
@@ -179,12 +175,35 @@ class Library:
 
         from .store.db import library_error
 
-        lock = WriteLock(self.directory, "itr index").acquire(wait)
+        opts = dict(device=device, precision=precision, batch_size=batch_size, workers=workers,
+                    include_hidden=include_hidden, exclude=list(exclude),
+                    follow_symlinks=follow_symlinks, prune=prune, draft=draft,
+                    progress=progress, video=video, video_budget=video_budget, engine=engine,
+                    address=address, engine_logs=engine_logs, held=held)
+        try:
+            with self.store.writing("itr index", wait):
+                if reindex and self.model:
+                    return self._reindex_beside(roots, model, ocr, opts)
+                return self._index_locked(roots, model, reindex, ocr, **opts)
+        except (sqlite3.Error, OSError) as e:
+            # a full disk, a read-only or vanished library directory, a damaged database:
+            # one actionable line (committed batches are kept; the next run goes on)
+            raise library_error(e, self.directory) from e
+
+    def _index_locked(self, roots: list[str], model: str | None, reindex: bool,
+                      ocr: bool | None, *, device: str, precision: str, batch_size: int,
+                      workers: int | None, include_hidden: bool, exclude: list[str],
+                      follow_symlinks: bool, prune: bool, draft: bool, progress,
+                      video: bool, video_budget: float | None, engine: str,
+                      address: str | None, engine_logs: bool, held: bool) -> IndexSummary:
+        """:meth:`index` with the write lock held (a library with no model bound yet, or
+        an index run into the library a re-index builds beside the old one)."""
+        from .ingest.images import Preprocess, supported_extensions
+        from .jobs.indexer import IndexRun
+
         export = None  # the text tower's export, in a child process beside the run
         try:
             want = self._check_model(model, reindex)
-            if reindex and self.model:
-                self._clear()
             export = self._start_text_export(want, local=engine == "local")
             if reindex:
                 with self.store.transaction() as c:
@@ -226,7 +245,7 @@ class Library:
             # the Ray engine reads images only: videos are left to (and kept for) a local run
             videos = video and engine == "local" and video_available()
             summary = run.run(roots, extensions=supported_extensions() | (VIDEO_EXTENSIONS if videos else frozenset()),
-                              include_hidden=include_hidden, exclude=list(exclude),
+                              include_hidden=include_hidden, exclude=exclude,
                               follow_symlinks=follow_symlinks, prune=prune,
                               keep=frozenset() if videos else VIDEO_EXTENSIONS, held=held)
             known_roots = set(self.store.get_meta("roots", []))
@@ -235,14 +254,58 @@ class Library:
                 export, started = None, export
                 self._finish_text_tower(started)
             return summary
-        except (sqlite3.Error, OSError) as e:
-            # a full disk, a read-only or vanished library directory, a damaged database:
-            # one actionable line (committed batches are kept; the next run goes on)
-            raise library_error(e, self.directory) from e
         finally:
             if export is not None:  # failed or interrupted: the next run exports
                 export.cancel()
-            lock.release()
+
+    def _reindex_beside(self, roots: list[str], model: str | None, ocr: bool | None,
+                        opts: dict[str, Any]) -> IndexSummary:
+        """``index(reindex=True)`` of a library bound to a model: a new library is built in
+        ``<library>/.reindex`` (the model loaded and checked first, by its own run) and
+        swapped in at the end.  Until the swap the old library answers searches as it was;
+        a failed, interrupted or killed re-index leaves it untouched (the next re-index
+        removes the half-built one).  The swap keeps a whole library at every step."""
+        import shutil
+
+        from .embed import textonnx
+        from .store import vindex
+
+        from .constants import REINDEX_DIR
+
+        side_dir = self.directory / REINDEX_DIR
+        shutil.rmtree(side_dir, ignore_errors=True)  # a killed re-index's half-built library
+        side = Library.open(side_dir, create=True)
+        swapped = False
+        try:
+            if ocr is None and self.ocr:
+                ocr = True  # the library's setting, kept
+            with side.store.writing("itr index --reindex"):
+                summary = side._index_locked(roots, model or self.model, False, ocr, **opts)
+                if summary.interrupted:
+                    return summary
+                side.store.set_meta(roots=sorted(set(self.store.get_meta("roots", [])) | set(roots)))
+            side.store.checkpoint()
+            side.close()
+            # the old graph and text tower go first (a kill after this leaves the old rows,
+            # whose graph is rebuilt from them), then the database (the new rows and
+            # vectors), then the new graph and tower join it
+            vindex.remove_graphs(self.directory)
+            textonnx.remove_export(self.directory)
+            self.store.swap_in(side_dir)
+            swapped = True
+            vindex.adopt_graphs(side_dir, self.directory)
+            textonnx.adopt_export(side_dir, self.directory)
+            self._forget_loaded()
+            return summary
+        finally:
+            side.close()
+            if swapped or side_dir.exists():
+                shutil.rmtree(side_dir, ignore_errors=True)
+
+    def _forget_loaded(self) -> None:
+        """Drop what was loaded for the library's previous contents (graph, encoder)."""
+        self._vindex = self._mapped = None
+        self._encoder = self._encoder_args = None
 
     @property
     def ocr(self) -> bool:
@@ -287,10 +350,14 @@ class Library:
     # -- the exported text tower (fast cold searches; see embed/textonnx.py) ------------------
     def _text_export_due(self, model: str | None) -> bool:
         """No exported tower for ``model`` yet, and its export has not been given up."""
-        from .embed.textonnx import OnnxTextEncoder
-
-        return bool(model) and not OnnxTextEncoder.available(self.directory) and (
+        return bool(model) and not self._text_export_ok() and (
             self.store.get_meta("text_export_failed") != model)
+
+    def _text_export_ok(self) -> bool:
+        """The exported text tower is there and belongs to the library's model and dimension."""
+        from .embed.textonnx import export_matches
+
+        return export_matches(self.directory, self.model, self.store.get_meta("dim"))
 
     def _start_text_export(self, model: str, local: bool):
         """Start the export in a child process at the start of a run that needs one (a new
@@ -337,7 +404,7 @@ class Library:
                 code, why, unsupported = 1, str(e), True
             except Exception as e:
                 code, why = 1, f"{type(e).__name__}: {str(e)[:200]}"
-        if code == 0 and textonnx.OnnxTextEncoder.available(self.directory):
+        if code == 0 and self._text_export_ok():
             self.store.set_meta(text_export_tries=None)
             return
         import logging
@@ -379,7 +446,7 @@ class Library:
         """Something with ``encode_texts``: the exported ONNX tower if present, else torch."""
         from .embed.textonnx import OnnxTextEncoder
 
-        if device in ("auto", "cpu") and OnnxTextEncoder.available(self.directory):
+        if device in ("auto", "cpu") and self._text_export_ok():
             try:
                 return OnnxTextEncoder(self.directory)
             except Exception:
@@ -657,6 +724,7 @@ class Library:
         workers: int | None = None,
         cache: bool = True,
         progress: Progress | None = None,
+        wait: float = 0.0,
     ) -> dict[str, Any]:
         """Fit a query map on captioned ``pairs`` and store it (see :mod:`itrcli.query.adapt`).
 
@@ -666,6 +734,8 @@ class Library:
                 :data:`itrcli.query.adapt.METHODS`); cross-validation picks one, or none.
             folds: cross-validation folds (grouped by image).
             cache: use the evaluation embedding cache.
+            wait: seconds to wait for the write lock when the map is stored (the fit itself
+                runs without it: an index run goes on meanwhile).
         Returns:
             ``{"stored": bool, "method", "params", "pairs_hash", "cv": {...}, "skipped": [...],
             "notes": [...], "encoded": {...}}``; nothing is stored when no map beats the
@@ -721,21 +791,28 @@ class Library:
         cv = sel.to_json()
         stored = sel.best.method != "none"
         if stored:
-            with self.store.transaction() as c:
-                adapters.save(c, adapters.StoredAdapter(
-                    self.model, phash, os.path.abspath(pairs.source), len(p), n_images, adapter.method,
-                    adapter.params, dim, adapter.matrix, adapter.mean, cv, now_iso()))
+            fitted_on = self.model
+            with self.store.writing("itr adapt", wait):
+                if self.model != fitted_on or self.store.get_meta("dim") != dim:
+                    raise LibraryError(f"library {self.directory} was re-indexed with another "
+                                       "model while the map was fitted; run itr adapt again")
+                with self.store.transaction() as c:
+                    adapters.save(c, adapters.StoredAdapter(
+                        fitted_on, phash, os.path.abspath(pairs.source), len(p), n_images,
+                        adapter.method, adapter.params, dim, adapter.matrix, adapter.mean, cv,
+                        now_iso()))
         return {"stored": stored, "method": sel.best.method, "params": sel.best.params,
                 "pairs_hash": phash, "model": self.model, "cv": cv, "skipped": e.skipped,
                 "notes": notes, "encoded": e.stats}
 
-    def remove_adapter(self) -> bool:
-        """Drop the stored query map; True if there was one."""
+    def remove_adapter(self, *, wait: float = 0.0) -> bool:
+        """Drop the stored query map; True if there was one.
+        Raises:
+            LibraryError: opened read-only, or locked (``wait`` seconds).
+        """
         from .store import adapters
 
-        if self.store.readonly:
-            raise LibraryError("library opened read-only")
-        with self.store.transaction() as c:
+        with self.store.writing("itr adapt --remove", wait), self.store.transaction() as c:
             return adapters.delete(c)
 
     def _text_query(self, parts, mode: str):
@@ -831,21 +908,6 @@ class Library:
     def _dim(self) -> int:
         return int(self.store.get_meta("dim"))
 
-    def _clear(self) -> None:
-        """--reindex: forget every vector and the model binding (rows are re-created).
-        The graph goes first: killed in between, it is rebuilt from the rows."""
-        from .embed.textonnx import remove_export
-        from .store import adapters
-        from .store.vindex import remove_graphs
-
-        remove_graphs(self.directory)
-        with self.store.transaction() as c:
-            self.store.delete_files(c, self.store.file_ids())
-            self.store.forget_model(c)
-            adapters.delete(c)  # fitted on the old model's vectors
-        remove_export(self.directory)
-        self.store.set_meta(text_export_failed=None, text_export_tries=None)  # tried afresh
-
     # -- verifying and repairing ---------------------------------------------------------------
     def check(self, *, files: bool = True):
         """Verify the library without changing it; returns an :class:`itrcli.jobs.check.Report`
@@ -879,8 +941,6 @@ class Library:
     # -- information ------------------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         """Path, model, dimension, counts, roots and on-disk sizes (the ``itr info`` object)."""
-        from .embed.textonnx import OnnxTextEncoder
-
         meta = self.store.meta()
         sizes = disk_usage(self.directory)
         total = sum(sizes.values())
@@ -905,7 +965,7 @@ class Library:
             "metadata": coverage(self.store.conn),  # files with gps, camera, taken_at
             **dict(zip(("videos", "frames"), self.store.video_counts())),
             "roots": meta.get("roots", []),
-            "fast_text_search": OnnxTextEncoder.available(self.directory),
+            "fast_text_search": self._text_export_ok(),
             "search_ef": meta.get("search_ef"),
             "search_recall": meta.get("search_recall"),
             "adapter": self._adapter_info(),

@@ -359,6 +359,29 @@ def remove_export(library_dir: Path) -> None:
     remove_temp_files(library_dir)
 
 
+def adopt_export(source: Path, library_dir: Path) -> None:
+    """Move the export of the library at ``source`` into the library at ``library_dir``
+    (``--reindex`` swaps in the library it built beside; the caller holds the lock)."""
+    src = Path(source) / DIRNAME
+    if src.is_dir():
+        remove_export(library_dir)
+        os.replace(src, Path(library_dir) / DIRNAME)
+
+
+def export_matches(library_dir: Path, model: str | None, dim: int | None) -> bool:
+    """Whether the library's exported tower is there and belongs to ``model`` at ``dim``:
+    a tower left by another model (a re-index killed half-way, a copied folder) is never
+    used; the next ``itr index`` exports the right one."""
+    d = Path(library_dir) / DIRNAME
+    if not model or not (d / MODEL_FILE).exists():
+        return False
+    try:
+        settings = json.loads((d / SETTINGS_FILE).read_text())
+        return settings.get("model") == model and int(settings.get("dim")) == int(dim or 0)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def remove_temp_files(library_dir: Path) -> None:
     """The half-written exports of killed runs (the caller holds the write lock)."""
     for p in Path(library_dir).glob(f".{DIRNAME}.tmp*"):

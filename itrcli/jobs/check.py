@@ -30,7 +30,7 @@ from typing import Any
 from ..errors import LibraryError
 from ..store.db import Store, decode_vectors, fs_path_of, library_error
 from ..store.graphfile import GraphFile, GraphFileError
-from ..store.lock import WriteLock, holder
+from ..store.lock import holder
 from ..store.vindex import VectorIndex, graph_files, remove_temp_files
 
 ERROR, WARNING, NOTE = "error", "warning", "note"
@@ -436,13 +436,11 @@ def repair(store: Store, *, prune: bool = False, wait: float = 0.0) -> Report:
     """
     if store.readonly:
         raise LibraryError("library opened read-only; cannot repair")
-    lock = WriteLock(store.directory, "itr check --repair").acquire(wait)
     try:
-        return _repair(store, prune)
+        with store.writing("itr check --repair", wait):
+            return _repair(store, prune)
     except (sqlite3.Error, OSError) as e:
         raise library_error(e, store.directory) from e
-    finally:
-        lock.release()
 
 
 def _repair(store: Store, prune: bool) -> Report:

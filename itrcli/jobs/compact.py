@@ -24,7 +24,6 @@ from dataclasses import dataclass
 
 from ..progress import NoProgress, Progress
 from ..store.db import PAGE_SIZE, Store, library_error
-from ..store.lock import WriteLock
 
 #: Rows per transaction in step 1 (~20 MB of float32 read, one commit every second or so).
 CHUNK = 10_000
@@ -67,36 +66,38 @@ def compact(store: Store, *, progress: Progress | None = None, wait: float = 0.0
     if store.readonly:
         raise LibraryError("library opened read-only; cannot compact")
     progress = progress or NoProgress()
-    lock = WriteLock(store.directory, "itr check --compact").acquire(wait)
-    t0 = time.monotonic()
     try:
-        before = store.layout()
-        out = Compaction(page_size_before=before["page_size"], bytes_before=_db_bytes(store))
-        if store.vector_dtype != "float16":
-            store.set_vector_dtype("float16")  # new writes are float16 from now on
-        if store.get_meta("dim") is not None:
-            left = store.float32_vectors()
-            progress.start(left)
-            after = -1
-            try:
-                while left:
-                    last, n = store.convert_vectors(after, CHUNK)
-                    if last is None:
-                        break
-                    after = last
-                    out.converted += n
-                    progress.advance(n, n)
-            finally:
-                progress.close()
-        fragmented = before["free_pages"] > 0.1 * max(before["pages"], 1)
-        if out.converted or before["page_size"] != PAGE_SIZE or fragmented:
-            store.rewrite_file(PAGE_SIZE)
-            out.rewritten = True
-        out.page_size = store.layout()["page_size"]
-        out.bytes_after = _db_bytes(store)
-        out.seconds = time.monotonic() - t0
-        return out
+        with store.writing("itr check --compact", wait):
+            return _compact(store, progress)
     except (sqlite3.Error, OSError) as e:
         raise library_error(e, store.directory) from e
-    finally:
-        lock.release()
+
+
+def _compact(store: Store, progress: Progress) -> Compaction:
+    t0 = time.monotonic()
+    before = store.layout()
+    out = Compaction(page_size_before=before["page_size"], bytes_before=_db_bytes(store))
+    if store.vector_dtype != "float16":
+        store.set_vector_dtype("float16")  # new writes are float16 from now on
+    if store.get_meta("dim") is not None:
+        left = store.float32_vectors()
+        progress.start(left)
+        after = -1
+        try:
+            while left:
+                last, n = store.convert_vectors(after, CHUNK)
+                if last is None:
+                    break
+                after = last
+                out.converted += n
+                progress.advance(n, n)
+        finally:
+            progress.close()
+    fragmented = before["free_pages"] > 0.1 * max(before["pages"], 1)
+    if out.converted or before["page_size"] != PAGE_SIZE or fragmented:
+        store.rewrite_file(PAGE_SIZE)
+        out.rewritten = True
+    out.page_size = store.layout()["page_size"]
+    out.bytes_after = _db_bytes(store)
+    out.seconds = time.monotonic() - t0
+    return out

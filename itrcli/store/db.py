@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 from ..errors import LibraryError
 from ..gcpause import gc_paused
+from .lock import WriteLock
 from ..pools import in_order
 
 from ..constants import DB_NAME
@@ -371,15 +372,22 @@ class Store:
             except OSError as e:
                 raise LibraryError(f"cannot create library directory {self.directory}: {e.strerror}") from None
         self.readonly = readonly
+        self._lock: WriteLock | None = None  # held while a writing() block runs
+        self._lock_depth = 0
+        self._migrating = False
         try:
             if readonly:
                 self.conn = _connect_readonly(self.path)
             else:
-                self.conn = _connect_writable(self.path, page_size if new else None)
+                self.conn, self._identity = _connect_identified(self.path, page_size if new else None)
             if not readonly:
-                self._migrate()
-                if new and self.get_meta("vector_dtype") is None:
-                    self.set_vector_dtype(vector_dtype)
+                self._migrating = True  # under SQLite's own write lock, before any lock of ours
+                try:
+                    self._migrate()
+                    if new and self.get_meta("vector_dtype") is None:
+                        self.set_vector_dtype(vector_dtype)
+                finally:
+                    self._migrating = False
             else:
                 self._check_version()
                 self._compat_views()
@@ -405,8 +413,73 @@ class Store:
 
         return sqlite_utils.Database(self.conn)
 
+    # -- the one write path ----------------------------------------------------------
+    @contextmanager
+    def writing(self, what: str = "itr", wait: float = 0.0) -> Iterator["Store"]:
+        """Hold the library's write lock for a block of writes: the only way to write.
+
+        The lock is taken first; then, if the database file was replaced since this store
+        opened it (``itr check --compact`` / ``--repair`` swap in a new file), the store
+        reopens the file now in place, so that no write goes into a file that is no longer
+        the library's.  Re-entrant: an inner block of the same store reuses the lock.
+        Raises:
+            LibraryError: opened read-only.
+            LockedError: another process holds the lock after ``wait`` seconds.
+        """
+        if self.readonly:
+            raise LibraryError(f"library {self.directory} opened read-only")
+        if self._lock_depth == 0:
+            lock = WriteLock(self.directory, what).acquire(wait)
+            try:
+                self._follow_replacement()
+            except BaseException:
+                lock.release()
+                raise
+            self._lock = lock
+        self._lock_depth += 1
+        try:
+            yield self
+        finally:
+            self._lock_depth -= 1
+            if self._lock_depth == 0 and self._lock is not None:
+                self._lock.release()
+                self._lock = None
+
+    @property
+    def locked(self) -> bool:
+        """Whether this store holds the library's write lock (inside :meth:`writing`)."""
+        return self._lock_depth > 0
+
+    def replaced(self) -> bool:
+        """Whether the database file on disk is no longer the one this store has open."""
+        return _identity(self.path) != getattr(self, "_identity", None)
+
+    def _follow_replacement(self) -> None:
+        if not self.replaced():
+            return
+        self.conn.close()
+        self.conn, self._identity = _connect_identified(self.path)
+        self._migrating = True
+        try:
+            self._migrate()
+        finally:
+            self._migrating = False
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction, always under the write lock: inside a :meth:`writing`
+        block it uses that block's lock; alone it takes the lock for itself (and fails with
+        :class:`~itrcli.errors.LockedError` while another process holds it).  The schema
+        migrations at open run under SQLite's own lock only."""
+        if self._lock_depth or self._migrating:
+            with self._transaction() as c:
+                yield c
+            return
+        with self.writing(), self._transaction() as c:
+            yield c
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
         self.conn.execute("BEGIN IMMEDIATE")
         try:
             yield self.conn
@@ -533,8 +606,28 @@ class Store:
         for suffix in ("-wal", "-shm"):  # they belonged to the old file: never replay them
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
         fsync_dir(self.directory)
-        self.conn = _connect_writable(self.path)
+        self.conn, self._identity = _connect_identified(self.path)
         return old
+
+    def checkpoint(self) -> None:
+        """Fold the write-ahead log into the database file (before the file is moved)."""
+        self.conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+    def swap_in(self, other_library: Path) -> None:
+        """Replace this library's database with the one in ``other_library`` (closed and
+        checkpointed; the caller holds the write lock), and reopen.  Readers that have the
+        old file open go on reading it; the old write-ahead log is emptied first, so that
+        no reader can replay it into the new file."""
+        src = Path(other_library) / DB_NAME
+        with open(src, "rb") as f:
+            os.fsync(f.fileno())
+        self.checkpoint()
+        self.conn.close()
+        os.replace(src, self.path)
+        for suffix in ("-wal", "-shm"):  # the old file's: never replayed into the new one
+            Path(f"{self.path}{suffix}").unlink(missing_ok=True)
+        fsync_dir(self.directory)
+        self.conn, self._identity = _connect_identified(self.path)
 
     # -- layout and compaction (itr check --compact) ----------------------------------
     def layout(self) -> dict[str, Any]:
@@ -595,7 +688,7 @@ class Store:
         for suffix in ("-wal", "-shm"):  # they belonged to the old file: never replay them
             Path(f"{self.path}{suffix}").unlink(missing_ok=True)
         fsync_dir(self.directory)
-        self.conn = _connect_writable(self.path)
+        self.conn, self._identity = _connect_identified(self.path)
 
     # -- meta ------------------------------------------------------------------------
     def get_meta(self, key: str, default: Any = None) -> Any:
@@ -1062,6 +1155,27 @@ class Store:
     def truncate_log(self, upto: int) -> None:
         with self.transaction() as c:
             c.execute("DELETE FROM vector_log WHERE seq <= ?", (upto,))
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _connect_identified(path: Path, page_size: int | None = None):
+    """A writable connection and the identity (device, inode) of the file it has open: the
+    file is looked at before and after connecting, again until both agree (a file swapped
+    in between would otherwise be taken for the one opened)."""
+    while True:
+        before = _identity(path)
+        conn = _connect_writable(path, page_size)
+        after = _identity(path)
+        if before == after or before is None:
+            return conn, after
+        conn.close()
 
 
 def _connect_writable(path: Path, page_size: int | None = None) -> sqlite3.Connection:

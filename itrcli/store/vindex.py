@@ -71,6 +71,19 @@ def remove_graphs(directory: Path | str) -> None:
     shutil.rmtree(Path(directory) / GRAPH_DIR, ignore_errors=True)
 
 
+def adopt_graphs(source: Path | str, directory: Path | str) -> None:
+    """Move the graph files of the library at ``source`` into the library at ``directory``
+    (``--reindex`` swaps in the library it built beside; the caller holds the lock)."""
+    src, dst = Path(source) / GRAPH_DIR, Path(directory) / GRAPH_DIR
+    saved = graph_files(source)[0]
+    if not saved:
+        return
+    dst.mkdir(exist_ok=True)
+    for _seq, path in saved:
+        os.replace(path, dst / path.name)
+    fsync_dir(dst)
+
+
 class VectorIndex:
     def __init__(self, directory: Path, dim: int) -> None:
         self.dir = Path(directory) / GRAPH_DIR
