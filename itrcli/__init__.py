@@ -13,7 +13,7 @@ from __future__ import annotations
 
 __version__ = "0.2.0"
 
-__all__ = ["Library", "ExitCode", "ItrError", "__version__"]
+__all__ = ["Library", "SearchRequest", "SearchResult", "ExitCode", "ItrError", "__version__"]
 
 
 def __getattr__(name: str):
@@ -22,6 +22,10 @@ def __getattr__(name: str):
         from .library import Library
 
         return Library
+    if name in ("SearchRequest", "SearchResult"):
+        from .query import request
+
+        return getattr(request, name)
     if name in ("ExitCode", "ItrError"):
         from . import errors
 

@@ -445,7 +445,10 @@ def search(
         itr search clip.mp4 --at 12.5 --frames
     """
     from .library import Library
-    from .show.output import err, format_time, is_tty, print_json
+    from .query.request import SearchRequest
+    from .show.output import err, is_tty, print_json
+    from .show.results import Pictures, piped_lines, write_table
+
     if query is not None and not query.strip():
         raise UsageError("empty query")
     if text_only and no_text:
@@ -459,113 +462,60 @@ def search(
     preview = preview or protocol != "auto"
     if html == "-" and (json_ or null or paths_only):
         raise UsageError("--html - writes the page to stdout: not with --json, --paths or -0")
+    request = SearchRequest.build(
+        query, image=str(image) if image else None, text=text, add=add or (),
+        subtract=subtract or (), top=top, in_dirs=[str(d) for d in in_dirs or []],
+        threshold=threshold, after=after, before=before, camera=camera, near=near,
+        globs=glob or (), min_size=min_size, kind=kind, sort=sort, auto_cut=auto_cut,
+        exact=exact, hash_bits=hash_bits if hash_ else None, adapt=not no_adapt,
+        text_match="only" if text_only else "none" if no_text else "auto", frames=frames,
+        at=at, rerank=rerank, rerank_k=rerank_k, rerank_model=rerank_model,
+        rerank_cache=not no_rerank_cache, device=device, precision=precision)
     out = sys.stdout
     table = not (json_ or null or paths_only) and html != "-"
     with Library.open(db, readonly=True) as lib:
-        hits = lib.search(query, image=str(image) if image else None, text=text,
-                          add=add or [], subtract=subtract or [], top=top,
-                          in_dirs=[str(d) for d in in_dirs or []], threshold=threshold,
-                          after=after, before=before, exact=exact, device=device,
-                          precision=precision, hash_bits=hash_bits if hash_ else None,
-                          adapt=not no_adapt, camera=camera, near=near, globs=glob or [],
-                          min_size=min_size, kind=kind, sort=sort, auto_cut=auto_cut,
-                          text_match="only" if text_only else "none" if no_text else "auto",
-                          rerank=rerank, rerank_k=rerank_k, rerank_model=rerank_model,
-                          rerank_progress=_rerank_progress() if rerank else None,
-                          rerank_cache=not no_rerank_cache, frames=frames, at=at)
-        for h in hits:
+        result = lib.search(request, progress=_rerank_progress() if rerank else None)
+        for h in result:
             if h.rerank_error:
                 err(f"itr: not re-ranked (now unreadable) {h.path}: {h.rerank_error}")
-        if lib.last_rerank_cache is not None and lib.last_rerank_cache.error:
-            err(f"itr: re-rank feature cache not written: {lib.last_rerank_cache.error}")
-        model, adapted = lib.model, lib.last_adapter
-        sources, terms, term_sources, cache = [], [], [], None
+        if result.rerank_cache and result.rerank_cache["error"]:
+            err(f"itr: re-rank feature cache not written: {result.rerank_cache['error']}")
+        pictures = None
         if html is not None or (preview and table and is_tty(out)):
-            from .show.contact_sheet import query_terms
-            from .show.thumbs import ThumbnailCache, source_for
-
-            cache = ThumbnailCache.for_library(lib.directory)
-            sources = [source_for(lib.store, h.path, h.time) for h in hits]
+            pictures = Pictures(lib.store, lib.directory, result)
+        try:
             if html is not None:
-                terms = query_terms(query, image=str(image) if image else None, text=text,
-                                    add=add or [], subtract=subtract or [])
-                from .ingest.video import is_video
-
-                def frame(v):  # a video term shows its --at frame (else its first)
-                    return (at or 0.0) if is_video(v) else None
-
-                term_sources = [source_for(lib.store, v, frame(v)) if k == "image" else None
-                                for k, v, _ in terms]
-    if not hits and not (table and is_tty(out)) and (camera or near or glob or min_size or kind):
-        err("no results with these filters")  # on a terminal the table says "no results"
-    try:
-        if html is not None:
-            from .show.contact_sheet import write_search_html
-
-            try:
-                write_search_html(html, hits, sources, terms=terms, term_sources=term_sources,
-                                  cache=cache, model=model)
-            except OSError as e:
-                raise UsageError(f"--html {html}: {e.strerror or e}") from None
-            if html == "-":
-                return
-        if json_:
-            q = query if query is not None else (str(image) if image else text)
-            print_json({"query": q, "model": model, "adapter": adapted,
-                        "results": [h.to_json() for h in hits]})
-        elif null:
-            out.write("".join(h.path + "\0" for h in hits))
-        elif paths_only:
-            out.write("".join(h.path + "\n" for h in hits))
-        elif is_tty(out):
-            if adapted and is_tty(sys.stderr):
-                err(f"text mapped by the library's {adapted} adapter (--no-adapt: without)")
-            previews = None
-            if preview:
-                from .show.preview import for_terminal
-
-                previewer, found = for_terminal(out, force=protocol, rows=preview_height,
-                                                cache=cache)
-                if previewer is None:
-                    err(f"itr: no image previews: {found.reason}")
-                else:
-                    previews = previewer.sequences(sources)
-            width = max([len(str(len(hits)))] + [1])
-            words = {h.id: _words_cell(h.text) for h in hits if h.text is not None}
-            text_w = max([len(w) for w in words.values()] + [0])
-            times = [format_time(h.time) if h.time is not None else "" for h in hits]
-            tw = max(map(len, times), default=0)  # a time column only when a video ranks
-            for h, t in zip(hits, times):
-                date = h.date or "-"
-                match = "" if not rerank else (
-                    f"{h.rerank_score:.4f}  " if h.rerank_score is not None else "     -  ")
-                cell = f"{words.get(h.id, ''):<{text_w}}  " if words else ""
-                when = f"{t:>{tw}}  " if tw else ""
-                out.write(f"{h.rank:>{width}}  {match}{h.score:.4f}  {date:<10}  {when}{cell}"
-                          f"{h.path}\n")
-                if previews is not None:
-                    seq = next(previews)
-                    if isinstance(seq, Exception):
-                        err(f"itr: no preview of {h.path}: {getattr(seq, 'strerror', None) or seq}")
-                    else:
-                        out.write(seq + "\n")
-                    out.flush()  # each image as soon as it is ready
-            if not hits:
-                sys.stderr.write("no results\n")
-        else:
-            if preview:
-                err("itr: no image previews: stdout is not a terminal")
-            def tail(h) -> str:  # a video frame's time in seconds after its path
-                return "" if h.time is None else f"\t{h.time:.2f}"
-
-            if rerank:
-                out.write("".join(("-" if h.rerank_score is None else f"{h.rerank_score:.4f}")
-                                  + f"\t{h.score:.4f}\t{h.path}{tail(h)}\n" for h in hits))
+                try:
+                    pictures.write_sheet(html)  # type: ignore[union-attr]
+                except OSError as e:
+                    raise UsageError(f"--html {html}: {e.strerror or e}") from None
+                if html == "-":
+                    return
+            if not result and not (table and is_tty(out)) and (camera or near or glob or min_size
+                                                                or kind):
+                err("no results with these filters")  # on a terminal the table says "no results"
+            if json_:
+                print_json(result.to_json())
+            elif null:
+                out.write("".join(h.path + "\0" for h in result))
+            elif paths_only:
+                out.write("".join(h.path + "\n" for h in result))
+            elif is_tty(out):
+                if result.adapter and is_tty(sys.stderr):
+                    err(f"text mapped by the library's {result.adapter} adapter (--no-adapt: without)")
+                previews = None
+                if preview and pictures is not None:
+                    previews = pictures.previews(out, protocol=protocol, rows=preview_height)
+                write_table(out, result, previews)
+                if not result:
+                    sys.stderr.write("no results\n")
             else:
-                out.write("".join(f"{h.score:.4f}\t{h.path}{tail(h)}\n" for h in hits))
-    finally:
-        if cache is not None:
-            cache.trim()  # evict least recently used thumbnails beyond the cap
+                if preview:
+                    err("itr: no image previews: stdout is not a terminal")
+                out.write(piped_lines(result))
+        finally:
+            if pictures is not None:
+                pictures.close()
 
 
 @app.command("text")
@@ -591,33 +541,15 @@ def text_cmd(
         itr text ~/photos/2023 --json > text.json
     """
     from .errors import LibraryError
-    from .ingest.images import supported_extensions
-    from .ingest.ocr import OcrUnavailable, TextReader
-    from .ingest.walk import walk
-    from .jobs.textread import text_for
-    from .library import Library
+    from .library import Library, read_text
     from .show.output import err, one_line, print_json
 
-    files: list[str] = []
-    for p in paths:
-        if p.is_dir():
-            found = walk([str(p)], extensions=supported_extensions(), include_hidden=include_hidden,
-                         exclude=[], follow_symlinks=False)
-            files += sorted(found.files)
-        else:
-            files.append(os.path.abspath(str(p)))
     try:
         lib = Library.open(db, readonly=True)
     except LibraryError:
         lib = None  # no library: every image is read now
-    reader = TextReader()
-    results = []
     try:
-        for f in files:
-            try:
-                results.append(text_for(f, lib.store if lib else None, reader))
-            except OcrUnavailable as e:
-                raise UsageError(f"{one_line(f)} is not in the library; {e}") from None
+        results = read_text(paths, library=lib, include_hidden=include_hidden)
     finally:
         if lib is not None:
             lib.close()
@@ -873,7 +805,8 @@ def eval_cmd(
         itr eval catalogue.csv --adapt catalogue.csv
     """
     from .evaluation.datasets import load
-    from .evaluation.evaluate import evaluate, format_table, parse_int_list, summary_line
+    from .evaluation.evaluate import format_table, parse_int_list, summary_line
+    from .library import Library, evaluate
     from .show.output import BarProgress, err, is_tty, print_json
 
     ks = parse_int_list(recall, "--recall")
@@ -887,13 +820,18 @@ def eval_cmd(
         if not quiet and pairs.missing_report():
             err(f"warning: --adapt: {pairs.missing_report()}")
     progress = BarProgress("encoding") if not quiet and is_tty(sys.stderr) else None
-    result = evaluate(ds, model or [None], ks=ks, ann=ann, hash_bits=bits, folds=folds,
-                      adapt=pairs,
-                      device=device, precision=precision, batch_size=batch_size,
-                      workers=workers, cache=not no_cache, db=db, progress=progress,
-                      rerank=rerank, rerank_k=rerank_k, rerank_model=rerank_model,
-                      rerank_progress=BarProgress("re-ranking")
-                      if rerank and not quiet and is_tty(sys.stderr) else None)
+    lib = Library.open(db, readonly=True) if db is not None else None
+    try:
+        result = evaluate(ds, model or [None], library=lib, ks=ks, ann=ann, hash_bits=bits,
+                          folds=folds, adapt=pairs, device=device, precision=precision,
+                          batch_size=batch_size, workers=workers, cache=not no_cache,
+                          progress=progress, rerank=rerank, rerank_k=rerank_k,
+                          rerank_model=rerank_model,
+                          rerank_progress=BarProgress("re-ranking")
+                          if rerank and not quiet and is_tty(sys.stderr) else None)
+    finally:
+        if lib is not None:
+            lib.close()
     if json_:
         print_json(result.to_json())
     else:
@@ -1121,12 +1059,6 @@ def main(argv: list[str] | None = None) -> None:
 
         gc.freeze()
     sys.exit(int(code))
-
-
-def _words_cell(words: list[str] | None, limit: int = 30) -> str:
-    """The matched words of a hit, for the terminal table ("-" when none matched)."""
-    text = " ".join(words or []) or "-"
-    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 def _rerank_progress():

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from .embed import models
 from .errors import ExitCode, LibraryError, UsageError
+from .query.request import SearchRequest, SearchResult
 from .paths import default_library_dir
 from .store.db import Store
 
@@ -37,12 +38,8 @@ class Library:
         self.store = store
         self._encoder = None
         self._encoder_args: tuple[str, str, str] | None = None
-        self.last_adapter: str | None = None  #: method that mapped the last search's text
         self._reranker = None  # loaded by the first search with rerank=True
         self._reranker_args: tuple[str | None, str, str] | None = None
-        #: the re-ranker's feature cache as the last search used it (hits, misses, writes,
-        #: error), or None
-        self.last_rerank_cache = None
 
     # -- opening -----------------------------------------------------------------------
     @classmethod
@@ -535,130 +532,107 @@ class Library:
                                                     at if _is_video(p) else None),
         )
 
-    def search(
-        self,
-        query: str | None = None,
-        *,
-        image: str | None = None,
-        text: str | None = None,
-        add: Sequence[str] = (),
-        subtract: Sequence[str] = (),
-        top: int = 10,
-        in_dirs: Sequence[str] = (),
-        threshold: float | None = None,
-        after: str | None = None,
-        before: str | None = None,
-        exact: bool = False,
-        ef: int | None = None,
-        device: str = "auto",
-        precision: str = "auto",
-        hash_bits: int | None = None,
-        adapt: bool = True,
-        camera: str | None = None,
-        near: str | None = None,
-        globs: Sequence[str] = (),
-        min_size: str | None = None,
-        kind: str | None = None,
-        sort: str = "score",
-        auto_cut: bool | float = False,
-        text_match: str = "auto",
-        rerank: bool = False,
-        rerank_k: int | None = None,
-        rerank_model: str | None = None,
-        rerank_progress=None,
-        rerank_cache: bool = True,
-        frames: bool = False,
-        at: float | None = None,
-    ) -> list:
-        """Rank the library's images against a query; returns :class:`itrcli.query.search.Hit` s.
+    def search(self, request: SearchRequest | str | None = None, /, *, progress=None,
+               **options: Any) -> SearchResult:
+        """Rank the library's images and videos against one request.
 
-        ``text_match``: on a library that reads text (``index(ocr=True)``), ``"auto"`` fuses
-        the cosine ranking with the match of the query's words in the images' text
-        (:mod:`itrcli.query.fusion`), ``"only"`` ranks by the text match alone (no model is
-        loaded), ``"none"`` by cosine alone.
-        A video ranks once, at its best frame (``hit.time``), unless ``frames``.  A video
-        file as query: ``at`` picks its frame at that many seconds.
+        ``request`` is a :class:`~itrcli.query.request.SearchRequest`, or the query text (or
+        image path) with the request's fields as keyword ``options``::
 
-        ``query`` is a text, or an image when it names an existing image file; ``image`` /
-        ``text`` force the kind.  ``add`` / ``subtract`` terms are classified the same way.
-        ``hash_bits``: rank binary codes of that length by Hamming distance first, then
-        re-rank the best candidates by cosine (see :mod:`itrcli.query.hashing`).
-        An image query never returns the query file itself.
-        ``adapt``: map text terms with the library's adapter (``itr adapt``) if it has one;
-        afterwards ``self.last_adapter`` is the method used, or None.
-        ``camera``, ``near`` (``"LAT,LON[,KM]"``), ``globs``, ``min_size`` (``"WxH"``) and
-        ``kind`` filter by metadata (:mod:`itrcli.query.filters`); ``sort``: ``score``,
-        ``date`` (newest first) or ``path`` order for the best ``top``; ``auto_cut``: keep
-        only results standing out from the library (True, or the floor in standard
-        deviations; :mod:`itrcli.query.autocut`).
-        ``rerank``: re-score the first ``rerank_k`` results with an image-text matching
-        model (``rerank_model``; see :meth:`rerank`); text queries only.  ``rerank_cache``:
-        use the re-ranker's feature cache (see :meth:`rerank`).
+            lib.search("two children on a lawn", top=5, after="2024-01-01")
+            lib.search(SearchRequest(query="a red bicycle", rerank=True))
+
+        The text is mapped by the library's adapter (``itr adapt``) unless ``adapt=False``;
+        on a library that reads text the words are matched too (``text_match``); a video
+        ranks once, at its best frame (``hit.time``), unless ``frames``; an image query never
+        returns the query file itself.  ``progress``: the re-ranker's progress (``rerank``).
+
+        Returns a :class:`~itrcli.query.request.SearchResult` (iterable over its hits).
         Raises:
             UsageError: empty query, bad date or filter, unreadable query image.
             LibraryError: the library is empty.
         """
+        import time
+
         from .query.autocut import FLOOR_SIGMAS
         from .query.filters import meta_filter, parse_sort, sort_hits
         from .query.search import Filters, parse_date, query_parts, rank
 
-        parts = query_parts(query, image=image, text=text, add=add, subtract=subtract)
+        t0 = time.perf_counter()
+        if isinstance(request, SearchRequest):
+            req = request.replace(**options) if options else request.checked()
+        else:
+            req = SearchRequest.build(request, **options)
+        parts = query_parts(req.query, image=req.image, text=req.text, add=req.add,
+                            subtract=req.subtract)
         if any(p.kind == "text" and not p.value for p in parts):
             raise UsageError("empty query")
         if not parts:
             raise UsageError("empty query: give QUERY, --image or --text")
-        if top < 1:
-            raise UsageError("--top must be at least 1")
-        if rerank:
+        rerank_k = req.rerank_k
+        if req.rerank:
             from .embed.rerank import DEFAULT_RERANK_K
 
             rerank_k = DEFAULT_RERANK_K if rerank_k is None else rerank_k
-            if rerank_k < 1:
-                raise UsageError("--rerank-k must be at least 1")
             if len(parts) != 1 or parts[0].kind != "text":
                 raise UsageError("--rerank scores one text against images: it takes a text "
                                  "query without --add/--subtract, not an image query")
         if not self.model or not self.store.has_files():
             raise LibraryError(f"library {self.directory} is empty (run 'itr index PATH' first)")
-        meta = meta_filter(camera=camera, near=near, globs=globs, min_size=min_size, kind=kind)
-        order = parse_sort(sort)
-        sigmas = (None if auto_cut is False or auto_cut is None
-                  else FLOOR_SIGMAS if auto_cut is True else float(auto_cut))
-        filters = Filters(list(in_dirs), parse_date(after, "--after"),
-                          parse_date(before, "--before"), threshold, meta, sigmas)
-        if at is not None and not any(p.kind == "image" and _is_video(p.value) for p in parts):
+        meta = meta_filter(camera=req.camera, near=req.near, globs=req.globs,
+                           min_size=req.min_size, kind=req.kind)
+        order = parse_sort(req.sort)
+        sigmas = (None if req.auto_cut is False or req.auto_cut is None
+                  else FLOOR_SIGMAS if req.auto_cut is True else float(req.auto_cut))
+        filters = Filters(list(req.in_dirs), parse_date(req.after, "--after"),
+                          parse_date(req.before, "--before"), req.threshold, meta, sigmas)
+        if req.at is not None and not any(p.kind == "image" and _is_video(p.value) for p in parts):
             raise UsageError("--at goes with a video query (QUERY or --image naming a video file)")
-        if at is not None and at < 0:
-            raise UsageError("--at must be at least 0")
         exclude = [p.value for p in parts if p.kind == "image"]
-        want = max(top, rerank_k) if rerank else top  # type: ignore[type-var]
-        tq = self._text_query(parts, text_match)
-        if tq is not None and text_match == "only":
+        page = req.offset + req.top
+        want = page + 1  # one more: whether another page follows
+        if req.rerank:
+            want = max(want, rerank_k)  # type: ignore[type-var]
+        out = SearchResult(req, model=self.model)
+        tq = self._text_query(parts, req.text_match)
+        timings = out.timings
+        if tq is not None and req.text_match == "only":
             from .query.fusion import fused_rank
 
-            self.last_adapter = None
+            t1 = time.perf_counter()
             hits = fused_rank(None, tq, store=self.store, get_vindex=self._search_graph,
                               top=want, filters=filters, exclude_paths=exclude, text_only=True)
         else:
-            adapter = self.adapter() if adapt and any(p.kind == "text" for p in parts) else None
-            self.last_adapter = adapter.method if adapter is not None else None
-            q = self.embed_query(parts, device, precision, adapter, at=at)
-            ef = ef or self.store.get_meta("search_ef")  # measured on this library by `itr index`
+            adapter = (self.adapter() if req.adapt and any(p.kind == "text" for p in parts)
+                       else None)
+            out.adapter = adapter.method if adapter is not None else None
+            q = self.embed_query(parts, req.device, req.precision, adapter, at=req.at)
+            t1 = time.perf_counter()
+            timings["embed"] = t1 - t0
+            ef = req.ef or self.store.get_meta("search_ef")  # measured by `itr index`
             if tq is not None:
                 from .query.fusion import fused_rank
 
                 hits = fused_rank(q, tq, store=self.store, get_vindex=self._search_graph,
-                                  top=want, filters=filters, exclude_paths=exclude, exact=exact,
-                                  ef=ef, hash_bits=hash_bits)
+                                  top=want, filters=filters, exclude_paths=exclude,
+                                  exact=req.exact, ef=ef, hash_bits=req.hash_bits)
             else:
                 hits = rank(q, store=self.store, get_vindex=self._search_graph, top=want,
-                            filters=filters, exclude_paths=exclude, exact=exact, ef=ef,
-                            hash_bits=hash_bits, frames=frames)
-        if rerank:
-            hits = self.rerank(hits, parts[0].value, k=rerank_k, model=rerank_model,  # type: ignore[arg-type]
-                               device=device, precision=precision, progress=rerank_progress,
-                               cache=rerank_cache)
-        return sort_hits(hits[:top], order)
+                            filters=filters, exclude_paths=exclude, exact=req.exact, ef=ef,
+                            hash_bits=req.hash_bits, frames=req.frames)
+        t2 = time.perf_counter()
+        timings["rank"] = t2 - t1
+        if req.rerank:
+            hits, cache = self._rerank(hits, parts[0].value, k=rerank_k,  # type: ignore[arg-type]
+                                       model=req.rerank_model, device=req.device,
+                                       precision=req.precision, progress=progress,
+                                       cache=req.rerank_cache)
+            out.rerank_cache = cache
+            timings["rerank"] = time.perf_counter() - t2
+        out.more = len(hits) > page
+        out.hits = sort_hits(hits[:page], order)[req.offset:]  # each hit keeps its rank
+        timings["total"] = time.perf_counter() - t0
+        return out
 
     # -- binary codes ---------------------------------------------------------------------
     def hash_codes(self, files: Sequence[tuple[str, int]] = (), texts: Sequence[str] = (), *,
@@ -858,12 +832,18 @@ class Library:
             ModelError: the re-ranker cannot be loaded.
             UsageError: ``$ITR_RERANK_CACHE_BYTES`` is not a number of bytes.
         """
+        return self._rerank(hits, text, k=k, model=model, device=device, precision=precision,
+                            progress=progress, cache=cache)[0]
+
+    def _rerank(self, hits: list, text: str, *, k: int, model: str | None, device: str,
+                precision: str, progress, cache: bool) -> tuple[list, dict[str, Any] | None]:
+        """:meth:`rerank`, and how its feature cache served (hits, misses, writes, error)."""
         from .embed.rerank import Reranker, reorder
         from .store.db import fs_path_of
         from .store.feature_cache import FeatureCache
 
-        self.last_rerank_cache = None
         head, tail = hits[:k], hits[k:]
+        used = None
         if head:
             rows = self.store.rows(h.id for h in head)
             paths = [fs_path_of(rows[h.id]["path"], rows[h.id]["fsname"]) if h.id in rows
@@ -875,14 +855,16 @@ class Library:
                 self._reranker_args = args
             scores, errors = self._reranker.score_files(text, paths, progress=progress,
                                                         cache=features)
-            self.last_rerank_cache = features
+            if features is not None:
+                used = {"hits": features.hits, "misses": features.misses,
+                        "writes": features.writes, "error": features.error}
             for h, p, s in zip(head, paths, scores):
                 h.rerank_score, h.rerank_error = s, errors.get(p)
             head = [head[i] for i in reorder(scores)]
         out = head + tail
         for n, h in enumerate(out, 1):
             h.rank, h.reranked = n, True
-        return out
+        return out, used
 
     def vector_index(self):
         """The HNSW graph, up to date with the store (replayed in memory if behind)."""
@@ -993,6 +975,51 @@ class Library:
 #: :meth:`Library._finish_text_tower`); ``itr index --reindex`` starts again.
 EXPORT_TRIES = 3
 
+def read_text(paths: Sequence[str | os.PathLike], *, library: Library | None = None,
+              include_hidden: bool = False) -> list[dict[str, Any]]:
+    """The text in image files (``itr text``): what ``library`` read when it holds the same
+    content (``itr index --ocr``), else read now (needs ``itr[ocr]``).  Directories are
+    walked for images.  Returns, per file in path order within each directory,
+    ``{"path", "source": "library" | "read", "lines": [{"text", "box", "confidence"}]}``
+    or ``{"path", "error"}``.
+    Raises:
+        UsageError: a file not in the library, and no OCR engine installed.
+    """
+    from .ingest.images import supported_extensions
+    from .ingest.ocr import OcrUnavailable, TextReader
+    from .ingest.walk import walk
+    from .jobs.textread import text_for
+    from .show.output import one_line
+
+    files: list[str] = []
+    for p in map(str, paths):
+        if os.path.isdir(p):
+            found = walk([p], extensions=supported_extensions(), include_hidden=include_hidden,
+                         exclude=[], follow_symlinks=False)
+            files += sorted(found.files)
+        else:
+            files.append(os.path.abspath(p))
+    reader = TextReader()
+    out = []
+    for f in files:
+        try:
+            out.append(text_for(f, library.store if library else None, reader))
+        except OcrUnavailable as e:
+            raise UsageError(f"{one_line(f)} is not in the library; {e}") from None
+    return out
+
+
+def evaluate(dataset, models: Sequence[str | None] = (None,), *, library: Library | None = None,
+             **options: Any):
+    """Recall@K of each model on a captioned ``dataset`` (``itr eval``; see
+    :func:`itrcli.evaluation.evaluate.evaluate` for the options).  ``library``: reuse its
+    stored vectors where its model is the one evaluated (None: that library's model)."""
+    from .evaluation.evaluate import evaluate as run
+
+    return run(dataset, list(models) or [None],
+               db=library.directory if library is not None else None, **options)
+
+
 #: ``search --at``: a stored frame within this many seconds of the time asked for is used
 #: as it is (no model load); otherwise the frame there is decoded and embedded.
 AT_TOLERANCE = 0.5
@@ -1048,4 +1075,4 @@ def disk_usage(directory: Path) -> dict[str, int]:
     return sizes
 
 
-__all__ = ["Library", "ExitCode"]
+__all__ = ["Library", "ExitCode", "SearchRequest", "SearchResult", "evaluate", "read_text"]
