@@ -19,11 +19,11 @@ from __future__ import annotations
 import io
 import os
 import re
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, NamedTuple
 
+from .. import lrufiles
 from ..constants import THUMBS_DIR
 
 if TYPE_CHECKING:  # Pillow and the decoders load when a thumbnail is made, not for `itr info`
@@ -165,7 +165,7 @@ class ThumbnailCache:
             try:
                 data = f.read_bytes()
                 if data:
-                    _touch(f)
+                    lrufiles.touch(f)
                     return data
             except OSError:
                 pass
@@ -197,41 +197,14 @@ class ThumbnailCache:
 
     def _put(self, f: Path, data: bytes) -> None:
         try:
-            f.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=f.parent, prefix=".tmp-", suffix=".jpg")
-            try:
-                with os.fdopen(fd, "wb") as w:
-                    w.write(data)
-                os.replace(tmp, f)
-            except BaseException:
-                _unlink(tmp)
-                raise
+            lrufiles.write_atomic(f, data)
             self.wrote = True
         except OSError:
             pass  # a read-only or full library: previews still work, uncached
 
     def entries(self) -> list[tuple[float, int, str]]:
         """(mtime, bytes, path) of every cached thumbnail."""
-        out: list[tuple[float, int, str]] = []
-        if self.directory is None or not self.directory.is_dir():
-            return out
-        try:
-            shards = [s.path for s in os.scandir(self.directory) if s.is_dir(follow_symlinks=False)]
-        except OSError:
-            return out
-        for shard in shards:
-            try:
-                files = [e for e in os.scandir(shard)
-                         if e.name.endswith(".jpg") and not e.name.startswith(".")]
-            except OSError:
-                continue
-            for e in files:
-                try:  # another run may be trimming at the same time
-                    st = e.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                out.append((st.st_mtime, st.st_size, e.path))
-        return out
+        return lrufiles.entries(self.directory, ".jpg")
 
     def stats(self) -> dict[str, int]:
         """``{"thumbnails": count, "bytes": total size}``."""
@@ -244,19 +217,7 @@ class ThumbnailCache:
         if not self.enabled or not (self.wrote or force):
             return 0
         self.wrote = False
-        entries = self.entries()
-        total = sum(n for _, n, _ in entries)
-        if total <= self.cap_bytes:
-            return 0
-        target = int(self.cap_bytes * TRIM_TO)
-        deleted = 0
-        for _mtime, n, path in sorted(entries):
-            if total <= target:
-                break
-            if _unlink(path):
-                total -= n
-                deleted += 1
-        return deleted
+        return lrufiles.trim(self.entries(), self.cap_bytes, int(self.cap_bytes * TRIM_TO))[0]
 
 
 def cache_stats(library_dir: str | os.PathLike) -> dict[str, int]:
@@ -280,21 +241,6 @@ def source_for(store, path: str, time: float | None = None) -> Source:
         return Source(fs_path, None, time)
     fresh = st.st_size == r["size"] and st.st_mtime_ns == r["mtime_ns"]
     return Source(fs_path, r["hash"] if fresh else None, time)
-
-
-def _touch(f: Path) -> None:
-    try:
-        os.utime(f)
-    except OSError:
-        pass
-
-
-def _unlink(path: str | os.PathLike) -> bool:
-    try:
-        os.unlink(path)
-        return True
-    except OSError:
-        return False
 
 
 __all__ = [

@@ -20,13 +20,14 @@ No SQL: the file system is the index (a cache of a few hundred to a few thousand
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import re
-import time
 from pathlib import Path
 
 import numpy as np
 
+from .. import lrufiles
 from ..errors import UsageError
 from ..paths import cache_dir
 
@@ -34,8 +35,6 @@ from ..paths import cache_dir
 DEFAULT_MAX_BYTES = 1 << 30
 ENV = "ITR_RERANK_CACHE_BYTES"
 SUFFIX = ".npy"
-#: A temporary file older than this is a crashed writer's, removed when trimming.
-STALE_TMP_SECONDS = 3600.0
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
@@ -100,65 +99,29 @@ class FeatureCache:
         if arr.shape != tuple(shape) or arr.dtype != np.dtype(dtype):
             self.misses += 1
             return None
-        try:
-            os.utime(path)  # the last use, for least-recently-used trimming
-        except OSError:
-            pass
+        lrufiles.touch(path)  # the last use, for least-recently-used trimming
         self.hits += 1
         return arr
 
     def put(self, namespace: str, key: str, arr: np.ndarray) -> None:
-        """Store ``arr`` under (namespace, key): written to a temporary file, then renamed
-        over any previous entry (atomic: readers see the old file or the new one)."""
+        """Store ``arr`` under (namespace, key): written to a temporary file, synced, then
+        renamed over any previous entry (atomic: readers see the old file or the new one;
+        synced, since after a crash a full-length file of zeros would pass the shape
+        check: milliseconds against seconds of compute)."""
         if arr.nbytes + 128 > self.max_bytes:
             return  # could never be kept
-        path = self._path(namespace, key)
-        tmp = path.with_name(f".{key}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with open(tmp, "wb") as f:
-                np.save(f, np.ascontiguousarray(arr), allow_pickle=False)
-                f.flush()
-                # on disk before the rename: after a crash, a full-length file of zeros
-                # would pass the shape check (milliseconds against seconds of compute)
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            lrufiles.write_atomic(self._path(namespace, key), buf.getvalue(), sync=True)
             self.writes += 1
         except OSError as e:
             self.error = self.error or f"{self.root}: {e.strerror or e}"
-            try:
-                tmp.unlink()
-            except OSError:
-                pass
 
-    def entries(self) -> list[tuple[float, int, Path]]:
+    def entries(self) -> list[tuple[float, int, str]]:
         """(last use, bytes, path) of every entry; other processes may remove any of them
         meanwhile, so a vanished one is simply not listed."""
-        out = []
-        try:
-            spaces = list(os.scandir(self.root))
-        except OSError:
-            return out
-        now = time.time()
-        for ns in spaces:
-            try:
-                if not ns.is_dir(follow_symlinks=False):
-                    continue
-                files = list(os.scandir(ns.path))
-            except OSError:
-                continue
-            for e in files:
-                try:
-                    st = e.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if e.name.endswith(".tmp"):  # a writer's; a crashed one's when old
-                    if now - st.st_mtime > STALE_TMP_SECONDS:
-                        _unlink(e.path)
-                    continue
-                if e.name.endswith(SUFFIX):
-                    out.append((st.st_mtime, st.st_size, Path(e.path)))
-        return out
+        return lrufiles.entries(self.root, SUFFIX)
 
     def size(self) -> int:
         """Bytes the entries hold now."""
@@ -167,23 +130,4 @@ class FeatureCache:
     def trim(self) -> int:
         """Remove the least recently used entries until at most ``max_bytes`` remain.
         Returns the bytes removed (concurrent trims may each remove some)."""
-        entries = self.entries()
-        total = sum(b for _, b, _ in entries)
-        removed = 0
-        for _mtime, b, path in sorted(entries, key=lambda e: e[0]):
-            if total - removed <= self.max_bytes:
-                break
-            if _unlink(str(path)):
-                removed += b
-        return removed
-
-
-def _unlink(path: str) -> bool:
-    """Remove a file; True when it is gone (a concurrent trim may have removed it first)."""
-    try:
-        os.unlink(path)
-        return True
-    except FileNotFoundError:
-        return True
-    except OSError:
-        return False
+        return lrufiles.trim(self.entries(), self.max_bytes)[1]
