@@ -598,17 +598,19 @@ class Library:
                    bits: int = 64, method: str = "itq", device: str = "auto",
                    precision: str = "auto") -> list[dict[str, str]]:
         """Hex codes of indexed files (``(path as shown, id)`` from :meth:`indexed`) and of
-        texts, in that order: ``[{"path"|"text": ..., "code": hex}]``.  The hasher is
-        fitted on the library (see :mod:`itrcli.query.hashing`) and saved when writable."""
-        from .query.hashing import library_codes, to_hex
+        texts, in that order: ``[{"path"|"text": ..., "code": hex}]``.  A video's code is
+        that of the normalised mean of its frames' vectors; files without a vector (see
+        :meth:`check`) are left out.  The hasher is fitted on the library (see
+        :mod:`itrcli.query.hashing`) and saved when writable."""
+        from .query.hashing import file_codes, library_codes, to_hex
 
         if not files and not texts:
             return []
         lc = library_codes(self.store, bits, method)
         out: list[dict[str, str]] = []
         if files:
-            codes = lc.codes[lc.lookup(i for _, i in files)]  # [n, words]
-            out += [{"path": p, "code": to_hex(c, bits)} for (p, _), c in zip(files, codes)]
+            codes = file_codes(self.store, lc, [i for _, i in files])
+            out += [{"path": p, "code": to_hex(codes[i], bits)} for p, i in files if i in codes]
         if texts:
             vecs = self.text_encoder(device, precision).encode_texts(list(texts))  # [t, dim]
             out += [{"text": t, "code": to_hex(c, bits)} for t, c in zip(texts, lc.hasher.codes(vecs))]

@@ -350,6 +350,51 @@ def test_check_finds_and_repairs_frame_damage(itr, tiny_clip, media, tmp_path):
     check_ok(itr, lib)
 
 
+def test_hash_codes_and_dupes_take_a_video_as_the_mean_of_its_frames(itr, micro_clip, media,
+                                                                       tmp_path):
+    from itrcli import Library
+    from itrcli.query import hashing
+    from itrcli.store import codes
+
+    d, photos, clip = media
+    copy = d / "shots-copy.mp4"
+    shutil.copy(clip, copy)
+    lib = tmp_path / "lib"
+    index(itr, lib, d, "-m", micro_clip)
+    r = itr("hash", d, "--db", lib)
+    assert r.code == 0, r
+    got = {p: c for c, p in (ln.split("  ") for ln in r.out.splitlines())}
+    assert sorted(got) == sorted(map(str, [*photos, clip, copy]))
+    with Library.open(lib, readonly=True) as L:
+        lc = hashing.library_codes(L.store)
+        fid = L.store.row_by_path(str(clip))["id"]
+        _, vecs = L.store.vectors(L.store.frames(fid)[0])  # [4, dim]
+        mean = vecs.mean(axis=0) / np.linalg.norm(vecs.mean(axis=0))
+        assert got[str(clip)] == got[str(copy)] == hashing.to_hex(lc.hasher.codes(mean)[0], 64)
+        # every label is coded and saved, frames included (keyed by their video's content)
+        assert codes.uncoded_ids(L.store, "itq-64") == []
+        ids, _ = codes.load_codes(L.store, "itq-64", 1, valid_only=True)
+        assert len(ids) == 3 + 8
+        fit = codes.read_hasher(L.store, "itq-64").seq_fit
+    assert itr("hash", d, "--db", lib).out == r.out  # from the saved codes
+    # search --hash over the saved codes finds the frame
+    res = itr("search", photos[1], "--db", lib, "--hash", "--json", "-n", "1").json()["results"]
+    assert res[0]["path"] in (str(clip), str(copy)) and res[0]["time"] == 3.0, res
+    # a new clip is coded without a refit (1 frame of 11 vectors: under 20%)
+    clips.write_clip(d / "one.mp4", clips.shape_scenes([(0.0, YELLOW)]), 1)
+    r = itr("hash", d, "--db", lib, "--json")
+    assert r.code == 0, r
+    assert {x["path"] for x in r.json()} == {str(p) for p in [*photos, clip, copy, d / "one.mp4"]}
+    with Library.open(lib, readonly=True) as L:
+        assert codes.uncoded_ids(L.store, "itq-64") == []
+        assert codes.read_hasher(L.store, "itq-64").seq_fit == fit
+    # --dupes: the copied clip (one group), no crash on videos
+    r = itr("hash", "--dupes", d, "--db", lib, "--json")
+    assert r.code == 0, r
+    assert r.json() == [sorted([str(clip), str(copy)])]
+    assert "1 (2 of 6 images)" in r.err
+
+
 def test_html_links_to_the_time_and_shows_the_frame(itr, micro_clip, media, tmp_path):
     d, photos, clip = media
     lib = tmp_path / "lib"
