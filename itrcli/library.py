@@ -773,10 +773,11 @@ class Library:
         the default preset) and put them in the order of its match probability; hits past
         ``k`` follow in their first order.  Each hit keeps its cosine ``score`` and gets
         ``rerank_score`` (None past ``k``, or when its file cannot be read now: those follow
-        the re-scored ones, with ``rerank_error``).  Returns the hits renumbered.
+        the re-scored ones, with ``rerank_error``).  A video hit is scored at its frame
+        (``hit.time``), decoded again at full size.  Returns the hits renumbered.
 
-        ``cache``: keep the re-ranker's vision features of each image in the feature cache
-        (``$XDG_CACHE_HOME/itr/rerank``, bounded by ``$ITR_RERANK_CACHE_BYTES``; see
+        ``cache``: keep the re-ranker's vision features of each image and frame in the
+        feature cache (``$XDG_CACHE_HOME/itr/rerank``, bounded by ``$ITR_RERANK_CACHE_BYTES``; see
         :mod:`itrcli.store.feature_cache`), so that another query over the same images
         skips the vision tower; the scores are the same either way.
         Raises:
@@ -793,16 +794,22 @@ class Library:
             rows = self.store.rows(h.id for h in head)
             paths = [fs_path_of(rows[h.id]["path"], rows[h.id]["fsname"]) if h.id in rows
                      else h.path for h in head]
+            # a video hit is scored at its frame; the video's hash keys the frame's cached
+            # features while the file is unchanged since indexing (size and mtime)
+            times = [h.time for h in head]
+            video_hashes = [_unchanged_hash(rows.get(h.id), p) if h.time is not None else None
+                            for h, p in zip(head, paths)]
             features = FeatureCache.from_env() if cache else None  # a bad bound fails first
             args = (model, device, precision)
             if self._reranker is None or self._reranker_args != args:
                 self._reranker = Reranker(model, device=device, precision=precision)
                 self._reranker_args = args
             scores, errors = self._reranker.score_files(text, paths, progress=progress,
-                                                        cache=features)
+                                                        cache=features, times=times,
+                                                        video_hashes=video_hashes)
             self.last_rerank_cache = features
             for h, p, s in zip(head, paths, scores):
-                h.rerank_score, h.rerank_error = s, errors.get(p)
+                h.rerank_score, h.rerank_error = s, errors.get(p) if s is None else None
             head = [head[i] for i in reorder(scores)]
         out = head + tail
         for n, h in enumerate(out, 1):
@@ -938,6 +945,17 @@ EXPORT_TRIES = 3
 #: ``search --at``: a stored frame within this many seconds of the time asked for is used
 #: as it is (no model load); otherwise the frame there is decoded and embedded.
 AT_TOLERANCE = 0.5
+
+
+def _unchanged_hash(row: dict[str, Any] | None, fs_path: str) -> str | None:
+    """The row's content hash while the file's size and mtime still match it, else None."""
+    if row is None:
+        return None
+    try:
+        st = os.stat(fs_path)
+    except OSError:
+        return None
+    return row["hash"] if (st.st_size, st.st_mtime_ns) == (row["size"], row["mtime_ns"]) else None
 
 
 def _is_video(path: str) -> bool:
