@@ -395,6 +395,36 @@ def test_hash_codes_and_dupes_take_a_video_as_the_mean_of_its_frames(itr, micro_
     assert "1 (2 of 6 images)" in r.err
 
 
+def test_ocr_reads_images_only_a_video_is_never_queued_or_counted(itr, micro_clip, media,
+                                                                    tmp_path, monkeypatch):
+    pytest.importorskip("rapidocr", reason="rapidocr not installed (pip install 'itr[ocr]')")
+    import itrcli.jobs.textread as textread
+    from itrcli.store import text as textstore
+    from itrcli.store.db import Store
+
+    d, photos, clip = media
+    read, real = [], textread.read_one
+    monkeypatch.setattr(textread, "read_one", lambda p, *a, **k: read.append(p) or real(p, *a, **k))
+    lib = tmp_path / "lib"
+    s = index(itr, lib, d, "-m", micro_clip, "--ocr")
+    assert (s["ocr"]["read"], s["ocr"]["failed"]) == (3, 0)
+    assert check_ok(itr, lib)["problems"] == []  # no "text of 1 image(s) is not read yet"
+    s = index(itr, lib, d)  # the next run does not read the video either
+    assert (s["ocr"]["read"], s["ocr"]["failed"]) == (0, 0), s["ocr"]
+    assert str(clip) not in read and len(read) == 3
+    # a video's failed read left by an earlier version is dropped, never retried
+    store = Store(lib)
+    with store.transaction() as c:
+        textstore.put(c, store.row_by_path(str(clip))["hash"], [], reader="old", seconds=0.1,
+                      now="2024-01-01T00:00:00", error="not an image (unknown format)")
+    store.close()
+    s = index(itr, lib, d)
+    assert (s["ocr"]["read"], s["ocr"]["failed"], s["ocr"]["removed"]) == (0, 0, 1), s["ocr"]
+    assert str(clip) not in read
+    info = itr("info", "--db", lib, "--json").json()["ocr"]
+    assert (info["images_read"], info["failed"]) == (3, 0)
+
+
 def test_html_links_to_the_time_and_shows_the_frame(itr, micro_clip, media, tmp_path):
     d, photos, clip = media
     lib = tmp_path / "lib"
