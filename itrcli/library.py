@@ -582,7 +582,7 @@ class Library:
 
                 hits = fused_rank(q, tq, store=self.store, get_vindex=self._search_graph,
                                   top=want, filters=filters, exclude_paths=exclude, exact=exact,
-                                  ef=ef, hash_bits=hash_bits)
+                                  ef=ef, hash_bits=hash_bits, frames=frames)
             else:
                 hits = rank(q, store=self.store, get_vindex=self._search_graph, top=want,
                             filters=filters, exclude_paths=exclude, exact=exact, ef=ef,

@@ -425,6 +425,48 @@ def test_ocr_reads_images_only_a_video_is_never_queued_or_counted(itr, micro_cli
     assert (info["images_read"], info["failed"]) == (3, 0)
 
 
+def test_frames_on_the_fused_text_path(itr, micro_clip, media, tmp_path):
+    pytest.importorskip("rapidocr", reason="rapidocr not installed (pip install 'itr[ocr]')")
+    d, photos, clip = media
+    lib = tmp_path / "lib"
+    index(itr, lib, d, "-m", micro_clip, "--ocr")
+    args = ("search", "a red circle", "--db", lib, "--json", "-n", "10", "--exact")
+    res = itr(*args, "--frames").json()["results"]
+    assert all("text" in x for x in res)  # cosine fused with the text match
+    assert sorted(x["time"] for x in res if x["path"] == str(clip)) == [0.0, 3.0, 7.0, 12.0]
+    assert len(res) == 7
+    res = itr(*args).json()["results"]
+    assert len(res) == 4 and sum(x["path"] == str(clip) for x in res) == 1
+
+
+@pytest.fixture
+def reds(tmp_path):
+    """18 photos of blue, green and yellow shapes, and a clip: a red circle on the left
+    (0 s), on the right (2 s), then a blue square (4 s)."""
+    d = tmp_path / "reds"
+    write_shapes(d, [(c, s, p, i) for i, (c, s, p) in enumerate(
+        (c, s, p) for c in ("blue", "green", "yellow") for s in ("square", "triangle", "star")
+        for p in ("top", "bottom"))])
+    clip = clips.write_clip(d / "reds.mp4", clips.shape_scenes(
+        [(0.0, ("red", "circle", "left")), (2.0, ("red", "circle", "right")),
+         (4.0, ("blue", "square", "top"))]), 6, gop_s=1)
+    return d, clip
+
+
+def test_frames_with_auto_cut(itr, micro_clip, reds, tmp_path):
+    from itrcli import Library
+
+    d, clip = reds
+    lib = tmp_path / "lib"
+    index(itr, lib, d, "-m", micro_clip)
+    with Library.open(lib, readonly=True) as L:
+        # a floor below most photos: the cut is the drop after the two red circles
+        got = L.search("a red circle", top=10, frames=True, auto_cut=-1.0)
+        assert [(h.path, h.time) for h in got] == [(str(clip), 0.0), (str(clip), 2.0)]
+        got = L.search("a red circle", top=10, auto_cut=-1.0)
+        assert [(h.path, h.time) for h in got] == [(str(clip), 0.0)]
+
+
 def test_html_links_to_the_time_and_shows_the_frame(itr, micro_clip, media, tmp_path):
     d, photos, clip = media
     lib = tmp_path / "lib"
