@@ -467,6 +467,23 @@ def test_frames_with_auto_cut(itr, micro_clip, reds, tmp_path):
         assert [(h.path, h.time) for h in got] == [(str(clip), 0.0)]
 
 
+def test_auto_cut_sample_holds_the_frames_of_videos(itr, micro_clip, reds, tmp_path):
+    from itrcli import Library
+    from itrcli.query import autocut
+    from itrcli.query.search import query_parts
+    from itrcli.store.metadata import sample_ids
+
+    d, clip = reds
+    lib = tmp_path / "lib"
+    index(itr, lib, d, "-m", micro_clip)
+    with Library.open(lib, readonly=True) as L:
+        labels, vecs = L.store.vectors()  # 18 photos and 3 frames
+        assert len(labels) == 21 and sample_ids(L.store.conn, 1000) == labels.tolist()
+        q = L.embed_query(query_parts("a red circle"))
+        floor = autocut.library_floor(L.store, q)
+        assert floor == pytest.approx(autocut.floor_from_scores(vecs @ q), abs=1e-6)
+
+
 def test_html_links_to_the_time_and_shows_the_frame(itr, micro_clip, media, tmp_path):
     d, photos, clip = media
     lib = tmp_path / "lib"
