@@ -777,9 +777,10 @@ class Library:
         (``hit.time``), decoded again at full size.  Returns the hits renumbered.
 
         ``cache``: keep the re-ranker's vision features of each image and frame in the
-        feature cache (``$XDG_CACHE_HOME/itr/rerank``, bounded by ``$ITR_RERANK_CACHE_BYTES``; see
-        :mod:`itrcli.store.feature_cache`), so that another query over the same images
-        skips the vision tower; the scores are the same either way.
+        feature cache (``$XDG_CACHE_HOME/itr/rerank``, bounded by
+        ``$ITR_RERANK_CACHE_BYTES``; see :mod:`itrcli.store.feature_cache`), so that
+        another query over the same images skips the vision tower; the scores are the
+        same either way.
         Raises:
             ModelError: the re-ranker cannot be loaded.
             UsageError: ``$ITR_RERANK_CACHE_BYTES`` is not a number of bytes.

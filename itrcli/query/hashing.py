@@ -495,11 +495,12 @@ def video_vectors(store, file_ids: Iterable[int]) -> tuple[np.ndarray, np.ndarra
         (file ids ``[m]`` int64 in the given order, vectors ``[m, dim]`` float32); images,
         and videos without a stored frame vector, are left out.
     """
-    labels = store.frame_labels(dict.fromkeys(int(i) for i in file_ids))
+    ids = list(dict.fromkeys(int(i) for i in file_ids))
+    labels = store.frame_labels(ids)
     dim = int(store.get_meta("dim", 0))
     out_ids: list[int] = []
     out: list[np.ndarray] = []
-    todo = list(labels.items())
+    todo = [(i, labels[i]) for i in ids if i in labels]
     start = 0
     while start < len(todo):  # a chunk of videos with at most _CHUNK frames in all (or one)
         end, n = start, 0

@@ -910,8 +910,9 @@ class Store:
         out: dict[int, list[int]] = {}
         for i in range(0, len(ids), 500):
             chunk = ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
             for fid, label in self.conn.execute(
-                    f"SELECT file_id, id FROM frames WHERE file_id IN ({','.join('?' * len(chunk))})"
+                    f"SELECT file_id, id FROM frames WHERE file_id IN ({marks})"
                     " ORDER BY file_id, time, id", chunk):
                 out.setdefault(fid, []).append(label)
         return out
