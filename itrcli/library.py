@@ -601,7 +601,8 @@ class Library:
 
             t1 = time.perf_counter()
             hits = fused_rank(None, tq, store=self.store, get_vindex=self._search_graph,
-                              top=want, filters=filters, exclude_paths=exclude, text_only=True)
+                              top=want, filters=filters, exclude_paths=exclude, text_only=True,
+                              frames=req.frames)
         else:
             adapter = (self.adapter() if req.adapt and any(p.kind == "text" for p in parts)
                        else None)
@@ -615,7 +616,8 @@ class Library:
 
                 hits = fused_rank(q, tq, store=self.store, get_vindex=self._search_graph,
                                   top=want, filters=filters, exclude_paths=exclude,
-                                  exact=req.exact, ef=ef, hash_bits=req.hash_bits)
+                                  exact=req.exact, ef=ef, hash_bits=req.hash_bits,
+                                  frames=req.frames)
             else:
                 hits = rank(q, store=self.store, get_vindex=self._search_graph, top=want,
                             filters=filters, exclude_paths=exclude, exact=req.exact, ef=ef,
@@ -639,17 +641,19 @@ class Library:
                    bits: int = 64, method: str = "itq", device: str = "auto",
                    precision: str = "auto") -> list[dict[str, str]]:
         """Hex codes of indexed files (``(path as shown, id)`` from :meth:`indexed`) and of
-        texts, in that order: ``[{"path"|"text": ..., "code": hex}]``.  The hasher is
-        fitted on the library (see :mod:`itrcli.query.hashing`) and saved when writable."""
-        from .query.hashing import library_codes, to_hex
+        texts, in that order: ``[{"path"|"text": ..., "code": hex}]``.  A video's code is
+        that of the normalised mean of its frames' vectors; files without a vector (see
+        :meth:`check`) are left out.  The hasher is fitted on the library (see
+        :mod:`itrcli.query.hashing`) and saved when writable."""
+        from .query.hashing import file_codes, library_codes, to_hex
 
         if not files and not texts:
             return []
         lc = library_codes(self.store, bits, method)
         out: list[dict[str, str]] = []
         if files:
-            codes = lc.codes[lc.lookup(i for _, i in files)]  # [n, words]
-            out += [{"path": p, "code": to_hex(c, bits)} for (p, _), c in zip(files, codes)]
+            codes = file_codes(self.store, lc, [i for _, i in files])
+            out += [{"path": p, "code": to_hex(codes[i], bits)} for p, i in files if i in codes]
         if texts:
             vecs = self.text_encoder(device, precision).encode_texts(list(texts))  # [t, dim]
             out += [{"text": t, "code": to_hex(c, bits)} for t, c in zip(texts, lc.hasher.codes(vecs))]
@@ -822,12 +826,14 @@ class Library:
         the default preset) and put them in the order of its match probability; hits past
         ``k`` follow in their first order.  Each hit keeps its cosine ``score`` and gets
         ``rerank_score`` (None past ``k``, or when its file cannot be read now: those follow
-        the re-scored ones, with ``rerank_error``).  Returns the hits renumbered.
+        the re-scored ones, with ``rerank_error``).  A video hit is scored at its frame
+        (``hit.time``), decoded again at full size.  Returns the hits renumbered.
 
-        ``cache``: keep the re-ranker's vision features of each image in the feature cache
-        (``$XDG_CACHE_HOME/itr/rerank``, bounded by ``$ITR_RERANK_CACHE_BYTES``; see
-        :mod:`itrcli.store.feature_cache`), so that another query over the same images
-        skips the vision tower; the scores are the same either way.
+        ``cache``: keep the re-ranker's vision features of each image and frame in the
+        feature cache (``$XDG_CACHE_HOME/itr/rerank``, bounded by
+        ``$ITR_RERANK_CACHE_BYTES``; see :mod:`itrcli.store.feature_cache`), so that
+        another query over the same images skips the vision tower; the scores are the
+        same either way.
         Raises:
             ModelError: the re-ranker cannot be loaded.
             UsageError: ``$ITR_RERANK_CACHE_BYTES`` is not a number of bytes.
@@ -848,18 +854,24 @@ class Library:
             rows = self.store.rows(h.id for h in head)
             paths = [fs_path_of(rows[h.id]["path"], rows[h.id]["fsname"]) if h.id in rows
                      else h.path for h in head]
+            # a video hit is scored at its frame; the video's hash keys the frame's cached
+            # features while the file is unchanged since indexing (size and mtime)
+            times = [h.time for h in head]
+            video_hashes = [_unchanged_hash(rows.get(h.id), p) if h.time is not None else None
+                            for h, p in zip(head, paths)]
             features = FeatureCache.from_env() if cache else None  # a bad bound fails first
             args = (model, device, precision)
             if self._reranker is None or self._reranker_args != args:
                 self._reranker = Reranker(model, device=device, precision=precision)
                 self._reranker_args = args
             scores, errors = self._reranker.score_files(text, paths, progress=progress,
-                                                        cache=features)
+                                                        cache=features, times=times,
+                                                        video_hashes=video_hashes)
             if features is not None:
                 used = {"hits": features.hits, "misses": features.misses,
                         "writes": features.writes, "error": features.error}
             for h, p, s in zip(head, paths, scores):
-                h.rerank_score, h.rerank_error = s, errors.get(p)
+                h.rerank_score, h.rerank_error = s, errors.get(p) if s is None else None
             head = [head[i] for i in reorder(scores)]
         out = head + tail
         for n, h in enumerate(out, 1):
@@ -1023,6 +1035,17 @@ def evaluate(dataset, models: Sequence[str | None] = (None,), *, library: Librar
 #: ``search --at``: a stored frame within this many seconds of the time asked for is used
 #: as it is (no model load); otherwise the frame there is decoded and embedded.
 AT_TOLERANCE = 0.5
+
+
+def _unchanged_hash(row: dict[str, Any] | None, fs_path: str) -> str | None:
+    """The row's content hash while the file's size and mtime still match it, else None."""
+    if row is None:
+        return None
+    try:
+        st = os.stat(fs_path)
+    except OSError:
+        return None
+    return row["hash"] if (st.st_size, st.st_mtime_ns) == (row["size"], row["mtime_ns"]) else None
 
 
 def _is_video(path: str) -> bool:

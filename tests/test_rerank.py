@@ -138,6 +138,46 @@ def test_vanished_and_unreadable_files(itr, lib, tiny_blip):
     assert_in_order_of([h["path"] for h in got[:4]], ref)
 
 
+def test_a_video_hit_is_reranked_at_its_frame(itr, tiny_clip, tiny_blip, tmp_path):
+    pytest.importorskip("av", reason="PyAV not installed: pip install 'itr[video]'")
+    from conftest import write_shapes
+    from support import clips
+
+    from itrcli.ingest.video import frame_at
+
+    d = tmp_path / "media"
+    write_shapes(d, [("red", "circle", "left", 1), ("blue", "square", "right", 2)])
+    clip = clips.write_clip(d / "shots.mp4", clips.shape_scenes(
+        [(0.0, ("green", "square", "left")), (2.0, ("red", "circle", "right")),
+         (4.0, ("blue", "circle", "left"))]), 6, gop_s=1)
+    db = tmp_path / "lib"
+    assert itr("index", d, "--db", db, "-m", tiny_clip, "-q").code == 0
+    args = ("search", QUERY, "--db", db, "--json", "-n", "5", "--exact", "--frames", "--rerank",
+            "--rerank-k", "5", "--rerank-model", tiny_blip, "--precision", "fp32")
+    r = itr(*args)
+    assert r.code == 0 and "not re-ranked" not in r.err, r
+    got = r.json()["results"]
+    frames = [h for h in got if h["path"] == str(clip)]
+    assert sorted(h["time"] for h in frames) == [0.0, 2.0, 4.0]
+    # each frame scored as the image shown at its time, like a photo of it
+    shots = {}
+    for h in frames:
+        shots[h["time"]] = tmp_path / f"frame-{h['time']}.png"
+        frame_at(str(clip), h["time"]).save(shots[h["time"]])
+    ref = itm_probabilities(tiny_blip, QUERY, [*(h["path"] for h in got if h["time"] is None),
+                                               *map(str, shots.values())])
+    key = {h["path"] if h["time"] is None else str(shots[h["time"]]): h for h in got}
+    for k, h in key.items():
+        assert h["rerank_score"] == pytest.approx(ref[k], abs=1e-4), (k, h)
+    assert_in_order_of(list(key), ref)
+    # one cache entry per frame (its video's hash and its time), the same scores from it
+    cached = list((tmp_path / "xdg-cache" / "itr" / "rerank").glob("*/*.npy"))
+    assert len(cached) == 5
+    again = itr(*args).json()["results"]
+    assert [(h["path"], h["time"], h["rerank_score"]) for h in again] == [
+        (h["path"], h["time"], h["rerank_score"]) for h in got]
+
+
 def test_broken_or_wrong_model_is_one_line_exit_1(itr, lib, tiny_blip, tiny_clip, tmp_path):
     db, _ = lib
     broken = tmp_path / "broken-blip"

@@ -350,6 +350,140 @@ def test_check_finds_and_repairs_frame_damage(itr, tiny_clip, media, tmp_path):
     check_ok(itr, lib)
 
 
+def test_hash_codes_and_dupes_take_a_video_as_the_mean_of_its_frames(itr, micro_clip, media,
+                                                                       tmp_path):
+    from itrcli import Library
+    from itrcli.query import hashing
+    from itrcli.store import codes
+
+    d, photos, clip = media
+    copy = d / "shots-copy.mp4"
+    shutil.copy(clip, copy)
+    lib = tmp_path / "lib"
+    index(itr, lib, d, "-m", micro_clip)
+    r = itr("hash", d, "--db", lib)
+    assert r.code == 0, r
+    got = {p: c for c, p in (ln.split("  ") for ln in r.out.splitlines())}
+    assert sorted(got) == sorted(map(str, [*photos, clip, copy]))
+    with Library.open(lib, readonly=True) as L:
+        lc = hashing.library_codes(L.store)
+        fid = L.store.row_by_path(str(clip))["id"]
+        _, vecs = L.store.vectors(L.store.frames(fid)[0])  # [4, dim]
+        mean = vecs.mean(axis=0) / np.linalg.norm(vecs.mean(axis=0))
+        assert got[str(clip)] == got[str(copy)] == hashing.to_hex(lc.hasher.codes(mean)[0], 64)
+        # every label is coded and saved, frames included (keyed by their video's content)
+        assert codes.uncoded_ids(L.store, "itq-64") == []
+        ids, _ = codes.load_codes(L.store, "itq-64", 1, valid_only=True)
+        assert len(ids) == 3 + 8
+        fit = codes.read_hasher(L.store, "itq-64").seq_fit
+    assert itr("hash", d, "--db", lib).out == r.out  # from the saved codes
+    # search --hash over the saved codes finds the frame
+    res = itr("search", photos[1], "--db", lib, "--hash", "--json", "-n", "1").json()["results"]
+    assert res[0]["path"] in (str(clip), str(copy)) and res[0]["time"] == 3.0, res
+    # a new clip is coded without a refit (1 frame of 11 vectors: under 20%)
+    clips.write_clip(d / "one.mp4", clips.shape_scenes([(0.0, YELLOW)]), 1)
+    r = itr("hash", d, "--db", lib, "--json")
+    assert r.code == 0, r
+    assert {x["path"] for x in r.json()} == {str(p) for p in [*photos, clip, copy, d / "one.mp4"]}
+    with Library.open(lib, readonly=True) as L:
+        assert codes.uncoded_ids(L.store, "itq-64") == []
+        assert codes.read_hasher(L.store, "itq-64").seq_fit == fit
+    # --dupes: the copied clip (one group), no crash on videos
+    r = itr("hash", "--dupes", d, "--db", lib, "--json")
+    assert r.code == 0, r
+    assert r.json() == [sorted([str(clip), str(copy)])]
+    assert "1 (2 of 6 images)" in r.err
+
+
+def test_ocr_reads_images_only_a_video_is_never_queued_or_counted(itr, micro_clip, media,
+                                                                    tmp_path, monkeypatch):
+    pytest.importorskip("rapidocr", reason="rapidocr not installed (pip install 'itr[ocr]')")
+    import itrcli.jobs.textread as textread
+    from itrcli.store import text as textstore
+    from itrcli.store.db import Store
+
+    d, photos, clip = media
+    read, real = [], textread.read_one
+    monkeypatch.setattr(textread, "read_one", lambda p, *a, **k: read.append(p) or real(p, *a, **k))
+    lib = tmp_path / "lib"
+    s = index(itr, lib, d, "-m", micro_clip, "--ocr")
+    assert (s["ocr"]["read"], s["ocr"]["failed"]) == (3, 0)
+    assert check_ok(itr, lib)["problems"] == []  # no "text of 1 image(s) is not read yet"
+    s = index(itr, lib, d)  # the next run does not read the video either
+    assert (s["ocr"]["read"], s["ocr"]["failed"]) == (0, 0), s["ocr"]
+    assert str(clip) not in read and len(read) == 3
+    # a video's failed read left by an earlier version is dropped, never retried
+    store = Store(lib)
+    with store.transaction() as c:
+        textstore.put(c, store.row_by_path(str(clip))["hash"], [], reader="old", seconds=0.1,
+                      now="2024-01-01T00:00:00", error="not an image (unknown format)")
+    store.close()
+    s = index(itr, lib, d)
+    assert (s["ocr"]["read"], s["ocr"]["failed"], s["ocr"]["removed"]) == (0, 0, 1), s["ocr"]
+    assert str(clip) not in read
+    info = itr("info", "--db", lib, "--json").json()["ocr"]
+    assert (info["images_read"], info["failed"]) == (3, 0)
+
+
+def test_frames_on_the_fused_text_path(itr, micro_clip, media, tmp_path):
+    pytest.importorskip("rapidocr", reason="rapidocr not installed (pip install 'itr[ocr]')")
+    d, photos, clip = media
+    lib = tmp_path / "lib"
+    index(itr, lib, d, "-m", micro_clip, "--ocr")
+    args = ("search", "a red circle", "--db", lib, "--json", "-n", "10", "--exact")
+    res = itr(*args, "--frames").json()["results"]
+    assert all("text" in x for x in res)  # cosine fused with the text match
+    assert sorted(x["time"] for x in res if x["path"] == str(clip)) == [0.0, 3.0, 7.0, 12.0]
+    assert len(res) == 7
+    res = itr(*args).json()["results"]
+    assert len(res) == 4 and sum(x["path"] == str(clip) for x in res) == 1
+
+
+@pytest.fixture
+def reds(tmp_path):
+    """18 photos of blue, green and yellow shapes, and a clip: a red circle on the left
+    (0 s), on the right (2 s), then a blue square (4 s)."""
+    d = tmp_path / "reds"
+    write_shapes(d, [(c, s, p, i) for i, (c, s, p) in enumerate(
+        (c, s, p) for c in ("blue", "green", "yellow") for s in ("square", "triangle", "star")
+        for p in ("top", "bottom"))])
+    clip = clips.write_clip(d / "reds.mp4", clips.shape_scenes(
+        [(0.0, ("red", "circle", "left")), (2.0, ("red", "circle", "right")),
+         (4.0, ("blue", "square", "top"))]), 6, gop_s=1)
+    return d, clip
+
+
+def test_frames_with_auto_cut(itr, micro_clip, reds, tmp_path):
+    from itrcli import Library
+
+    d, clip = reds
+    lib = tmp_path / "lib"
+    index(itr, lib, d, "-m", micro_clip)
+    with Library.open(lib, readonly=True) as L:
+        # a floor below most photos: the cut is the drop after the two red circles
+        got = L.search("a red circle", top=10, frames=True, auto_cut=-1.0)
+        assert [(h.path, h.time) for h in got] == [(str(clip), 0.0), (str(clip), 2.0)]
+        got = L.search("a red circle", top=10, auto_cut=-1.0)
+        assert [(h.path, h.time) for h in got] == [(str(clip), 0.0)]
+
+
+def test_auto_cut_sample_holds_the_frames_of_videos(itr, micro_clip, reds, tmp_path):
+    from itrcli import Library
+    from itrcli.query import autocut
+    from itrcli.query.search import query_parts
+    from itrcli.store.metadata import sample_ids
+
+    d, clip = reds
+    lib = tmp_path / "lib"
+    index(itr, lib, d, "-m", micro_clip)
+    with Library.open(lib, readonly=True) as L:
+        labels, vecs = L.store.vectors()  # 18 photos and 3 frames
+        assert len(labels) == 21 and sample_ids(L.store.conn, 1000) == labels.tolist()
+        q = L.embed_query(query_parts("a red circle"))
+        floor = autocut.library_floor(L.store, q)
+        assert floor == pytest.approx(autocut.floor_from_scores(vecs @ q), abs=1e-6)
+
+
 def test_html_links_to_the_time_and_shows_the_frame(itr, micro_clip, media, tmp_path):
     d, photos, clip = media
     lib = tmp_path / "lib"

@@ -13,7 +13,9 @@ re-ranker's own resolution (384 px for BLIP base) and preprocessed by
 :class:`~itrcli.ingest.images.Preprocess`, which matches ``BlipImageProcessor``.  The
 vision tower's output depends only on the image, so a feature cache passed in by the caller
 (:mod:`itrcli.store.feature_cache`) keeps it per content hash: another query over the
-same images runs only the text encoder (10x less CPU for BLIP base).
+same images runs only the text encoder (10x less CPU for BLIP base).  A video is scored
+at one frame, decoded at full size (:func:`itrcli.ingest.video.frame_at`); its cached
+features are keyed by :func:`frame_key` (the video's hash and the frame's time).
 
 Example::
 
@@ -57,6 +59,16 @@ def reorder(scores: Sequence[float | None]) -> list[int]:
     unscored = [i for i, s in enumerate(scores) if s is None]
     scored.sort(key=lambda i: -float(scores[i]))  # type: ignore[arg-type]  # stable: ties by first order
     return scored + unscored
+
+
+def frame_key(video_hash: str, at: float) -> str:
+    """The feature cache key of a video's frame: a hash of the video's content hash, the
+    frame's time (to the millisecond) and the video decoder (PyAV and FFmpeg versions),
+    so that no two frames of a clip share features."""
+    from ..ingest.files import content_hash
+    from ..ingest.video import decoder_id
+
+    return content_hash(f"{video_hash}@{round(at * 1000)}ms; {decoder_id()}".encode())
 
 
 class Reranker:
@@ -257,17 +269,25 @@ class Reranker:
         return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
     def score_files(self, text: str, paths: Sequence[str], *, workers: int = 2,
-                    progress: Progress | None = None,
-                    cache: Any = None) -> tuple[list[float | None], dict[str, str]]:
+                    progress: Progress | None = None, cache: Any = None,
+                    times: Sequence[float | None] | None = None,
+                    video_hashes: Sequence[str | None] | None = None,
+                    ) -> tuple[list[float | None], dict[str, str]]:
         """Match probability of ``text`` with each image file, decoded at full size and
         preprocessed as the re-ranker's own processor does (no JPEG draft mode: the scores
         are those of the model on the file; decoding overlaps the model's work).
 
+        ``times``: where one is not None, ``paths[i]`` is a video and what is scored is
+        its frame shown at that many seconds (:func:`itrcli.ingest.video.frame_at`, full
+        size); ``video_hashes[i]``: that video's content hash when it is known to match the
+        file (the library's, while its size and mtime are unchanged), else None.
+
         ``cache``: a :class:`itrcli.store.feature_cache.FeatureCache` (or None): the vision
         tower's output is looked up by the content hash of the file's bytes as read now (a
         changed file has a new hash), and stored after a miss; a hit skips decoding and
-        the vision tower and gives the same scores.  The cache is trimmed to its bound
-        after writing.
+        the vision tower and gives the same scores.  A video frame's key is
+        :func:`frame_key` (its video's hash and its time); a frame whose video's hash is
+        not known is not cached.  The cache is trimmed to its bound after writing.
 
         Returns (scores in ``paths`` order, None for files that cannot be read now;
         {path: one-line reason} for those).
@@ -279,14 +299,21 @@ class Reranker:
         scores: list[float | None] = [None] * len(paths)
         errors: dict[str, str] = {}
         done = written = 0
+
+        def load(i: int):
+            t = times[i] if times is not None else None
+            if t is None:
+                return self.load_file(paths[i], use)
+            return self.load_frame(paths[i], t, video_hashes[i] if video_hashes else None, use)
+
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
             batches = [list(range(s, min(s + BATCH_SIZE, len(paths))))
                        for s in range(0, len(paths), BATCH_SIZE)]
-            pending = [pool.submit(self.load_file, paths[i], use) for i in batches[0]] if batches else []
+            pending = [pool.submit(load, i) for i in batches[0]] if batches else []
             for n, b in enumerate(batches):
                 loaded = [f.result() for f in pending]
                 if n + 1 < len(batches):  # decode the next batch while this one runs
-                    pending = [pool.submit(self.load_file, paths[i], use) for i in batches[n + 1]]
+                    pending = [pool.submit(load, i) for i in batches[n + 1]]
                 ok = []
                 for i, (key, pixels, feats, error) in zip(b, loaded):
                     if error is not None:
@@ -331,6 +358,29 @@ class Reranker:
         except MemoryError:
             return None, None, None, "not enough memory to decode"
 
+    def load_frame(self, path: str, at: float, video_hash: str | None, cache: Any = None):
+        """Worker: a video's frame at ``at`` seconds -> as :meth:`load_file` (the key is
+        :func:`frame_key`, None when ``video_hash`` is: then nothing is cached)."""
+        from ..ingest.video import VideoError, frame_at
+
+        try:
+            key = frame_key(video_hash, at) if video_hash else None
+            if key is not None and cache is not None and self.cache_namespace:
+                feats = cache.get(self.cache_namespace, key, self.feature_shape,
+                                  self.feature_dtype)
+                if feats is not None:
+                    return key, None, feats, None
+            img = frame_at(path, at)  # full size, rotation applied: the model's own scores
+            return key, self.prep(img), None, None
+        except ImportError:  # PyAV uninstalled since the video was indexed
+            return None, None, None, "reading a video frame needs PyAV: pip install 'itr[video]'"
+        except VideoError as e:
+            return None, None, None, str(e)
+        except OSError as e:
+            return None, None, None, e.strerror or str(e)
+        except MemoryError:
+            return None, None, None, "not enough memory to decode"
+
     def features(self, key: str, pixels, feats, cache: Any = None):
         """One image's vision features ``[1, L, width]`` on the device: ``feats`` (from the
         cache) as they are, else the vision tower on ``pixels`` (then cached)."""
@@ -357,7 +407,8 @@ class Reranker:
             emb = self.image_embeds(np.stack([ok[j][2] for j in misses]))  # [m, L, width]
             for r, j in enumerate(misses):
                 fresh[j] = emb[r]
-                if cache is not None and tuple(emb.shape[1:]) == self.feature_shape:
+                if (cache is not None and ok[j][1] is not None
+                        and tuple(emb.shape[1:]) == self.feature_shape):
                     cache.put(self.cache_namespace, ok[j][1], self._features_to_numpy(emb[r]))
                     written += 1
         with torch.inference_mode():

@@ -5,11 +5,11 @@ match for one text scores like noise for another).  The cut-off is found per que
 two steps:
 
 1. The query is scored against a fixed random sample of the library
-   (:data:`SAMPLE_SIZE` images, the same ones for every query while the library is
-   unchanged; all of them in a smaller library).  Most of a library is unrelated to any
-   one query, so the sample says what "unrelated" scores like for this query and this
-   model.  A result must reach the sample mean plus :data:`FLOOR_SIGMAS` standard
-   deviations (the floor).
+   (:data:`SAMPLE_SIZE` vectors, images and video frames alike, the same ones for every
+   query while the library is unchanged; all of them in a smaller library).  Most of a
+   library is unrelated to any one query, so the sample says what "unrelated" scores
+   like for this query and this model.  A result must reach the sample mean plus
+   :data:`FLOOR_SIGMAS` standard deviations (the floor).
 2. Among the best :data:`WINDOW` results above the floor, the largest drop between two
    consecutive scores ends the kept set (a group of matches is followed by a drop to the
    near-misses).

@@ -57,7 +57,8 @@ import numpy as np
 from ..pools import in_order
 from ..progress import default_workers
 from .hashing import (DEFAULT_BITS, DEFAULT_METHOD, DUPES_THRESHOLD, _HAS_BITWISE_COUNT,
-                      _POPCOUNT16, _one_blas_thread, dupes_radius, library_codes)
+                      _POPCOUNT16, _one_blas_thread, dupes_radius, library_codes,
+                      video_vectors)
 
 #: Dimensions of the projection that bounds the cosine (plus one column for the residual).
 PROJ_DIMS = 63
@@ -169,6 +170,24 @@ class StoreVectors:
     def _rows_of(self, ids: np.ndarray) -> np.ndarray:
         k = np.searchsorted(self._sorted, ids)
         return self._order[k]
+
+
+class StackedVectors:
+    """A :class:`Vectors` of two sources: rows ``0..a.n-1`` are ``a``'s, the next ``b``'s."""
+
+    def __init__(self, a: "Vectors", b: "Vectors") -> None:
+        self.a, self.b = a, b
+        self.n, self.dim = a.n + b.n, max(a.dim, b.dim)
+
+    def chunks(self):
+        yield from self.a.chunks()
+        for rows, vec in self.b.chunks():
+            yield rows + self.a.n, vec
+
+    def rows(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        k = int(np.searchsorted(rows, self.a.n))  # rows are sorted
+        return np.concatenate([self.a.rows(rows[:k]), self.b.rows(rows[k:] - self.a.n)])
 
 
 def confirmed(va: np.ndarray, vb: np.ndarray, threshold: float) -> np.ndarray:
@@ -602,7 +621,9 @@ def find_dupes(store, ids: Sequence[int], bits: int = DEFAULT_BITS,
                radius: int | None = None) -> list[list[int]]:
     """Near-duplicate groups among the library files ``ids`` (see :func:`itrcli.query.hashing.dupe_groups`),
     found by :func:`groups`: the same groups as the exhaustive method,
-    without comparing all pairs or holding all the vectors.
+    without comparing all pairs or holding all the vectors.  A video takes part as one
+    row: the normalised mean of its frames' vectors, and that vector's code
+    (:func:`itrcli.query.hashing.video_vectors`).
 
     Returns:
         Groups of file ids (each of at least two), in the order of the given ``ids``; ids
@@ -613,10 +634,18 @@ def find_dupes(store, ids: Sequence[int], bits: int = DEFAULT_BITS,
     pos = np.minimum(np.searchsorted(lc.ids, want), max(0, len(lc.ids) - 1))
     have = lc.ids[pos] == want if len(lc.ids) else np.zeros(len(want), bool)
     row_ids = want[have]  # every vector has a code: these are the ids with a vector
-    src = StoreVectors(store, row_ids, total=len(lc.ids), threads=default_workers())
-    found = groups(lc.codes[pos[have]], src, bits, threshold, radius)
-    return [[int(row_ids[r]) for r in g] for g in found]
+    codes = lc.codes[pos[have]]
+    src: Vectors = StoreVectors(store, row_ids, total=len(lc.ids), threads=default_workers())
+    vids, vvecs = video_vectors(store, want[~have].tolist())
+    if len(vids):  # the videos follow the images, as rows held in memory
+        src = StackedVectors(src, ArrayVectors(vvecs))
+        codes = np.concatenate([codes, lc.hasher.codes(vvecs)])
+        row_ids = np.concatenate([row_ids, vids])
+    found = groups(codes, src, bits, threshold, radius)
+    order = {int(i): n for n, i in enumerate(want)}
+    out = [sorted((int(row_ids[r]) for r in g), key=order.__getitem__) for g in found]
+    return sorted(out, key=lambda g: order[g[0]])
 
 
-__all__ = ["ArrayVectors", "StoreVectors", "Vectors", "confirmed", "find_dupes", "groups",
-           "hamming_pairs"]
+__all__ = ["ArrayVectors", "StackedVectors", "StoreVectors", "Vectors", "confirmed", "find_dupes",
+           "groups", "hamming_pairs"]

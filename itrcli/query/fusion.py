@@ -88,7 +88,8 @@ def fused_rank(
 ) -> list[Hit]:
     """The ``top`` best images for a query vector and its words (see the module docstring);
     ``query`` may be None with ``text_only``.  Every hit carries ``text``: the words of its
-    text that matched (an empty list when none did)."""
+    text that matched (an empty list when none did).  ``rank_args`` go to
+    :func:`itrcli.query.search.rank` (``frames=True``: one hit per video frame)."""
     import numpy as np
 
     excluded = {r["id"] for r in (store.row_by_path(p) for p in exclude_paths) if r}
@@ -100,17 +101,19 @@ def fused_rank(
         return _with_words(store, tq, hits, {i: row["hash"] for i, _, row in chosen})
     cos_hits = rank(query, store=store, get_vindex=get_vindex, top=max(top, COSINE_CANDIDATES),
                     filters=filters, exclude_paths=exclude_paths, **rank_args)
-    fused = rrf([[i for i, _, _ in texts], [h.id for h in cos_hits]])
-    by_id = {h.id: h for h in cos_hits}
+    # items are (file id, frame time): with ``frames`` a video's frames rank on their own;
+    # text is read in images only, so a text match is (id, None)
+    fused = rrf([[(i, None) for i, _, _ in texts], [(h.id, h.time) for h in cos_hits]])
+    by_key = {(h.id, h.time): h for h in cos_hits}
     rows = {i: row for i, _, row in texts}
-    need = [i for i, _ in fused if i not in by_id]
+    need = [i for (i, t), _ in fused if (i, t) not in by_key]
     if need:  # text matches beyond the cosine candidates: their cosine, for showing
         ids, vecs = store.vectors(need)
         cos = dict(zip(ids.tolist(), (vecs @ query).tolist())) if len(ids) else {}
     hits: list[Hit] = []
-    for i, _ in fused:
-        if i in by_id:
-            h = by_id[i]
+    for (i, t), _ in fused:
+        if (i, t) in by_key:
+            h = by_key[(i, t)]
         else:
             row, s = rows[i], cos.get(i)
             if s is None or (filters.threshold is not None and s < filters.threshold):

@@ -487,6 +487,51 @@ class LibraryCodes:
         return pos
 
 
+def video_vectors(store, file_ids: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The videos among ``file_ids`` and the vector that stands for each as a whole: the
+    normalised mean of its frames' vectors (as for a video used as a query).
+
+    Returns:
+        (file ids ``[m]`` int64 in the given order, vectors ``[m, dim]`` float32); images,
+        and videos without a stored frame vector, are left out.
+    """
+    ids = list(dict.fromkeys(int(i) for i in file_ids))
+    labels = store.frame_labels(ids)
+    dim = int(store.get_meta("dim", 0))
+    out_ids: list[int] = []
+    out: list[np.ndarray] = []
+    todo = [(i, labels[i]) for i in ids if i in labels]
+    start = 0
+    while start < len(todo):  # a chunk of videos with at most _CHUNK frames in all (or one)
+        end, n = start, 0
+        while end < len(todo) and (end == start or n + len(todo[end][1]) <= _CHUNK):
+            n += len(todo[end][1])
+            end += 1
+        got, vecs = store.vectors([lab for _, labs in todo[start:end] for lab in labs])
+        row = {int(lab): r for r, lab in enumerate(got)}
+        for fid, labs in todo[start:end]:
+            rows = [row[lab] for lab in labs if lab in row]
+            if rows:
+                m = vecs[rows].mean(axis=0)  # [dim]
+                out_ids.append(fid)
+                out.append(m / max(float(np.linalg.norm(m)), 1e-12))
+        start = end
+    mat = np.stack(out).astype(np.float32) if out else np.zeros((0, dim), np.float32)
+    return np.asarray(out_ids, dtype=np.int64), mat
+
+
+def file_codes(store, lc: LibraryCodes, file_ids: Sequence[int]) -> dict[int, np.ndarray]:
+    """file id -> code ``[words]``: an image's stored code, a video's the code of
+    :func:`video_vectors`; files without a vector (see ``itr check``) are absent."""
+    want = np.asarray(list(dict.fromkeys(int(i) for i in file_ids)), dtype=np.int64)
+    pos = np.minimum(np.searchsorted(lc.ids, want), max(0, len(lc.ids) - 1))
+    have = lc.ids[pos] == want if len(lc.ids) else np.zeros(len(want), bool)
+    out = dict(zip(want[have].tolist(), lc.codes[pos[have]]))
+    vids, vecs = video_vectors(store, want[~have].tolist())
+    out.update(zip(vids.tolist(), lc.hasher.codes(vecs)))
+    return out
+
+
 def check_options(bits: int, method: str) -> None:
     """Raise :class:`UsageError` unless ``bits`` is in :data:`BIT_CHOICES` and ``method`` known."""
     if bits not in BIT_CHOICES:

@@ -221,7 +221,8 @@ def rank(
         plain = replace(filters, auto_cut=None, threshold=floor if filters.threshold is None
                         else max(floor, filters.threshold))
         best = rank(query, store=store, get_vindex=get_vindex, top=WINDOW, filters=plain,
-                    exclude_paths=exclude_paths, exact=exact, ef=ef, hash_bits=hash_bits)
+                    exclude_paths=exclude_paths, exact=exact, ef=ef, hash_bits=hash_bits,
+                    frames=frames)
         cut = gap_cut([h.score for h in best], plain.threshold)
         return [h for h in best if h.score >= cut][:top]
     allowed = allowed_ids(store, filters)

@@ -2,7 +2,8 @@
 the migration ``m003_hash_codes`` in :mod:`itrcli.store.db`).
 
 :mod:`itrcli.query.hashing` fits hashers and computes codes; this module only stores and
-reads them.  ``hash_codes`` holds one row per coded vector (for incremental updates); the
+reads them.  ``hash_codes`` holds one row per coded vector (for incremental updates), keyed
+by its label: an image's file id, or a video frame's id (whose content is its video's); the
 ``hashers`` row also keeps all ids and codes as two blobs (a search reads them in
 milliseconds where reading 10^6 rows takes seconds).  Both are current when ``seq_codes``
 is the store's vector-log sequence, which every vector put or delete advances.  Codes are
@@ -62,14 +63,26 @@ def replace_all(c: sqlite3.Connection, name: str, model: str, seq: int, params: 
     c.execute("DELETE FROM hash_codes WHERE hasher = ?", (name,))
     c.execute("INSERT OR REPLACE INTO hashers VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
               (name, model, seq, seq, now_iso(), params))
-    _insert(c, name, ids, codes, dict(c.execute("SELECT id, hash FROM files")))
+    _insert(c, name, ids, codes, dict(c.execute(_LABEL_HASHES)))
     save_snapshot(c, name, ids, codes, seq)
 
 
+#: (label, content hash) of every label: an image's file id and hash, a frame's id and
+#: its video's hash (a video's own row holds no vector, so it has no code)
+_LABEL_HASHES = ("SELECT id, hash FROM files WHERE duration IS NULL"
+                 " UNION ALL SELECT fr.id, f.hash FROM frames fr JOIN files f ON f.id = fr.file_id")
+#: SQL true when the code row ``c`` still matches its label's content (an image's or a
+#: frame's video's): false once the file changed or left, or the frame was replaced
+_CURRENT = ("(EXISTS (SELECT 1 FROM files f WHERE f.id = {c}.id AND f.hash = {c}.content_hash)"
+            " OR EXISTS (SELECT 1 FROM frames fr JOIN files f ON f.id = fr.file_id"
+            " WHERE fr.id = {c}.id AND f.hash = {c}.content_hash))")
+
+
 def drop_stale(c: sqlite3.Connection, name: str) -> None:
-    """Forget codes of files removed, or whose content (hence vector) changed, since."""
-    c.execute("DELETE FROM hash_codes WHERE hasher = ? AND NOT EXISTS (SELECT 1 FROM files f"
-              " WHERE f.id = hash_codes.id AND f.hash = hash_codes.content_hash)", (name,))
+    """Forget codes of images (and video frames) removed, or whose content (hence vector)
+    changed, since."""
+    c.execute("DELETE FROM hash_codes WHERE hasher = ? AND NOT "
+              + _CURRENT.format(c="hash_codes"), (name,))
 
 
 def vector_ids(store: Store) -> np.ndarray:
@@ -83,9 +96,9 @@ def uncoded_ids(store: Store, name: str) -> list[int]:
     if not has_tables(store):
         return [r[0] for r in store.conn.execute("SELECT id FROM vectors ORDER BY id")]
     return [r[0] for r in store.conn.execute(
-        "SELECT v.id FROM vectors v JOIN files f ON f.id = v.id WHERE NOT EXISTS"
-        " (SELECT 1 FROM hash_codes c WHERE c.hasher = ? AND c.id = v.id"
-        " AND c.content_hash = f.hash)", (name,))]
+        f"SELECT l.id FROM ({_LABEL_HASHES}) l WHERE EXISTS (SELECT 1 FROM vectors v"
+        " WHERE v.id = l.id) AND NOT EXISTS (SELECT 1 FROM hash_codes c WHERE c.hasher = ?"
+        " AND c.id = l.id AND c.content_hash = l.hash) ORDER BY l.id", (name,))]
 
 
 def add_codes(c: sqlite3.Connection, name: str, ids: np.ndarray, codes: np.ndarray) -> None:
@@ -100,8 +113,8 @@ def load_codes(store: Store, name: str, words: int,
     if not has_tables(store):
         return np.zeros(0, np.int64), np.zeros((0, words), np.uint64)
     if valid_only:
-        sql = ("SELECT c.id, c.code FROM hash_codes c JOIN files f ON f.id = c.id"
-               " AND f.hash = c.content_hash WHERE c.hasher = ? ORDER BY c.id")
+        sql = ("SELECT c.id, c.code FROM hash_codes c WHERE c.hasher = ? AND "
+               + _CURRENT.format(c="c") + " ORDER BY c.id")
     else:
         sql = "SELECT id, code FROM hash_codes WHERE hasher = ? ORDER BY id"
     rows = store.conn.execute(sql, (name,)).fetchall()
@@ -130,10 +143,13 @@ def _insert(c: sqlite3.Connection, name: str, ids: np.ndarray, codes: np.ndarray
 
 
 def _content_hashes(c: sqlite3.Connection, ids: np.ndarray) -> dict[int, str]:
+    """label -> the content hash it was embedded from (a frame's: its video's)."""
     out: dict[int, str] = {}
     ids = [int(i) for i in ids]
     for i in range(0, len(ids), 500):
         chunk = ids[i : i + 500]
-        out.update(c.execute(
-            f"SELECT id, hash FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk))
+        marks = ",".join("?" * len(chunk))
+        out.update(c.execute(f"SELECT id, hash FROM files WHERE id IN ({marks})", chunk))
+        out.update(c.execute(f"SELECT fr.id, f.hash FROM frames fr JOIN files f"
+                             f" ON f.id = fr.file_id WHERE fr.id IN ({marks})", chunk))
     return out

@@ -996,6 +996,20 @@ class Store:
                                  (file_id,)).fetchall()
         return [r[0] for r in rows], [r[1] for r in rows]
 
+    def frame_labels(self, file_ids: Iterable[int]) -> dict[int, list[int]]:
+        """video file id -> its frames' labels in time order, for the videos among
+        ``file_ids`` that have frames (images and unknown ids are absent)."""
+        ids = list(file_ids)
+        out: dict[int, list[int]] = {}
+        for i in range(0, len(ids), 500):
+            chunk = ids[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            for fid, label in self.conn.execute(
+                    f"SELECT file_id, id FROM frames WHERE file_id IN ({marks})"
+                    " ORDER BY file_id, time, id", chunk):
+                out.setdefault(fid, []).append(label)
+        return out
+
     def labels(self, ids: Iterable[int]) -> dict[int, tuple[int, float | None]]:
         """label -> (file id, time): an image's label is its file id (time None), a frame's
         is its frames row.  Unknown labels are absent."""

@@ -79,26 +79,38 @@ def coverage(conn: sqlite3.Connection) -> dict[str, int]:
 
 
 def sample_ids(conn: sqlite3.Connection, n: int, seed: int = 0) -> list[int]:
-    """Up to ``n`` file ids drawn with a fixed seed (the same ids for the same library):
-    all of them when the library has at most ``n``.  Draws from the id range first (no
-    scan of every id); falls back to the list of ids when ids are too sparse for that."""
+    """Up to ``n`` labels (the ids of the library's vectors: an image's file id, a video
+    frame's id; a video's own row holds no vector) drawn with a fixed seed (the same labels
+    for the same library): all of them when the library has at most ``n``.  Draws from the
+    id range first (no scan of every id; frames take their labels from the files' id
+    counter, so both share one range); falls back to the list of labels when they are too
+    sparse for that."""
     import numpy as np
 
-    count, lo, hi = conn.execute("SELECT count(*), min(id), max(id) FROM files").fetchone()
+    count = conn.execute(  # as Store.count: indexes only
+        "SELECT (SELECT count(*) FROM files) - (SELECT count(*) FROM files WHERE duration"
+        " IS NOT NULL) + (SELECT count(*) FROM frames)").fetchone()[0]
     if not count:
         return []
+    lo, hi = conn.execute(
+        "SELECT min(a), max(b) FROM (SELECT min(id) AS a, max(id) AS b FROM files"
+        " UNION ALL SELECT min(id), max(id) FROM frames)").fetchone()
     if count > n:
         rng = np.random.default_rng(seed)
         draw = rng.permutation(np.unique(rng.integers(lo, hi + 1, 4 * n)))
         got: list[int] = []
-        for i in range(0, len(draw), 500):
-            chunk = [int(x) for x in draw[i: i + 500]]
+        for i in range(0, len(draw), 250):
+            chunk = [int(x) for x in draw[i: i + 250]]
+            marks = ",".join("?" * len(chunk))
             present = {r[0] for r in conn.execute(
-                f"SELECT id FROM files WHERE id IN ({','.join('?' * len(chunk))})", chunk)}
+                f"SELECT id FROM files WHERE id IN ({marks}) AND duration IS NULL"
+                f" UNION ALL SELECT id FROM frames WHERE id IN ({marks})", chunk + chunk)}
             got += [i for i in chunk if i in present]  # in draw order: SQL returns id order
             if len(got) >= n:
                 return sorted(got[:n])
-    ids = np.asarray([r[0] for r in conn.execute("SELECT id FROM files ORDER BY id")], np.int64)
+    ids = np.asarray([r[0] for r in conn.execute(
+        "SELECT id FROM files WHERE duration IS NULL UNION ALL SELECT id FROM frames"
+        " ORDER BY id")], np.int64)
     if len(ids) <= n:
         return ids.tolist()
     return sorted(np.random.default_rng(seed).choice(ids, n, replace=False).tolist())

@@ -81,9 +81,14 @@ def fts_ids(c: sqlite3.Connection) -> tuple[set[int], set[int]]:
     return want, have
 
 
+#: The files whose text is read: images only (a video's row has a duration; its frames
+#: are not read, so a video is never queued, counted as unread, or remembered as failed)
+_IMAGES = "SELECT hash FROM files WHERE duration IS NULL"
+
+
 def unread_count(c: sqlite3.Connection) -> int:
-    """Contents in the library whose text was not read yet."""
-    return c.execute("SELECT count(DISTINCT hash) FROM files WHERE hash NOT IN "
+    """Image contents in the library whose text was not read yet."""
+    return c.execute(f"SELECT count(DISTINCT hash) FROM ({_IMAGES}) WHERE hash NOT IN "
                      "(SELECT hash FROM text_status)").fetchone()[0]
 
 
@@ -130,9 +135,10 @@ def delete(c: sqlite3.Connection, hashes: Iterable[str]) -> None:
 
 
 def orphans(c: sqlite3.Connection) -> list[str]:
-    """Hashes with text but no file."""
+    """Hashes with text but no image (a video's record, left by a version that queued
+    videos, counts: its read failed and is never retried)."""
     return [r[0] for r in c.execute(
-        "SELECT hash FROM text_status WHERE hash NOT IN (SELECT hash FROM files)")]
+        f"SELECT hash FROM text_status WHERE hash NOT IN ({_IMAGES})")]
 
 
 def clear(c: sqlite3.Connection) -> None:
@@ -165,10 +171,12 @@ def read_hashes(c: sqlite3.Connection, reader: str) -> set[str]:
 
 
 def missing(c: sqlite3.Connection, reader: str) -> list[tuple[str, str, bytes | None]]:
-    """(hash, path, fsname) of one file per content hash not yet read (see :func:`read_hashes`)."""
+    """(hash, path, fsname) of one image per content hash not yet read (see
+    :func:`read_hashes`); videos are not read."""
     done = read_hashes(c, reader)
     out, seen = [], set()
-    for h, path, fsname in c.execute("SELECT hash, path, fsname FROM files ORDER BY id"):
+    for h, path, fsname in c.execute(
+            "SELECT hash, path, fsname FROM files WHERE duration IS NULL ORDER BY id"):
         if h not in done and h not in seen:
             seen.add(h)
             out.append((h, path, fsname))
