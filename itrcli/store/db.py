@@ -407,14 +407,21 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        self.conn.execute("BEGIN IMMEDIATE")
+        """A write transaction: committed when the block ends, rolled back when it raises
+        or when the COMMIT itself fails (the error raised is always the first one)."""
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            yield self.conn
+            yield conn
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
-        else:
-            self.conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        except BaseException:
+            # e.g. SQLITE_BUSY or a deferred constraint: the transaction is still open
+            _rollback(conn)
+            raise
 
     def _applied(self) -> set[str]:
         self.conn.execute(
@@ -1062,6 +1069,17 @@ class Store:
     def truncate_log(self, upto: int) -> None:
         with self.transaction() as c:
             c.execute("DELETE FROM vector_log WHERE seq <= ?", (upto,))
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back what is left of a failed transaction, never masking why it failed: SQLite
+    has already rolled back by itself after some errors (SQLITE_FULL, SQLITE_IOERR,
+    RAISE(ROLLBACK)), and a ROLLBACK then would only say "no transaction is active"."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
 
 
 def _connect_writable(path: Path, page_size: int | None = None) -> sqlite3.Connection:
