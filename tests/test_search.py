@@ -272,6 +272,51 @@ def test_text_like_queries_and_chunked_exact_top(lib):
     assert needs_calibration(1000, 799) and not needs_calibration(1000, 800)
 
 
+def test_exact_search_streams_the_vectors_and_ranks_as_a_full_scan(itr, lib, monkeypatch):
+    """`--exact` over the whole library reads the vectors in chunks (never all at once) and
+    gives the ranking of one full scan, at any chunk size and with a filter."""
+    from itrcli.query import search
+    from itrcli.store.db import Store
+
+    db, _ = lib
+    s = Store(db, readonly=True)
+    ids, mat = s.vectors()
+    q = mat[3] + 0.5 * mat[7]
+    q = (q / np.linalg.norm(q)).astype(np.float32)
+    full = q @ mat.T  # [n]
+    order = np.lexsort((ids, -full))
+    want = [int(i) for i in ids[order]]
+
+    chunks = []
+    real_chunks, real_vectors = Store.vector_chunks, Store.vectors
+
+    def vector_chunks(self, chunk=50_000, threads=1):
+        chunks.append(chunk)
+        return real_chunks(self, chunk, threads)
+
+    def vectors(self, ids=None):
+        assert ids is not None, "the whole matrix was loaded at once"
+        return real_vectors(self, ids)
+
+    monkeypatch.setattr(Store, "vector_chunks", vector_chunks)
+    monkeypatch.setattr(Store, "vectors", vectors)
+    for chunk in (1, 5, 50_000):
+        monkeypatch.setattr(search, "EXACT_CHUNK", chunk, raising=False)
+        for k in (1, 4, len(ids), len(ids) + 3):
+            got, scores = search._exact(s, q, k, None)
+            assert got.tolist() == want[:k]
+            np.testing.assert_allclose(scores, full[order][:k], atol=1e-6)
+        # a filter larger than a chunk is streamed too, and masked chunk by chunk
+        allowed = {int(i) for i in ids[::2]}
+        got, _ = search._exact(s, q, 3, allowed)
+        assert got.tolist() == [i for i in want if i in allowed][:3]
+    assert chunks and set(chunks) == {1, 5, 50_000}
+    s.close()
+    r = itr("search", "a red circle", "--db", db, "--json", "-n", "12", "--exact")
+    assert r.code == 0 and len(r.json()["results"]) == 12, r
+    assert chunks[-1] == 50_000  # the CLI's exact search streamed as well
+
+
 def test_calibration_truth_from_the_saved_graph_equals_the_database_scan(lib):
     """The recall measurement reads its exact top k from the mapped graph file (fast at a
     million images): the same scores as scanning the database, deleted marks skipped."""
