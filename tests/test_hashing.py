@@ -250,6 +250,41 @@ def test_refit_rule_and_incremental_codes(tmp_path):
     store.close()
 
 
+def test_a_fit_holds_no_write_lock_and_codes_what_was_written_meanwhile(tmp_path, monkeypatch):
+    """While the ITQ fit runs, an index run can write (it used to wait for the whole fit
+    and fail after its 30 s busy timeout); what it added, changed and removed meanwhile is
+    coded, or dropped, before the codes are returned and saved."""
+    x = clustered(620, 32, seed=9)
+    store = fake_library(tmp_path / "lib", x[:500])
+    writer = Store(tmp_path / "lib")  # an index run's connection
+    writer.conn.execute("PRAGMA busy_timeout = 0")  # fail at once instead of waiting
+    real, during = hashing.fit_rows, []
+
+    def fit_rows(*args, **kwargs):
+        add_vectors(writer, x[500:520], first=500)  # BEGIN IMMEDIATE while fitting
+        with writer.transaction() as c:
+            writer.update_file(c, 1, {"hash": "changed"}, x[619])
+            writer.delete_files(c, [2])
+        during.append(writer.last_seq())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hashing, "fit_rows", fit_rows)
+    lc = library_codes(store, 64)
+    assert during and lc.hasher.n_fit == 500  # fitted on the snapshot it read
+    ids, mat = store.vectors()
+    assert len(ids) == 519 and np.array_equal(lc.ids, ids)
+    assert np.array_equal(lc.codes, lc.hasher.codes(mat))  # the changed vector coded anew
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted again")
+
+    monkeypatch.setattr(hashing, "fit_rows", no_fit)
+    again = library_codes(store, 64)  # saved, and current: no fit, no coding
+    assert np.array_equal(again.ids, lc.ids) and np.array_equal(again.codes, lc.codes)
+    writer.close()
+    store.close()
+
+
 def test_library_codes_errors(tmp_path):
     from itrcli.errors import LibraryError, UsageError
 

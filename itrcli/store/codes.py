@@ -57,13 +57,22 @@ def read_hasher(store: Store, name: str) -> HasherRecord | None:
 
 
 def replace_all(c: sqlite3.Connection, name: str, model: str, seq: int, params: str,
-                ids: np.ndarray, codes: np.ndarray) -> None:
-    """A new fit: forget the old codes, save the hasher and every code (in a transaction)."""
+                ids: np.ndarray, codes: np.ndarray, hashes: dict[int, str] | None = None) -> None:
+    """A new fit: forget the old codes, save the hasher and every code (in a transaction).
+    ``seq``: the vector-log sequence the fit and codes are as of; ``hashes``: the files'
+    content hashes then (default: now), which the codes are keyed by."""
     c.execute("DELETE FROM hash_codes WHERE hasher = ?", (name,))
     c.execute("INSERT OR REPLACE INTO hashers VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
               (name, model, seq, seq, now_iso(), params))
-    _insert(c, name, ids, codes, dict(c.execute("SELECT id, hash FROM files")))
+    if hashes is None:
+        hashes = dict(c.execute("SELECT id, hash FROM files"))
+    _insert(c, name, ids, codes, hashes)
     save_snapshot(c, name, ids, codes, seq)
+
+
+def content_hashes(store: Store) -> dict[int, str]:
+    """Every file's content hash, by id."""
+    return dict(store.conn.execute("SELECT id, hash FROM files"))
 
 
 def drop_stale(c: sqlite3.Connection, name: str) -> None:
