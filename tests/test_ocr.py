@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
 import socket
@@ -507,3 +508,47 @@ def test_a_read_that_times_out_is_given_up_and_remembered(tmp_path, itr, micro_c
     assert Path(s["ocr"]["errors"][0]["path"]).name == "plain.jpg"
     s = itr("index", photos, "--db", tmp_path / "lib", "--json").json()
     assert s["ocr"]["read"] == 0 and s["ocr"]["failed"] == 0  # remembered, not tried again
+
+
+HUNG_READ = r"""
+import sys, threading
+from pathlib import Path
+from PIL import Image
+from itrcli.ingest import ocr
+from itrcli.ingest.files import content_hash
+from itrcli.jobs.textread import TextJob
+from itrcli.store.db import Store
+
+class Hung:  # an OCR engine that never returns
+    def load(self):
+        pass
+    def read_kept(self, img):
+        threading.Event().wait()
+
+d = Path(sys.argv[1])
+Image.new("RGB", (64, 48), "white").save(d / "a.png")
+store = Store(d / "lib", create=True)
+ocr.TIMEOUT = 0.2
+job = TextJob(store, reader=Hung())
+job.queue(content_hash((d / "a.png").read_bytes()), str(d / "a.png"))
+with store.transaction() as c:
+    job.store_done(c, block=True)
+job.committed()
+job.close()
+store.close()
+print(job.stats.errors[0]["error"], flush=True)
+"""
+
+
+def test_a_read_abandoned_after_its_timeout_does_not_block_the_exit(tmp_path):
+    """The OCR engine hangs for good: the read is given up at the timeout, and the process
+    still exits (the stuck reader thread is not waited for)."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    r = subprocess.run([sys.executable, "-c", HUNG_READ, str(tmp_path)], capture_output=True,
+                       text=True, timeout=60, env=env, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "text not read: timed out after 0 s", r
