@@ -63,6 +63,15 @@ class Library:
         return cls(d.absolute(), Store(d, create=create, readonly=readonly))
 
     def close(self) -> None:
+        """Release what the library holds: the database, the graph (loaded or mapped), the
+        loaded encoder and re-ranker.  Closing twice is harmless."""
+        for name in ("_vindex", "_mapped"):
+            vi = getattr(self, name, None)
+            if vi is not None:
+                vi.close()
+            setattr(self, name, None)
+        self._encoder = self._encoder_args = None
+        self._reranker = self._reranker_args = None
         self.store.close()
 
     def __enter__(self) -> "Library":

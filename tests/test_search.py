@@ -201,6 +201,34 @@ def test_one_library_object_searches_the_mapped_graph_and_sees_later_runs(lib, t
         assert [h.path for h in hits] == [h.path for h in exact]
 
 
+def test_closing_a_library_releases_the_model_the_graph_and_the_database(lib):
+    import gc
+    import sqlite3
+    import weakref
+
+    import itrcli
+
+    db, _ = lib
+    L = itrcli.Library.open(db)
+    assert len(L.search("a red circle", top=3)) == 3
+    mapped = L._search_graph().mapped
+    assert mapped is not None
+    L.vector_index()  # the graph loaded too, beside the mapped one
+    assert L._vindex.index is not None
+    enc = weakref.ref(L.encoder(device="cpu"))
+    L._reranker = rr = type("Reranker", (), {})()
+    rr = weakref.ref(rr)
+    L.close()
+    gc.collect()
+    assert enc() is None and rr() is None  # nothing keeps the models' memory
+    assert L._mapped is None and L._vindex is None and mapped._mm == b""
+    with pytest.raises(sqlite3.ProgrammingError):
+        L.store.conn.execute("SELECT 1")
+    L.close()  # twice: harmless
+    with itrcli.Library.open(db, readonly=True) as again:  # and the library opens again
+        assert len(again.search("a red circle", top=3)) == 3
+
+
 def test_cold_search_imports_no_torch(lib):
     db, _ = lib
     code = ("import sys, runpy; sys.argv=['itr','search','a red circle','--db',%r];\n"
