@@ -298,15 +298,6 @@ def test_a_schema_1_library_is_checked_read_only_and_migrated_by_index(itr, lib)
     c.close()
 
 
-def _has_check_command() -> bool:
-    import typer
-
-    from itrcli.cli import app
-
-    return "check" in typer.main.get_command(app).commands
-
-
-@pytest.mark.skipif(not _has_check_command(), reason="`itr check` not merged into cli.py yet")
 def test_cli_check_exit_codes_and_json(itr, lib):
     db, paths = lib
     r = itr("check", "--db", db, "--json")

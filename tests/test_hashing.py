@@ -411,23 +411,11 @@ def test_micro_recall_at_10_with_codes_is_close_to_exact(tmp_path):
 # --- the command line -------------------------------------------------------------------------
 
 
-def _has_hash_command() -> bool:
-    import typer
-
-    from itrcli.cli import app
-
-    return "hash" in typer.main.get_command(app).commands
-
-
-needs_cli = pytest.mark.skipif(not _has_hash_command(), reason="`itr hash` is not in cli.py yet")
-
-
 def run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([*python_cmd(), "hash", *map(str, args)], capture_output=True,
                           text=True, timeout=300)
 
 
-@needs_cli
 def test_cli_codes_json_text_and_dupes(tmp_path, model_dir):
     paths, original, copy = write_dupes_set(tmp_path / "photos")
     db = tmp_path / "db"
@@ -454,7 +442,6 @@ def test_cli_codes_json_text_and_dupes(tmp_path, model_dir):
     assert r.stdout == "\n".join("".join(p + "\n" for p in g) for g in groups)
 
 
-@needs_cli
 def test_cli_rejects_bad_bits(tmp_path):
     r = run_cli("--text", "x", "--bits", "12", "--db", tmp_path / "db")
     assert r.returncode == 2 and "--bits" in r.stderr

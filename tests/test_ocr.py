@@ -436,7 +436,9 @@ def test_kill9_while_reading_then_resume(tmp_path, itr, micro_clip):
     db = tmp_path / "lib"
     z = faults.Zygote(tmp_path / "zygote")
     try:
-        child = z.spawn("index", photos, "--db", db, "-m", micro_clip, "--ocr", "-q")
+        # the third read never ends: the run is still reading when it is killed
+        child = z.spawn("index", photos, "--db", db, "-m", micro_clip, "--ocr", "-q",
+                        faults="hang=ocr:3")
 
         def reads() -> int:
             try:
@@ -451,13 +453,11 @@ def test_kill9_while_reading_then_resume(tmp_path, itr, micro_clip):
         deadline = time.monotonic() + 180
         while reads() < 2 and child.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        done = child.poll() is not None
+        assert reads() == 2 and child.poll() is None, child
         child.kill()
-        assert child.wait() in (0, -signal.SIGKILL)
+        assert child.wait() == -signal.SIGKILL
     finally:
         z.close()
-    if done:
-        pytest.skip("the run ended before it could be killed (machine too fast or too slow)")
     r = itr("check", "--db", db, "--json")
     assert r.code == 0, r
     s = itr("index", photos, "--db", db, "--json").json()
@@ -486,23 +486,30 @@ def test_rebuilding_a_damaged_database_keeps_the_text(lib_copy, itr):
 
 
 def test_a_read_that_times_out_is_given_up_and_remembered(tmp_path, itr, micro_clip, monkeypatch):
+    """A read stuck past the timeout (held on an event until the test ends) is given up
+    and remembered; the others (instant fakes, far inside the timeout) are stored."""
     needs_ocr()
-    import time
+    import threading
 
     from itrcli.ingest import ocr
 
     photos = make_photos(tmp_path / "photos")
-    real = ocr.TextReader.read
+    release = threading.Event()
 
     def stuck_on_plain(self, img):
         if img.size == (320, 320):  # plain.jpg
-            time.sleep(12)
+            release.wait()
             return []
-        return real(self, img)
+        return [L("Harbour Station")]
 
     monkeypatch.setattr(ocr, "TIMEOUT", 4.0)
+    monkeypatch.setattr(ocr.TextReader, "load", lambda self: None)
     monkeypatch.setattr(ocr.TextReader, "read", stuck_on_plain)
-    s = itr("index", photos, "--db", tmp_path / "lib", "-m", micro_clip, "--ocr", "--json").json()
+    try:
+        s = itr("index", photos, "--db", tmp_path / "lib", "-m", micro_clip, "--ocr",
+                "--json").json()
+    finally:
+        release.set()
     assert s["added"] == 4 and s["ocr"]["failed"] == 1 and s["ocr"]["read"] == 3, s
     assert s["ocr"]["errors"][0]["error"] == "text not read: timed out after 4 s"
     assert Path(s["ocr"]["errors"][0]["path"]).name == "plain.jpg"
