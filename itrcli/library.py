@@ -37,7 +37,7 @@ class Library:
         self.directory = directory
         self.store = store
         self._encoder = None
-        self._encoder_args: tuple[str, str, str] | None = None
+        self._encoder_args: tuple[str, str, str, str | None] | None = None
         self._reranker = None  # loaded by the first search with rerank=True
         self._reranker_args: tuple[str | None, str, str] | None = None
 
@@ -59,6 +59,15 @@ class Library:
         return cls(d.absolute(), Store(d, create=create, readonly=readonly))
 
     def close(self) -> None:
+        """Release what the library holds: the database, the graph (loaded or mapped), the
+        loaded encoder and re-ranker.  Closing twice is harmless."""
+        for name in ("_vindex", "_mapped"):
+            vi = getattr(self, name, None)
+            if vi is not None:
+                vi.close()
+            setattr(self, name, None)
+        self._encoder = self._encoder_args = None
+        self._reranker = self._reranker_args = None
         self.store.close()
 
     def __enter__(self) -> "Library":
@@ -105,11 +114,20 @@ class Library:
         from .embed.encoder import Encoder
 
         name = model or self.model or models.resolve(None)
-        args = (name, device, precision)
+        revision = self._revision_of(name)
+        args = (name, device, precision, revision)
         if self._encoder is None or self._encoder_args != args:
-            self._encoder = Encoder(name, device=device, precision=precision, towers=towers)
+            self._encoder = Encoder(name, device=device, precision=precision, towers=towers,
+                                    revision=revision)
             self._encoder_args = args
         return self._encoder
+
+    def _revision_of(self, model: str) -> str | None:
+        """The hub revision the library's vectors were made with, when ``model`` is its
+        model (a newer snapshot in the cache must not be mixed in); else None."""
+        if model != self.model:
+            return None
+        return self.store.get_meta("model_revision")
 
     # -- indexing -------------------------------------------------------------------------
     def index(
@@ -229,7 +247,7 @@ class Library:
                 from .jobs.distributed import RayIndexRun as run_cls
 
                 extra = dict(model=want, device=device, precision=precision, address=address,
-                             logs=engine_logs)
+                             logs=engine_logs, revision=self._revision_of(want))
             run = run_cls(
                 self.store, self.directory, get_encoder, dim=dim, prep=prep,
                 batch_size=batch_size, workers=n_workers,
@@ -367,7 +385,7 @@ class Library:
 
         if not self._text_export_due(model) or not textonnx.use_child(model):
             return None
-        return textonnx.start(model, self.directory, gate=local)
+        return textonnx.start(model, self.directory, gate=local, revision=self._revision_of(model))
 
     def _finish_text_tower(self, export) -> None:
         """End of a run: wait for the export started with it (or export now: small towers,
@@ -386,12 +404,13 @@ class Library:
                 textonnx.remove_export(self.directory)
             return
         if export is None and textonnx.use_child(model):
-            export = textonnx.start(model, self.directory)
+            export = textonnx.start(model, self.directory, revision=self._revision_of(model))
         if export is not None:
             self._release_image_tower()
             code, why = export.wait()
             if code == textonnx.NOT_LOCAL:  # it started before the run downloaded the model
-                code, why = textonnx.start(model, self.directory).wait()
+                code, why = textonnx.start(model, self.directory,
+                                           revision=self._revision_of(model)).wait()
             unsupported = code == textonnx.UNSUPPORTED
         else:
             code, why, unsupported = 0, "", False
@@ -436,7 +455,8 @@ class Library:
         """The text tower alone, in float32 on the CPU (an export with no model loaded)."""
         from .embed.encoder import Encoder
 
-        return Encoder(model, device="cpu", precision="fp32", towers="text")
+        return Encoder(model, device="cpu", precision="fp32", towers="text",
+                       revision=self._revision_of(model))
 
     # -- searching --------------------------------------------------------------------------
     def text_encoder(self, device: str = "auto", precision: str = "auto"):

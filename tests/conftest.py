@@ -13,6 +13,7 @@ import pytest
 
 FIXTURES = Path(__file__).parent / "fixtures"
 MICRO_CLIP = FIXTURES / "micro-clip"
+LEGACY = FIXTURES / "library-0.1.0"
 
 
 def pytest_addoption(parser):
@@ -30,13 +31,24 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
-    """No test touches the real home, cache or network."""
+    """No test touches the real home, cache or network, nor reads the user's itr options."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
-    for var in ("ITR_DB", "ITR_MODEL"):
+    # the Hugging Face cache too (~/.cache/huggingface, or wherever HF_HOME points)
+    hub = tmp_path / "hf-home" / "hub"
+    monkeypatch.setenv("HF_HOME", str(hub.parent))
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    for var in ("HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    hf = sys.modules.get("huggingface_hub.constants")
+    if hf is not None:  # imported by an earlier test: it read the environment then
+        monkeypatch.setattr(hf, "HF_HOME", str(hub.parent))
+        monkeypatch.setattr(hf, "HF_HUB_CACHE", str(hub))
+    for var in ("ITR_DB", "ITR_MODEL", "ITR_RERANK_MODEL", "ITR_RERANK_CACHE_BYTES",
+                "ITR_THUMB_CACHE_MIB"):
         monkeypatch.delenv(var, raising=False)
 
 
@@ -112,6 +124,35 @@ def index_shapes(itr, tmp_path: Path, specs, model) -> tuple[Path, list[Path]]:
     r = itr("index", tmp_path / "photos", "--db", db, "-m", model, "-q")
     assert r.code == 0, r
     return db, paths
+
+
+def copy_legacy_library(tmp_path: Path) -> tuple[Path, Path, dict]:
+    """The 0.1.0 fixture library (tests/fixtures/library-0.1.0) copied to ``tmp_path/lib``
+    with its photos in ``tmp_path/photos``, the paths it recorded moved there (the photos
+    keep the mtimes they had, so they are unchanged files to the library) and bound to the
+    micro model: (library, photos, its expected search with the paths moved)."""
+    import shutil
+    import sqlite3
+
+    lib, photos = tmp_path / "lib", tmp_path / "photos"
+    shutil.copytree(LEGACY / "lib", lib)
+    shutil.copytree(LEGACY / "photos", photos)
+    rec = json.loads((LEGACY / "photos.json").read_text())
+    for name, mtime in rec["mtime_ns"].items():
+        os.utime(photos / name, ns=(mtime, mtime))
+    old = rec["root"] + "/photos"
+    c = sqlite3.connect(lib / "itr.db", isolation_level=None)
+    try:
+        for table in ("files", "failures"):
+            c.execute(f"UPDATE {table} SET path = replace(path, ?, ?)", (old, str(photos)))
+        c.execute("UPDATE meta SET value = ? WHERE key = 'roots'", (json.dumps([str(photos)]),))
+        c.execute("UPDATE meta SET value = ? WHERE key = 'model'", (json.dumps(str(MICRO_CLIP)),))
+    finally:
+        c.close()
+    expected = json.loads((lib / "expected-search.json").read_text())
+    for hit in expected["results"]:
+        hit["path"] = hit["path"].replace(old, str(photos))
+    return lib, photos, expected
 
 
 def main_in_fresh_python(args: list[str], modules: tuple[str, ...], timeout: float = 120):

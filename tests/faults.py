@@ -389,13 +389,14 @@ def _child(req: dict) -> None:
 
 def install(spec: str) -> None:
     """Apply an ``ITR_FAULTS`` spec: comma-separated ``slow=SECONDS`` (per encoder batch),
-    ``kill=POINT:N`` (SIGKILL at the Nth time POINT is reached), ``enospc=POINT:N``.
+    ``kill=POINT:N`` (SIGKILL at the Nth time POINT is reached), ``enospc=POINT:N``,
+    ``hang=POINT:N`` (that thread blocks for good there: the run stays at that point).
 
     Points: ``encode`` (before a batch is encoded), ``commit`` (right after a COMMIT),
     ``graph-tmp`` (graph written to its temporary file, not renamed),
     ``graph-replace`` (renamed, older graphs not yet removed), ``truncate`` (before the
     log is truncated), ``export`` (before the text tower is exported, or its child process
-    started).
+    started), ``ocr`` (before an image's text is read, in the OCR thread).
     """
     if not spec:
         return
@@ -405,7 +406,7 @@ def install(spec: str) -> None:
         key, _, val = part.partition("=")
         if key == "slow":
             slow = float(val)
-        elif key in ("kill", "enospc"):
+        elif key in ("kill", "enospc", "hang"):
             point, _, n = val.partition(":")
             actions[point] = (key, int(n or 1))
     hits: dict[str, int] = {}
@@ -418,6 +419,10 @@ def install(spec: str) -> None:
         if hits[point] == n:
             if what == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if what == "hang":
+                import threading
+
+                threading.Event().wait()
             import errno
 
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -478,6 +483,16 @@ def install(spec: str) -> None:
         return orig_start(*a, **k)
 
     textonnx.export, textonnx.start = export, start
+
+    from itrcli.jobs import textread
+
+    orig_read_one = textread.read_one
+
+    def read_one(*a, **k):
+        at("ocr")
+        return orig_read_one(*a, **k)
+
+    textread.read_one = read_one
 
 
 # --- a small real file system ------------------------------------------------------------------

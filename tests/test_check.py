@@ -298,15 +298,6 @@ def test_a_schema_1_library_is_checked_read_only_and_migrated_by_index(itr, lib)
     c.close()
 
 
-def _has_check_command() -> bool:
-    import typer
-
-    from itrcli.cli import app
-
-    return "check" in typer.main.get_command(app).commands
-
-
-@pytest.mark.skipif(not _has_check_command(), reason="`itr check` not merged into cli.py yet")
 def test_cli_check_exit_codes_and_json(itr, lib):
     db, paths = lib
     r = itr("check", "--db", db, "--json")
@@ -334,4 +325,43 @@ def test_a_damaged_index_is_rebuilt_by_repair(itr, lib):
     fixed = repair(db)
     assert fixed.ok and fixed.findings == [] and "rebuilt the database file" in fixed.repaired[0], fixed.to_json()
     assert (db / "itr.db.damaged").exists()
+    searches_find_all(itr, db, 12)
+
+
+def test_a_rebuild_takes_its_schema_from_itr_not_from_the_damaged_file(itr, lib):
+    """The damaged file's own schema is never executed: an index whose SQL was rewritten
+    comes back as itr defines it, a table whose name holds a quote (or any table itr does
+    not know) is left behind, and so are triggers and views."""
+    from faults import damage_index_page
+
+    from itrcli.store.db import Store
+
+    db, _ = lib
+    c = sqlite3.connect(db / "itr.db", isolation_level=None)
+    want = c.execute("SELECT sql FROM sqlite_master WHERE name = 'files_hash'").fetchone()[0]
+    counts = {t: c.execute(f"SELECT count(*) FROM {t}").fetchone()[0]
+              for t in ("files", "vectors", "vector_log", "meta", "migrations")}
+    c.executescript("""
+        CREATE TABLE "odd"" name" (x);
+        INSERT INTO "odd"" name" VALUES (1);
+        CREATE VIEW every_path AS SELECT path FROM files;
+        CREATE TRIGGER forget AFTER INSERT ON meta BEGIN DELETE FROM files; END;
+        PRAGMA writable_schema = ON;
+        UPDATE sqlite_master SET sql = 'CREATE INDEX files_hash ON files(hash) WHERE size < 0'
+            WHERE name = 'files_hash';
+        PRAGMA writable_schema = OFF;
+    """)
+    c.close()
+    damage_index_page(db)
+    store = Store(db)
+    store.rebuild_file()
+    store.close()
+    c = sqlite3.connect(db / "itr.db")
+    names = {r[0] for r in c.execute("SELECT name FROM sqlite_master")}
+    assert 'odd" name' not in names and not names & {"every_path", "forget"}
+    assert c.execute("SELECT sql FROM sqlite_master WHERE name = 'files_hash'").fetchone()[0] == want
+    assert {t: c.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in counts} == counts
+    assert c.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+    c.close()
+    assert repair(db).ok
     searches_find_all(itr, db, 12)

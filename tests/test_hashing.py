@@ -250,6 +250,41 @@ def test_refit_rule_and_incremental_codes(tmp_path):
     store.close()
 
 
+def test_a_fit_holds_no_write_lock_and_codes_what_was_written_meanwhile(tmp_path, monkeypatch):
+    """While the ITQ fit runs, an index run can write (it used to wait for the whole fit
+    and fail after its 30 s busy timeout); what it added, changed and removed meanwhile is
+    coded, or dropped, before the codes are returned and saved."""
+    x = clustered(620, 32, seed=9)
+    store = fake_library(tmp_path / "lib", x[:500])
+    writer = Store(tmp_path / "lib")  # an index run's connection
+    writer.conn.execute("PRAGMA busy_timeout = 0")  # fail at once instead of waiting
+    real, during = hashing.fit_rows, []
+
+    def fit_rows(*args, **kwargs):
+        add_vectors(writer, x[500:520], first=500)  # BEGIN IMMEDIATE while fitting
+        with writer.transaction() as c:
+            writer.update_file(c, 1, {"hash": "changed"}, x[619])
+            writer.delete_files(c, [2])
+        during.append(writer.last_seq())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hashing, "fit_rows", fit_rows)
+    lc = library_codes(store, 64)
+    assert during and lc.hasher.n_fit == 500  # fitted on the snapshot it read
+    ids, mat = store.vectors()
+    assert len(ids) == 519 and np.array_equal(lc.ids, ids)
+    assert np.array_equal(lc.codes, lc.hasher.codes(mat))  # the changed vector coded anew
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("fitted again")
+
+    monkeypatch.setattr(hashing, "fit_rows", no_fit)
+    again = library_codes(store, 64)  # saved, and current: no fit, no coding
+    assert np.array_equal(again.ids, lc.ids) and np.array_equal(again.codes, lc.codes)
+    writer.close()
+    store.close()
+
+
 def test_library_codes_errors(tmp_path):
     from itrcli.errors import LibraryError, UsageError
 
@@ -376,23 +411,11 @@ def test_micro_recall_at_10_with_codes_is_close_to_exact(tmp_path):
 # --- the command line -------------------------------------------------------------------------
 
 
-def _has_hash_command() -> bool:
-    import typer
-
-    from itrcli.cli import app
-
-    return "hash" in typer.main.get_command(app).commands
-
-
-needs_cli = pytest.mark.skipif(not _has_hash_command(), reason="`itr hash` is not in cli.py yet")
-
-
 def run_cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([*python_cmd(), "hash", *map(str, args)], capture_output=True,
                           text=True, timeout=300)
 
 
-@needs_cli
 def test_cli_codes_json_text_and_dupes(tmp_path, model_dir):
     paths, original, copy = write_dupes_set(tmp_path / "photos")
     db = tmp_path / "db"
@@ -419,7 +442,6 @@ def test_cli_codes_json_text_and_dupes(tmp_path, model_dir):
     assert r.stdout == "\n".join("".join(p + "\n" for p in g) for g in groups)
 
 
-@needs_cli
 def test_cli_rejects_bad_bits(tmp_path):
     r = run_cli("--text", "x", "--bits", "12", "--db", tmp_path / "db")
     assert r.returncode == 2 and "--bits" in r.stderr

@@ -216,28 +216,15 @@ def _find_chromium() -> str | None:
 
 @pytest.fixture(scope="session")
 def chromium() -> str:
-    """A headless Chromium: found on PATH, else installed with apt-get when running as root
-    in CI (CI=true) or with ITR_TEST_INSTALL=1; else the test is skipped."""
+    """A headless Chromium found on PATH (the tests never install anything).  CI installs
+    it, so under CI=true a missing one fails the test instead of skipping it silently."""
     exe = _find_chromium()
     if exe:
         return exe
-    env = os.environ
-    allowed = env.get("CI", "").lower() == "true" or env.get("ITR_TEST_INSTALL") == "1"
-    if not allowed:
-        pytest.skip("chromium not installed (apt-get install chromium; or set CI=true or "
-                    "ITR_TEST_INSTALL=1 to let the tests install it as root)")
-    if not hasattr(os, "geteuid") or os.geteuid() != 0 or not shutil.which("apt-get"):
-        pytest.skip("chromium not installed, and installing it needs root and apt-get")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "chromium"]
-    r = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-    if r.returncode != 0:  # a fresh machine has no package lists yet
-        subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600)
-        r = subprocess.run(install, env=env, capture_output=True, text=True, timeout=900)
-    exe = _find_chromium()
-    if not exe:
-        pytest.skip(f"apt-get install chromium failed: {(r.stderr or r.stdout).strip()[-300:]}")
-    return exe
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail("chromium is not on PATH, and CI=true: CI must install it "
+                    "(apt-get install chromium) so that the rendering test runs", pytrace=False)
+    pytest.skip("chromium is not on PATH (apt-get install chromium): the page is not rendered")
 
 
 def screenshot(chromium: str, page: Path, tmp: Path) -> Image.Image:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,3 +170,66 @@ def test_human_summary_on_stderr_and_quiet(itr, tiny_clip, photos, tmp_path):
     assert "scanned 4, added 4" in r.err and "\x1b[" not in r.err
     r = itr("index", photos[0].parent, "--db", tmp_path / "lib", "-q")
     assert r.code == 0 and r.out == "" and r.err == ""
+
+
+def _hub_snapshot(model: str, source, revision: str, *, main: bool = True):
+    """``source`` (a model directory) as ``revision`` of hub model ``model`` in the test's
+    Hugging Face cache (the autouse fixture points HF_HUB_CACHE into tmp_path); ``main``:
+    refs/main names it, as after a download."""
+    from huggingface_hub import constants
+
+    repo = Path(constants.HF_HUB_CACHE) / ("models--" + model.replace("/", "--"))
+    shutil.copytree(source, repo / "snapshots" / revision)
+    if main:
+        (repo / "refs").mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / "main").write_text(revision)
+    return repo
+
+
+def test_the_recorded_model_revision_is_the_one_loaded(itr, tiny_clip, photos, tmp_path):
+    """A hub model's newer snapshot in the cache is not mixed into a library embedded with
+    an older one: the recorded revision is loaded, and when it is gone the run refuses in
+    one line naming both and the way out (--reindex re-embeds with the new one)."""
+    from support import synth
+
+    from itrcli import Library
+
+    model, old, new = "itr-test/tiny-clip", "a" * 40, "b" * 40
+    repo = _hub_snapshot(model, tiny_clip, old)
+    lib = tmp_path / "lib"
+    index(itr, lib, tmp_path / "photos", "-m", model)
+    with Library.open(lib, readonly=True) as L:
+        assert L.store.get_meta("model_revision") == old
+        want = L.stored_vector(str(photos[0]))
+
+    retrained = synth.make_tiny_clip(tmp_path / "retrained", seed=7)
+    _hub_snapshot(model, retrained, new)  # an update: refs/main moves on
+    with Library.open(lib) as L:
+        assert L.encoder(device="cpu", precision="fp32").revision == old
+    # a new file is embedded with the old snapshot: the same pixels as an indexed photo
+    # (other bytes: embedded, not reused) give the same vector
+    again = tmp_path / "photos" / "again.jpg"
+    again.write_bytes(photos[0].read_bytes() + b"\0")
+    s = index(itr, lib, tmp_path / "photos")
+    assert s["added"] == 1, s
+    with Library.open(lib, readonly=True) as L:
+        assert L.store.get_meta("model_revision") == old
+        np.testing.assert_allclose(L.stored_vector(str(again)), want, atol=2e-3)
+
+    shutil.rmtree(repo / "snapshots" / old)  # the old snapshot is gone
+    write_shapes(tmp_path / "photos", [("purple", "square", "left", 9)])
+    r = itr("index", tmp_path / "photos", "--db", lib, "-q")
+    assert r.code == 1 and r.err.count("\n") == 1, r
+    assert old in r.err and new in r.err and "--reindex" in r.err, r
+    s = index(itr, lib, tmp_path / "photos", "--reindex")
+    with Library.open(lib, readonly=True) as L:
+        assert L.store.get_meta("model_revision") == new
+
+
+def test_a_local_model_directory_has_no_revision(itr, tiny_clip, photos, tmp_path):
+    from itrcli import Library
+
+    index(itr, tmp_path / "lib", tmp_path / "photos", "-m", tiny_clip)
+    with Library.open(tmp_path / "lib") as L:
+        assert L.store.get_meta("model_revision") is None
+        assert L.encoder(device="cpu").revision is None

@@ -5,39 +5,18 @@ on its first write without losing anything."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from conftest import FIXTURES, MICRO_CLIP
-
-LEGACY = FIXTURES / "library-0.1.0"
+from conftest import copy_legacy_library
 
 
 @pytest.fixture
 def legacy(tmp_path) -> tuple[Path, Path, dict]:
-    """The fixture copied to tmp_path, its recorded paths moved there (photos keep the
-    mtimes they had, so that they are unchanged files to the library)."""
-    lib, photos = tmp_path / "lib", tmp_path / "photos"
-    shutil.copytree(LEGACY / "lib", lib)
-    shutil.copytree(LEGACY / "photos", photos)
-    rec = json.loads((LEGACY / "photos.json").read_text())
-    for name, mtime in rec["mtime_ns"].items():
-        os.utime(photos / name, ns=(mtime, mtime))
-    old = rec["root"] + "/photos"
-    c = sqlite3.connect(lib / "itr.db", isolation_level=None)
-    for table in ("files", "failures"):
-        c.execute(f"UPDATE {table} SET path = replace(path, ?, ?)", (old, str(photos)))
-    c.execute("UPDATE meta SET value = ? WHERE key = 'roots'", (json.dumps([str(photos)]),))
-    c.execute("UPDATE meta SET value = ? WHERE key = 'model'", (json.dumps(str(MICRO_CLIP)),))
-    c.close()
-    expected = json.loads((lib / "expected-search.json").read_text())
-    for hit in expected["results"]:
-        hit["path"] = hit["path"].replace(old, str(photos))
-    return lib, photos, expected
+    """The fixture copied to tmp_path, its recorded paths moved there."""
+    return copy_legacy_library(tmp_path)
 
 
 def _schema(lib: Path) -> tuple[int, list[str]]:

@@ -761,3 +761,53 @@ def test_cron_run_is_silent_or_one_line(zygote, tiny_clip, tmp_path):
     (d / "new.jpg").write_bytes((d / "000-red-circle-left.jpg").read_bytes()[::-1])
     c = zygote.run("index", d, "--db", tmp_path / "other", "-m", tmp_path / "no-model", "-q")
     assert c.code == 1 and c.err.count("\n") == 1 and c.err.startswith("Error: "), c
+
+
+# --- the write transaction when SQLite itself fails --------------------------------------------
+
+def _store_with_probe(tmp_path):
+    """A new library's store with a table whose trigger makes SQLite roll the whole
+    transaction back by itself (as it may on SQLITE_FULL or SQLITE_IOERR), and one whose
+    foreign key is checked only at COMMIT."""
+    from itrcli.store.db import Store
+
+    store = Store(tmp_path / "lib", create=True)
+    store.conn.executescript("""
+        CREATE TABLE probe (x INTEGER);
+        CREATE TRIGGER probe_abort BEFORE INSERT ON probe WHEN NEW.x < 0
+            BEGIN SELECT RAISE(ROLLBACK, 'probe rolled back'); END;
+        CREATE TABLE parent (id INTEGER PRIMARY KEY);
+        CREATE TABLE child (pid INTEGER REFERENCES parent(id) DEFERRABLE INITIALLY DEFERRED);
+    """)
+    return store
+
+
+def test_an_error_sqlite_rolled_back_itself_is_the_error_raised(tmp_path):
+    store = _store_with_probe(tmp_path)
+    with pytest.raises(sqlite3.IntegrityError, match="probe rolled back"):
+        with store.transaction() as c:
+            c.execute("INSERT INTO probe VALUES (1)")
+            c.execute("INSERT INTO probe VALUES (-1)")  # SQLite rolls back, then raises
+    assert not store.conn.in_transaction
+    assert store.conn.execute("SELECT count(*) FROM probe").fetchone()[0] == 0
+    with store.transaction() as c:  # the connection is usable
+        c.execute("INSERT INTO probe VALUES (2)")
+    assert store.conn.execute("SELECT x FROM probe").fetchall() == [(2,)]
+    store.close()
+
+
+def test_a_commit_that_fails_rolls_back_and_raises_its_error(tmp_path):
+    store = _store_with_probe(tmp_path)
+    with pytest.raises(sqlite3.IntegrityError, match="FOREIGN KEY"):
+        with store.transaction() as c:
+            c.execute("INSERT INTO probe VALUES (1)")
+            c.execute("INSERT INTO child VALUES (42)")  # no parent 42: COMMIT refuses
+    assert not store.conn.in_transaction  # not left open, holding the write lock
+    assert store.conn.execute("SELECT count(*) FROM probe").fetchone()[0] == 0
+    other = sqlite3.connect(store.path, timeout=0, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another writer gets the lock at once
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    store.close()

@@ -201,6 +201,34 @@ def test_one_library_object_searches_the_mapped_graph_and_sees_later_runs(lib, t
         assert [h.path for h in hits] == [h.path for h in exact]
 
 
+def test_closing_a_library_releases_the_model_the_graph_and_the_database(lib):
+    import gc
+    import sqlite3
+    import weakref
+
+    import itrcli
+
+    db, _ = lib
+    L = itrcli.Library.open(db)
+    assert len(L.search("a red circle", top=3)) == 3
+    mapped = L._search_graph().mapped
+    assert mapped is not None
+    L.vector_index()  # the graph loaded too, beside the mapped one
+    assert L._vindex.index is not None
+    enc = weakref.ref(L.encoder(device="cpu"))
+    L._reranker = rr = type("Reranker", (), {})()
+    rr = weakref.ref(rr)
+    L.close()
+    gc.collect()
+    assert enc() is None and rr() is None  # nothing keeps the models' memory
+    assert L._mapped is None and L._vindex is None and mapped._mm == b""
+    with pytest.raises(sqlite3.ProgrammingError):
+        L.store.conn.execute("SELECT 1")
+    L.close()  # twice: harmless
+    with itrcli.Library.open(db, readonly=True) as again:  # and the library opens again
+        assert len(again.search("a red circle", top=3)) == 3
+
+
 def test_cold_search_imports_no_torch(lib):
     db, _ = lib
     code = ("import sys, runpy; sys.argv=['itr','search','a red circle','--db',%r];\n"
@@ -270,6 +298,51 @@ def test_text_like_queries_and_chunked_exact_top(lib):
     assert needs_calibration(None, 10)
     assert not needs_calibration(1000, 1200) and needs_calibration(1000, 1201)
     assert needs_calibration(1000, 799) and not needs_calibration(1000, 800)
+
+
+def test_exact_search_streams_the_vectors_and_ranks_as_a_full_scan(itr, lib, monkeypatch):
+    """`--exact` over the whole library reads the vectors in chunks (never all at once) and
+    gives the ranking of one full scan, at any chunk size and with a filter."""
+    from itrcli.query import search
+    from itrcli.store.db import Store
+
+    db, _ = lib
+    s = Store(db, readonly=True)
+    ids, mat = s.vectors()
+    q = mat[3] + 0.5 * mat[7]
+    q = (q / np.linalg.norm(q)).astype(np.float32)
+    full = q @ mat.T  # [n]
+    order = np.lexsort((ids, -full))
+    want = [int(i) for i in ids[order]]
+
+    chunks = []
+    real_chunks, real_vectors = Store.vector_chunks, Store.vectors
+
+    def vector_chunks(self, chunk=50_000, threads=1):
+        chunks.append(chunk)
+        return real_chunks(self, chunk, threads)
+
+    def vectors(self, ids=None):
+        assert ids is not None, "the whole matrix was loaded at once"
+        return real_vectors(self, ids)
+
+    monkeypatch.setattr(Store, "vector_chunks", vector_chunks)
+    monkeypatch.setattr(Store, "vectors", vectors)
+    for chunk in (1, 5, 50_000):
+        monkeypatch.setattr(search, "EXACT_CHUNK", chunk, raising=False)
+        for k in (1, 4, len(ids), len(ids) + 3):
+            got, scores = search._exact(s, q, k, None)
+            assert got.tolist() == want[:k]
+            np.testing.assert_allclose(scores, full[order][:k], atol=1e-6)
+        # a filter larger than a chunk is streamed too, and masked chunk by chunk
+        allowed = {int(i) for i in ids[::2]}
+        got, _ = search._exact(s, q, 3, allowed)
+        assert got.tolist() == [i for i in want if i in allowed][:3]
+    assert chunks and set(chunks) == {1, 5, 50_000}
+    s.close()
+    r = itr("search", "a red circle", "--db", db, "--json", "-n", "12", "--exact")
+    assert r.code == 0 and len(r.json()["results"]) == 12, r
+    assert chunks[-1] == 50_000  # the CLI's exact search streamed as well
 
 
 def test_calibration_truth_from_the_saved_graph_equals_the_database_scan(lib):

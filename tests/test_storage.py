@@ -4,7 +4,6 @@ library made by 0.1.0 is converted by `itr check --compact`, resumably."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sqlite3
@@ -13,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import FIXTURES, MICRO_CLIP, index_shapes, main_in_fresh_python, write_shapes
+from conftest import copy_legacy_library, index_shapes, main_in_fresh_python, write_shapes
 
 SPECS = [(c, s, p, i) for i, (c, s, p) in enumerate(
     [(c, s, p) for c in ("red", "blue", "green", "yellow", "purple") for s in ("circle", "square")
@@ -108,19 +107,17 @@ def test_vectors_added_later_are_float16_and_match_the_graph(itr, lib, tmp_path)
 
 @pytest.fixture
 def legacy(tmp_path):
-    """The 0.1.0 fixture library (float32 vectors, 4 KiB pages), bound to the micro model."""
-    lib = tmp_path / "lib"
-    shutil.copytree(FIXTURES / "library-0.1.0" / "lib", lib)
-    c = sqlite3.connect(lib / "itr.db", isolation_level=None)
-    c.execute("UPDATE meta SET value = ? WHERE key = 'model'", (json.dumps(str(MICRO_CLIP)),))
-    c.close()
-    return lib
+    """The 0.1.0 fixture library (float32 vectors, 4 KiB pages), bound to the micro model,
+    its recorded paths moved into tmp_path."""
+    return copy_legacy_library(tmp_path)[0]
 
 
 def ranked(itr, db, query="a red circle"):
     r = itr("search", query, "--db", db, "--json", "-n", "6")
     assert r.code == 0, r
-    return [(h["path"], h["score"]) for h in r.json()["results"]]
+    hits = [(h["path"], h["score"]) for h in r.json()["results"]]
+    assert hits, r  # comparing two empty lists would prove nothing
+    return hits
 
 
 def test_compact_converts_a_0_1_0_library_and_search_is_unchanged(itr, legacy):

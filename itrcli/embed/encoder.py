@@ -126,6 +126,19 @@ def _not_found_message(model: str, err: BaseException, option: str = "--model / 
     )
 
 
+def _revision_missing(model: str, revision: str) -> str:
+    from .models import model_revision
+
+    have = model_revision(model)
+    has = f"holds revision {have}" if have else "holds no revision of it"
+    return (
+        f"model '{model}' at revision {revision}, the one this library was embedded with, "
+        f"cannot be loaded (the local Hugging Face cache {has}); download that revision "
+        f"(`hf download {model} --revision {revision}`), or re-embed the library with the "
+        "current one: itr index PATH --reindex"
+    )
+
+
 #: ``Encoder(towers=...)``: which towers are loaded at once (the other one on first use).
 TOWERS = ("both", "image", "text")
 
@@ -140,10 +153,13 @@ class Encoder:
         towers: ``both``; ``image`` (indexing: the text tower's weights are not read until
             :meth:`encode_texts` is called); ``text`` (the text tower's export: no image
             preprocessing, ``prep`` is None).
+        revision: the hub commit to load (a library's recorded ``model_revision``), else
+            the cache's ``main``; ignored for a local directory.  A revision that cannot be
+            loaded is a :class:`ModelError` naming it, never another revision's weights.
     """
 
     def __init__(self, model: str, device: str = "auto", precision: str = "auto",
-                 towers: str = "both") -> None:
+                 towers: str = "both", revision: str | None = None) -> None:
         # torch's OpenMP threads spin while waiting for work by default, taking the cores
         # from the decode threads that run beside the encoder; sleeping instead indexed
         # 2 MP photos 20% faster on 2 cores.  Read when OpenMP starts: set before torch runs.
@@ -159,6 +175,8 @@ class Encoder:
             self.precision
         ]
         self.model_id = model
+        # every file of the checkpoint from that commit (a local directory has none)
+        self._at = {"revision": revision} if revision and not os.path.isdir(model) else {}
         self._image = self._text = self._tokenizer = None
         with gc_paused():
             self._load(model, towers)
@@ -172,16 +190,20 @@ class Encoder:
         transformers.logging.disable_progress_bar()  # "Loading weights" bars: ours only
         # Local directory or the local hub cache first: no network round trip on every run.
         self._local_only = True
+        at = self._at
         try:
-            config = AutoConfig.from_pretrained(model, trust_remote_code=False, local_files_only=True)
+            config = AutoConfig.from_pretrained(model, trust_remote_code=False,
+                                                local_files_only=True, **at)
         except (OSError, ValueError) as e:
             if os.path.isdir(model) or _hub_offline() or not _hub_reachable():
-                raise ModelError(_not_found_message(model, e)) from None
+                raise ModelError(_revision_missing(model, at["revision"]) if at
+                                 else _not_found_message(model, e)) from None
             self._local_only = False
             try:
-                config = AutoConfig.from_pretrained(model, trust_remote_code=False)
+                config = AutoConfig.from_pretrained(model, trust_remote_code=False, **at)
             except (OSError, ValueError) as e2:
-                raise ModelError(_not_found_message(model, e2)) from None
+                raise ModelError(_revision_missing(model, at["revision"]) if at
+                                 else _not_found_message(model, e2)) from None
         if config.model_type == "siglip2":
             raise ModelError(
                 f"model '{model}' is a SigLIP 2 NaFlex checkpoint (Siglip2Model, variable "
@@ -218,15 +240,32 @@ class Encoder:
         # SigLIP was trained on texts padded to max_length; CLIP on the padded batch + mask
         self.text_padding = "max_length" if config.model_type == "siglip" else "longest"
         self.dim = int(getattr(config, "projection_dim", 0) or text_cfg.hidden_size)
-        self.revision = getattr(config, "_commit_hash", None)
+        self.revision = self._loaded_revision(model, config)
         if self.device == "cpu":
             torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    def _loaded_revision(self, model: str, config) -> str | None:
+        """The hub commit the checkpoint was loaded from (None: a local directory).
+        transformers 5 no longer keeps it on the config: read from the cached file's path
+        (``.../snapshots/<commit>/config.json``)."""
+        if os.path.isdir(model):
+            return None
+        commit = getattr(config, "_commit_hash", None)
+        if commit:
+            return commit
+        try:
+            from transformers.utils.hub import cached_file, extract_commit_hash
+
+            path = cached_file(model, "config.json", local_files_only=True, **self._at)
+            return extract_commit_hash(path, None) if path else None
+        except Exception:  # the revision is a record, not a reason to fail the load
+            return None
 
     def _preprocess(self) -> Preprocess:
         from transformers import AutoImageProcessor
 
         image_processor = AutoImageProcessor.from_pretrained(
-            self.model_id, trust_remote_code=False, local_files_only=self._local_only)
+            self.model_id, trust_remote_code=False, local_files_only=self._local_only, **self._at)
         return Preprocess.from_config(image_processor.to_dict())
 
     def _from_pretrained(self, cls, dtype, device: str | None = None, config=None):
@@ -237,7 +276,7 @@ class Encoder:
         model, loading = cls.from_pretrained(
             self.model_id, config=config or self.config, use_safetensors=True,
             trust_remote_code=False, dtype=dtype, local_files_only=self._local_only,
-            output_loading_info=True)
+            output_loading_info=True, **self._at)
         missing = [k for k in loading.get("missing_keys", ()) if not k.endswith("position_ids")]
         missing += [str(k) for k in loading.get("mismatched_keys", ())]
         if missing:
@@ -273,7 +312,7 @@ class Encoder:
         from transformers import AutoTokenizer
 
         self._tokenizer = AutoTokenizer.from_pretrained(
-            self.model_id, trust_remote_code=False, local_files_only=self._local_only)
+            self.model_id, trust_remote_code=False, local_files_only=self._local_only, **self._at)
 
     @property
     def tokenizer(self):

@@ -464,7 +464,8 @@ class ExportProcess:
         self.log.close()
 
 
-def start(model: str, library_dir: Path, *, gate: bool = False) -> ExportProcess:
+def start(model: str, library_dir: Path, *, gate: bool = False,
+          revision: str | None = None) -> ExportProcess:
     """Start exporting ``model``'s text tower to ``<library>/text`` in a child process that
     runs at a low CPU priority and dies with its parent.  ``wait()`` gives its exit status:
     0 exported, :data:`UNSUPPORTED`, anything else a failure worth another try.
@@ -473,7 +474,8 @@ def start(model: str, library_dir: Path, *, gate: bool = False) -> ExportProcess
     own start-up and encoding, at a low priority), then waits for :meth:`ExportProcess.go`
     (or ``wait()``) before onnxruntime's optimisation, the part that needs the most
     memory; on a machine with less than :data:`EARLY_TRACE_MEMORY` it waits before
-    tracing (:func:`trace_early`)."""
+    tracing (:func:`trace_early`).  ``revision``: the hub commit to load (the library's
+    recorded one), as for :class:`~itrcli.embed.encoder.Encoder`."""
     import subprocess
     import sys
     import tempfile
@@ -484,14 +486,15 @@ def start(model: str, library_dir: Path, *, gate: bool = False) -> ExportProcess
             "from itrcli.embed.textonnx import _child_main; _child_main()")
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, model, str(library_dir), str(os.getpid()), str(int(gate))],
+        [sys.executable, "-c", code, model, str(library_dir), str(os.getpid()), str(int(gate)),
+         revision or ""],
         stdin=subprocess.PIPE if gate else subprocess.DEVNULL, stdout=subprocess.DEVNULL,
         stderr=log, close_fds=True)
     return ExportProcess(proc, log)
 
 
 def _child_main() -> None:
-    """``python -c ... MODEL LIBRARY PARENT_PID GATE``: the child of :func:`start`."""
+    """``python -c ... MODEL LIBRARY PARENT_PID GATE REVISION``: the child of :func:`start`."""
     import sys
 
     try:
@@ -509,6 +512,7 @@ def _child_export() -> int:
     import threading
 
     model, library_dir, parent, gate = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
+    revision = sys.argv[5] if len(sys.argv) > 5 and sys.argv[5] else None
     if gate:  # its loading and tracing must not slow the run's encoder (it waits for it anyway)
         _low_priority()
     _die_with(parent)
@@ -525,7 +529,7 @@ def _child_export() -> int:
     from .encoder import Encoder
 
     try:
-        enc = Encoder(model, device="cpu", precision="fp32", towers="text")
+        enc = Encoder(model, device="cpu", precision="fp32", towers="text", revision=revision)
     except ModelError as e:
         print(f"text tower not loaded: {e}", file=sys.stderr)
         return NOT_LOCAL

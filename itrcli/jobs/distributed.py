@@ -285,10 +285,11 @@ def decode_batch(batch: dict[str, Any], *, prep, draft: bool, known: list) -> di
 class Embedder:
     """An actor of the pool: loads the model once, embeds the decoded rows of each batch."""
 
-    def __init__(self, model: str, device: str, precision: str, threads: int) -> None:
+    def __init__(self, model: str, device: str, precision: str, threads: int,
+                 revision: str | None = None) -> None:
         from ..embed.encoder import Encoder
 
-        self.enc = Encoder(model, device=device, precision=precision)
+        self.enc = Encoder(model, device=device, precision=precision, revision=revision)
         if self.enc.device == "cpu" and threads > 0:
             import torch
 
@@ -333,10 +334,12 @@ class RayIndexRun(IndexRun):
     """An :class:`IndexRun` whose files are read, decoded and embedded on a Ray cluster."""
 
     def __init__(self, *args, model: str, device: str = "auto", precision: str = "auto",
-                 address: str | None = None, logs: bool = False, **kwargs) -> None:
+                 address: str | None = None, logs: bool = False, revision: str | None = None,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.summary.engine = "ray"
         self.model, self.device, self.precision = model, device, precision
+        self.revision = revision  #: the library's recorded hub revision, loaded by every actor
         self.address, self.logs = address, logs
         self.start_seconds: float | None = None  #: starting or joining Ray (None: not needed)
         self.plan: Plan | None = None
@@ -364,7 +367,8 @@ class RayIndexRun(IndexRun):
                             num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,
                             fn_constructor_kwargs={"model": self.model, "device": self.device,
                                                    "precision": self.precision,
-                                                   "threads": plan.threads})
+                                                   "threads": plan.threads,
+                                                   "revision": self.revision})
         batches = iter(ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=1))
         while True:
             try:

@@ -1,6 +1,6 @@
 """Reading the text in a library's images during ``itr index --ocr``, beside the encoder.
 
-One background thread (``itr-ocr``) reads images one at a time: it reads the file again,
+One background daemon thread (``itr-ocr``) reads images one at a time: it reads the file again,
 checks that its content hash is still the one queued (a file changed since is read by the
 next run), decodes it upright at full size (JPEGs at the smallest DCT scale that covers
 :data:`itrcli.ingest.ocr.MAX_SIDE`) and reads its lines.  The index run's own thread
@@ -17,11 +17,13 @@ and reported in the run that met them; the file keeps its vector.
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from ..store import text as textstore
 from ..store.db import Store, db_path_of, fs_path_of, now_iso
@@ -85,6 +87,53 @@ def read_one(path: str, h: str, reader, started: dict[str, float] | None = None)
     return d
 
 
+class _ReadThread:
+    """One daemon thread running the reads handed to it, in order, each with a
+    :class:`~concurrent.futures.Future`.  Not a ``ThreadPoolExecutor``: Python joins those
+    workers at exit, so a read abandoned after its timeout (an OCR engine stuck for good)
+    would keep a finished ``itr index`` from exiting.  A daemon thread is dropped at exit."""
+
+    def __init__(self) -> None:
+        self._work: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="itr-ocr", daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        fut: Future = Future()
+        self._work.put((fut, fn, args))
+        return fut
+
+    def _run(self) -> None:
+        while True:
+            item = self._work.get()
+            if item is None:
+                return
+            fut, fn, args = item
+            if not fut.set_running_or_notify_cancel():
+                continue  # cancelled while queued
+            try:
+                result = fn(*args)
+            except BaseException as e:  # handed to whoever takes the result
+                fut.set_exception(e)
+            else:
+                fut.set_result(result)
+
+    def shutdown(self, wait: bool = True, cancel_futures: bool = False) -> None:
+        """Stop after the read under way (``cancel_futures``: drop those queued behind it);
+        ``wait``: until then."""
+        if cancel_futures:
+            while True:
+                try:
+                    item = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[0].cancel()
+        self._work.put(None)
+        if wait:
+            self._thread.join()
+
+
 @dataclass
 class TextStats:
     """The ``ocr`` object of ``itr index --json`` (see docs/ocr.md)."""
@@ -114,7 +163,7 @@ class TextJob:
         self.reader = reader or TextReader()
         self.reader_id = reader_id()
         self.stats = TextStats()
-        self._pool: ThreadPoolExecutor | None = None
+        self._pool: _ReadThread | None = None
         self._pending: deque[tuple[str, str, Future]] = deque()
         self._started: dict[str, float] = {}  #: hash -> when its read began (worker writes)
         self._seen = textstore.read_hashes(store.conn, self.reader_id)
@@ -130,12 +179,12 @@ class TextJob:
             return
         self._seen.add(h)
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="itr-ocr")
+            self._pool = _ReadThread()
         self._pending.append((h, path, self._submit(path, h)))
 
     def _submit(self, path: str, h: str) -> Future:
         if self._pool is None:
-            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="itr-ocr")
+            self._pool = _ReadThread()
         return self._pool.submit(read_one, path, h, self.reader, self._started)
 
     def _timed_out(self, h: str) -> bool:
@@ -146,7 +195,8 @@ class TextJob:
 
     def _abandon(self, h: str, path: str) -> _Done:
         """The oldest read ran past :data:`itrcli.ingest.ocr.TIMEOUT`: remembered as failed;
-        its thread is left to finish alone (its result is dropped) and the reads queued
+        its thread is left to finish alone (its result is dropped; a daemon, it does not
+        hold up the exit if it never finishes) and the reads queued
         behind it go to a new thread with a reader of its own (the stuck one holds its
         reader's lock)."""
         from ..ingest import ocr

@@ -33,7 +33,7 @@ import functools
 import json
 import math
 import sqlite3
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -551,6 +551,9 @@ def library_codes(store, bits: int = DEFAULT_BITS, method: str = DEFAULT_METHOD,
 
     A writable store saves the fit and the codes (only vectors added or changed since the
     last call are coded); a read-only one computes what is missing in memory each time.
+    A (re)fit reads the vectors and fits outside any write transaction, so that an index
+    run goes on meanwhile; only saving the result, and coding what that run changed since,
+    take the write lock.
 
     Raises:
         LibraryError: the library has no vectors.
@@ -566,9 +569,20 @@ def library_codes(store, bits: int = DEFAULT_BITS, method: str = DEFAULT_METHOD,
     name = f"{method}-{bits}"
     if store.readonly:
         return _sync(store, name, model, int(dim), bits, method, seed, save=False)
+    fitted = None
     try:
-        with store.transaction():  # one snapshot; no indexer writes meanwhile
-            return _sync(store, name, model, int(dim), bits, method, seed, save=True)
+        fitted = _fit_outside(store, name, model, int(dim), bits, method, seed)
+        with ExitStack() as held:
+            try:
+                held.enter_context(store.writing("itr hash"))
+            except LibraryError:
+                # another writer holds the lock (an index run), or the library cannot be
+                # written here: the codes are a cache, computed in memory and not saved
+                return _sync(store, name, model, int(dim), bits, method, seed, save=False,
+                             fitted=fitted)
+            with store.transaction():  # short: what is left is saving and small updates
+                return _sync(store, name, model, int(dim), bits, method, seed, save=True,
+                             fitted=fitted)
     except sqlite3.OperationalError as e:
         msg = str(e).replace(" ", "").lower()
         if "locked" in msg:
@@ -577,41 +591,101 @@ def library_codes(store, bits: int = DEFAULT_BITS, method: str = DEFAULT_METHOD,
         if "readonly" not in msg:
             raise
         # a library on read-only media: code in memory, save nothing
-        return _sync(store, name, model, int(dim), bits, method, seed, save=False)
+        return _sync(store, name, model, int(dim), bits, method, seed, save=False,
+                     fitted=fitted)
+
+
+@dataclass
+class _Fitted:
+    """A fit made outside the write transaction, and the codes of every vector, as of one
+    read snapshot."""
+
+    hasher: Hasher
+    seq: int  #: the vector-log sequence of that snapshot
+    ids: np.ndarray  #: ``[n]`` int64
+    codes: np.ndarray  #: ``[n, words]`` uint64
+    hashes: dict[int, str]  #: each file's content hash then (what the codes are keyed by)
+
+
+def _saved_hasher(store, name: str, model: str, dim: int, bits: int, method: str, seed: int,
+                  seq: int, save: bool):
+    """(the saved record or None, its hasher or None when a (re)fit is due)."""
+    from ..store import codes as saved
+
+    rec = saved.read_hasher(store, name)
+    if rec is None:
+        return None, None
+    try:
+        hasher = Hasher.from_dict(json.loads(rec.params))
+    except (ValueError, KeyError, TypeError):
+        return rec, None  # damaged or from a future version: fit again
+    if (rec.model != model or hasher.dim != dim or hasher.seed != seed
+            or hasher.bits != bits or hasher.method != method):
+        return rec, None
+    # a read-only store keeps using a stale fit: refitting in memory on every search
+    # would read every vector each time, and the result could not be saved anyway
+    if save and refit_due(hasher.n_fit, seq - rec.seq_fit):
+        return rec, None
+    return rec, hasher
+
+
+def _fit_all(store, bits: int, method: str, seed: int):
+    """A new hasher fitted on the library's vectors, and the code of every vector:
+    (hasher, ids ``[n]``, codes ``[n, words]``).  Streamed: the fit reads its sample, the
+    codes are made chunk by chunk, so a million vectors are never all in memory (2 GB as
+    float32)."""
+    from ..store import codes as saved
+
+    all_ids = saved.vector_ids(store)
+    hasher = fit_rows(len(all_ids), lambda pos: store.vectors(all_ids[pos].tolist())[1],
+                      bits, method, seed)
+    parts = [(cid, hasher.codes(vec)) for cid, vec in store.vector_chunks(_CHUNK)]
+    ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
+    codes = (np.concatenate([p[1] for p in parts]) if parts
+             else np.zeros((0, hasher.words), np.uint64))
+    return hasher, ids, codes
+
+
+def _fit_outside(store, name: str, model: str, dim: int, bits: int, method: str,
+                 seed: int) -> _Fitted | None:
+    """The (re)fit, when one is due, in one read snapshot and no write transaction (a
+    writer goes on meanwhile: WAL); None when the saved fit stands."""
+    from ..store import codes as saved
+
+    store.begin_snapshot()
+    try:
+        seq = store.last_seq()
+        if _saved_hasher(store, name, model, dim, bits, method, seed, seq, save=True)[1] is not None:
+            return None  # the saved fit stands: what changed is coded in the transaction
+        hasher, ids, codes = _fit_all(store, bits, method, seed)
+        return _Fitted(hasher, seq, ids, codes, saved.content_hashes(store))
+    finally:
+        store.end_snapshot()
 
 
 def _sync(store, name: str, model: str, dim: int, bits: int, method: str, seed: int,
-          save: bool) -> LibraryCodes:
+          save: bool, fitted: _Fitted | None = None) -> LibraryCodes:
+    """Bring the codes up to date (inside the write transaction when ``save``); ``fitted``:
+    a fit made outside it, used when the saved one is still not current."""
     from ..store import codes as saved
 
     conn = store.conn
     seq = store.last_seq()
-    rec = saved.read_hasher(store, name)
-    hasher = None
-    if rec is not None:
-        try:
-            hasher = Hasher.from_dict(json.loads(rec.params))
-        except (ValueError, KeyError, TypeError):
-            hasher = None  # damaged or from a future version: fit again
-        if hasher is not None and (rec.model != model or hasher.dim != dim or hasher.seed != seed
-                                   or hasher.bits != bits or hasher.method != method):
-            hasher = None
-        # a read-only store keeps using a stale fit: refitting in memory on every search
-        # would read every vector each time, and the result could not be saved anyway
-        if hasher is not None and save and refit_due(hasher.n_fit, seq - rec.seq_fit):
-            hasher = None
+    rec, hasher = _saved_hasher(store, name, model, dim, bits, method, seed, seq, save)
 
-    if hasher is None:  # (re)fit on every vector and code them all
-        # streamed: the fit reads its sample, the codes are made chunk by chunk, so a
-        # million vectors are never all in memory (2 GB as float32)
-        all_ids = saved.vector_ids(store)
-        hasher = fit_rows(len(all_ids), lambda pos: store.vectors(all_ids[pos].tolist())[1],
-                          bits, method, seed)
-        parts = [(cid, hasher.codes(vec)) for cid, vec in store.vector_chunks(_CHUNK)]
-        ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-        codes = (np.concatenate([p[1] for p in parts]) if parts
-                 else np.zeros((0, hasher.words), np.uint64))
-        del parts
+    if hasher is None and fitted is not None and (save or fitted.seq == seq):
+        hasher = fitted.hasher
+        if save:
+            saved.replace_all(conn, name, model, fitted.seq, json.dumps(hasher.to_dict()),
+                              fitted.ids, fitted.codes, fitted.hashes)
+            rec = saved.read_hasher(store, name)
+        if fitted.seq == seq:
+            return LibraryCodes(hasher, fitted.ids, fitted.codes)
+        # vectors were added, changed or removed while fitting: updated below, as the
+        # codes are after any index run
+
+    elif hasher is None:  # (re)fit on every vector and code them all
+        hasher, ids, codes = _fit_all(store, bits, method, seed)
         if save:
             saved.replace_all(conn, name, model, seq, json.dumps(hasher.to_dict()), ids, codes)
         return LibraryCodes(hasher, ids, codes)

@@ -25,6 +25,8 @@ from .filters import MetaFilter
 #: When filters leave at most this many candidates, score them exactly instead of
 #: asking the graph (exact and cheaper at that size).
 EXACT_BELOW = 20_000
+#: Rows scored at a time by an exact scan (memory: this many vectors, not the library's).
+EXACT_CHUNK = 50_000
 
 
 @dataclass
@@ -305,16 +307,40 @@ def _hashed(store, query, k: int, bits: int, allowed: set[int] | None):
 
 
 def _exact(store, query, k: int, allowed: set[int] | None):
+    """The ``k`` best labels by cosine (those in ``allowed`` only, unless None), best first,
+    ties by label.  The vectors are read :data:`EXACT_CHUNK` rows at a time and only the
+    best ``k`` are kept between chunks: a million 512-d vectors are never all in memory
+    (2 GB as float32); a small ``allowed`` set is read by its ids."""
     import numpy as np
 
-    ids, mat = store.vectors(allowed)
-    if len(ids) == 0:
-        return ids, np.zeros(0, dtype=np.float32)
-    scores = mat @ query  # [n]
-    k = min(k, len(ids))
-    part = np.argpartition(-scores, k - 1)[:k]
-    order = part[np.argsort(-scores[part], kind="stable")]
-    return ids[order], scores[order]
+    if k <= 0:
+        return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    if allowed is not None and len(allowed) <= EXACT_CHUNK:
+        ids, mat = store.vectors(allowed)  # [n], [n, dim]
+        return _best(ids, mat @ query, k, ordered=True)
+    keep = None if allowed is None else np.fromiter(allowed, dtype=np.int64, count=len(allowed))
+    best_ids, best = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
+    for ids, mat in store.vector_chunks(EXACT_CHUNK):  # [c], [c, dim]
+        scores = mat @ query  # [c]
+        if keep is not None:
+            mask = np.isin(ids, keep)
+            ids, scores = ids[mask], scores[mask]
+        best_ids, best = _best(np.concatenate([best_ids, ids]),
+                               np.concatenate([best, scores]), k, ordered=False)
+    return _best(best_ids, best, k, ordered=True)
+
+
+def _best(ids, scores, k: int, *, ordered: bool):
+    """The ``k`` highest ``scores`` and their ``ids``; ``ordered``: best first, ties by id."""
+    import numpy as np
+
+    if len(ids) > k:
+        part = np.argpartition(-scores, k - 1)[:k]
+        ids, scores = ids[part], scores[part]
+    if ordered:
+        order = np.lexsort((ids, -scores))
+        ids, scores = ids[order], scores[order]
+    return ids, scores.astype(np.float32, copy=False)
 
 
 _WS = re.compile(r"\s+")

@@ -58,13 +58,23 @@ def read_hasher(store: Store, name: str) -> HasherRecord | None:
 
 
 def replace_all(c: sqlite3.Connection, name: str, model: str, seq: int, params: str,
-                ids: np.ndarray, codes: np.ndarray) -> None:
-    """A new fit: forget the old codes, save the hasher and every code (in a transaction)."""
+                ids: np.ndarray, codes: np.ndarray, hashes: dict[int, str] | None = None) -> None:
+    """A new fit: forget the old codes, save the hasher and every code (in a transaction).
+    ``seq``: the vector-log sequence the fit and codes are as of; ``hashes``: the files'
+    content hashes then (default: now), which the codes are keyed by."""
     c.execute("DELETE FROM hash_codes WHERE hasher = ?", (name,))
     c.execute("INSERT OR REPLACE INTO hashers VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
               (name, model, seq, seq, now_iso(), params))
-    _insert(c, name, ids, codes, dict(c.execute(_LABEL_HASHES)))
+    if hashes is None:
+        hashes = dict(c.execute(_LABEL_HASHES))
+    _insert(c, name, ids, codes, hashes)
     save_snapshot(c, name, ids, codes, seq)
+
+
+def content_hashes(store: Store) -> dict[int, str]:
+    """The content hash each label was embedded from, by label: an image's file id and
+    hash, a video frame's id and its video's hash."""
+    return dict(store.conn.execute(_LABEL_HASHES))
 
 
 #: (label, content hash) of every label: an image's file id and hash, a frame's id and

@@ -212,6 +212,13 @@ MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
 ]
 #: The schema version a library has once every migration ran (kept in meta, for readers).
 SCHEMA_VERSION = len(MIGRATIONS)
+#: Which migrations ran (made before the first one).
+_MIGRATIONS_TABLE = "CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at TEXT)"
+
+
+def _quoted(name: str) -> str:
+    """An SQL identifier, quoted (any ``"`` in it doubled)."""
+    return '"' + name.replace('"', '""') + '"'
 
 
 class StoredFile(NamedTuple):
@@ -470,7 +477,9 @@ class Store:
         """One write transaction, always under the write lock: inside a :meth:`writing`
         block it uses that block's lock; alone it takes the lock for itself (and fails with
         :class:`~itrcli.errors.LockedError` while another process holds it).  The schema
-        migrations at open run under SQLite's own lock only."""
+        migrations at open run under SQLite's own lock only.  Committed when the block
+        ends; rolled back when it raises or when the COMMIT itself fails (the error raised
+        is always the first one)."""
         if self._lock_depth or self._migrating:
             with self._transaction() as c:
                 yield c
@@ -480,19 +489,22 @@ class Store:
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self.conn.execute("BEGIN IMMEDIATE")
+        conn = self.conn
+        conn.execute("BEGIN IMMEDIATE")
         try:
-            yield self.conn
+            yield conn
         except BaseException:
-            self.conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
-        else:
-            self.conn.execute("COMMIT")
+        try:
+            conn.execute("COMMIT")
+        except BaseException:
+            # e.g. SQLITE_BUSY or a deferred constraint: the transaction is still open
+            _rollback(conn)
+            raise
 
     def _applied(self) -> set[str]:
-        self.conn.execute(
-            "CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KEY, applied_at TEXT)"
-        )
+        self.conn.execute(_MIGRATIONS_TABLE)
         return {r[0] for r in self.conn.execute("SELECT name FROM migrations")}
 
     def _migrate(self) -> None:
@@ -541,12 +553,15 @@ class Store:
         self.conn.close()
 
     def rebuild_file(self) -> Path:
-        """Copy every table, row by row, into a fresh file, re-create the indexes from the
-        rows, and swap the new file in (the caller holds the write lock).  This leaves
-        behind damage confined to indexes or free pages.
+        """Copy every table of itr's schema, row by row, into a fresh file and swap it in
+        (the caller holds the write lock).  This leaves behind damage confined to indexes
+        or free pages.
 
-        The damaged file is kept next to it as ``itr.db.damaged``; returns that path.
-        Raises ``sqlite3.DatabaseError`` when the tables themselves cannot be read.
+        The fresh file's schema is made by itr's own migrations, never from SQL read out of
+        the damaged file; only the tables they make are copied, the columns present on both
+        sides, names quoted.  The damaged file is kept next to it as ``itr.db.damaged``;
+        returns that path.  Raises ``sqlite3.DatabaseError`` when the tables themselves
+        cannot be read.
         """
         fresh = self.directory / f".{DB_NAME}.rebuild"
         old = self.directory / f"{DB_NAME}.damaged"
@@ -555,43 +570,51 @@ class Store:
         # copy rows as they are (orphans included: the repair that follows drops them)
         c.execute("PRAGMA foreign_keys=OFF")
         c.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        schema = c.execute("SELECT type, name, sql FROM sqlite_master WHERE sql IS NOT NULL "
-                           "AND name NOT LIKE 'sqlite_%'").fetchall()
-        # a virtual table (the text FTS index) creates its own shadow tables and is not
-        # copied: its contents are rebuilt from their rows (check --repair, store/text.py)
-        virtual = [n for _k, n, sql in schema if sql.upper().startswith("CREATE VIRTUAL")]
-        schema = [(k, n, sql) for k, n, sql in schema
-                  if not any(n.startswith(v + "_") for v in virtual)]
         new = sqlite3.connect(fresh, isolation_level=None)
         try:
-            for kind, _name, sql in schema:
-                if kind == "table":
-                    new.execute(sql)
+            new.execute(f"PRAGMA page_size={int(c.execute('PRAGMA page_size').fetchone()[0])}")
+            new.execute("BEGIN")
+            new.execute(_MIGRATIONS_TABLE)
+            for m in MIGRATIONS:
+                m(new)
+            new.execute("COMMIT")
+            schema = new.execute("SELECT name, sql FROM sqlite_master WHERE type = 'table' "
+                                 "AND name NOT LIKE 'sqlite_%'").fetchall()
         finally:
             new.close()
+        # a virtual table (the text FTS index) makes its own shadow tables and is not
+        # copied: its contents are rebuilt from their rows (check --repair, store/text.py)
+        virtual = [n for n, sql in schema if sql.upper().startswith("CREATE VIRTUAL")]
+        tables = [n for n, _sql in schema
+                  if n not in virtual and not any(n.startswith(v + "_") for v in virtual)]
         c.execute("ATTACH DATABASE ? AS fresh", (str(fresh),))
         try:
+            there = {r[0] for r in c.execute(
+                "SELECT name FROM main.sqlite_master WHERE type = 'table'")}
             c.execute("BEGIN")
-            for kind, name, _sql in schema:
-                if kind == "table" and name not in virtual:
-                    # WHERE 1: no "xfer" shortcut, which would copy the (damaged) indexes;
-                    # NOT INDEXED: read the table itself
-                    c.execute(f'INSERT INTO fresh."{name}" SELECT * FROM main."{name}" NOT INDEXED WHERE 1')
-            if c.execute("SELECT 1 FROM main.sqlite_master WHERE name = 'sqlite_sequence'").fetchone():
+            for name in tables:
+                if name not in there:
+                    continue
+                mine = [r[1] for r in c.execute(f"PRAGMA fresh.table_info({_quoted(name)})")]
+                theirs = {r[1] for r in c.execute(f"PRAGMA main.table_info({_quoted(name)})")}
+                cols = ", ".join(_quoted(col) for col in mine if col in theirs)
+                # WHERE 1: no "xfer" shortcut, which would copy the (damaged) indexes;
+                # NOT INDEXED: read the table itself
+                c.execute(f"INSERT INTO fresh.{_quoted(name)} ({cols}) SELECT {cols} "
+                          f"FROM main.{_quoted(name)} NOT INDEXED WHERE 1")
+            if "sqlite_sequence" in there:
                 c.execute("DELETE FROM fresh.sqlite_sequence")
-                c.execute("INSERT INTO fresh.sqlite_sequence SELECT * FROM main.sqlite_sequence")
+                c.execute("INSERT INTO fresh.sqlite_sequence (name, seq) SELECT name, seq "
+                          f"FROM main.sqlite_sequence WHERE name IN ({','.join('?' * len(tables))})",
+                          tables)
             c.execute("COMMIT")
         except BaseException:
-            if c.in_transaction:
-                c.execute("ROLLBACK")
+            _rollback(c)
             raise
         finally:
             c.execute("DETACH DATABASE fresh")
         new = sqlite3.connect(fresh, isolation_level=None)
         try:
-            for kind, _name, sql in schema:
-                if kind == "index":
-                    new.execute(sql)
             ok = [r[0] for r in new.execute("PRAGMA integrity_check(1)")] == ["ok"]
         finally:
             new.close()
@@ -1190,6 +1213,17 @@ def _connect_identified(path: Path, page_size: int | None = None):
         if before == after or before is None:
             return conn, after
         conn.close()
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back what is left of a failed transaction, never masking why it failed: SQLite
+    has already rolled back by itself after some errors (SQLITE_FULL, SQLITE_IOERR,
+    RAISE(ROLLBACK)), and a ROLLBACK then would only say "no transaction is active"."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
 
 
 def _connect_writable(path: Path, page_size: int | None = None) -> sqlite3.Connection:

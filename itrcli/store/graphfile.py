@@ -83,6 +83,18 @@ class GraphFile:
         self._up = np.frombuffer(self._mm, "<u4", (size - body_end) // 4, body_end)
         self._upper = self._scan_upper(size - body_end)
 
+    def close(self) -> None:
+        """Unmap the file (arrays handed out by :meth:`vectors` and the like keep the
+        mapping alive until they go; it is unmapped then).  Closing twice is harmless."""
+        self._w = self._f = self._up = None
+        self._upper = {}
+        mm, self._mm = self._mm, b""
+        if isinstance(mm, mmap.mmap) and not mm.closed:
+            try:
+                mm.close()
+            except BufferError:  # a caller still holds an array over it
+                pass
+
     def _scan_upper(self, nbytes_left: int) -> dict[int, int]:
         """Element -> word offset of its upper-layer blocks, for the few that have any.
 

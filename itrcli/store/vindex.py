@@ -93,6 +93,12 @@ class VectorIndex:
         self.mapped = None  #: a :class:`itrcli.store.graphfile.GraphFile` instead of ``index``
         self.dirty = False
 
+    def close(self) -> None:
+        """Let go of the graph: the loaded index, or the mapped file (nothing is saved)."""
+        if self.mapped is not None:
+            self.mapped.close()
+        self.index = self.mapped = None
+
     # -- loading ---------------------------------------------------------------------
     def _files(self) -> list[tuple[int, Path]]:
         return graph_files(self.dir.parent)[0]
