@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, List, Optional
 
@@ -1060,6 +1061,11 @@ def main(argv: list[str] | None = None) -> None:
         # cold search tens of milliseconds
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     verbose = any(a in ("-v", "--verbose") for a in args)
+    # Pillow warns of an image past the first step of its bomb guard (89 MP by default: a
+    # 100 MP medium-format photo); in this program a file decodes or gets a one-line reason
+    # (the library leaves Pillow's warnings and its guard to the program that imports it)
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit",
+                            module=r"PIL\.")
     code: int = ExitCode.OK
     if "_ITR_COMPLETE" in os.environ:
         # Typer(add_completion=False) keeps --install-completion out of every help page,
