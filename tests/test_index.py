@@ -169,3 +169,23 @@ def test_human_summary_on_stderr_and_quiet(itr, tiny_clip, photos, tmp_path):
     assert "scanned 4, added 4" in r.err and "\x1b[" not in r.err
     r = itr("index", photos[0].parent, "--db", tmp_path / "lib", "-q")
     assert r.code == 0 and r.out == "" and r.err == ""
+
+
+def test_a_library_inside_the_photos_is_not_indexed(itr, tiny_clip, photos, tmp_path):
+    """The library's own thumbnails (and any other library's files) are not photos: a
+    folder holding an ``itr.db`` is skipped with everything under it."""
+    d = photos[0].parent
+    lib = d / "itr-library"
+    index(itr, lib, d, "-m", tiny_clip)
+    r = itr("search", "a red circle", "--db", lib, "--html", tmp_path / "sheet.html")
+    assert r.code == 0, r
+    assert list((lib / "thumbs").rglob("*.jpg")), "the contact sheet made thumbnails"
+    s = index(itr, lib, d)
+    assert (s["scanned"], s["added"], s["unchanged"]) == (4, 0, 4)
+    other = tmp_path / "elsewhere"  # another library's run skips this one too
+    s = index(itr, other, d, "-m", tiny_clip)
+    assert (s["scanned"], s["added"]) == (4, 4)
+    for db in (lib, other):
+        hits = itr("search", "a red circle", "--db", db, "--json", "-n", "20").json()["results"]
+        assert sorted(h["path"] for h in hits) == sorted(map(str, photos))
+

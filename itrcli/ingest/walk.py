@@ -11,11 +11,12 @@ import errno
 import fnmatch
 import os
 import stat
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Iterable, Mapping, NamedTuple
 
-from ..constants import HEIF_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (re-exported)
+from ..constants import DB_NAME, HEIF_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (re-exported)
 from ..gcpause import gc_paused
 
 
@@ -33,6 +34,8 @@ class WalkResult:
     #: directories that could not be listed: nothing under them is pruned
     unlisted: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  #: (path, reason)
+    #: directories skipped, with all under them, because they hold an itr library
+    libraries: list[str] = field(default_factory=list)
 
 
 def is_hidden(name: str) -> bool:
@@ -75,7 +78,8 @@ def walk(
     Symlinked files are listed; symlinked directories are followed only with
     ``follow_symlinks``, and a directory already visited (by device and inode) is never
     entered twice, so symlink loops end.  Broken links and unreadable directories go to
-    ``errors``.
+    ``errors``.  A directory holding an itr library (an ``itr.db``: its thumbnails, say)
+    is skipped with everything under it.
     """
     with gc_paused():  # a million entries: see itrcli.gcpause
         return _walk(roots, extensions, include_hidden, list(exclude), follow_symlinks)
@@ -134,6 +138,10 @@ def _list_dir(d: str, entries: list[os.DirEntry], files: dict[str, Entry], res: 
     """The entries of directory ``d`` into ``files``, its subdirectories onto ``stack``."""
     prefix = d if d.endswith(os.sep) else d + os.sep
     entries.sort(key=_by_name)
+    i = bisect_left(entries, DB_NAME, key=_by_name)  # the names only: no stat
+    if i < len(entries) and entries[i].name == DB_NAME:
+        res.libraries.append(d)  # a library: its thumbnails are not photos
+        return
     # the paths made together, before the entries' own objects: the paths that are kept
     # then share memory with each other, not with what the run frees (a million files:
     # 0.4 GB that would stay taken until the process ends)
