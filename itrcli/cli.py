@@ -224,9 +224,11 @@ def _print_skipped(errors: list[dict[str, str]], more_hint: str | None = "see --
 
 
 def _print_summary(s) -> None:
-    from .show.output import err, index_summary_line
+    from .show.output import err, index_summary_line, passed_over_line
 
     err(("interrupted: " if s.interrupted else "") + index_summary_line(s))
+    if (line := passed_over_line(s.passed_over)) is not None:
+        err(line)
 
 
 @app.command("hash")

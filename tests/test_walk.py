@@ -143,3 +143,19 @@ def test_a_directory_holding_a_library_is_skipped_whole(tmp_path):
     assert sorted(r.libraries) == [str(tmp_path / "itr-library"), str(tmp_path / "trip" / "old-lib")]
     assert not r.errors and not r.unlisted  # what was indexed there before is pruned
 
+
+def test_unreadable_media_types_are_counted_by_extension(tmp_path):
+    from itrcli.constants import MEDIA_EXTENSIONS
+
+    touch(tmp_path / "a.jpg")
+    for n in ("x.dng", "y.DNG", "z.heic", "sub/w.cr3", ".hidden.dng", "skip/v.dng", "notes.txt"):
+        touch(tmp_path / n)
+    (tmp_path / "folder.dng").mkdir()  # a directory: not a file
+    r = walk([str(tmp_path)], extensions=IMAGE_EXTENSIONS, exclude=["skip"],
+             count=MEDIA_EXTENSIONS)
+    assert list(r.files) == [str(tmp_path / "a.jpg")]
+    assert r.passed_over == {".dng": 2, ".heic": 1, ".cr3": 1}
+    # what the run reads is never counted, whatever ``count`` holds
+    r = walk([str(tmp_path)], extensions=IMAGE_EXTENSIONS | {".heic"}, count=MEDIA_EXTENSIONS)
+    assert r.passed_over == {".dng": 3, ".cr3": 1} and len(r.files) == 2
+    assert walk([str(tmp_path)], extensions=IMAGE_EXTENSIONS).passed_over == {}

@@ -24,7 +24,7 @@ from typing import Any
 from PIL import Image, ImageFile
 
 from .files import MAX_FILE_BYTES, Unreadable, read_file
-from ..constants import HEIF_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (no PIL there)
+from ..constants import AVIF_EXTENSIONS, HEIF_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (no PIL there)
 
 #: Images with more pixels than this (width x height as declared in the header) are refused
 #: before any pixel is allocated: 16,384 x 16,384 = 268 MP.  Larger real photos are rare
@@ -61,9 +61,25 @@ def heif_available() -> bool:
     return _HEIF_REGISTERED
 
 
+def avif_available() -> bool:
+    """Whether this Pillow decodes AVIF (one built with libavif, as recent wheels are)."""
+    from PIL import features
+
+    try:
+        return bool(features.check("avif"))
+    except Exception:  # an older Pillow: no such feature
+        return False
+
+
 def supported_extensions() -> frozenset[str]:
-    """The extensions to index: HEIC/HEIF too when pillow-heif is available."""
-    return IMAGE_EXTENSIONS | HEIF_EXTENSIONS if heif_available() else IMAGE_EXTENSIONS
+    """The extensions to index: HEIC/HEIF too when pillow-heif is available, AVIF when
+    Pillow decodes it."""
+    exts = IMAGE_EXTENSIONS
+    if heif_available():
+        exts |= HEIF_EXTENSIONS
+    if avif_available():
+        exts |= AVIF_EXTENSIONS
+    return exts
 
 
 class DecodeError(Exception):

@@ -127,6 +127,15 @@ def index_summary_line(s) -> str:
     ) + (_text_part(s.text) if getattr(s, "text", None) is not None else "")
 
 
+def passed_over_line(counts: dict[str, int]) -> str | None:
+    """``passed over 12 files of unsupported types (.dng 4, .heic 8)``, or None."""
+    n = sum(counts.values())
+    if not n:
+        return None
+    each = ", ".join(f"{ext} {k}" for ext, k in sorted(counts.items()))
+    return f"passed over {n} file{'s' if n != 1 else ''} of unsupported types ({each})"
+
+
 def _text_part(t) -> str:
     """The OCR share of a run (``itr index --ocr``)."""
     part = (f"; text read in {t.read} images ({t.with_text} with text, {t.lines} lines, "
