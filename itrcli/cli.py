@@ -278,7 +278,7 @@ def hash_cmd(
     """
     from .library import Library
     from .query.hashing import check_options
-    from .show.output import err, print_json
+    from .show.output import err, for_stream, print_json
 
     check_options(bits, method)
     texts = list(text or [])
@@ -331,7 +331,8 @@ def hash_cmd(
             elif json_:
                 print_json(out)
             else:
-                sys.stdout.write("\n".join("".join(p + "\n" for p in g) for g in out))
+                shown = for_stream(sys.stdout)  # a terminal gets no control character
+                sys.stdout.write("\n".join("".join(shown(p) + "\n" for p in g) for g in out))
             if not quiet:
                 err(f"groups of near-duplicates: {len(out)} ({sum(map(len, out))} of "
                     f"{len(files)} images)")
@@ -342,7 +343,9 @@ def hash_cmd(
     if json_:
         print_json(results)
     else:
-        sys.stdout.write("".join(f"{r['code']}  {r.get('path', r.get('text'))}\n" for r in results))
+        shown = for_stream(sys.stdout)
+        sys.stdout.write("".join(f"{r['code']}  {shown(r.get('path', r.get('text')))}\n"
+                                 for r in results))
 
 
 @app.command()
@@ -448,7 +451,7 @@ def search(
         itr search clip.mp4 --at 12.5 --frames
     """
     from .library import Library
-    from .show.output import err, format_time, is_tty, print_json
+    from .show.output import err, format_time, is_tty, one_line, print_json
     if query is not None and not query.strip():
         raise UsageError("empty query")
     if text_only and no_text:
@@ -478,7 +481,7 @@ def search(
                           rerank_cache=not no_rerank_cache, frames=frames, at=at)
         for h in hits:
             if h.rerank_error:
-                err(f"itr: not re-ranked (now unreadable) {h.path}: {h.rerank_error}")
+                err(f"itr: not re-ranked (now unreadable) {one_line(h.path)}: {h.rerank_error}")
         if lib.last_rerank_cache is not None and lib.last_rerank_cache.error:
             err(f"itr: re-rank feature cache not written: {lib.last_rerank_cache.error}")
         model, adapted = lib.model, lib.last_adapter
@@ -545,11 +548,12 @@ def search(
                 cell = f"{words.get(h.id, ''):<{text_w}}  " if words else ""
                 when = f"{t:>{tw}}  " if tw else ""
                 out.write(f"{h.rank:>{width}}  {match}{h.score:.4f}  {date:<10}  {when}{cell}"
-                          f"{h.path}\n")
+                          f"{one_line(h.path)}\n")  # a terminal gets no control character
                 if previews is not None:
                     seq = next(previews)
                     if isinstance(seq, Exception):
-                        err(f"itr: no preview of {h.path}: {getattr(seq, 'strerror', None) or seq}")
+                        err(f"itr: no preview of {one_line(h.path)}: "
+                            f"{getattr(seq, 'strerror', None) or seq}")
                     else:
                         out.write(seq + "\n")
                     out.flush()  # each image as soon as it is ready
@@ -599,7 +603,7 @@ def text_cmd(
     from .ingest.walk import walk
     from .jobs.textread import text_for
     from .library import Library
-    from .show.output import err, one_line, print_json
+    from .show.output import err, for_stream, one_line, print_json
 
     files: list[str] = []
     for p in paths:
@@ -629,12 +633,13 @@ def text_cmd(
         print_json(results)
     else:
         out = []
+        shown = for_stream(sys.stdout)  # a terminal gets no control character
         for r in results:
             if "error" in r:
                 continue
             if len(results) > 1:
-                out.append(f"==> {r['path']} <==")
-            out += [ln["text"] for ln in r["lines"]]
+                out.append(f"==> {shown(r['path'])} <==")
+            out += [shown(ln["text"]) for ln in r["lines"]]
         sys.stdout.write("".join(line + "\n" for line in out))
     if not quiet:
         for r in bad:
@@ -652,7 +657,7 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
         itr info --json
     """
     from .library import Library
-    from .show.output import human_bytes, print_json
+    from .show.output import for_stream, human_bytes, print_json
     from .show.thumbs import cache_stats, cap_bytes_from_env
 
     with Library.open(db, readonly=True) as lib:
@@ -685,8 +690,10 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
                    f"({human_bytes(data['thumbnail_cache']['bytes'])} of "
                    f"{human_bytes(data['thumbnail_cache']['cap_bytes'])})"),
     ]
-    for k, v in lines:
-        typer.echo(f"{k + ':':<11}{v}")
+    # a terminal gets no control character of a path; a pipe gets the paths exactly (not
+    # typer.echo, which drops what looks like a colour code when piped)
+    shown = for_stream(sys.stdout)
+    sys.stdout.write("".join(f"{k + ':':<11}{shown(v)}\n" for k, v in lines))
 
 
 def _storage_line(st: dict) -> str:
@@ -1097,7 +1104,7 @@ def main(argv: list[str] | None = None) -> None:
             import traceback
 
             traceback.print_exc()
-        sys.stderr.write(f"Error: {e}\n")
+        sys.stderr.write(f"Error: {_one_line(str(e))}\n")  # it may name a file
         code = e.exit_code
     except BrokenPipeError:
         # `itr search ... | head`: the reader left; that is not an error
@@ -1107,8 +1114,8 @@ def main(argv: list[str] | None = None) -> None:
         if verbose:
             raise
         sys.stderr.write(
-            f"Error: unexpected {type(e).__name__}: {e} (this is a bug; run again with -v "
-            "for the traceback)\n"
+            f"Error: unexpected {type(e).__name__}: {_one_line(str(e))} (this is a bug; run "
+            "again with -v for the traceback)\n"
         )
         code = ExitCode.ERROR
     finally:
@@ -1131,9 +1138,17 @@ def main(argv: list[str] | None = None) -> None:
     sys.exit(int(code))
 
 
+def _one_line(text: str) -> str:
+    from .show.output import one_line
+
+    return one_line(text)
+
+
 def _words_cell(words: list[str] | None, limit: int = 30) -> str:
     """The matched words of a hit, for the terminal table ("-" when none matched)."""
-    text = " ".join(words or []) or "-"
+    from .show.output import one_line
+
+    text = " ".join(one_line(w) for w in words or []) or "-"
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
