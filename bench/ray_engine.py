@@ -74,8 +74,10 @@ def timed_index(paths: list[Path], extra: list[str]) -> dict[str, float]:
         seen: list[tuple[float, int]] = []
 
         def poll() -> None:
+            from itrcli.store.db import sqlite_uri
+
             try:
-                c = sqlite3.connect(f"file:{db / 'itr.db'}?mode=ro", uri=True, timeout=1)
+                c = sqlite3.connect(sqlite_uri(db / "itr.db", mode="ro"), uri=True, timeout=1)
                 try:
                     n = c.execute("SELECT count(*) FROM files").fetchone()[0]
                 finally:

@@ -11,6 +11,7 @@ import os
 import re
 import signal
 import sys
+import warnings
 from pathlib import Path
 from typing import Annotated, List, Optional
 
@@ -223,9 +224,11 @@ def _print_skipped(errors: list[dict[str, str]], more_hint: str | None = "see --
 
 
 def _print_summary(s) -> None:
-    from .show.output import err, index_summary_line
+    from .show.output import err, index_summary_line, passed_over_line
 
     err(("interrupted: " if s.interrupted else "") + index_summary_line(s))
+    if (line := passed_over_line(s.passed_over)) is not None:
+        err(line)
 
 
 @app.command("hash")
@@ -275,7 +278,7 @@ def hash_cmd(
     """
     from .library import Library
     from .query.hashing import check_options
-    from .show.output import err, print_json
+    from .show.output import err, for_stream, print_json
 
     check_options(bits, method)
     texts = list(text or [])
@@ -328,7 +331,8 @@ def hash_cmd(
             elif json_:
                 print_json(out)
             else:
-                sys.stdout.write("\n".join("".join(p + "\n" for p in g) for g in out))
+                shown = for_stream(sys.stdout)  # a terminal gets no control character
+                sys.stdout.write("\n".join("".join(shown(p) + "\n" for p in g) for g in out))
             if not quiet:
                 err(f"groups of near-duplicates: {len(out)} ({sum(map(len, out))} of "
                     f"{len(files)} images)")
@@ -339,7 +343,9 @@ def hash_cmd(
     if json_:
         print_json(results)
     else:
-        sys.stdout.write("".join(f"{r['code']}  {r.get('path', r.get('text'))}\n" for r in results))
+        shown = for_stream(sys.stdout)
+        sys.stdout.write("".join(f"{r['code']}  {shown(r.get('path', r.get('text')))}\n"
+                                 for r in results))
 
 
 @app.command()
@@ -446,7 +452,7 @@ def search(
     """
     from .library import Library
     from .query.request import SearchRequest
-    from .show.output import err, is_tty, print_json
+    from .show.output import err, is_tty, one_line, print_json
     from .show.results import Pictures, piped_lines, write_table
 
     if query is not None and not query.strip():
@@ -477,7 +483,7 @@ def search(
         result = lib.search(request, progress=_rerank_progress() if rerank else None)
         for h in result:
             if h.rerank_error:
-                err(f"itr: not re-ranked (now unreadable) {h.path}: {h.rerank_error}")
+                err(f"itr: not re-ranked (now unreadable) {one_line(h.path)}: {h.rerank_error}")
         if result.rerank_cache and result.rerank_cache["error"]:
             err(f"itr: re-rank feature cache not written: {result.rerank_cache['error']}")
         pictures = None
@@ -542,7 +548,7 @@ def text_cmd(
     """
     from .errors import LibraryError
     from .library import Library, read_text
-    from .show.output import err, one_line, print_json
+    from .show.output import err, for_stream, one_line, print_json
 
     try:
         lib = Library.open(db, readonly=True)
@@ -558,12 +564,13 @@ def text_cmd(
         print_json(results)
     else:
         out = []
+        shown = for_stream(sys.stdout)  # a terminal gets no control character
         for r in results:
             if "error" in r:
                 continue
             if len(results) > 1:
-                out.append(f"==> {r['path']} <==")
-            out += [ln["text"] for ln in r["lines"]]
+                out.append(f"==> {shown(r['path'])} <==")
+            out += [shown(ln["text"]) for ln in r["lines"]]
         sys.stdout.write("".join(line + "\n" for line in out))
     if not quiet:
         for r in bad:
@@ -581,7 +588,7 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
         itr info --json
     """
     from .library import Library
-    from .show.output import human_bytes, print_json
+    from .show.output import for_stream, human_bytes, print_json
     from .show.thumbs import cache_stats, cap_bytes_from_env
 
     with Library.open(db, readonly=True) as lib:
@@ -614,8 +621,10 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
                    f"({human_bytes(data['thumbnail_cache']['bytes'])} of "
                    f"{human_bytes(data['thumbnail_cache']['cap_bytes'])})"),
     ]
-    for k, v in lines:
-        typer.echo(f"{k + ':':<11}{v}")
+    # a terminal gets no control character of a path; a pipe gets the paths exactly (not
+    # typer.echo, which drops what looks like a colour code when piped)
+    shown = for_stream(sys.stdout)
+    sys.stdout.write("".join(f"{k + ':':<11}{shown(v)}\n" for k, v in lines))
 
 
 def _storage_line(st: dict) -> str:
@@ -998,6 +1007,11 @@ def main(argv: list[str] | None = None) -> None:
         # cold search tens of milliseconds
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     verbose = any(a in ("-v", "--verbose") for a in args)
+    # Pillow warns of an image past the first step of its bomb guard (89 MP by default: a
+    # 100 MP medium-format photo); in this program a file decodes or gets a one-line reason
+    # (the library leaves Pillow's warnings and its guard to the program that imports it)
+    warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit",
+                            module=r"PIL\.")
     code: int = ExitCode.OK
     if "_ITR_COMPLETE" in os.environ:
         # Typer(add_completion=False) keeps --install-completion out of every help page,
@@ -1027,7 +1041,7 @@ def main(argv: list[str] | None = None) -> None:
             import traceback
 
             traceback.print_exc()
-        sys.stderr.write(f"Error: {e}\n")
+        sys.stderr.write(f"Error: {_one_line(str(e))}\n")  # it may name a file
         code = e.exit_code
     except BrokenPipeError:
         # `itr search ... | head`: the reader left; that is not an error
@@ -1037,8 +1051,8 @@ def main(argv: list[str] | None = None) -> None:
         if verbose:
             raise
         sys.stderr.write(
-            f"Error: unexpected {type(e).__name__}: {e} (this is a bug; run again with -v "
-            "for the traceback)\n"
+            f"Error: unexpected {type(e).__name__}: {_one_line(str(e))} (this is a bug; run "
+            "again with -v for the traceback)\n"
         )
         code = ExitCode.ERROR
     finally:
@@ -1059,6 +1073,12 @@ def main(argv: list[str] | None = None) -> None:
 
         gc.freeze()
     sys.exit(int(code))
+
+
+def _one_line(text: str) -> str:
+    from .show.output import one_line
+
+    return one_line(text)
 
 
 def _rerank_progress():

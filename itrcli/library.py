@@ -254,15 +254,20 @@ class Library:
                 draft=draft, progress=progress, text=self._text_job(ocr, reindex),
                 video_budget=video_budget, **extra,
             )
-            from .constants import VIDEO_EXTENSIONS
+            from .constants import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS
             from .ingest.video import available as video_available
 
             # the Ray engine reads images only: videos are left to (and kept for) a local run
             videos = video and engine == "local" and video_available()
-            summary = run.run(roots, extensions=supported_extensions() | (VIDEO_EXTENSIONS if videos else frozenset()),
-                              include_hidden=include_hidden, exclude=exclude,
+            extensions = supported_extensions() | (VIDEO_EXTENSIONS if videos else frozenset())
+            # videos left out by choice (--no-video, --engine ray) are not "passed over"
+            unreadable = MEDIA_EXTENSIONS - extensions - (
+                frozenset() if video and engine == "local" else VIDEO_EXTENSIONS)
+            summary = run.run(roots, extensions=extensions,
+                              include_hidden=include_hidden, exclude=list(exclude),
                               follow_symlinks=follow_symlinks, prune=prune,
-                              keep=frozenset() if videos else VIDEO_EXTENSIONS, held=held)
+                              keep=frozenset() if videos else VIDEO_EXTENSIONS, held=held,
+                              count=unreadable)
             known_roots = set(self.store.get_meta("roots", []))
             if not summary.interrupted:
                 self.store.set_meta(roots=sorted(known_roots | set(roots)))

@@ -150,3 +150,76 @@ def test_16bit_grey_is_scaled_not_clipped():
     img, _ = open_image(buf.getvalue())
     px = np.asarray(img)
     assert px.min() < 10 and px.max() > 245  # a ramp, not a white square
+
+
+def _png_header(width: int, height: int) -> bytes:
+    """A PNG declaring ``width`` x ``height`` pixels, with almost no data."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    return png + chunk(b"IDAT", zlib.compress(b"\x00" * 100)) + chunk(b"IEND", b"")
+
+
+PILLOW_DEFAULT_MAX = int(1024 * 1024 * 1024 // 4 // 3)  # PIL.Image.MAX_IMAGE_PIXELS as shipped
+
+
+def test_importing_and_decoding_leave_pillows_bomb_guard_alone(tmp_path):
+    """A program importing itr keeps Pillow's decompression-bomb guard: no itr module
+    lifts ``PIL.Image.MAX_IMAGE_PIXELS``, on import or while decoding."""
+    import subprocess
+    import sys
+
+    photo(40, 30).save(tmp_path / "a.jpg")
+    code = f"""
+import importlib, pkgutil, PIL.Image, itrcli
+before = PIL.Image.MAX_IMAGE_PIXELS
+for m in pkgutil.walk_packages(itrcli.__path__, "itrcli."):
+    if m.name == "itrcli.__main__":  # runs the command line
+        continue
+    try:
+        importlib.import_module(m.name)
+    except ImportError:  # an optional extra not installed here
+        pass
+from itrcli.ingest.images import decode_file
+from itrcli.show.thumbs import ThumbnailCache
+decode_file({str(tmp_path / 'a.jpg')!r}, None)
+print(before, PIL.Image.MAX_IMAGE_PIXELS)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(PILLOW_DEFAULT_MAX)] * 2
+
+
+def test_itrs_own_bomb_guard_holds_whatever_pillows_is(monkeypatch):
+    """itr refuses over MAX_PIXELS even in a program that lifted Pillow's guard, and an
+    image over Pillow's guard (as the program set it) is refused with the same reason."""
+    from itrcli.ingest.images import MAX_PIXELS
+
+    assert Image.MAX_IMAGE_PIXELS == PILLOW_DEFAULT_MAX  # this process imported itr
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", None)
+    with pytest.raises(DecodeError, match=r"too large: 20000x20000 pixels \(limit 268,435,456\)"):
+        open_image(_png_header(20000, 20000))
+    assert 20000 * 20000 > MAX_PIXELS
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.raises(DecodeError, match=r"too large: 2,500 pixels \(limit 2,000\)"):
+        open_image(_png_header(50, 50))
+
+
+def test_the_cli_decodes_past_pillows_warning_step_without_a_warning(itr, tiny_clip, tmp_path):
+    """Between Pillow's warning step and its refusal (89 to 179 MP by default: a 100 MP
+    photo), `itr` prints no DecompressionBombWarning: the file decodes or gets one reason."""
+    import warnings
+
+    d = tmp_path / "photos"
+    d.mkdir()
+    (d / "big.png").write_bytes(_png_header(10000, 10000))  # 100 MP declared, no data
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r = itr("index", d, "--db", tmp_path / "lib", "-m", tiny_clip)
+    assert r.code == 0 and "skipped" in r.err and "big.png" in r.err, r
+    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert "DecompressionBomb" not in r.err

@@ -13,7 +13,7 @@ import pytest
 from conftest import write_shapes
 
 SUMMARY_KEYS = {"scanned", "added", "updated", "moved", "removed", "unchanged", "skipped",
-                "errors", "seconds", "images_per_second", "engine"}
+                "errors", "seconds", "images_per_second", "engine", "passed_over"}
 
 
 @pytest.fixture
@@ -233,3 +233,67 @@ def test_a_local_model_directory_has_no_revision(itr, tiny_clip, photos, tmp_pat
     with Library.open(tmp_path / "lib") as L:
         assert L.store.get_meta("model_revision") is None
         assert L.encoder(device="cpu").revision is None
+def test_a_library_inside_the_photos_is_not_indexed(itr, tiny_clip, photos, tmp_path):
+    """The library's own thumbnails (and any other library's files) are not photos: a
+    folder holding an ``itr.db`` is skipped with everything under it."""
+    d = photos[0].parent
+    lib = d / "itr-library"
+    index(itr, lib, d, "-m", tiny_clip)
+    r = itr("search", "a red circle", "--db", lib, "--html", tmp_path / "sheet.html")
+    assert r.code == 0, r
+    assert list((lib / "thumbs").rglob("*.jpg")), "the contact sheet made thumbnails"
+    s = index(itr, lib, d)
+    assert (s["scanned"], s["added"], s["unchanged"]) == (4, 0, 4)
+    other = tmp_path / "elsewhere"  # another library's run skips this one too
+    s = index(itr, other, d, "-m", tiny_clip)
+    assert (s["scanned"], s["added"]) == (4, 4)
+    for db in (lib, other):
+        hits = itr("search", "a red circle", "--db", db, "--json", "-n", "20").json()["results"]
+        assert sorted(h["path"] for h in hits) == sorted(map(str, photos))
+
+
+def test_unreadable_media_types_are_passed_over_and_said(itr, tiny_clip, photos, tmp_path):
+    """Raw photos, HEIC without pillow-heif and videos without PyAV are not read: counted
+    by extension (``passed_over``), said on stderr, not counted as skipped."""
+    import itrcli.ingest.images as images
+    import itrcli.ingest.video as video
+
+    d = photos[0].parent
+    for n in ("a.dng", "b.DNG", "raw/c.nef", "d.heic", "e.mp4", "notes.txt", "f.xyz"):
+        (d / n).parent.mkdir(exist_ok=True)
+        (d / n).write_bytes(b"x")
+    lib = tmp_path / "lib"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(images, "heif_available", lambda: False)
+        mp.setattr(video, "available", lambda: False)
+        r = itr("index", d, "--db", lib, "-m", tiny_clip, "--json")
+        assert r.code == 0, r
+        s = r.json()
+        assert (s["scanned"], s["added"], s["skipped"]) == (4, 4, 0)
+        assert s["passed_over"] == {".dng": 2, ".heic": 1, ".mp4": 1, ".nef": 1}
+        assert list(s["passed_over"]) == sorted(s["passed_over"])  # a stable order
+        assert ("passed over 5 files of unsupported types (.dng 2, .heic 1, .mp4 1, .nef 1)\n"
+                in r.err)
+        r = itr("index", d, "--db", lib, "--no-video")  # videos left out by choice: not said
+        assert "passed over 4 files of unsupported types (.dng 2, .heic 1, .nef 1)" in r.err
+        r = itr("index", d, "--db", lib, "-q")
+        assert r.code == 0 and r.err == "" and r.out == ""
+    # pillow-heif and PyAV as installed: only the raw files are left
+    s = index(itr, lib, d)
+    assert s["passed_over"] == {".dng": 2, ".nef": 1} and s["skipped"] == 2  # 1-byte heic, mp4
+    for n in ("a.dng", "b.DNG", "raw/c.nef", "d.heic", "e.mp4"):
+        (d / n).unlink()
+    assert index(itr, lib, d)["passed_over"] == {}
+
+
+@pytest.mark.skipif(not __import__("PIL.features").features.check("avif"),
+                    reason="this Pillow does not decode AVIF")
+def test_avif_photos_are_indexed_where_pillow_decodes_them(itr, tiny_clip, photos, tmp_path):
+    from PIL import Image
+
+    d = photos[0].parent
+    Image.open(photos[0]).save(d / "copy.avif", quality=90)
+    s = index(itr, tmp_path / "lib", d, "-m", tiny_clip)
+    assert (s["scanned"], s["added"], s["skipped"], s["passed_over"]) == (5, 5, 0, {})
+    hits = itr("search", str(d / "copy.avif"), "--db", tmp_path / "lib", "--json").json()
+    assert hits["results"][0]["path"] == str(photos[0])  # an image query by an AVIF file

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from itrcli.store.db import sqlite_uri
+
 from conftest import copy_legacy_library
 
 
@@ -20,7 +22,7 @@ def legacy(tmp_path) -> tuple[Path, Path, dict]:
 
 
 def _schema(lib: Path) -> tuple[int, list[str]]:
-    c = sqlite3.connect(f"file:{lib / 'itr.db'}?mode=ro", uri=True)
+    c = sqlite3.connect(sqlite_uri(lib / "itr.db", mode="ro"), uri=True)
     try:
         v = json.loads(c.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
         return v, [r[0] for r in c.execute("SELECT name FROM migrations ORDER BY rowid")]

@@ -15,6 +15,7 @@ import pytest
 
 from itrcli.ingest.ocr import Line, keep_lines
 from itrcli.query.fusion import rrf
+from itrcli.store.db import sqlite_uri
 from itrcli.store import text as textstore
 
 BOX = ((0.0, 0.0), (10.0, 0.0), (10.0, 5.0), (0.0, 5.0))
@@ -442,7 +443,7 @@ def test_kill9_while_reading_then_resume(tmp_path, itr, micro_clip):
 
         def reads() -> int:
             try:
-                c = sqlite3.connect(f"file:{db / 'itr.db'}?mode=ro", uri=True, timeout=5)
+                c = sqlite3.connect(sqlite_uri(db / "itr.db", mode="ro"), uri=True, timeout=5)
                 try:
                     return c.execute("SELECT count(*) FROM text_status").fetchone()[0]
                 finally:

@@ -25,6 +25,7 @@ import pytest
 
 import faults
 from conftest import python_cmd
+from itrcli.store.db import sqlite_uri
 from support import synth
 
 BATCH = ["--batch-size", "4", "--precision", "fp32", "--workers", "2"]
@@ -47,7 +48,7 @@ def make_photos(d: Path, n: int, start: int = 0, size: int = 48) -> list[Path]:
 def rows(db: Path) -> int:
     """Committed file rows, read like a concurrent reader would (0 before the first commit)."""
     try:
-        c = sqlite3.connect(f"file:{db / 'itr.db'}?mode=ro", uri=True, timeout=5)
+        c = sqlite3.connect(sqlite_uri(db / "itr.db", mode="ro"), uri=True, timeout=5)
         try:
             return c.execute("SELECT count(*) FROM files").fetchone()[0]
         finally:
@@ -636,7 +637,7 @@ def test_read_only_library(itr, tiny_clip, tmp_path, small_fs, monkeypatch):
         monkeypatch.setattr(store_mod, "_not_writable", lambda d: OSError(errno.EROFS, "Read-only file system"))
         real_connect = sqlite3.connect
         monkeypatch.setattr(sqlite3, "connect", lambda p, *a, **k: real_connect(
-            f"file:{p}?mode=ro", *a, **{**k, "uri": True}) if not str(p).startswith("file:") else real_connect(p, *a, **k))
+            sqlite_uri(p, mode="ro"), *a, **{**k, "uri": True}) if not str(p).startswith("file:") else real_connect(p, *a, **k))
     try:
         r = itr("index", d, "--db", db, "-q")
         assert r.code == 1 and r.err.count("\n") == 1, r

@@ -423,3 +423,35 @@ def test_measured_recall_counts_equal_scores_as_found(itr, tiny_clip, tmp_path):
     assert itr("index", d, "--db", db, "-m", tiny_clip, "-q").code == 0
     info = itr("info", "--db", db, "--json").json()
     assert (info["search_ef"], info["search_recall"]) == (64, 1.0), info
+
+
+@pytest.mark.parametrize("name", ["lib#1", "lib?mode=rw", "lib%41", "my lib", "bibliothèque-写真",
+                                  "lib#2?x=%2541 é"])
+def test_a_library_path_with_uri_characters_is_searched(itr, tiny_clip, tmp_path, name):
+    """The read-only open names the library by a ``file:`` URI: ``#``, ``?``, ``%``, spaces
+    and non-ASCII in its path are percent-encoded, not read as URI syntax."""
+    write_shapes(tmp_path / "photos", SPECS[:3])
+    db = tmp_path / name
+    assert itr("index", tmp_path / "photos", "--db", db, "-m", tiny_clip, "-q").code == 0
+    r = itr("search", "a red circle", "--db", db, "--json")
+    assert r.code == 0, r
+    assert len(r.json()["results"]) == 3
+    r = itr("info", "--db", db, "--json")
+    assert r.code == 0 and r.json()["files"] == 3, r
+
+
+def test_sqlite_uri_names_the_path_exactly(tmp_path):
+    import sqlite3
+
+    from itrcli.store.db import _connect_readonly, sqlite_uri
+
+    for name in ("a#b", "a?b", "a%20b", "a b", "é写"):
+        d = tmp_path / name
+        d.mkdir()
+        sqlite3.connect(d / "t.db").execute("CREATE TABLE t (x)").connection.commit()
+        c = _connect_readonly(d / "t.db")
+        assert c.execute("SELECT count(*) FROM t").fetchone() == (0,)
+        c.close()
+        assert sqlite_uri(d / "t.db", mode="ro").endswith("/t.db?mode=ro")
+    assert sqlite_uri("/a#b/c?d%e f", immutable=1) == "file:///a%23b/c%3Fd%25e%20f?immutable=1"
+    assert not (tmp_path / "a").exists()  # "a?b" never opened a database named "a"

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from itrcli.store.db import sqlite_uri
+
 from conftest import copy_legacy_library, index_shapes, main_in_fresh_python, write_shapes
 
 SPECS = [(c, s, p, i) for i, (c, s, p) in enumerate(
@@ -20,7 +22,7 @@ SPECS = [(c, s, p, i) for i, (c, s, p) in enumerate(
 
 
 def blob_lengths(db: Path) -> set[int]:
-    c = sqlite3.connect(f"file:{db / 'itr.db'}?mode=ro", uri=True)
+    c = sqlite3.connect(sqlite_uri(db / "itr.db", mode="ro"), uri=True)
     try:
         return {r[0] for r in c.execute("SELECT DISTINCT length(vector) FROM vectors")}
     finally:
@@ -28,7 +30,7 @@ def blob_lengths(db: Path) -> set[int]:
 
 
 def page_size(db: Path) -> int:
-    c = sqlite3.connect(f"file:{db / 'itr.db'}?mode=ro", uri=True)
+    c = sqlite3.connect(sqlite_uri(db / "itr.db", mode="ro"), uri=True)
     try:
         return c.execute("PRAGMA page_size").fetchone()[0]
     finally:

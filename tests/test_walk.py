@@ -124,3 +124,38 @@ def test_the_walk_closes_every_directory_it_opens(tmp_path):
         res = walk([str(tmp_path)], extensions=IMAGE_EXTENSIONS, follow_symlinks=follow)
         assert len(res.files) == 60 and not res.errors
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_directory_holding_a_library_is_skipped_whole(tmp_path):
+    """Any folder with an ``itr.db`` (this library or another) is not walked: its
+    thumbnails and anything else under it are not photos to index."""
+    touch(tmp_path / "a.jpg")
+    touch(tmp_path / "itr-library" / "itr.db")
+    touch(tmp_path / "itr-library" / "thumbs" / "ab" / "abcd.jpg")
+    touch(tmp_path / "itr-library" / "stray.jpg")
+    touch(tmp_path / "trip" / "b.jpg")
+    touch(tmp_path / "trip" / "old-lib" / "itr.db")
+    touch(tmp_path / "trip" / "old-lib" / "thumbs" / "c.jpg")
+    touch(tmp_path / "trip" / "itr.db.jpg")  # a photo whose name only starts like one
+    r = walk([str(tmp_path)], extensions=IMAGE_EXTENSIONS)
+    assert sorted(os.path.relpath(p, tmp_path) for p in r.files) == [
+        "a.jpg", os.path.join("trip", "b.jpg"), os.path.join("trip", "itr.db.jpg")]
+    assert sorted(r.libraries) == [str(tmp_path / "itr-library"), str(tmp_path / "trip" / "old-lib")]
+    assert not r.errors and not r.unlisted  # what was indexed there before is pruned
+
+
+def test_unreadable_media_types_are_counted_by_extension(tmp_path):
+    from itrcli.constants import MEDIA_EXTENSIONS
+
+    touch(tmp_path / "a.jpg")
+    for n in ("x.dng", "y.DNG", "z.heic", "sub/w.cr3", ".hidden.dng", "skip/v.dng", "notes.txt"):
+        touch(tmp_path / n)
+    (tmp_path / "folder.dng").mkdir()  # a directory: not a file
+    r = walk([str(tmp_path)], extensions=IMAGE_EXTENSIONS, exclude=["skip"],
+             count=MEDIA_EXTENSIONS)
+    assert list(r.files) == [str(tmp_path / "a.jpg")]
+    assert r.passed_over == {".dng": 2, ".heic": 1, ".cr3": 1}
+    # what the run reads is never counted, whatever ``count`` holds
+    r = walk([str(tmp_path)], extensions=IMAGE_EXTENSIONS | {".heic"}, count=MEDIA_EXTENSIONS)
+    assert r.passed_over == {".dng": 3, ".cr3": 1} and len(r.files) == 2
+    assert walk([str(tmp_path)], extensions=IMAGE_EXTENSIONS).passed_over == {}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,7 +24,7 @@ from typing import Any
 from PIL import Image, ImageFile
 
 from .files import MAX_FILE_BYTES, Unreadable, read_file
-from ..constants import HEIF_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (no PIL there)
+from ..constants import AVIF_EXTENSIONS, HEIF_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (no PIL there)
 
 #: Images with more pixels than this (width x height as declared in the header) are refused
 #: before any pixel is allocated: 16,384 x 16,384 = 268 MP.  Larger real photos are rare
@@ -35,8 +36,9 @@ MAX_PIXELS = 16384 * 16384
 DRAFT_TOLERANCE = 0.05
 
 # Pillow refuses truncated files by default; keep it so (a truncated file is reported, not
-# silently half-grey), but lift its own bomb check since we apply MAX_PIXELS ourselves.
-Image.MAX_IMAGE_PIXELS = None
+# silently half-grey).  Pillow's own bomb guard (Image.MAX_IMAGE_PIXELS) is the program's
+# setting and stays as it is: an image it refuses is reported "too large" like one over
+# MAX_PIXELS, which itr checks itself, per image, whatever the program set.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 # Corrupt EXIF and odd palettes make Pillow warn on stderr; a file either decodes or is
 # reported with a one-line reason, and unattended runs must not print noise.
@@ -59,9 +61,25 @@ def heif_available() -> bool:
     return _HEIF_REGISTERED
 
 
+def avif_available() -> bool:
+    """Whether this Pillow decodes AVIF (one built with libavif, as recent wheels are)."""
+    from PIL import features
+
+    try:
+        return bool(features.check("avif"))
+    except Exception:  # an older Pillow: no such feature
+        return False
+
+
 def supported_extensions() -> frozenset[str]:
-    """The extensions to index: HEIC/HEIF too when pillow-heif is available."""
-    return IMAGE_EXTENSIONS | HEIF_EXTENSIONS if heif_available() else IMAGE_EXTENSIONS
+    """The extensions to index: HEIC/HEIF too when pillow-heif is available, AVIF when
+    Pillow decodes it."""
+    exts = IMAGE_EXTENSIONS
+    if heif_available():
+        exts |= HEIF_EXTENSIONS
+    if avif_available():
+        exts |= AVIF_EXTENSIONS
+    return exts
 
 
 class DecodeError(Exception):
@@ -81,7 +99,9 @@ def decoder_id() -> str:
 
     from .. import __version__
 
-    return f"itr {__version__}; Pillow {PIL.__version__}; {MAX_PIXELS} px; {MAX_FILE_BYTES} B"
+    pillow = Image.MAX_IMAGE_PIXELS  # the program's own bomb guard, 2x this refused
+    return (f"itr {__version__}; Pillow {PIL.__version__}; {MAX_PIXELS} px"
+            f"{'' if pillow is None else f' (Pillow {pillow})'}; {MAX_FILE_BYTES} B")
 
 
 @dataclass
@@ -250,6 +270,8 @@ def open_image(data: bytes, *, draft_for: Preprocess | None = None) -> tuple[Ima
         img = Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:
         raise DecodeError("not an image (unknown format)") from None
+    except Image.DecompressionBombError as e:  # over Pillow's guard, as the program set it
+        raise DecodeError(_reason(e)) from None
     except Exception as e:  # Pillow raises many types for hostile headers
         raise DecodeError(f"cannot read image header: {_reason(e)}") from None
     try:
@@ -305,6 +327,10 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def _reason(e: BaseException) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if isinstance(e, Image.DecompressionBombError):  # Pillow's guard (header, a frame, a tile)
+        m = re.search(r"\((\d+) pixels\) exceeds limit of (\d+)", msg)
+        return (f"image too large: {int(m[1]):,} pixels (limit {int(m[2]):,})" if m
+                else f"image too large: {msg[:200]}")
     if "truncated" in msg.lower() or isinstance(e, (EOFError,)):
         return "truncated or corrupt image data"
     return msg[:200]

@@ -11,11 +11,12 @@ import errno
 import fnmatch
 import os
 import stat
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from operator import attrgetter
 from typing import Iterable, Mapping, NamedTuple
 
-from ..constants import HEIF_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (re-exported)
+from ..constants import DB_NAME, HEIF_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (re-exported)
 from ..gcpause import gc_paused
 
 
@@ -33,6 +34,10 @@ class WalkResult:
     #: directories that could not be listed: nothing under them is pruned
     unlisted: list[str] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  #: (path, reason)
+    #: files of the ``count`` extensions (media this run cannot read), by extension
+    passed_over: dict[str, int] = field(default_factory=dict)
+    #: directories skipped, with all under them, because they hold an itr library
+    libraries: list[str] = field(default_factory=list)
 
 
 def is_hidden(name: str) -> bool:
@@ -69,20 +74,24 @@ def walk(
     include_hidden: bool = False,
     exclude: Iterable[str] = (),
     follow_symlinks: bool = False,
+    count: frozenset[str] = frozenset(),
 ) -> WalkResult:
     """List image files under ``roots`` (directories, recursively, or single files).
 
     Symlinked files are listed; symlinked directories are followed only with
     ``follow_symlinks``, and a directory already visited (by device and inode) is never
     entered twice, so symlink loops end.  Broken links and unreadable directories go to
-    ``errors``.
+    ``errors``.  A directory holding an itr library (an ``itr.db``: its thumbnails, say)
+    is skipped with everything under it.  Files with an extension in ``count`` (and not in
+    ``extensions``) are not listed but counted, by extension, in ``passed_over``.
     """
     with gc_paused():  # a million entries: see itrcli.gcpause
-        return _walk(roots, extensions, include_hidden, list(exclude), follow_symlinks)
+        return _walk(roots, extensions, include_hidden, list(exclude), follow_symlinks,
+                     count - extensions)
 
 
 def _walk(roots: Iterable[str], extensions: frozenset[str], include_hidden: bool,
-          patterns: list[str], follow_symlinks: bool) -> WalkResult:
+          patterns: list[str], follow_symlinks: bool, count: frozenset[str]) -> WalkResult:
     res = WalkResult()
     seen_dirs: set[tuple[int, int]] = set()
 
@@ -121,7 +130,7 @@ def _walk(roots: Iterable[str], extensions: frozenset[str], include_hidden: bool
             try:
                 if entries is not None:
                     _list_dir(d, entries, files, res, stack, seen_dirs, extensions,
-                              include_hidden, patterns, follow_symlinks)
+                              include_hidden, patterns, follow_symlinks, count)
             finally:
                 if fd is not None:  # the entries' stat needed it open
                     os.close(fd)
@@ -130,10 +139,16 @@ def _walk(roots: Iterable[str], extensions: frozenset[str], include_hidden: bool
 
 def _list_dir(d: str, entries: list[os.DirEntry], files: dict[str, Entry], res: WalkResult,
               stack: list[str], seen_dirs: set[tuple[int, int]], extensions: frozenset[str],
-              include_hidden: bool, patterns: list[str], follow_symlinks: bool) -> None:
+              include_hidden: bool, patterns: list[str], follow_symlinks: bool,
+              count: frozenset[str]) -> None:
     """The entries of directory ``d`` into ``files``, its subdirectories onto ``stack``."""
     prefix = d if d.endswith(os.sep) else d + os.sep
     entries.sort(key=_by_name)
+    i = bisect_left(entries, DB_NAME, key=_by_name)  # the names only: no stat
+    if i < len(entries) and entries[i].name == DB_NAME:
+        res.libraries.append(d)  # a library: its thumbnails are not photos
+        return
+    passed = res.passed_over
     # the paths made together, before the entries' own objects: the paths that are kept
     # then share memory with each other, not with what the run frees (a million files:
     # 0.4 GB that would stay taken until the process ends)
@@ -153,7 +168,10 @@ def _list_dir(d: str, entries: list[os.DirEntry], files: dict[str, Entry], res: 
                 seen_dirs.add(key)
                 stack.append(path)
                 continue
-            if extension(name) not in extensions:
+            ext = extension(name)
+            if ext not in extensions:
+                if ext in count:
+                    passed[ext] = passed.get(ext, 0) + 1
                 continue
             if de.is_symlink() and de.is_dir(follow_symlinks=True):
                 continue  # symlinked directory, not followed

@@ -69,6 +69,9 @@ class IndexSummary:
     held_rows: tuple[list[str], "array[int]"] | None = field(default=None, repr=False)
     text: Any = None  #: :class:`itrcli.jobs.textread.TextStats` when text is read (--ocr)
     engine: str = "local"  #: "local", or "ray" (:mod:`itrcli.jobs.distributed`)
+    #: media files of types this install cannot read (raw, HEIC without pillow-heif, videos
+    #: without PyAV...), by extension: not read, not counted as skipped
+    passed_over: dict[str, int] = field(default_factory=dict)
 
     @property
     def held(self) -> list[tuple[str, int]] | None:
@@ -94,6 +97,7 @@ class IndexSummary:
             "seconds": round(self.seconds, 3),
             "images_per_second": round(self.images_per_second, 2),
             "engine": self.engine,
+            "passed_over": dict(sorted(self.passed_over.items())),
             # an extra key, only when the library reads text (--ocr; see docs/ocr.md)
             **({"ocr": self.text.to_json()} if self.text is not None else {}),
         }
@@ -283,15 +287,18 @@ class IndexRun:
     def run(self, roots: list[str], *, extensions: frozenset[str], include_hidden: bool = False,
             exclude: list[str] | None = None, follow_symlinks: bool = False,
             prune: bool = True, keep: frozenset[str] = frozenset(),
-            held: bool = False) -> IndexSummary:
+            held: bool = False, count: frozenset[str] = frozenset()) -> IndexSummary:
         """``keep``: extensions not walked this run (``--no-video``) whose indexed files are
         neither read nor pruned.  ``held``: fill ``summary.held`` when no file row changes
-        (from the rows read for change detection: no second read of a million rows)."""
+        (from the rows read for change detection: no second read of a million rows).
+        ``count``: extensions of media this install cannot read, counted by the walk in
+        ``summary.passed_over``."""
         t0 = time.monotonic()
         s = self.summary
         self._remove_temp_files()
         found = walk(roots, extensions=extensions, include_hidden=include_hidden,
-                     exclude=exclude or [], follow_symlinks=follow_symlinks)
+                     exclude=exclude or [], follow_symlinks=follow_symlinks, count=count)
+        s.passed_over = found.passed_over
         for path, reason in found.errors:
             s.skip(path, reason)
         s.scanned = len(found.files)

@@ -7,6 +7,7 @@ stable lines.  Nothing here imports rich or tqdm until it draws something.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from typing import Any, TextIO
@@ -33,9 +34,48 @@ def err(msg: str) -> None:
     sys.stderr.flush()
 
 
-def one_line(path: str) -> str:
-    """A path on one line: control characters (a newline in a file name) escaped."""
-    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in path)
+#: What a terminal acts on: C0 controls, DEL, C1 controls (U+0080-U+009F: ``\x9b`` is a
+#: CSI on some terminals), surrogates (a file name's bytes that are not UTF-8), and beyond
+#: ls: the Unicode line breaks and the bidi overrides that reorder the rest of a line
+_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069"
+                       "\ud800-\udfff]")
+_C_ESCAPES = {"\a": "\\a", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\v": "\\v",
+              "\f": "\\f", "\r": "\\r"}
+
+
+def _escape_control(m: re.Match) -> str:
+    c = m.group()
+    named = _C_ESCAPES.get(c)
+    if named is not None:
+        return named
+    try:
+        raw = c.encode("utf-8", "surrogateescape")  # a byte that was not UTF-8: that byte
+    except UnicodeEncodeError:
+        raw = c.encode("utf-8", "surrogatepass")
+    return "".join(f"\\{b:03o}" for b in raw)
+
+
+def one_line(text: str) -> str:
+    r"""``text`` (a path, a word read in an image) safe to print for a person: every control
+    character escaped the way ``ls --quoting-style=escape`` shows a file name, so a name
+    can neither break a line nor retitle, recolour or clear the terminal.
+
+    ``\n``, ``\t``, ``\r``, ``\a``, ``\b``, ``\v``, ``\f``; any other C0 or C1 control
+    and DEL as ``\ooo``, the octal of its UTF-8 bytes (ESC: ``\033``); a byte that is not
+    UTF-8 as its own octal (``\377``).  Backslashes are left as they are: this is for
+    reading, ``--json`` and ``-0`` give the exact text.
+    """
+    return _CONTROLS.sub(_escape_control, text) if _CONTROLS.search(text) else text
+
+
+def for_stream(stream: TextIO):
+    """How to show a path or a word on ``stream``: escaped by :func:`one_line` on a
+    terminal, as it is otherwise (piped output stays byte-exact)."""
+    return one_line if is_tty(stream) else _as_is
+
+
+def _as_is(text: str) -> str:
+    return text
 
 
 def human_bytes(n: int) -> str:
@@ -125,6 +165,15 @@ def index_summary_line(s) -> str:
         f"removed {s.removed}, unchanged {s.unchanged}, skipped {s.skipped} "
         f"in {s.seconds:.1f}s ({s.images_per_second:.1f} images/s)"
     ) + (_text_part(s.text) if getattr(s, "text", None) is not None else "")
+
+
+def passed_over_line(counts: dict[str, int]) -> str | None:
+    """``passed over 12 files of unsupported types (.dng 4, .heic 8)``, or None."""
+    n = sum(counts.values())
+    if not n:
+        return None
+    each = ", ".join(f"{ext} {k}" for ext, k in sorted(counts.items()))
+    return f"passed over {n} file{'s' if n != 1 else ''} of unsupported types ({each})"
 
 
 def _text_part(t) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Iterator, TextIO
 
-from .output import err, format_time
+from .output import err, format_time, one_line
 
 
 def piped_lines(result) -> str:
@@ -25,14 +25,16 @@ def piped_lines(result) -> str:
 
 
 def words_cell(words: list[str] | None, limit: int = 30) -> str:
-    """The matched words of a hit, for the terminal table ("-" when none matched)."""
-    text = " ".join(words or []) or "-"
+    """The matched words of a hit, for the terminal table ("-" when none matched; control
+    characters escaped)."""
+    text = " ".join(one_line(w) for w in words or []) or "-"
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 def write_table(out: TextIO, result, previews: Iterator | None = None) -> None:
     """The terminal table: rank, (match,) score, date, (time,) (words,) path; under each row
-    its preview when ``previews`` yields them (an exception: that image's failure)."""
+    its preview when ``previews`` yields them (an exception: that image's failure).  A
+    terminal gets no control character from a file name or a word (escaped as ``ls -b``)."""
     hits = result.hits
     width = max([len(str(max((h.rank for h in hits), default=0)))] + [1])
     words = {h.id: words_cell(h.text) for h in hits if h.text is not None}
@@ -46,11 +48,13 @@ def write_table(out: TextIO, result, previews: Iterator | None = None) -> None:
             f"{h.rerank_score:.4f}  " if h.rerank_score is not None else "     -  ")
         cell = f"{words.get(h.id, ''):<{text_w}}  " if words else ""
         when = f"{t:>{tw}}  " if tw else ""
-        out.write(f"{h.rank:>{width}}  {match}{h.score:.4f}  {date:<10}  {when}{cell}{h.path}\n")
+        out.write(f"{h.rank:>{width}}  {match}{h.score:.4f}  {date:<10}  {when}{cell}"
+                  f"{one_line(h.path)}\n")
         if previews is not None:
             seq = next(previews)
             if isinstance(seq, Exception):
-                err(f"itr: no preview of {h.path}: {getattr(seq, 'strerror', None) or seq}")
+                err(f"itr: no preview of {one_line(h.path)}: "
+                    f"{getattr(seq, 'strerror', None) or seq}")
             else:
                 out.write(seq + "\n")
             out.flush()  # each image as soon as it is ready

@@ -1253,15 +1253,29 @@ def fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def sqlite_uri(path: str | os.PathLike, **params: str | int) -> str:
+    """A ``file:`` URI for SQLite naming ``path`` exactly, with query ``params``.
+
+    Every byte of the absolute path outside ``A-Za-z0-9_.-~/`` is percent-encoded: in a
+    URI a ``#`` would end the path, a ``?`` start the parameters and a ``%`` start an
+    escape, so a library in ``lib#1`` could not be opened.  The empty authority
+    (``file:///``) keeps a path starting with ``//`` a path.
+    """
+    from urllib.parse import quote_from_bytes, urlencode
+
+    uri = "file://" + quote_from_bytes(os.fsencode(os.path.abspath(path)), safe="/")
+    return uri + ("?" + urlencode(params) if params else "")
+
+
 def _connect_readonly(path: Path) -> sqlite3.Connection:
     """Open for reading.  Works on read-only media too (falls back to immutable mode)."""
-    uri = f"file:{path}?mode=ro"
-    conn = sqlite3.connect(uri, uri=True, timeout=30, isolation_level=None)
+    conn = sqlite3.connect(sqlite_uri(path, mode="ro"), uri=True, timeout=30,
+                           isolation_level=None)
     try:
         conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
         return conn
     except sqlite3.OperationalError:
         conn.close()
     # WAL needs a writable -shm file; on a read-only directory read the last checkpoint
-    return sqlite3.connect(f"file:{path}?immutable=1", uri=True, isolation_level=None)
+    return sqlite3.connect(sqlite_uri(path, immutable=1), uri=True, isolation_level=None)
 
