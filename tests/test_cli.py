@@ -208,6 +208,6 @@ def test_text_read_in_an_image_is_escaped_on_a_terminal(itr, tmp_path, monkeypat
 
 
 def test_the_words_column_is_escaped():
-    from itrcli.cli import _words_cell
+    from itrcli.show.results import words_cell
 
-    assert _words_cell(["ACME", "in\x1b[2Jvoice"]) == "ACME in\\033[2Jvoice"
+    assert words_cell(["ACME", "in\x1b[2Jvoice"]) == "ACME in\\033[2Jvoice"
