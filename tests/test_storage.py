@@ -274,3 +274,23 @@ def test_vector_chunks_decoded_in_threads_equal_those_read_in_one(tmp_path):
     assert np.array_equal(first_ids, ids[:77])
     it.close()
     store.close()
+
+
+def test_in_chunks_binds_each_chunk_and_repeated_marks(tmp_path):
+    """The one helper for long IN (...) lists: every chunk bound, {marks} repeatable,
+    leading parameters kept."""
+    import sqlite3 as sq
+
+    from itrcli.store.db import in_chunks
+
+    c = sq.connect(":memory:")
+    c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, k TEXT)")
+    c.executemany("INSERT INTO t VALUES (?, ?)", [(i, "ab"[i % 2]) for i in range(1200)])
+    got = [r[0] for cur in in_chunks(c, "SELECT id FROM t WHERE id IN ({marks})",
+                                     range(0, 1200, 2), chunk=7) for r in cur]
+    assert got == list(range(0, 1200, 2))
+    got = [r[0] for cur in in_chunks(c, "SELECT id FROM t WHERE k = ? AND id IN ({marks})"
+                                     " UNION ALL SELECT -id FROM t WHERE id IN ({marks})",
+                                     [1, 2, 3], before=["b"]) for r in cur]
+    assert sorted(got) == [-3, -2, -1, 1, 3]
+    assert list(in_chunks(c, "SELECT id FROM t WHERE id IN ({marks})", [])) == []

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .db import Store, now_iso
+from .db import Store, in_chunks, now_iso
 
 
 @dataclass(frozen=True)
@@ -155,11 +155,8 @@ def _insert(c: sqlite3.Connection, name: str, ids: np.ndarray, codes: np.ndarray
 def _content_hashes(c: sqlite3.Connection, ids: np.ndarray) -> dict[int, str]:
     """label -> the content hash it was embedded from (a frame's: its video's)."""
     out: dict[int, str] = {}
-    ids = [int(i) for i in ids]
-    for i in range(0, len(ids), 500):
-        chunk = ids[i : i + 500]
-        marks = ",".join("?" * len(chunk))
-        out.update(c.execute(f"SELECT id, hash FROM files WHERE id IN ({marks})", chunk))
-        out.update(c.execute(f"SELECT fr.id, f.hash FROM frames fr JOIN files f"
-                             f" ON f.id = fr.file_id WHERE fr.id IN ({marks})", chunk))
+    for cur in in_chunks(c, "SELECT id, hash FROM files WHERE id IN ({marks}) UNION ALL"
+                         " SELECT fr.id, f.hash FROM frames fr JOIN files f ON f.id = fr.file_id"
+                         " WHERE fr.id IN ({marks})", [int(i) for i in ids]):
+        out.update(cur)
     return out

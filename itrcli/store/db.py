@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from ..errors import LibraryError
 from ..gcpause import gc_paused
@@ -45,6 +45,23 @@ def db_path_of(fs_path: str) -> tuple[str, bytes | None]:
 def fs_path_of(text: str, fsname: bytes | None) -> str:
     """Inverse of :func:`db_path_of`: the path to hand to ``open``."""
     return os.fsdecode(fsname) if fsname else text
+
+
+#: Values bound in one ``IN (...)`` list: well under SQLite's limit on host parameters.
+IN_CHUNK = 500
+
+
+def in_chunks(conn: sqlite3.Connection, sql: str, values: Iterable, *, before: Sequence = (),
+              chunk: int = IN_CHUNK) -> Iterator[sqlite3.Cursor]:
+    """Run ``sql`` once per chunk of ``values``: each ``{marks}`` in it becomes the chunk's
+    placeholders (``?,?,...``) and is bound to the chunk; ``before``: parameters bound
+    ahead of them.  Yields each run's cursor (the one way itr queries a long ``IN`` list)."""
+    values = list(values)
+    n = sql.count("{marks}")
+    for i in range(0, len(values), chunk):
+        part = values[i : i + chunk]
+        yield conn.execute(sql.replace("{marks}", ",".join("?" * len(part))),
+                           [*before, *(part * n)])
 
 
 def now_iso() -> str:
@@ -763,29 +780,20 @@ class Store:
 
     def rows(self, ids: Iterable[int]) -> dict[int, dict[str, Any]]:
         """File rows by id (missing ids are absent)."""
-        ids = list(ids)
         out: dict[int, dict[str, Any]] = {}
-        cur = self.conn.cursor()
-        for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
-            q = f"SELECT * FROM files WHERE id IN ({','.join('?' * len(chunk))})"
-            cur.execute(q, chunk)
+        for cur in in_chunks(self.conn, "SELECT * FROM files WHERE id IN ({marks})", ids):
             cols = [d[0] for d in cur.description]
-            for r in cur.fetchall():
+            for r in cur:
                 row = dict(zip(cols, r))
                 out[row["id"]] = row
         return out
 
     def rows_by_hashes(self, hashes: Iterable[str]) -> list[dict[str, Any]]:
         """File rows having one of these content hashes."""
-        hashes = list(hashes)
         out: list[dict[str, Any]] = []
-        cur = self.conn.cursor()
-        for i in range(0, len(hashes), 500):
-            chunk = hashes[i : i + 500]
-            cur.execute(f"SELECT * FROM files WHERE hash IN ({','.join('?' * len(chunk))})", chunk)
+        for cur in in_chunks(self.conn, "SELECT * FROM files WHERE hash IN ({marks})", hashes):
             cols = [d[0] for d in cur.description]
-            out += [dict(zip(cols, r)) for r in cur.fetchall()]
+            out += [dict(zip(cols, r)) for r in cur]
         return out
 
     def row_by_path(self, fs_path: str) -> dict[str, Any] | None:
@@ -804,14 +812,10 @@ class Store:
         if ids is None:
             rows = self.conn.execute("SELECT id, vector FROM vectors ORDER BY id").fetchall()
         else:
-            ids = sorted(set(ids))
             rows = []
-            for i in range(0, len(ids), 500):
-                chunk = ids[i : i + 500]
-                rows += self.conn.execute(
-                    f"SELECT id, vector FROM vectors WHERE id IN ({','.join('?' * len(chunk))}) ORDER BY id",
-                    chunk,
-                ).fetchall()
+            for cur in in_chunks(self.conn, "SELECT id, vector FROM vectors WHERE id IN"
+                                 " ({marks}) ORDER BY id", sorted(set(ids))):
+                rows += cur.fetchall()
         return _decode(rows, dim)
 
     def ids_where(self, *, under: Iterable[str] = (), after: str | None = None,
@@ -847,11 +851,9 @@ class Store:
         except sqlite3.OperationalError:  # no duration column: a library without videos
             return set(file_ids)
         out = set(file_ids) - videos
-        vids = sorted(set(file_ids) & videos)
-        for i in range(0, len(vids), 500):
-            chunk = vids[i : i + 500]
-            out.update(r[0] for r in self.conn.execute(
-                f"SELECT id FROM frames WHERE file_id IN ({','.join('?' * len(chunk))})", chunk))
+        for cur in in_chunks(self.conn, "SELECT id FROM frames WHERE file_id IN ({marks})",
+                             sorted(set(file_ids) & videos)):
+            out.update(r[0] for r in cur)
         return out
 
     def vector_ids(self):
@@ -1022,14 +1024,10 @@ class Store:
     def frame_labels(self, file_ids: Iterable[int]) -> dict[int, list[int]]:
         """video file id -> its frames' labels in time order, for the videos among
         ``file_ids`` that have frames (images and unknown ids are absent)."""
-        ids = list(file_ids)
         out: dict[int, list[int]] = {}
-        for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            for fid, label in self.conn.execute(
-                    f"SELECT file_id, id FROM frames WHERE file_id IN ({marks})"
-                    " ORDER BY file_id, time, id", chunk):
+        for cur in in_chunks(self.conn, "SELECT file_id, id FROM frames WHERE file_id IN"
+                             " ({marks}) ORDER BY file_id, time, id", file_ids):
+            for fid, label in cur:
                 out.setdefault(fid, []).append(label)
         return out
 
@@ -1038,15 +1036,12 @@ class Store:
         is its frames row.  Unknown labels are absent."""
         ids = list(ids)
         out: dict[int, tuple[int, float | None]] = {}
-        for i in range(0, len(ids), 500):
-            chunk = ids[i : i + 500]
-            marks = ",".join("?" * len(chunk))
-            for id_, fid, t in self.conn.execute(
-                    f"SELECT id, file_id, time FROM frames WHERE id IN ({marks})", chunk):
-                out[id_] = (fid, t)
-            for (id_,) in self.conn.execute(
-                    f"SELECT id FROM files WHERE id IN ({marks}) AND duration IS NULL", chunk):
-                out[id_] = (id_, None)
+        for cur in in_chunks(self.conn, "SELECT id, file_id, time FROM frames WHERE id IN"
+                             " ({marks})", ids):
+            out.update((id_, (fid, t)) for id_, fid, t in cur)
+        for cur in in_chunks(self.conn, "SELECT id FROM files WHERE id IN ({marks})"
+                             " AND duration IS NULL", ids):
+            out.update((id_, (id_, None)) for (id_,) in cur)
         return out
 
     def video_counts(self) -> tuple[int, int]:

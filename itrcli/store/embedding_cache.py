@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ItrError
+from .db import in_chunks
 
 CACHE_NAME = "embeddings.db"
 
@@ -57,13 +58,9 @@ class EmbeddingCache:
         """Cached vectors of ``keys`` (hashes or texts) under ``model``: key -> ``[dim]``."""
         column = "hash" if table == "images" else "text"
         out: dict[str, np.ndarray] = {}
-        keys = list(dict.fromkeys(keys))
-        for i in range(0, len(keys), 500):
-            chunk = keys[i : i + 500]
-            rows = self.conn.execute(
-                f"SELECT {column}, vector FROM {table} WHERE model = ? AND {column} IN "
-                f"({','.join('?' * len(chunk))})", [model, *chunk]).fetchall()
-            for k, blob in rows:
+        for cur in in_chunks(self.conn, f"SELECT {column}, vector FROM {table} WHERE model = ?"
+                             f" AND {column} IN ({{marks}})", dict.fromkeys(keys), before=[model]):
+            for k, blob in cur:
                 out[k] = np.frombuffer(blob, dtype="<f4").astype(np.float32)
         return out
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import sqlite3
 from typing import Any, Iterator, Sequence
 
+from .db import in_chunks
+
 def _columns(conn: sqlite3.Connection) -> set[str]:
     return {r[1] for r in conn.execute("PRAGMA table_info(files)")}
 
@@ -99,13 +101,12 @@ def sample_ids(conn: sqlite3.Connection, n: int, seed: int = 0) -> list[int]:
         rng = np.random.default_rng(seed)
         draw = rng.permutation(np.unique(rng.integers(lo, hi + 1, 4 * n)))
         got: list[int] = []
-        for i in range(0, len(draw), 250):
-            chunk = [int(x) for x in draw[i: i + 250]]
-            marks = ",".join("?" * len(chunk))
-            present = {r[0] for r in conn.execute(
-                f"SELECT id FROM files WHERE id IN ({marks}) AND duration IS NULL"
-                f" UNION ALL SELECT id FROM frames WHERE id IN ({marks})", chunk + chunk)}
-            got += [i for i in chunk if i in present]  # in draw order: SQL returns id order
+        drawn = [int(x) for x in draw]
+        for j, cur in enumerate(in_chunks(
+                conn, "SELECT id FROM files WHERE id IN ({marks}) AND duration IS NULL"
+                " UNION ALL SELECT id FROM frames WHERE id IN ({marks})", drawn, chunk=250)):
+            present = {r[0] for r in cur}
+            got += [i for i in drawn[j * 250 : (j + 1) * 250] if i in present]  # draw order
             if len(got) >= n:
                 return sorted(got[:n])
     ids = np.asarray([r[0] for r in conn.execute(
