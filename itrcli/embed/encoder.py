@@ -15,6 +15,7 @@ from typing import Any, Sequence
 from ..errors import ModelError, UsageError
 from ..gcpause import gc_paused
 from ..ingest.images import Preprocess
+from .hub import load_config
 
 #: transformers ``model_type`` values whose checkpoints we can run.
 SUPPORTED_TYPES = ("clip", "siglip")
@@ -96,49 +97,6 @@ class ModelInfo:
     text_padding: str  #: "longest" (CLIP) or "max_length" (SigLIP, as it was trained)
 
 
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check, so that an offline machine fails in seconds, not after the hub
-    client's retries (about 30 s)."""
-    import socket
-    from urllib.parse import urlparse
-
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _not_found_message(model: str, err: BaseException, option: str = "--model / ITR_MODEL",
-                       revision: str | None = None) -> str:
-    where = "the local Hugging Face cache" + ("" if _hub_offline() else " or the hub")
-    rev = f" --revision {revision}" if revision else ""
-    return (
-        f"cannot load model '{model}': it is not a local directory and was not found in "
-        f"{where} ({type(err).__name__}). Download it once where there is network "
-        f"(`hf download {model}{rev}`), or point {option} at a local directory "
-        "holding config.json, model.safetensors and the processor files"
-    )
-
-
-def _revision_missing(model: str, revision: str) -> str:
-    from .models import model_revision
-
-    have = model_revision(model)
-    has = f"holds revision {have}" if have else "holds no revision of it"
-    return (
-        f"model '{model}' at revision {revision}, the one this library was embedded with, "
-        f"cannot be loaded (the local Hugging Face cache {has}); download that revision "
-        f"(`hf download {model} --revision {revision}`), or re-embed the library with the "
-        "current one: itr index PATH --reindex"
-    )
-
-
 #: ``Encoder(towers=...)``: which towers are loaded at once (the other one on first use).
 TOWERS = ("both", "image", "text")
 
@@ -184,26 +142,11 @@ class Encoder:
     def _load(self, model: str, towers: str) -> None:
         import torch
         import transformers
-        from transformers import AutoConfig
 
         transformers.logging.set_verbosity_error()  # torchvision fallback notices etc.
         transformers.logging.disable_progress_bar()  # "Loading weights" bars: ours only
-        # Local directory or the local hub cache first: no network round trip on every run.
-        self._local_only = True
-        at = self._at
-        try:
-            config = AutoConfig.from_pretrained(model, trust_remote_code=False,
-                                                local_files_only=True, **at)
-        except (OSError, ValueError) as e:
-            if os.path.isdir(model) or _hub_offline() or not _hub_reachable():
-                raise ModelError(_revision_missing(model, at["revision"]) if at
-                                 else _not_found_message(model, e)) from None
-            self._local_only = False
-            try:
-                config = AutoConfig.from_pretrained(model, trust_remote_code=False, **at)
-            except (OSError, ValueError) as e2:
-                raise ModelError(_revision_missing(model, at["revision"]) if at
-                                 else _not_found_message(model, e2)) from None
+        config, self._local_only = load_config(model, self._at.get("revision"),
+                                               recorded=bool(self._at))
         if config.model_type == "siglip2":
             raise ModelError(
                 f"model '{model}' is a SigLIP 2 NaFlex checkpoint (Siglip2Model, variable "

@@ -101,28 +101,16 @@ class Reranker:
     def _load(self) -> None:
         import torch
         import transformers
-        from transformers import (AutoConfig, AutoImageProcessor, AutoTokenizer,
-                                  BlipForImageTextRetrieval)
+        from transformers import AutoImageProcessor, AutoTokenizer, BlipForImageTextRetrieval
 
         from ..ingest.images import Preprocess
-        from .encoder import _hub_offline, _hub_reachable, _not_found_message
+        from .hub import load_config
 
         transformers.logging.set_verbosity_error()
         transformers.logging.disable_progress_bar()
         name, rev = self.model_id, self.revision
         option = "--rerank-model / ITR_RERANK_MODEL"
-        local_only = True
-        try:
-            config = AutoConfig.from_pretrained(name, revision=rev, trust_remote_code=False,
-                                                local_files_only=True)
-        except (OSError, ValueError) as e:
-            if os.path.isdir(name) or _hub_offline() or not _hub_reachable():
-                raise ModelError(_not_found_message(name, e, option, rev)) from None
-            local_only = False
-            try:
-                config = AutoConfig.from_pretrained(name, revision=rev, trust_remote_code=False)
-            except (OSError, ValueError) as e2:
-                raise ModelError(_not_found_message(name, e2, option, rev)) from None
+        config, local_only = load_config(name, rev, option=option)
         if config.model_type not in SUPPORTED_TYPES:
             hint = (" (a dual encoder: give it to --model, not --rerank-model)"
                     if config.model_type in ("clip", "siglip") else "")
