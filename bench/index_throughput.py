@@ -19,7 +19,7 @@ detection only), and with `--rss N` the peak RSS of one `itr index` run over N d
 2 MP photos.
 
 The machine's ceiling, measured in the same run from its two parts at the chosen precision:
-decode + preprocess alone on ONE core with itr's own code (`read_one`: draft-mode JPEG
+decode + preprocess alone on ONE core with itr's own code (`read_for_vectors`: draft-mode JPEG
 decode, resize, crop, normalise), and the image tower alone on all C cores (batches of 32).
 Each image costs 1/decode core-seconds to decode and C/encode to encode, so
 ceiling = C / (1/decode + C/encode); the net rate is reported as a share of it.
@@ -184,15 +184,15 @@ DECODE = r"""
 import os, sys, time
 os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})  # one core
 from itrcli.ingest.images import Preprocess
-from itrcli.jobs.indexer import read_one
+from itrcli.jobs.indexer import read_for_vectors
 from itrcli.store.db import Store
 prep = Preprocess.from_config(Store(sys.argv[1]).get_meta("preprocess"))
 paths = sys.argv[2:]
 for p in paths[:2]:
-    read_one(p, prep, True, frozenset())  # warm-up
+    read_for_vectors(p, prep, True, frozenset())  # warm-up
 t = time.perf_counter()
 for p in paths:
-    assert read_one(p, prep, True, frozenset()).pixels is not None
+    assert read_for_vectors(p, prep, True, frozenset()).pixels is not None
 print(len(paths) / (time.perf_counter() - t))
 """
 

@@ -486,13 +486,13 @@ def install(spec: str) -> None:
 
     from itrcli.jobs import textread
 
-    orig_read_one = textread.read_one
+    orig_read_one = textread.read_for_text
 
     def read_one(*a, **k):
         at("ocr")
         return orig_read_one(*a, **k)
 
-    textread.read_one = read_one
+    textread.read_for_text = read_one
 
 
 # --- a small real file system ------------------------------------------------------------------

@@ -57,7 +57,7 @@ def test_second_run_reads_nothing(itr, tiny_clip, photos, tmp_path, monkeypatch)
     import itrcli.jobs.indexer as indexer
 
     calls = []
-    monkeypatch.setattr(indexer, "read_one", lambda *a, **k: calls.append(a) or None)
+    monkeypatch.setattr(indexer, "read_for_vectors", lambda *a, **k: calls.append(a) or None)
     s = index(itr, lib, photos[0].parent)
     assert (s["unchanged"], s["added"], s["updated"]) == (4, 0, 0)
     assert calls == []  # no file was opened, let alone decoded

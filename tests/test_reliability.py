@@ -194,8 +194,8 @@ def test_bad_files_are_indexed_or_skipped_with_a_reason(itr, tiny_clip, tmp_path
     import itrcli.jobs.indexer as indexer
 
     reads = []
-    real = indexer.read_one
-    monkeypatch.setattr(indexer, "read_one", lambda p, *a: reads.append(p) or real(p, *a))
+    real = indexer.read_for_vectors
+    monkeypatch.setattr(indexer, "read_for_vectors", lambda p, *a: reads.append(p) or real(p, *a))
     again = itr("index", d, "--db", db, "--json", "-q").json()
     assert reads == []
     assert {e["path"] for e in again["errors"]} == set(errors)
@@ -310,12 +310,12 @@ def test_read_file_refuses_fifos_huge_files_and_files_being_written(tmp_path, mo
     from itrcli.jobs import indexer
 
     os.mkfifo(tmp_path / "fifo.jpg")
-    r = indexer.read_one(str(tmp_path / "fifo.jpg"), None, True, frozenset())
+    r = indexer.read_for_vectors(str(tmp_path / "fifo.jpg"), None, True, frozenset())
     assert r.error == "not a regular file" and not r.remember
     big = tmp_path / "big.jpg"
     with open(big, "wb") as f:
         f.truncate(MAX_FILE_BYTES + 1)  # sparse: nothing is written or read
-    r = indexer.read_one(str(big), None, True, frozenset())
+    r = indexer.read_for_vectors(str(big), None, True, frozenset())
     assert r.error.startswith("file too large") and r.remember and r.size == MAX_FILE_BYTES + 1
     growing = tmp_path / "growing.jpg"
     synth.draw("red", "circle", "left", size=48).save(growing)
@@ -329,10 +329,10 @@ def test_read_file_refuses_fifos_huge_files_and_files_being_written(tmp_path, mo
         return real_fstat(fd)
 
     monkeypatch.setattr(os, "fstat", fstat)
-    r = indexer.read_one(str(growing), None, True, frozenset())
+    r = indexer.read_for_vectors(str(growing), None, True, frozenset())
     assert r.error.startswith("file changed while being read") and not r.remember
     monkeypatch.undo()
-    r = indexer.read_one(str(tmp_path / "gone.jpg"), None, True, frozenset())
+    r = indexer.read_for_vectors(str(tmp_path / "gone.jpg"), None, True, frozenset())
     assert r.error == "file vanished during the run"
 
 
@@ -342,7 +342,7 @@ def test_files_deleted_and_changed_during_a_run(itr, tiny_clip, tmp_path, monkey
     db = tmp_path / "lib"
     import itrcli.jobs.indexer as indexer
 
-    real, seen, done = indexer.read_one, [], set()
+    real, seen, done = indexer.read_for_vectors, [], set()
 
     def read_one(path, *a):
         seen.append(path)
@@ -358,7 +358,7 @@ def test_files_deleted_and_changed_during_a_run(itr, tiny_clip, tmp_path, monkey
         done.add(os.fspath(path))
         return out
 
-    monkeypatch.setattr(indexer, "read_one", read_one)
+    monkeypatch.setattr(indexer, "read_for_vectors", read_one)
     r = itr("index", d, "--db", db, "-m", tiny_clip, "--json", "-q", *BATCH)
     monkeypatch.undo()
     assert r.code == 0, r

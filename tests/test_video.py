@@ -403,8 +403,8 @@ def test_ocr_reads_images_only_a_video_is_never_queued_or_counted(itr, micro_cli
     from itrcli.store.db import Store
 
     d, photos, clip = media
-    read, real = [], textread.read_one
-    monkeypatch.setattr(textread, "read_one", lambda p, *a, **k: read.append(p) or real(p, *a, **k))
+    read, real = [], textread.read_for_text
+    monkeypatch.setattr(textread, "read_for_text", lambda p, *a, **k: read.append(p) or real(p, *a, **k))
     lib = tmp_path / "lib"
     s = index(itr, lib, d, "-m", micro_clip, "--ocr")
     assert (s["ocr"]["read"], s["ocr"]["failed"]) == (3, 0)

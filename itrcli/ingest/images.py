@@ -19,11 +19,11 @@ import re
 import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Callable
 
 from PIL import Image, ImageFile
 
-from .files import MAX_FILE_BYTES, Unreadable, read_file
+from .files import MAX_FILE_BYTES, Unreadable, content_hash, read_file
 from ..constants import AVIF_EXTENSIONS, HEIF_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (no PIL there)
 
 #: Images with more pixels than this (width x height as declared in the header) are refused
@@ -431,6 +431,47 @@ def _gps_coord(value: Any, ref: Any) -> float | None:
         return None
     ref_s = _clean(ref) or ""
     return -coord if ref_s.upper() in ("S", "W") else coord
+
+
+@dataclass
+class ReadImage:
+    """One image file read with every guard, hashed and opened (:func:`read_image`)."""
+
+    path: str
+    st: Any = None  #: ``os.stat_result`` as read (None: the file could not be read)
+    hash: str = ""  #: content hash (``files.hash``); "" when the file could not be read
+    image: Any = None  #: the upright RGB ``PIL.Image``; None when skipped or failed
+    meta: ImageMeta | None = None
+    error: str | None = None  #: why it could not be read or decoded (one line)
+    #: the error depends only on the file's bytes: remember it until the file changes
+    remember: bool = False
+    unreadable: bool = False  #: the file itself could not be read (not its image)
+
+
+def read_image(path: str, *, draft_for: Preprocess | Any | None = None,
+               skip: Callable[[str], bool] | None = None) -> ReadImage:
+    """Read ``path`` (:func:`itrcli.ingest.files.read_file`: FIFOs, huge and changing files
+    refused), hash it, and unless ``skip(hash)`` decode it upright (JPEG draft mode for
+    ``draft_for``'s size).  The one way itr reads an image file: for its vector (indexing)
+    and for its words (OCR).  Never raises for a bad file or image: see ``error``."""
+    r = ReadImage(path)
+    try:
+        r.st, data = read_file(path)
+    except Unreadable as e:
+        r.error, r.st, r.remember, r.unreadable = str(e), e.st, e.st is not None, True
+        return r
+    r.hash = content_hash(data)
+    if skip is not None and skip(r.hash):
+        return r
+    try:
+        r.image, r.meta = open_image(data, draft_for=draft_for)
+    except DecodeError as e:
+        r.error, r.remember = str(e), True
+    except MemoryError:
+        r.error = "not enough memory to decode"
+    except Exception as e:  # whatever a hostile file provokes, it must not stop the run
+        r.error = f"cannot decode: {type(e).__name__}: {str(e)[:200]}"
+    return r
 
 
 def decode_file(path: str, prep: Preprocess | None, *, draft: bool = True):

@@ -7,7 +7,7 @@ files (:meth:`~itrcli.jobs.indexer.IndexRun._reads`) is a Ray Data pipeline inst
 thread pool::
 
     paths of new and changed files (the driver's plan)
-      -> read, hash, decode, preprocess   CPU tasks: indexer.read_one, the local code itself
+      -> read, hash, decode, preprocess   CPU tasks: indexer.read_for_vectors, the local code itself
       -> embed                            an actor pool, one model load per actor (GPUs if any)
       -> rows back to the driver          committed in batches by IndexRun._flush
 
@@ -36,7 +36,7 @@ from typing import Any, Iterator
 
 from .. import errors
 from ..errors import ItrError, LibraryError
-from .indexer import IndexRun, _Read, read_one
+from .indexer import IndexRun, _Read, read_for_vectors
 
 #: The extra that installs Ray; named in the error when it is missing.
 EXTRA = "pip install 'itr[ray]'"
@@ -256,7 +256,7 @@ def _known_hashes(ref_box: list) -> frozenset[str]:
 
 
 def decode_batch(batch: dict[str, Any], *, prep, draft: bool, known: list) -> dict[str, Any]:
-    """Read, hash and (unless known) decode each path: :func:`indexer.read_one` per file.
+    """Read, hash and (unless known) decode each path: :func:`indexer.read_for_vectors` per file.
 
     ``batch["path"]``: file names as bytes.  Returns one row per path with its pixels as
     float32 bytes (empty when not decoded) and everything the driver commits.
@@ -267,7 +267,7 @@ def decode_batch(batch: dict[str, Any], *, prep, draft: bool, known: list) -> di
     cols: dict[str, list] = {k: [] for k in ("path", "size", "mtime_ns", "hash", "error",
                                              "remember", "meta", "pixels", "shape")}
     for raw in batch["path"]:
-        r = read_one(os.fsdecode(bytes(raw)), prep, draft, known_hashes)
+        r = read_for_vectors(os.fsdecode(bytes(raw)), prep, draft, known_hashes)
         cols["path"].append(bytes(raw))
         cols["size"].append(r.size)
         cols["mtime_ns"].append(r.mtime_ns)

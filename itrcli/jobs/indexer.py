@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterator, Mapping
 from ..gcpause import gc_paused
 from ..progress import NoProgress, Progress
 from ..ingest.files import Unreadable, content_hash, hash_stream, read_file
-from ..ingest.images import DecodeError, Preprocess, decoder_id, open_image
+from ..ingest.images import DecodeError, Preprocess, decoder_id, open_image, read_image
 from ..store.db import Store, db_path_of
 from ..store.vindex import VectorIndex, graph_files, remove_temp_files
 from ..ingest.walk import Known, Plan, plan as make_plan, under, walk
@@ -138,34 +138,26 @@ class _Read:
         return self.pixels is not None or self.vector is not None
 
 
-def read_one(path: str, prep: Preprocess | None, draft: bool, known_hashes: frozenset[str]) -> _Read:
-    """Worker: read, hash, and (unless the content is known) decode and preprocess.
-
-    Never raises for a bad file: the reason is in ``error``.
-    """
-    r = _Read(path)
-    try:
-        st, data = read_file(path)
-    except Unreadable as e:
-        r.error = str(e)
-        if e.st is not None:
-            r.size, r.mtime_ns, r.remember = e.st.st_size, e.st.st_mtime_ns, True
-        return r
-    # size/mtime as read, not as walked: a file rewritten meanwhile is seen again next run
-    r.size, r.mtime_ns = st.st_size, st.st_mtime_ns
-    r.hash = content_hash(data)
-    if r.hash in known_hashes:
-        return r
-    try:
-        img, meta = open_image(data, draft_for=prep if draft else None)
-        r.pixels = prep(img, (meta.width, meta.height)) if prep is not None else None
-        r.meta = asdict(meta)
-    except DecodeError as e:
-        r.error, r.remember = str(e), True
-    except MemoryError:
-        r.error = "not enough memory to decode"
-    except Exception as e:  # whatever a hostile file provokes, it must not stop the run
-        r.error = f"cannot decode: {type(e).__name__}: {str(e)[:200]}"
+def read_for_vectors(path: str, prep: Preprocess | None, draft: bool,
+                     known_hashes: frozenset[str]) -> _Read:
+    """Worker: read, hash, and (unless the content is known) decode and preprocess
+    (:func:`itrcli.ingest.images.read_image`).  Never raises for a bad file: the reason
+    is in ``error``."""
+    f = read_image(path, draft_for=prep if draft else None, skip=known_hashes.__contains__)
+    r = _Read(path, hash=f.hash, error=f.error, remember=f.remember)
+    if f.st is not None:
+        # size/mtime as read, not as walked: a file rewritten meanwhile is seen again
+        r.size, r.mtime_ns = f.st.st_size, f.st.st_mtime_ns
+    if f.image is not None:
+        try:
+            r.pixels = prep(f.image, (f.meta.width, f.meta.height)) if prep is not None else None
+            r.meta = asdict(f.meta)
+        except DecodeError as e:  # e.g. a strip too thin to preprocess: the bytes' fault
+            r.error, r.remember = str(e), True
+        except MemoryError:
+            r.error = "not enough memory to decode"
+        except Exception as e:
+            r.error = f"cannot decode: {type(e).__name__}: {str(e)[:200]}"
     return r
 
 
@@ -416,7 +408,7 @@ class IndexRun:
 
     def _reads(self, todo: list[str], known_hashes: frozenset[str]) -> Iterator[_Read]:
         """Each file of ``todo`` read, hashed and, unless its content is known, decoded
-        (:func:`read_one`), in a bounded thread pool ahead of the consumer.  The Ray engine
+        (:func:`read_for_vectors`), in a bounded thread pool ahead of the consumer.  The Ray engine
         (:mod:`itrcli.jobs.distributed`) replaces this with a cluster that also embeds."""
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="itr-decode")
         pending: deque[tuple[str, Future]] = deque()
@@ -435,7 +427,7 @@ class IndexRun:
                     if is_video(path):
                         fut = pool.submit(read_video, path, self.prep, known_hashes, self.video_budget)
                     else:
-                        fut = pool.submit(read_one, path, self.prep, self.draft, known_hashes)
+                        fut = pool.submit(read_for_vectors, path, self.prep, self.draft, known_hashes)
                     pending.append((path, fut))
 
             fill()
@@ -443,7 +435,7 @@ class IndexRun:
                 path, fut = pending.popleft()
                 try:
                     r = fut.result()
-                except Exception as e:  # read_one does not raise; if it ever does, skip the file
+                except Exception as e:  # read_for_vectors does not raise; if it ever does, skip the file
                     r = _Read(path, error=f"cannot read: {type(e).__name__}: {e}")
                 fill()
                 yield r
@@ -588,7 +580,7 @@ class IndexRun:
         again = []
         for path in redo:
             r = (read_video(path, self.prep, frozenset(), self.video_budget) if is_video(path)
-                 else read_one(path, self.prep, self.draft, frozenset()))
+                 else read_for_vectors(path, self.prep, self.draft, frozenset()))
             if r.error is not None:
                 s.skip(path, r.error)
                 self.progress.advance(1, 0)

@@ -54,35 +54,33 @@ class _Draft:
         return (width, height) if f <= 1 else (max(1, int(width / f)), max(1, int(height / f)))
 
 
-def read_one(path: str, h: str, reader, started: dict[str, float] | None = None) -> _Done:
-    """Worker: read ``path`` and its text; never raises for a bad file or image.
-    ``started``: where the read's start time is noted (for the timeout)."""
-    from ..ingest.images import DecodeError, open_image
+def read_for_text(path: str, h: str, reader, started: dict[str, float] | None = None) -> _Done:
+    """Worker: read ``path`` (:func:`itrcli.ingest.images.read_image`) and its text; never
+    raises for a bad file or image.  ``started``: where the read's start time is noted
+    (for the timeout)."""
+    from ..ingest.images import read_image
     from ..ingest.ocr import OcrUnavailable
-    from ..ingest.files import Unreadable as _Unreadable, content_hash, read_file
 
     t0 = time.monotonic()
     d = _Done(h, path)
-    try:
-        _st, data = read_file(path)
-        if content_hash(data) != h:
-            d.stale = True
-            return d
-        img, _meta = open_image(data, draft_for=_Draft())
-        reader.load()  # the models' first load is not part of the timed read
-        if started is not None:
-            started[h] = time.monotonic()
-        d.lines = reader.read_kept(img)
-    except _Unreadable as e:
-        d.error, d.remember = str(e), False
-    except DecodeError as e:
-        d.error = str(e)
-    except MemoryError:
-        d.error, d.remember = "not enough memory to read its text", False
-    except OcrUnavailable:
-        raise
-    except Exception as e:  # whatever the OCR engine raises on a hostile image
-        d.error = f"cannot read text: {type(e).__name__}: {str(e)[:200]}"
+    f = read_image(path, draft_for=_Draft(), skip=lambda got: got != h)
+    if f.error is not None:
+        # a file that cannot be read now is not the image's fault: retried
+        d.error, d.remember = f.error, f.remember and not f.unreadable
+    elif f.image is None:
+        d.stale = True  # its content changed since it was queued
+    else:
+        try:
+            reader.load()  # the models' first load is not part of the timed read
+            if started is not None:
+                started[h] = time.monotonic()
+            d.lines = reader.read_kept(f.image)
+        except MemoryError:
+            d.error, d.remember = "not enough memory to read its text", False
+        except OcrUnavailable:
+            raise
+        except Exception as e:  # whatever the OCR engine raises on a hostile image
+            d.error = f"cannot read text: {type(e).__name__}: {str(e)[:200]}"
     d.seconds = time.monotonic() - t0
     return d
 
@@ -185,7 +183,7 @@ class TextJob:
     def _submit(self, path: str, h: str) -> Future:
         if self._pool is None:
             self._pool = _ReadThread()
-        return self._pool.submit(read_one, path, h, self.reader, self._started)
+        return self._pool.submit(read_for_text, path, h, self.reader, self._started)
 
     def _timed_out(self, h: str) -> bool:
         from ..ingest import ocr
@@ -237,7 +235,7 @@ class TextJob:
                     break
                 d = self._abandon(h, path)
             else:
-                d = fut.result()  # read_one raises only OcrUnavailable (checked before the run)
+                d = fut.result()  # read_for_text raises only OcrUnavailable (checked before the run)
                 self._pending.popleft()
             n += 1
             self._store(c, d)
@@ -310,23 +308,25 @@ def text_for(path: str, store: Store | None, reader) -> dict[str, Any]:
     Returns ``{"path", "source": "library" | "read", "lines": [{"text", "box",
     "confidence"}]}``, or ``{"path", "error"}`` for a file that cannot be read.
     """
-    from ..ingest.images import DecodeError, open_image
-    from ..ingest.files import Unreadable as _Unreadable, content_hash, read_file
+    from ..ingest.images import read_image
 
     shown = db_path_of(path)[0]
-    try:
-        _st, data = read_file(path)
-    except _Unreadable as e:
-        return {"path": shown, "error": str(e)}
-    h = content_hash(data)
-    if store is not None and textstore.has_tables(store.conn):
-        lines = textstore.lines_of(store.conn, h)
-        if lines is not None:
-            return {"path": shown, "source": "library", "lines": [ln.to_json() for ln in lines]}
-    try:
-        img, _meta = open_image(data, draft_for=_Draft())
-    except DecodeError as e:
-        return {"path": shown, "error": str(e)}
+    stored: list = []
+
+    def in_library(h: str) -> bool:  # then the image need not be decoded
+        if store is not None and textstore.has_tables(store.conn):
+            lines = textstore.lines_of(store.conn, h)
+            if lines is not None:
+                stored.append(lines)
+                return True
+        return False
+
+    f = read_image(path, draft_for=_Draft(), skip=in_library)
+    if f.error is not None:
+        return {"path": shown, "error": f.error}
+    if stored:
+        return {"path": shown, "source": "library", "lines": [ln.to_json() for ln in stored[0]]}
+    img = f.image
     try:
         lines = reader.read_kept(img)
     except MemoryError:
