@@ -303,13 +303,13 @@ def hash_cmd(
             s = _index_paths(lib, paths, model=model, device=device, precision=precision,
                              batch_size=batch_size, workers=workers, include_hidden=include_hidden,
                              exclude=exclude, follow_symlinks=follow_symlinks, prune=False,
-                             wait=wait, quiet=quiet, see_json=False, held=True)
+                             wait=wait, quiet=quiet, see_json=False, list_indexed=True)
             if not quiet and (s.added or s.updated or s.interrupted):
                 _print_summary(s)
             if s.interrupted:
                 raise typer.Exit(ExitCode.INTERRUPTED)
             # the files under PATH that the library now holds (unreadable ones were skipped)
-            files = s.held  # from the run's change detection when it changed nothing
+            files = s.indexed_files  # from the run's change detection when it changed nothing
             if files is None:
                 files = lib.indexed(s.found)
         else:

@@ -153,7 +153,7 @@ class Library:
         engine: str = "local",
         address: str | None = None,
         engine_logs: bool = False,
-        held: bool = False,
+        list_indexed: bool = False,
     ) -> IndexSummary:
         """Add new and changed images under ``paths``, drop deleted ones (unless not ``prune``).
 
@@ -163,9 +163,9 @@ class Library:
         runs), False stops and forgets it, None keeps the library's setting.
         ``engine="ray"`` reads, decodes and embeds on a Ray cluster (``address``, else a
         local Ray instance; needs ``itr[ray]``), committing here as a local run does;
-        ``engine_logs`` lets Ray's own log lines through on stderr.  ``held``: give
-        ``summary.held`` (what :meth:`indexed` would give for ``summary.found``) when the run
-        changed no file row, without reading the rows again.
+        ``engine_logs`` lets Ray's own log lines through on stderr.  ``list_indexed``:
+        give ``summary.indexed_files`` (what :meth:`indexed` would give for
+        ``summary.found``) when the run changed no file row, without reading the rows again.
 
         Returns an :class:`~itrcli.jobs.indexer.IndexSummary`; ``summary.interrupted`` is set when
         Ctrl-C stopped the run (every batch committed before it is kept).
@@ -194,7 +194,7 @@ class Library:
                     include_hidden=include_hidden, exclude=list(exclude),
                     follow_symlinks=follow_symlinks, prune=prune, draft=draft,
                     progress=progress, video=video, video_budget=video_budget, engine=engine,
-                    address=address, engine_logs=engine_logs, held=held)
+                    address=address, engine_logs=engine_logs, list_indexed=list_indexed)
         try:
             with self.store.writing("itr index", wait):
                 if reindex and self.model:
@@ -210,7 +210,7 @@ class Library:
                       workers: int | None, include_hidden: bool, exclude: list[str],
                       follow_symlinks: bool, prune: bool, draft: bool, progress,
                       video: bool, video_budget: float | None, engine: str,
-                      address: str | None, engine_logs: bool, held: bool) -> IndexSummary:
+                      address: str | None, engine_logs: bool, list_indexed: bool) -> IndexSummary:
         """:meth:`index` with the write lock held (a library with no model bound yet, or
         an index run into the library a re-index builds beside the old one)."""
         from .ingest.images import Preprocess, supported_extensions
@@ -266,7 +266,7 @@ class Library:
             summary = run.run(roots, extensions=extensions,
                               include_hidden=include_hidden, exclude=list(exclude),
                               follow_symlinks=follow_symlinks, prune=prune,
-                              keep=frozenset() if videos else VIDEO_EXTENSIONS, held=held,
+                              keep=frozenset() if videos else VIDEO_EXTENSIONS, list_indexed=list_indexed,
                               count=unreadable)
             known_roots = set(self.store.get_meta("roots", []))
             if not summary.interrupted:

@@ -206,24 +206,24 @@ def test_bad_files_are_indexed_or_skipped_with_a_reason(itr, tiny_clip, tmp_path
     from itrcli import Library
 
     with Library.open(db) as lib:
-        run = lib.index([str(d)], held=True)
-        assert run.held is not None and len(run.held) == n_indexed + 3
-        assert run.held == lib.indexed(run.found)
-        assert any(not p.isascii() for p, _ in run.held)
-        assert lib.index([str(d)]).held is None  # not asked for
+        run = lib.index([str(d)], list_indexed=True)
+        assert run.indexed_files is not None and len(run.indexed_files) == n_indexed + 3
+        assert run.indexed_files == lib.indexed(run.found)
+        assert any(not p.isascii() for p, _ in run.indexed_files)
+        assert lib.index([str(d)]).indexed_files is None  # not asked for
     make_photos(d / "good", 1, start=3)  # one file more: rows change, so the library is asked
     with Library.open(db) as lib:
-        run = lib.index([str(d)], held=True)
-        assert run.added == 1 and run.held is None
+        run = lib.index([str(d)], list_indexed=True)
+        assert run.added == 1 and run.indexed_files is None
     # an indexed photo overwritten by a broken one: its row stays, the failure is remembered,
     # and later runs leave it unread but still held
     spoilt = sorted((d / "good").iterdir())[0]
     spoilt.write_bytes(b"\xff\xd8\xff\xe0 cut short")
     with Library.open(db) as lib:
-        assert lib.index([str(d)], held=True).held is None
-        run = lib.index([str(d)], held=True)
-        assert run.held is not None and run.held == lib.indexed(run.found)
-        assert str(spoilt) in dict(run.held)
+        assert lib.index([str(d)], list_indexed=True).indexed_files is None
+        run = lib.index([str(d)], list_indexed=True)
+        assert run.indexed_files is not None and run.indexed_files == lib.indexed(run.found)
+        assert str(spoilt) in dict(run.indexed_files)
 
 
 def test_a_remembered_bad_file_is_read_again_once_it_changes(itr, tiny_clip, tmp_path):

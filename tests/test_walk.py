@@ -8,7 +8,8 @@ import pytest
 
 from itrcli.ingest import walk as walk_module
 from itrcli.ingest.images import IMAGE_EXTENSIONS
-from itrcli.ingest.walk import Entry, Known, plan, walk
+from itrcli.ingest.walk import Entry, plan, walk
+from itrcli.records import StoredFile
 
 
 @pytest.fixture(autouse=True, params=[True, False], ids=["by-descriptor", "by-path"])
@@ -75,11 +76,11 @@ def test_plan_classifies_changes():
         "/p/new.jpg": Entry("/p/new.jpg", 5, 3),
     }
     known = {
-        "/p/same.jpg": Known(1, 10, 1, "h1"),
-        "/p/edited.jpg": Known(2, 10, 1, "h2"),
-        "/p/gone.jpg": Known(3, 10, 1, "h3"),
-        "/other/x.jpg": Known(4, 10, 1, "h4"),  # not under the walked root: untouched
-        "/p/unreadable/y.jpg": Known(5, 10, 1, "h5"),  # its directory could not be listed
+        "/p/same.jpg": StoredFile(1, 10, 1, "h1"),
+        "/p/edited.jpg": StoredFile(2, 10, 1, "h2"),
+        "/p/gone.jpg": StoredFile(3, 10, 1, "h3"),
+        "/other/x.jpg": StoredFile(4, 10, 1, "h4"),  # not under the walked root: untouched
+        "/p/unreadable/y.jpg": StoredFile(5, 10, 1, "h5"),  # its directory could not be listed
     }
     p = plan(found, known, ["/p"], unlisted=["/p/unreadable"])
     assert p.unchanged == ["/p/same.jpg"]
@@ -89,7 +90,7 @@ def test_plan_classifies_changes():
 
 
 def test_plan_does_not_confuse_sibling_prefixes():
-    known = {"/photos2/a.jpg": Known(1, 1, 1, "h")}
+    known = {"/photos2/a.jpg": StoredFile(1, 1, 1, "h")}
     assert plan({}, known, ["/photos"]).missing == []
 
 

@@ -439,7 +439,7 @@ class ReadImage:
 
     path: str
     st: Any = None  #: ``os.stat_result`` as read (None: the file could not be read)
-    hash: str = ""  #: content hash (``files.hash``); "" when the file could not be read
+    content_hash: str = ""  #: ``files.hash``; "" when the file could not be read
     image: Any = None  #: the upright RGB ``PIL.Image``; None when skipped or failed
     meta: ImageMeta | None = None
     error: str | None = None  #: why it could not be read or decoded (one line)
@@ -451,7 +451,7 @@ class ReadImage:
 def read_image(path: str, *, draft_for: Preprocess | Any | None = None,
                skip: Callable[[str], bool] | None = None) -> ReadImage:
     """Read ``path`` (:func:`itrcli.ingest.files.read_file`: FIFOs, huge and changing files
-    refused), hash it, and unless ``skip(hash)`` decode it upright (JPEG draft mode for
+    refused), hash its content, and unless ``skip(content_hash)`` decode it upright (JPEG draft mode for
     ``draft_for``'s size).  The one way itr reads an image file: for its vector (indexing)
     and for its words (OCR).  Never raises for a bad file or image: see ``error``."""
     r = ReadImage(path)
@@ -460,8 +460,8 @@ def read_image(path: str, *, draft_for: Preprocess | Any | None = None,
     except Unreadable as e:
         r.error, r.st, r.remember, r.unreadable = str(e), e.st, e.st is not None, True
         return r
-    r.hash = content_hash(data)
-    if skip is not None and skip(r.hash):
+    r.content_hash = content_hash(data)
+    if skip is not None and skip(r.content_hash):
         return r
     try:
         r.image, r.meta = open_image(data, draft_for=draft_for)

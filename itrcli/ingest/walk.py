@@ -18,6 +18,7 @@ from typing import Iterable, Mapping, NamedTuple
 
 from ..constants import DB_NAME, HEIF_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (re-exported)
 from ..gcpause import gc_paused
+from ..records import StoredFile
 
 
 class Entry(NamedTuple):
@@ -194,16 +195,6 @@ def _oserror(e: OSError) -> str:
     return e.strerror or type(e).__name__
 
 
-@dataclass(frozen=True)
-class Known:
-    """What the library stores about a path (the part change detection needs)."""
-
-    id: int
-    size: int
-    mtime_ns: int
-    hash: str
-
-
 @dataclass
 class Plan:
     """What an index run must do; paths only, nothing read yet."""
@@ -229,7 +220,7 @@ def under(path: str, roots: Iterable[str]) -> bool:
 
 def plan(
     found: Mapping[str, Entry],
-    known: Mapping[str, Known],
+    known: Mapping[str, StoredFile],
     roots: Iterable[str],
     unlisted: Iterable[str] = (),
 ) -> Plan:
@@ -239,7 +230,7 @@ def plan(
         return _plan(found, known, roots, unlisted)
 
 
-def _plan(found: Mapping[str, Entry], known: Mapping[str, Known], roots: Iterable[str],
+def _plan(found: Mapping[str, Entry], known: Mapping[str, StoredFile], roots: Iterable[str],
           unlisted: Iterable[str]) -> Plan:
     p = Plan()
     for path, e in found.items():

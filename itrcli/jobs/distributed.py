@@ -271,7 +271,7 @@ def decode_batch(batch: dict[str, Any], *, prep, draft: bool, known: list) -> di
         cols["path"].append(bytes(raw))
         cols["size"].append(r.size)
         cols["mtime_ns"].append(r.mtime_ns)
-        cols["hash"].append(r.hash)
+        cols["hash"].append(r.content_hash)
         cols["error"].append("" if r.error is None else r.error)
         cols["remember"].append(r.remember)
         cols["meta"].append(json.dumps(r.meta) if r.meta is not None else "")
@@ -317,7 +317,7 @@ def row_to_read(row: dict[str, Any]) -> _Read:
     import numpy as np
 
     r = _Read(os.fsdecode(bytes(row["path"])), size=int(row["size"]),
-              mtime_ns=int(row["mtime_ns"]), hash=str(row["hash"] or ""))
+              mtime_ns=int(row["mtime_ns"]), content_hash=str(row["hash"] or ""))
     if row["error"]:
         r.error, r.remember = str(row["error"]), bool(row["remember"])
         return r

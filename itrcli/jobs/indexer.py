@@ -31,7 +31,8 @@ from ..ingest.files import Unreadable, content_hash, hash_stream, read_file
 from ..ingest.images import DecodeError, Preprocess, decoder_id, open_image, read_image
 from ..store.db import Store, db_path_of
 from ..store.vindex import VectorIndex, graph_files, remove_temp_files
-from ..ingest.walk import Known, Plan, plan as make_plan, under, walk
+from ..ingest.walk import Plan, plan as make_plan, under, walk
+from ..records import StoredFile
 from ..ingest.video import is_video  # no PyAV import
 
 
@@ -64,9 +65,9 @@ class IndexSummary:
     interrupted: bool = False
     #: the image files the walk found under the roots (not in ``to_json``)
     found: list[str] = field(default_factory=list, repr=False)
-    #: with ``run(held=True)``, when the run changed no file row: the found files the
-    #: library holds, in path order, and their ids (see ``held``)
-    held_rows: tuple[list[str], "array[int]"] | None = field(default=None, repr=False)
+    #: with ``run(list_indexed=True)``, when the run changed no file row: the found files
+    #: the library holds, in path order, and their ids (see ``indexed_files``)
+    indexed_rows: tuple[list[str], "array[int]"] | None = field(default=None, repr=False)
     text: Any = None  #: :class:`itrcli.jobs.textread.TextStats` when text is read (--ocr)
     engine: str = "local"  #: "local", or "ray" (:mod:`itrcli.jobs.distributed`)
     #: media files of types this install cannot read (raw, HEIC without pillow-heif, videos
@@ -74,13 +75,14 @@ class IndexSummary:
     passed_over: dict[str, int] = field(default_factory=dict)
 
     @property
-    def held(self) -> list[tuple[str, int]] | None:
+    def indexed_files(self) -> list[tuple[str, int]] | None:
         """(path as shown, id) of the found files the library holds, in path order, when
-        the run was asked for them (``run(held=True)``) and changed no file row; else None
+        the run was asked for them (``run(list_indexed=True)``) and changed no file row;
+        else None
         (ask :meth:`itrcli.library.Library.indexed`).  Made anew on each access."""
-        if self.held_rows is None:
+        if self.indexed_rows is None:
             return None
-        paths, ids = self.held_rows
+        paths, ids = self.indexed_rows
         with gc_paused():  # a million pairs
             return [(p if p.isascii() else db_path_of(p)[0], i) for p, i in zip(paths, ids)]
 
@@ -116,7 +118,7 @@ class _Read:
     path: str
     size: int = 0
     mtime_ns: int = 0
-    hash: str = ""
+    content_hash: str = ""
     pixels: Any = None
     vector: Any = None  #: ``[dim]``, when the engine embedded it already (Ray workers)
     meta: dict[str, Any] | None = None
@@ -144,7 +146,7 @@ def read_for_vectors(path: str, prep: Preprocess | None, draft: bool,
     (:func:`itrcli.ingest.images.read_image`).  Never raises for a bad file: the reason
     is in ``error``."""
     f = read_image(path, draft_for=prep if draft else None, skip=known_hashes.__contains__)
-    r = _Read(path, hash=f.hash, error=f.error, remember=f.remember)
+    r = _Read(path, content_hash=f.content_hash, error=f.error, remember=f.remember)
     if f.st is not None:
         # size/mtime as read, not as walked: a file rewritten meanwhile is seen again
         r.size, r.mtime_ns = f.st.st_size, f.st.st_mtime_ns
@@ -171,12 +173,12 @@ def read_video(path: str, prep: Preprocess | None, known_hashes: frozenset[str],
 
     r = _Read(path)
     try:
-        st, r.hash = hash_stream(path)
+        st, r.content_hash = hash_stream(path)
     except Unreadable as e:
         r.error = str(e)
         return r
     r.size, r.mtime_ns = st.st_size, st.st_mtime_ns
-    if r.hash in known_hashes:
+    if r.content_hash in known_hashes:
         return r
     if st.st_size == 0:
         r.error, r.remember = "empty file", True
@@ -212,7 +214,7 @@ def read_video(path: str, prep: Preprocess | None, known_hashes: frozenset[str],
     return r
 
 
-def held_rows(p: Plan, known: Mapping[str, Any]) -> tuple[list[str], "array[int]"]:
+def indexed_rows(p: Plan, known: Mapping[str, Any]) -> tuple[list[str], "array[int]"]:
     """The found paths that the library holds, in path order, and their ids, when the run
     planned as ``p`` (``known``: what it planned against) changed no row: the unchanged
     paths and the changed ones left unread (a bad file remembered).  The ids are copied
@@ -279,9 +281,9 @@ class IndexRun:
     def run(self, roots: list[str], *, extensions: frozenset[str], include_hidden: bool = False,
             exclude: list[str] | None = None, follow_symlinks: bool = False,
             prune: bool = True, keep: frozenset[str] = frozenset(),
-            held: bool = False, count: frozenset[str] = frozenset()) -> IndexSummary:
+            list_indexed: bool = False, count: frozenset[str] = frozenset()) -> IndexSummary:
         """``keep``: extensions not walked this run (``--no-video``) whose indexed files are
-        neither read nor pruned.  ``held``: fill ``summary.held`` when no file row changes
+        neither read nor pruned.  ``list_indexed``: fill ``summary.indexed_files`` when no file row changes
         (from the rows read for change detection: no second read of a million rows).
         ``count``: extensions of media this install cannot read, counted by the walk in
         ``summary.passed_over``."""
@@ -326,8 +328,8 @@ class IndexRun:
             if todo or missing or gone_failures:
                 self._process(todo, known, missing)
                 self._remove(missing, gone_failures)
-            elif held:
-                s.held_rows = held_rows(p, known)
+            elif list_indexed:
+                s.indexed_rows = indexed_rows(p, known)
             if self.text is not None:
                 self.text.finish(self.progress)
         except KeyboardInterrupt:
@@ -356,14 +358,14 @@ class IndexRun:
             self.vindex = VectorIndex(self.library_dir, dim).open(self.store)
         return self.vindex
 
-    def _process(self, todo: list[str], known: dict[str, Known], missing: dict[str, Known]) -> None:
+    def _process(self, todo: list[str], known: dict[str, StoredFile], missing: dict[str, StoredFile]) -> None:
         s = self.summary
         if not todo:
             return
         hashes = self.store.hashes()  # content hash -> an id having it
         missing_by_hash: dict[str, list[str]] = {}
         for path, k in missing.items():
-            missing_by_hash.setdefault(k.hash, []).append(path)
+            missing_by_hash.setdefault(k.content_hash, []).append(path)
         known_hashes = frozenset(hashes)
         # The model is needed only if something must be decoded; it is loaded on first need
         # (the pool starts hashing meanwhile only when preprocessing is already known).
@@ -385,14 +387,14 @@ class IndexRun:
                     continue
                 if r.note:  # a video read in part
                     s.errors.append({"path": _display(r.path), "error": r.note})
-                if k is not None and r.hash == k.hash:
+                if k is not None and r.content_hash == k.content_hash:
                     # touched, same bytes: remember the new mtime so it is not read again
                     ops.append(("touch", r.path, (k, r)))
-                elif k is None and missing_by_hash.get(r.hash):
-                    old = missing_by_hash[r.hash].pop()
+                elif k is None and missing_by_hash.get(r.content_hash):
+                    old = missing_by_hash[r.content_hash].pop()
                     del missing[old]
                     ops.append(("move", r.path, (known[old], r)))
-                elif r.hash in hashes and not r.decoded:
+                elif r.content_hash in hashes and not r.decoded:
                     ops.append(("copy", r.path, (k, r)))
                 else:
                     batch.append((r.path, r))
@@ -445,7 +447,7 @@ class IndexRun:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _flush(self, batch: list[tuple[str, _Read]], ops: list[tuple[str, str, Any]],
-               known: dict[str, Known]) -> list[tuple[str, _Read]]:
+               known: dict[str, StoredFile]) -> list[tuple[str, _Read]]:
         """Encode ``batch`` and commit it with ``ops`` in one transaction.
 
         Returns files to put in the next batch: copies whose source content left the
@@ -479,7 +481,7 @@ class IndexRun:
         seq = None
         with self.store.transaction() as c:
             for kind, path, (k, r) in ops:
-                info = {"size": r.size, "mtime_ns": r.mtime_ns, "hash": r.hash}
+                info = {"size": r.size, "mtime_ns": r.mtime_ns, "hash": r.content_hash}
                 if kind == "fail":
                     self.store.record_failure(c, path, r.size, r.mtime_ns, r.error, _decoder_for(path))
                     continue
@@ -493,7 +495,7 @@ class IndexRun:
                     self.store.update_file(c, k.id, {**info, "path": path})
                     counts["moved"] += 1
                 else:  # copy: known content at a new path, or a changed file now equal to another
-                    src_id = self.store.id_for_hash(c, r.hash)
+                    src_id = self.store.id_for_hash(c, r.content_hash)
                     if src_id is None:  # its only holder changed in this run: decode it after all
                         redo.append(path)
                         ok.pop()
@@ -522,7 +524,7 @@ class IndexRun:
                         put_ids += new
                         put_vecs += list(fvecs)
                         continue
-                    vec = self.store.vector_for_hash(r.hash)
+                    vec = self.store.vector_for_hash(r.content_hash)
                     if k is None:
                         id_ = self.store.insert_file(c, path, {**info, **meta}, vec)
                         counts["added"] += 1
@@ -533,7 +535,7 @@ class IndexRun:
                     put_ids.append(id_)
                     put_vecs.append(vec)
             for (path, r), vec in zip(batch, vecs if vecs is not None else []):
-                info = {"size": r.size, "mtime_ns": r.mtime_ns, "hash": r.hash, **(r.meta or {})}
+                info = {"size": r.size, "mtime_ns": r.mtime_ns, "hash": r.content_hash, **(r.meta or {})}
                 k = known.get(path)
                 video = r.times is not None
                 if k is None:
@@ -567,7 +569,7 @@ class IndexRun:
             self.text.committed()
             for path, r in batch:
                 if r.times is None:  # the text of images only (video frames are not read)
-                    self.text.queue(r.hash, path)
+                    self.text.queue(r.content_hash, path)
         if put_ids or gone:
             vi = self._open_vindex()
             vi.remove(gone)
@@ -596,7 +598,7 @@ class IndexRun:
         self.summary.skip(path, "its name, with non-UTF-8 bytes escaped, is another indexed file's")
         return True
 
-    def _remove(self, missing: dict[str, Known], gone_failures: list[str] = ()) -> None:
+    def _remove(self, missing: dict[str, StoredFile], gone_failures: list[str] = ()) -> None:
         if not missing and not gone_failures:
             return
         ids = [k.id for k in missing.values()]

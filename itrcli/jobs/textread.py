@@ -35,7 +35,7 @@ COMMIT_EVERY = 1
 
 @dataclass
 class _Done:
-    hash: str
+    content_hash: str
     path: str
     lines: list | None = None
     error: str | None = None
@@ -243,14 +243,14 @@ class TextJob:
 
     def _store(self, c, d: _Done) -> None:
         if d.stale:
-            self._seen.discard(d.hash)
+            self._seen.discard(d.content_hash)
             return
         if d.error is not None:
             if d.remember:
-                textstore.put(c, d.hash, [], reader=self.reader_id, seconds=d.seconds,
+                textstore.put(c, d.content_hash, [], reader=self.reader_id, seconds=d.seconds,
                               now=now_iso(), error=d.error)
         else:
-            textstore.put(c, d.hash, d.lines, reader=self.reader_id, seconds=d.seconds,
+            textstore.put(c, d.content_hash, d.lines, reader=self.reader_id, seconds=d.seconds,
                           now=now_iso())
         self._uncommitted.append(d)
 

@@ -24,6 +24,7 @@ from ..errors import LibraryError
 from ..gcpause import gc_paused
 from .lock import WriteLock
 from ..pools import in_order
+from ..records import StoredFile
 
 from ..constants import DB_NAME
 
@@ -236,15 +237,6 @@ _MIGRATIONS_TABLE = "CREATE TABLE IF NOT EXISTS migrations (name TEXT PRIMARY KE
 def _quoted(name: str) -> str:
     """An SQL identifier, quoted (any ``"`` in it doubled)."""
     return '"' + name.replace('"', '""') + '"'
-
-
-class StoredFile(NamedTuple):
-    """What change detection needs of a file row (duck-types :class:`itrcli.ingest.walk.Known`)."""
-
-    id: int
-    size: int
-    mtime_ns: int
-    hash: str
 
 
 @dataclass(frozen=True)
