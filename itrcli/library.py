@@ -335,12 +335,10 @@ class Library:
     def _text_job(self, ocr: bool | None, reindex: bool):
         """The OCR side of an index run (None when the library reads no text); applies an
         ``--ocr`` / ``--no-ocr`` request to the library's setting first."""
-        from .store import text as textstore
-
         if ocr is False:
-            if self.ocr or textstore.any_read(self.store.conn):
+            if self.ocr or self.store.words.any_read():
                 with self.store.transaction() as c:
-                    textstore.clear(c)
+                    self.store.words.clear()
             self.store.set_meta(ocr=False)
             return None
         if not (ocr or self.ocr):
@@ -352,7 +350,7 @@ class Library:
             raise LibraryError(f"reading text in images needs rapidocr: pip install 'itr[ocr]'{how}")
         if reindex:
             with self.store.transaction() as c:
-                textstore.clear(c)
+                self.store.words.clear()
         if ocr:
             self.store.set_meta(ocr=True)
         from .jobs.textread import TextJob
@@ -619,7 +617,7 @@ class Library:
         if req.rerank:
             want = max(want, rerank_k)  # type: ignore[type-var]
         out = SearchResult(req, model=self.model)
-        tq = self._text_query(parts, req.text_match)
+        tq = self._word_query(parts, req.text_match)
         timings = out.timings
         if tq is not None and req.text_match == "only":
             from .query.fusion import fused_rank
@@ -702,9 +700,7 @@ class Library:
     # -- adapting ---------------------------------------------------------------------------
     def stored_adapter(self):
         """The stored :class:`itrcli.store.adapters.StoredAdapter`, or None."""
-        from .store import adapters
-
-        return adapters.load(self.store.conn)
+        return self.store.adapters.load()
 
     def adapter(self):
         """The query map fitted by :meth:`adapt` for this library's model, or None."""
@@ -752,7 +748,7 @@ class Library:
         from .evaluation.evaluate import embed_dataset, pairs_of
         from .store.embedding_cache import EmbeddingCache, default_cache_path
         from .query import adapt as fit
-        from .store import adapters
+        from .store.adapters import StoredAdapter
         from .store.db import now_iso
 
         if self.store.readonly:
@@ -800,7 +796,7 @@ class Library:
                     raise LibraryError(f"library {self.directory} was re-indexed with another "
                                        "model while the map was fitted; run itr adapt again")
                 with self.store.transaction() as c:
-                    adapters.save(c, adapters.StoredAdapter(
+                    self.store.adapters.save(StoredAdapter(
                         fitted_on, phash, os.path.abspath(pairs.source), len(p), n_images,
                         adapter.method, adapter.params, dim, adapter.matrix, adapter.mean, cv,
                         now_iso()))
@@ -813,21 +809,19 @@ class Library:
         Raises:
             LibraryError: opened read-only, or locked (``wait`` seconds).
         """
-        from .store import adapters
+        with self.store.writing("itr adapt --remove", wait), self.store.transaction():
+            return self.store.adapters.delete()
 
-        with self.store.writing("itr adapt --remove", wait), self.store.transaction() as c:
-            return adapters.delete(c)
-
-    def _text_query(self, parts, mode: str):
+    def _word_query(self, parts, mode: str):
         """The words to match in the images' text, or None for a cosine-only search."""
+        from .store.words import word_query
+
         if mode not in ("auto", "only", "none"):
             raise UsageError(f"text_match {mode!r}: expected auto, only or none")
         if mode == "none" or (mode == "auto" and not self.ocr):
             return None  # a library without text: nothing more imported or read
-        from .store import text as textstore
-
         words = " ".join(p.value for p in parts if p.kind == "text" and p.sign > 0)
-        has_text = self.ocr and textstore.has_tables(self.store.conn)
+        has_text = self.ocr and self.store.words.has_tables()
         if mode == "only":
             if not has_text:
                 raise LibraryError(f"library {self.directory} has no text read from its images "
@@ -838,7 +832,7 @@ class Library:
                 raise UsageError("--text-only ranks by words: no image query, --add or --subtract")
         if not has_text or not words:
             return None
-        tq = textstore.text_query(words)
+        tq = word_query(words)
         if tq.empty and mode == "only":
             raise UsageError(f"--text-only: no word to match in {words!r}")
         return None if tq.empty else tq
@@ -963,7 +957,6 @@ class Library:
         meta = self.store.meta()
         sizes = disk_usage(self.directory)
         total = sum(sizes.values())
-        from .store.metadata import coverage
 
         from .constants import THUMBS_DIR
         from .store.db import PAGE_SIZE
@@ -981,7 +974,7 @@ class Library:
             "schema_version": meta.get("schema_version"),
             "files": self.store.file_count(),
             "vectors": vectors,
-            "metadata": coverage(self.store.conn),  # files with gps, camera, taken_at
+            "metadata": self.store.metadata.coverage(),  # files with gps, camera, taken_at
             **dict(zip(("videos", "frames"), self.store.video_counts())),
             "roots": meta.get("roots", []),
             "fast_text_search": self._text_export_ok(),
@@ -1003,9 +996,7 @@ class Library:
         return {**a.to_json(), "active": a.model == self.model}
 
     def _text_info(self, on: bool) -> dict[str, Any]:
-        from .store import text as textstore
-
-        return {"enabled": on, **textstore.status_counts(self.store.conn)}
+        return {"enabled": on, **self.store.words.status_counts()}
 
 
 #: Runs that try to export a model's text tower before it is given up (see

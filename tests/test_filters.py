@@ -430,21 +430,23 @@ def test_filtered_graph_search_agrees_with_exact(tmp_path, monkeypatch):
 
 
 def test_library_sample_is_fixed_and_spread_over_sparse_ids():
-    from itrcli.store.metadata import sample_ids
+    from types import SimpleNamespace
+
+    from itrcli.store.metadata import Metadata
 
     conn = sqlite3.connect(":memory:")
     conn.execute("CREATE TABLE files (id INTEGER PRIMARY KEY, duration REAL)")
     conn.execute("CREATE TABLE frames (id INTEGER PRIMARY KEY, file_id INTEGER, time REAL)")
-    assert sample_ids(conn, 10) == []
+    assert Metadata(SimpleNamespace(conn=conn)).sample_ids(10) == []
     conn.executemany("INSERT INTO files (id) VALUES (?)", [(i,) for i in range(1, 6)])
-    assert sample_ids(conn, 10) == [1, 2, 3, 4, 5]  # small library: all of it
+    assert Metadata(SimpleNamespace(conn=conn)).sample_ids(10) == [1, 2, 3, 4, 5]  # small library: all of it
     dense = list(range(1, 5001))
     sparse = list(range(10, 10_000_000, 9973))  # ~1,000 ids spread thin (after --reindex)
     for ids in (dense, sparse):
         conn.execute("DELETE FROM files")
         conn.executemany("INSERT INTO files (id) VALUES (?)", [(i,) for i in ids])
-        got = sample_ids(conn, 300)
-        assert got == sample_ids(conn, 300) and len(got) == 300 == len(set(got))
+        got = Metadata(SimpleNamespace(conn=conn)).sample_ids(300)
+        assert got == Metadata(SimpleNamespace(conn=conn)).sample_ids(300) and len(got) == 300 == len(set(got))
         assert set(got) <= set(ids)
         # spread over the whole range, not its start
         assert np.median(got) == pytest.approx(np.median(ids), rel=0.15)
@@ -456,7 +458,7 @@ def test_library_sample_is_fixed_and_spread_over_sparse_ids():
         (2000 + 3 * v + j, v, float(j)) for v in range(10, 2001, 10) for j in (1, 2, 3)])
     labels = ({i for i in range(1, 2001) if i % 10}
               | {r[0] for r in conn.execute("SELECT id FROM frames")})
-    assert sample_ids(conn, 5000) == sorted(labels)  # all of them
-    got = sample_ids(conn, 300)
-    assert got == sample_ids(conn, 300) and len(set(got)) == 300 and set(got) <= labels
+    assert Metadata(SimpleNamespace(conn=conn)).sample_ids(5000) == sorted(labels)  # all of them
+    got = Metadata(SimpleNamespace(conn=conn)).sample_ids(300)
+    assert got == Metadata(SimpleNamespace(conn=conn)).sample_ids(300) and len(set(got)) == 300 and set(got) <= labels
     assert sum(i > 2000 for i in got) > 50  # frames (a third of the labels) are drawn too

@@ -16,7 +16,9 @@ import pytest
 from itrcli.ingest.ocr import Line, keep_lines
 from itrcli.query.fusion import rrf
 from itrcli.store.db import sqlite_uri
-from itrcli.store import text as textstore
+from types import SimpleNamespace
+
+from itrcli.store import words as wordstore
 
 BOX = ((0.0, 0.0), (10.0, 0.0), (10.0, 5.0), (0.0, 5.0))
 
@@ -50,18 +52,19 @@ def test_short_line_in_another_script_dropped_on_textless_photo():
 def _fts(tmp_path):
     c = sqlite3.connect(tmp_path / "t.db", isolation_level=None)
     c.execute("CREATE TABLE files (id INTEGER PRIMARY KEY, path TEXT, fsname BLOB, hash TEXT)")
-    textstore.create_tables(c)
-    textstore.put(c, "h1", [L("ACME Invoice"), L("Caf\u00e9 M\u00fcller 42")], reader="r",
-                  seconds=0.1, now="now")
-    textstore.put(c, "h2", [L("Harbour Station")], reader="r", seconds=0.1, now="now")
-    return c
+    wordstore.create_tables(c)
+    words = wordstore.Words(SimpleNamespace(conn=c))  # the tables' owner over a bare connection
+    words.put("h1", [L("ACME Invoice"), L("Caf\u00e9 M\u00fcller 42")], reader="r",
+               seconds=0.1, now="now")
+    words.put("h2", [L("Harbour Station")], reader="r", seconds=0.1, now="now")
+    return words
 
 
 def test_text_query_words_prefixes_phrases_accents(tmp_path):
     c = _fts(tmp_path)
 
     def hits(q):
-        return [h for h, _ in textstore.search(c, textstore.text_query(q), 10)]
+        return [h for h, _ in c.search(wordstore.word_query(q), 10)]
 
     assert hits("acme invoice") == ["h1"]
     assert hits("invoi") == ["h1"]  # a word's beginning
@@ -70,9 +73,9 @@ def test_text_query_words_prefixes_phrases_accents(tmp_path):
     assert hits('"station harbour"') == []  # a phrase keeps its order
     assert hits("acme station") == []  # every word must match
     assert hits("a dog on the beach") == []
-    assert textstore.text_query("the of a").empty
-    q = textstore.text_query("caf invoice")
-    assert textstore.matched_words(c, "h1", q) == ["Invoice", "Caf\u00e9"]
+    assert wordstore.word_query("the of a").empty
+    q = wordstore.word_query("caf invoice")
+    assert c.matched_words("h1", q) == ["Invoice", "Caf\u00e9"]
 
 
 def test_any_typed_query_is_escaped(tmp_path):
@@ -80,10 +83,10 @@ def test_any_typed_query_is_escaped(tmp_path):
     rnd = random.Random(7)
     alphabet = 'ab" *()^:-+_{}NEAR AND OR NOT \u00e9\ufb01\u0301\u200b\\\'%;'
     for q in ['"', '""', "AND", "NOT x", "(x", "x*", "NEAR(a b)", "col:val", "^x", "'; DROP"]:
-        textstore.search(c, textstore.text_query(q), 5)  # never an SQL error
+        c.search(wordstore.word_query(q), 5)  # never an SQL error
     for _ in range(2000):
         q = "".join(rnd.choice(alphabet) for _ in range(rnd.randint(0, 14)))
-        textstore.search(c, textstore.text_query(q), 5)
+        c.search(wordstore.word_query(q), 5)
 
 
 # --- pure: reciprocal rank fusion ------------------------------------------------------------

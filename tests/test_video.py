@@ -399,7 +399,6 @@ def test_ocr_reads_images_only_a_video_is_never_queued_or_counted(itr, micro_cli
                                                                     tmp_path, monkeypatch):
     pytest.importorskip("rapidocr", reason="rapidocr not installed (pip install 'itr[ocr]')")
     import itrcli.jobs.textread as textread
-    from itrcli.store import text as textstore
     from itrcli.store.db import Store
 
     d, photos, clip = media
@@ -414,9 +413,9 @@ def test_ocr_reads_images_only_a_video_is_never_queued_or_counted(itr, micro_cli
     assert str(clip) not in read and len(read) == 3
     # a video's failed read left by an earlier version is dropped, never retried
     store = Store(lib)
-    with store.transaction() as c:
-        textstore.put(c, store.row_by_path(str(clip))["hash"], [], reader="old", seconds=0.1,
-                      now="2024-01-01T00:00:00", error="not an image (unknown format)")
+    with store.transaction():
+        store.words.put(store.row_by_path(str(clip))["hash"], [], reader="old", seconds=0.1,
+                        now="2024-01-01T00:00:00", error="not an image (unknown format)")
     store.close()
     s = index(itr, lib, d)
     assert (s["ocr"]["read"], s["ocr"]["failed"], s["ocr"]["removed"]) == (0, 0, 1), s["ocr"]
@@ -471,14 +470,13 @@ def test_auto_cut_sample_holds_the_frames_of_videos(itr, micro_clip, reds, tmp_p
     from itrcli import Library
     from itrcli.query import autocut
     from itrcli.query.search import query_parts
-    from itrcli.store.metadata import sample_ids
 
     d, clip = reds
     lib = tmp_path / "lib"
     index(itr, lib, d, "-m", micro_clip)
     with Library.open(lib, readonly=True) as L:
         labels, vecs = L.store.vectors()  # 18 photos and 3 frames
-        assert len(labels) == 21 and sample_ids(L.store.conn, 1000) == labels.tolist()
+        assert len(labels) == 21 and L.store.metadata.sample_ids(1000) == labels.tolist()
         q = L.embed_query(query_parts("a red circle"))
         floor = autocut.library_floor(L.store, q)
         assert floor == pytest.approx(autocut.floor_from_scores(vecs @ q), abs=1e-6)

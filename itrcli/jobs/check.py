@@ -147,7 +147,7 @@ def check(store: Store, *, files: bool = True, _locked: bool = False) -> Report:
         if n:
             rep.add("remembered-failures", NOTE, f"{n} file(s) that could not be decoded are "
                     "remembered: reported as skipped, not read again until they change", count=n)
-        _check_text(rep, store.conn, bool(meta.get("ocr")))
+        _check_words(rep, store, bool(meta.get("ocr")))
     except sqlite3.DatabaseError as e:
         rep.add("integrity", ERROR, f"the database cannot be read: {e}")
     finally:
@@ -362,58 +362,54 @@ def _check_files(rep: Report, store: Store) -> None:
                 ids=[i for i, _ in changed])
 
 
-def _check_text(rep: Report, conn: sqlite3.Connection, ocr: bool) -> None:
-    """The text read in images (``itr index --ocr``): rows vs lines vs the FTS index, and
+def _check_words(rep: Report, store: Store, ocr: bool) -> None:
+    """The words read in images (``itr index --ocr``): rows vs lines vs the FTS index, and
     coverage of the library's content."""
-    from ..store import text as textstore
-
-    if not textstore.has_tables(conn):
+    if not store.words.has_tables():
         return
-    gone = textstore.orphans(conn)
+    gone = store.words.orphans()
     if gone:
         rep.add("text-orphans", NOTE, f"text of {len(gone)} image content(s) no longer in the "
                 "library: dropped by the next 'itr index' or --repair", count=len(gone))
-    wrong = textstore.miscounted(conn)
-    loose = textstore.loose_line_hashes(conn)
+    wrong = store.words.miscounted()
+    loose = store.words.loose_line_hashes()
     if wrong or loose:
         rep.add("text-lines", ERROR, f"{len(wrong) + loose} image(s) have stored text lines that "
                 "disagree with their read record; --repair forgets them (read again next run)",
                 items=wrong, count=len(wrong) + loose)
-    want, have = textstore.fts_ids(conn)
+    want, have = store.words.fts_ids()
     if want != have:
         rep.add("text-index", ERROR, f"the full-text index disagrees with the stored text "
                 f"({len(want - have)} missing, {len(have - want)} extra): --repair rebuilds it",
                 count=len(want ^ have))
     if ocr:
-        n = textstore.unread_count(conn)
+        n = store.words.unread_count()
         if n:
             rep.add("text-unread", NOTE, f"the text of {n} image(s) is not read yet: the next "
                     "'itr index' reads it", count=n)
-    failed = textstore.status_counts(conn)["failed"]
+    failed = store.words.status_counts()["failed"]
     if failed:
         rep.add("text-failures", NOTE, f"the text of {failed} image(s) could not be read: "
                 "remembered, not tried again (their vectors are fine)", count=failed)
 
 
 def _repair_text(store, before: Report) -> list[str]:
-    from ..store import text as textstore
-
     done = []
-    if not textstore.has_tables(store.conn):
+    if not store.words.has_tables():
         return done
     if before.get("text-orphans") or before.get("text-lines"):
         with store.transaction() as c:
-            gone = textstore.orphans(c)
-            bad = textstore.miscounted(c)
-            textstore.delete(c, gone + bad)
-            textstore.delete_loose_lines(c)
+            gone = store.words.orphans()
+            bad = store.words.miscounted()
+            store.words.delete(gone + bad)
+            store.words.delete_loose_lines()
         if gone:
             done.append(f"dropped the text of {len(gone)} image content(s) no longer in the library")
         if bad or before.get("text-lines"):
             done.append(f"forgot the inconsistent text of {len(bad)} image(s) (read again next run)")
     if before.get("text-index") or before.get("text-lines"):
         with store.transaction() as c:
-            n = textstore.rebuild_fts(c)
+            n = store.words.rebuild_fts()
         done.append(f"rebuilt the full-text index ({n} images with text)")
     return done
 

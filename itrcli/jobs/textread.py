@@ -8,7 +8,7 @@ stores finished reads inside its batch transactions (SQLite is written from one 
 and after the last batch waits for the rest, storing them a few at a time.
 
 Work is keyed by content hash, like the vectors: what is queued is every hash the library
-holds without a read by the current reader (:func:`itrcli.store.text.missing`), plus the
+holds without a read by the current reader (:meth:`itrcli.store.words.Words.missing`), plus the
 hashes of files embedded during the run.  A run killed at any point leaves only whole
 reads (each is one ``text_status`` row with its lines and FTS document, in one
 transaction); the next run queues the rest.  Failed reads are remembered with their reason
@@ -25,7 +25,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..store import text as textstore
 from ..store.db import Store, db_path_of, fs_path_of, now_iso
 
 #: Reads stored per transaction while waiting for the last ones (each read takes a large
@@ -164,12 +163,12 @@ class TextJob:
         self._pool: _ReadThread | None = None
         self._pending: deque[tuple[str, str, Future]] = deque()
         self._started: dict[str, float] = {}  #: hash -> when its read began (worker writes)
-        self._seen = textstore.read_hashes(store.conn, self.reader_id)
+        self._seen = store.words.read_hashes(self.reader_id)
         self._uncommitted: list[_Done] = []  #: stored in a transaction not yet committed
 
     def queue_missing(self) -> None:
         """Queue every content hash of the library that has not been read."""
-        for h, path, fsname in textstore.missing(self.store.conn, self.reader_id):
+        for h, path, fsname in self.store.words.missing(self.reader_id):
             self.queue(h, fs_path_of(path, fsname))
 
     def queue(self, h: str, path: str) -> None:
@@ -247,10 +246,10 @@ class TextJob:
             return
         if d.error is not None:
             if d.remember:
-                textstore.put(c, d.content_hash, [], reader=self.reader_id, seconds=d.seconds,
+                self.store.words.put(d.content_hash, [], reader=self.reader_id, seconds=d.seconds,
                               now=now_iso(), error=d.error)
         else:
-            textstore.put(c, d.content_hash, d.lines, reader=self.reader_id, seconds=d.seconds,
+            self.store.words.put(d.content_hash, d.lines, reader=self.reader_id, seconds=d.seconds,
                           now=now_iso())
         self._uncommitted.append(d)
 
@@ -285,8 +284,8 @@ class TextJob:
             if progress is not None:
                 progress.close()
         with self.store.transaction() as c:
-            gone = textstore.orphans(c)
-            textstore.delete(c, gone)
+            gone = self.store.words.orphans()
+            self.store.words.delete(gone)
         self.stats.removed = len(gone)
         self.close()
 
@@ -314,8 +313,8 @@ def text_for(path: str, store: Store | None, reader) -> dict[str, Any]:
     stored: list = []
 
     def in_library(h: str) -> bool:  # then the image need not be decoded
-        if store is not None and textstore.has_tables(store.conn):
-            lines = textstore.lines_of(store.conn, h)
+        if store is not None and store.words.has_tables():
+            lines = store.words.lines_of(h)
             if lines is not None:
                 stored.append(lines)
                 return True

@@ -55,7 +55,5 @@ def gap_cut(best: Sequence[float], floor: float, window: int = WINDOW) -> float:
 
 def library_floor(store, query, sigmas: float = FLOOR_SIGMAS) -> float:
     """:func:`floor_from_scores` over the library's fixed sample, for a query ``[dim]``."""
-    from ..store.metadata import sample_ids
-
-    _, mat = store.vectors(sample_ids(store.conn, SAMPLE_SIZE))  # [n, dim]
+    _, mat = store.vectors(store.metadata.sample_ids(SAMPLE_SIZE))  # [n, dim]
     return floor_from_scores(mat @ query, sigmas)

@@ -19,7 +19,7 @@ from __future__ import annotations
 import os
 from typing import Any, Callable, Hashable, Sequence, TypeVar
 
-from ..store import text as textstore
+from ..store.words import WordQuery
 from .search import Filters, Hit, allowed_ids, rank
 
 #: The RRF constant: how fast a ranking's weight falls with rank.
@@ -50,13 +50,13 @@ def rrf(rankings: Sequence[Sequence[T]], k: int = K) -> list[tuple[T, float]]:
     return sorted(score.items(), key=lambda kv: (-kv[1], tie[kv[0]]))
 
 
-def text_hits(store, tq: textstore.TextQuery, filters: Filters,
+def text_hits(store, tq: WordQuery, filters: Filters,
               excluded: set[int]) -> list[tuple[int, float, dict[str, Any]]]:
     """Files whose text matches ``tq``: ``(id, text score, row)``, best first (copies of
     one content each, by path), filtered, existing files only."""
     from ..store.db import fs_path_of
 
-    ranked = textstore.search(store.conn, tq, TEXT_CANDIDATES)
+    ranked = store.words.search(tq, TEXT_CANDIDATES)
     if not ranked:
         return []
     allowed = allowed_ids(store, filters)
@@ -76,7 +76,7 @@ def text_hits(store, tq: textstore.TextQuery, filters: Filters,
 
 def fused_rank(
     query,
-    tq: textstore.TextQuery,
+    tq: WordQuery,
     *,
     store,
     get_vindex: Callable[[], Any],
@@ -131,5 +131,5 @@ def fused_rank(
 def _with_words(store, tq, hits: list[Hit], hashes: dict[int, str]) -> list[Hit]:
     for h in hits:
         hh = hashes.get(h.id)
-        h.text = textstore.matched_words(store.conn, hh, tq) if hh else []
+        h.text = store.words.matched_words(hh, tq) if hh else []
     return hits

@@ -178,15 +178,12 @@ def allowed_ids(store, f: Filters) -> set[int] | None:
         ids = store.ids_where(under=dirs, after=f.after, before=f.before)
     m = f.meta
     if m is not None and m.narrows:
-        from ..store.metadata import filter_ids, filter_rows
-
-        conn = store.conn
         if m.needs_rows:  # distance and kind: decided in Python on the rows SQL leaves
-            rows = filter_rows(conn, camera=m.camera, globs=m.sql_globs(), min_size=m.min_size,
+            rows = store.metadata.filter_rows(camera=m.camera, globs=m.sql_globs(), min_size=m.min_size,
                                lat_range=m.near.lat_range() if m.near else None, ids=ids)
             ids = {r["id"] for r in rows if m.matches(r)}
         else:
-            got = filter_ids(conn, camera=m.camera, globs=m.sql_globs(), min_size=m.min_size)
+            got = store.metadata.filter_ids(camera=m.camera, globs=m.sql_globs(), min_size=m.min_size)
             ids = got if ids is None else ids & got
     # labels: the images passing, and the frames of the videos passing
     return store.labels_of_files(ids)

@@ -40,41 +40,48 @@ class StoredAdapter:
                 "created_at": self.created_at}
 
 
-def load(conn: sqlite3.Connection) -> StoredAdapter | None:
-    """The stored map, or None (none fitted, or a library from before the table)."""
-    try:
-        r = conn.execute(
-            "SELECT model, pairs_hash, source, pairs, images, method, params, dim, matrix, "
-            "mean, cv, created_at FROM adapters WHERE id = 1").fetchone()
-    except sqlite3.OperationalError:  # no such table: not migrated yet
-        return None
-    if r is None:
-        return None
-    import numpy as np  # only now: `itr info` on a library without a map never needs it
+class Adapters:
+    """The query map table (``adapters``, at most one row): its one owner (``store.adapters``)."""
 
-    dim = int(r[7])
-    matrix = np.frombuffer(r[8], dtype="<f4").astype(np.float32).reshape(dim, dim)
-    mean = np.frombuffer(r[9], dtype="<f4").astype(np.float32)
-    return StoredAdapter(r[0], r[1], r[2], int(r[3]), int(r[4]), r[5], json.loads(r[6]), dim,
-                         matrix, mean, json.loads(r[10]), r[11])
+    def __init__(self, store) -> None:
+        self.store = store
 
+    def load(self) -> StoredAdapter | None:
+        """The stored map, or None (none fitted, or a library from before the table)."""
+        conn = self.store.conn
+        try:
+            r = conn.execute(
+                "SELECT model, pairs_hash, source, pairs, images, method, params, dim, matrix, "
+                "mean, cv, created_at FROM adapters WHERE id = 1").fetchone()
+        except sqlite3.OperationalError:  # no such table: not migrated yet
+            return None
+        if r is None:
+            return None
+        import numpy as np  # only now: `itr info` on a library without a map never needs it
 
-def save(c: sqlite3.Connection, a: StoredAdapter) -> None:
-    """Store ``a`` in place of any previous map (call inside a transaction)."""
-    import numpy as np
+        dim = int(r[7])
+        matrix = np.frombuffer(r[8], dtype="<f4").astype(np.float32).reshape(dim, dim)
+        mean = np.frombuffer(r[9], dtype="<f4").astype(np.float32)
+        return StoredAdapter(r[0], r[1], r[2], int(r[3]), int(r[4]), r[5], json.loads(r[6]), dim,
+                             matrix, mean, json.loads(r[10]), r[11])
 
-    c.execute(
-        "INSERT OR REPLACE INTO adapters (id, model, pairs_hash, source, pairs, images, method, "
-        "params, dim, matrix, mean, cv, created_at) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        (a.model, a.pairs_hash, a.source, a.pairs, a.images, a.method, json.dumps(a.params),
-         a.dim, np.ascontiguousarray(a.matrix, dtype="<f4").tobytes(),
-         np.ascontiguousarray(a.mean, dtype="<f4").tobytes(), json.dumps(a.cv),
-         a.created_at or now_iso()))
+    def save(self, a: StoredAdapter) -> None:
+        """Store ``a`` in place of any previous map (call inside a transaction)."""
+        c = self.store.conn
+        import numpy as np
 
+        c.execute(
+            "INSERT OR REPLACE INTO adapters (id, model, pairs_hash, source, pairs, images, method, "
+            "params, dim, matrix, mean, cv, created_at) VALUES (1, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (a.model, a.pairs_hash, a.source, a.pairs, a.images, a.method, json.dumps(a.params),
+             a.dim, np.ascontiguousarray(a.matrix, dtype="<f4").tobytes(),
+             np.ascontiguousarray(a.mean, dtype="<f4").tobytes(), json.dumps(a.cv),
+             a.created_at or now_iso()))
 
-def delete(c: sqlite3.Connection) -> bool:
-    """Drop the stored map (inside a transaction); True if there was one."""
-    try:
-        return c.execute("DELETE FROM adapters").rowcount > 0
-    except sqlite3.OperationalError:
-        return False
+    def delete(self) -> bool:
+        """Drop the stored map (inside a transaction); True if there was one."""
+        c = self.store.conn
+        try:
+            return c.execute("DELETE FROM adapters").rowcount > 0
+        except sqlite3.OperationalError:
+            return False

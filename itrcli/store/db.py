@@ -15,6 +15,7 @@ import json
 import os
 import sqlite3
 from contextlib import contextmanager
+from functools import cached_property
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -214,8 +215,8 @@ def m005_video_frames(conn: sqlite3.Connection) -> None:
 
 
 def m004_text_lines(conn: sqlite3.Connection) -> None:
-    # Scene text, keyed by content hash like the vectors (see store/text.py)
-    from .text import create_tables
+    # Scene text, keyed by content hash like the vectors (see store/words.py)
+    from .words import create_tables
 
     create_tables(conn)
 
@@ -429,6 +430,28 @@ class Store:
 
         return sqlite_utils.Database(self.conn)
 
+    # -- the owners of the other tables ----------------------------------------------
+    @cached_property
+    def words(self):
+        """The words read in images: :class:`itrcli.store.words.Words`."""
+        from .words import Words
+
+        return Words(self)
+
+    @cached_property
+    def adapters(self):
+        """The query map of ``itr adapt``: :class:`itrcli.store.adapters.Adapters`."""
+        from .adapters import Adapters
+
+        return Adapters(self)
+
+    @cached_property
+    def metadata(self):
+        """Metadata filters and coverage: :class:`itrcli.store.metadata.Metadata`."""
+        from .metadata import Metadata
+
+        return Metadata(self)
+
     # -- the one write path ----------------------------------------------------------
     @contextmanager
     def writing(self, what: str = "itr", wait: float = 0.0) -> Iterator["Store"]:
@@ -592,7 +615,7 @@ class Store:
         finally:
             new.close()
         # a virtual table (the text FTS index) makes its own shadow tables and is not
-        # copied: its contents are rebuilt from their rows (check --repair, store/text.py)
+        # copied: its contents are rebuilt from their rows (check --repair, store/words.py)
         virtual = [n for n, sql in schema if sql.upper().startswith("CREATE VIRTUAL")]
         tables = [n for n, _sql in schema
                   if n not in virtual and not any(n.startswith(v + "_") for v in virtual)]
