@@ -337,7 +337,7 @@ class Library:
         ``--ocr`` / ``--no-ocr`` request to the library's setting first."""
         if ocr is False:
             if self.ocr or self.store.words.any_read():
-                with self.store.transaction() as c:
+                with self.store.transaction():
                     self.store.words.clear()
             self.store.set_meta(ocr=False)
             return None
@@ -349,7 +349,7 @@ class Library:
             how = "" if ocr else " (this library reads text; 'itr index --no-ocr' turns that off)"
             raise LibraryError(f"reading text in images needs rapidocr: pip install 'itr[ocr]'{how}")
         if reindex:
-            with self.store.transaction() as c:
+            with self.store.transaction():
                 self.store.words.clear()
         if ocr:
             self.store.set_meta(ocr=True)
@@ -795,7 +795,7 @@ class Library:
                 if self.model != fitted_on or self.store.get_meta("dim") != dim:
                     raise LibraryError(f"library {self.directory} was re-indexed with another "
                                        "model while the map was fitted; run itr adapt again")
-                with self.store.transaction() as c:
+                with self.store.transaction():
                     self.store.adapters.save(StoredAdapter(
                         fitted_on, phash, os.path.abspath(pairs.source), len(p), n_images,
                         adapter.method, adapter.params, dim, adapter.matrix, adapter.mean, cv,

@@ -88,6 +88,16 @@ def test_sql_lives_in_the_store():
     assert not outside, outside
 
 
+def test_each_table_has_one_owner():
+    """Outside store/, nothing reaches the database connection: every table is read and
+    written through its owner (Store, store.words, store.codes, store.adapters,
+    store.metadata)."""
+    conn = re.compile(r"\bstore\.conn\b|\.store\.conn\b")
+    outside = [str(f.relative_to(PKG)) for f in PKG.rglob("*.py")
+               if _part(f) != "store" and conn.search(f.read_text())]
+    assert not outside, outside
+
+
 def test_docs_that_the_code_points_to_exist():
     root = PKG.parent
     refs = {m for f in PKG.rglob("*.py") for m in re.findall(r"docs/[\w./-]+\.md", f.read_text())}

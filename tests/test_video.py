@@ -354,7 +354,6 @@ def test_hash_codes_and_dupes_take_a_video_as_the_mean_of_its_frames(itr, micro_
                                                                        tmp_path):
     from itrcli import Library
     from itrcli.query import hashing
-    from itrcli.store import codes
 
     d, photos, clip = media
     copy = d / "shots-copy.mp4"
@@ -372,10 +371,10 @@ def test_hash_codes_and_dupes_take_a_video_as_the_mean_of_its_frames(itr, micro_
         mean = vecs.mean(axis=0) / np.linalg.norm(vecs.mean(axis=0))
         assert got[str(clip)] == got[str(copy)] == hashing.to_hex(lc.hasher.codes(mean)[0], 64)
         # every label is coded and saved, frames included (keyed by their video's content)
-        assert codes.uncoded_ids(L.store, "itq-64") == []
-        ids, _ = codes.load_codes(L.store, "itq-64", 1, valid_only=True)
+        assert L.store.codes.uncoded_ids("itq-64") == []
+        ids, _ = L.store.codes.load_codes("itq-64", 1, valid_only=True)
         assert len(ids) == 3 + 8
-        fit = codes.read_hasher(L.store, "itq-64").seq_fit
+        fit = L.store.codes.read_hasher("itq-64").seq_fit
     assert itr("hash", d, "--db", lib).out == r.out  # from the saved codes
     # search --hash over the saved codes finds the frame
     res = itr("search", photos[1], "--db", lib, "--hash", "--json", "-n", "1").json()["results"]
@@ -386,8 +385,8 @@ def test_hash_codes_and_dupes_take_a_video_as_the_mean_of_its_frames(itr, micro_
     assert r.code == 0, r
     assert {x["path"] for x in r.json()} == {str(p) for p in [*photos, clip, copy, d / "one.mp4"]}
     with Library.open(lib, readonly=True) as L:
-        assert codes.uncoded_ids(L.store, "itq-64") == []
-        assert codes.read_hasher(L.store, "itq-64").seq_fit == fit
+        assert L.store.codes.uncoded_ids("itq-64") == []
+        assert L.store.codes.read_hasher("itq-64").seq_fit == fit
     # --dupes: the copied clip (one group), no crash on videos
     r = itr("hash", "--dupes", d, "--db", lib, "--json")
     assert r.code == 0, r

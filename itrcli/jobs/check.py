@@ -398,7 +398,7 @@ def _repair_text(store, before: Report) -> list[str]:
     if not store.words.has_tables():
         return done
     if before.get("text-orphans") or before.get("text-lines"):
-        with store.transaction() as c:
+        with store.transaction():
             gone = store.words.orphans()
             bad = store.words.miscounted()
             store.words.delete(gone + bad)
@@ -408,7 +408,7 @@ def _repair_text(store, before: Report) -> list[str]:
         if bad or before.get("text-lines"):
             done.append(f"forgot the inconsistent text of {len(bad)} image(s) (read again next run)")
     if before.get("text-index") or before.get("text-lines"):
-        with store.transaction() as c:
+        with store.transaction():
             n = store.words.rebuild_fts()
         done.append(f"rebuilt the full-text index ({n} images with text)")
     return done

@@ -14,10 +14,7 @@ in it, so a run killed or interrupted at any point leaves a graph that the log c
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import os
-import stat
 import time
 from array import array
 from collections import deque
@@ -27,8 +24,8 @@ from typing import Any, Callable, Iterator, Mapping
 
 from ..gcpause import gc_paused
 from ..progress import NoProgress, Progress
-from ..ingest.files import Unreadable, content_hash, hash_stream, read_file
-from ..ingest.images import DecodeError, Preprocess, decoder_id, open_image, read_image
+from ..ingest.files import Unreadable, hash_stream
+from ..ingest.images import DecodeError, Preprocess, decoder_id, read_image
 from ..store.db import Store, db_path_of
 from ..store.vindex import VectorIndex, graph_files, remove_temp_files
 from ..ingest.walk import Plan, plan as make_plan, under, walk

@@ -610,9 +610,7 @@ class _Fitted:
 def _saved_hasher(store, name: str, model: str, dim: int, bits: int, method: str, seed: int,
                   seq: int, save: bool):
     """(the saved record or None, its hasher or None when a (re)fit is due)."""
-    from ..store import codes as saved
-
-    rec = saved.read_hasher(store, name)
+    rec = store.codes.read_hasher(name)
     if rec is None:
         return None, None
     try:
@@ -634,9 +632,7 @@ def _fit_all(store, bits: int, method: str, seed: int):
     (hasher, ids ``[n]``, codes ``[n, words]``).  Streamed: the fit reads its sample, the
     codes are made chunk by chunk, so a million vectors are never all in memory (2 GB as
     float32)."""
-    from ..store import codes as saved
-
-    all_ids = saved.vector_ids(store)
+    all_ids = store.codes.vector_ids()
     hasher = fit_rows(len(all_ids), lambda pos: store.vectors(all_ids[pos].tolist())[1],
                       bits, method, seed)
     parts = [(cid, hasher.codes(vec)) for cid, vec in store.vector_chunks(_CHUNK)]
@@ -650,15 +646,13 @@ def _fit_outside(store, name: str, model: str, dim: int, bits: int, method: str,
                  seed: int) -> _Fitted | None:
     """The (re)fit, when one is due, in one read snapshot and no write transaction (a
     writer goes on meanwhile: WAL); None when the saved fit stands."""
-    from ..store import codes as saved
-
     store.begin_snapshot()
     try:
         seq = store.last_seq()
         if _saved_hasher(store, name, model, dim, bits, method, seed, seq, save=True)[1] is not None:
             return None  # the saved fit stands: what changed is coded in the transaction
         hasher, ids, codes = _fit_all(store, bits, method, seed)
-        return _Fitted(hasher, seq, ids, codes, saved.content_hashes(store))
+        return _Fitted(hasher, seq, ids, codes, store.codes.content_hashes())
     finally:
         store.end_snapshot()
 
@@ -667,18 +661,15 @@ def _sync(store, name: str, model: str, dim: int, bits: int, method: str, seed: 
           save: bool, fitted: _Fitted | None = None) -> LibraryCodes:
     """Bring the codes up to date (inside the write transaction when ``save``); ``fitted``:
     a fit made outside it, used when the saved one is still not current."""
-    from ..store import codes as saved
-
-    conn = store.conn
     seq = store.last_seq()
     rec, hasher = _saved_hasher(store, name, model, dim, bits, method, seed, seq, save)
 
     if hasher is None and fitted is not None and (save or fitted.seq == seq):
         hasher = fitted.hasher
         if save:
-            saved.replace_all(conn, name, model, fitted.seq, json.dumps(hasher.to_dict()),
-                              fitted.ids, fitted.codes, fitted.hashes)
-            rec = saved.read_hasher(store, name)
+            store.codes.replace_all(name, model, fitted.seq, json.dumps(hasher.to_dict()),
+                                    fitted.ids, fitted.codes, fitted.hashes)
+            rec = store.codes.read_hasher(name)
         if fitted.seq == seq:
             return LibraryCodes(hasher, fitted.ids, fitted.codes)
         # vectors were added, changed or removed while fitting: updated below, as the
@@ -687,7 +678,7 @@ def _sync(store, name: str, model: str, dim: int, bits: int, method: str, seed: 
     elif hasher is None:  # (re)fit on every vector and code them all
         hasher, ids, codes = _fit_all(store, bits, method, seed)
         if save:
-            saved.replace_all(conn, name, model, seq, json.dumps(hasher.to_dict()), ids, codes)
+            store.codes.replace_all(name, model, seq, json.dumps(hasher.to_dict()), ids, codes)
         return LibraryCodes(hasher, ids, codes)
 
     snap = rec.snapshot(hasher.words) if rec.seq_codes == seq else None
@@ -695,20 +686,20 @@ def _sync(store, name: str, model: str, dim: int, bits: int, method: str, seed: 
         return LibraryCodes(hasher, *snap)
 
     if save:
-        saved.drop_stale(conn, name)
-    todo = saved.uncoded_ids(store, name)
+        store.codes.drop_stale(name)
+    todo = store.codes.uncoded_ids(name)
     parts = [store.vectors(todo[i : i + _CHUNK]) for i in range(0, len(todo), _CHUNK)]
     new_ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
     new_codes = (np.concatenate([hasher.codes(p[1]) for p in parts]) if parts
                  else np.zeros((0, hasher.words), np.uint64))
     del parts
     if save:
-        saved.add_codes(conn, name, new_ids, new_codes)
-    ids, codes = saved.load_codes(store, name, hasher.words, valid_only=not save)
+        store.codes.add_codes(name, new_ids, new_codes)
+    ids, codes = store.codes.load_codes(name, hasher.words, valid_only=not save)
     if not save:  # nothing was written: add the missing codes in memory
         ids, codes = _merge(ids, codes, new_ids, new_codes)
     else:
-        saved.save_snapshot(conn, name, ids, codes, seq)
+        store.codes.save_snapshot(name, ids, codes, seq)
     return LibraryCodes(hasher, ids, codes)
 
 

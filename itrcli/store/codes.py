@@ -12,12 +12,11 @@ packed bits, stored as big-endian uint64 words.
 
 from __future__ import annotations
 
-import sqlite3
 from dataclasses import dataclass
 
 import numpy as np
 
-from .db import Store, in_chunks, now_iso
+from .db import in_chunks, now_iso
 
 
 @dataclass(frozen=True)
@@ -40,43 +39,6 @@ class HasherRecord:
         return ids, codes.astype(np.uint64)
 
 
-def has_tables(store: Store) -> bool:
-    """False for a library that no writer of this version has opened yet (read-only)."""
-    return store.conn.execute(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
-        " AND name IN ('hashers', 'hash_codes')"
-    ).fetchone()[0] == 2
-
-
-def read_hasher(store: Store, name: str) -> HasherRecord | None:
-    if not has_tables(store):
-        return None
-    r = store.conn.execute(
-        "SELECT model, seq_fit, seq_codes, params, snap_ids, snap_codes FROM hashers"
-        " WHERE name = ?", (name,)).fetchone()
-    return None if r is None else HasherRecord(*r)
-
-
-def replace_all(c: sqlite3.Connection, name: str, model: str, seq: int, params: str,
-                ids: np.ndarray, codes: np.ndarray, hashes: dict[int, str] | None = None) -> None:
-    """A new fit: forget the old codes, save the hasher and every code (in a transaction).
-    ``seq``: the vector-log sequence the fit and codes are as of; ``hashes``: the files'
-    content hashes then (default: now), which the codes are keyed by."""
-    c.execute("DELETE FROM hash_codes WHERE hasher = ?", (name,))
-    c.execute("INSERT OR REPLACE INTO hashers VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
-              (name, model, seq, seq, now_iso(), params))
-    if hashes is None:
-        hashes = dict(c.execute(_LABEL_HASHES))
-    _insert(c, name, ids, codes, hashes)
-    save_snapshot(c, name, ids, codes, seq)
-
-
-def content_hashes(store: Store) -> dict[int, str]:
-    """The content hash each label was embedded from, by label: an image's file id and
-    hash, a video frame's id and its video's hash."""
-    return dict(store.conn.execute(_LABEL_HASHES))
-
-
 #: (label, content hash) of every label: an image's file id and hash, a frame's id and
 #: its video's hash (a video's own row holds no vector, so it has no code)
 _LABEL_HASHES = ("SELECT id, hash FROM files WHERE duration IS NULL"
@@ -88,75 +50,113 @@ _CURRENT = ("(EXISTS (SELECT 1 FROM files f WHERE f.id = {c}.id AND f.hash = {c}
             " WHERE fr.id = {c}.id AND f.hash = {c}.content_hash))")
 
 
-def drop_stale(c: sqlite3.Connection, name: str) -> None:
-    """Forget codes of images (and video frames) removed, or whose content (hence vector)
-    changed, since."""
-    c.execute("DELETE FROM hash_codes WHERE hasher = ? AND NOT "
-              + _CURRENT.format(c="hash_codes"), (name,))
+class Codes:
+    """The binary codes of ``itr hash`` (tables ``hashers`` and ``hash_codes``): their one
+    owner (``store.codes``)."""
 
+    def __init__(self, store) -> None:
+        self.store = store
 
-def vector_ids(store: Store) -> np.ndarray:
-    """Every vector's id ``[n]`` int64, in id order."""
-    return np.fromiter((r[0] for r in store.conn.execute("SELECT id FROM vectors ORDER BY id")),
-                       dtype=np.int64)
+    def has_tables(self) -> bool:
+        """False for a library that no writer of this version has opened yet (read-only)."""
+        return self.store.conn.execute(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table'"
+            " AND name IN ('hashers', 'hash_codes')"
+        ).fetchone()[0] == 2
 
+    def read_hasher(self, name: str) -> HasherRecord | None:
+        if not self.has_tables():
+            return None
+        r = self.store.conn.execute(
+            "SELECT model, seq_fit, seq_codes, params, snap_ids, snap_codes FROM hashers"
+            " WHERE name = ?", (name,)).fetchone()
+        return None if r is None else HasherRecord(*r)
 
-def uncoded_ids(store: Store, name: str) -> list[int]:
-    """Ids of vectors without a current code under this hasher."""
-    if not has_tables(store):
-        return [r[0] for r in store.conn.execute("SELECT id FROM vectors ORDER BY id")]
-    return [r[0] for r in store.conn.execute(
-        f"SELECT l.id FROM ({_LABEL_HASHES}) l WHERE EXISTS (SELECT 1 FROM vectors v"
-        " WHERE v.id = l.id) AND NOT EXISTS (SELECT 1 FROM hash_codes c WHERE c.hasher = ?"
-        " AND c.id = l.id AND c.content_hash = l.hash) ORDER BY l.id", (name,))]
+    def replace_all(self, name: str, model: str, seq: int, params: str,
+                    ids: np.ndarray, codes: np.ndarray, hashes: dict[int, str] | None = None) -> None:
+        """A new fit: forget the old codes, save the hasher and every code (in a transaction).
+        ``seq``: the vector-log sequence the fit and codes are as of; ``hashes``: the files'
+        content hashes then (default: now), which the codes are keyed by."""
+        c = self.store.conn
+        c.execute("DELETE FROM hash_codes WHERE hasher = ?", (name,))
+        c.execute("INSERT OR REPLACE INTO hashers VALUES (?, ?, ?, ?, ?, ?, NULL, NULL)",
+                  (name, model, seq, seq, now_iso(), params))
+        if hashes is None:
+            hashes = dict(c.execute(_LABEL_HASHES))
+        self._insert(name, ids, codes, hashes)
+        self.save_snapshot(name, ids, codes, seq)
 
+    def content_hashes(self) -> dict[int, str]:
+        """The content hash each label was embedded from, by label: an image's file id and
+        hash, a video frame's id and its video's hash."""
+        return dict(self.store.conn.execute(_LABEL_HASHES))
 
-def add_codes(c: sqlite3.Connection, name: str, ids: np.ndarray, codes: np.ndarray) -> None:
-    """Save codes of (new or changed) vectors, keyed by their file's current content."""
-    _insert(c, name, ids, codes, _content_hashes(c, ids))
+    def drop_stale(self, name: str) -> None:
+        """Forget codes of images (and video frames) removed, or whose content (hence vector)
+        changed, since."""
+        c = self.store.conn
+        c.execute("DELETE FROM hash_codes WHERE hasher = ? AND NOT "
+                  + _CURRENT.format(c="hash_codes"), (name,))
 
+    def vector_ids(self) -> np.ndarray:
+        """Every vector's id ``[n]`` int64, in id order."""
+        return np.fromiter((r[0] for r in self.store.conn.execute("SELECT id FROM vectors ORDER BY id")),
+                           dtype=np.int64)
 
-def load_codes(store: Store, name: str, words: int,
-               valid_only: bool) -> tuple[np.ndarray, np.ndarray]:
-    """(ids ``[n]``, codes ``[n, words]`` uint64) in id order.  ``valid_only``: skip codes of
-    files changed or removed since they were coded (a read-only store cannot drop them)."""
-    if not has_tables(store):
-        return np.zeros(0, np.int64), np.zeros((0, words), np.uint64)
-    if valid_only:
-        sql = ("SELECT c.id, c.code FROM hash_codes c WHERE c.hasher = ? AND "
-               + _CURRENT.format(c="c") + " ORDER BY c.id")
-    else:
-        sql = "SELECT id, code FROM hash_codes WHERE hasher = ? ORDER BY id"
-    rows = store.conn.execute(sql, (name,)).fetchall()
-    ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
-    if not rows:
-        return ids, np.zeros((0, words), np.uint64)
-    codes = np.frombuffer(b"".join(r[1] for r in rows), dtype=">u8").reshape(len(rows), words)
-    return ids, codes.astype(np.uint64)
+    def uncoded_ids(self, name: str) -> list[int]:
+        """Ids of vectors without a current code under this hasher."""
+        if not self.has_tables():
+            return [r[0] for r in self.store.conn.execute("SELECT id FROM vectors ORDER BY id")]
+        return [r[0] for r in self.store.conn.execute(
+            f"SELECT l.id FROM ({_LABEL_HASHES}) l WHERE EXISTS (SELECT 1 FROM vectors v"
+            " WHERE v.id = l.id) AND NOT EXISTS (SELECT 1 FROM hash_codes c WHERE c.hasher = ?"
+            " AND c.id = l.id AND c.content_hash = l.hash) ORDER BY l.id", (name,))]
 
+    def add_codes(self, name: str, ids: np.ndarray, codes: np.ndarray) -> None:
+        """Save codes of (new or changed) vectors, keyed by their file's current content."""
+        self._insert(name, ids, codes, self._content_hashes(ids))
 
-def save_snapshot(c: sqlite3.Connection, name: str, ids: np.ndarray, codes: np.ndarray,
-                  seq: int) -> None:
-    """Record that the codes are current as of log entry ``seq``, with their blobs."""
-    c.execute("UPDATE hashers SET seq_codes = ?, snap_ids = ?, snap_codes = ? WHERE name = ?",
-              (seq, np.ascontiguousarray(ids, dtype="<i8").tobytes(),
-               np.ascontiguousarray(codes.astype(">u8")).tobytes(), name))
+    def load_codes(self, name: str, words: int,
+                   valid_only: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(ids ``[n]``, codes ``[n, words]`` uint64) in id order.  ``valid_only``: skip codes of
+        files changed or removed since they were coded (a read-only store cannot drop them)."""
+        if not self.has_tables():
+            return np.zeros(0, np.int64), np.zeros((0, words), np.uint64)
+        if valid_only:
+            sql = ("SELECT c.id, c.code FROM hash_codes c WHERE c.hasher = ? AND "
+                   + _CURRENT.format(c="c") + " ORDER BY c.id")
+        else:
+            sql = "SELECT id, code FROM hash_codes WHERE hasher = ? ORDER BY id"
+        rows = self.store.conn.execute(sql, (name,)).fetchall()
+        ids = np.fromiter((r[0] for r in rows), dtype=np.int64, count=len(rows))
+        if not rows:
+            return ids, np.zeros((0, words), np.uint64)
+        codes = np.frombuffer(b"".join(r[1] for r in rows), dtype=">u8").reshape(len(rows), words)
+        return ids, codes.astype(np.uint64)
 
+    def save_snapshot(self, name: str, ids: np.ndarray, codes: np.ndarray,
+                      seq: int) -> None:
+        """Record that the codes are current as of log entry ``seq``, with their blobs."""
+        c = self.store.conn
+        c.execute("UPDATE hashers SET seq_codes = ?, snap_ids = ?, snap_codes = ? WHERE name = ?",
+                  (seq, np.ascontiguousarray(ids, dtype="<i8").tobytes(),
+                   np.ascontiguousarray(codes.astype(">u8")).tobytes(), name))
 
-def _insert(c: sqlite3.Connection, name: str, ids: np.ndarray, codes: np.ndarray,
-            hashes: dict) -> None:
-    blobs = codes.astype(">u8")
-    c.executemany(
-        "INSERT OR REPLACE INTO hash_codes VALUES (?, ?, ?, ?)",
-        ((name, int(i), hashes[int(i)], blobs[j].tobytes()) for j, i in enumerate(ids)),
-    )
+    def _insert(self, name: str, ids: np.ndarray, codes: np.ndarray,
+                hashes: dict) -> None:
+        c = self.store.conn
+        blobs = codes.astype(">u8")
+        c.executemany(
+            "INSERT OR REPLACE INTO hash_codes VALUES (?, ?, ?, ?)",
+            ((name, int(i), hashes[int(i)], blobs[j].tobytes()) for j, i in enumerate(ids)),
+        )
 
-
-def _content_hashes(c: sqlite3.Connection, ids: np.ndarray) -> dict[int, str]:
-    """label -> the content hash it was embedded from (a frame's: its video's)."""
-    out: dict[int, str] = {}
-    for cur in in_chunks(c, "SELECT id, hash FROM files WHERE id IN ({marks}) UNION ALL"
-                         " SELECT fr.id, f.hash FROM frames fr JOIN files f ON f.id = fr.file_id"
-                         " WHERE fr.id IN ({marks})", [int(i) for i in ids]):
-        out.update(cur)
-    return out
+    def _content_hashes(self, ids: np.ndarray) -> dict[int, str]:
+        """label -> the content hash it was embedded from (a frame's: its video's)."""
+        c = self.store.conn
+        out: dict[int, str] = {}
+        for cur in in_chunks(c, "SELECT id, hash FROM files WHERE id IN ({marks}) UNION ALL"
+                             " SELECT fr.id, f.hash FROM frames fr JOIN files f ON f.id = fr.file_id"
+                             " WHERE fr.id IN ({marks})", [int(i) for i in ids]):
+            out.update(cur)
+        return out

@@ -19,7 +19,7 @@ from functools import cached_property
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from ..errors import LibraryError
 from ..gcpause import gc_paused
@@ -444,6 +444,13 @@ class Store:
         from .adapters import Adapters
 
         return Adapters(self)
+
+    @cached_property
+    def codes(self):
+        """The binary codes of ``itr hash``: :class:`itrcli.store.codes.Codes`."""
+        from .codes import Codes
+
+        return Codes(self)
 
     @cached_property
     def metadata(self):

@@ -74,7 +74,7 @@ def remove_graphs(directory: Path | str) -> None:
 def adopt_graphs(source: Path | str, directory: Path | str) -> None:
     """Move the graph files of the library at ``source`` into the library at ``directory``
     (``--reindex`` swaps in the library it built beside; the caller holds the lock)."""
-    src, dst = Path(source) / GRAPH_DIR, Path(directory) / GRAPH_DIR
+    dst = Path(directory) / GRAPH_DIR
     saved = graph_files(source)[0]
     if not saved:
         return

@@ -129,7 +129,8 @@ def word_query(text: str) -> WordQuery:
 
 
 class Words:
-    """The words tables of a library (``text_status``, ``text_lines``, ``text_fts``): their one owner (``store.words``)."""
+    """The words tables of a library (``text_status``, ``text_lines``, ``text_fts``):
+    their one owner (``store.words``)."""
 
     def __init__(self, store) -> None:
         self.store = store
