@@ -18,7 +18,7 @@ process, reporting wall seconds and peak RSS (``ru_maxrss``):
 
 ``--check M`` builds a library of M vectors the same way and compares, through the library,
 the groups of :func:`itrcli.query.dupes.find_dupes` with the exhaustive method
-(:func:`itrcli.query.hashing.dupe_groups` on every stored vector), printing whether they are
+(:func:`itrcli.query.binary.dupe_groups` on every stored vector), printing whether they are
 identical and both times.
 
     python bench/dupes.py [--n 1000000] [--check 20000] [--bits 64] [--no-cli]
@@ -126,7 +126,7 @@ def _check(m: int, bits: int) -> None:
     """Child: find_dupes against the exhaustive method on a library of ``m`` vectors."""
     sys.path.insert(0, str(ROOT))
     from itrcli.query.dupes import find_dupes
-    from itrcli.query.hashing import dupe_groups, library_codes
+    from itrcli.query.binary import dupe_groups, library_codes
     from itrcli.store.db import Store
 
     base = build(m)

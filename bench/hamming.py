@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Benchmark one Hamming-distance query over many binary codes (``itrcli.query.hashing``).
+"""Benchmark one Hamming-distance query over many binary codes (``itrcli.query.binary``).
 
 Times, for one query against ``--n`` random codes of ``--bits`` bits (median over
 ``--repeats`` runs after one warm-up, each on a fresh query):
@@ -31,7 +31,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from itrcli import hashing  # noqa: E402
+from itrcli.query import binary  # noqa: E402
 
 
 def naive_distances(query: np.ndarray, codes: np.ndarray) -> np.ndarray:
@@ -70,30 +70,30 @@ def main() -> int:
     args = ap.parse_args()
 
     rng = np.random.default_rng(args.seed)
-    words = hashing.n_words(args.bits)
+    words = binary.n_words(args.bits)
     bits = rng.random((args.n, args.bits)) < 0.5 if args.n * args.bits <= 64_000_000 else None
     if bits is not None:
-        codes = hashing.pack(bits)  # [n, words]
+        codes = binary.pack(bits)  # [n, words]
         del bits
     else:  # too big to draw bit by bit: random words, trailing bits cleared
         codes = rng.integers(0, np.iinfo(np.uint64).max, size=(args.n, words), dtype=np.uint64,
                              endpoint=True)
         if args.bits % 64:
             codes[:, -1] &= np.uint64(((1 << (args.bits % 64)) - 1) << (64 - args.bits % 64))
-    queries = [hashing.pack(rng.random((1, args.bits)) < 0.5)[0] for _ in range(args.repeats + 1)]
+    queries = [binary.pack(rng.random((1, args.bits)) < 0.5)[0] for _ in range(args.repeats + 1)]
     naive_q = queries[: args.naive_repeats + 1]
 
-    t_ham, d_ours = timed(lambda q: hashing.hamming(q, codes), queries)
-    t_lut, d_lut = timed(lambda q: hashing._distances(q, codes, use_lut=True), queries)
-    t_topk, (i_ours, dk_ours) = timed(lambda q: hashing.hamming_topk(q, codes, args.k), queries)
+    t_ham, d_ours = timed(lambda q: binary.hamming(q, codes), queries)
+    t_lut, d_lut = timed(lambda q: binary._distances(q, codes, use_lut=True), queries)
+    t_topk, (i_ours, dk_ours) = timed(lambda q: binary.hamming_topk(q, codes, args.k), queries)
     t_naive, (i_ref, dk_ref) = timed(lambda q: naive_topk(q, codes, args.k), naive_q)
 
     # the last query of each timed loop differs; recheck all on one query
     q = queries[0]
     ref = naive_distances(q, codes)
-    assert np.array_equal(hashing.hamming(q, codes), ref), "hamming != reference"
-    assert np.array_equal(hashing._distances(q, codes, use_lut=True), ref), "LUT != reference"
-    i1, d1 = hashing.hamming_topk(q, codes, args.k)
+    assert np.array_equal(binary.hamming(q, codes), ref), "hamming != reference"
+    assert np.array_equal(binary._distances(q, codes, use_lut=True), ref), "LUT != reference"
+    i1, d1 = binary.hamming_topk(q, codes, args.k)
     i2, d2 = naive_topk(q, codes, args.k)
     assert np.array_equal(i1, i2) and np.array_equal(d1, d2), "hamming_topk != reference"
 

@@ -277,7 +277,7 @@ def hash_cmd(
         itr hash --dupes ~/photos/2023 --threshold 0.97 --html dupes.html
     """
     from .library import Library
-    from .query.hashing import check_options
+    from .query.binary import check_options
     from .show.output import err, for_stream, print_json
 
     check_options(bits, method)
@@ -338,7 +338,7 @@ def hash_cmd(
                     f"{len(files)} images)")
             return
 
-        results = lib.hash_codes(files, texts, bits=bits, method=method, device=device,
+        results = lib.binary_codes(files, texts, bits=bits, method=method, device=device,
                                  precision=precision)
     if json_:
         print_json(results)

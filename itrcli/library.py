@@ -660,15 +660,15 @@ class Library:
         return out
 
     # -- binary codes ---------------------------------------------------------------------
-    def hash_codes(self, files: Sequence[tuple[str, int]] = (), texts: Sequence[str] = (), *,
+    def binary_codes(self, files: Sequence[tuple[str, int]] = (), texts: Sequence[str] = (), *,
                    bits: int = 64, method: str = "itq", device: str = "auto",
                    precision: str = "auto") -> list[dict[str, str]]:
         """Hex codes of indexed files (``(path as shown, id)`` from :meth:`indexed`) and of
         texts, in that order: ``[{"path"|"text": ..., "code": hex}]``.  A video's code is
         that of the normalised mean of its frames' vectors; files without a vector (see
         :meth:`check`) are left out.  The hasher is fitted on the library (see
-        :mod:`itrcli.query.hashing`) and saved when writable."""
-        from .query.hashing import file_codes, library_codes, to_hex
+        :mod:`itrcli.query.binary`) and saved when writable."""
+        from .query.binary import file_codes, library_codes, to_hex
 
         if not files and not texts:
             return []
@@ -686,9 +686,9 @@ class Library:
                         method: str = "itq", threshold: float | None = None) -> list[list[str]]:
         """Groups of near-duplicate files among ``files`` (``(path as shown, id)``): paths
         sorted within each group, groups sorted.  ``threshold``: the cosine that confirms a
-        pair (default :data:`itrcli.query.hashing.DUPES_THRESHOLD`)."""
+        pair (default :data:`itrcli.query.binary.DUPES_THRESHOLD`)."""
         from .query.dupes import find_dupes
-        from .query.hashing import DUPES_THRESHOLD
+        from .query.binary import DUPES_THRESHOLD
 
         if not files:
             return []

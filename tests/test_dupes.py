@@ -1,5 +1,5 @@
 """Near-duplicate groups without comparing all pairs (itrcli.query.dupes): the same groups as
-the exhaustive method (hashing.dupe_groups), on random and adversarial inputs, through the
+the exhaustive method (binary.dupe_groups), on random and adversarial inputs, through the
 library and through `itr hash --dupes`."""
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from itrcli.pools import in_order
-from itrcli.query import dupes, hashing
+from itrcli.query import binary, dupes
 from itrcli.query.dupes import find_dupes
-from itrcli.query.hashing import BIT_CHOICES, dupe_groups, library_codes
+from itrcli.query.binary import BIT_CHOICES, dupe_groups, library_codes
 from itrcli.store.db import Store
 
 
@@ -57,8 +57,8 @@ def pair_cosines(v: np.ndarray, n_pairs: int, seed: int) -> np.ndarray:
 @pytest.mark.parametrize("method", ["itq", "lsh"])
 def test_same_groups_as_exhaustive_for_every_width(bits, method):
     v = photo_like(1500 if bits > 16 else 600, 96, seed=bits)
-    codes = hashing.fit(v, bits, method).codes(v)
-    ref, got = both(v, codes, bits, hashing.DUPES_THRESHOLD)
+    codes = binary.fit(v, bits, method).codes(v)
+    ref, got = both(v, codes, bits, binary.DUPES_THRESHOLD)
     assert ref, "the planted copies should make groups"
     assert got == ref
 
@@ -69,7 +69,7 @@ def test_same_groups_at_thresholds_and_radii_drawn_at_random(seed):
     dim = int(rng.choice([24, 64, 160]))
     v = photo_like(int(rng.integers(300, 1200)), dim, seed=seed, noise=float(rng.choice([0.01, 0.05])))
     bits = int(rng.choice(BIT_CHOICES))
-    codes = hashing.fit(v, bits, str(rng.choice(hashing.METHODS)), seed=seed).codes(v)
+    codes = binary.fit(v, bits, str(rng.choice(binary.METHODS)), seed=seed).codes(v)
     cos = pair_cosines(v, 2000, seed)
     for threshold in (float(rng.uniform(0.5, 0.99)), float(np.quantile(cos, 0.99)),
                       float(cos.max())):
@@ -81,7 +81,7 @@ def test_same_groups_at_thresholds_and_radii_drawn_at_random(seed):
 def test_threshold_equal_to_a_pairs_cosine_keeps_that_pair():
     # pairs right at the threshold: the exact test is the same float32 product
     v = photo_like(800, 64, seed=7, copies=0.1)
-    codes = hashing.fit(v, 64).codes(v)
+    codes = binary.fit(v, 64).codes(v)
     ref = dupe_groups(v, codes, 64)
     a, b = ref[0][0], ref[0][1]
     t = float(np.einsum("ij,ij->i", v[[a]], v[[b]])[0])
@@ -96,7 +96,7 @@ def test_many_identical_codes_and_vectors():
     rng = np.random.default_rng(3)
     v = photo_like(400, 48, seed=3)
     v[100:300] = v[100]  # 200 identical vectors: one group of at least 200
-    codes = hashing.fit(v, 32).codes(v)
+    codes = binary.fit(v, 32).codes(v)
     ref, got = both(v, codes, 32, 0.95)
     assert max(map(len, ref)) >= 200 and got == ref
     same_code = np.zeros_like(codes)  # every code identical: only the cosine decides
@@ -151,7 +151,7 @@ def test_zero_vectors_vectors_off_the_basis_and_unnormalised_ones():
     odd -= (v[:200].T @ np.linalg.lstsq(v[:200].T, odd, rcond=None)[0]).astype(np.float32)
     v[20] = v[21] = odd / np.linalg.norm(odd)  # a pair nearly orthogonal to the others
     v[30:60] *= 1.7  # longer than unit: the product, not the cosine, is compared
-    codes = hashing.fit(v, 64).codes(v)
+    codes = binary.fit(v, 64).codes(v)
     for t in (0.95, 0.0, -0.5):
         ref, got = both(v, codes, 64, t)
         assert got == ref, t
@@ -160,7 +160,7 @@ def test_zero_vectors_vectors_off_the_basis_and_unnormalised_ones():
 
 def test_tiny_inputs():
     v = photo_like(50, 16, seed=1)
-    codes = hashing.fit(v, 16).codes(v)
+    codes = binary.fit(v, 16).codes(v)
     for n in (0, 1, 2, 3, 33):
         for t in (0.99, -1.0):
             ref, got = both(v[:n], codes[:n], 16, t)
@@ -171,7 +171,7 @@ def test_tiny_inputs():
 
 def test_groups_do_not_depend_on_the_seed_or_the_chunking():
     v = photo_like(1000, 64, seed=9)
-    codes = hashing.fit(v, 64).codes(v)
+    codes = binary.fit(v, 64).codes(v)
     ref = dupe_groups(v, codes, 64)
     for seed in (1, 2):
         assert dupes.groups(codes, v, 64, seed=seed) == ref
@@ -184,7 +184,7 @@ def test_groups_are_the_same_on_one_thread_or_several(threads, monkeypatch):
     monkeypatch.setattr(dupes, "default_workers", lambda: threads)
     monkeypatch.setattr(dupes, "_PASS_ROWS", 200)
     v = photo_like(1500, 64, seed=21, copies=0.1)
-    codes = hashing.fit(v, 64).codes(v)
+    codes = binary.fit(v, 64).codes(v)
     ref = dupe_groups(v, codes, 64)
     assert len(ref) > 20
     assert dupes.groups(codes, dupes.ArrayVectors(v, chunk=97), 64) == ref
@@ -235,7 +235,7 @@ def test_hamming_pairs_equal_the_scan_with_and_without_bitwise_count(monkeypatch
     rng = np.random.default_rng(0)
     codes = rng.integers(0, 2**63, (50, 2), dtype=np.int64).astype(np.uint64) * 2 + 1
     i, j = rng.integers(0, 50, 200), rng.integers(0, 50, 200)
-    want = [int(hashing.hamming(codes[a], codes[[b]])[0]) for a, b in zip(i, j)]
+    want = [int(binary.hamming(codes[a], codes[[b]])[0]) for a, b in zip(i, j)]
     assert dupes.hamming_pairs(codes, i, j).tolist() == want
     monkeypatch.setattr(dupes, "_HAS_BITWISE_COUNT", False)
     assert dupes.hamming_pairs(codes, i, j).tolist() == want
@@ -288,7 +288,7 @@ def test_find_dupes_on_a_library_equals_exhaustive_and_streams(tmp_path, monkeyp
     ref = dupe_groups(mat[sub_rows], lc.codes[sub_rows], 64)
     assert find_dupes(store, sub) == [[sub[r] for r in g] for g in ref]
     # a refit reads a sample and codes chunk by chunk: the same codes as fitting in memory
-    h = hashing.fit(mat, 32, "itq")
+    h = binary.fit(mat, 32, "itq")
     assert np.array_equal(library_codes(store, 32).codes, h.codes(mat))
     store.close()
 

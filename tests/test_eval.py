@@ -205,8 +205,8 @@ def test_parse_int_list():
 
 
 def _fake_hashing() -> types.ModuleType:
-    """A stand-in with the interface of itrcli.query.hashing: random-hyperplane LSH."""
-    mod = types.ModuleType("itrcli.query.hashing")
+    """A stand-in with the interface of itrcli.query.binary: random-hyperplane LSH."""
+    mod = types.ModuleType("itrcli.query.binary")
 
     class Hasher:
         def __init__(self, planes):
@@ -240,8 +240,8 @@ def fake_hashing(monkeypatch):
     import itrcli
 
     mod = _fake_hashing()
-    monkeypatch.setitem(sys.modules, "itrcli.query.hashing", mod)
-    monkeypatch.setattr(itrcli, "hashing", mod, raising=False)
+    monkeypatch.setitem(sys.modules, "itrcli.query.binary", mod)
+    monkeypatch.setattr(itrcli, "binary", mod, raising=False)
     return mod
 
 
@@ -313,17 +313,11 @@ def _strip_seconds(result_json):
 
 
 @pytest.fixture
-def any_hashing(monkeypatch):
-    """itrcli.query.hashing when it is there, else the stand-in."""
-    try:
-        from itrcli.query import hashing
-    except ImportError:
-        import itrcli
+def any_hashing():
+    """The binary codes module (itrcli.query.binary)."""
+    from itrcli.query import binary
 
-        hashing = _fake_hashing()
-        monkeypatch.setitem(sys.modules, "itrcli.query.hashing", hashing)
-        monkeypatch.setattr(itrcli, "hashing", hashing, raising=False)
-    return hashing
+    return binary
 
 
 def test_plumbing_cache_and_rows(tmp_path, tiny_clip, any_hashing):
@@ -372,15 +366,15 @@ def test_plumbing_cache_and_rows(tmp_path, tiny_clip, any_hashing):
 def test_missing_hashing_module_is_a_clear_error(tmp_path, monkeypatch):
     import itrcli.query
 
-    monkeypatch.setitem(sys.modules, "itrcli.query.hashing", None)  # import fails
-    monkeypatch.delattr(itrcli.query, "hashing", raising=False)
+    monkeypatch.setitem(sys.modules, "itrcli.query.binary", None)  # import fails
+    monkeypatch.delattr(itrcli.query, "binary", raising=False)
     ds = datasets.Dataset("x", "csv", "x.csv", None, ["a.png"], [["a"]])
-    with pytest.raises(evaluate.ItrError, match="--hash-bits needs itrcli.query.hashing"):
+    with pytest.raises(evaluate.ItrError, match="--hash-bits needs itrcli.query.binary"):
         evaluate.evaluate(ds, ["whatever"], hash_bits=[64])
 
 
 def test_real_hashing_module_fits_the_interface():
-    from itrcli.query import hashing
+    from itrcli.query import binary
 
     rng = np.random.default_rng(0)
     img = rng.standard_normal((300, 32)).astype(np.float32)
@@ -388,13 +382,13 @@ def test_real_hashing_module_fits_the_interface():
     caption_image = np.arange(300)
     txt = img + 0.3 * rng.standard_normal(img.shape).astype(np.float32)
     txt /= np.linalg.norm(txt, axis=1, keepdims=True)
-    h = hashing.fit(img, 64, method="itq", seed=0)
+    h = binary.fit(img, 64, method="itq", seed=0)
     ic = h.codes(img)
     assert ic.dtype == np.uint64 and ic.shape == (300, 1)
-    idx, dist = hashing.hamming_topk(h.codes(txt[:1])[0], ic, 5)
+    idx, dist = binary.hamming_topk(h.codes(txt[:1])[0], ic, 5)
     assert len(idx) == 5 and list(dist) == sorted(dist)
     exact = metrics.summarise(*metrics.exact_ranks(img, txt, caption_image), (1,))
-    p, r, _, _ = evaluate.hash_method(hashing.hamming_topk, ic, h.codes(txt), img, txt,
+    p, r, _, _ = evaluate.hash_method(binary.hamming_topk, ic, h.codes(txt), img, txt,
                                       lambda q, order: order == q, 100)
     assert metrics.recall_at(p, 1) <= metrics.recall_at(r, 1) <= exact["t2i"]["R@1"] + 1e-9
     assert metrics.recall_at(r, 1) >= exact["t2i"]["R@1"] - 5

@@ -1,4 +1,4 @@
-"""Binary codes (itrcli.query.hashing): packing, Hamming ranking, ITQ, storage, search, dupes."""
+"""Binary codes (itrcli.query.binary): packing, Hamming ranking, ITQ, storage, search, dupes."""
 
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from itrcli.query import hashing
+from itrcli.query import binary
 from itrcli.query.dupes import find_dupes
-from itrcli.query.hashing import (
-    Hasher, dupe_groups, fit, from_hex, hamming, hamming_topk, hash_search,
+from itrcli.query.binary import (
+    Hasher, dupe_groups, fit, from_hex, hamming, hamming_topk, code_search,
     itq_rotation, library_codes, pack, pca, quantization_error, to_hex, unpack,
 )
 from itrcli.store.db import Store
@@ -67,7 +67,7 @@ def test_pack_and_hex_round_trip(bits):
     rng = np.random.default_rng(bits)
     signs = rng.random((6, bits)) < 0.5
     codes = pack(signs)
-    assert codes.dtype == np.uint64 and codes.shape == (6, hashing.n_words(bits))
+    assert codes.dtype == np.uint64 and codes.shape == (6, binary.n_words(bits))
     assert np.array_equal(unpack(codes, bits), signs)
     for row, s in zip(codes, signs):
         h = to_hex(row, bits)
@@ -100,7 +100,7 @@ def test_hamming_ranking_equals_brute_force(bits):
     q = codes[7]
     ref = np.array([brute_hamming(q, c, bits) for c in codes])
     assert np.array_equal(hamming(q, codes), ref)
-    assert np.array_equal(hashing._distances(q, codes, use_lut=True), ref)  # numpy < 2 path
+    assert np.array_equal(binary._distances(q, codes, use_lut=True), ref)  # numpy < 2 path
     for k in (1, 10, 299, 300, 1000):
         idx, d = hamming_topk(q, codes, k)
         want = sorted(range(len(codes)), key=lambda i: (ref[i], i))[:k]
@@ -115,9 +115,9 @@ def test_pair_scan_equals_brute_force_with_and_without_bitwise_count(bits, monke
     codes = pack(rng.random((150, bits)) < np.where(rng.random(bits) < 0.85, 0.03, 0.5))
     want = [(i, j) for i in range(150) for j in range(i + 1, 150)
             if brute_hamming(codes[i], codes[j], bits) <= 5]
-    assert want and hashing.candidate_pairs(codes, 5).tolist() == [list(p) for p in want]
-    monkeypatch.setattr(hashing, "_HAS_BITWISE_COUNT", False)  # numpy < 2
-    assert hashing.candidate_pairs(codes, 5).tolist() == [list(p) for p in want]
+    assert want and binary.candidate_pairs(codes, 5).tolist() == [list(p) for p in want]
+    monkeypatch.setattr(binary, "_HAS_BITWISE_COUNT", False)  # numpy < 2
+    assert binary.candidate_pairs(codes, 5).tolist() == [list(p) for p in want]
     assert np.array_equal(hamming(codes[0], codes),
                           [brute_hamming(codes[0], c, bits) for c in codes])
 
@@ -160,7 +160,7 @@ def test_bits_beyond_dim_or_rank_are_filled_with_random_hyperplanes(n, dim, bits
     assert h.learned <= min(bits, dim, n - 1)
     assert h.projection.shape == (dim, bits)
     codes = h.codes(x)
-    assert codes.shape == (n, hashing.n_words(bits))
+    assert codes.shape == (n, binary.n_words(bits))
     assert np.array_equal(codes, fit(x, bits).codes(x))
 
 
@@ -258,7 +258,7 @@ def test_a_fit_holds_no_write_lock_and_codes_what_was_written_meanwhile(tmp_path
     store = fake_library(tmp_path / "lib", x[:500])
     writer = Store(tmp_path / "lib")  # an index run's connection
     writer.conn.execute("PRAGMA busy_timeout = 0")  # fail at once instead of waiting
-    real, during = hashing.fit_rows, []
+    real, during = binary.fit_rows, []
 
     def fit_rows(*args, **kwargs):
         add_vectors(writer, x[500:520], first=500)  # BEGIN IMMEDIATE while fitting
@@ -268,7 +268,7 @@ def test_a_fit_holds_no_write_lock_and_codes_what_was_written_meanwhile(tmp_path
         during.append(writer.last_seq())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(hashing, "fit_rows", fit_rows)
+    monkeypatch.setattr(binary, "fit_rows", fit_rows)
     lc = library_codes(store, 64)
     assert during and lc.hasher.n_fit == 500  # fitted on the snapshot it read
     ids, mat = store.vectors()
@@ -278,7 +278,7 @@ def test_a_fit_holds_no_write_lock_and_codes_what_was_written_meanwhile(tmp_path
     def no_fit(*args, **kwargs):
         raise AssertionError("fitted again")
 
-    monkeypatch.setattr(hashing, "fit_rows", no_fit)
+    monkeypatch.setattr(binary, "fit_rows", no_fit)
     again = library_codes(store, 64)  # saved, and current: no fit, no coding
     assert np.array_equal(again.ids, lc.ids) and np.array_equal(again.codes, lc.codes)
     writer.close()
@@ -305,7 +305,7 @@ def test_hash_search_re_ranks_by_exact_cosine(tmp_path):
     overlap = []
     for qi in range(0, 3000, 150):
         q = mat[qi]
-        hits = hash_search(store, q, 10)
+        hits = code_search(store, q, 10)
         exact = ids[np.lexsort((ids, -(mat @ q)))[:10]]
         assert len(hits) == 10 and hits[0][0] == ids[qi]
         scores = [s for _, s in hits]
@@ -315,8 +315,8 @@ def test_hash_search_re_ranks_by_exact_cosine(tmp_path):
     assert np.mean(overlap) >= 0.9
     store.close()
     ro = Store(tmp_path / "lib", readonly=True)  # `itr search` opens the library read-only
-    assert hash_search(ro, mat[0], 10) == hash_search(ro, mat[0], 10)
-    assert hash_search(ro, mat[0], 10)[0][0] == ids[0]
+    assert code_search(ro, mat[0], 10) == code_search(ro, mat[0], 10)
+    assert code_search(ro, mat[0], 10)[0][0] == ids[0]
     ro.close()
 
 
@@ -402,7 +402,7 @@ def test_micro_recall_at_10_with_codes_is_close_to_exact(tmp_path):
 
     row = {int(i): r for r, i in enumerate(ids)}
     exact = recall(lambda q: np.argsort(-(mat @ q), kind="stable")[:10])
-    hashed = recall(lambda q: np.array([row[i] for i, _ in hash_search(store, q, 10)]))
+    hashed = recall(lambda q: np.array([row[i] for i, _ in code_search(store, q, 10)]))
     assert exact > 0.5  # the fixture is trained
     assert hashed >= exact - 0.03
     store.close()

@@ -353,7 +353,7 @@ def test_check_finds_and_repairs_frame_damage(itr, tiny_clip, media, tmp_path):
 def test_hash_codes_and_dupes_take_a_video_as_the_mean_of_its_frames(itr, micro_clip, media,
                                                                        tmp_path):
     from itrcli import Library
-    from itrcli.query import hashing
+    from itrcli.query import binary
 
     d, photos, clip = media
     copy = d / "shots-copy.mp4"
@@ -365,11 +365,11 @@ def test_hash_codes_and_dupes_take_a_video_as_the_mean_of_its_frames(itr, micro_
     got = {p: c for c, p in (ln.split("  ") for ln in r.out.splitlines())}
     assert sorted(got) == sorted(map(str, [*photos, clip, copy]))
     with Library.open(lib, readonly=True) as L:
-        lc = hashing.library_codes(L.store)
+        lc = binary.library_codes(L.store)
         fid = L.store.row_by_path(str(clip))["id"]
         _, vecs = L.store.vectors(L.store.frames(fid)[0])  # [4, dim]
         mean = vecs.mean(axis=0) / np.linalg.norm(vecs.mean(axis=0))
-        assert got[str(clip)] == got[str(copy)] == hashing.to_hex(lc.hasher.codes(mean)[0], 64)
+        assert got[str(clip)] == got[str(copy)] == binary.to_hex(lc.hasher.codes(mean)[0], 64)
         # every label is coded and saved, frames included (keyed by their video's content)
         assert L.store.codes.uncoded_ids("itq-64") == []
         ids, _ = L.store.codes.load_codes("itq-64", 1, valid_only=True)

@@ -417,7 +417,7 @@ def hash_method(
     keeps the Hamming order after them.
 
     Args:
-        hamming_topk: :func:`itrcli.query.hashing.hamming_topk`.
+        hamming_topk: :func:`itrcli.query.binary.hamming_topk`.
         item_codes: ``[n, words]`` uint64; query_codes: ``[q, words]``.
         item_vecs: ``[n, dim]``; query_vecs: ``[q, dim]`` (for the re-rank).
         relevant: (query index, item indices ``[L]``) -> bool ``[L]``.
@@ -450,12 +450,12 @@ def hash_method(
     return pure, reranked, t_ham, t_rerank
 
 
-def _load_hashing():
+def _load_binary():
     try:
-        from ..query import hashing
+        from ..query import binary
     except ImportError as e:
-        raise ItrError(f"--hash-bits needs itrcli.query.hashing, which cannot be imported ({e})") from None
-    return hashing
+        raise ItrError(f"--hash-bits needs itrcli.query.binary, which cannot be imported ({e})") from None
+    return binary
 
 
 # -- the evaluation ---------------------------------------------------------------------
@@ -494,7 +494,7 @@ def evaluate(
         ks: the K of R@K.
         ann: add an "hnsw" row per model (hnswlib, :mod:`itrcli.store.vindex` parameters).
         hash_bits: add "hash-B" and "hash-B+rerank" rows per model and B.
-        hash_method_name: passed to :func:`itrcli.query.hashing.fit`.
+        hash_method_name: passed to :func:`itrcli.query.binary.fit`.
         folds: evaluate on this many contiguous image folds and average (COCO 1K: 5).
             None: 1, or :data:`ADAPT_FOLDS` when ``adapt`` shares images with ``ds``.
         adapt: captioned pairs to fit a query map on (:mod:`itrcli.query.adapt`): adds
@@ -523,7 +523,7 @@ def evaluate(
         raise UsageError("--folds must be at least 1")
     if folds is not None and folds > len(ds.images):
         raise UsageError(f"--folds {folds}: the dataset has only {len(ds.images)} image(s)")
-    hashing = _load_hashing() if hash_bits else None
+    binary = _load_binary() if hash_bits else None
     result = EvalResult(dataset=ds.name, split=ds.split, format=ds.format, images=0, captions=0,
                         ks=tuple(ks), folds=folds or 1, missing=list(ds.missing))
     for path in ds.uncaptioned:
@@ -623,7 +623,7 @@ def evaluate(
             result.adapt["models"][e.model] = picks
             fit_fold = _fold_fitter(pairs[j], image_hash, adapt_methods, adapt_folds, picks)
         result.results += _rows(e.model, img, txt, caption_image, fold_idx, ks, ann, hash_bits,
-                                hashing, hash_method_name, fit_fold)
+                                binary, hash_method_name, fit_fold)
         if reranker is not None:
             row, stats = _rerank_row(e.model, img, txt, caption_image, fold_idx, ks, rerank_k,
                                      reranker, sub.images, kept_texts, probs, workers,
@@ -696,7 +696,7 @@ def _rerank_row(model_id, img, txt, caption_image, fold_idx, ks, k, reranker, im
                         time.perf_counter() - t0), stats
 
 
-def _rows(model_id, img, txt, caption_image, fold_idx, ks, ann, hash_bits, hashing,
+def _rows(model_id, img, txt, caption_image, fold_idx, ks, ann, hash_bits, binary,
           hash_method_name, fit_fold=None) -> list[MethodResult]:
     """Every method's row for one model, each averaged over the folds."""
     runs: dict[str, list[tuple[Ranks, float]]] = {}
@@ -708,7 +708,7 @@ def _rows(model_id, img, txt, caption_image, fold_idx, ks, ann, hash_bits, hashi
     for bits in hash_bits:
         t0 = time.perf_counter()
         try:
-            hasher = hashing.fit(img, bits, method=hash_method_name, seed=0)  # on the image vectors
+            hasher = binary.fit(img, bits, method=hash_method_name, seed=0)  # on the image vectors
         except ValueError as e:
             raise UsageError(f"--hash-bits {bits}: {e}") from None
         img_codes, txt_codes = hasher.codes(img), hasher.codes(txt)  # [n, words] uint64
@@ -735,9 +735,9 @@ def _rows(model_id, img, txt, caption_image, fold_idx, ks, ann, hash_bits, hashi
         for bits, img_codes, txt_codes, fit_seconds in codes:
             share = fit_seconds / len(fold_idx)
             c = rerank_candidates(ks)
-            p1, r1, h1, x1 = hash_method(hashing.hamming_topk, img_codes[imgs], txt_codes[caps],
+            p1, r1, h1, x1 = hash_method(binary.hamming_topk, img_codes[imgs], txt_codes[caps],
                                          fi, ft, lambda q, order: order == ci[q], c)
-            p2, r2, h2, x2 = hash_method(hashing.hamming_topk, txt_codes[caps], img_codes[imgs],
+            p2, r2, h2, x2 = hash_method(binary.hamming_topk, txt_codes[caps], img_codes[imgs],
                                          ft, fi, lambda q, order: ci[order] == q, c)
             record(f"hash-{bits}", (p1, p2), share + h1 + h2)
             record(f"hash-{bits}+rerank", (r1, r2), share + h1 + h2 + x1 + x2)

@@ -2,7 +2,7 @@
 
 A pair of rows is *confirmed* when their codes are within the Hamming ``radius`` and
 ``vectors[i] @ vectors[j] >= threshold``; groups are the connected components of confirmed
-pairs.  :func:`itrcli.query.hashing.dupe_groups` finds them by comparing every pair of
+pairs.  :func:`itrcli.query.binary.dupe_groups` finds them by comparing every pair of
 codes (``n^2 / 2`` XOR + popcounts: over 300 s at a million images).  :func:`groups` finds
 the same pairs, hence the same groups, by pruning with bounds that never drop a confirmed
 pair:
@@ -56,7 +56,7 @@ import numpy as np
 
 from ..pools import in_order
 from ..progress import default_workers
-from .hashing import (DEFAULT_BITS, DEFAULT_METHOD, DUPES_THRESHOLD, _HAS_BITWISE_COUNT,
+from .binary import (DEFAULT_BITS, DEFAULT_METHOD, DUPES_THRESHOLD, _HAS_BITWISE_COUNT,
                       _POPCOUNT16, _one_blas_thread, dupes_radius, library_codes,
                       video_vectors)
 
@@ -213,7 +213,7 @@ def groups(codes: np.ndarray, vectors: "Vectors | np.ndarray", bits: int,
            threshold: float = DUPES_THRESHOLD, radius: int | None = None,
            seed: int = 0) -> list[list[int]]:
     """Near-duplicate groups among rows, exactly those of the exhaustive method
-    (:func:`itrcli.query.hashing.dupe_groups`), found by pruning (see the module docstring).
+    (:func:`itrcli.query.binary.dupe_groups`), found by pruning (see the module docstring).
 
     Args:
         codes: ``[n, words]`` uint64, the rows' codes.
@@ -619,11 +619,11 @@ class _UnionFind:
 def find_dupes(store, ids: Sequence[int], bits: int = DEFAULT_BITS,
                method: str = DEFAULT_METHOD, threshold: float = DUPES_THRESHOLD,
                radius: int | None = None) -> list[list[int]]:
-    """Near-duplicate groups among the library files ``ids`` (see :func:`itrcli.query.hashing.dupe_groups`),
+    """Near-duplicate groups among the library files ``ids`` (see :func:`itrcli.query.binary.dupe_groups`),
     found by :func:`groups`: the same groups as the exhaustive method,
     without comparing all pairs or holding all the vectors.  A video takes part as one
     row: the normalised mean of its frames' vectors, and that vector's code
-    (:func:`itrcli.query.hashing.video_vectors`).
+    (:func:`itrcli.query.binary.video_vectors`).
 
     Returns:
         Groups of file ids (each of at least two), in the order of the given ``ids``; ids

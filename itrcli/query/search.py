@@ -231,7 +231,7 @@ def rank(
         if row:
             excluded.add(row["id"])
     if hash_bits is not None:
-        from .hashing import BIT_CHOICES
+        from .binary import BIT_CHOICES
 
         if hash_bits not in BIT_CHOICES:
             raise UsageError(f"--hash-bits {hash_bits}: use one of {', '.join(map(str, BIT_CHOICES))}")
@@ -294,9 +294,9 @@ def _hashed(store, query, k: int, bits: int, allowed: set[int] | None):
     """Fast then slow: Hamming ranking of binary codes, the best re-ranked by cosine."""
     import numpy as np
 
-    from .hashing import hash_search
+    from .binary import code_search
 
-    pairs = hash_search(store, query, k, bits=bits)
+    pairs = code_search(store, query, k, bits=bits)
     if allowed is not None:
         pairs = [(i, s) for i, s in pairs if i in allowed]
     ids = np.asarray([i for i, _ in pairs], dtype=np.int64)

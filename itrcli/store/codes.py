@@ -1,7 +1,7 @@
 """The library's binary codes on disk: the ``hashers`` and ``hash_codes`` tables (created by
 the migration ``m003_hash_codes`` in :mod:`itrcli.store.db`).
 
-:mod:`itrcli.query.hashing` fits hashers and computes codes; this module only stores and
+:mod:`itrcli.query.binary` fits hashers and computes codes; this module only stores and
 reads them.  ``hash_codes`` holds one row per coded vector (for incremental updates), keyed
 by its label: an image's file id, or a video frame's id (whose content is its video's); the
 ``hashers`` row also keeps all ids and codes as two blobs (a search reads them in

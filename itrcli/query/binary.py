@@ -58,7 +58,7 @@ ITQ_SAMPLE = 5_000
 #: Refit when more vectors than this fraction of the fitted count were added, replaced or
 #: removed since the fit.  Growth is geometric, so a library is refitted O(log n) times.
 REFIT_CHANGE = 0.20
-#: ``hash_search``: Hamming candidates kept for exact re-ranking: RERANK_FACTOR x top, at
+#: ``code_search``: Hamming candidates kept for exact re-ranking: RERANK_FACTOR x top, at
 #: least RERANK_MIN.
 RERANK_FACTOR = 10
 RERANK_MIN = 100
@@ -713,7 +713,7 @@ def _merge(ids, codes, more_ids, more_codes):
 # --- search and near-duplicates -------------------------------------------------------------
 
 
-def hash_search(store, query_vec: np.ndarray, top: int, bits: int = DEFAULT_BITS,
+def code_search(store, query_vec: np.ndarray, top: int, bits: int = DEFAULT_BITS,
                 method: str = DEFAULT_METHOD) -> list[tuple[int, float]]:
     """Fast-then-slow search: Hamming scan over the codes, then exact cosine on the best.
 
@@ -816,7 +816,7 @@ def dupe_groups(vectors: np.ndarray, codes: np.ndarray, bits: int,
 __all__ = [
     "BIT_CHOICES", "DEFAULT_BITS", "DEFAULT_METHOD", "DUPES_THRESHOLD", "dupes_radius",
     "Hasher", "LibraryCodes", "METHODS", "candidate_pairs", "dupe_groups",
-    "fit", "fit_rows", "from_hex", "hamming", "hamming_topk", "hash_search", "itq_rotation",
+    "fit", "fit_rows", "from_hex", "hamming", "hamming_topk", "code_search", "itq_rotation",
     "library_codes", "n_words", "pack", "pca", "quantization_error", "refit_due",
     "to_hex", "unpack",
 ]
