@@ -444,10 +444,21 @@ class Library:
         from .embed.textonnx import OnnxTextEncoder
 
         if device in ("auto", "cpu") and self._text_export_ok():
+            from .embed.textonnx import export_identity
+
+            # kept for the next search of a long-lived library (itr serve) while the
+            # export on disk is the same files (a --reindex swaps in another)
+            key = export_identity(self.directory)
+            cached = getattr(self, "_text_onnx", None)
+            if cached is not None and cached[0] == key:
+                return cached[1]
             try:
-                return OnnxTextEncoder(self.directory)
+                enc = OnnxTextEncoder(self.directory)
             except Exception:
                 pass  # damaged export: the torch path gives the same vectors
+            else:
+                self._text_onnx = (key, enc)
+                return enc
         return self.encoder(None, device, precision)
 
     def stored_vector(self, path: str, at: float | None = None):
@@ -884,6 +895,12 @@ class Library:
         for vi in (getattr(self, "_vindex", None), getattr(self, "_mapped", None)):
             if vi is not None and vi.seq == seq:
                 return vi
+        # a long-lived library (itr serve) follows the log in place while no newer graph
+        # is saved, instead of loading the graph again after each commit of an index run
+        mapped = getattr(self, "_mapped", None)
+        if mapped is not None and mapped.follow(self.store, seq):
+            return mapped
+        self._vindex = None  # a loaded graph of an older state: its memory back
         self._mapped = VectorIndex(self.directory, self._dim()).open_mapped(self.store)
         return self._mapped
 
