@@ -532,7 +532,7 @@ class Library:
         from .query.search import build_query
 
         def encode_texts(texts):
-            vecs = self.text_encoder(device, precision).encode_texts(texts)  # [n, dim]
+            vecs = self._encode_texts(self.text_encoder(device, precision), texts)  # [n, dim]
             return vecs if adapter is None else adapter.apply(vecs)
 
         return build_query(
@@ -542,6 +542,25 @@ class Library:
             encode_image=lambda p: self.embed_image(p, device, precision,
                                                     at if _is_video(p) else None),
         )
+
+    def _encode_texts(self, enc, texts: list[str]):
+        """``enc.encode_texts(texts)``, the last :data:`TEXT_CACHE` answers kept while the
+        encoder is the same (a long-lived library: the next page of a search, the back
+        button, a query asked again encode nothing).  Keyed by the whole list, so that a
+        text gets the very vector it would get without the cache."""
+        from collections import OrderedDict
+
+        if getattr(self, "_text_cache_of", None) is not enc:
+            self._text_cache_of, self._text_cache = enc, OrderedDict()
+        key = tuple(texts)
+        vecs = self._text_cache.get(key)
+        if vecs is None:
+            vecs = self._text_cache[key] = enc.encode_texts(list(texts))
+            if len(self._text_cache) > TEXT_CACHE:
+                self._text_cache.popitem(last=False)
+        else:
+            self._text_cache.move_to_end(key)
+        return vecs.copy()
 
     def search(self, request: SearchRequest | str | None = None, /, *, progress=None,
                **options: Any) -> SearchResult:
@@ -1036,6 +1055,9 @@ def evaluate(dataset, models: Sequence[str | None] = (None,), *, library: Librar
     return run(dataset, list(models) or [None],
                db=library.directory if library is not None else None, **options)
 
+
+#: Text queries whose vectors a library keeps (:meth:`Library._encode_texts`).
+TEXT_CACHE = 256
 
 #: ``search --at``: a stored frame within this many seconds of the time asked for is used
 #: as it is (no model load); otherwise the frame there is decoded and embedded.

@@ -172,7 +172,9 @@ class VectorIndex:
             return False
         if self.mapped is not None:
             files = self._files()
-            if files and files[-1][0] > self.file_seq:
+            # a newer file this snapshot can use: map it instead (one saved after this
+            # snapshot began is of no use yet; the snapshot still sees the log under it)
+            if files and self.file_seq < files[-1][0] <= last:
                 return False
         log = store.log_after(self.seq)
         if len(log) != last - self.seq:
