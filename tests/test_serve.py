@@ -532,6 +532,58 @@ def test_searches_during_commits_see_whole_states(tmp_path, micro_clip):
     assert not errors, errors
 
 
+def test_a_long_lived_library_follows_commits_without_loading_the_graph(tmp_path, micro_clip):
+    """Commits between two saves of the graph (an index run saves it every few minutes):
+    the mapped file answers with the logged changes beside it, scored exactly, and a
+    library kept open follows further commits in place."""
+    import numpy as np
+
+    from itrcli.library import Library
+    from itrcli.store.vindex import graph_files
+
+    db, paths = small_library(tmp_path, micro_clip, SPECS[:6])
+    saved = graph_files(db)[0]
+    with Library.open(db) as writer, Library.open(db, readonly=True) as reader:
+        q = reader.text_encoder().encode_texts(["a red circle"])[0]
+        first = reader._search_graph()
+        assert first.mapped is not None
+
+        def commit(n: int, delete: int | None = None) -> list[int]:
+            rng = np.random.default_rng(n)
+            ids = []
+            with writer.store.transaction() as c:
+                for i in range(n):
+                    v = q + 0.05 * rng.standard_normal(q.shape).astype(np.float32)
+                    p = tmp_path / "photos" / f"extra-{n}-{i}.jpg"
+                    shutil.copy(paths[0], p)
+                    st = p.stat()
+                    ids.append(writer.store.insert_file(c, str(p), {
+                        "size": st.st_size, "mtime_ns": st.st_mtime_ns, "hash": f"{n:08x}{i:024x}",
+                        "width": 64, "height": 64}, v / np.linalg.norm(v)))
+                if delete is not None:
+                    writer.store.delete_files(c, [delete])
+            return ids
+
+        def exact():
+            return [(h.id, h.score) for h in reader.search(text="a red circle", top=8, exact=True)]
+
+        def graph():
+            return [(h.id, h.score) for h in reader.search(text="a red circle", top=8)]
+
+        added = commit(3)
+        got = graph()
+        assert reader._search_graph() is first and first.seq == reader.store.last_seq()
+        assert graph_files(db)[0] == saved  # no graph saved: the delta answered
+        assert [i for i, _ in got] == [i for i, _ in exact()] and set(added) <= {i for i, _ in got}
+        gone = got[0][0]
+        more = commit(2, delete=gone)
+        got = graph()
+        assert reader._search_graph() is first  # followed in place
+        assert gone not in [i for i, _ in got] and set(more) <= {i for i, _ in got}
+        assert [i for i, _ in got] == [i for i, _ in exact()]
+        np.testing.assert_allclose([s for _, s in got], [s for _, s in exact()], atol=1e-4)
+
+
 # --- a real server ----------------------------------------------------------------------------
 
 def _get(url: str, headers: dict | None = None):
