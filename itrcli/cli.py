@@ -979,6 +979,85 @@ def path(db: DbOpt = None) -> None:
     typer.echo(str((db or default_library_dir()).expanduser().absolute()))
 
 
+@app.command()
+def serve(
+    db: DbOpt = None,
+    host: Annotated[str, typer.Option(
+        "--host", help="address to listen on; anything but loopback needs --token")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=0, max=65535,
+                                      help="port to listen on (0: a free one)")] = 8765,
+    token: Annotated[Optional[str], typer.Option(
+        "--token", envvar="ITR_SERVE_TOKEN", show_default=False,
+        help="require this token (Authorization: Bearer, or the cookie that /?token= "
+             "sets)")] = None,
+    open_: Annotated[bool, typer.Option("--open", help="open the page in a web browser")] = False,
+    watch: Annotated[Optional[List[Path]], typer.Option(
+        "--watch", metavar="PATH", exists=True, show_default=False,
+        help="index PATH now and after every change under it (repeatable)")] = None,
+    rescan: Annotated[float, typer.Option(
+        "--rescan", min=1, metavar="SECONDS",
+        help="with --watch: also rescan this often (file events miss network mounts)")] = 600.0,
+    cors: Annotated[Optional[str], typer.Option(
+        "--cors", metavar="ORIGIN", show_default=False,
+        help="let this web origin call the API (e.g. a clip-retrieval front end)")] = None,
+    allow_host: Annotated[Optional[List[str]], typer.Option(
+        "--allow-host", metavar="NAME", show_default=False,
+        help="also answer to this Host name (a reverse proxy's; repeatable)")] = None,
+    model: ModelOpt = None,
+    device: DeviceOpt = "auto",
+    precision: PrecisionOpt = "auto",
+    include_hidden: IncludeHiddenOpt = False,
+    exclude: ExcludeOpt = None,
+    follow_symlinks: FollowSymlinksOpt = False,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Serve the library on a local web page and a JSON API, warm and kept current
+
+    Prints its URL on stderr; Ctrl-C or SIGTERM stops it (exit 0). Binds 127.0.0.1
+    unless --host says otherwise, which then needs --token. Searches load the text tower
+    and the graph once, and see each commit of a concurrent itr index (cron) at once.
+    With --watch the folders are indexed now and again after each change (file events,
+    and a rescan every --rescan seconds). The API: /api/search?q=... (the options of
+    itr search by name), /api/thumb/ID, /api/file/ID, /api/info, clip-retrieval's
+    /knn-service; described at /docs. Needs itr[serve].
+
+    \b
+    Example:
+        itr serve --open
+        itr serve --watch ~/photos --exclude '*.tmp'
+        ITR_SERVE_TOKEN=$(openssl rand -hex 16) itr serve --host 0.0.0.0
+        curl 'http://127.0.0.1:8765/api/search?q=harbour+at+dusk&n=5'
+    """
+    from importlib.util import find_spec
+
+    from .paths import default_library_dir
+    from .serve.security import check_bind
+
+    check_bind(host, token)
+    missing = [m for m in ("starlette", "uvicorn", "multipart", "watchfiles") if find_spec(m) is None]
+    if missing:
+        from .errors import ItrError
+
+        raise ItrError(f"itr serve needs {', '.join(missing)}: pip install 'itr[serve]'")
+    from .serve.app import ServeOptions
+    from .serve.server import serve as run
+    from .serve.watch import WatchOptions
+
+    directory = (db or default_library_dir()).expanduser().absolute()
+    options = ServeOptions(directory, host=host, port=port, token=token, cors=cors,
+                           allow_hosts=tuple(allow_host or ()))
+    watching = None
+    if watch:
+        watching = WatchOptions([str(p) for p in watch], model=model, device=device,
+                                precision=precision, exclude=list(exclude or ()),
+                                include_hidden=include_hidden,
+                                follow_symlinks=follow_symlinks, rescan=rescan)
+    elif model or exclude or include_hidden or follow_symlinks:
+        raise UsageError("--model, --exclude, --include-hidden and --follow-symlinks go "
+                         "with --watch")
+    run(options, watch=watching, open_browser=open_)
+
+
 # --- entry point -----------------------------------------------------------------------
 
 def _stop_on_sigterm(seen: list[int]):
@@ -1002,7 +1081,7 @@ def _stop_on_sigterm(seen: list[int]):
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: maps errors to one line and an exit code."""
     args = sys.argv[1:] if argv is None else argv
-    if args[:1] == ["search"] and "numpy" not in sys.modules:
+    if args[:1] in (["search"], ["serve"]) and "numpy" not in sys.modules:
         # one matrix-vector product needs no BLAS thread pool, and starting one costs a
         # cold search tens of milliseconds
         os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")

@@ -467,10 +467,21 @@ class Library:
         from .embed.textonnx import OnnxTextEncoder
 
         if device in ("auto", "cpu") and self._text_export_ok():
+            from .embed.textonnx import export_identity
+
+            # kept for the next search of a long-lived library (itr serve) while the
+            # export on disk is the same files (a --reindex swaps in another)
+            key = export_identity(self.directory)
+            cached = getattr(self, "_text_onnx", None)
+            if cached is not None and cached[0] == key:
+                return cached[1]
             try:
-                return OnnxTextEncoder(self.directory)
+                enc = OnnxTextEncoder(self.directory)
             except Exception:
                 pass  # damaged export: the torch path gives the same vectors
+            else:
+                self._text_onnx = (key, enc)
+                return enc
         return self.encoder(None, device, precision)
 
     def stored_vector(self, path: str, at: float | None = None):
@@ -544,7 +555,7 @@ class Library:
         from .query.search import build_query
 
         def encode_texts(texts):
-            vecs = self.text_encoder(device, precision).encode_texts(texts)  # [n, dim]
+            vecs = self._encode_texts(self.text_encoder(device, precision), texts)  # [n, dim]
             return vecs if adapter is None else adapter.apply(vecs)
 
         return build_query(
@@ -554,6 +565,25 @@ class Library:
             encode_image=lambda p: self.embed_image(p, device, precision,
                                                     at if _is_video(p) else None),
         )
+
+    def _encode_texts(self, enc, texts: list[str]):
+        """``enc.encode_texts(texts)``, the last :data:`TEXT_CACHE` answers kept while the
+        encoder is the same (a long-lived library: the next page of a search, the back
+        button, a query asked again encode nothing).  Keyed by the whole list, so that a
+        text gets the very vector it would get without the cache."""
+        from collections import OrderedDict
+
+        if getattr(self, "_text_cache_of", None) is not enc:
+            self._text_cache_of, self._text_cache = enc, OrderedDict()
+        key = tuple(texts)
+        vecs = self._text_cache.get(key)
+        if vecs is None:
+            vecs = self._text_cache[key] = enc.encode_texts(list(texts))
+            if len(self._text_cache) > TEXT_CACHE:
+                self._text_cache.popitem(last=False)
+        else:
+            self._text_cache.move_to_end(key)
+        return vecs.copy()
 
     def search(self, request: SearchRequest | str | None = None, /, *, progress=None,
                **options: Any) -> SearchResult:
@@ -915,6 +945,12 @@ class Library:
         for vi in (getattr(self, "_vindex", None), getattr(self, "_mapped", None)):
             if vi is not None and vi.seq == seq:
                 return vi
+        # a long-lived library (itr serve) follows the log in place while no newer graph
+        # is saved, instead of loading the graph again after each commit of an index run
+        mapped = getattr(self, "_mapped", None)
+        if mapped is not None and mapped.follow(self.store, seq):
+            return mapped
+        self._vindex = None  # a loaded graph of an older state: its memory back
         self._mapped = VectorIndex(self.directory, self._dim()).open_mapped(self.store)
         return self._mapped
 
@@ -1047,6 +1083,9 @@ def evaluate(dataset, models: Sequence[str | None] = (None,), *, library: Librar
     return run(dataset, list(models) or [None],
                db=library.directory if library is not None else None, **options)
 
+
+#: Text queries whose vectors a library keeps (:meth:`Library._encode_texts`).
+TEXT_CACHE = 256
 
 #: ``search --at``: a stored frame within this many seconds of the time asked for is used
 #: as it is (no model load); otherwise the frame there is decoded and embedded.

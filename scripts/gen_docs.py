@@ -47,6 +47,8 @@ ENVIRONMENT: dict[str, str] = {
                         "re-rank preset name (see itr models), a Hugging Face id or a local "
                         "directory of a BLIP image-text matching checkpoint. Default: "
                         "blip-itm-base-coco.",
+    "ITR_SERVE_TOKEN": "The token that itr serve requires, when --token is not given (it "
+                       "then stays out of the process list).",
     "HF_HUB_OFFLINE": "When 1, never use the network: a hub id is looked up in the Hugging "
                       "Face cache only.",
     "HF_HOME": "The Hugging Face cache, where hub models are looked up first. "

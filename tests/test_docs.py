@@ -189,7 +189,7 @@ def test_model_completion_offers_presets():
 def test_subcommand_and_path_completion():
     r = _complete_bash("itr se")
     _assert_completion_works(r)
-    assert r.stdout.split() == ["search"]
+    assert r.stdout.split() == ["search", "serve"]
     # A path: no candidates, so bash's `complete -o default` completes file names
     r = _complete_bash("itr index /us")
     _assert_completion_works(r)

@@ -28,6 +28,9 @@ ALLOWED = {
     "jobs": {"ingest", "embed", "store", "query"},
     "evaluation": {"ingest", "embed", "store", "query"},
     "library": {"ingest", "embed", "store", "query", "show", "jobs", "evaluation"},
+    # itr serve: the library over HTTP (uploads decoded and --watch events filtered by
+    # ingest's own rules); nothing but the command line imports it
+    "serve": {"library", "ingest", "store", "query", "show", "jobs"},
 }
 
 
@@ -69,6 +72,12 @@ def test_imports_point_down_the_flow():
         for used in _imports(f) - BASE - {part}:
             if used not in ALLOWED[part]:
                 wrong.append(f"{f.relative_to(PKG)} imports itrcli.{used}")
+    assert not wrong, wrong
+
+
+def test_only_the_command_line_imports_the_server():
+    wrong = [str(f.relative_to(PKG)) for f in sorted(PKG.rglob("*.py"))
+             if _part(f) not in ("serve", "cli") and "serve" in _imports(f)]
     assert not wrong, wrong
 
 

@@ -368,6 +368,21 @@ def adopt_export(source: Path, library_dir: Path) -> None:
         os.replace(src, Path(library_dir) / DIRNAME)
 
 
+def export_identity(library_dir: Path) -> tuple | None:
+    """What tells one export on disk from another (the files' inodes, sizes and times):
+    a long-lived reader keeps its session while this stays the same."""
+    d = Path(library_dir) / DIRNAME
+    out = []
+    for name in (MODEL_FILE, DATA_FILE, SETTINGS_FILE, TOKENIZER_FILE):
+        try:
+            st = os.stat(d / name)
+        except OSError:
+            out.append(None)
+            continue
+        out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
 def export_matches(library_dir: Path, model: str | None, dim: int | None) -> bool:
     """Whether the library's exported tower is there and belongs to ``model`` at ``dim``:
     a tower left by another model (a re-index killed half-way, a copied folder) is never

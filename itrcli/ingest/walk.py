@@ -210,6 +210,23 @@ class Plan:
     missing: list[str] = field(default_factory=list)
 
 
+def left_out(path: str, root: str, *, include_hidden: bool = False,
+             exclude: Iterable[str] = ()) -> bool:
+    """Whether a walk of ``root`` leaves ``path`` (under it) out: a hidden name on the way
+    (unless ``include_hidden``), or one matching an ``exclude`` pattern (as the walk
+    matches them: the name, or the whole path)."""
+    patterns = list(exclude)
+    rel = os.path.relpath(path, root)
+    if rel == "." or rel.startswith(".." + os.sep) or rel == "..":
+        return False
+    at = root
+    for name in rel.split(os.sep):
+        at = os.path.join(at, name)
+        if (not include_hidden and is_hidden(name)) or _excluded(at, name, patterns):
+            return True
+    return False
+
+
 def under(path: str, roots: Iterable[str]) -> bool:
     """True if ``path`` is one of ``roots`` or inside one of them."""
     for r in roots:

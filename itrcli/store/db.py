@@ -394,6 +394,9 @@ class Store:
         self._migrating = False
         try:
             if readonly:
+                # the identity seen before connecting: a file swapped in meanwhile then
+                # reads as replaced (one reopen too many, never one too few)
+                self._identity = _identity(self.path)
                 self.conn = _connect_readonly(self.path)
             else:
                 self.conn, self._identity = _connect_identified(self.path, page_size if new else None)

@@ -143,24 +143,83 @@ class VectorIndex:
         return self
 
     def open_mapped(self, store: Store) -> "VectorIndex":
-        """For searching only: map the newest graph file when it holds every logged change
-        (no replay needed) and looks whole; otherwise load it as :meth:`open` does."""
+        """For searching only: map the newest graph file when it looks whole, with the
+        logged changes past it (at most :data:`MAX_DELTA`: an index run commits between
+        two saves of the graph) kept beside it and scored exactly; otherwise load it as
+        :meth:`open` does."""
         from .graphfile import GraphFile, GraphFileError
 
         files = self._files()
-        if files and files[-1][0] == store.last_seq():
+        last = store.last_seq()
+        if files and files[-1][0] <= last:
             seq, path = files[-1]
-            try:
-                self.mapped, self.seq = GraphFile(path, self.dim), seq
-                return self
-            except GraphFileError:
-                pass  # replaced under us, or damaged: open() looks again or rebuilds
+            log = store.log_after(seq) if seq < last else []
+            # a complete log has exactly last - seq entries past the file (see open)
+            if len(log) == last - seq and len(log) <= MAX_DELTA:
+                try:
+                    self.mapped = GraphFile(path, self.dim)
+                except GraphFileError:
+                    pass  # replaced under us, or damaged: open() looks again or rebuilds
+                else:
+                    self.seq = self.file_seq = seq
+                    self._touched, self._delta = set(), {}
+                    self._apply(store, log)
+                    return self
         return self.open(store)
+
+    def follow(self, store: Store, last: int) -> bool:
+        """Bring a graph opened for searching up to the log entry ``last`` in place (a
+        long-lived reader, ``itr serve``): a loaded graph replays the entries past it, a
+        mapped one keeps them beside it.  False when it cannot (the log was truncated by
+        a save meanwhile, a newer file is there to map, or too much changed): open again."""
+        if last == self.seq:
+            return True
+        if last < self.seq:
+            return False
+        if self.mapped is not None:
+            files = self._files()
+            # a newer file this snapshot can use: map it instead (one saved after this
+            # snapshot began is of no use yet; the snapshot still sees the log under it)
+            if files and self.file_seq < files[-1][0] <= last:
+                return False
+        log = store.log_after(self.seq)
+        if len(log) != last - self.seq:
+            return False
+        if self.mapped is None:
+            self._replay(store, log)
+        elif len(self._touched) + len(log) > MAX_DELTA:
+            return False
+        else:
+            self._apply(store, log)
+        return True
+
+    def _apply(self, store: Store, log: list[tuple[int, int, str]]) -> None:
+        """Log entries past a mapped file: their labels leave the file's answers, the
+        vectors they put are scored exactly."""
+        import numpy as np
+
+        if not log:
+            return
+        final: dict[int, str] = {}
+        for _, id_, op in log:
+            final[id_] = op
+        for i in final:
+            self._delta.pop(i, None)
+        self._touched.update(final)
+        ids, vecs = store.vectors([i for i, op in final.items() if op == "put"])
+        for i, v in zip(ids.tolist(), vecs):
+            self._delta[i] = v
+        self._dids = np.fromiter(self._delta, dtype=np.int64, count=len(self._delta))
+        self._dvecs = (np.stack(list(self._delta.values())) if self._delta
+                       else np.zeros((0, self.dim), np.float32))  # [n, dim]
+        self.seq = log[-1][0]
 
     @property
     def count(self) -> int:
         """Elements in the graph, deleted marks included (an upper bound of live ones)."""
-        return self.mapped.count if self.mapped is not None else self.index.get_current_count()
+        if self.mapped is not None:
+            return self.mapped.count + len(getattr(self, "_delta", ()))
+        return self.index.get_current_count()
 
     def _replay(self, store: Store, log: list[tuple[int, int, str]]) -> None:
         if not log:
@@ -259,17 +318,45 @@ class VectorIndex:
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
         ef = max(ef or EF_SEARCH, 4 * k)
         if self.mapped is not None:
+            touched = getattr(self, "_touched", None)
+            allowed = filter
+            if touched:  # changed since the file was saved: answered from the delta
+                allowed = ((lambda label: label not in touched) if filter is None else
+                           (lambda label: label not in touched and filter(label)))
             try:
-                labels, dist = self.mapped.search(query, k, ef, filter)
+                labels, dist = self.mapped.search(query, k, ef, allowed)
             except (IndexError, KeyError) as e:  # a link past the end: a damaged file
                 raise RuntimeError("damaged graph file") from e  # callers then search exactly
+            sims = (1.0 - dist).astype(np.float32)
+            if touched and len(self._dids):
+                labels, sims = self._with_delta(query, k, labels, sims, filter)
             if len(labels) < k:  # as hnswlib's knn_query does
                 raise RuntimeError("fewer than k elements pass the filter")
-            return labels, (1.0 - dist).astype(np.float32)
+            return labels, sims
         self.index.set_ef(ef)
         labels, dist = self.index.knn_query(np.asarray(query, dtype=np.float32)[None, :], k=k,
                                             filter=filter)
         return labels[0].astype(np.int64), (1.0 - dist[0]).astype(np.float32)
+
+    def _with_delta(self, query, k: int, labels, sims, filter):
+        """The file's answers merged with the exactly scored vectors put since it was saved."""
+        import numpy as np
+
+        q = np.asarray(query, dtype=np.float32).ravel()
+        q = q / max(float(np.linalg.norm(q)), 1e-30)
+        ids, scores = self._dids, self._dvecs @ q  # [n]
+        if filter is not None:
+            keep = np.fromiter((bool(filter(int(i))) for i in ids), dtype=bool, count=len(ids))
+            ids, scores = ids[keep], scores[keep]
+        all_ids = np.concatenate([np.asarray(labels, np.int64), ids])
+        all_sims = np.concatenate([np.asarray(sims, np.float32), scores.astype(np.float32)])
+        order = np.argsort(-all_sims, kind="stable")[:k]
+        return all_ids[order], all_sims[order]
+
+
+#: Log entries a mapped graph keeps beside it (:meth:`VectorIndex.open_mapped`) before a
+#: search loads and replays instead: an index run saves its graph every few minutes.
+MAX_DELTA = 20_000
 
 
 # -- calibrating ef ------------------------------------------------------------------------

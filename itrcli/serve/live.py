@@ -1,0 +1,100 @@
+"""The server's library: opened read-only, on one thread of its own, followed as it changes.
+
+Every request that reads the library runs on that thread (SQLite connections belong to
+the thread that opened them; one thread also means one graph and one text session in
+memory), inside one read transaction: a search sees the library as one commit left it,
+old or new, never a mix, and the write of a concurrent ``itr index`` goes on meanwhile
+(WAL; a reader never takes the write lock).  Before each request the database file is
+looked at: when ``itr check --compact``/``--repair`` or ``itr index --reindex`` swapped
+in another file, the library is opened again.  Commits into the same file need nothing:
+:meth:`itrcli.library.Library.search` follows the change log (``vector_log``) and the
+rows are read by each search.
+
+Slow work that needs no library (decoding thumbnails, sending files) runs elsewhere, so
+that it never holds up a search.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+from ..errors import ItrError, LibraryError
+
+T = TypeVar("T")
+
+
+class LiveLibrary:
+    """A read-only :class:`~itrcli.library.Library` at ``directory``, used through
+    :meth:`run` / :meth:`call` (never directly: it belongs to its thread)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = Path(directory)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="itr-library")
+        self._lib = None
+        self.reopened = 0  #: times the library was opened again (a swapped database file)
+        self._closed = threading.Event()
+
+    # -- on the library's thread ------------------------------------------------------------
+    def _current(self):
+        from ..library import Library
+
+        lib = self._lib
+        if lib is not None and lib.store.replaced():
+            lib.close()
+            lib = self._lib = None
+            self.reopened += 1
+        if lib is None:
+            lib = self._lib = Library.open(self.directory, readonly=True)
+        return lib
+
+    def _in_snapshot(self, fn: Callable[..., T], args: tuple) -> T:
+        if self._closed.is_set():
+            raise LibraryError("the server is shutting down")
+        lib = self._current()
+        lib.store.begin_snapshot()
+        try:
+            return fn(lib, *args)
+        finally:
+            lib.store.end_snapshot()
+
+    # -- from anywhere -----------------------------------------------------------------------
+    def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(library, *args)`` on the library's thread, in one read snapshot; waits."""
+        return self._pool.submit(self._in_snapshot, fn, args).result()
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """:meth:`call` from the event loop, without blocking it."""
+        return await asyncio.wrap_future(self._pool.submit(self._in_snapshot, fn, args))
+
+    def warm(self) -> None:
+        """Load what a text search needs (the text tower, the graph) before the first one;
+        a library that is missing or empty is left to the requests to report."""
+        def load(lib):
+            if lib.model and lib.store.has_files():
+                lib.search(text="a photo", top=1)  # text tower, adapter, graph
+
+        try:
+            self.call(load)
+        except ItrError:
+            pass
+
+    def close(self) -> None:
+        self._closed.set()
+
+        def shut(_lib=None):
+            if self._lib is not None:
+                self._lib.close()
+                self._lib = None
+
+        try:
+            self._pool.submit(shut).result(timeout=30)
+        except Exception:
+            pass
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+__all__ = ["LiveLibrary"]
