@@ -201,12 +201,10 @@ def _thumb_source(lib, fid: int, t: float | None):
 
 
 def _item(lib, fid: int, base: str) -> dict[str, Any]:
-    from ..store import text as textstore
-
     row = _row(lib, fid)
     words = None
-    if textstore.has_tables(lib.store.conn):
-        lines = textstore.lines_of(lib.store.conn, row["hash"])
+    if lib.store.words.has_tables():
+        lines = lib.store.words.lines_of(row["hash"])
         words = None if lines is None else [ln.text for ln in lines]
     video = row.get("duration") is not None
     frames = lib.store.frames(fid)[1] if video else None
