@@ -1,0 +1,102 @@
+"""What can be checked here of the platforms this machine cannot run (see
+.github/workflows/ci.yml for the runs on macOS and Windows): the write lock without
+fcntl, Apple GPUs refused cleanly off a Mac, Windows paths through the pure path logic."""
+
+from __future__ import annotations
+
+import errno
+import os
+import subprocess
+import sys
+import types
+
+import pytest
+
+from conftest import write_shapes
+
+
+class FakeMsvcrt(types.ModuleType):
+    """msvcrt.locking as Windows does it: a byte range locked per open handle (two handles
+    of one process conflict too), released by LK_UNLCK or when the handle closes."""
+
+    LK_UNLCK, LK_LOCK, LK_NBLCK, LK_RLCK, LK_NBRLCK = 0, 1, 2, 3, 4
+
+    def __init__(self) -> None:
+        super().__init__("msvcrt")
+        self.held: dict[tuple[int, int, int], int] = {}  # (dev, ino, offset) -> fd
+        self.calls: list[tuple[int, int]] = []
+
+    def locking(self, fd: int, mode: int, nbytes: int) -> None:
+        st = os.fstat(fd)
+        key = (st.st_dev, st.st_ino, os.lseek(fd, 0, os.SEEK_CUR))
+        self.calls.append((mode, nbytes))
+        for k, owner in list(self.held.items()):  # a closed handle's locks are gone
+            try:
+                os.fstat(owner)
+            except OSError:
+                del self.held[k]
+        if mode == self.LK_UNLCK:
+            if self.held.get(key) != fd:
+                raise OSError(errno.EACCES, "not locked")
+            del self.held[key]
+        elif mode == self.LK_NBLCK:
+            if key in self.held and self.held[key] != fd:
+                raise OSError(errno.EACCES, "Permission denied")
+            self.held[key] = fd
+        else:
+            raise AssertionError(f"itr uses only LK_NBLCK and LK_UNLCK, not {mode}")
+
+
+@pytest.fixture
+def no_fcntl(monkeypatch):
+    """The lock module as on Windows: no fcntl, msvcrt's byte-range locks."""
+    import itrcli.store.lock as lock
+
+    fake = FakeMsvcrt()
+    monkeypatch.setattr(lock, "fcntl", None)
+    monkeypatch.setitem(sys.modules, "msvcrt", fake)
+    return fake
+
+
+def test_the_lock_without_fcntl(no_fcntl, tmp_path):
+    from itrcli.errors import LockedError
+    from itrcli.store import lock
+
+    assert isinstance(lock.backend(), lock._Msvcrt)
+    a = lock.WriteLock(tmp_path, "itr index").acquire()
+    assert lock.holder(tmp_path).startswith("'itr index' (pid ")
+    with pytest.raises(LockedError, match="locked by another 'itr index'"):
+        lock.WriteLock(tmp_path, "itr adapt").acquire()
+    with pytest.raises(LockedError):
+        lock.WriteLock(tmp_path, "itr adapt").acquire(wait=0.3)  # waits, then gives up
+    a.release()
+    assert lock.holder(tmp_path) is None
+    b = lock.WriteLock(tmp_path, "itr adapt").acquire()
+    assert lock.holder(tmp_path).startswith("'itr adapt'")
+    os.close(b.fd)  # the holder dies without unlocking: the lock goes with its handle
+    b.fd = None
+    lock.WriteLock(tmp_path, "itr index").acquire().release()
+    assert set(no_fcntl.calls) <= {(no_fcntl.LK_NBLCK, 1), (no_fcntl.LK_UNLCK, 1)}
+
+
+def test_a_library_is_indexed_and_searched_without_fcntl(no_fcntl, itr, tiny_clip, tmp_path):
+    write_shapes(tmp_path / "photos", [("red", "circle", "left", 1), ("blue", "square", "right", 2)])
+    db = tmp_path / "lib"
+    r = itr("index", tmp_path / "photos", "--db", db, "-m", tiny_clip, "--json", "-q")
+    assert r.code == 0 and r.json()["added"] == 2, r
+    assert any(m == no_fcntl.LK_NBLCK for m, _ in no_fcntl.calls)  # the lock was taken
+    assert len(itr("search", "a red circle", "--db", db, "--json").json()["results"]) == 2
+    assert itr("check", "--db", db).code == 0
+
+
+def test_the_lock_module_imports_where_there_is_no_fcntl(tmp_path):
+    code = ("import sys, types\n"
+            "sys.modules['fcntl'] = None\n"  # import fcntl now raises ImportError
+            "m = types.ModuleType('msvcrt'); m.LK_NBLCK, m.LK_UNLCK = 2, 0\n"
+            "m.locking = lambda fd, mode, n: None\n"
+            "sys.modules['msvcrt'] = m\n"
+            "from itrcli.store import lock\n"
+            "assert lock.fcntl is None and type(lock.backend()).__name__ == '_Msvcrt'\n"
+            f"l = lock.WriteLock({str(tmp_path)!r}).acquire(); l.release(); print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
