@@ -55,8 +55,8 @@ ModelOpt = Annotated[
                       "else laion-b32]", show_default=False),
 ]
 def _check_device(value: str) -> str:
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value or ""):
-        raise typer.BadParameter("expected auto, cpu, cuda or cuda:N")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value or ""):
+        raise typer.BadParameter("expected auto, cpu, cuda, cuda:N or mps")
     return value
 
 
@@ -66,7 +66,7 @@ def _check_precision(value: str) -> str:
     return value
 
 
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N",
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps",
                                         callback=_check_device)]
 PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto, fp32, bf16 or fp16",
                                            callback=_check_precision)]

@@ -100,3 +100,33 @@ def test_the_lock_module_imports_where_there_is_no_fcntl(tmp_path):
             f"l = lock.WriteLock({str(tmp_path)!r}).acquire(); l.release(); print('ok')\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+def test_device_mps_is_one_line_and_exit_2_without_an_apple_gpu(itr, tiny_clip, tmp_path):
+    from itrcli.embed import encoder
+
+    if encoder.mps_available():
+        pytest.skip("this machine has an Apple GPU: --device mps is accepted here")
+    write_shapes(tmp_path / "photos", [("red", "circle", "left", 1)])
+    r = itr("index", tmp_path / "photos", "--db", tmp_path / "lib", "-m", tiny_clip,
+            "--device", "mps")
+    assert r.code == 2 and r.err.count("\n") == 1, r
+    assert "--device mps: no Apple GPU (MPS) is available here" in r.err
+    assert not (tmp_path / "lib" / "itr.db").exists() or itr(
+        "info", "--db", tmp_path / "lib", "--json").json()["files"] == 0
+    r = itr("index", tmp_path / "photos", "--db", tmp_path / "lib", "--device", "metal")
+    assert r.code == 2 and "expected auto, cpu, cuda, cuda:N or mps" in r.err
+
+
+def test_auto_picks_the_apple_gpu_in_fp16_where_there_is_one(monkeypatch):
+    import torch
+
+    from itrcli.embed import encoder
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(encoder, "mps_available", lambda: True)
+    assert encoder.resolve_device("auto") == "mps" and encoder.resolve_device("mps") == "mps"
+    assert encoder.resolve_precision("auto", "mps") == "fp16"
+    assert encoder.resolve_precision("fp32", "mps") == "fp32"
+    monkeypatch.setattr(encoder, "mps_available", lambda: False)
+    assert encoder.resolve_device("auto") == "cpu"

@@ -47,14 +47,28 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def mps_available() -> bool:
+    """Whether torch can use an Apple GPU (Metal Performance Shaders) here."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
 def resolve_device(device: str) -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``; validates ``cuda:N``."""
+    """``auto`` -> ``cuda`` when an NVIDIA GPU is visible, else ``mps`` on Apple silicon,
+    else ``cpu``; validates ``cuda:N`` and ``mps``."""
     import torch
 
     device = (device or "auto").lower()
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
     if device == "cpu":
+        return device
+    if device == "mps":
+        if not mps_available():
+            raise UsageError("--device mps: no Apple GPU (MPS) is available here (it needs "
+                             f"Apple silicon and a torch built with MPS; torch {torch.__version__})")
         return device
     if device == "cuda" or device.startswith("cuda:"):
         if not torch.cuda.is_available():
@@ -67,19 +81,22 @@ def resolve_device(device: str) -> str:
             if n >= torch.cuda.device_count():
                 raise ModelError(f"--device {device}: only {torch.cuda.device_count()} GPU(s) visible")
         return device
-    raise UsageError(f"--device {device}: expected auto, cpu, cuda or cuda:N")
+    raise UsageError(f"--device {device}: expected auto, cpu, cuda, cuda:N or mps")
 
 
 def resolve_precision(precision: str, device: str) -> str:
-    """``auto`` -> fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
+    """``auto`` -> fp16 on GPUs (CUDA, Apple MPS: CLIP and SigLIP towers are trained in
+    mixed precision; their fp16 vectors stay within
+    :data:`itrcli.constants.BF16_MIN_COSINE` of fp32),
+    bf16 on CPUs with native bf16, else fp32."""
     precision = (precision or "auto").lower()
     if precision not in PRECISIONS:
         raise UsageError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         if precision == "fp16" and device == "cpu":
-            raise UsageError("--precision fp16 needs a CUDA device (use bf16 or fp32 on CPU)")
+            raise UsageError("--precision fp16 needs a GPU (cuda or mps; use bf16 or fp32 on CPU)")
         return precision
-    if device.startswith("cuda"):
+    if device.startswith("cuda") or device == "mps":
         return "fp16"
     return "bf16" if cpu_has_native_bf16() else "fp32"
 
@@ -106,7 +123,7 @@ class Encoder:
 
     Args:
         model: hub id or local directory (see :func:`itrcli.embed.models.resolve`).
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (Apple GPUs).
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16``.
         towers: ``both``; ``image`` (indexing: the text tower's weights are not read until
             :meth:`encode_texts` is called); ``text`` (the text tower's export: no image

@@ -77,7 +77,7 @@ class Reranker:
     Args:
         model: re-rank preset name, hub id or local directory; None: ``$ITR_RERANK_MODEL``,
             else :data:`itrcli.embed.models.DEFAULT_RERANK_PRESET`.
-        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        device: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         precision: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (as for the encoder).
     Raises:
         ModelError: it cannot be found or loaded, or is not an ITM checkpoint.
