@@ -13,7 +13,7 @@ import signal
 import sys
 import warnings
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, Any, List, Optional
 
 import typer
 
@@ -1060,11 +1060,17 @@ def serve(
 
 # --- entry point -----------------------------------------------------------------------
 
-def _stop_on_sigterm(seen: list[int]):
-    """Make SIGTERM (kill, `timeout`, systemd, cron wrappers) stop a run the way Ctrl-C
-    does: the batch in progress rolled back, committed ones kept, the graph saved.  A second
-    SIGTERM ends the process at once (as safe as kill -9).  Returns the previous handler,
-    or None when handlers cannot be set (not the main thread)."""
+def _stop_signals() -> list[int]:
+    """The signals that stop a run as Ctrl-C does: SIGTERM, and on Windows Ctrl-Break."""
+    return [s for s in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGBREAK", None))
+            if s is not None]
+
+
+def _stop_on_sigterm(seen: list[int]) -> dict[int, Any] | None:
+    """Make SIGTERM (kill, `timeout`, systemd, cron wrappers) and Ctrl-Break (Windows) stop
+    a run the way Ctrl-C does: the batch in progress rolled back, committed ones kept, the
+    graph saved.  A second one ends the process at once (as safe as kill -9).  Returns the
+    previous handlers, or None when handlers cannot be set (not the main thread)."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -1072,10 +1078,29 @@ def _stop_on_sigterm(seen: list[int]):
 
     def on_term(signum, frame):
         seen.append(signum)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signum, signal.SIG_DFL)
         raise Terminated()
 
-    return signal.signal(signal.SIGTERM, on_term)
+    return {s: signal.signal(s, on_term) for s in _stop_signals()}
+
+
+def _safe_console() -> None:
+    """Names that the console's encoding cannot show never stop the output: on Windows,
+    piped output is UTF-8 (as on the other systems, so scripts get exact names); any
+    stream whose encoding is not UTF-8 writes what it cannot encode as escapes."""
+    import codecs
+
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is None:
+            continue
+        try:
+            if os.name == "nt" and not stream.isatty():
+                reconfigure(encoding="utf-8")
+            elif codecs.lookup(stream.encoding or "ascii").name != "utf-8":
+                reconfigure(errors="backslashreplace")
+        except (LookupError, ValueError, OSError):
+            pass
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -1098,6 +1123,7 @@ def main(argv: list[str] | None = None) -> None:
         from typer.completion import completion_init
 
         completion_init()
+    _safe_console()
     terminated: list[int] = []
     previous = _stop_on_sigterm(terminated)
     try:
@@ -1135,8 +1161,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         code = ExitCode.ERROR
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for sig, handler in (previous or {}).items():
+            signal.signal(sig, handler)
     if terminated and code == ExitCode.INTERRUPTED:
         code = ExitCode.TERMINATED
     try:

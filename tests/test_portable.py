@@ -130,3 +130,68 @@ def test_auto_picks_the_apple_gpu_in_fp16_where_there_is_one(monkeypatch):
     assert encoder.resolve_precision("fp32", "mps") == "fp32"
     monkeypatch.setattr(encoder, "mps_available", lambda: False)
     assert encoder.resolve_device("auto") == "cpu"
+
+
+def test_windows_paths_through_the_pure_path_logic():
+    import ntpath
+    import posixpath
+
+    from itrcli.paths import long_path, under
+    from itrcli.query.filters import glob_sql
+
+    roots = ["C:\\Users\\ana\\Photos", "\\\\nas\\share\\pics\\"]
+    assert under("c:\\users\\ANA\\photos\\2024\\a.jpg", roots, pathmod=ntpath)
+    assert under("C:/Users/ana/Photos/b.jpg", roots, pathmod=ntpath)  # / stands for \
+    assert under("\\\\NAS\\share\\pics\\x\\y.heic", roots, pathmod=ntpath)
+    assert not under("C:\\Users\\ana\\Photos2\\a.jpg", roots, pathmod=ntpath)
+    assert not under("/home/ana/Photos2/a.jpg", ["/home/ana/Photos"], pathmod=posixpath)
+    assert under("/home/ana/Photos/a.jpg", ["/home/ana/Photos"], pathmod=posixpath)
+    assert glob_sql("2024/*.jpg", pathmod=ntpath) == "*\\2024\\*.jpg"
+    assert glob_sql("C:\\Users\\*\\*.jpg", pathmod=ntpath) == "C:\\Users\\*\\*.jpg"
+    assert glob_sql("[!a]*.jpg", pathmod=ntpath) == "*\\[^a]*.jpg"
+    assert glob_sql("2024/*.jpg", pathmod=posixpath) == "*/2024/*.jpg"
+    assert glob_sql("/srv/*.jpg", pathmod=posixpath) == "/srv/*.jpg"
+    deep = "C:\\" + "\\".join(["folder-name-%02d" % i for i in range(20)]) + "\\IMG_0001.HEIC"
+    assert len(deep) > 259
+    assert long_path(deep, windows=True) == "\\\\?\\" + deep
+    assert long_path("\\\\nas\\share\\" + "d\\" * 200 + "x.jpg", windows=True).startswith(
+        "\\\\?\\UNC\\nas\\share\\")
+    assert long_path("C:\\short.jpg", windows=True) == "C:\\short.jpg"
+    assert long_path(deep, windows=False) == deep
+
+
+def test_ctrl_break_stops_a_run_as_ctrl_c_does(monkeypatch):
+    import signal
+
+    from itrcli import cli
+
+    monkeypatch.setattr(signal, "SIGBREAK", signal.SIGUSR1, raising=False)  # as on Windows
+    assert signal.SIGUSR1 in cli._stop_signals() and signal.SIGTERM in cli._stop_signals()
+    seen: list[int] = []
+    previous = cli._stop_on_sigterm(seen)
+    try:
+        from itrcli.errors import Terminated
+
+        with pytest.raises(Terminated):
+            os.kill(os.getpid(), signal.SIGUSR1)
+            import time
+
+            time.sleep(5)  # the handler raises in the main thread first
+        assert seen == [signal.SIGUSR1]
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def test_names_the_console_cannot_encode_never_stop_the_output(tmp_path):
+    """A console in a legacy code page (cp1252, as Windows pipes default to): a Polish or
+    Japanese file name is escaped, not a UnicodeEncodeError."""
+    code = ("import sys, io\n"
+            "sys.stdout = io.TextIOWrapper(io.BytesIO(), encoding='cp1252')\n"
+            "from itrcli import cli\n"
+            "cli._safe_console()\n"
+            "sys.stdout.write('\\u0142\\u00f3d\\u017a \\u5199\\u771f.jpg\\n'); sys.stdout.flush()\n"
+            "print(sys.stdout.buffer.getvalue().decode('cp1252'), file=sys.stderr)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip() == "\\u0142\u00f3d\\u017a \\u5199\\u771f.jpg"

@@ -12,6 +12,8 @@ import hashlib
 import os
 import stat
 
+from ..paths import long_path
+
 #: Files larger than this are not read at all (a video or disk image with a photo's name
 #: would otherwise be read whole into memory): 1 GiB, far above any compressed photo.
 MAX_FILE_BYTES = 1 << 30
@@ -42,7 +44,7 @@ def _open(path: str) -> int:
     """A read-only descriptor, or :class:`Unreadable` with a one-line reason.  O_NONBLOCK:
     a file replaced by a FIFO since the walk must not hang the run."""
     try:
-        return os.open(path, _OPEN_FLAGS)
+        return os.open(long_path(path), _OPEN_FLAGS)
     except FileNotFoundError:
         raise Unreadable("file vanished during the run") from None
     except IsADirectoryError:

@@ -18,6 +18,7 @@ from typing import Iterable, Mapping, NamedTuple
 
 from ..constants import DB_NAME, HEIF_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (re-exported)
 from ..gcpause import gc_paused
+from ..paths import long_path, under as _under
 from ..records import StoredFile
 
 
@@ -123,7 +124,7 @@ def _walk(roots: Iterable[str], extensions: frozenset[str], include_hidden: bool
                 # listed through a descriptor, each entry's stat is an fstatat of its bare
                 # name: no lookup of the whole path again (a million files: 1 s less)
                 fd = os.open(d, _DIR_FLAGS) if _LIST_BY_FD else None
-                with os.scandir(d if fd is None else fd) as it:
+                with os.scandir(long_path(d) if fd is None else fd) as it:
                     entries = list(it)
             except OSError as e:
                 res.errors.append((d, _oserror(e)))
@@ -228,11 +229,14 @@ def left_out(path: str, root: str, *, include_hidden: bool = False,
 
 
 def under(path: str, roots: Iterable[str]) -> bool:
-    """True if ``path`` is one of ``roots`` or inside one of them."""
-    for r in roots:
-        if path == r or path.startswith(r.rstrip(os.sep) + os.sep):
-            return True
-    return False
+    """True if ``path`` is one of ``roots`` or inside one of them (:func:`itrcli.paths.under`:
+    on Windows, whatever the case and slashes)."""
+    if os.name != "nt":  # the common case, a million times a run: plain string tests
+        for r in roots:
+            if path == r or path.startswith(r.rstrip(os.sep) + os.sep):
+                return True
+        return False
+    return _under(path, roots)
 
 
 def plan(

@@ -102,12 +102,17 @@ def distance_km(lat1: float, lon1: float, lat2: float, lon2: float) -> float:
     return 2 * EARTH_RADIUS_KM * math.asin(min(1.0, math.sqrt(a)))
 
 
-def glob_sql(pattern: str) -> str:
+def glob_sql(pattern: str, *, pathmod=os.path) -> str:
     """A ``--glob`` pattern as an SQLite ``GLOB`` pattern over the whole path: relative
     patterns get ``*/`` in front (the end of the path after a ``/``), and the shell's
-    ``[!...]`` becomes SQLite's ``[^...]``."""
+    ``[!...]`` becomes SQLite's ``[^...]``.  With ``ntpath`` (Windows, whose stored paths
+    use ``\\``): ``/`` in the pattern stands for ``\\``, and ``C:\\...`` or
+    ``\\\\server\\...`` is absolute."""
     pattern = re.sub(r"\[!", "[^", pattern)
-    return pattern if pattern.startswith("/") else "*/" + pattern
+    sep = pathmod.sep
+    if sep != "/":
+        pattern = pattern.replace("/", sep)
+    return pattern if pathmod.isabs(pattern) else "*" + sep + pattern
 
 
 # --- parsing option values ------------------------------------------------------------
