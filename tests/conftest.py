@@ -171,3 +171,32 @@ def main_in_fresh_python(args: list[str], modules: tuple[str, ...], timeout: flo
 
 def python_cmd() -> list[str]:
     return [sys.executable, "-m", "itrcli"]
+
+
+def posix_only(why: str):
+    """A test that can only fail on POSIX systems (Linux, macOS): skipped on Windows, with
+    the reason (the workflow in .github/workflows runs the suite there too)."""
+    return pytest.mark.skipif(os.name == "nt", reason=f"POSIX only: {why}")
+
+
+def find_chromium() -> str | None:
+    """A Chromium to drive: ``$ITR_CHROMIUM`` (e.g. Playwright's own, on a runner that has
+    no Debian package), else ``chromium`` or ``chromium-browser`` on PATH."""
+    import shutil
+
+    env = os.environ.get("ITR_CHROMIUM")
+    if env and os.path.exists(env):
+        return env
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        exe = shutil.which(name)
+        if exe:
+            return exe
+    return None
+
+
+def page_tests_required() -> bool:
+    """Whether a missing browser fails the page tests instead of skipping them: in CI
+    (``CI=true``, which .ci/run installs Chromium for), unless ``ITR_PAGE_TESTS=skip`` (the
+    workflow's macOS and Windows runners)."""
+    return (os.environ.get("CI", "").lower() == "true"
+            and os.environ.get("ITR_PAGE_TESTS", "").lower() != "skip")

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import posix_only
+
 from support import synth
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # Ray Data's own
@@ -223,6 +225,7 @@ def test_ray_engine_matches_a_local_run_and_is_incremental(itr, tiny_clip, tmp_p
     assert hits.code == 0 and len(hits.json()["results"]) == 16, hits
 
 
+@posix_only("kills a process with SIGKILL, which Windows does not have")
 def test_killed_driver_resumes(itr, tiny_clip, tmp_path, ray_address):
     """kill -9 of the driver after its second commit; the same command again finishes the
     run: nothing lost, nothing twice, check clean, the vectors of a local run."""

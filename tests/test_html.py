@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
@@ -206,22 +205,16 @@ def test_search_page_through_the_cli(itr, tiny_clip, tmp_path):
 
 # --- rendering ----------------------------------------------------------------------------
 
-def _find_chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        exe = shutil.which(name)
-        if exe:
-            return exe
-    return None
-
-
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """A headless Chromium found on PATH (the tests never install anything).  CI installs
     it, so under CI=true a missing one fails the test instead of skipping it silently."""
-    exe = _find_chromium()
+    from conftest import find_chromium, page_tests_required
+
+    exe = find_chromium()
     if exe:
         return exe
-    if os.environ.get("CI", "").lower() == "true":
+    if page_tests_required():
         pytest.fail("chromium is not on PATH, and CI=true: CI must install it "
                     "(apt-get install chromium) so that the rendering test runs", pytrace=False)
     pytest.skip("chromium is not on PATH (apt-get install chromium): the page is not rendered")

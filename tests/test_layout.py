@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import write_shapes
+from conftest import write_shapes, posix_only
 
 PKG = Path(__file__).resolve().parents[1] / "itrcli"
 BASE = {"constants", "errors", "gcpause", "lrufiles", "paths", "pools", "progress", "records", "__init__"}
@@ -155,6 +155,7 @@ def test_remembered_failures_advance_the_progress_once(itr, tiny_clip, tmp_path)
     assert rec.total == 0  # nothing to read on the second run
 
 
+@posix_only("makes symbolic links, which need privileges on Windows")
 def test_a_symlink_loop_is_named_as_such(tmp_path):
     from itrcli.ingest.files import Unreadable, read_file
     from itrcli.ingest.walk import walk

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import posix_only
+
 from itrcli.ingest.ocr import Line, keep_lines
 from itrcli.query.fusion import rrf
 from itrcli.store.db import sqlite_uri
@@ -425,6 +427,7 @@ def test_text_command_reads_now_without_library(tmp_path, itr):
     assert r.out == f"==> {photos / 'station.jpg'} <==\nHarbour Station\n"
 
 
+@posix_only("kills a process with SIGKILL, which Windows does not have")
 def test_kill9_while_reading_then_resume(tmp_path, itr, micro_clip):
     """A real ``kill -9`` of a run that is reading text: only whole reads are kept, and
     the next run reads the rest without duplicates."""

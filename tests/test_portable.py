@@ -12,7 +12,7 @@ import types
 
 import pytest
 
-from conftest import write_shapes
+from conftest import write_shapes, posix_only
 
 
 class FakeMsvcrt(types.ModuleType):
@@ -160,6 +160,7 @@ def test_windows_paths_through_the_pure_path_logic():
     assert long_path(deep, windows=False) == deep
 
 
+@posix_only("sends SIGUSR1, which Windows does not have")
 def test_ctrl_break_stops_a_run_as_ctrl_c_does(monkeypatch):
     import signal
 

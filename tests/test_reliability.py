@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import faults
-from conftest import python_cmd
+from conftest import python_cmd, posix_only
 from itrcli.store.db import sqlite_uri
 from support import synth
 
@@ -259,6 +259,7 @@ def test_names_that_collide_once_escaped_are_skipped_not_fatal(itr, tiny_clip, t
     check(tmp_path / "lib", strict=True)
 
 
+@posix_only("denies access with chmod, which Windows ignores")
 def test_permission_denied_files_and_directories(itr, tiny_clip, tmp_path, monkeypatch):
     """As root, chmod does not stop reads: then the denial is simulated at os.open/scandir."""
     d = tmp_path / "photos"
@@ -305,6 +306,7 @@ def test_permission_denied_files_and_directories(itr, tiny_clip, tmp_path, monke
     check(db, strict=True)
 
 
+@posix_only("makes a FIFO, which Windows does not have")
 def test_read_file_refuses_fifos_huge_files_and_files_being_written(tmp_path, monkeypatch):
     from itrcli.ingest.files import MAX_FILE_BYTES
     from itrcli.jobs import indexer
@@ -401,6 +403,7 @@ POINTS = [
 ]
 
 
+@posix_only("kills a process with SIGKILL, which Windows does not have")
 def test_kill9_at_every_critical_point_then_resume(zygote, killable, tiny_clip, itr, tmp_path):
     db, d, photos, ref = killable
     # the first run of a library, killed before it exports the text tower

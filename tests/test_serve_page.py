@@ -7,16 +7,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import run_itr, write_shapes
-
-IN_CI = os.environ.get("CI", "").lower() == "true"
+from conftest import find_chromium, page_tests_required, run_itr, write_shapes
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 #: Bounded waits (milliseconds for Playwright): no assertion is about time.
@@ -25,7 +22,7 @@ HOSTILE = '<img src=x onerror="window.__xss=1">&amp;"\'.jpg'
 
 
 def _missing(why: str):
-    if IN_CI:
+    if page_tests_required():
         pytest.fail(f"{why} (CI=true: the page tests must run)")
     pytest.skip(why)
 
@@ -36,7 +33,7 @@ def browser():
         from playwright.sync_api import sync_playwright
     except ImportError:
         _missing("playwright is not installed (pip install -e '.[test]')")
-    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser") if shutil.which(n)), None)
+    exe = find_chromium()
     if exe is None:
         _missing("chromium is not installed (apt-get install chromium)")
     with sync_playwright() as p:

@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import write_shapes
+from conftest import write_shapes, posix_only
 
 SPECS = [("red", "circle", "left", 1), ("blue", "square", "right", 2),
          ("green", "triangle", "top", 3), ("yellow", "circle", "bottom", 4)]
@@ -162,6 +162,7 @@ def test_run_that_finds_no_image_keeps_no_tower(itr, tiny_clip, tmp_path, monkey
     assert not (db / "text").exists() and not list(db.glob(".text.tmp*"))
 
 
+@posix_only("kills a process with SIGKILL, which Windows does not have")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_export_child_dies_with_its_run(tiny_clip, tmp_path):
     """A run killed with -9 leaves no export process behind to write into the library."""

@@ -12,7 +12,7 @@ import sqlite3
 import numpy as np
 import pytest
 
-from conftest import write_shapes
+from conftest import write_shapes, posix_only
 
 av = pytest.importorskip("av", reason="PyAV not installed: pip install 'itr[video]'")
 
@@ -560,6 +560,7 @@ def zygote(tmp_path_factory):
     z.close()
 
 
+@posix_only("kills a process with SIGKILL, which Windows does not have")
 @pytest.mark.parametrize("point", ["commit:2", "graph-tmp:1"])
 def test_kill9_mid_run_then_resume(zygote, itr, tiny_clip, tmp_path, point):
     import signal

@@ -6,6 +6,8 @@ import os
 
 import pytest
 
+from conftest import posix_only
+
 from itrcli.ingest import walk as walk_module
 from itrcli.ingest.images import IMAGE_EXTENSIONS
 from itrcli.ingest.walk import Entry, plan, walk
@@ -46,6 +48,7 @@ def test_walk_exclude_globs(tmp_path):
     assert [os.path.basename(p) for p in r.files] == ["a.jpg"]
 
 
+@posix_only("makes symbolic links, which need privileges on Windows")
 def test_symlinked_dirs_followed_only_on_request_and_never_loop(tmp_path):
     touch(tmp_path / "real" / "a.jpg")
     os.symlink(tmp_path / "real", tmp_path / "link")
@@ -56,6 +59,7 @@ def test_symlinked_dirs_followed_only_on_request_and_never_loop(tmp_path):
     assert len(r.files) == 1  # the same directory is entered once, whatever the route
 
 
+@posix_only("makes symbolic links, which need privileges on Windows")
 def test_broken_symlink_is_reported_not_fatal(tmp_path):
     touch(tmp_path / "a.jpg")
     os.symlink(tmp_path / "missing.jpg", tmp_path / "broken.jpg")
@@ -94,6 +98,7 @@ def test_plan_does_not_confuse_sibling_prefixes():
     assert plan({}, known, ["/photos"]).missing == []
 
 
+@posix_only("makes symbolic links, which need privileges on Windows")
 def test_extensions_are_read_as_splitext_reads_them(tmp_path):
     from itrcli.ingest.walk import extension
 
@@ -115,6 +120,7 @@ def test_extensions_are_read_as_splitext_reads_them(tmp_path):
         assert all(e.path == p and e.size == 1 for p, e in r.files.items())
 
 
+@posix_only("reads /proc (Linux)")
 @pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts descriptors in /proc")
 def test_the_walk_closes_every_directory_it_opens(tmp_path):
     for i in range(60):
