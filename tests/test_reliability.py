@@ -68,7 +68,7 @@ def wait_for(pred, timeout: float = 60.0, every: float = 0.01) -> bool:
 
 def holds_lock(db: Path, pid: int) -> bool:
     try:
-        return json.loads((db / "lock").read_text() or "{}").get("pid") == pid
+        return json.loads((db / "lock").read_text().strip("\0 ") or "{}").get("pid") == pid
     except (OSError, ValueError):
         return False
 
