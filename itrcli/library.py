@@ -38,6 +38,8 @@ class Library:
         self.store = store
         self._encoder = None
         self._encoder_args: tuple[str, str, str, str | None] | None = None
+        #: many searches will follow (``itr serve``): worth a slower start for faster queries
+        self.long_lived = False
         self._reranker = None  # loaded by the first search with rerank=True
         self._reranker_args: tuple[str | None, str, str] | None = None
 
@@ -476,7 +478,7 @@ class Library:
             if cached is not None and cached[0] == key:
                 return cached[1]
             try:
-                enc = OnnxTextEncoder(self.directory)
+                enc = OnnxTextEncoder(self.directory, warm=self.long_lived)
             except Exception:
                 pass  # damaged export: the torch path gives the same vectors
             else:

@@ -49,6 +49,7 @@ class LiveLibrary:
             self.reopened += 1
         if lib is None:
             lib = self._lib = Library.open(self.directory, readonly=True)
+            lib.long_lived = True  # a warm text tower: pre-packed weights
         return lib
 
     def _in_snapshot(self, fn: Callable[..., T], args: tuple) -> T:
