@@ -775,3 +775,42 @@ def test_the_server_watches_through_the_command_line(tmp_path, micro_clip):
         code = s.stop(signal.SIGTERM)
     assert code == 0, s.stderr
     assert "Traceback" not in s.stderr
+
+
+def test_waiting_text_searches_are_embedded_together_with_the_same_results(library):
+    """Under load the texts queued for the library's thread are embedded in one batch: each
+    search still gives the hits and scores of itr search (the batch's float rounding is
+    far below the 4 decimals shown)."""
+    import asyncio
+    import threading
+
+    from itrcli.query.request import SearchRequest
+    from itrcli.serve.live import LiveLibrary
+
+    db = library[0]
+    texts = ["a red circle", "a blue square", "a green triangle on the left", "a yellow star",
+             "a purple cross at the top", "an orange circle"]
+    live = LiveLibrary(db)
+    gate = threading.Event()
+    try:
+        live.call(lambda lib: lib.search(text="warm up", top=1))
+
+        async def go():
+            blocked = asyncio.ensure_future(live.run(lambda lib: gate.wait(60)))
+            await asyncio.sleep(0)  # the library's thread is now held by that job
+            runs = [asyncio.ensure_future(live.run(lambda lib, t: lib.search(
+                SearchRequest(text=t, top=5)).to_json(), t, text=t)) for t in texts]
+            await asyncio.sleep(0.2)
+            gate.set()
+            await blocked
+            return await asyncio.gather(*runs)
+
+        got = asyncio.run(go())
+        assert live.batched == len(texts)  # all of them, at once
+    finally:
+        gate.set()
+        live.close()
+    for t, res in zip(texts, got):
+        alone = cli_json(db, "--text", t, "-n", "5")
+        assert [(h["path"], h["score"]) for h in res["results"]] == \
+            [(h["path"], h["score"]) for h in alone["results"]], t

@@ -358,7 +358,10 @@ def create_app(options: ServeOptions, live: LiveLibrary | None = None) -> Starle
                 out = await live.run(_search_image, req, path, base)
             out["query"] = name
         else:
-            out = await live.run(_search, req, extra["like"], base)
+            plain = (extra["like"] is None and req.text is not None and not req.add
+                     and not req.subtract and req.device in ("auto", "cpu"))
+            out = await live.run(_search, req, extra["like"], base,
+                                 text=req.text if plain else None)
         out["next"] = params.next_token(req) if out["more"] else None
         return json_response(out)
 

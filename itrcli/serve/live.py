@@ -36,6 +36,9 @@ class LiveLibrary:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="itr-library")
         self._lib = None
         self.reopened = 0  #: times the library was opened again (a swapped database file)
+        self.batched = 0  #: texts embedded together with others while requests waited
+        self._waiting: list[str] = []  # texts of searches queued for the library's thread
+        self._waiting_lock = threading.Lock()
         self._closed = threading.Event()
 
     # -- on the library's thread ------------------------------------------------------------
@@ -56,6 +59,13 @@ class LiveLibrary:
         if self._closed.is_set():
             raise LibraryError("the server is shutting down")
         lib = self._current()
+        with self._waiting_lock:
+            texts, self._waiting = self._waiting, []
+        if len(texts) > 1:  # under load: the texts waiting for the library, in one batch
+            try:
+                self.batched += lib.prime_texts(texts)
+            except ItrError:
+                pass  # each search reports its own error
         lib.store.begin_snapshot()
         try:
             return fn(lib, *args)
@@ -67,8 +77,12 @@ class LiveLibrary:
         """``fn(library, *args)`` on the library's thread, in one read snapshot; waits."""
         return self._pool.submit(self._in_snapshot, fn, args).result()
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """:meth:`call` from the event loop, without blocking it."""
+    async def run(self, fn: Callable[..., T], *args: Any, text: str | None = None) -> T:
+        """:meth:`call` from the event loop, without blocking it.  ``text``: the query of a
+        plain text search, embedded together with the others waiting when several are."""
+        if text is not None:
+            with self._waiting_lock:
+                self._waiting.append(text)
         return await asyncio.wrap_future(self._pool.submit(self._in_snapshot, fn, args))
 
     def warm(self) -> None:
