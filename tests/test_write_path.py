@@ -128,6 +128,13 @@ def test_an_interrupted_reindex_leaves_the_old_library_searchable(itr, lib, tiny
     assert search_names(itr, lib) == before
     (lib / ".reindex").mkdir(exist_ok=True)  # as a kill -9 would leave it
     (lib / ".reindex" / "itr.db").write_bytes(b"half")
+    c = itr("check", "--db", lib, "--json").json()
+    # (killed at the swap: the old graph was already gone, rebuilt from the rows meanwhile)
+    assert "reindex-leftover" in [p["kind"] for p in c["problems"]], c
+    r = itr("check", "--db", lib, "--repair", "--json")
+    assert r.code == 0 and not (lib / ".reindex").exists(), r
+    (lib / ".reindex").mkdir()
+    (lib / ".reindex" / "itr.db").write_bytes(b"half")
     r = itr("index", tmp_path / "photos", "--db", lib, "-m", tiny_siglip, "--reindex", "-q")
     assert r.code == 0, r
     assert itr("info", "--db", lib, "--json").json()["model"] == str(tiny_siglip)

@@ -31,6 +31,7 @@ from ..errors import LibraryError
 from ..store.db import Store, decode_vectors, fs_path_of, library_error
 from ..store.graphfile import GraphFile, GraphFileError
 from ..store.lock import holder
+from ..constants import REINDEX_DIR
 from ..store.vindex import VectorIndex, graph_files, remove_temp_files
 
 ERROR, WARNING, NOTE = "error", "warning", "note"
@@ -236,6 +237,10 @@ def _check_graph(rep: Report, store: Store, dim: int, good: dict[int, None],
     if temps and not writer:
         rep.add("temp-files", WARNING, f"{len(temps)} temporary graph file(s) left by a run "
                 "killed while saving", items=[p.name for p in temps])
+    if (store.directory / REINDEX_DIR).exists() and not writer:
+        rep.add("reindex-leftover", WARNING, f"{REINDEX_DIR}/ holds the half-built library of "
+                "an itr index --reindex that was killed (the library is as before it): --repair "
+                "removes it, the next --reindex starts again", items=[REINDEX_DIR])
     if len(saved) > 1 and not writer:
         rep.add("old-graphs", NOTE, f"{len(saved) - 1} older graph file(s) not yet removed",
                 items=[p.name for _, p in saved[:-1]])
@@ -493,6 +498,11 @@ def _repair(store: Store, prune: bool) -> Report:
     n_temps = remove_temp_files(store.directory)
     if n_temps:
         done.append(f"removed {n_temps} temporary graph file(s)")
+    if before.get("reindex-leftover"):
+        import shutil
+
+        shutil.rmtree(store.directory / REINDEX_DIR, ignore_errors=True)
+        done.append(f"removed the half-built library of a killed re-index ({REINDEX_DIR}/)")
     dim = store.get_meta("dim")
     if dim:
         vi = VectorIndex(store.directory, int(dim))
