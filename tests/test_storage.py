@@ -281,7 +281,7 @@ def test_in_chunks_binds_each_chunk_and_repeated_marks(tmp_path):
     leading parameters kept."""
     import sqlite3 as sq
 
-    from itrcli.store.db import in_chunks
+    from itrcli.store.sql import in_chunks
 
     c = sq.connect(":memory:")
     c.execute("CREATE TABLE t (id INTEGER PRIMARY KEY, k TEXT)")

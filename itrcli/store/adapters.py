@@ -12,7 +12,7 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
-from .db import now_iso
+from .sql import now_iso
 
 
 @dataclass

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .db import in_chunks, now_iso
+from .sql import in_chunks, now_iso
 
 
 @dataclass(frozen=True)

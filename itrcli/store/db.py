@@ -17,15 +17,15 @@ import sqlite3
 from contextlib import contextmanager
 from functools import cached_property
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
 from ..errors import LibraryError
 from ..gcpause import gc_paused
 from .lock import WriteLock
 from ..pools import in_order
 from ..records import StoredFile
+from .sql import in_chunks, now_iso
 
 from ..constants import DB_NAME
 
@@ -47,27 +47,6 @@ def db_path_of(fs_path: str) -> tuple[str, bytes | None]:
 def fs_path_of(text: str, fsname: bytes | None) -> str:
     """Inverse of :func:`db_path_of`: the path to hand to ``open``."""
     return os.fsdecode(fsname) if fsname else text
-
-
-#: Values bound in one ``IN (...)`` list: well under SQLite's limit on host parameters.
-IN_CHUNK = 500
-
-
-def in_chunks(conn: sqlite3.Connection, sql: str, values: Iterable, *, before: Sequence = (),
-              chunk: int = IN_CHUNK) -> Iterator[sqlite3.Cursor]:
-    """Run ``sql`` once per chunk of ``values``: each ``{marks}`` in it becomes the chunk's
-    placeholders (``?,?,...``) and is bound to the chunk; ``before``: parameters bound
-    ahead of them.  Yields each run's cursor (the one way itr queries a long ``IN`` list)."""
-    values = list(values)
-    n = sql.count("{marks}")
-    for i in range(0, len(values), chunk):
-        part = values[i : i + chunk]
-        yield conn.execute(sql.replace("{marks}", ",".join("?" * len(part))),
-                           [*before, *(part * n)])
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
 
 
 def _script(conn: sqlite3.Connection, sql: str) -> None:

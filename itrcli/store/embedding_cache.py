@@ -12,7 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import ItrError
-from .db import in_chunks
+from .sql import in_chunks
 
 CACHE_NAME = "embeddings.db"
 
