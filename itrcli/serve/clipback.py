@@ -13,7 +13,7 @@ from elsewhere).
 - ``POST /metadata`` with ``{"ids": [...], "indice_name": ...}``: ``[{"id", "metadata":
   {...}}]``.
 
-The same library thread, searches and guards as ``/api`` (:mod:`itrcli.serve.app`).
+The same library thread, searches and guards as ``/api`` (:mod:`itrcli.serve.app`, :mod:`itrcli.serve.answers`).
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ def _dedup(lib, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def routes(live, options, *, endpoint) -> list[Route]:
-    from .app import (HTTPError, _base, _search, _search_image, check_image, json_response,
-                      read_body)
+    from .answers import (HTTPError, base_url, check_image, json_response, read_body, search,
+                          search_image)
 
     async def body_json(request: Request) -> dict[str, Any]:
         raw = await read_body(request, options.max_upload * 4 // 3 + 4096)
@@ -108,7 +108,7 @@ def routes(live, options, *, endpoint) -> list[Route]:
             raise HTTPError(400, f"num_images: 1 to {MAX_TOP}")
         top = min(max(n, n_ids), MAX_TOP)
         dedup = bool(data.get("deduplicate", False))
-        base = _base(request)
+        base = base_url(request)
         text, image = data.get("text"), data.get("image")
         if text and image:
             raise HTTPError(400, "text or image, not both")
@@ -118,7 +118,7 @@ def routes(live, options, *, endpoint) -> list[Route]:
             req = SearchRequest.build(None, text=text, top=top)
 
             def run(lib):
-                out = _search(lib, req, None, base)["results"]
+                out = search(lib, req, None, base)["results"]
                 return (_dedup(lib, out) if dedup else out)[:n]
 
             results = await live.run(run)
@@ -139,7 +139,7 @@ def routes(live, options, *, endpoint) -> list[Route]:
                     f.write(raw)
 
                 def run(lib):
-                    out = _search_image(lib, req, path, base)["results"]
+                    out = search_image(lib, req, path, base)["results"]
                     return (_dedup(lib, out) if dedup else out)[:n]
 
                 results = await live.run(run)
@@ -156,10 +156,10 @@ def routes(live, options, *, endpoint) -> list[Route]:
             raise HTTPError(400, "ids: a list of whole numbers")
         if len(ids) > MAX_TOP:
             raise HTTPError(400, f"ids: at most {MAX_TOP}")
-        base = _base(request)
+        base = base_url(request)
 
         def run(lib):
-            from .app import links
+            from .answers import links
 
             rows = lib.store.rows(i for i in ids if 0 <= i < 1 << 63)
             out = []
