@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any, Callable, Sequence
 
 from ..errors import UsageError
-from ..constants import MEDIA_EXTENSIONS, RAW_EXTENSIONS
+from ..constants import MEDIA_EXTENSIONS
 from .filters import MetaFilter
 
 #: When filters leave at most this many candidates, score them exactly instead of
@@ -106,8 +106,7 @@ def classify(value: str, force: str | None = None) -> QueryPart:
         return QueryPart(value, force)
     p = os.path.expanduser(value)
     # the extension sets are plain constants: no Pillow import on the search path
-    pictures = MEDIA_EXTENSIONS - RAW_EXTENSIONS
-    if os.path.splitext(p)[1].lower() in pictures and os.path.isfile(p):
+    if os.path.splitext(p)[1].lower() in MEDIA_EXTENSIONS and os.path.isfile(p):
         return QueryPart(os.path.abspath(p), "image")
     return QueryPart(value, "text")
 

@@ -19,7 +19,7 @@ import math
 import os
 from typing import Any, Iterable
 
-from ..constants import HEIF_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from ..constants import MEDIA_EXTENSIONS
 from ..errors import UsageError
 from ..query.request import SearchRequest
 
@@ -33,7 +33,7 @@ MAX_VALUE = 1000
 
 _TRUE = {"", "1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-_PICTURES = IMAGE_EXTENSIONS | HEIF_EXTENSIONS | VIDEO_EXTENSIONS
+_PICTURES = MEDIA_EXTENSIONS  # photos of every kind (HEIC, AVIF, RAW) and videos
 
 
 def _bool(name: str, v: str) -> bool:
