@@ -257,12 +257,12 @@ class Library:
             from .constants import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS
             from .ingest.video import available as video_available
 
-            # the Ray engine reads images only: videos are left to (and kept for) a local run
-            videos = video and engine == "local" and video_available()
+            # both engines read videos (PyAV is a dependency; a broken install passes
+            # them over, counted)
+            videos = video and video_available()
             extensions = supported_extensions() | (VIDEO_EXTENSIONS if videos else frozenset())
-            # videos left out by choice (--no-video, --engine ray) are not "passed over"
-            unreadable = MEDIA_EXTENSIONS - extensions - (
-                frozenset() if video and engine == "local" else VIDEO_EXTENSIONS)
+            # videos left out by choice (--no-video) are not "passed over"
+            unreadable = MEDIA_EXTENSIONS - extensions - (frozenset() if video else VIDEO_EXTENSIONS)
             summary = run.run(roots, extensions=extensions,
                               include_hidden=include_hidden, exclude=list(exclude),
                               follow_symlinks=follow_symlinks, prune=prune,
