@@ -55,6 +55,9 @@ class Hit:
     reranked: bool = field(default=False, repr=False)  #: --rerank was asked for
     rerank_error: str | None = field(default=None, repr=False)  #: why it has no rerank_score
     time: float | None = None  #: a video frame's time in seconds (None: an image)
+    #: the other files of the same photo (a RAW beside its JPEG, a Live Photo's clip:
+    #: :mod:`itrcli.query.twins`); None when it has none
+    alternates: list[str] | None = None
 
     @property
     def date(self) -> str | None:
@@ -73,6 +76,8 @@ class Hit:
             d["text"] = self.text
         if self.reranked:
             d["rerank_score"] = None if self.rerank_score is None else round(self.rerank_score, 4)
+        if self.alternates:
+            d["alternates"] = list(self.alternates)
         return d
 
 
