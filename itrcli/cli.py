@@ -388,6 +388,9 @@ def search(
     exact: Annotated[bool, typer.Option("--exact", help="score every image (no HNSW)")] = False,
     frames: Annotated[bool, typer.Option("--frames",
                       help="list every matching video frame, not each video once")] = False,
+    all_files: Annotated[bool, typer.Option(
+        "--all-files", help="list each file of a photo (a RAW beside its JPEG, a Live "
+                            "Photo's clip), not the photo once")] = False,
     at: Annotated[Optional[float], typer.Option("--at", metavar="SECONDS", show_default=False,
                   help="with a video as query: use its frame at this time")] = None,
     hash_: Annotated[bool, typer.Option("--hash", help="fast then slow: rank binary codes by "
@@ -433,7 +436,9 @@ def search(
 
     On a terminal: a table, with --preview each image inline. Piped: score<TAB>path lines
     (score<TAB>path<TAB>seconds for a video frame). Also --paths, -0, --json, and --html
-    for a contact sheet. A video ranks once, at its best frame, unless --frames. On a
+    for a contact sheet. A video ranks once, at its best frame, unless --frames; a photo
+    once (the JPEG of a RAW+JPEG pair, the HEIC of a Live Photo; --json names the other
+    files as alternates), unless --all-files. On a
     library indexed with --ocr, the words of a text query are also matched in the images'
     text (word beginnings; "quoted phrases" as phrases) and both rankings fused; the
     matched words are shown. With --rerank, the first --rerank-k results are re-scored by
@@ -475,7 +480,7 @@ def search(
         globs=glob or (), min_size=min_size, kind=kind, sort=sort, auto_cut=auto_cut,
         exact=exact, hash_bits=hash_bits if hash_ else None, adapt=not no_adapt,
         text_match="only" if text_only else "none" if no_text else "auto", frames=frames,
-        at=at, rerank=rerank, rerank_k=rerank_k, rerank_model=rerank_model,
+        all_files=all_files, at=at, rerank=rerank, rerank_k=rerank_k, rerank_model=rerank_model,
         rerank_cache=not no_rerank_cache, device=device, precision=precision)
     out = sys.stdout
     table = not (json_ or null or paths_only) and html != "-"

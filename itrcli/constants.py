@@ -8,24 +8,25 @@ Each thing on disk has one owner module that builds its paths from these names:
 
 from __future__ import annotations
 
-#: File extensions that ``itr index`` picks up (lower case, with the dot); HEIF ones only
-#: when pillow-heif is installed, AVIF ones when Pillow decodes AVIF
-#: (:func:`itrcli.ingest.images.supported_extensions`).
+#: File extensions that ``itr index`` picks up (lower case, with the dot); HEIF ones when
+#: pillow-heif imports (a dependency), AVIF ones when Pillow decodes AVIF, RAW ones when
+#: rawpy imports (:func:`itrcli.ingest.images.supported_extensions`).
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
 )
 HEIF_EXTENSIONS = frozenset({".heic", ".heif", ".hif"})
 AVIF_EXTENSIONS = frozenset({".avif", ".avifs"})
-#: Video extensions (``itr index`` reads them with PyAV when it is installed, unless
+#: Video extensions (``itr index`` reads them with PyAV, a dependency, unless
 #: ``--no-video``; see :mod:`itrcli.ingest.video`).
 VIDEO_EXTENSIONS = frozenset({".mp4", ".mov", ".m4v", ".mkv", ".webm", ".avi", ".3gp"})
-#: Camera raw formats: photos that itr recognises but does not decode.
+#: Camera RAW formats, decoded through rawpy (LibRaw; :mod:`itrcli.ingest.raw`).
 RAW_EXTENSIONS = frozenset({
     ".cr2", ".cr3", ".nef", ".nrw", ".arw", ".sr2", ".srf", ".dng", ".raf", ".orf", ".rw2",
     ".pef", ".srw", ".3fr", ".iiq", ".kdc", ".dcr", ".mrw", ".x3f", ".erf", ".mef", ".mos",
 })
-#: Every extension itr knows as a photo or a video: those a run does not read (raw, HEIF
-#: without pillow-heif, videos without PyAV...) are counted as passed over, by extension.
+#: Every extension itr knows as a photo or a video: those a run does not read (RAW without
+#: rawpy, HEIF without pillow-heif, videos without PyAV...) are counted as passed over, by
+#: extension.
 MEDIA_EXTENSIONS = (IMAGE_EXTENSIONS | HEIF_EXTENSIONS | AVIF_EXTENSIONS | VIDEO_EXTENSIONS
                     | RAW_EXTENSIONS)
 

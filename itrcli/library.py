@@ -259,12 +259,12 @@ class Library:
             from .constants import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS
             from .ingest.video import available as video_available
 
-            # the Ray engine reads images only: videos are left to (and kept for) a local run
-            videos = video and engine == "local" and video_available()
+            # both engines read videos (PyAV is a dependency; a broken install passes
+            # them over, counted)
+            videos = video and video_available()
             extensions = supported_extensions() | (VIDEO_EXTENSIONS if videos else frozenset())
-            # videos left out by choice (--no-video, --engine ray) are not "passed over"
-            unreadable = MEDIA_EXTENSIONS - extensions - (
-                frozenset() if video and engine == "local" else VIDEO_EXTENSIONS)
+            # videos left out by choice (--no-video) are not "passed over"
+            unreadable = MEDIA_EXTENSIONS - extensions - (frozenset() if video else VIDEO_EXTENSIONS)
             summary = run.run(roots, extensions=extensions,
                               include_hidden=include_hidden, exclude=list(exclude),
                               follow_symlinks=follow_symlinks, prune=prune,
@@ -677,9 +677,11 @@ class Library:
             from .query.fusion import fused_rank
 
             t1 = time.perf_counter()
-            hits = fused_rank(None, tq, store=self.store, get_vindex=self._search_graph,
-                              top=want, filters=filters, exclude_paths=exclude, text_only=True,
-                              frames=req.frames)
+
+            def ranked(n: int):
+                return fused_rank(None, tq, store=self.store, get_vindex=self._search_graph,
+                                  top=n, filters=filters, exclude_paths=exclude,
+                                  text_only=True, frames=req.frames)
         else:
             adapter = (self.adapter() if req.adapt and any(p.kind == "text" for p in parts)
                        else None)
@@ -688,17 +690,19 @@ class Library:
             t1 = time.perf_counter()
             timings["embed"] = t1 - t0
             ef = req.ef or self.store.get_meta("search_ef")  # measured by `itr index`
-            if tq is not None:
-                from .query.fusion import fused_rank
 
-                hits = fused_rank(q, tq, store=self.store, get_vindex=self._search_graph,
-                                  top=want, filters=filters, exclude_paths=exclude,
-                                  exact=req.exact, ef=ef, hash_bits=req.hash_bits,
-                                  frames=req.frames)
-            else:
-                hits = rank(q, store=self.store, get_vindex=self._search_graph, top=want,
+            def ranked(n: int):
+                if tq is not None:
+                    from .query.fusion import fused_rank
+
+                    return fused_rank(q, tq, store=self.store, get_vindex=self._search_graph,
+                                      top=n, filters=filters, exclude_paths=exclude,
+                                      exact=req.exact, ef=ef, hash_bits=req.hash_bits,
+                                      frames=req.frames)
+                return rank(q, store=self.store, get_vindex=self._search_graph, top=n,
                             filters=filters, exclude_paths=exclude, exact=req.exact, ef=ef,
                             hash_bits=req.hash_bits, frames=req.frames)
+        hits = self._photos(ranked, want, filters, exclude, req.all_files)
         t2 = time.perf_counter()
         timings["rank"] = t2 - t1
         if req.rerank:
@@ -712,6 +716,30 @@ class Library:
         out.hits = sort_hits(hits[:page], order)[req.offset:]  # each hit keeps its rank
         timings["total"] = time.perf_counter() - t0
         return out
+
+    def _photos(self, ranked, want: int, filters, exclude: list[str], all_files: bool):
+        """``ranked(n)``'s hits as one hit per photo (:func:`itrcli.query.twins.collapse`):
+        asked for more while the twins folded leave fewer than ``want``."""
+        from .query.search import allowed_ids
+        from .query.twins import collapse
+        from .store.db import db_path_of
+
+        cache: list = []
+
+        def allowed(row) -> bool:  # a primary not among the hits passes the filters too
+            if not cache:
+                cache.append(allowed_ids(self.store, filters))
+            return cache[0] is None or row["id"] in cache[0]
+
+        ask = want
+        while True:
+            hits = ranked(ask)
+            got = len(hits)
+            hits = collapse(self.store, hits, all_files=all_files, allowed=allowed,
+                            excluded=[db_path_of(p)[0] for p in exclude])
+            if len(hits) >= want or got < ask:
+                return hits[:want]
+            ask = ask * 2 + (want - len(hits))
 
     # -- binary codes ---------------------------------------------------------------------
     def binary_codes(self, files: Sequence[tuple[str, int]] = (), texts: Sequence[str] = (), *,
@@ -747,9 +775,13 @@ class Library:
         if not files:
             return []
         cut = DUPES_THRESHOLD if threshold is None else threshold
+        from .query.twins import fold_groups
+
         groups = find_dupes(self.store, [i for _, i in files], bits, method, cut)
         shown = {i: p for p, i in files}
-        return sorted(sorted(shown[i] for i in g) for g in groups)
+        # a RAW and its JPEG, a Live Photo and its clip: one photo, not duplicates
+        return sorted(sorted(g) for g in fold_groups(self.store, [sorted(shown[i] for i in g)
+                                                                  for g in groups]))
 
     # -- adapting ---------------------------------------------------------------------------
     def stored_adapter(self):

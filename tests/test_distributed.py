@@ -258,3 +258,56 @@ def test_killed_driver_resumes(itr, tiny_clip, tmp_path, ray_address):
     assert s["added"] + s["unchanged"] == 24 and s["unchanged"] > 8 and s["skipped"] == 0
     same_library(ref, db)
     check_clean(db)
+
+
+def frames_of(db: Path) -> dict[str, tuple[list[float], np.ndarray]]:
+    """Each file's frame times (None: an image) and vectors ``[n, dim]``, by path."""
+    from itrcli.store.db import Store, fs_path_of
+
+    s = Store(db, readonly=True)
+    try:
+        out = {}
+        for fid in s.file_ids():
+            r = s.rows([fid])[fid]
+            labels, times = s.frames(fid) if r.get("duration") is not None else ([fid], None)
+            ids, vecs = s.vectors(labels)
+            by = dict(zip(ids.tolist(), vecs))
+            out[fs_path_of(r["path"], r["fsname"])] = (times, np.stack([by[i] for i in labels]))
+        return out
+    finally:
+        s.close()
+
+
+def test_ray_engine_reads_videos_as_a_local_run(itr, tiny_clip, tmp_path, ray_address):
+    """Videos on the cluster: the same frames (times) and vectors as a local run, a bad
+    video one skip line, remembered; photos and videos in the same batches."""
+    from support import clips
+
+    d = tmp_path / "media"
+    make_photos(d, 3)
+    red = clips.shape_scenes([(0, ("red", "circle", "center")), (4, ("blue", "square", "left"))])
+    clips.write_clip(d / "a.mp4", red, 8, fps=5, codec="h264")
+    clips.write_clip(d / "b.webm", clips.shape_scenes([(0, ("green", "triangle", "top"))]), 3,
+                     fps=5, codec="vp9")
+    (d / "broken.mov").write_bytes(b"\x00\x00\x00\x18ftypqt  " + b"\x00" * 64)
+    local, dist = tmp_path / "local", tmp_path / "ray"
+    a = itr("index", d, "--db", local, "-m", tiny_clip, "--json", "-q", *BATCH)
+    b = itr("index", d, "--db", dist, "-m", tiny_clip, "--json", "-q", "--engine", "ray", *BATCH)
+    assert a.code == 0 and b.code == 0, (a, b)
+    sa, sb = a.json(), b.json()
+    for k in ("scanned", "added", "skipped", "passed_over"):
+        assert sa[k] == sb[k], k
+    assert (sb["added"], sb["skipped"]) == (5, 1)
+    assert sorted(map(json.dumps, sa["errors"])) == sorted(map(json.dumps, sb["errors"]))
+    fa, fb = frames_of(local), frames_of(dist)
+    assert sorted(fa) == sorted(fb) and len(fa) == 5
+    assert sorted(p for p in fa if fa[p][0] is not None) == [str(d / "a.mp4"), str(d / "b.webm")]
+    for path, (times, vecs) in fa.items():
+        tb, vb = fb[path]
+        assert times == tb and len(vecs) >= 1, path
+        cos = np.sum(vecs * vb, axis=1) / (np.linalg.norm(vecs, axis=1) * np.linalg.norm(vb, axis=1))
+        assert float(cos.min()) >= 0.9999, (path, cos)
+    assert len(fa[str(d / "a.mp4")][0]) >= 2  # the red and the blue shot
+    check_clean(dist)
+    c = itr("index", d, "--db", dist, "--json", "-q", "--engine", "ray")  # remembered
+    assert c.code == 0 and (c.json()["skipped"], c.json()["unchanged"]) == (1, 5), c

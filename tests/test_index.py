@@ -253,8 +253,9 @@ def test_a_library_inside_the_photos_is_not_indexed(itr, tiny_clip, photos, tmp_
 
 
 def test_unreadable_media_types_are_passed_over_and_said(itr, tiny_clip, photos, tmp_path):
-    """Raw photos, HEIC without pillow-heif and videos without PyAV are not read: counted
-    by extension (``passed_over``), said on stderr, not counted as skipped."""
+    """Raw photos without rawpy, HEIC without pillow-heif and videos without PyAV (a broken
+    install, or where no wheel exists) are not read: counted by extension (``passed_over``),
+    said on stderr with what reads them, not counted as skipped."""
     import itrcli.ingest.images as images
     import itrcli.ingest.video as video
 
@@ -265,6 +266,7 @@ def test_unreadable_media_types_are_passed_over_and_said(itr, tiny_clip, photos,
     lib = tmp_path / "lib"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(images, "heif_available", lambda: False)
+        mp.setattr(images, "raw_available", lambda: False)
         mp.setattr(video, "available", lambda: False)
         r = itr("index", d, "--db", lib, "-m", tiny_clip, "--json")
         assert r.code == 0, r
@@ -272,15 +274,18 @@ def test_unreadable_media_types_are_passed_over_and_said(itr, tiny_clip, photos,
         assert (s["scanned"], s["added"], s["skipped"]) == (4, 4, 0)
         assert s["passed_over"] == {".dng": 2, ".heic": 1, ".mp4": 1, ".nef": 1}
         assert list(s["passed_over"]) == sorted(s["passed_over"])  # a stable order
-        assert ("passed over 5 files of unsupported types (.dng 2, .heic 1, .mp4 1, .nef 1)\n"
-                in r.err)
+        assert ("passed over 5 files of unsupported types (.dng 2, .heic 1, .mp4 1, .nef 1); "
+                "camera RAW needs rawpy (pip install rawpy), HEIC needs pillow-heif, videos "
+                "need PyAV\n" in r.err)
         r = itr("index", d, "--db", lib, "--no-video")  # videos left out by choice: not said
-        assert "passed over 4 files of unsupported types (.dng 2, .heic 1, .nef 1)" in r.err
+        assert ("passed over 4 files of unsupported types (.dng 2, .heic 1, .nef 1); camera "
+                "RAW needs rawpy (pip install rawpy), HEIC needs pillow-heif\n" in r.err)
         r = itr("index", d, "--db", lib, "-q")
         assert r.code == 0 and r.err == "" and r.out == ""
-    # pillow-heif and PyAV as installed: only the raw files are left
+    # as installed (rawpy, pillow-heif and PyAV): every one is read, and these 1-byte
+    # files are bad ones, skipped
     s = index(itr, lib, d)
-    assert s["passed_over"] == {".dng": 2, ".nef": 1} and s["skipped"] == 2  # 1-byte heic, mp4
+    assert s["passed_over"] == {} and s["skipped"] == 5
     for n in ("a.dng", "b.DNG", "raw/c.nef", "d.heic", "e.mp4"):
         (d / n).unlink()
     assert index(itr, lib, d)["passed_over"] == {}

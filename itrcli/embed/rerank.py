@@ -337,7 +337,7 @@ class Reranker:
             if feats is not None:
                 return key, None, feats, None
         try:
-            img, meta = open_image(data)  # full size (no draft): the model's own scores
+            img, meta = open_image(data, name=path)  # full size (no draft): the model's own scores
             return key, self.prep(img, (meta.width, meta.height)), None, None
         except DecodeError as e:
             return None, None, None, str(e)

@@ -24,7 +24,8 @@ from typing import Any, Callable
 from PIL import Image, ImageFile
 
 from .files import MAX_FILE_BYTES, Unreadable, content_hash, read_file
-from ..constants import AVIF_EXTENSIONS, HEIF_EXTENSIONS, IMAGE_EXTENSIONS  # noqa: F401 (no PIL there)
+from ..constants import (AVIF_EXTENSIONS, HEIF_EXTENSIONS, IMAGE_EXTENSIONS,  # noqa: F401
+                         RAW_EXTENSIONS, VIDEO_EXTENSIONS)
 
 #: Images with more pixels than this (width x height as declared in the header) are refused
 #: before any pixel is allocated: 16,384 x 16,384 = 268 MP.  Larger real photos are rare
@@ -71,15 +72,32 @@ def avif_available() -> bool:
         return False
 
 
+def raw_available() -> bool:
+    """Whether camera RAW decodes here (rawpy, which bundles LibRaw; see :mod:`.raw`)."""
+    from .raw import available
+
+    return available()
+
+
 def supported_extensions() -> frozenset[str]:
-    """The extensions to index: HEIC/HEIF too when pillow-heif is available, AVIF when
-    Pillow decodes it."""
+    """The image extensions to index: HEIC/HEIF too when pillow-heif is available (a
+    dependency), AVIF when Pillow decodes it, camera RAW when rawpy is installed."""
     exts = IMAGE_EXTENSIONS
     if heif_available():
         exts |= HEIF_EXTENSIONS
     if avif_available():
         exts |= AVIF_EXTENSIONS
+    if raw_available():
+        exts |= RAW_EXTENSIONS
     return exts
+
+
+def is_raw(path: str | None) -> bool:
+    """Whether ``path`` names a camera RAW file (:data:`itrcli.constants.RAW_EXTENSIONS`)."""
+    if not path:
+        return False
+    i = path.rfind(".")
+    return i > 0 and path[i:].lower() in RAW_EXTENSIONS
 
 
 class DecodeError(Exception):
@@ -102,6 +120,31 @@ def decoder_id() -> str:
     pillow = Image.MAX_IMAGE_PIXELS  # the program's own bomb guard, 2x this refused
     return (f"itr {__version__}; Pillow {PIL.__version__}; {MAX_PIXELS} px"
             f"{'' if pillow is None else f' (Pillow {pillow})'}; {MAX_FILE_BYTES} B")
+
+
+def decoder_for(path: str) -> str:
+    """The decoder id a remembered failure of the file at ``path`` is recorded under: the
+    image decoder's (:func:`decoder_id`), with pillow-heif's or LibRaw's version for the
+    files they decode, or the video decoder's (:func:`itrcli.ingest.video.decoder_id`)."""
+    i = path.rfind(".")
+    ext = path[i:].lower() if i > 0 else ""
+    if ext in VIDEO_EXTENSIONS:
+        from .video import decoder_id as video_decoder_id
+
+        return video_decoder_id()
+    base = decoder_id()
+    if ext in RAW_EXTENSIONS:
+        from .raw import decoder_id as raw_decoder_id
+
+        return f"{base}; {raw_decoder_id()}"
+    if ext in HEIF_EXTENSIONS:
+        try:
+            import pillow_heif
+
+            return f"{base}; pillow-heif {pillow_heif.__version__}"
+        except Exception:
+            return base
+    return base
 
 
 @dataclass
@@ -257,15 +300,27 @@ def _center_crop(arr, ch: int, cw: int):
     return arr[top : top + ch, left : left + cw]
 
 
-def open_image(data: bytes, *, draft_for: Preprocess | None = None) -> tuple[Image.Image, ImageMeta]:
-    """Decode image bytes into an EXIF-rotated RGB image and its metadata.
+def open_image(data: bytes, *, draft_for: Preprocess | None = None,
+               name: str | None = None) -> tuple[Image.Image, ImageMeta]:
+    """Decode image bytes into an EXIF-rotated RGB image and its metadata: the one decoder
+    of every reader (indexing, thumbnails, previews, contact sheets, the server, re-ranking).
 
     ``draft_for``: when given and the file is a JPEG, decode at the smallest DCT scale that
-    still covers that preprocessing's resize (much faster for large photos).
+    still covers that preprocessing's resize (much faster for large photos); a camera RAW
+    then uses its embedded preview when that covers it (:func:`itrcli.ingest.raw.open_raw`).
+    ``name``: the file's name, which says a camera RAW (its bytes are read by LibRaw, not
+    Pillow); HEIC/HEIF and AVIF are recognised by their bytes.
     Raises :class:`DecodeError` with a one-line reason for anything that is not a usable image.
     """
     if not data:
         raise DecodeError("empty file")
+    if is_raw(name):
+        from .raw import open_raw
+
+        return open_raw(data, draft_for=draft_for)
+    heif_available()  # every reader decodes HEIC, not only those that listed extensions first
+    if data[4:8] == b"ftyp":
+        data = still_of_motion_photo(data)
     try:
         img = Image.open(io.BytesIO(data))
     except Image.UnidentifiedImageError:
@@ -297,6 +352,31 @@ def open_image(data: bytes, *, draft_for: Preprocess | None = None) -> tuple[Ima
         raise  # MemoryError: not the file's fault, so not remembered as a bad file
     except Exception as e:
         raise DecodeError(_reason(e)) from None
+
+
+def still_of_motion_photo(data: bytes) -> bytes:
+    """The HEIC/AVIF still of a motion photo: the file's ISO-BMFF boxes up to an appended
+    MP4 (a second top-level ``ftyp`` box), which libheif would otherwise take for the
+    image's own sequence track and refuse.  Other files are returned as they are."""
+    import struct
+
+    pos, end = 0, len(data)
+    for _ in range(10_000):  # a bounded walk: hostile sizes cannot loop
+        if pos + 8 > end:
+            return data
+        size, kind = struct.unpack_from(">I4s", data, pos)
+        if kind == b"ftyp" and pos > 0:
+            return data[:pos]
+        if size == 1:
+            if pos + 16 > end:
+                return data
+            size = struct.unpack_from(">Q", data, pos + 8)[0]
+        elif size == 0:
+            return data  # to the end of the file
+        if size < 8:
+            return data
+        pos += size
+    return data
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -464,7 +544,7 @@ def read_image(path: str, *, draft_for: Preprocess | Any | None = None,
     if skip is not None and skip(r.content_hash):
         return r
     try:
-        r.image, r.meta = open_image(data, draft_for=draft_for)
+        r.image, r.meta = open_image(data, draft_for=draft_for, name=path)
     except DecodeError as e:
         r.error, r.remember = str(e), True
     except MemoryError:
@@ -485,5 +565,5 @@ def decode_file(path: str, prep: Preprocess | None, *, draft: bool = True):
         _st, data = read_file(path)
     except Unreadable as e:
         raise DecodeError(str(e)) from None
-    img, meta = open_image(data, draft_for=prep if draft else None)
+    img, meta = open_image(data, draft_for=prep if draft else None, name=path)
     return (prep(img, (meta.width, meta.height)) if prep is not None else None), meta, data

@@ -7,7 +7,8 @@ files (:meth:`~itrcli.jobs.indexer.IndexRun._reads`) is a Ray Data pipeline inst
 thread pool::
 
     paths of new and changed files (the driver's plan)
-      -> read, hash, decode, preprocess   CPU tasks: indexer.read_for_vectors, the local code itself
+      -> read, hash, decode, preprocess   CPU tasks: indexer.read_for_vectors (a video:
+                                          indexer.read_video), the local code itself
       -> embed                            an actor pool, one model load per actor (GPUs if any)
       -> rows back to the driver          committed in batches by IndexRun._flush
 
@@ -36,7 +37,8 @@ from typing import Any, Iterator
 
 from .. import errors
 from ..errors import ItrError, LibraryError
-from .indexer import IndexRun, _Read, read_for_vectors
+from .indexer import IndexRun, _Read, read_for_vectors, read_video
+from ..ingest.video import is_video  # no PyAV import
 
 #: The extra that installs Ray; named in the error when it is missing.
 EXTRA = "pip install 'itr[ray]'"
@@ -255,19 +257,25 @@ def _known_hashes(ref_box: list) -> frozenset[str]:
     return _KNOWN[key]
 
 
-def decode_batch(batch: dict[str, Any], *, prep, draft: bool, known: list) -> dict[str, Any]:
-    """Read, hash and (unless known) decode each path: :func:`indexer.read_for_vectors` per file.
+def decode_batch(batch: dict[str, Any], *, prep, draft: bool, known: list,
+                 video_budget: float | None = None) -> dict[str, Any]:
+    """Read, hash and (unless known) decode each path: :func:`indexer.read_for_vectors` per
+    image, :func:`indexer.read_video` per video (its frames, chosen as a local run does).
 
     ``batch["path"]``: file names as bytes.  Returns one row per path with its pixels as
-    float32 bytes (empty when not decoded) and everything the driver commits.
+    float32 bytes (empty when not decoded; a video's ``[n, 3, H, W]``, its frames' times in
+    ``times``) and everything the driver commits.
     """
     import numpy as np
 
     known_hashes = _known_hashes(known)
     cols: dict[str, list] = {k: [] for k in ("path", "size", "mtime_ns", "hash", "error",
-                                             "remember", "meta", "pixels", "shape")}
+                                             "remember", "meta", "pixels", "shape", "times",
+                                             "note")}
     for raw in batch["path"]:
-        r = read_for_vectors(os.fsdecode(bytes(raw)), prep, draft, known_hashes)
+        path = os.fsdecode(bytes(raw))
+        r = (read_video(path, prep, known_hashes, video_budget) if is_video(path)
+             else read_for_vectors(path, prep, draft, known_hashes))
         cols["path"].append(bytes(raw))
         cols["size"].append(r.size)
         cols["mtime_ns"].append(r.mtime_ns)
@@ -276,10 +284,18 @@ def decode_batch(batch: dict[str, Any], *, prep, draft: bool, known: list) -> di
         cols["remember"].append(r.remember)
         cols["meta"].append(json.dumps(r.meta) if r.meta is not None else "")
         px = r.pixels
-        cols["pixels"].append(b"" if px is None else np.ascontiguousarray(px, np.float32).tobytes())
-        cols["shape"].append(json.dumps(list(px.shape)) if px is not None else "")
-    return {k: np.asarray(v, dtype=object if k in ("path", "hash", "error", "meta", "pixels", "shape")
-                          else None) for k, v in cols.items()}
+        # a video's frames travel as float16, as they wait in a local run (half the object
+        # store), an image's as float32; the actor makes both float32 as a local run does
+        dtype = np.float16 if r.times is not None else np.float32
+        cols["pixels"].append(b"" if px is None else np.ascontiguousarray(px, dtype).tobytes())
+        cols["shape"].append(json.dumps([np.dtype(dtype).name, *px.shape]) if px is not None else "")
+        cols["times"].append(json.dumps(r.times) if r.times is not None else "")
+        cols["note"].append(r.note or "")
+    return {k: np.asarray(v, dtype=object if k in _OBJECT_COLUMNS else None)
+            for k, v in cols.items()}
+
+
+_OBJECT_COLUMNS = ("path", "hash", "error", "meta", "pixels", "shape", "times", "note")
 
 
 class Embedder:
@@ -303,10 +319,17 @@ class Embedder:
         idx = [i for i, p in enumerate(pixels) if len(p)]
         vectors = [b""] * len(pixels)
         if idx:
-            shape = json.loads(shapes[idx[0]])
-            x = np.stack([np.frombuffer(pixels[i], dtype=np.float32).reshape(shape) for i in idx])
-            for i, v in zip(idx, self.enc.encode_pixels(x)):  # [n, 3, H, W] -> [n, dim]
-                vectors[i] = np.ascontiguousarray(v, np.float32).tobytes()
+            # an image [3, H, W] is one picture, a video's frames [n, 3, H, W] are n
+            parts = []
+            for i in idx:
+                dtype, *shape = json.loads(shapes[i])
+                parts.append(np.frombuffer(pixels[i], dtype=dtype).reshape(shape).astype(np.float32))
+            parts = [p[None] if p.ndim == 3 else p for p in parts]
+            x = np.concatenate(parts) if len(parts) > 1 else parts[0]  # [frames, 3, H, W]
+            flat = self.enc.encode_pixels(np.ascontiguousarray(x))  # [frames, dim]
+            ends = np.cumsum([len(p) for p in parts])
+            for i, p, e in zip(idx, parts, ends):
+                vectors[i] = np.ascontiguousarray(flat[e - len(p) : e], np.float32).tobytes()
         batch["vector"] = np.asarray(vectors, dtype=object)
         return batch
 
@@ -323,8 +346,12 @@ def row_to_read(row: dict[str, Any]) -> _Read:
         return r
     if row["meta"]:
         r.meta = json.loads(row["meta"])
+    if row.get("times"):
+        r.times = json.loads(row["times"])  # a video: its frames' vectors [n, dim]
+    r.note = str(row.get("note") or "") or None
     if len(row["vector"]):
-        r.vector = np.frombuffer(row["vector"], dtype=np.float32).copy()
+        v = np.frombuffer(row["vector"], dtype=np.float32).copy()
+        r.vector = v if r.times is None else v.reshape(len(r.times), -1)
     return r
 
 
@@ -361,7 +388,8 @@ class RayIndexRun(IndexRun):
                                  override_num_blocks=max(1, math.ceil(len(todo) / per_block)))
         ds = ds.map_batches(decode_batch, batch_size=per_block, batch_format="numpy",
                             num_cpus=plan.decode_cpus,
-                            fn_kwargs={"prep": self.prep, "draft": self.draft, "known": known})
+                            fn_kwargs={"prep": self.prep, "draft": self.draft, "known": known,
+                                       "video_budget": self.video_budget})
         ds = ds.map_batches(Embedder, batch_size=per_block, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(min_size=1, max_size=plan.actors),
                             num_cpus=plan.cpus_per_actor, num_gpus=plan.gpus_per_actor or None,

@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, Mapping
 from ..gcpause import gc_paused
 from ..progress import NoProgress, Progress
 from ..ingest.files import Unreadable, hash_stream
-from ..ingest.images import DecodeError, Preprocess, decoder_id, read_image
+from ..ingest.images import DecodeError, Preprocess, decoder_for, read_image
 from ..store.db import Store, db_path_of
 from ..store.vindex import VectorIndex, graph_files, remove_temp_files
 from ..ingest.walk import Plan, plan as make_plan, under, walk
@@ -35,11 +35,7 @@ from ..ingest.video import is_video  # no PyAV import
 
 def _decoder_for(path: str) -> str:
     """The decoder id a remembered failure of this file is recorded under."""
-    if is_video(path):
-        from ..ingest.video import decoder_id as video_decoder_id
-
-        return video_decoder_id()
-    return decoder_id()
+    return decoder_for(path)
 
 #: Seconds between saves of the HNSW graph during a long run (the log covers the rest).
 SAVE_EVERY = 300.0

@@ -31,6 +31,8 @@ class SearchRequest:
     that reads text, ``auto`` fuses cosine with the words' match, ``only`` ranks by the
     words, ``none`` by cosine.  ``frames``: every matching video frame, not each video once;
     ``at``: the frame of a video query.  ``rerank``: re-score the first ``rerank_k``.
+    ``all_files``: every file its own hit, not one hit per photo (a RAW and its JPEG, a
+    Live Photo and its clip are one photo: :mod:`itrcli.query.twins`).
     """
 
     query: str | None = None
@@ -57,6 +59,7 @@ class SearchRequest:
     adapt: bool = True
     text_match: str = "auto"
     frames: bool = False
+    all_files: bool = False
     at: float | None = None
     rerank: bool = False
     rerank_k: int | None = None

@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any, Callable, Sequence
 
 from ..errors import UsageError
-from ..constants import MEDIA_EXTENSIONS, RAW_EXTENSIONS
+from ..constants import MEDIA_EXTENSIONS
 from .filters import MetaFilter
 
 #: When filters leave at most this many candidates, score them exactly instead of
@@ -55,6 +55,9 @@ class Hit:
     reranked: bool = field(default=False, repr=False)  #: --rerank was asked for
     rerank_error: str | None = field(default=None, repr=False)  #: why it has no rerank_score
     time: float | None = None  #: a video frame's time in seconds (None: an image)
+    #: the other files of the same photo (a RAW beside its JPEG, a Live Photo's clip:
+    #: :mod:`itrcli.query.twins`); None when it has none
+    alternates: list[str] | None = None
 
     @property
     def date(self) -> str | None:
@@ -73,6 +76,8 @@ class Hit:
             d["text"] = self.text
         if self.reranked:
             d["rerank_score"] = None if self.rerank_score is None else round(self.rerank_score, 4)
+        if self.alternates:
+            d["alternates"] = list(self.alternates)
         return d
 
 
@@ -106,8 +111,7 @@ def classify(value: str, force: str | None = None) -> QueryPart:
         return QueryPart(value, force)
     p = os.path.expanduser(value)
     # the extension sets are plain constants: no Pillow import on the search path
-    pictures = MEDIA_EXTENSIONS - RAW_EXTENSIONS
-    if os.path.splitext(p)[1].lower() in pictures and os.path.isfile(p):
+    if os.path.splitext(p)[1].lower() in MEDIA_EXTENSIONS and os.path.isfile(p):
         return QueryPart(os.path.abspath(p), "image")
     return QueryPart(value, "text")
 

@@ -34,6 +34,7 @@ SEARCH_PARAMS: list[tuple[str, dict, str]] = [
     ("exact", _B, "score every image (no HNSW)"),
     ("ef", _I, "HNSW search breadth"),
     ("frames", _B, "every matching video frame, not each video once"),
+    ("all_files", _B, "each file of a photo (RAW beside JPEG, Live Photo clip), not the photo once"),
     ("hash", _B, "rank binary codes first, then by cosine"),
     ("hash_bits", _I, "code length with hash: 16, 32, 64, 128 or 256"),
     ("no_adapt", _B, "leave the text unmapped by the library's adapter"),

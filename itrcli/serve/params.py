@@ -19,7 +19,7 @@ import math
 import os
 from typing import Any, Iterable
 
-from ..constants import HEIF_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from ..constants import MEDIA_EXTENSIONS
 from ..errors import UsageError
 from ..query.request import SearchRequest
 
@@ -33,7 +33,7 @@ MAX_VALUE = 1000
 
 _TRUE = {"", "1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
-_PICTURES = IMAGE_EXTENSIONS | HEIF_EXTENSIONS | VIDEO_EXTENSIONS
+_PICTURES = MEDIA_EXTENSIONS  # photos of every kind (HEIC, AVIF, RAW) and videos
 
 
 def _bool(name: str, v: str) -> bool:
@@ -86,7 +86,8 @@ _SCALARS = {
     "q": "query", "n": "top", "top": "top", "offset": "offset", "after": "after",
     "before": "before", "camera": "camera", "near": "near", "min_size": "min_size",
     "kind": "kind", "sort": "sort", "threshold": "threshold", "auto_cut": "auto_cut",
-    "exact": "exact", "ef": "ef", "frames": "frames", "at": "at", "hash": None,
+    "exact": "exact", "ef": "ef", "frames": "frames", "all_files": "all_files", "at": "at",
+    "hash": None,
     "hash_bits": None, "no_adapt": "adapt", "text_only": None, "no_text": None,
     "rerank": "rerank", "rerank_k": "rerank_k", "no_rerank_cache": "rerank_cache",
 }
@@ -154,7 +155,7 @@ def search_request(pairs: Iterable[tuple[str, str]], *, need_query: bool = True
             opts["auto_cut"] = _bool("auto_cut", v)
         except UsageError:
             opts["auto_cut"] = _float("auto_cut", v)
-    for name in ("exact", "frames", "rerank"):
+    for name in ("exact", "frames", "all_files", "rerank"):
         if (v := g(name)) is not None:
             opts[name] = _bool(name, v)
     if (v := g("no_adapt")) is not None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..constants import HEIF_EXTENSIONS, IMAGE_EXTENSIONS, VIDEO_EXTENSIONS
+from ..constants import MEDIA_EXTENSIONS
 from ..errors import ItrError, LockedError
 
 #: Seconds without a new event before a run starts (a copy of many files is one run).
@@ -36,7 +36,7 @@ DEBOUNCE = 1.0
 RESCAN = 600.0
 #: Seconds one wait for the write lock lasts (then the watcher looks at stop, and waits again).
 LOCK_WAIT = 10.0
-_PICTURES = IMAGE_EXTENSIONS | HEIF_EXTENSIONS | VIDEO_EXTENSIONS
+_PICTURES = MEDIA_EXTENSIONS  # photos of every kind (HEIC, AVIF, RAW) and videos
 
 
 @dataclass

@@ -168,12 +168,20 @@ def index_summary_line(s) -> str:
 
 
 def passed_over_line(counts: dict[str, int]) -> str | None:
-    """``passed over 12 files of unsupported types (.dng 4, .heic 8)``, or None."""
+    """``passed over 12 files of unsupported types (.dng 4, .heic 8)``, or None; with what
+    would read them (``camera RAW needs rawpy``...) when the types say."""
+    from ..constants import HEIF_EXTENSIONS, RAW_EXTENSIONS, VIDEO_EXTENSIONS
+
     n = sum(counts.values())
     if not n:
         return None
     each = ", ".join(f"{ext} {k}" for ext, k in sorted(counts.items()))
-    return f"passed over {n} file{'s' if n != 1 else ''} of unsupported types ({each})"
+    needs = [what for exts, what in ((RAW_EXTENSIONS, "camera RAW needs rawpy (pip install rawpy)"),
+                                     (HEIF_EXTENSIONS, "HEIC needs pillow-heif"),
+                                     (VIDEO_EXTENSIONS, "videos need PyAV"))
+             if exts & set(counts)]
+    hint = f"; {', '.join(needs)}" if needs else ""
+    return f"passed over {n} file{'s' if n != 1 else ''} of unsupported types ({each}){hint}"
 
 
 def _text_part(t) -> str:

@@ -96,7 +96,7 @@ def make_thumbnail(path: str, box: tuple[int, int], time: float | None = None) -
         _st, data = read_file(path)  # the guards of an index run: no FIFO, no huge file
     except Unreadable as e:  # st set: the file's own fault (too large); else it cannot be read
         raise (DecodeError if e.st is not None else OSError)(str(e)) from None
-    img, _meta = open_image(data, draft_for=_DraftBox(box))  # type: ignore[arg-type]
+    img, _meta = open_image(data, draft_for=_DraftBox(box), name=path)  # type: ignore[arg-type]
     size = fit(img.width, img.height, box)
     if size != img.size:
         img = img.resize(size, Image.Resampling.LANCZOS, reducing_gap=3.0)

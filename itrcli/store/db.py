@@ -800,6 +800,26 @@ class Store:
             out += [dict(zip(cols, r)) for r in cur]
         return out
 
+    def rows_by_prefixes(self, prefixes: Iterable[str]) -> list[dict[str, Any]]:
+        """File rows whose path (as shown) starts with one of ``prefixes``, each of which
+        ends with a ``.`` (``<folder>/<stem>.``: the files of one stem, twins of a photo,
+        see :mod:`itrcli.query.twins`).  A range of the path index per prefix: ``.`` and
+        ``/`` are neighbours, so ``[prefix, prefix[:-1] + "/")`` holds exactly those paths."""
+        out: list[dict[str, Any]] = []
+        seen: set[int] = set()
+        for p in dict.fromkeys(prefixes):
+            if not p.endswith("."):
+                raise ValueError(f"prefix {p!r} does not end with '.'")
+            cur = self.conn.execute("SELECT * FROM files WHERE path >= ? AND path < ?",
+                                    (p, p[:-1] + "/"))
+            cols = [d[0] for d in cur.description]
+            for r in cur:
+                row = dict(zip(cols, r))
+                if row["id"] not in seen:
+                    seen.add(row["id"])
+                    out.append(row)
+        return out
+
     def row_by_path(self, fs_path: str) -> dict[str, Any] | None:
         """The file row of a path to open (None if not indexed)."""
         return self.row_by_shown_path(db_path_of(fs_path)[0])
