@@ -73,10 +73,14 @@ def _export(encoder, library_dir: Path, release: bool, before_optimise, *, quick
     tmp = Path(library_dir) / f".{DIRNAME}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
     try:
-        tok = _fast_tokenizer(encoder.tokenizer)
+        if hasattr(encoder, "export_tokenizer"):  # open_clip: its vocabulary as a BPE
+            tok = _configurable(encoder.export_tokenizer())
+        else:
+            tok = _fast_tokenizer(encoder.tokenizer)
         tok.save(str(tmp / TOKENIZER_FILE))
         pad_id = _pad_id(encoder.tokenizer)
-        use_mask = encoder.model_type != "siglip"
+        # SigLIP attends to its padding, as trained; open_clip's towers take no mask
+        use_mask = encoder.model_type not in ("siglip", "open_clip")
         settings = {
             "max_length": encoder.text_max_length,
             "padding": encoder.text_padding,
@@ -94,14 +98,20 @@ def _export(encoder, library_dir: Path, release: bool, before_optimise, *, quick
 
         # Only the text tower, in float32 from the checkpoint's own weights (a bf16 or fp16
         # model cast back to float32 would carry its rounding into every cold search).
-        text_model, proj = encoder.float32_text_tower()
-        whole = _whole_tower(text_model, proj)
+        if hasattr(encoder, "text_export_tower"):  # open_clip: a module of its own
+            text_model = proj = None
+            whole = encoder.text_export_tower()
+        else:
+            text_model, proj = encoder.float32_text_tower()
+            whole = _whole_tower(text_model, proj)
         # two batches of other sizes and lengths: the export must hold for any (dynamic axes)
         samples = [encoder.tokenize(["a photo of a dog", "two children on a lawn"]),
                    encoder.tokenize(["a", "a red bicycle leaning on a wall beside a blue door",
                                      "three words here"])]
         names = ["input_ids"] + (["attention_mask"] if use_mask else [])
         feeds = [tuple(s[n] for n in names) for s in samples]
+        if hasattr(encoder, "export_tokenizer"):
+            _same_ids(tok, settings, encoder)
         split = encoder.model_type == "siglip" and hasattr(text_model, "embeddings")
         with torch.inference_mode(False), torch.no_grad():
             if split:
@@ -235,9 +245,15 @@ def _trace(module, args, names, axes, path: Path, *, quick: bool) -> None:
 
     import torch
 
+    # nn.MultiheadAttention's fused inference path (open_clip's MobileCLIP text towers, which
+    # take no mask) is one operator that ONNX lacks; the plain path computes the same
+    mha = getattr(torch.backends, "mha", None)
+    fast = mha.get_fastpath_enabled() if mha is not None else None
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), \
             _whole_graph_inference(off=quick):
         warnings.simplefilter("ignore")  # tracer notes about constant shapes: expected
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
         try:
             _export_graph_then_weights(module, args, names, axes, path)
         except _Unmapped:
@@ -246,6 +262,9 @@ def _trace(module, args, names, axes, path: Path, *, quick: bool) -> None:
             torch.onnx.export(module, args, str(path), input_names=names,
                               output_names=["embedding"], dynamic_axes=axes,
                               opset_version=17, dynamo=False)
+        finally:
+            if mha is not None:
+                mha.set_fastpath_enabled(fast)
 
 
 class _whole_graph_inference:
@@ -367,10 +386,45 @@ def _fast_tokenizer(hf_tokenizer):
         except Exception as e:
             raise ExportUnsupported(f"{type(hf_tokenizer).__name__} has no fast form: "
                                     f"{str(e)[:200]}") from None
+    return _configurable(tok)
+
+
+def _configurable(tok):
+    """A copy of the ``tokenizers.Tokenizer`` with no padding or truncation set."""
     tok = type(tok).from_str(tok.to_str())  # a copy we may reconfigure
     tok.no_padding()
     tok.no_truncation()
     return tok
+
+
+#: Texts whose ids the exported tokenizer must give exactly as the model's own tokenizer.
+TOKEN_CHECKS = ("a photo of a dog", "Two children, on a LAWN!  42 kites...", "über café naïve",
+                "赤い円 красный круг كلب", "don't stop   me now's", "🐶 " + "very long " * 60)
+
+
+def _same_ids(tok, settings: dict, encoder) -> None:
+    """The exported tokenizer, configured as a search will, gives the encoder's ids on
+    :data:`TOKEN_CHECKS` (else the tower is not exported: searches use torch)."""
+    import numpy as np
+
+    probe = _configurable(tok)
+    _configure(probe, settings)
+    got = np.asarray([e.ids for e in probe.encode_batch(list(TOKEN_CHECKS))], dtype=np.int64)
+    want = encoder.tokenize(list(TOKEN_CHECKS))["input_ids"].numpy()
+    if got.shape != want.shape or not (got == want).all():
+        raise ExportUnsupported("the exported tokenizer does not give the model's own token ids")
+
+
+def _configure(tok, settings: dict) -> None:
+    """Truncation and padding as the export's settings say (in place)."""
+    ml = int(settings["max_length"])
+    # exports written before the sides were recorded padded and truncated on the right
+    tok.enable_truncation(max_length=ml, direction=settings.get("truncation_side", "right"))
+    side = settings.get("padding_side", "right")
+    if settings["padding"] == "max_length":
+        tok.enable_padding(pad_id=int(settings["pad_id"]), length=ml, direction=side)
+    else:
+        tok.enable_padding(pad_id=int(settings["pad_id"]), direction=side)
 
 
 def _pad_id(hf_tokenizer) -> int:
@@ -389,15 +443,7 @@ class OnnxTextEncoder:
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_file(str(d / TOKENIZER_FILE))
-        ml = int(self.settings["max_length"])
-        # exports written before the sides were recorded padded and truncated on the right
-        self.tok.enable_truncation(max_length=ml,
-                                   direction=self.settings.get("truncation_side", "right"))
-        side = self.settings.get("padding_side", "right")
-        if self.settings["padding"] == "max_length":
-            self.tok.enable_padding(pad_id=int(self.settings["pad_id"]), length=ml, direction=side)
-        else:
-            self.tok.enable_padding(pad_id=int(self.settings["pad_id"]), direction=side)
+        _configure(self.tok, self.settings)
         import onnxruntime as ort
 
         so = ort.SessionOptions()
