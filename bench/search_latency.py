@@ -10,7 +10,7 @@ search for several ef values on 200 text-like queries (stored vectors turned to 
 0.3, as the calibration makes them, with another seed), with the number of queries on
 which the memory-mapped search `itr search` uses returned exactly hnswlib's result list.
 
-    python bench/search_latency.py [--n 100000] [--runs 15]
+    python bench/search_latency.py [--n 100000] [--runs 15] [--arch siglip2-b32]
 """
 
 from __future__ import annotations
@@ -47,16 +47,14 @@ def clustered(n: int, dim: int, seed: int = 0, latent: int = 48):
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def build(n: int) -> Path:
+def build(n: int, arch: str = "laion-b32") -> Path:
     from support import synth
     from itrcli.library import Library
     from itrcli.embed.textonnx import export
     from itrcli.store.vindex import VectorIndex
 
-    model_dir = OUT / "vit-b32"
-    if not (model_dir / "model.safetensors").exists():
-        synth.make_vit_b32(model_dir)
-    lib_dir = OUT / f"lib-{n}"
+    model_dir = synth.bench_model(arch, OUT)
+    lib_dir = OUT / (f"lib-{n}" if arch == "laion-b32" else f"lib-{arch}-{n}")
     if (lib_dir / "itr.db").exists():
         measure_ef(lib_dir)
         return lib_dir
@@ -136,8 +134,9 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--runs", type=int, default=15)
     ap.add_argument("--no-recall", action="store_true")
+    ap.add_argument("--arch", default="laion-b32", help="laion-b32 or siglip2-b32 (random weights)")
     a = ap.parse_args()
-    lib_dir = build(a.n)
+    lib_dir = build(a.n, a.arch)
     # an installed package has its bytecode compiled (pip does it at install); compile
     # ours too, so PYTHONDONTWRITEBYTECODE or a read-only checkout does not add ~0.04 s
     subprocess.run([sys.executable, "-m", "compileall", "-q", str(HERE.parent / "itrcli")], check=True)

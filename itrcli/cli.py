@@ -604,7 +604,7 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
         return
     lines = [
         ("library", data["library"]),
-        ("model", data["model"] or "(none yet)"),
+        ("model", data["model"] or f"(none yet; new libraries: {data['default_model']})"),
         ("revision", data["model_revision"] or "-"),
         ("dimension", str(data["dim"] or "-")),
         ("precision", data["precision"] or "-"),
@@ -928,7 +928,7 @@ def check(
 
 @app.command("models")
 def models_cmd(json_: JsonOpt = False) -> None:
-    """List the named model presets with size and published R@1, then the re-rankers
+    """List the model presets with size, CPU cost, published R@1 and licence, then the re-rankers
 
     \b
     Example:
@@ -941,6 +941,7 @@ def models_cmd(json_: JsonOpt = False) -> None:
         print_json([{"kind": "encoder", "name": p.name, "model": p.hub_id, "params_m": p.params_m,
                      "flickr30k_t2i_r1": p.flickr_t2i_r1, "flickr30k_i2t_r1": p.flickr_i2t_r1,
                      "coco_t2i_r1": p.coco_t2i_r1, "coco_i2t_r1": p.coco_i2t_r1,
+                     "revision": p.revision, "license": p.license, "cpu_cost": p.cpu_cost,
                      "default": p.name == DEFAULT_PRESET} for p in PRESETS]
                    + [{"kind": "reranker", "name": p.name, "model": p.hub_id,
                        "revision": p.revision, "params_m": p.params_m, "input_px": p.input_px,
@@ -948,15 +949,20 @@ def models_cmd(json_: JsonOpt = False) -> None:
                        "flickr30k_t2i_r1": p.flickr_t2i_r1, "flickr30k_i2t_r1": p.flickr_i2t_r1,
                        "default": p.name == DEFAULT_RERANK_PRESET} for p in RERANK_PRESETS])
         return
-    fmt = "{:<2}{:<21}{:<40}{:>7}{:>9}{:>9}{:>9}{:>9}"
-    typer.echo(fmt.format("", "", "", "", "Flickr30k", "", "COCO", "").rstrip())
-    typer.echo(fmt.format("", "NAME", "MODEL", "PARAMS", "T2I", "I2T", "T2I", "I2T"))
+    fmt = "{:<2}{:<21}{:<54}{:>7}{:>7}{:>10}{:>6}{:>7}{:>6}  {}"
+    typer.echo(fmt.format("", "", "", "", "CPU", "Flickr30k", "", "COCO", "", "").rstrip())
+    typer.echo(fmt.format("", "NAME", "MODEL", "PARAMS", "COST", "T2I", "I2T", "T2I", "I2T",
+                          "LICENCE"))
     for p in PRESETS:
+        cost = "-" if p.cpu_cost is None else f"{p.cpu_cost:.2f}x"
         typer.echo(fmt.format("*" if p.name == DEFAULT_PRESET else "", p.name, p.hub_id,
-                              f"{p.params_m}M", _pct(p.flickr_t2i_r1), _pct(p.flickr_i2t_r1),
-                              _pct(p.coco_t2i_r1), _pct(p.coco_i2t_r1)))
+                              f"{p.params_m}M", cost, _pct(p.flickr_t2i_r1),
+                              _pct(p.flickr_i2t_r1), _pct(p.coco_t2i_r1), _pct(p.coco_i2t_r1),
+                              p.license))
     typer.echo("\n* default.  Published zero-shot recall@1, percent: Flickr30k 1K and COCO 5K "
-               "test (sources: itrcli/embed/models.py).")
+               "test (sources: itrcli/embed/models.py). CPU cost: image tower time per image "
+               "relative to laion-b32 (bench/model_cost.py). hf-hub: models need "
+               "pip install 'itr[openclip]'.")
     typer.echo("\nRe-rankers (itr search --rerank, --rerank-model):")
     rfmt = "{:<2}{:<20}{:<38}{:>7}{:>11}{:>11}"
     typer.echo(rfmt.format("", "NAME", "MODEL", "PARAMS", "T2I R@1", "I2T R@1"))

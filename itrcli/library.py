@@ -128,8 +128,8 @@ class Library:
         """The hub revision the library's vectors were made with, when ``model`` is its
         model (a newer snapshot in the cache must not be mixed in); else None."""
         if model != self.model:
-            return None
-        return self.store.get_meta("model_revision")
+            return models.preset_revision(model) if not self.model else None
+        return self.store.get_meta("model_revision") or models.preset_revision(model)
 
     # -- indexing -------------------------------------------------------------------------
     def index(
@@ -1061,6 +1061,8 @@ class Library:
             "model": meta.get("model"),
             "model_revision": meta.get("model_revision"),
             "model_type": meta.get("model_type"),
+            # what a new library is bound to (this one keeps its own)
+            "default_model": models.DEFAULT_PRESET,
             "dim": meta.get("dim"),
             "precision": meta.get("precision"),
             "schema_version": meta.get("schema_version"),

@@ -133,6 +133,18 @@ class Encoder:
             loaded is a :class:`ModelError` naming it, never another revision's weights.
     """
 
+    def __new__(cls, model: str, *args, **kwargs):
+        # the backend: open_clip checkpoints (hf-hub:ORG/NAME, or a folder with
+        # open_clip_config.json) are run by embed/openclip.py, the rest by transformers
+        if cls is Encoder:
+            from .openclip import is_openclip
+
+            if is_openclip(model):
+                from .openclip import OpenClipEncoder
+
+                return super().__new__(OpenClipEncoder)
+        return super().__new__(cls)
+
     def __init__(self, model: str, device: str = "auto", precision: str = "auto",
                  towers: str = "both", revision: str | None = None) -> None:
         # torch's OpenMP threads spin while waiting for work by default, taking the cores
@@ -152,6 +164,7 @@ class Encoder:
         self.model_id = model
         # every file of the checkpoint from that commit (a local directory has none)
         self._at = {"revision": revision} if revision and not os.path.isdir(model) else {}
+        self.model = None
         self._image = self._text = self._tokenizer = None
         with gc_paused():
             self._load(model, towers)

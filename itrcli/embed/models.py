@@ -29,13 +29,34 @@ class Preset:
     note: str = ""
     coco_t2i_r1: float | None = None
     coco_i2t_r1: float | None = None
+    license: str = "MIT"  #: the weights' licence
+    revision: str | None = None  #: the hub commit loaded (None: main)
+    #: image tower CPU time per image relative to laion-b32's (bench/model_cost.py, fp32,
+    #: random weights of the real architecture); None where not measured
+    cpu_cost: float | None = None
+
+    @property
+    def permissive(self) -> bool:
+        """Whether the licence lets anyone use the weights (may be a default)."""
+        return self.license in ("MIT", "Apache-2.0")
+
+
+#: open_clip presets' licences.
+APPLE_AMLR = "Apple AMLR (research only)"
+
+
+def _openclip(name: str, hub: str, revision: str | None, params_m: int, license: str,
+              cost: float | None, note: str, r1: tuple | None = None) -> Preset:
+    f_t2i, f_i2t, c_t2i, c_i2t = r1 or (None, None, None, None)
+    return Preset(name, "hf-hub:" + hub, params_m, f_t2i, f_i2t, note, c_t2i, c_i2t,
+                  license=license, revision=revision, cpu_cost=cost)
 
 
 def _siglip2(name: str, hub: str, params_m: int, coco_t2i: float, coco_i2t: float,
              note: str = "") -> Preset:
     return Preset(name, hub, params_m, None, None,
                   note or "SigLIP 2, multilingual (Gemma fast tokenizer: ONNX text tower)",
-                  coco_t2i, coco_i2t)
+                  coco_t2i, coco_i2t, license="Apache-2.0")
 
 
 PRESETS: tuple[Preset, ...] = (
@@ -46,7 +67,11 @@ PRESETS: tuple[Preset, ...] = (
     Preset("openai-l14-336", "openai/clip-vit-large-patch14-336", 428, 68.7, 88.0,
            "slow on CPU; for re-ranking or a GPU", 37.8, 58.4),
     Preset("siglip-b16", "google/siglip-base-patch16-224", 203, 74.7, 89.1, "sigmoid loss CLIP",
-           47.8, 65.7),
+           47.8, 65.7, license="Apache-2.0"),
+    # the SigLIP 2 paper, Table 1 (B/32 at 256 px): Flickr30k and COCO, both directions
+    Preset("siglip2-b32", "google/siglip2-base-patch32-256", 377, 75.5, 89.3,
+           "SigLIP 2 B/32 at 256 px, multilingual; 768-d vectors", 47.2, 63.7,
+           license="Apache-2.0"),
     _siglip2("siglip2-b16", "google/siglip2-base-patch16-224", 375, 52.1, 68.9),
     _siglip2("siglip2-b16-256", "google/siglip2-base-patch16-256", 375, 53.2, 69.7),
     _siglip2("siglip2-b16-384", "google/siglip2-base-patch16-384", 376, 54.6, 71.4),
@@ -62,6 +87,43 @@ PRESETS: tuple[Preset, ...] = (
     _siglip2("siglip2-g16-256", "google/siglip2-giant-opt-patch16-256", 1871, 55.7, 72.5),
     _siglip2("siglip2-g16-384", "google/siglip2-giant-opt-patch16-384", 1871, 56.1, 72.8),
 )
+# open_clip checkpoints (embed/openclip.py; pip install 'itr[openclip]').  Revisions: the
+# commit that added the weights, where one was found; None (main) where none was found,
+# said in the note.  Published R@1: OpenCLIP's benchmark (docs/openclip_retrieval_results.csv)
+# where it lists the checkpoint; None where no source at hand gives it.
+OPENCLIP_PRESETS: tuple[Preset, ...] = (
+    _openclip("mobileclip-s0", "apple/MobileCLIP-S0-OpenCLIP", None, 54, APPLE_AMLR, None,
+              "MobileCLIP S0; no open_clip safetensors release found (revision unknown)"),
+    _openclip("mobileclip-s1", "apple/MobileCLIP-S1-OpenCLIP",
+              "d147e67ab3c9c7a209064ec89c075e6623a47ae9", 85, APPLE_AMLR, None, "MobileCLIP S1"),
+    _openclip("mobileclip-s2", "apple/MobileCLIP-S2-OpenCLIP", None, 99, APPLE_AMLR, None,
+              "MobileCLIP S2 (revision not found: main)"),
+    _openclip("mobileclip-b", "apple/MobileCLIP-B-OpenCLIP", None, 150, APPLE_AMLR, None,
+              "MobileCLIP B (revision not found: main)"),
+    _openclip("mobileclip2-s0", "timm/MobileCLIP2-S0-OpenCLIP", None, 75, APPLE_AMLR, None,
+              "MobileCLIP2 S0 (revision not found: main)"),
+    _openclip("mobileclip2-s2", "timm/MobileCLIP2-S2-OpenCLIP", None, 99, APPLE_AMLR, None,
+              "MobileCLIP2 S2 (revision not found: main)"),
+    _openclip("mobileclip2-b", "timm/MobileCLIP2-B-OpenCLIP", None, 150, APPLE_AMLR, None,
+              "MobileCLIP2 B (revision not found: main)"),
+    _openclip("mobileclip2-s3", "timm/MobileCLIP2-S3-OpenCLIP", None, 249, APPLE_AMLR, None,
+              "MobileCLIP2 S3 (revision not found: main)"),
+    _openclip("mobileclip2-s4", "timm/MobileCLIP2-S4-OpenCLIP", None, 447, APPLE_AMLR, None,
+              "MobileCLIP2 S4 (revision not found: main)"),
+    _openclip("mobileclip2-l14", "timm/MobileCLIP2-L-14-OpenCLIP", None, 428, APPLE_AMLR, None,
+              "MobileCLIP2 L/14 (revision not found: main)"),
+    _openclip("dfn-b16", "apple/DFN2B-CLIP-ViT-B-16", "5add2d7e0f38e33579305b3ef956d636742d849e",
+              150, APPLE_AMLR, None, "DFN-2B ViT-B/16; its weights may be pickle-only"),
+    _openclip("dfn-l14", "apple/DFN2B-CLIP-ViT-L-14", "fa63e19ee6cc8df2cf3c959682a2e8a74c3a727e",
+              428, APPLE_AMLR, None, "DFN-2B ViT-L/14; its weights may be pickle-only"),
+    _openclip("datacomp-b32-256", "laion/CLIP-ViT-B-32-256x256-DataComp-s34B-b86K", None, 151,
+              "MIT", None, "DataComp-1B ViT-B/32 at 256 px (revision not found: main)",
+              (64.9, 84.8, 39.9, 57.9)),
+)
+PRESETS = PRESETS + OPENCLIP_PRESETS
+#: The model of a new library: the figures in docs/performance.md ("The default model")
+#: keep laion-b32 (SigLIP 2 B/32's 768-d vectors miss the disk goal); never a preset whose
+#: licence is not permissive.
 DEFAULT_PRESET = "laion-b32"
 DEFAULT_MODEL = next(p.hub_id for p in PRESETS if p.name == DEFAULT_PRESET)
 
@@ -83,6 +145,18 @@ def resolve(model: str | None) -> str:
 
 def preset_names() -> list[str]:
     return [p.name for p in PRESETS]
+
+
+def preset_revision(model: str) -> str | None:
+    """The revision a preset pins for ``model`` (a resolved id), else None (main)."""
+    for p in PRESETS:
+        if model in (p.hub_id, p.name):
+            return p.revision
+    return None
+
+
+def default_preset() -> Preset:
+    return next(p for p in PRESETS if p.name == DEFAULT_PRESET)
 
 
 @dataclass(frozen=True)
@@ -154,6 +228,8 @@ def model_revision(model_id: str) -> str | None:
                 st = f.stat()
                 h.update(f"{f.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return "local-" + h.hexdigest()
+    if model_id.startswith("hf-hub:"):  # an open_clip checkpoint on the hub
+        model_id = model_id[len("hf-hub:"):]
     try:
         from huggingface_hub import constants
 

@@ -26,6 +26,13 @@ MODEL_FILE = "text.onnx"
 DATA_FILE = "text.onnx.data"
 TOKENIZER_FILE = "tokenizer.json"
 SETTINGS_FILE = "settings.json"
+#: SigLIP's token embedding table, float16, read with ``numpy.load(mmap_mode="r")``: a
+#: search reads the rows of its own tokens, never the whole table (SigLIP 2's 256k-token
+#: Gemma vocabulary is 790 MB in float32; 393 MB here, of which a query touches ~100 KB).
+TABLE_FILE = "tokens.f16.npy"
+#: The export's format, kept in the per-machine tower cache (see :mod:`towercache`).
+CACHE_KIND = "text"
+CACHE_FORMAT = 2
 
 
 class ExportUnsupported(Exception):
@@ -53,6 +60,8 @@ def export(encoder, library_dir: Path, *, release: bool = False,
     except (ExportUnsupported, KeyboardInterrupt):
         raise
     except Exception:
+        if release:  # the first try may have dropped weights of the loaded tower: read again
+            encoder.release_text()
         return _export(encoder, library_dir, release, before_optimise, quick=False)
 
 
@@ -63,67 +72,82 @@ def _export(encoder, library_dir: Path, release: bool, before_optimise, *, quick
     remove_temp_files(library_dir)  # of an export that was killed
     tmp = Path(library_dir) / f".{DIRNAME}.tmp-{os.getpid()}"
     tmp.mkdir(parents=True)
-    tok = _fast_tokenizer(encoder.tokenizer)
-    tok.save(str(tmp / TOKENIZER_FILE))
-    pad_id = _pad_id(encoder.tokenizer)
-    use_mask = encoder.model_type != "siglip"
-    settings = {
-        "max_length": encoder.text_max_length,
-        "padding": encoder.text_padding,
-        "pad_id": pad_id,
-        "use_attention_mask": use_mask,
-        "dim": encoder.dim,
-        "model": encoder.model_id,
-        "lowercase": bool(getattr(encoder.tokenizer, "do_lower_case", False))
-        and encoder.model_type == "siglip",
-        # Gemma's tokenizer (SigLIP 2) pads on the left unless its config says otherwise;
-        # SigLIP pools the last position, so the side changes the vector
-        "padding_side": getattr(encoder.tokenizer, "padding_side", "right") or "right",
-        "truncation_side": getattr(encoder.tokenizer, "truncation_side", "right") or "right",
-    }
-
-    # Only the text tower, in float32 from the checkpoint's own weights (a bf16 or fp16
-    # model cast back to float32 would carry its rounding into every cold search).
-    text_model, proj = encoder.float32_text_tower()
-
-    class TextTower(torch.nn.Module):
-        """``get_text_features`` of CLIP/SigLIP, then L2 normalisation."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.text_model = text_model
-            self.proj = proj
-
-        def forward(self, input_ids, attention_mask=None):
-            out = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
-            f = out.pooler_output  # [batch, hidden]
-            if self.proj is not None:
-                f = self.proj(f)  # [batch, dim]
-            return f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-
-    # two batches of other sizes and lengths: the export must hold for any (dynamic axes)
-    samples = [encoder.tokenize(["a photo of a dog", "two children on a lawn"]),
-               encoder.tokenize(["a", "a red bicycle leaning on a wall beside a blue door",
-                                 "three words here"])]
-    names = ["input_ids"]
-    axes = {"input_ids": {0: "batch", 1: "seq"}, "embedding": {0: "batch"}}
-    if use_mask:
-        names.append("attention_mask")
-        axes["attention_mask"] = {0: "batch", 1: "seq"}
-    feeds = [tuple(s[n] for n in names) for s in samples]
-    tower = TextTower()
-    with torch.inference_mode(False), torch.no_grad():
-        # what the export must give
-        checks = [({n: a.numpy() for n, a in zip(names, f)}, tower(*f).float().numpy())
-                  for f in feeds]  # [batch, dim] each
-    raw = tmp / "raw"  # the plain export; onnxruntime's optimised copy replaces it
-    raw.mkdir()
-    onnx_path = raw / MODEL_FILE
     try:
+        if hasattr(encoder, "export_tokenizer"):  # open_clip: its vocabulary as a BPE
+            tok = _configurable(encoder.export_tokenizer())
+        else:
+            tok = _fast_tokenizer(encoder.tokenizer)
+        tok.save(str(tmp / TOKENIZER_FILE))
+        pad_id = _pad_id(encoder.tokenizer)
+        # SigLIP attends to its padding, as trained; open_clip's towers take no mask
+        use_mask = encoder.model_type not in ("siglip", "open_clip")
+        settings = {
+            "max_length": encoder.text_max_length,
+            "padding": encoder.text_padding,
+            "pad_id": pad_id,
+            "use_attention_mask": use_mask,
+            "dim": encoder.dim,
+            "model": encoder.model_id,
+            "lowercase": bool(getattr(encoder.tokenizer, "do_lower_case", False))
+            and encoder.model_type == "siglip",
+            # Gemma's tokenizer (SigLIP 2) pads on the left unless its config says otherwise;
+            # SigLIP pools the last position, so the side changes the vector
+            "padding_side": getattr(encoder.tokenizer, "padding_side", "right") or "right",
+            "truncation_side": getattr(encoder.tokenizer, "truncation_side", "right") or "right",
+        }
+
+        # Only the text tower, in float32 from the checkpoint's own weights (a bf16 or fp16
+        # model cast back to float32 would carry its rounding into every cold search).
+        if hasattr(encoder, "text_export_tower"):  # open_clip: a module of its own
+            text_model = proj = None
+            whole = encoder.text_export_tower()
+        else:
+            text_model, proj = encoder.float32_text_tower()
+            whole = _whole_tower(text_model, proj)
+        # two batches of other sizes and lengths: the export must hold for any (dynamic axes)
+        samples = [encoder.tokenize(["a photo of a dog", "two children on a lawn"]),
+                   encoder.tokenize(["a", "a red bicycle leaning on a wall beside a blue door",
+                                     "three words here"])]
+        names = ["input_ids"] + (["attention_mask"] if use_mask else [])
+        feeds = [tuple(s[n] for n in names) for s in samples]
+        if hasattr(encoder, "export_tokenizer"):
+            _same_ids(tok, settings, encoder)
+        split = encoder.model_type == "siglip" and hasattr(text_model, "embeddings")
+        with torch.inference_mode(False), torch.no_grad():
+            if split:
+                # the table leaves the graph: float16 rows gathered by the search, the rest in ONNX
+                tower = _siglip_from_embeddings(text_model, proj)
+                table = _write_table(text_model.embeddings.token_embedding.weight, tmp / TABLE_FILE)
+                settings["token_table"] = TABLE_FILE
+                exact = [whole(*f) for f in feeds]
+                feeds = [(torch.from_numpy(table[f[0].numpy()].astype("float32")),) for f in feeds]
+                names = ["token_embeds"]
+                for f, want, ids in zip(feeds, exact, samples):
+                    # the split tower is the whole one (on the table's exact rows) ...
+                    rows = text_model.embeddings.token_embedding(ids["input_ids"])
+                    if not torch.allclose(tower(rows), want, atol=1e-5):
+                        raise RuntimeError("the tower from token embeddings differs from the whole one")
+                    # ... and float16 rows move no vector by more than rounding
+                    cos = (tower(*f) * want).sum(-1).min().item()
+                    if cos < MIN_TABLE_COSINE:
+                        raise RuntimeError(f"float16 token embeddings move a vector: cosine {cos:.6f}")
+                del table, exact
+                if release:  # the child has no other use for the table: gone before tracing
+                    text_model.embeddings.token_embedding = torch.nn.Embedding(1, 1)
+            else:
+                tower = whole
+            # what the export must give
+            checks = [({n: a.numpy() for n, a in zip(names, f)}, tower(*f).float().numpy())
+                      for f in feeds]  # [batch, dim] each
+        axes = {n: {0: "batch", 1: "seq"} for n in names}
+        axes["embedding"] = {0: "batch"}
+        raw = tmp / "raw"  # the plain export; onnxruntime's optimised copy replaces it
+        raw.mkdir()
+        onnx_path = raw / MODEL_FILE
         _trace(tower, feeds[0], names, axes, onnx_path, quick=quick)
         # the torch weights are written and no longer needed: gone before the wait for
         # before_optimise and before onnxruntime loads its copy (a second try reads them again)
-        del tower, text_model, proj
+        del tower, whole, text_model, proj
         if release:
             encoder.release_text()
         if before_optimise is not None:
@@ -140,6 +164,77 @@ def _export(encoder, library_dir: Path, release: bool, before_optimise, *, quick
     return out
 
 
+#: The least cosine between a vector from float16 token embeddings and the float32 one
+#: that the export accepts (measured: 1 - 1e-7 on SigLIP 2 B/32's architecture).
+MIN_TABLE_COSINE = 0.9999
+
+
+def _normalised(f):
+    return f / f.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [batch, dim]
+
+
+def _whole_tower(text_model, proj):
+    """``get_text_features`` of CLIP/SigLIP, then L2 normalisation, as a torch module on
+    (input_ids, attention_mask)."""
+    import torch
+
+    class WholeTower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.text_model = text_model
+            self.proj = proj
+
+        def forward(self, input_ids, attention_mask=None):
+            out = self.text_model(input_ids=input_ids, attention_mask=attention_mask)
+            f = out.pooler_output  # [batch, hidden]
+            if self.proj is not None:
+                f = self.proj(f)  # [batch, dim]
+            return _normalised(f)
+
+    return WholeTower()
+
+
+def _siglip_from_embeddings(text_model, proj):
+    """SigLIP's text tower from its token embeddings on (``[batch, seq, hidden]``): the
+    position embeddings, encoder, final norm, last-position head and L2 normalisation of
+    ``SiglipTextModel.forward`` (no attention mask: SigLIP attends to its padding).
+    :func:`_export` checks it against the whole tower before it is kept."""
+    import torch
+
+    class FromEmbeddings(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.text_model = text_model
+            self.proj = proj
+
+        def forward(self, token_embeds):
+            m = self.text_model
+            h = m.embeddings(inputs_embeds=token_embeds)  # [batch, seq, hidden]
+            h = m.encoder(inputs_embeds=h).last_hidden_state
+            h = m.final_layer_norm(h)
+            f = m.head(h[:, -1, :])  # [batch, dim]
+            if self.proj is not None:
+                f = self.proj(f)
+            return _normalised(f)
+
+    return FromEmbeddings()
+
+
+def _write_table(weight, path: Path):
+    """``weight`` ([vocab, hidden] float32) to ``path`` as a float16 ``.npy``, a slice at a
+    time (no float16 copy of it all in memory); returns the file memory-mapped."""
+    import numpy as np
+
+    rows, width = weight.shape
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16, shape=(rows, width))
+    step = 8192
+    for i in range(0, rows, step):
+        out[i:i + step] = weight[i:i + step].detach().float().numpy()
+    out.flush()
+    del out
+    return np.load(path, mmap_mode="r")
+
+
 class _Unmapped(Exception):
     """The graph has an input that is no weight of the module (the plain export is used)."""
 
@@ -150,9 +245,15 @@ def _trace(module, args, names, axes, path: Path, *, quick: bool) -> None:
 
     import torch
 
+    # nn.MultiheadAttention's fused inference path (open_clip's MobileCLIP text towers, which
+    # take no mask) is one operator that ONNX lacks; the plain path computes the same
+    mha = getattr(torch.backends, "mha", None)
+    fast = mha.get_fastpath_enabled() if mha is not None else None
     with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), \
             _whole_graph_inference(off=quick):
         warnings.simplefilter("ignore")  # tracer notes about constant shapes: expected
+        if mha is not None:
+            mha.set_fastpath_enabled(False)
         try:
             _export_graph_then_weights(module, args, names, axes, path)
         except _Unmapped:
@@ -161,6 +262,9 @@ def _trace(module, args, names, axes, path: Path, *, quick: bool) -> None:
             torch.onnx.export(module, args, str(path), input_names=names,
                               output_names=["embedding"], dynamic_axes=axes,
                               opset_version=17, dynamo=False)
+        finally:
+            if mha is not None:
+                mha.set_fastpath_enabled(fast)
 
 
 class _whole_graph_inference:
@@ -282,10 +386,45 @@ def _fast_tokenizer(hf_tokenizer):
         except Exception as e:
             raise ExportUnsupported(f"{type(hf_tokenizer).__name__} has no fast form: "
                                     f"{str(e)[:200]}") from None
+    return _configurable(tok)
+
+
+def _configurable(tok):
+    """A copy of the ``tokenizers.Tokenizer`` with no padding or truncation set."""
     tok = type(tok).from_str(tok.to_str())  # a copy we may reconfigure
     tok.no_padding()
     tok.no_truncation()
     return tok
+
+
+#: Texts whose ids the exported tokenizer must give exactly as the model's own tokenizer.
+TOKEN_CHECKS = ("a photo of a dog", "Two children, on a LAWN!  42 kites...", "über café naïve",
+                "赤い円 красный круг كلب", "don't stop   me now's", "🐶 " + "very long " * 60)
+
+
+def _same_ids(tok, settings: dict, encoder) -> None:
+    """The exported tokenizer, configured as a search will, gives the encoder's ids on
+    :data:`TOKEN_CHECKS` (else the tower is not exported: searches use torch)."""
+    import numpy as np
+
+    probe = _configurable(tok)
+    _configure(probe, settings)
+    got = np.asarray([e.ids for e in probe.encode_batch(list(TOKEN_CHECKS))], dtype=np.int64)
+    want = encoder.tokenize(list(TOKEN_CHECKS))["input_ids"].numpy()
+    if got.shape != want.shape or not (got == want).all():
+        raise ExportUnsupported("the exported tokenizer does not give the model's own token ids")
+
+
+def _configure(tok, settings: dict) -> None:
+    """Truncation and padding as the export's settings say (in place)."""
+    ml = int(settings["max_length"])
+    # exports written before the sides were recorded padded and truncated on the right
+    tok.enable_truncation(max_length=ml, direction=settings.get("truncation_side", "right"))
+    side = settings.get("padding_side", "right")
+    if settings["padding"] == "max_length":
+        tok.enable_padding(pad_id=int(settings["pad_id"]), length=ml, direction=side)
+    else:
+        tok.enable_padding(pad_id=int(settings["pad_id"]), direction=side)
 
 
 def _pad_id(hf_tokenizer) -> int:
@@ -308,15 +447,7 @@ class OnnxTextEncoder:
         from tokenizers import Tokenizer
 
         self.tok = Tokenizer.from_file(str(d / TOKENIZER_FILE))
-        ml = int(self.settings["max_length"])
-        # exports written before the sides were recorded padded and truncated on the right
-        self.tok.enable_truncation(max_length=ml,
-                                   direction=self.settings.get("truncation_side", "right"))
-        side = self.settings.get("padding_side", "right")
-        if self.settings["padding"] == "max_length":
-            self.tok.enable_padding(pad_id=int(self.settings["pad_id"]), length=ml, direction=side)
-        else:
-            self.tok.enable_padding(pad_id=int(self.settings["pad_id"]), direction=side)
+        _configure(self.tok, self.settings)
         import onnxruntime as ort
 
         so = ort.SessionOptions()
@@ -329,6 +460,11 @@ class OnnxTextEncoder:
         self.session = ort.InferenceSession(str(d / MODEL_FILE), sess_options=so,
                                             providers=["CPUExecutionProvider"])
         self.dim = int(self.settings["dim"])
+        self.table = None  # [vocab, hidden] float16, memory-mapped: rows read as needed
+        if self.settings.get("token_table"):
+            import numpy as np
+
+            self.table = np.load(d / self.settings["token_table"], mmap_mode="r")
 
     @staticmethod
     def available(library_dir: Path) -> bool:
@@ -350,7 +486,10 @@ class OnnxTextEncoder:
         import numpy as np
 
         ids, mask = self.tokenize(texts)
-        feeds = {"input_ids": ids}
+        if self.table is not None:  # the rows of these tokens alone, in float32
+            feeds = {"token_embeds": self.table[ids].astype(np.float32)}  # [batch, seq, hidden]
+        else:
+            feeds = {"input_ids": ids}
         if self.settings["use_attention_mask"]:
             feeds["attention_mask"] = mask
         (out,) = self.session.run(["embedding"], feeds)
@@ -377,7 +516,7 @@ def export_identity(library_dir: Path) -> tuple | None:
     a long-lived reader keeps its session while this stays the same."""
     d = Path(library_dir) / DIRNAME
     out = []
-    for name in (MODEL_FILE, DATA_FILE, SETTINGS_FILE, TOKENIZER_FILE):
+    for name in (MODEL_FILE, DATA_FILE, SETTINGS_FILE, TOKENIZER_FILE, TABLE_FILE):
         try:
             st = os.stat(d / name)
         except OSError:

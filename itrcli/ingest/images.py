@@ -179,6 +179,8 @@ class Preprocess:
     do_normalize: bool = True
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    #: the crop's offset rounded as torchvision's ``CenterCrop`` (open_clip), not floored
+    crop_round: bool = False
     _scale: Any = field(default=None, repr=False, compare=False)
     _shift: Any = field(default=None, repr=False, compare=False)
 
@@ -205,6 +207,7 @@ class Preprocess:
             do_normalize=bool(cfg.get("do_normalize", True)),
             mean=_triple(cfg.get("image_mean", (0.5, 0.5, 0.5))),
             std=_triple(cfg.get("image_std", (0.5, 0.5, 0.5))),
+            crop_round=bool(cfg.get("crop_round", False)),
         )
         if p.resize and not p.shortest_edge and not (p.height and p.width):
             raise ValueError(f"unsupported image processor size {size!r}")
@@ -217,7 +220,9 @@ class Preprocess:
             if self.shortest_edge
             else {"height": self.height, "width": self.width}
         )
+        extra = {"crop_round": True} if self.crop_round else {}  # older libraries: absent
         return {
+            **extra,
             "do_resize": self.resize,
             "size": size,
             "resample": self.resample,
@@ -265,7 +270,7 @@ class Preprocess:
                 img = img.resize((w, h), resample=self.resample)
         arr = np.asarray(img, dtype=np.uint8)  # [H, W, 3]
         if self.center_crop:
-            arr = _center_crop(arr, self.crop_height, self.crop_width)
+            arr = _center_crop(arr, self.crop_height, self.crop_width, rounded=self.crop_round)
         if self._scale is None:
             scale = self.rescale_factor if self.do_rescale else 1.0
             mean = np.asarray(self.mean, dtype=np.float32) if self.do_normalize else np.zeros(3, np.float32)
@@ -284,9 +289,10 @@ def _triple(v: Any) -> tuple[float, float, float]:
     return a, b, c
 
 
-def _center_crop(arr, ch: int, cw: int):
+def _center_crop(arr, ch: int, cw: int, rounded: bool = False):
     """Centre crop of an ``[H, W, C]`` array; pads with zeros when the image is smaller,
-    as transformers' ``center_crop`` does."""
+    as transformers' ``center_crop`` does.  ``rounded``: the offset rounded (half to even)
+    as torchvision's ``CenterCrop`` computes it, instead of floored."""
     import numpy as np
 
     h, w = arr.shape[:2]
@@ -296,7 +302,10 @@ def _center_crop(arr, ch: int, cw: int):
         top, left = (ph - h) // 2, (pw - w) // 2
         padded[top : top + h, left : left + w] = arr
         arr, h, w = padded, ph, pw
-    top, left = (h - ch) // 2, (w - cw) // 2
+    if rounded:
+        top, left = int(round((h - ch) / 2.0)), int(round((w - cw) / 2.0))
+    else:
+        top, left = (h - ch) // 2, (w - cw) // 2
     return arr[top : top + ch, left : left + cw]
 
 

@@ -627,6 +627,112 @@ def make_tiny_siglip2(out_dir: str | Path, *, padding_side: str = "right", seed:
     return out
 
 
+#: open_clip preprocessing of the tiny test models: OpenAI's mean and std.
+_OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
+_OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+def make_tiny_openclip(out_dir: str | Path, *, kind: str = "vit", seed: int = 0) -> Path:
+    """Build a random-weight tiny open_clip checkpoint in the hub layout that
+    ``hf-hub:`` and local folders use: ``open_clip_config.json`` (``model_cfg`` and
+    ``preprocess_cfg``) and ``open_clip_model.safetensors``.  Needs open_clip (and so a
+    torchvision that matches torch).
+
+    Args:
+        kind: "vit": a 2-layer ViT at 32 px, causal text tower, bicubic resize of the
+            short side and centre crop (as DFN / DataComp); "mobileclip": timm's
+            ``fastvit_mci0`` at 64 px with MobileCLIP's text tower (no causal mask: it
+            attends to its padding), bilinear, mean 0 and std 1 (as MobileCLIP-S0/S1);
+            "squash": the ViT resized to the square (open_clip's ``resize_mode`` squash).
+        seed: torch seed for the weights.
+    """
+    import open_clip
+    import torch
+    from safetensors.torch import save_file
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    text = dict(context_length=77, vocab_size=49408, width=32, heads=2, layers=2)
+    if kind == "mobileclip":
+        model_cfg = dict(embed_dim=32, custom_text=True,
+                         vision_cfg=dict(timm_model_name="fastvit_mci0", timm_model_pretrained=False,
+                                         timm_pool="avg", timm_proj=None, timm_drop=0.0,
+                                         timm_drop_path=0.0, image_size=64),
+                         text_cfg=dict(text, no_causal_mask=True))
+        pre = dict(mean=[0.0] * 3, std=[1.0] * 3, interpolation="bilinear", resize_mode="shortest")
+    else:
+        model_cfg = dict(embed_dim=32, vision_cfg=dict(image_size=32, layers=2, width=64,
+                                                       patch_size=8, head_width=32),
+                         text_cfg=text)
+        pre = dict(mean=_OPENAI_MEAN, std=_OPENAI_STD, interpolation="bicubic",
+                   resize_mode="squash" if kind == "squash" else "shortest")
+    (out / "open_clip_config.json").write_text(
+        json.dumps({"model_cfg": model_cfg, "preprocess_cfg": pre}, indent=1))
+    torch.manual_seed(seed)
+    model = open_clip.create_model("local-dir:" + str(out), load_weights=False)
+    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()},
+              str(out / "open_clip_model.safetensors"))
+    return out
+
+
+def _fill_random(model, seed: int) -> None:
+    """Seeded values for a model built on the meta device and moved with ``to_empty``:
+    layer norms 1 and 0, other biases 0, every other weight normal(0, 0.02), position ids
+    counted (benchmarks measure cost, which does not depend on the values)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    norms = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.LayerNorm)}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if id(p) in norms:
+                p.fill_(1.0)
+            elif name.endswith("bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, 0.02, generator=generator)
+        for name, b in model.named_buffers():
+            if name.endswith("position_ids"):
+                b.copy_(torch.arange(b.shape[-1]).expand_as(b))
+
+
+def make_siglip2_b32(out_dir: str | Path, seed: int = 0) -> Path:
+    """Build a random-weight SigLIP 2 with the architecture of
+    ``google/siglip2-base-patch32-256``: ViT-B/32 at 256 px (64 patches, attention-pooling
+    head), a 12-layer 768-wide text tower over Gemma's 256,000-token vocabulary (a 790 MB
+    float32 embedding table) and 64 positions, 768-d embeddings; bilinear resize to
+    256x256, mean and std 0.5.  Only the weight values and the tokenizer's vocabulary (a
+    small Gemma-style one, :func:`make_gemma_tokenizer`, ids well below 256,000) differ, so
+    timings and memory are the real model's.  About 1.5 GB of safetensors.
+    """
+    import torch
+    from transformers import SiglipConfig, SiglipImageProcessorPil, SiglipModel, SiglipProcessor
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = make_gemma_tokenizer(list(COMMON_WORDS) + caption_words() + list(MULTILINGUAL_WORDS),
+                                     padding_side="right", model_max_length=64)
+    image_processor = SiglipImageProcessorPil(size={"height": 256, "width": 256}, resample=2,
+                                              image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    SiglipProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    image_processor.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    tower = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+    config = SiglipConfig(
+        text_config=dict(tower, vocab_size=256000, max_position_embeddings=64,
+                         projection_size=768, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.bos_token_id),
+        vision_config=dict(tower, image_size=256, patch_size=32),
+    )
+    with torch.device("meta"):
+        model = SiglipModel(config)
+    model = model.to_empty(device="cpu")
+    _fill_random(model, seed)
+    model.eval().save_pretrained(out)
+    return out
+
+
 def make_tiny_blip_itm(out_dir: str | Path, seed: int = 0) -> Path:
     """Build a random-weight tiny BLIP image-text matching model (``BlipForImageTextRetrieval``)
     and save it with its processor in hub layout.
@@ -776,3 +882,19 @@ def make_photo(path: str | Path, width: int, height: int, seed: int, quality: in
     out.parent.mkdir(parents=True, exist_ok=True)
     image.save(out, "JPEG", quality=quality)
     return out
+
+
+#: The real architectures the benchmarks build with random weights: name -> (folder under
+#: bench/out/, factory).  Cost and memory do not depend on the weight values.
+BENCH_ARCHS = {"laion-b32": ("vit-b32", "make_vit_b32"),
+               "siglip2-b32": ("siglip2-b32", "make_siglip2_b32")}
+
+
+def bench_model(arch: str, root: str | Path) -> Path:
+    """The random-weight model of ``arch`` (:data:`BENCH_ARCHS`) under ``root``, built once."""
+    folder, factory = BENCH_ARCHS[arch]
+    d = Path(root) / folder
+    if not (d / "model.safetensors").exists():
+        globals()[factory](d)
+    return d
+
