@@ -139,7 +139,7 @@ def index(
                        help="re-embed everything (e.g. with another --model)")] = False,
     ocr: Annotated[Optional[bool], typer.Option(
         "--ocr/--no-ocr", show_default=False,
-        help="read the text in images, now and on later runs (needs itr[ocr]); --no-ocr "
+        help="read the text in images, now and on later runs (needs itr-search[ocr]); --no-ocr "
              "stops and forgets it [default: the library's setting]")] = None,
     no_video: Annotated[bool, typer.Option("--no-video",
                         help="skip videos (those already indexed are kept)")] = False,
@@ -147,7 +147,7 @@ def index(
     engine: Annotated[str, typer.Option(
         "--engine", metavar="local|ray",
         help="local (this process) or ray (read, decode and embed on a Ray cluster; "
-             "needs itr[ray])")] = "local",
+             "needs itr-search[ray])")] = "local",
     address: Annotated[Optional[str], typer.Option(
         "--address", metavar="ADDR", show_default=False,
         help="with --engine ray: the cluster to join [default: RAY_ADDRESS, else a local "
@@ -162,7 +162,7 @@ def index(
     their vectors; files that cannot be read are listed and skipped (exit code stays 0).
     With --ocr the text in each image is read too (beside the encoder), so that searches
     match it; the library keeps doing so until --no-ocr.
-    Videos (with PyAV installed: pip install 'itr[video]') get a few frames each, with
+    Videos (with PyAV installed: pip install 'itr-search[video]') get a few frames each, with
     their times.
     With --engine ray, new and changed files are read, decoded and embedded on a Ray
     cluster (or a local Ray) and committed here, with the same results.
@@ -544,7 +544,7 @@ def text_cmd(
 
     One line of text per line read; with several images, a "==> PATH <==" header before
     each. --json: a list of {path, source, lines: [{text, box, confidence}]}. Reading
-    needs itr[ocr]; an unreadable image is reported on stderr and makes the exit code 1.
+    needs itr-search[ocr]; an unreadable image is reported on stderr and makes the exit code 1.
 
     \b
     Example:
@@ -942,7 +942,7 @@ def models_cmd(json_: JsonOpt = False) -> None:
                      "flickr30k_t2i_r1": p.flickr_t2i_r1, "flickr30k_i2t_r1": p.flickr_i2t_r1,
                      "coco_t2i_r1": p.coco_t2i_r1, "coco_i2t_r1": p.coco_i2t_r1,
                      "revision": p.revision, "license": p.license, "cpu_cost": p.cpu_cost,
-                     "default": p.name == DEFAULT_PRESET} for p in PRESETS]
+                     "note": p.note, "default": p.name == DEFAULT_PRESET} for p in PRESETS]
                    + [{"kind": "reranker", "name": p.name, "model": p.hub_id,
                        "revision": p.revision, "params_m": p.params_m, "input_px": p.input_px,
                        "coco_t2i_r1": p.coco_t2i_r1, "coco_i2t_r1": p.coco_i2t_r1,
@@ -962,7 +962,7 @@ def models_cmd(json_: JsonOpt = False) -> None:
     typer.echo("\n* default.  Published zero-shot recall@1, percent: Flickr30k 1K and COCO 5K "
                "test (sources: itrcli/embed/models.py). CPU cost: image tower time per image "
                "relative to laion-b32 (bench/model_cost.py). hf-hub: models need "
-               "pip install 'itr[openclip]'.")
+               "pip install 'itr-search[openclip]'.")
     typer.echo("\nRe-rankers (itr search --rerank, --rerank-model):")
     rfmt = "{:<2}{:<20}{:<38}{:>7}{:>11}{:>11}"
     typer.echo(rfmt.format("", "NAME", "MODEL", "PARAMS", "T2I R@1", "I2T R@1"))
@@ -1030,7 +1030,7 @@ def serve(
     With --watch the folders are indexed now and again after each change (file events,
     and a rescan every --rescan seconds). The API: /api/search?q=... (the options of
     itr search by name), /api/thumb/ID, /api/file/ID, /api/info, clip-retrieval's
-    /knn-service; described at /docs. Needs itr[serve].
+    /knn-service; described at /docs. Needs itr-search[serve].
 
     \b
     Example:
@@ -1049,7 +1049,7 @@ def serve(
     if missing:
         from .errors import ItrError
 
-        raise ItrError(f"itr serve needs {', '.join(missing)}: pip install 'itr[serve]'")
+        raise ItrError(f"itr serve needs {', '.join(missing)}: pip install 'itr-search[serve]'")
     from .serve.app import ServeOptions
     from .serve.server import serve as run
     from .serve.watch import WatchOptions

@@ -164,7 +164,7 @@ class Library:
         ``ocr``: True reads the text in images from now on (a library setting, kept by later
         runs), False stops and forgets it, None keeps the library's setting.
         ``engine="ray"`` reads, decodes and embeds on a Ray cluster (``address``, else a
-        local Ray instance; needs ``itr[ray]``), committing here as a local run does;
+        local Ray instance; needs ``itr-search[ray]``), committing here as a local run does;
         ``engine_logs`` lets Ray's own log lines through on stderr.  ``list_indexed``:
         give ``summary.indexed_files`` (what :meth:`indexed` would give for
         ``summary.found``) when the run changed no file row, without reading the rows again.
@@ -349,7 +349,7 @@ class Library:
 
         if not available():
             how = "" if ocr else " (this library reads text; 'itr index --no-ocr' turns that off)"
-            raise LibraryError(f"reading text in images needs rapidocr: pip install 'itr[ocr]'{how}")
+            raise LibraryError(f"reading text in images needs rapidocr: pip install 'itr-search[ocr]'{how}")
         if reindex:
             with self.store.transaction():
                 self.store.words.clear()
@@ -1100,7 +1100,7 @@ EXPORT_TRIES = 3
 def read_text(paths: Sequence[str | os.PathLike], *, library: Library | None = None,
               include_hidden: bool = False) -> list[dict[str, Any]]:
     """The text in image files (``itr text``): what ``library`` read when it holds the same
-    content (``itr index --ocr``), else read now (needs ``itr[ocr]``).  Directories are
+    content (``itr index --ocr``), else read now (needs ``itr-search[ocr]``).  Directories are
     walked for images.  Returns, per file in path order within each directory,
     ``{"path", "source": "library" | "read", "lines": [{"text", "box", "confidence"}]}``
     or ``{"path", "error"}``.

@@ -39,7 +39,7 @@ def test_missing_ray_is_one_line_naming_the_extra(itr, tmp_path, monkeypatch):
     assert r.code == 1, r
     lines = r.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("Error: --engine ray needs Ray"), r
-    assert "pip install 'itr[ray]'" in lines[0]
+    assert "pip install 'itr-search[ray]'" in lines[0]
     assert not (tmp_path / "lib" / "itr.db").exists() or _count(tmp_path / "lib") == 0
     r = itr("index", d, "--db", tmp_path / "lib", "--address", "host:6379")
     assert r.code == 2 and "--address goes with --engine ray" in r.err, r
@@ -83,7 +83,7 @@ def test_a_worker_error_becomes_one_line():
 def ray_address(tmp_path_factory):
     """A local Ray instance for the module, started and stopped by itr's own session code;
     its token and files live in a temporary home."""
-    pytest.importorskip("ray.data", reason="Ray Data not installed (pip install 'itr[ray]')")
+    pytest.importorskip("ray.data", reason="Ray Data not installed (pip install 'itr-search[ray]')")
     from itrcli.jobs.distributed import ray_session
 
     home = tmp_path_factory.mktemp("ray-home")

@@ -26,7 +26,7 @@ BOX = ((0.0, 0.0), (10.0, 0.0), (10.0, 5.0), (0.0, 5.0))
 
 
 def needs_ocr():
-    pytest.importorskip("rapidocr", reason="rapidocr not installed (pip install 'itr[ocr]')")
+    pytest.importorskip("rapidocr", reason="rapidocr not installed (pip install 'itr-search[ocr]')")
 
 
 # --- pure: which lines are kept ------------------------------------------------------------

@@ -139,7 +139,7 @@ def test_vanished_and_unreadable_files(itr, lib, tiny_blip):
 
 
 def test_a_video_hit_is_reranked_at_its_frame(itr, tiny_clip, tiny_blip, tmp_path):
-    pytest.importorskip("av", reason="PyAV not installed: pip install 'itr[video]'")
+    pytest.importorskip("av", reason="PyAV not installed: pip install 'itr-search[video]'")
     from conftest import write_shapes
     from support import clips
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("starlette", reason="itr[serve] not installed")
+pytest.importorskip("starlette", reason="itr-search[serve] not installed")
 pytest.importorskip("httpx", reason="starlette's TestClient needs httpx")
 
 from starlette.testclient import TestClient  # noqa: E402

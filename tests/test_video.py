@@ -14,7 +14,7 @@ import pytest
 
 from conftest import write_shapes, posix_only
 
-av = pytest.importorskip("av", reason="PyAV not installed: pip install 'itr[video]'")
+av = pytest.importorskip("av", reason="PyAV not installed: pip install 'itr-search[video]'")
 
 from support import clips  # noqa: E402
 
@@ -396,7 +396,7 @@ def test_hash_codes_and_dupes_take_a_video_as_the_mean_of_its_frames(itr, micro_
 
 def test_ocr_reads_images_only_a_video_is_never_queued_or_counted(itr, micro_clip, media,
                                                                     tmp_path, monkeypatch):
-    pytest.importorskip("rapidocr", reason="rapidocr not installed (pip install 'itr[ocr]')")
+    pytest.importorskip("rapidocr", reason="rapidocr not installed (pip install 'itr-search[ocr]')")
     import itrcli.jobs.textread as textread
     from itrcli.store.db import Store
 
@@ -424,7 +424,7 @@ def test_ocr_reads_images_only_a_video_is_never_queued_or_counted(itr, micro_cli
 
 
 def test_frames_on_the_fused_text_path(itr, micro_clip, media, tmp_path):
-    pytest.importorskip("rapidocr", reason="rapidocr not installed (pip install 'itr[ocr]')")
+    pytest.importorskip("rapidocr", reason="rapidocr not installed (pip install 'itr-search[ocr]')")
     d, photos, clip = media
     lib = tmp_path / "lib"
     index(itr, lib, d, "-m", micro_clip, "--ocr")

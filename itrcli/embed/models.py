@@ -45,9 +45,15 @@ class Preset:
 APPLE_AMLR = "Apple AMLR (research only)"
 
 
+#: The note of a preset whose retrieval figures no published source at hand gives.
+NO_PUBLISHED_R1 = "no published Flickr30k/COCO R@1 found"
+
+
 def _openclip(name: str, hub: str, revision: str | None, params_m: int, license: str,
               cost: float | None, note: str, r1: tuple | None = None) -> Preset:
     f_t2i, f_i2t, c_t2i, c_i2t = r1 or (None, None, None, None)
+    if r1 is None:  # said, not left blank: no source at hand gives this checkpoint's figures
+        note += f"; {NO_PUBLISHED_R1}"
     return Preset(name, "hf-hub:" + hub, params_m, f_t2i, f_i2t, note, c_t2i, c_i2t,
                   license=license, revision=revision, cpu_cost=cost)
 
@@ -87,7 +93,7 @@ PRESETS: tuple[Preset, ...] = (
     _siglip2("siglip2-g16-256", "google/siglip2-giant-opt-patch16-256", 1871, 55.7, 72.5),
     _siglip2("siglip2-g16-384", "google/siglip2-giant-opt-patch16-384", 1871, 56.1, 72.8),
 )
-# open_clip checkpoints (embed/openclip.py; pip install 'itr[openclip]').  Revisions: the
+# open_clip checkpoints (embed/openclip.py; pip install 'itr-search[openclip]').  Revisions: the
 # commit that added the weights, where one was found; None (main) where none was found,
 # said in the note.  Published R@1: OpenCLIP's benchmark (docs/openclip_retrieval_results.csv)
 # where it lists the checkpoint; None where no source at hand gives it.

@@ -14,7 +14,7 @@ tokenizer; the exported ONNX text tower (:mod:`itrcli.embed.textonnx`) uses the 
 vocabulary as a ``tokenizers`` BPE, checked to give the same ids.
 
 open_clip (and timm, which its MobileCLIP towers use) import torchvision: ``pip install
-'itr[openclip]'`` with a torchvision that matches the installed torch.
+'itr-search[openclip]'`` with a torchvision that matches the installed torch.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _import():
     except Exception as e:  # ImportError, or torchvision's operators missing beside this torch
         raise ModelError(
             "open_clip checkpoints need open_clip_torch and a torchvision that matches the "
-            f"installed torch: pip install 'itr[openclip]' ({type(e).__name__}: "
+            f"installed torch: pip install 'itr-search[openclip]' ({type(e).__name__}: "
             f"{str(e).splitlines()[0][:160] if str(e) else ''})") from None
     return open_clip
 

@@ -361,7 +361,7 @@ class Reranker:
             img = frame_at(path, at)  # full size, rotation applied: the model's own scores
             return key, self.prep(img), None, None
         except ImportError:  # PyAV uninstalled since the video was indexed
-            return None, None, None, "reading a video frame needs PyAV: pip install 'itr[video]'"
+            return None, None, None, "reading a video frame needs PyAV: pip install 'itr-search[video]'"
         except VideoError as e:
             return None, None, None, str(e)
         except OSError as e:

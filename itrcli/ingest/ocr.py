@@ -1,6 +1,6 @@
 """Scene text: the words in an upright decoded image, read with RapidOCR (PP-OCR models).
 
-The ``rapidocr`` wheel (``pip install 'itr[ocr]'``) bundles its detection, direction and
+The ``rapidocr`` wheel (``pip install 'itr-search[ocr]'``) bundles its detection, direction and
 recognition ONNX models and runs them on onnxruntime, so nothing is downloaded at run time.
 
 What is read: the image as :func:`itrcli.ingest.images.open_image` returns it (EXIF
@@ -45,7 +45,7 @@ RAPIDOCR_VERSION = "3.10.0"
 
 
 class OcrUnavailable(Exception):
-    """rapidocr is not installed (``pip install 'itr[ocr]'``)."""
+    """rapidocr is not installed (``pip install 'itr-search[ocr]'``)."""
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ class TextReader:
             try:
                 import rapidocr  # noqa: F401
             except ImportError:
-                raise OcrUnavailable("reading text needs rapidocr: pip install 'itr[ocr]'") from None
+                raise OcrUnavailable("reading text needs rapidocr: pip install 'itr-search[ocr]'") from None
             # its INFO lines (one per model loaded) would interleave with our progress
             logging.getLogger("RapidOCR").setLevel(logging.ERROR)
             from rapidocr import RapidOCR

@@ -76,7 +76,7 @@ def is_video(path: str) -> bool:
 
 
 def available() -> bool:
-    """Whether PyAV can be imported (``pip install 'itr[video]'``)."""
+    """Whether PyAV can be imported (``pip install 'itr-search[video]'``)."""
     try:
         import av  # noqa: F401
     except Exception:

@@ -20,7 +20,7 @@ already knows (a moved or copied file) is hashed on the cluster but not decoded 
 embedded, and takes its stored vector on the driver.  Ray retries a task or actor call
 whose worker died; its rows reach the driver once.
 
-Ray is optional (``pip install 'itr[ray]'``) and imported only here.
+Ray is optional (``pip install 'itr-search[ray]'``) and imported only here.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ from .indexer import IndexRun, _Read, read_for_vectors, read_video
 from ..ingest.video import is_video  # no PyAV import
 
 #: The extra that installs Ray; named in the error when it is missing.
-EXTRA = "pip install 'itr[ray]'"
+EXTRA = "pip install 'itr-search[ray]'"
 
 #: Object store of a local Ray instance: enough for a few batches of pixels in flight
 #: (224 px: 0.6 MB per image as float32), small next to Ray's default of 30% of memory.

@@ -246,7 +246,7 @@ class Watcher:
         try:
             import watchfiles
         except ImportError:
-            self._set(events="rescans only: watchfiles is not installed (pip install 'itr[serve]')")
+            self._set(events="rescans only: watchfiles is not installed (pip install 'itr-search[serve]')")
             return
         roots = [r for r in self.roots if os.path.isdir(r)]
         if not roots:
