@@ -28,6 +28,12 @@ The start-up tax (`--no-tax` skips it): the same 24 photos into a new library, a
 library already bound to the model with its text tower exported (holding one other photo);
 the medians of `--tax-runs` alternated pairs (default 3).
 
+The image tower alone is also reported as a share of the same process's matrix-multiply
+rate (torch, 4096x4096, at the tower's precision), its FLOPs counted by torch (2 per
+multiply-add); `--runtime` sets ITR_IMAGE_RUNTIME for every run, `--first-export` also
+times a new library's run with the tower cache empty (the image tower's one-time export).
+Exported towers go to bench/out/towers (ITR_TOWER_CACHE), apart from the user's.
+
     python bench/index_throughput.py [--sizes 12mp,2mp] [--unchanged 100000] [--rss 10000]
 """
 

@@ -186,9 +186,13 @@ class ExportFailed(Exception):
     """The export was made and did not give torch's vectors (or could not be made)."""
 
 
-def export(encoder, sample_paths: Sequence[str]) -> Path:
+def export(encoder, sample_paths: Sequence[str], *, release: bool = False) -> Path:
     """Export ``encoder``'s image tower (read again in float32 from the checkpoint) to the
     tower cache, checked on the photos ``sample_paths`` (those that decode; at least one).
+
+    ``release``: drop the encoder's torch image tower once it is traced (the child
+    process of :func:`start`, which has no other use for it), so that its weights are gone
+    before onnxruntime loads its own copies.
 
     Returns the cache entry.  Raises :class:`ExportFailed` (or what torch / onnxruntime
     raise) when it cannot be made or does not give torch's vectors; nothing is cached then.
@@ -221,6 +225,9 @@ def export(encoder, sample_paths: Sequence[str]) -> Path:
         raw.mkdir()
         _trace(tower, real[:2], raw / MODEL_FILE)
         del tower
+        if release:
+            encoder._image = None
+            _give_back_memory()
         _optimise(raw / MODEL_FILE, tmp)
         shutil.rmtree(raw)
         sess = _session(tmp)
@@ -246,6 +253,18 @@ def export(encoder, sample_paths: Sequence[str]) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _give_back_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:  # glibc keeps freed heap pages otherwise
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _trace(tower, example, path: Path) -> None:
@@ -274,6 +293,8 @@ def _optimise(src: Path, d: Path) -> None:
                                 DATA_FILE)
     so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                 "1024")
+    # this session only writes the graph: no packed copies of the weights (memory)
+    so.add_session_config_entry("session.disable_prepacking", "1")
     ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
 
 
@@ -319,7 +340,7 @@ def _child_main() -> None:
     _die_with(int(a["parent"]))
     code = 1
     try:
-        export(torch_encoder(a["model"], a["revision"]), a["paths"])
+        export(torch_encoder(a["model"], a["revision"]), a["paths"], release=True)
         code = 0
     except Exception as e:
         print(f"image tower export failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
