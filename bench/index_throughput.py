@@ -28,6 +28,12 @@ The start-up tax (`--no-tax` skips it): the same 24 photos into a new library, a
 library already bound to the model with its text tower exported (holding one other photo);
 the medians of `--tax-runs` alternated pairs (default 3).
 
+The image tower alone is also reported as a share of the same process's matrix-multiply
+rate (torch, 4096x4096, at the tower's precision), its FLOPs counted by torch (2 per
+multiply-add); `--runtime` sets ITR_IMAGE_RUNTIME for every run, `--first-export` also
+times a new library's run with the tower cache empty (the image tower's one-time export).
+Exported towers go to bench/out/towers (ITR_TOWER_CACHE), apart from the user's.
+
     python bench/index_throughput.py [--sizes 12mp,2mp] [--unchanged 100000] [--rss 10000]
 """
 
@@ -199,6 +205,7 @@ print(len(paths) / (time.perf_counter() - t))
 ENCODE = r"""
 import sys, time
 import numpy as np
+import torch
 from itrcli.embed.encoder import Encoder
 enc = Encoder(sys.argv[1], device="cpu", precision=sys.argv[2], towers="image")
 p = enc.prep
@@ -209,20 +216,58 @@ t, n = time.perf_counter(), 0
 while n < 96 or time.perf_counter() - t < 5:
     enc.encode_pixels(x)
     n += len(x)
-print(n / (time.perf_counter() - t))
+rate = n / (time.perf_counter() - t)
+# the tower's FLOPs per image (2 per multiply-add), counted by torch on the float32 tower
+from torch.utils.flop_counter import FlopCounterMode
+tower = enc.float32_image_tower()
+with torch.no_grad(), FlopCounterMode(display=False) as fc:
+    tower(torch.from_numpy(x[:1]))
+# the same process's matrix-multiply rate: torch, 4096 x 4096, at the tower's precision
+dt = {"bf16": torch.bfloat16}.get(sys.argv[2], torch.float32)
+a, b = (torch.randn(4096, 4096).to(dt) for _ in range(2))
+torch.mm(a, b)
+t, k = time.perf_counter(), 0
+while k < 3 or time.perf_counter() - t < 3:
+    torch.mm(a, b)
+    k += 1
+mm = 2 * 4096 ** 3 * k / (time.perf_counter() - t) / 1e9
+print(enc.image_runtime, fc.get_total_flops() / 1e9, mm)
+print(rate)
 """
 
 
+TOWER = {}  #: the last ceiling_parts()'s image tower: runtime, GFLOP per image, matmul GFLOP/s
+
+
 def ceiling_parts(paths: list[Path], library: Path, precision: str) -> tuple[float, float]:
-    """(decode+preprocess img/s on one core, image tower img/s on all cores)."""
-    def rate(code: str, *args: str) -> float:
+    """(decode+preprocess img/s on one core, image tower img/s on all cores); the tower's
+    runtime, GFLOP per image and the same process's matrix-multiply GFLOP/s in TOWER."""
+    def rate(code: str, *args: str) -> tuple[float, list[str]]:
         out = subprocess.run([sys.executable, "-c", code, *args], check=True,
                              capture_output=True, text=True).stdout
-        return float(out.strip().splitlines()[-1])
+        lines = out.strip().splitlines()
+        return float(lines[-1]), lines[:-1]
 
-    decode = rate(DECODE, str(library), *map(str, paths))
-    encode = rate(ENCODE, str(model_dir()), precision)
+    decode, _ = rate(DECODE, str(library), *map(str, paths))
+    encode, extra = rate(ENCODE, str(model_dir()), precision)
+    runtime, gflop, mm = extra[-1].split()
+    TOWER.update(runtime=runtime, gflop=float(gflop), matmul=float(mm))
     return decode, encode
+
+
+def ensure_export(photo: Path) -> None:
+    """The image tower's export in the tower cache, when this run's encoder would use one
+    (so that no timed run makes it)."""
+    code = ("import sys; from itrcli.embed import imagetower as t; "
+            "from itrcli.embed.encoder import resolve_precision as r; "
+            "p = r(sys.argv[3], 'cpu'); "
+            "t.export_due(sys.argv[1], None, 'cpu', p) and "
+            "t.export(t.torch_encoder(sys.argv[1], None), [sys.argv[2]])")
+    subprocess.run([sys.executable, "-c", code, str(model_dir()), str(photo), PRECISION[0]],
+                   check=True)
+
+
+PRECISION = ["auto"]  #: the --precision the itr runs are given (or auto)
 
 
 def ceiling(decode: float, encode: float, cores: int) -> float:
@@ -272,6 +317,20 @@ def unchanged_rerun(n: int) -> float:
     return time.perf_counter() - t
 
 
+def _cpu_flags() -> str:
+    """The CPU's model and the flags that decide the image tower's speed."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "?"
+    name = next((ln.split(":", 1)[1].strip() for ln in text.splitlines()
+                 if ln.startswith("model name")), "?")
+    flags = next((set(ln.split(":", 1)[1].split()) for ln in text.splitlines()
+                  if ln.startswith("flags")), set())
+    have = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f in flags]
+    return f"{name}; {' '.join(have) or 'no avx2'}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="12mp,2mp")
@@ -284,19 +343,42 @@ def main() -> None:
     ap.add_argument("--no-reference", action="store_true", help="skip the reference pipeline")
     ap.add_argument("--no-tax", action="store_true", help="skip the start-up tax")
     ap.add_argument("--tax-runs", type=int, default=3, help="pairs of runs for the start-up tax")
+    ap.add_argument("--runtime", default=None, choices=("auto", "torch", "onnx"),
+                    help="the image tower's runtime (sets ITR_IMAGE_RUNTIME for every run)")
+    ap.add_argument("--first-export", action="store_true",
+                    help="also time a new library's run with the tower cache empty (the "
+                         "image tower's export made at its end) and its memory")
     a = ap.parse_args()
+    if a.runtime:
+        os.environ["ITR_IMAGE_RUNTIME"] = a.runtime
+    # the exported towers of these runs, apart from the user's (bench/out/towers)
+    os.environ.setdefault("ITR_TOWER_CACHE", str(OUT / "towers"))
     model_dir()
     extra = a.itr_args.split()
     from itrcli.embed.encoder import resolve_precision
 
-    precision = resolve_precision(extra[extra.index("--precision") + 1] if "--precision" in extra
-                                  else "auto", "cpu")
+    PRECISION[0] = extra[extra.index("--precision") + 1] if "--precision" in extra else "auto"
+    precision = resolve_precision(PRECISION[0], "cpu")
     cores = len(os.sched_getaffinity(0))
-    print(f"cpus: {cores}, precision: {precision}, model: random-weight ViT-B/32 ({model_dir()})")
+    flags = _cpu_flags()
+    print(f"cpus: {cores} ({flags}), precision: {precision}, image runtime: "
+          f"{os.environ.get('ITR_IMAGE_RUNTIME', 'auto')}, model: random-weight ViT-B/32 ({model_dir()})")
     for kind in filter(None, a.sizes.split(",")):
         ps = photos(kind, a.large + 1)
         ps, spare = ps[: a.large], ps[a.large]
         primed = primed_library(spare, extra)
+        ensure_export(spare)
+        if a.first_export:
+            import shutil
+
+            saved = os.environ["ITR_TOWER_CACHE"]
+            os.environ["ITR_TOWER_CACHE"] = str(OUT / "towers-empty")
+            shutil.rmtree(OUT / "towers-empty", ignore_errors=True)
+            fx, fx_rss = itr_index(ps[: a.small], extra)
+            print(f"{kind}: {a.small} photos into a new library with the tower cache empty (the "
+                  f"image tower exported at the end, once per machine): {fx:.1f}s, peak RSS "
+                  f"{fx_rss:.0f} MiB, whole process tree {LAST_TREE_RSS[0]:.0f} MiB")
+            os.environ["ITR_TOWER_CACHE"] = saved
         i_s, _ = itr_index(ps[: a.small], extra, library=primed)
         i_l, i_rss = itr_index(ps, extra, library=primed)
         itr_net = net(i_s, i_l, a.small, a.large)
@@ -311,6 +393,12 @@ def main() -> None:
         print(f"{kind}: ceiling {top:.1f} img/s = {cores} / (1/{dec:.1f} + {cores}/{enc:.1f}) "
               f"(decode+preprocess {dec:.1f} img/s on one core, image tower {enc:.1f} img/s "
               f"on {cores} cores, {precision}); net / ceiling {itr_net / top:.0%}")
+        t = TOWER
+        print(f"{kind}: image tower ({t['runtime']}, {precision}) {enc:.1f} img/s x {t['gflop']:.2f} "
+              f"GFLOP = {enc * t['gflop']:.0f} GFLOP/s, {enc * t['gflop'] / t['matmul']:.2f} of the "
+              f"same run's matrix multiply ({t['matmul']:.0f} GFLOP/s, torch 4096x4096 "
+              f"{precision}, {cores} threads); net {itr_net:.1f} img/s = "
+              f"{itr_net * t['gflop'] / t['matmul']:.2f} of it")
         if not a.no_tax:
             # alternated pairs, medians: one pair of runs on a shared machine can be off by 2 s
             pairs = []

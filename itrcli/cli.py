@@ -7,6 +7,7 @@ Library errors become ``Error: ...`` on stderr with the exit codes of
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -177,7 +178,7 @@ def index(
     from .library import Library
     from .show.output import err, print_json
 
-    with Library.open(db, create=True) as lib:
+    with _log_to_stderr(verbose), Library.open(db, create=True) as lib:
         had_ocr = lib.ocr
         s = _index_paths(lib, paths, model=model, device=device, precision=precision,
                          batch_size=batch_size, workers=workers, include_hidden=include_hidden,
@@ -194,6 +195,31 @@ def index(
         _print_summary(s)
     if s.interrupted:
         raise typer.Exit(ExitCode.INTERRUPTED)
+
+
+@contextlib.contextmanager
+def _log_to_stderr(on: bool):
+    """With ``on`` (``-v``): the ``itr`` logger's lines (e.g. which runtime runs the image
+    tower, and why) on stderr as ``itr: ...``, for the command's duration."""
+    import logging
+
+    if not on:
+        yield
+        return
+
+    class ToStderr(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            sys.stderr.write(f"itr: {record.getMessage()}\n")
+
+    logger, handler = logging.getLogger("itr"), ToStderr()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _index_paths(lib, paths, *, quiet: bool, see_json: bool, exclude, **options):
@@ -608,6 +634,7 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
         ("revision", data["model_revision"] or "-"),
         ("dimension", str(data["dim"] or "-")),
         ("precision", data["precision"] or "-"),
+        ("encoder", f"images by {data['image_runtime']}" if data["image_runtime"] else "-"),
         ("files", str(data["files"])),
         ("metadata", "{gps} with GPS, {camera} with camera, {taken_at} with capture time"
                      .format(**data["metadata"])),

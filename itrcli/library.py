@@ -271,10 +271,15 @@ class Library:
                               keep=frozenset() if videos else VIDEO_EXTENSIONS, list_indexed=list_indexed,
                               count=unreadable)
             known_roots = set(self.store.get_meta("roots", []))
+            if engine == "local" and summary.embedded and self._encoder is not None:
+                # which runtime encoded the library (itr info; see embed/imagetower.py)
+                self.store.set_meta(image_runtime=getattr(self._encoder, "image_runtime", "torch"))
             if not summary.interrupted:
                 self.store.set_meta(roots=sorted(known_roots | set(roots)))
                 export, started = None, export
                 self._finish_text_tower(started)
+                if engine == "local":
+                    self._finish_image_tower(want, drv_device, drv_precision, run)
             return summary
         finally:
             if export is not None:  # failed or interrupted: the next run exports
@@ -437,6 +442,43 @@ class Library:
             self.store.set_meta(text_export_failed=model, text_export_tries=None)
         else:
             self.store.set_meta(text_export_tries={"model": model, "n": n})
+
+    def _finish_image_tower(self, model: str, device: str, precision: str, run) -> None:
+        """End of a run that encoded photos with torch where onnxruntime would run the image
+        tower: export it once for this machine (:mod:`itrcli.embed.imagetower`), after the
+        text tower's export and with the run's own image tower let go of (the peaks of
+        memory do not add up).  Never raises; a failure is one line under ``-v`` and the
+        next run tries again (up to EXPORT_TRIES runs per model)."""
+        import logging
+
+        from .embed import imagetower
+        from .embed.encoder import resolve_device, resolve_precision
+
+        enc = self._encoder
+        if not run.samples or not self.model or (enc is not None and enc.image_runtime != "torch"):
+            return
+        try:
+            device = resolve_device(device)
+            precision = resolve_precision(precision, device)
+        except Exception:
+            return
+        revision = self._revision_of(model)
+        tries = self.store.get_meta("image_export_tries") or {}
+        n = tries.get("n", 0) if tries.get("model") == model else 0
+        if n >= EXPORT_TRIES or not imagetower.export_due(model, revision, device, precision):
+            return
+        if imagetower.use_child(model):
+            self._release_image_tower()
+            enc = None
+        elif enc is not None and (enc.precision != "fp32" or enc.device != "cpu"):
+            enc = None
+        why = imagetower.export_for_run(model, revision, run.samples, enc)
+        if why is None:
+            logging.getLogger("itr").debug("image tower exported for onnxruntime (next runs use it)")
+            self.store.set_meta(image_export_tries=None)
+            return
+        logging.getLogger("itr").info("image tower export failed (torch is used): %s", why)
+        self.store.set_meta(image_export_tries={"model": model, "n": n + 1})
 
     def _release_image_tower(self) -> None:
         """Give the memory of an encoder loaded for indexing back before the export child
@@ -1065,6 +1107,7 @@ class Library:
             "default_model": models.DEFAULT_PRESET,
             "dim": meta.get("dim"),
             "precision": meta.get("precision"),
+            "image_runtime": meta.get("image_runtime"),
             "schema_version": meta.get("schema_version"),
             "files": self.store.file_count(),
             "vectors": vectors,

@@ -47,6 +47,10 @@ ENVIRONMENT: dict[str, str] = {
                         "re-rank preset name (see itr models), a Hugging Face id or a local "
                         "directory of a BLIP image-text matching checkpoint. Default: "
                         "blip-itm-base-coco.",
+    "ITR_IMAGE_RUNTIME": "What runs the image tower when indexing: auto (default: "
+                         "onnxruntime for fp32 on the CPU once the model's export is cached, "
+                         "made at the end of the first run; torch for bf16 and CUDA), torch "
+                         "or onnx.",
     "ITR_SERVE_TOKEN": "The token that itr serve requires, when --token is not given (it "
                        "then stays out of the process list).",
     "HF_HUB_OFFLINE": "When 1, never use the network: a hub id is looked up in the Hugging "

@@ -48,7 +48,7 @@ def _isolated(tmp_path, monkeypatch):
         monkeypatch.setattr(hf, "HF_HOME", str(hub.parent))
         monkeypatch.setattr(hf, "HF_HUB_CACHE", str(hub))
     for var in ("ITR_DB", "ITR_MODEL", "ITR_RERANK_MODEL", "ITR_RERANK_CACHE_BYTES",
-                "ITR_THUMB_CACHE_MIB"):
+                "ITR_THUMB_CACHE_MIB", "ITR_IMAGE_RUNTIME"):
         monkeypatch.delenv(var, raising=False)
 
 

@@ -162,6 +162,7 @@ class Encoder:
             self.precision
         ]
         self.model_id = model
+        self.image_runtime = "torch"  #: what runs the image tower (see embed/imagetower.py)
         # every file of the checkpoint from that commit (a local directory has none)
         self._at = {"revision": revision} if revision and not os.path.isdir(model) else {}
         self.model = None
@@ -190,6 +191,7 @@ class Encoder:
             )
         self.config = config
         self.model_type = config.model_type
+        self.revision = self._loaded_revision(model, config)
         try:
             if towers == "both":
                 from transformers import AutoModel
@@ -199,7 +201,7 @@ class Encoder:
                 self._text = both.get_text_features
                 self.model = both
             elif towers == "image":
-                self._image = self._tower("image", self.dtype)
+                self._image = self._indexing_image_tower()
             if towers != "image":
                 self._load_tokenizer()
                 if towers == "text":
@@ -213,7 +215,6 @@ class Encoder:
         # SigLIP was trained on texts padded to max_length; CLIP on the padded batch + mask
         self.text_padding = "max_length" if config.model_type == "siglip" else "longest"
         self.dim = int(getattr(config, "projection_dim", 0) or text_cfg.hidden_size)
-        self.revision = self._loaded_revision(model, config)
         if self.device == "cpu":
             torch.set_num_threads(max(1, os.cpu_count() or 1))
 
@@ -280,6 +281,42 @@ class Encoder:
 
         run.module = tower  # the float32 export reads it
         return run
+
+    # -- the image tower's runtime (see embed/imagetower.py) --------------------------------
+    def _indexing_image_tower(self):
+        """The image tower of an image-only encoder (indexing): onnxruntime where
+        :mod:`itrcli.embed.imagetower` chooses it and its export is cached, else torch."""
+        from .imagetower import open_for
+
+        fast = open_for(self)
+        if fast is not None:
+            self.image_runtime = fast.name
+            return fast
+        return self._tower("image", self.dtype)
+
+    def float32_image_tower(self):
+        """The image tower as a module, ``pixel_values`` -> unnormalised embeddings, in
+        float32 on the CPU with eager attention (the graph onnxruntime runs fastest), for
+        the ONNX export: the loaded torch tower when it is float32 on the CPU, else read
+        again from the checkpoint (image weights only)."""
+        import torch
+
+        run = self._image
+        if getattr(run, "module", None) is None or self.dtype != torch.float32 or self.device != "cpu":
+            run = self._tower("image", torch.float32, "cpu")
+        module = run.module
+        if hasattr(module, "set_attn_implementation"):
+            module.set_attn_implementation("eager")
+
+        class ImageTower(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.tower = module
+
+            def forward(self, pixel_values):  # [batch, 3, H, W] -> [batch, dim]
+                return run(pixel_values=pixel_values)
+
+        return ImageTower().eval()
 
     def _load_tokenizer(self) -> None:
         from transformers import AutoTokenizer

@@ -213,7 +213,9 @@ def embed_dataset(
         if encoder is None:
             from ..embed.encoder import Encoder
 
-            encoder = Encoder(model_id, device=device, precision=precision)
+            # image-only at first (the text tower on first caption): the image tower runs
+            # where an index run would (onnxruntime or torch: embed/imagetower.py)
+            encoder = Encoder(model_id, device=device, precision=precision, towers="image")
             revision = revision or encoder.revision
         return encoder
 

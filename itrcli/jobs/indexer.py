@@ -269,6 +269,8 @@ class IndexRun:
         self.failures: dict[str, Any] = {}
         self.vindex: VectorIndex | None = None
         self._last_save = time.monotonic()
+        #: a few photos this run encoded (what an image tower export is checked on)
+        self.samples: list[str] = []
 
     # -- the run -----------------------------------------------------------------------
     def run(self, roots: list[str], *, extensions: frozenset[str], include_hidden: bool = False,
@@ -460,6 +462,7 @@ class IndexRun:
                 pixels = np.concatenate(pixels) if len(pixels) > 1 else pixels[0]  # [frames, 3, H, W]
                 flat = np.concatenate([enc.encode_pixels(pixels[i : i + self.batch_size].astype(np.float32))
                                        for i in range(0, len(pixels), self.batch_size)])  # [frames, dim]
+                self.samples += [r.path for r in need if r.times is None][: 8 - len(self.samples)]
                 ends = np.cumsum([r.frames for r in need])
                 # an image's vector [dim], a video's frames [n, dim]
                 for r, e in zip(need, ends):

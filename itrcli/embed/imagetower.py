@@ -1,0 +1,381 @@
+"""The image tower's runtime, chosen per machine: onnxruntime for float32 on the CPU, torch
+everywhere else (bf16 on CPUs with native bf16, CUDA).
+
+Why a rule and not habit: on a CPU without native bf16 the image tower is float32 and
+onnxruntime's own kernels (MLAS) ran ViT-B/32 1.21-1.34x torch's on a 2-core AVX2 EPYC and
+1.0-1.1x on AVX-512 (docs/performance.md); torch's native bf16 kernels are 2-3x any
+float32 runtime where the CPU has them, and CUDA is torch's.  So ``auto`` (the default)
+picks onnxruntime exactly when the encoder runs float32 on the CPU and an export of the
+model is there; ``ITR_IMAGE_RUNTIME=torch`` or ``onnx`` forces a choice (``onnx`` still
+applies only to float32 on the CPU).
+
+The export (the tower traced to ONNX with eager attention, optimised once by onnxruntime:
+GELU, layer norm and scaled-matmul fusions, saved with its weights in one external file)
+is made once per model and revision and kept in the per-machine tower cache
+(:mod:`itrcli.embed.towercache`, kind :data:`KIND`), so the first library of a model on a
+machine pays for it and every later run of every library uses it.  It is made at the end
+of an index run that encoded photos with torch (in a child process for a large tower,
+after the text tower's export and after the run let go of its own image tower: the two
+peaks of memory never add up), and it is kept only when it gives the torch tower's vectors
+on the run's own photos: cosine >= :data:`MIN_COSINE` for each.  Each use checks it again
+on one fixed picture; any failure (a damaged file, an onnxruntime that will not load it,
+an error while encoding) falls back to torch with one line on the ``itr`` logger (shown
+under ``-v``), and a damaged export is removed, to be made again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import towercache
+
+#: The tower cache's kind for this export; FORMAT changes when the exporter's output does.
+KIND = "image-onnx"
+FORMAT = 1
+MODEL_FILE = "image.onnx"
+DATA_FILE = "image.onnx.data"
+CHECK_FILE = "check.json"
+#: What the export must give: every vector at least this cosine from torch's (float32).
+MIN_COSINE = 0.99999
+#: ``ITR_IMAGE_RUNTIME`` values.
+CHOICES = ("auto", "torch", "onnx")
+#: The names recorded in the library (``image_runtime`` in ``itr info``).
+ONNX, TORCH = "onnxruntime", "torch"
+
+log = logging.getLogger("itr")
+
+
+def requested() -> str:
+    """``ITR_IMAGE_RUNTIME`` (``auto`` when unset; an unknown value is ``auto``, said once
+    on the ``itr`` logger)."""
+    value = os.environ.get("ITR_IMAGE_RUNTIME", "").strip().lower() or "auto"
+    if value not in CHOICES:
+        log.info("ITR_IMAGE_RUNTIME=%s: expected one of %s; using auto", value, ", ".join(CHOICES))
+        return "auto"
+    return value
+
+
+def wants_onnx(device: str, precision: str) -> bool:
+    """Whether an encoder on ``device`` at ``precision`` (both resolved) runs its image
+    tower with onnxruntime: float32 on the CPU, unless ``ITR_IMAGE_RUNTIME=torch``, and
+    onnxruntime importable."""
+    if requested() == "torch" or device != "cpu" or precision != "fp32":
+        return False
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None
+
+
+def export_due(model: str, revision: str | None, device: str, precision: str) -> bool:
+    """Whether an index run on ``device`` at ``precision`` should leave an export of
+    ``model`` behind: it would use one, and the cache has none."""
+    return wants_onnx(device, precision) and towercache.lookup(model, revision, KIND) is None
+
+
+# -- running the export ------------------------------------------------------------------
+
+def _threads() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _session(d: Path):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.intra_op_num_threads = _threads()
+    so.inter_op_num_threads = 1
+    # optimised and saved at export (portable fusions); the CPU-specific layouts on top
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # sleep rather than spin between batches, as torch's threads do (OMP_WAIT_POLICY):
+    # the decode threads beside the encoder need the cores
+    if os.environ.get("ITR_ORT_SPIN", "") != "1":
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return ort.InferenceSession(str(d / MODEL_FILE), sess_options=so,
+                                providers=["CPUExecutionProvider"])
+
+
+class OnnxImageTower:
+    """``pixel_values`` (a float32 torch tensor ``[n, 3, H, W]``) -> unnormalised
+    embeddings ``[n, dim]`` (a torch tensor), like the torch tower's callable.  An error
+    while encoding hands the encoder (and this batch) to torch, for good."""
+
+    name = ONNX
+
+    def __init__(self, d: Path, encoder) -> None:
+        self.session = _session(d)
+        self.encoder = encoder
+
+    def __call__(self, pixel_values):
+        import numpy as np
+        import torch
+
+        try:
+            x = np.ascontiguousarray(pixel_values.float().numpy())
+            (out,) = self.session.run(["embedding"], {"pixel_values": x})
+            return torch.from_numpy(out)
+        except Exception as e:
+            log.info("image tower: onnxruntime failed while encoding (%s: %s); using torch",
+                     type(e).__name__, str(e)[:200])
+            enc = self.encoder
+            self.encoder = None
+            enc._image = enc._tower("image", enc.dtype)
+            enc.image_runtime = TORCH
+            return enc._image(pixel_values=pixel_values)
+
+
+def open_for(encoder) -> OnnxImageTower | None:
+    """The onnxruntime image tower for ``encoder`` when it is chosen and its export is in
+    the cache and still gives its check vector; else None (torch), with one line on the
+    ``itr`` logger saying why when an export was there and failed (then removed)."""
+    if not wants_onnx(encoder.device, encoder.precision):
+        return None
+    model, revision = encoder.model_id, encoder.revision
+    d = towercache.lookup(model, revision, KIND)
+    if d is None:
+        log.debug("image tower: torch (no onnxruntime export of this model yet)")
+        return None
+    try:
+        check = json.loads((d / CHECK_FILE).read_text())
+        if check.get("format") != FORMAT:
+            raise ValueError(f"export format {check.get('format')}, expected {FORMAT}")
+        tower = OnnxImageTower(d, None)
+        import numpy as np
+
+        (got,) = tower.session.run(["embedding"], {"pixel_values": check_pixels(check["shape"])})
+        want = np.asarray(check["vector"], dtype=np.float32)
+        cos = _cosines(got, want[None])[0]
+        if not cos >= MIN_COSINE:
+            raise ValueError(f"check vector off: cosine {cos:.6f}")
+    except Exception as e:
+        log.info("image tower: onnxruntime export unusable (%s: %s); using torch",
+                 type(e).__name__, str(e)[:200])
+        towercache.remove(model, revision, KIND)
+        return None
+    tower.encoder = encoder
+    log.debug("image tower: onnxruntime (the export in %s)", d)
+    return tower
+
+
+def check_pixels(shape: Sequence[int]):
+    """The one fixed picture each use of an export is checked on: ``[1, 3, H, W]``."""
+    import numpy as np
+
+    return np.random.default_rng(20261206).standard_normal(tuple(shape)).astype(np.float32)
+
+
+def _cosines(a, b):
+    import numpy as np
+
+    a = a / np.maximum(np.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+    return (a * b).sum(-1)
+
+
+# -- making the export --------------------------------------------------------------------
+
+class ExportFailed(Exception):
+    """The export was made and did not give torch's vectors (or could not be made)."""
+
+
+def export(encoder, sample_paths: Sequence[str], *, release: bool = False) -> Path:
+    """Export ``encoder``'s image tower (read again in float32 from the checkpoint) to the
+    tower cache, checked on the photos ``sample_paths`` (those that decode; at least one).
+
+    ``release``: drop the encoder's torch image tower once it is traced (the child
+    process of :func:`start`, which has no other use for it), so that its weights are gone
+    before onnxruntime loads its own copies.
+
+    Returns the cache entry.  Raises :class:`ExportFailed` (or what torch / onnxruntime
+    raise) when it cannot be made or does not give torch's vectors; nothing is cached then.
+    """
+    import numpy as np
+    import torch
+
+    from ..ingest.images import DecodeError, decode_file
+
+    model, revision = encoder.model_id, encoder.revision
+    pixels = []
+    for p in sample_paths:
+        try:
+            px = decode_file(str(p), encoder.prep)[0]
+        except (DecodeError, OSError):
+            continue
+        if px is not None:
+            pixels.append(px)
+    if not pixels:
+        raise ExportFailed("no photo to check the export on")
+    real = np.stack(pixels).astype(np.float32)  # [n, 3, H, W]
+    fixed = check_pixels((1, *real.shape[1:]))
+    tower = encoder.float32_image_tower()
+    with torch.inference_mode(False), torch.no_grad():
+        want_real = tower(torch.from_numpy(real)).numpy()  # [n, dim]
+        want_fixed = tower(torch.from_numpy(fixed)).numpy()  # [1, dim]
+    tmp = towercache.staging(model, revision, KIND)
+    try:
+        raw = tmp / "raw"
+        raw.mkdir()
+        _trace(tower, real[:2], raw / MODEL_FILE)
+        del tower
+        if release:
+            encoder._image = None
+            _give_back_memory()
+        _optimise(raw / MODEL_FILE, tmp)
+        shutil.rmtree(raw)
+        sess = _session(tmp)
+        worst = 1.0
+        # the run's photos in one batch and one at a time: the batch axis is dynamic
+        for x, want in ((real, want_real), (real[:1], want_real[:1]), (fixed, want_fixed)):
+            (got,) = sess.run(["embedding"], {"pixel_values": x})
+            if got.shape != want.shape:
+                raise ExportFailed(f"exported image tower gives {got.shape}, torch {want.shape}")
+            worst = min(worst, float(_cosines(got, want).min()))
+        del sess
+        if not worst >= MIN_COSINE:
+            raise ExportFailed(f"exported image tower differs from torch: cosine {worst:.6f} "
+                               f"< {MIN_COSINE}")
+        (tmp / CHECK_FILE).write_text(json.dumps({
+            "format": FORMAT, "shape": list(fixed.shape),
+            "vector": [float(v) for v in want_fixed[0]]}))
+        import onnxruntime
+
+        return towercache.publish(tmp, model, revision, KIND, {
+            "format": FORMAT, "min_cosine": round(worst, 7), "photos": len(real),
+            "torch": torch.__version__, "onnxruntime": onnxruntime.__version__})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _give_back_memory() -> None:
+    import gc
+
+    gc.collect()
+    try:  # glibc keeps freed heap pages otherwise
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _trace(tower, example, path: Path) -> None:
+    """The tower traced to ``path`` (weights written once to ``path``.data), the batch axis
+    dynamic; the text tower's tracer (:mod:`itrcli.embed.textonnx`)."""
+    import torch
+
+    from .textonnx import _trace as trace
+
+    axes = {"pixel_values": {0: "batch"}, "embedding": {0: "batch"}}
+    trace(tower, (torch.from_numpy(example),), ["pixel_values"], axes, path, quick=False)
+
+
+def _optimise(src: Path, d: Path) -> None:
+    """onnxruntime's optimised graph of ``src`` saved as ``d/image.onnx`` (BiasGelu, layer
+    norm, scaled-matmul fusions; EXTENDED: no CPU-specific layout in the file, those are
+    added at load), weights in one external file.  (onnxruntime.transformers' fused
+    Attention was measured 10% slower here: not used.)"""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+    so.optimized_model_filepath = str(d / MODEL_FILE)
+    so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
+                                DATA_FILE)
+    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
+                                "1024")
+    # this session only writes the graph: no packed copies of the weights (memory)
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
+
+
+# -- the export in a child process ---------------------------------------------------------
+
+def use_child(model: str) -> bool:
+    """A child process for towers worth it (the text export's rule and override,
+    ``ITR_TEXT_EXPORT=child|inline``: :func:`itrcli.embed.textonnx.use_child`)."""
+    from .textonnx import use_child as text_use_child
+
+    return text_use_child(model)
+
+
+def start(model: str, revision: str | None, sample_paths: Sequence[str]):
+    """Start exporting ``model``'s image tower in a child process at a low CPU priority
+    that dies with its parent; an :class:`itrcli.embed.textonnx.ExportProcess` (``wait()``:
+    exit status 0 when exported, and the last line of its error output)."""
+    import subprocess
+    import sys
+    import tempfile
+
+    from .textonnx import ExportProcess
+
+    pkg_parent = str(Path(__file__).resolve().parents[2])
+    code = (f"import sys; sys.path[0] = {pkg_parent!r}; "
+            "from itrcli.embed.imagetower import _child_main; _child_main()")
+    log_file = tempfile.TemporaryFile()
+    args = json.dumps({"model": model, "revision": revision, "paths": list(map(str, sample_paths)),
+                       "parent": os.getpid()})
+    proc = subprocess.Popen([sys.executable, "-c", code, args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=log_file, close_fds=True)
+    return ExportProcess(proc, log_file)
+
+
+def _child_main() -> None:
+    """``python -c ... ARGS_JSON``: the child of :func:`start`."""
+    import sys
+
+    from .textonnx import _die_with, _low_priority
+
+    a = json.loads(sys.argv[1])
+    _low_priority()
+    _die_with(int(a["parent"]))
+    code = 1
+    try:
+        export(torch_encoder(a["model"], a["revision"]), a["paths"], release=True)
+        code = 0
+    except Exception as e:
+        print(f"image tower export failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def torch_encoder(model: str, revision: str | None):
+    """A float32 CPU encoder of ``model``'s image tower that runs torch (what an export is
+    made from and checked against)."""
+    from .encoder import Encoder
+
+    saved = os.environ.get("ITR_IMAGE_RUNTIME")
+    os.environ["ITR_IMAGE_RUNTIME"] = "torch"
+    try:
+        return Encoder(model, device="cpu", precision="fp32", towers="image", revision=revision)
+    finally:
+        if saved is None:
+            del os.environ["ITR_IMAGE_RUNTIME"]
+        else:
+            os.environ["ITR_IMAGE_RUNTIME"] = saved
+
+
+def export_for_run(model: str, revision: str | None, sample_paths: Sequence[str],
+                   encoder: Any = None) -> str | None:
+    """Make the export at the end of an index run (in a child process for a large tower,
+    else here with ``encoder`` or one loaded for it).  Returns None when exported, else
+    one line saying why not.  Never raises (but for Ctrl-C)."""
+    try:
+        if use_child(model):
+            code, why = start(model, revision, sample_paths).wait()
+            return None if code == 0 else (why or f"exit status {code}")
+        export(encoder if encoder is not None else torch_encoder(model, revision), sample_paths)
+        return None
+    except KeyboardInterrupt:
+        raise
+    except Exception as e:
+        return f"{type(e).__name__}: {str(e)[:300]}"

@@ -1,0 +1,200 @@
+"""The image tower's runtime (embed/imagetower.py): onnxruntime for float32 on the CPU once
+an export of the model is in the per-machine tower cache, torch otherwise; the export made
+at the end of a first run and reused by other libraries; its vectors equal torch's; any
+failure falls back to torch with one line under -v; `itr info` names the runtime; `itr eval`
+figures unchanged."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import write_shapes
+from itrcli.embed import imagetower, towercache
+
+SPECS = [("red", "circle", "left", 1), ("blue", "square", "right", 2),
+         ("green", "triangle", "top", 3), ("yellow", "circle", "bottom", 4),
+         ("red", "square", "top", 5), ("blue", "triangle", "left", 6)]
+
+
+@pytest.fixture(autouse=True)
+def _env(monkeypatch):
+    monkeypatch.delenv("ITR_IMAGE_RUNTIME", raising=False)
+    monkeypatch.setenv("ITR_TEXT_EXPORT", "inline")  # the tiny models' exports in-process
+
+
+@pytest.fixture
+def photos(tmp_path):
+    write_shapes(tmp_path / "photos", SPECS)
+    return tmp_path / "photos"
+
+
+def _vectors(db):
+    from itrcli.library import Library
+
+    with Library.open(db, readonly=True) as lib:
+        pairs = sorted(lib.store.shown_paths().values())  # (path, id)
+        ids, vecs = lib.store.vectors([i for _, i in pairs])
+        by_id = dict(zip(np.asarray(ids).tolist(), vecs))
+        return np.stack([np.asarray(by_id[i], dtype=np.float32) for _, i in pairs])
+
+
+def _index(itr, photos, db, model, *extra):
+    r = itr("index", photos, "--db", db, "-m", model, "--precision", "fp32", *extra)
+    assert r.code == 0, r
+    return r
+
+
+def _info(itr, db):
+    return itr("info", "--db", db, "--json").json()
+
+
+def test_the_rule(monkeypatch):
+    assert imagetower.wants_onnx("cpu", "fp32")
+    assert not imagetower.wants_onnx("cpu", "bf16")  # torch's native bf16 kernels
+    assert not imagetower.wants_onnx("cuda", "fp16") and not imagetower.wants_onnx("cuda:0", "fp32")
+    monkeypatch.setenv("ITR_IMAGE_RUNTIME", "torch")
+    assert not imagetower.wants_onnx("cpu", "fp32")
+    monkeypatch.setenv("ITR_IMAGE_RUNTIME", "onnx")
+    assert imagetower.wants_onnx("cpu", "fp32") and not imagetower.wants_onnx("cpu", "bf16")
+    monkeypatch.setenv("ITR_IMAGE_RUNTIME", "tensorflow")
+    assert imagetower.requested() == "auto"
+
+
+def test_exported_once_and_reused_by_another_library(itr, tmp_path, photos, micro_clip, monkeypatch):
+    made = []
+    orig = imagetower.export
+    monkeypatch.setattr(imagetower, "export", lambda *a, **k: made.append(1) or orig(*a, **k))
+    r = _index(itr, photos, tmp_path / "lib1", micro_clip, "-v")
+    assert "itr: image tower: torch (no onnxruntime export of this model yet)" in r.err
+    assert "itr: image tower exported for onnxruntime" in r.err
+    assert _info(itr, tmp_path / "lib1")["image_runtime"] == "torch"
+    entry = towercache.lookup(str(micro_clip), None, imagetower.KIND)
+    assert entry is not None and (entry / imagetower.MODEL_FILE).is_file()
+    done = json.loads((entry / towercache.DONE).read_text())
+    assert done["format"] == imagetower.FORMAT and done["min_cosine"] >= imagetower.MIN_COSINE
+    assert done["photos"] == len(SPECS)
+
+    r = _index(itr, photos, tmp_path / "lib2", micro_clip, "-v")
+    assert "itr: image tower: onnxruntime" in r.err and made == [1]  # not exported again
+    info = _info(itr, tmp_path / "lib2")
+    assert info["image_runtime"] == "onnxruntime"
+    assert "encoder:   images by onnxruntime" in itr("info", "--db", tmp_path / "lib2").out
+    a, b = _vectors(tmp_path / "lib1"), _vectors(tmp_path / "lib2")
+    assert ((a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)).min() > 0.9999
+    # searches agree
+    for q in ("a red circle", "a blue triangle"):
+        hits = [itr("search", q, "--db", d, "-n", "3").out.split("\n") for d in (tmp_path / "lib1", tmp_path / "lib2")]
+        assert [h.split("\t")[-1] for h in hits[0]] == [h.split("\t")[-1] for h in hits[1]]
+
+    # forced torch, or bf16: torch even with the export there, and nothing exported
+    monkeypatch.setenv("ITR_IMAGE_RUNTIME", "torch")
+    _index(itr, photos, tmp_path / "lib3", micro_clip)
+    assert _info(itr, tmp_path / "lib3")["image_runtime"] == "torch"
+    monkeypatch.setenv("ITR_IMAGE_RUNTIME", "onnx")
+    r = itr("index", photos, "--db", tmp_path / "lib4", "-m", micro_clip, "--precision", "bf16")
+    assert r.code == 0 and _info(itr, tmp_path / "lib4")["image_runtime"] == "torch"
+    assert made == [1]
+
+
+@pytest.mark.parametrize("which", ["tiny_clip", "tiny_siglip", "micro_clip"])
+def test_vectors_equal_torchs(request, tmp_path, photos, which, monkeypatch):
+    """The export's vectors within cosine 0.99999 of torch's float32 ones, each, on real
+    pixels, through the encoder an index run uses."""
+    model = str(request.getfixturevalue(which))
+    paths = sorted(str(p) for p in photos.iterdir())
+    torch_enc = imagetower.torch_encoder(model, None)
+    assert torch_enc.image_runtime == "torch"
+    imagetower.export(torch_enc, paths[:3])
+    from itrcli.embed.encoder import Encoder
+    from itrcli.ingest.images import decode_file
+
+    fast = Encoder(model, device="cpu", precision="fp32", towers="image")
+    assert fast.image_runtime == "onnxruntime"
+    px = np.stack([decode_file(p, fast.prep)[0] for p in paths])  # [n, 3, H, W]
+    want, got = imagetower.torch_encoder(model, None).encode_pixels(px), fast.encode_pixels(px)
+    assert got.shape == want.shape
+    assert (got * want).sum(1).min() >= imagetower.MIN_COSINE
+    # a batch of one too (the batch axis is dynamic)
+    assert (fast.encode_pixels(px[:1]) * want[:1]).sum() >= imagetower.MIN_COSINE
+
+
+def test_a_damaged_export_falls_back_to_torch(itr, tmp_path, photos, micro_clip):
+    _index(itr, photos, tmp_path / "torch", micro_clip)  # exports
+    entry = towercache.lookup(str(micro_clip), None, imagetower.KIND)
+    (entry / imagetower.MODEL_FILE).write_bytes(b"not an onnx model")
+    r = _index(itr, photos, tmp_path / "lib", micro_clip, "-v")
+    lines = [ln for ln in r.err.splitlines() if "onnxruntime export unusable" in ln]
+    assert len(lines) == 1 and lines[0].startswith("itr: image tower: "), r.err
+    assert _info(itr, tmp_path / "lib")["image_runtime"] == "torch"
+    np.testing.assert_array_equal(_vectors(tmp_path / "lib"), _vectors(tmp_path / "torch"))
+    # the damaged export was dropped and made again by that run
+    entry = towercache.lookup(str(micro_clip), None, imagetower.KIND)
+    assert entry is not None and (entry / imagetower.MODEL_FILE).read_bytes()[:4] != b"not "
+
+    # weights that load but give other numbers: the check vector catches them
+    check = json.loads((entry / imagetower.CHECK_FILE).read_text())
+    check["vector"] = [-v for v in check["vector"]]
+    (entry / imagetower.CHECK_FILE).write_text(json.dumps(check))
+    r = _index(itr, photos, tmp_path / "lib2", micro_clip, "-v")
+    assert "check vector off" in r.err and _info(itr, tmp_path / "lib2")["image_runtime"] == "torch"
+    # without -v: not a word
+    (towercache.lookup(str(micro_clip), None, imagetower.KIND) / imagetower.MODEL_FILE).write_bytes(b"x")
+    r = _index(itr, photos, tmp_path / "lib3", micro_clip)
+    assert "onnxruntime" not in r.err
+
+
+def test_an_error_while_encoding_falls_back_to_torch(itr, tmp_path, photos, micro_clip, monkeypatch):
+    _index(itr, photos, tmp_path / "torch", micro_clip)  # exports
+
+    import onnxruntime
+
+    def failing_run(*a, **k):
+        raise onnxruntime.capi.onnxruntime_pybind11_state.Fail("boom")
+
+    real_session = imagetower._session
+
+    def session(d):
+        s = real_session(d)
+        check_run = s.run
+        calls = []
+
+        class S:
+            def run(self, *a, **k):  # the load-time check passes, encoding fails
+                calls.append(1)
+                return check_run(*a, **k) if len(calls) == 1 else failing_run()
+
+        return S()
+
+    monkeypatch.setattr(imagetower, "_session", session)
+    r = _index(itr, photos, tmp_path / "lib", micro_clip, "-v")
+    lines = [ln for ln in r.err.splitlines() if "failed while encoding" in ln]
+    assert len(lines) == 1, r.err
+    assert _info(itr, tmp_path / "lib")["image_runtime"] == "torch"
+    np.testing.assert_array_equal(_vectors(tmp_path / "lib"), _vectors(tmp_path / "torch"))
+
+
+def test_eval_figures_unchanged(itr, tmp_path, micro_clip, monkeypatch):
+    from test_eval import draw_set, write_formats
+
+    items = draw_set(tmp_path / "imgs", 24)
+    paths = write_formats(tmp_path / "ann", tmp_path / "imgs", items)
+    imagetower.export(imagetower.torch_encoder(str(micro_clip), None),
+                      [str(tmp_path / "imgs" / n) for n, _ in items[:4]])
+    calls = []
+    orig = imagetower.OnnxImageTower.__call__
+    monkeypatch.setattr(imagetower.OnnxImageTower, "__call__",
+                        lambda self, pixel_values: calls.append(1) or orig(self, pixel_values))
+    figures = {}
+    for runtime in ("torch", "onnx"):
+        monkeypatch.setenv("ITR_IMAGE_RUNTIME", runtime)
+        r = itr("eval", paths["karpathy"], "--images", tmp_path / "imgs", "-m", micro_clip,
+                "--precision", "fp32", "-k", "1,5,10", "--no-cache", "--json")
+        assert r.code == 0, r
+        figures[runtime] = r.json()["results"][0]
+    assert calls  # the onnx run's images went through onnxruntime
+    for direction in ("t2i", "i2t"):
+        for k, v in figures["torch"].get(direction, {}).items():
+            assert abs(figures["onnx"][direction][k] - v) <= 0.1, (direction, k)
