@@ -149,6 +149,12 @@ def copy_legacy_library(tmp_path: Path) -> tuple[Path, Path, dict]:
         c.execute("UPDATE meta SET value = ? WHERE key = 'model'", (json.dumps(str(MICRO_CLIP)),))
     finally:
         c.close()
+    # its exported text tower names the model it belongs to: the same one, moved too
+    settings = lib / "text" / "settings.json"
+    if settings.exists():
+        s = json.loads(settings.read_text())
+        s["model"] = str(MICRO_CLIP)
+        settings.write_text(json.dumps(s, indent=1))
     expected = json.loads((lib / "expected-search.json").read_text())
     for hit in expected["results"]:
         hit["path"] = hit["path"].replace(old, str(photos))
