@@ -393,9 +393,19 @@ class Library:
         was not slower than exporting beside the encoder either, on 2 busy cores)."""
         from .embed import textonnx
 
-        if not self._text_export_due(model) or not textonnx.use_child(model):
+        if not self._text_export_due(model):
+            return None
+        if textonnx.from_cache(self.directory, model, self._cache_revision(model)):
+            return None  # an earlier library of this model on this machine exported it
+        if not textonnx.use_child(model):
             return None
         return textonnx.start(model, self.directory, gate=local, revision=self._revision_of(model))
+
+    def _cache_revision(self, model: str) -> str | None:
+        """The revision that keys ``model``'s exports in the machine's tower cache: the
+        library's recorded one, else the one the hub cache holds now (None: a local
+        directory, keyed by its files)."""
+        return self._revision_of(model) or models.model_revision(model)
 
     def _finish_text_tower(self, export) -> None:
         """End of a run: wait for the export started with it (or export now: small towers,
@@ -407,11 +417,19 @@ class Library:
         from .embed import textonnx
 
         model = self.model
+        if (model and self._text_export_due(model)
+                and textonnx.from_cache(self.directory, model, self._cache_revision(model))
+                and not self._text_export_due(model)):
+            if export is not None:
+                export.cancel()
+            return
         if not self._text_export_due(model):
             if export is not None:
                 export.cancel()
             if not model:  # no image was found: a tower of no bound model is not kept
                 textonnx.remove_export(self.directory)
+            elif self._text_export_ok():
+                textonnx.cache_export(self.directory, model, self._cache_revision(model))
             return
         if export is None and textonnx.use_child(model):
             export = textonnx.start(model, self.directory, revision=self._revision_of(model))
@@ -432,6 +450,7 @@ class Library:
                 code, why = 1, f"{type(e).__name__}: {str(e)[:200]}"
         if code == 0 and self._text_export_ok():
             self.store.set_meta(text_export_tries=None)
+            textonnx.cache_export(self.directory, model, self._cache_revision(model))
             return
         import logging
 

@@ -159,3 +159,32 @@ def test_a_text_tower_of_another_model_is_never_used(itr, lib, micro_clip, tmp_p
     # the next index run exports the right one
     assert itr("index", tmp_path / "photos", "--db", lib, "-q").code == 0
     assert itr("info", "--db", lib, "--json").json()["fast_text_search"] is True
+
+
+def test_a_second_library_of_a_model_takes_the_text_tower_from_the_machines_cache(
+        itr, micro_clip, tmp_path, monkeypatch):
+    """Only the first library of a model on a machine pays for the text tower's export; the
+    next ones take it from the tower cache (towercache.py), checked as any export."""
+    from itrcli.embed import textonnx, towercache
+
+    write_shapes(tmp_path / "p1", SHAPES[:2])
+    write_shapes(tmp_path / "p2", SHAPES[2:])
+    assert itr("index", tmp_path / "p1", "--db", tmp_path / "a", "-m", micro_clip, "-q").code == 0
+    assert towercache.lookup(str(micro_clip), None, textonnx.CACHE_KIND) is not None
+
+    def no_export(*a, **k):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(textonnx, "export", no_export)
+    monkeypatch.setattr(textonnx, "start", no_export)
+    assert itr("index", tmp_path / "p2", "--db", tmp_path / "b", "-m", micro_clip, "-q").code == 0
+    assert itr("info", "--db", tmp_path / "b", "--json").json()["fast_text_search"] is True
+    monkeypatch.undo()
+    # the same vectors as the tower exported for the first library
+    from itrcli import Library
+
+    with Library.open(tmp_path / "a", readonly=True) as a, Library.open(tmp_path / "b",
+                                                                       readonly=True) as b:
+        va = a.text_encoder().encode_texts(["a red circle"])
+        vb = b.text_encoder().encode_texts(["a red circle"])
+    assert (va == vb).all()

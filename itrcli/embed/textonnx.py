@@ -511,6 +511,61 @@ def adopt_export(source: Path, library_dir: Path) -> None:
         os.replace(src, Path(library_dir) / DIRNAME)
 
 
+#: The export's kind in the machine's tower cache (:mod:`itrcli.embed.towercache`).
+CACHE_KIND = "text"
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """``src``'s files into the folder ``dst``: hard links where the file system allows
+    (the cache and the libraries share the bytes), else copies."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if not f.is_file() or f.name == "done.json":
+            continue
+        try:
+            os.link(f, dst / f.name)
+        except OSError:
+            shutil.copy2(f, dst / f.name)
+
+
+def cache_export(library_dir: Path, model: str, revision: str | None) -> bool:
+    """Keep the library's export in the machine's tower cache, so that the next library
+    of this model and revision takes it instead of exporting again.  Best effort: False
+    when it could not be kept (a full or read-only cache folder)."""
+    from . import towercache
+
+    src = Path(library_dir) / DIRNAME
+    if towercache.lookup(model, revision, CACHE_KIND) is not None or not src.is_dir():
+        return True
+    try:
+        tmp = towercache.staging(model, revision, CACHE_KIND)
+        _link_or_copy(src, tmp)
+        towercache.publish(tmp, model, revision, CACHE_KIND)
+        return True
+    except OSError:
+        return False
+
+
+def from_cache(library_dir: Path, model: str, revision: str | None) -> bool:
+    """Give the library the export of ``model`` at ``revision`` that an earlier library on
+    this machine made (no torch, no child process, seconds saved); True when it did.  The
+    library checks it as any export (:func:`export_matches`)."""
+    from . import towercache
+
+    entry = towercache.lookup(model, revision, CACHE_KIND)
+    if entry is None:
+        return False
+    remove_export(library_dir)  # (and the temporary folders of killed exports)
+    tmp = Path(library_dir) / f".{DIRNAME}.tmp-{os.getpid()}"
+    try:
+        _link_or_copy(entry, tmp)
+        os.replace(tmp, Path(library_dir) / DIRNAME)
+        return True
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return False
+
+
 def export_identity(library_dir: Path) -> tuple | None:
     """What tells one export on disk from another (the files' inodes, sizes and times):
     a long-lived reader keeps its session while this stays the same."""
