@@ -102,8 +102,11 @@ def model_dir() -> Path:
     return d
 
 
-def _tree_rss(root: int) -> int:
-    """Bytes resident in ``root`` and all its descendants now (from /proc; 0 elsewhere)."""
+def _tree_rss(root: int) -> tuple[int, int]:
+    """(RSS, PSS) bytes of ``root`` and all its descendants now (from /proc; 0 elsewhere).
+    PSS (``smaps_rollup``) shares each page among the processes that map it: the sum is
+    what the tree takes from the machine, which RSS counts twice for shared libraries and
+    the memory-mapped tower files."""
     children: dict[int, list[int]] = {}
     for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
         if name.isdigit():
@@ -113,19 +116,25 @@ def _tree_rss(root: int) -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(name))
-    total, todo = 0, [root]
+    total, pss, todo = 0, 0, [root]
     while todo:
         pid = todo.pop()
         try:
             with open(f"/proc/{pid}/statm") as f:
                 total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    if line.startswith("Pss:"):
+                        pss += int(line.split()[1]) * 1024
+                        break
         except (OSError, IndexError, ValueError):
             pass
         todo += children.get(pid, [])
-    return total
+    return total, pss
 
 
 LAST_TREE_RSS = [0.0]  #: peak RSS MiB of the last run()'s whole process tree
+LAST_TREE_PSS = [0.0]  #: peak PSS MiB of the last run()'s whole process tree
 
 
 def run(cmd: list[str]) -> tuple[float, float]:
@@ -135,11 +144,12 @@ def run(cmd: list[str]) -> tuple[float, float]:
 
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
-    peak, done = [0], threading.Event()
+    peak, done = [0, 0], threading.Event()
 
     def sample() -> None:
         while not done.wait(0.02):
-            peak[0] = max(peak[0], _tree_rss(proc.pid))
+            rss, pss = _tree_rss(proc.pid)
+            peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -148,6 +158,7 @@ def run(cmd: list[str]) -> tuple[float, float]:
     done.set()
     sampler.join()
     LAST_TREE_RSS[0] = peak[0] / 2**20
+    LAST_TREE_PSS[0] = peak[1] / 2**20
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{cmd[:4]} failed with {proc.returncode}")
@@ -377,7 +388,7 @@ def main() -> None:
             fx, fx_rss = itr_index(ps[: a.small], extra)
             print(f"{kind}: {a.small} photos into a new library with the tower cache empty (the "
                   f"image tower exported at the end, once per machine): {fx:.1f}s, peak RSS "
-                  f"{fx_rss:.0f} MiB, whole process tree {LAST_TREE_RSS[0]:.0f} MiB")
+                  f"{fx_rss:.0f} MiB, whole process tree {LAST_TREE_RSS[0]:.0f} MiB RSS, {LAST_TREE_PSS[0]:.0f} MiB PSS")
             os.environ["ITR_TOWER_CACHE"] = saved
         i_s, _ = itr_index(ps[: a.small], extra, library=primed)
         i_l, i_rss = itr_index(ps, extra, library=primed)
@@ -387,7 +398,7 @@ def main() -> None:
         first, first_rss = itr_index(ps, extra)
         print(f"{kind}: {a.large} photos into a new library (the text tower exported beside): "
               f"{first:.1f}s, end to end {a.large / first:.1f} img/s, peak RSS {first_rss:.0f} MiB, "
-              f"whole process tree {LAST_TREE_RSS[0]:.0f} MiB")
+              f"whole process tree {LAST_TREE_RSS[0]:.0f} MiB RSS, {LAST_TREE_PSS[0]:.0f} MiB PSS")
         dec, enc = ceiling_parts(ps[: a.small], primed, precision)
         top = ceiling(dec, enc, cores)
         print(f"{kind}: ceiling {top:.1f} img/s = {cores} / (1/{dec:.1f} + {cores}/{enc:.1f}) "
@@ -404,13 +415,14 @@ def main() -> None:
             pairs = []
             for _ in range(a.tax_runs):
                 new, new_rss = itr_index(ps[: a.small], extra)
-                new_tree = LAST_TREE_RSS[0]
+                new_tree, new_pss = LAST_TREE_RSS[0], LAST_TREE_PSS[0]
                 inc, inc_rss = itr_index(ps[: a.small], extra, library=primed)
-                pairs.append((new, inc, new_rss, new_tree, inc_rss))
+                pairs.append((new, inc, new_rss, new_tree, inc_rss, new_pss))
             new, inc = (statistics.median(p[i] for p in pairs) for i in (0, 1))
-            new_rss, new_tree, inc_rss = (max(p[i] for p in pairs) for i in (2, 3, 4))
+            new_rss, new_tree, inc_rss, new_pss = (max(p[i] for p in pairs) for i in (2, 3, 4, 5))
             print(f"{kind}: start-up tax {new - inc:+.1f}s (medians of {a.tax_runs}: {a.small} photos into "
-                  f"a new library {new:.1f}s, peak RSS {new_rss:.0f} MiB, tree {new_tree:.0f} MiB; into a "
+                  f"a new library {new:.1f}s, peak RSS {new_rss:.0f} MiB, tree {new_tree:.0f} MiB RSS / "
+                  f"{new_pss:.0f} MiB PSS; into a "
                   f"library with the model bound and its tower exported {inc:.1f}s, peak RSS {inc_rss:.0f} MiB)")
         if not a.no_reference:
             r_s, _ = reference(ps[: a.small])
@@ -423,7 +435,7 @@ def main() -> None:
         ps = photos("2mp", a.rss)
         dt, rss = itr_index(ps, extra)
         print(f"itr index of {a.rss} distinct 2 MP photos: {dt:.0f}s end to end "
-              f"({a.rss / dt:.1f} img/s), peak RSS {rss:.0f} MiB, whole tree {LAST_TREE_RSS[0]:.0f} MiB")
+              f"({a.rss / dt:.1f} img/s), peak RSS {rss:.0f} MiB, whole tree {LAST_TREE_RSS[0]:.0f} MiB RSS, {LAST_TREE_PSS[0]:.0f} MiB PSS")
     if a.unchanged:
         print(f"re-run over {a.unchanged} unchanged files: {unchanged_rerun(a.unchanged):.2f}s")
 
