@@ -165,11 +165,18 @@ def run(cmd: list[str]) -> tuple[float, float]:
     return dt, usage.ru_maxrss / 1024
 
 
-def itr_index(paths: list[Path], extra: list[str], library: Path | None = None) -> tuple[float, float]:
-    """One `itr index` of ``paths`` into a new library (or a copy of ``library``)."""
+def itr_index(paths: list[Path], extra: list[str], library: Path | None = None,
+              first_on_machine: bool = True) -> tuple[float, float]:
+    """One `itr index` of ``paths`` into a new library (or a copy of ``library``).
+    ``first_on_machine``: with an empty tower cache, as the first library of the model on a
+    machine (the worst case: it exports its towers); else the machine's cache is kept."""
     import shutil
 
     with tempfile.TemporaryDirectory() as tmp:
+        if first_on_machine:
+            os.environ["ITR_TOWER_CACHE"] = str(Path(tmp) / "towers")
+        else:
+            os.environ.pop("ITR_TOWER_CACHE", None)
         d = Path(tmp) / "photos"
         d.mkdir()
         for p in paths:
