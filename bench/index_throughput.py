@@ -166,14 +166,15 @@ def run(cmd: list[str]) -> tuple[float, float]:
 
 
 def itr_index(paths: list[Path], extra: list[str], library: Path | None = None,
-              first_on_machine: bool = True) -> tuple[float, float]:
+              first_on_machine: bool | None = None) -> tuple[float, float]:
     """One `itr index` of ``paths`` into a new library (or a copy of ``library``).
-    ``first_on_machine``: with an empty tower cache, as the first library of the model on a
-    machine (the worst case: it exports its towers); else the machine's cache is kept."""
+    ``first_on_machine`` (default: for a new library): with an empty tower cache, as the
+    first library of the model on a machine (the worst case: it exports its towers); else
+    the machine's cache is used (an existing library's runs: the image tower's export)."""
     import shutil
 
     with tempfile.TemporaryDirectory() as tmp:
-        if first_on_machine:
+        if first_on_machine if first_on_machine is not None else library is None:
             os.environ["ITR_TOWER_CACHE"] = str(Path(tmp) / "towers")
         else:
             os.environ.pop("ITR_TOWER_CACHE", None)
