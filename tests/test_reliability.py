@@ -406,13 +406,16 @@ POINTS = [
 @posix_only("kills a process with SIGKILL, which Windows does not have")
 def test_kill9_at_every_critical_point_then_resume(zygote, killable, tiny_clip, itr, tmp_path):
     db, d, photos, ref = killable
-    # the first run of a library, killed before it exports the text tower
+    # the first run of a library, killed before it exports the text tower (the first of
+    # its model on the machine: an empty tower cache, or it would take the tower from there)
     first = tmp_path / "first"
-    c = zygote.run("index", d, "--db", first, "-m", tiny_clip, *BATCH, faults="kill=export:1")
+    fresh = {"ITR_TOWER_CACHE": str(tmp_path / "towers")}
+    c = zygote.run("index", d, "--db", first, "-m", tiny_clip, *BATCH, faults="kill=export:1",
+                   env=fresh)
     assert c.code == -signal.SIGKILL, c
     assert not (first / "text").exists()
     check(first, strict=True)
-    assert zygote.run("index", d, "--db", first, "-q").code == 0
+    assert zygote.run("index", d, "--db", first, "-q", env=fresh).code == 0
     assert (first / "text" / "settings.json").exists()
     pending = photos[48:]
     for i, point in enumerate(POINTS):

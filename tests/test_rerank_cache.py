@@ -184,7 +184,7 @@ def test_a_bad_bound_is_one_line_exit_2(itr, lib, tiny_blip, monkeypatch):
 
 def test_an_unwritable_cache_is_one_line_and_the_search_succeeds(itr, lib, tiny_blip, tmp_path):
     db, _ = lib
-    (tmp_path / "xdg-cache" / "itr").mkdir(parents=True)
+    (tmp_path / "xdg-cache" / "itr").mkdir(parents=True, exist_ok=True)  # (the tower cache may be there)
     (tmp_path / "xdg-cache" / "itr" / "rerank").write_text("a file where the cache should be")
     r = itr("search", QUERY, "--db", db, "--json", "--rerank", "--rerank-k", "3",
             "--rerank-model", tiny_blip)
