@@ -268,7 +268,7 @@ def hash_cmd(
     text: Annotated[Optional[List[str]], typer.Option("--text", metavar="QUERY",
                     help="also print the code of a text (repeatable)")] = None,
     dupes: Annotated[bool, typer.Option("--dupes",
-                     help="print groups of near-duplicate images instead of codes")] = False,
+                     help="print groups of near-duplicate files instead of codes")] = False,
     threshold: Annotated[Optional[float], typer.Option("--threshold", metavar="S", min=-1.0,
                          max=1.0, help="with --dupes: cosine that confirms a pair [default: 0.95]",
                          show_default=False)] = None,
@@ -289,12 +289,13 @@ def hash_cmd(
     quiet: QuietOpt = False,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Print short binary codes of images (HEXCODE  PATH), or groups of near-duplicates
+    """Print short binary codes of images and videos (HEXCODE  PATH), or near-duplicate groups
 
-    Images not yet in the library are indexed first (nothing is pruned). The hash is learned
-    on the library's own images (ITQ) and refitted when the library has changed by more
-    than 20%; texts (--text) get codes in the same space. --dupes prints one group per
-    paragraph: pairs close in Hamming distance whose cosine is at least --threshold.
+    Files not yet in the library are indexed first (nothing is pruned). The hash is learned
+    on the library's own vectors (ITQ) and refitted when the library has changed by more
+    than 20%; texts (--text) get codes in the same space; a video's code is that of the mean
+    of its frames. --dupes prints one group per paragraph: pairs close in Hamming distance
+    whose cosine is at least --threshold.
 
     \b
     Example:
@@ -361,7 +362,7 @@ def hash_cmd(
                 sys.stdout.write("\n".join("".join(shown(p) + "\n" for p in g) for g in out))
             if not quiet:
                 err(f"groups of near-duplicates: {len(out)} ({sum(map(len, out))} of "
-                    f"{len(files)} images)")
+                    f"{len(files)} files)")
             return
 
         results = lib.binary_codes(files, texts, bits=bits, method=method, device=device,

@@ -391,7 +391,7 @@ def test_hash_codes_and_dupes_take_a_video_as_the_mean_of_its_frames(itr, micro_
     r = itr("hash", "--dupes", d, "--db", lib, "--json")
     assert r.code == 0, r
     assert r.json() == [sorted([str(clip), str(copy)])]
-    assert "1 (2 of 6 images)" in r.err
+    assert "1 (2 of 6 files)" in r.err
 
 
 def test_ocr_reads_images_only_a_video_is_never_queued_or_counted(itr, micro_clip, media,
