@@ -228,7 +228,11 @@ def export(encoder, sample_paths: Sequence[str], *, release: bool = False) -> Pa
         if release:
             encoder._image = None
             _give_back_memory()
-        _optimise(raw / MODEL_FILE, tmp)
+        from .textonnx import save_optimised
+
+        # onnxruntime's optimised graph (BiasGelu, layer norm, scaled-matmul fusions; its
+        # transformers optimiser's fused Attention was measured 10% slower: not used)
+        save_optimised(raw / MODEL_FILE, tmp / MODEL_FILE, DATA_FILE)
         shutil.rmtree(raw)
         sess = _session(tmp)
         worst = 1.0
@@ -278,24 +282,6 @@ def _trace(tower, example, path: Path) -> None:
     trace(tower, (torch.from_numpy(example),), ["pixel_values"], axes, path, quick=False)
 
 
-def _optimise(src: Path, d: Path) -> None:
-    """onnxruntime's optimised graph of ``src`` saved as ``d/image.onnx`` (BiasGelu, layer
-    norm, scaled-matmul fusions; EXTENDED: no CPU-specific layout in the file, those are
-    added at load), weights in one external file.  (onnxruntime.transformers' fused
-    Attention was measured 10% slower here: not used.)"""
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    so.optimized_model_filepath = str(d / MODEL_FILE)
-    so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                DATA_FILE)
-    so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
-                                "1024")
-    # this session only writes the graph: no packed copies of the weights (memory)
-    so.add_session_config_entry("session.disable_prepacking", "1")
-    ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
 
 
 # -- the export in a child process ---------------------------------------------------------

@@ -152,7 +152,7 @@ def _export(encoder, library_dir: Path, release: bool, before_optimise, *, quick
             encoder.release_text()
         if before_optimise is not None:
             before_optimise()
-        _optimise(onnx_path, tmp)
+        save_optimised(onnx_path, tmp / MODEL_FILE, DATA_FILE)
         shutil.rmtree(raw)
         _verify(tmp, checks)
         (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
@@ -354,22 +354,25 @@ def _verify(d: Path, checks) -> None:
             raise RuntimeError(f"exported text tower differs from torch by {diff}")
 
 
-def _optimise(src: Path, d: Path) -> None:
+def save_optimised(src: Path, out: Path, data_file: str) -> None:
     """Save onnxruntime's own optimised graph of ``src`` (fused attention, GELU, layer
-    norm) as ``d/text.onnx``, with every weight in one external file that onnxruntime
-    memory-maps, so that each search loads it with optimisation off: session start drops
-    from ~0.4 s to ~0.1 s for ViT-B/32.  EXTENDED (not ALL) keeps the saved graph free of
-    CPU-specific layouts, so a library can move between machines."""
+    norm) as ``out``, with every weight in one external file ``data_file`` beside it that
+    onnxruntime memory-maps, so that a session loads it with optimisation off (the text
+    tower: session start ~0.4 s -> ~0.1 s for ViT-B/32).  EXTENDED (not ALL) keeps the
+    saved graph free of CPU-specific layouts, so an export can move between machines.
+    The text and image towers' exports both go through here."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.log_severity_level = 3
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-    so.optimized_model_filepath = str(d / MODEL_FILE)
+    so.optimized_model_filepath = str(out)
     so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                DATA_FILE)
+                                data_file)
     so.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes",
                                 "1024")
+    # this session only writes the graph: no packed copies of the weights (memory)
+    so.add_session_config_entry("session.disable_prepacking", "1")
     ort.InferenceSession(str(src), sess_options=so, providers=["CPUExecutionProvider"])
 
 
@@ -453,7 +456,7 @@ class OnnxTextEncoder:
         so = ort.SessionOptions()
         so.log_severity_level = 3
         so.intra_op_num_threads = min(2, os.cpu_count() or 1)
-        # optimised once at export (see _optimise); pre-packing weights costs more at
+        # optimised once at export (see save_optimised); pre-packing weights costs more at
         # session start than it saves on one short text
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         so.add_session_config_entry("session.disable_prepacking", "0" if warm else "1")

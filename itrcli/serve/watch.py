@@ -20,7 +20,6 @@ names (``--exclude``, as the walk applies it) start no run.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -29,6 +28,7 @@ from typing import Any, Callable
 
 from ..constants import MEDIA_EXTENSIONS
 from ..errors import ItrError, LockedError
+from .answers import log as _log
 
 #: Seconds without a new event before a run starts (a copy of many files is one run).
 DEBOUNCE = 1.0
@@ -82,14 +82,6 @@ class _StopProgress:
     def _check(self) -> None:
         if self.stop.is_set():
             raise Stopped()
-
-
-def _log(line: str) -> None:
-    try:
-        sys.stderr.write(f"itr serve: {line}\n")
-        sys.stderr.flush()
-    except (OSError, ValueError):
-        pass
 
 
 class Watcher:
