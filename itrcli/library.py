@@ -302,7 +302,6 @@ class Library:
         side_dir = self.directory / REINDEX_DIR
         shutil.rmtree(side_dir, ignore_errors=True)  # a killed re-index's half-built library
         side = Library.open(side_dir, create=True)
-        swapped = False
         try:
             if ocr is None and self.ocr:
                 ocr = True  # the library's setting, kept
@@ -319,15 +318,13 @@ class Library:
             vindex.remove_graphs(self.directory)
             textonnx.remove_export(self.directory)
             self.store.swap_in(side_dir)
-            swapped = True
             vindex.adopt_graphs(side_dir, self.directory)
             textonnx.adopt_export(side_dir, self.directory)
             self._forget_loaded()
             return summary
         finally:
             side.close()
-            if swapped or side_dir.exists():
-                shutil.rmtree(side_dir, ignore_errors=True)
+            shutil.rmtree(side_dir, ignore_errors=True)
 
     def _forget_loaded(self) -> None:
         """Drop what was loaded for the library's previous contents (graph, encoder)."""
@@ -634,19 +631,23 @@ class Library:
         encoder is the same (a long-lived library: the next page of a search, the back
         button, a query asked again encode nothing).  Keyed by the whole list, so that a
         text gets the very vector it would get without the cache."""
-        from collections import OrderedDict
-
-        if getattr(self, "_text_cache_of", None) is not enc:
-            self._text_cache_of, self._text_cache = enc, OrderedDict()
+        cache = self._text_cache_for(enc)
         key = tuple(texts)
-        vecs = self._text_cache.get(key)
+        vecs = cache.get(key)
         if vecs is None:
-            vecs = self._text_cache[key] = enc.encode_texts(list(texts))
-            if len(self._text_cache) > TEXT_CACHE:
-                self._text_cache.popitem(last=False)
+            vecs = cache[key] = enc.encode_texts(list(texts))
+            _keep_last(cache, TEXT_CACHE)
         else:
-            self._text_cache.move_to_end(key)
+            cache.move_to_end(key)
         return vecs.copy()
+
+    def _text_cache_for(self, enc):
+        """The kept text vectors of encoder ``enc`` (emptied when the encoder changes)."""
+        if getattr(self, "_text_cache_of", None) is not enc:
+            from collections import OrderedDict
+
+            self._text_cache_of, self._text_cache = enc, OrderedDict()
+        return self._text_cache
 
     def prime_texts(self, texts: Sequence[str], device: str = "auto",
                     precision: str = "auto") -> int:
@@ -656,18 +657,14 @@ class Library:
         from a lone encoding by float rounding only, ~1e-7).  Returns how many were
         encoded (those already kept are not)."""
         enc = self.text_encoder(device, precision)
-        if getattr(self, "_text_cache_of", None) is not enc:
-            from collections import OrderedDict
-
-            self._text_cache_of, self._text_cache = enc, OrderedDict()
-        todo = [t for t in dict.fromkeys(texts) if (t,) not in self._text_cache]
+        cache = self._text_cache_for(enc)
+        todo = [t for t in dict.fromkeys(texts) if (t,) not in cache]
         if len(todo) < 2:
             return 0  # one text is encoded by its own search, exactly as without a server
         vecs = enc.encode_texts(todo)  # [n, dim]
         for t, v in zip(todo, vecs):
-            self._text_cache[(t,)] = v[None, :].copy()
-        while len(self._text_cache) > TEXT_CACHE:
-            self._text_cache.popitem(last=False)
+            cache[(t,)] = v[None, :].copy()
+        _keep_last(cache, TEXT_CACHE)
         return len(todo)
 
     def search(self, request: SearchRequest | str | None = None, /, *, progress=None,
@@ -1221,6 +1218,12 @@ def _unchanged_hash(row: dict[str, Any] | None, fs_path: str) -> str | None:
     except OSError:
         return None
     return row["hash"] if (st.st_size, st.st_mtime_ns) == (row["size"], row["mtime_ns"]) else None
+
+
+def _keep_last(cache, n: int) -> None:
+    """Drop the least recently used entries of an ordered ``cache`` beyond ``n``."""
+    while len(cache) > n:
+        cache.popitem(last=False)
 
 
 def _is_video(path: str) -> bool:
