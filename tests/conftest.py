@@ -206,3 +206,54 @@ def page_tests_required() -> bool:
     workflow's macOS and Windows runners)."""
     return (os.environ.get("CI", "").lower() == "true"
             and os.environ.get("ITR_PAGE_TESTS", "").lower() != "skip")
+
+
+def missing_browser(why: str):
+    """A page test without its browser (or driver): fails under :func:`page_tests_required`,
+    else skips with ``why``."""
+    if page_tests_required():
+        pytest.fail(f"{why} (CI=true: the page tests must run)")
+    pytest.skip(why)
+
+
+#: a file name that is HTML (the page must show it as text)
+HOSTILE_NAME = '<img src=x onerror="window.__xss=1">&amp;"\'.jpg'
+
+
+@pytest.fixture(scope="module")
+def served_page(tmp_path_factory, micro_clip):
+    """The page tests' library, served by a real `itr serve` on a free loopback port: 12
+    drawings (red, blue, green; circle, square; left, right), one more under
+    :data:`HOSTILE_NAME`, and with PyAV a short video (``.video``; else None). The
+    :class:`support.serving.Served` has ``.root`` and ``.photos`` too."""
+    from support import serving
+
+    root = tmp_path_factory.mktemp("page")
+    specs = [(c, s, p, i) for i, (c, s, p) in enumerate(
+        [(c, s, p) for c in ("red", "blue", "green") for s in ("circle", "square")
+         for p in ("left", "right")])]
+    env = {"HOME": str(root / "home"), "XDG_CACHE_HOME": str(root / "cache"),
+           "HF_HUB_OFFLINE": "1"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        photos = root / "photos"
+        write_shapes(photos, specs)
+        [odd] = write_shapes(root / "odd", [("red", "circle", "right", 40)])
+        os.rename(odd, photos / HOSTILE_NAME)
+        video = None
+        try:
+            import av  # noqa: F401
+
+            from support import clips
+
+            video = clips.write_clip(photos / "clip.webm", clips.shape_scenes(
+                [(0.0, ("green", "square", "left")), (2.0, ("blue", "circle", "right"))]),
+                4, fps=5, codec="vp9")
+        except ImportError:
+            pass
+        r = run_itr("index", photos, "--db", root / "lib", "-m", micro_clip, "-q")
+        assert r.code == 0, r
+    with serving.start(root / "lib", env=env) as s:
+        s.root, s.photos, s.video = root, photos, video
+        yield s

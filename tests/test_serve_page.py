@@ -6,25 +6,16 @@ text.  Under CI=true a missing browser or Playwright fails; elsewhere the tests 
 from __future__ import annotations
 
 import json
-import os
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
-from conftest import find_chromium, page_tests_required, run_itr, write_shapes
+from conftest import HOSTILE_NAME, find_chromium, missing_browser, write_shapes
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run"]
 #: Bounded waits (milliseconds for Playwright): no assertion is about time.
 WAIT_MS = 60_000
-HOSTILE = '<img src=x onerror="window.__xss=1">&amp;"\'.jpg'
-
-
-def _missing(why: str):
-    if page_tests_required():
-        pytest.fail(f"{why} (CI=true: the page tests must run)")
-    pytest.skip(why)
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +23,10 @@ def browser():
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:
-        _missing("playwright is not installed (pip install -e '.[test]')")
+        missing_browser("playwright is not installed (pip install -e '.[test]')")
     exe = find_chromium()
     if exe is None:
-        _missing("chromium is not installed (apt-get install chromium)")
+        missing_browser("chromium is not installed (apt-get install chromium)")
     with sync_playwright() as p:
         b = p.chromium.launch(executable_path=exe, args=ARGS, headless=True)
         try:
@@ -44,50 +35,8 @@ def browser():
             b.close()
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory, micro_clip):
-    """A library of drawings, a hostile file name and a short video, served by a real
-    `itr serve` on a free loopback port."""
-    from support import serving
-
-    root = tmp_path_factory.mktemp("page")
-    specs = [(c, s, p, i) for i, (c, s, p) in enumerate(
-        [(c, s, p) for c in ("red", "blue", "green") for s in ("circle", "square")
-         for p in ("left", "right")])]
-    env = {"HOME": str(root / "home"), "XDG_CACHE_HOME": str(root / "cache"),
-           "HF_HUB_OFFLINE": "1"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        photos = root / "photos"
-        write_shapes(photos, specs)
-        [odd] = write_shapes(root / "odd", [("red", "circle", "right", 40)])
-        os.rename(odd, photos / HOSTILE)
-        video = None
-        try:
-            import av  # noqa: F401
-
-            from support import clips
-
-            video = clips.write_clip(photos / "clip.webm", clips.shape_scenes(
-                [(0.0, ("green", "square", "left")), (2.0, ("blue", "circle", "right"))]),
-                4, fps=5, codec="vp9")
-        except ImportError:
-            pass
-        r = run_itr("index", photos, "--db", root / "lib", "-m", micro_clip, "-q")
-        assert r.code == 0, r
-    with serving.start(root / "lib", env=env) as s:
-        s.root, s.photos, s.video = root, photos, video
-        yield s
-
-
-def api(served, query: str) -> dict:
-    with urllib.request.urlopen(served.url + "/api/search?" + query, timeout=60) as r:
-        return json.loads(r.read())
-
-
 @pytest.fixture
-def page(browser, served):
+def page(browser, served_page):
     ctx = browser.new_context(viewport={"width": 1200, "height": 800})
     pg = ctx.new_page()
     pg.set_default_timeout(WAIT_MS)
@@ -115,20 +64,20 @@ def cards(pg) -> list[str]:
     return pg.eval_on_selector_all(".card .thumb", "els => els.map(e => e.title)")
 
 
-def search(pg, served, text: str) -> None:
+def search(pg, served_page, text: str) -> None:
     pg.fill("#q", text)
     pg.press("#q", "Enter")
     pg.wait_for_selector(".card")
     wait_js(pg, "document.getElementById('status').textContent.includes('result')")
 
 
-def test_type_a_query_see_results_open_one_and_more_like_this(page, served):
+def test_type_a_query_see_results_open_one_and_more_like_this(page, served_page):
     pg = page
-    pg.goto(served.url + "/")
+    pg.goto(served_page.url + "/")
     assert pg.is_visible("#empty")
     assert pg.evaluate("document.activeElement.id") == "q"
-    search(pg, served, "a red circle")
-    want = api(served, "q=a+red+circle&n=40")["results"]
+    search(pg, served_page, "a red circle")
+    want = served_page.get_json("/api/search?q=a+red+circle&n=40")["results"]
     assert cards(pg) == [h["path"] for h in want]
     assert "q=a+red+circle" in pg.url
     first_score = pg.text_content(".card .score")
@@ -149,7 +98,7 @@ def test_type_a_query_see_results_open_one_and_more_like_this(page, served):
     pg.click("#v-like")
     pg.wait_for_url(f"**like={want[0]['id']}**")
     wait_js(pg, "document.getElementById('status').textContent.includes('more like this')")
-    liked = api(served, f"like={want[0]['id']}&n=40")["results"]
+    liked = served_page.get_json(f"/api/search?like={want[0]['id']}&n=40")["results"]
     assert cards(pg) == [h["path"] for h in liked] and want[0]["path"] not in cards(pg)
     assert pg.is_hidden("#viewer")
 
@@ -160,9 +109,9 @@ def test_type_a_query_see_results_open_one_and_more_like_this(page, served):
     assert not pg.problems, pg.problems
 
 
-def test_keys_escape_and_slash(page, served):
+def test_keys_escape_and_slash(page, served_page):
     pg = page
-    pg.goto(served.url + "/?q=a+blue+square")
+    pg.goto(served_page.url + "/?q=a+blue+square")
     pg.wait_for_selector(".card")
     pg.click(".card:nth-child(2) .thumb")
     pg.wait_for_selector("#viewer:not([hidden])")
@@ -174,55 +123,55 @@ def test_keys_escape_and_slash(page, served):
     assert not pg.problems, pg.problems
 
 
-def test_hostile_names_are_shown_as_text(page, served):
+def test_hostile_names_are_shown_as_text(page, served_page):
     pg = page
-    pg.goto(served.url + "/?q=a+red+circle+on+the+right")
+    pg.goto(served_page.url + "/?q=a+red+circle+on+the+right")
     pg.wait_for_selector(".card")
-    hostile = str(served.photos / HOSTILE)
+    hostile = str(served_page.photos / HOSTILE_NAME)
     assert hostile in cards(pg)
     i = cards(pg).index(hostile)
     pg.click(f".card:nth-child({i + 1}) .thumb")
     pg.wait_for_selector("#viewer:not([hidden])")
-    assert pg.text_content("#v-title") == HOSTILE
+    assert pg.text_content("#v-title") == HOSTILE_NAME
     assert hostile in pg.text_content("#v-meta")
     assert pg.evaluate("window.__xss") is None
     assert pg.query_selector("img[src='x']") is None
     assert not pg.problems, pg.problems
 
 
-def test_search_by_an_uploaded_image(page, served, tmp_path):
+def test_search_by_an_uploaded_image(page, served_page, tmp_path):
     [img] = write_shapes(tmp_path / "mine", [("green", "circle", "left", 77)])
     pg = page
-    pg.goto(served.url + "/")
+    pg.goto(served_page.url + "/")
     pg.set_input_files("#image", str(img))
     wait_js(pg, "document.getElementById('status').textContent.includes('the image')")
     assert len(cards(pg)) >= 1 and "green-circle" in cards(pg)[0]
     assert not pg.problems, pg.problems
 
 
-def test_filters_and_a_video_from_its_time(page, served):
-    if served.video is None:
+def test_filters_and_a_video_from_its_time(page, served_page):
+    if served_page.video is None:
         pytest.skip("PyAV is not installed: no video in the library")
     pg = page
-    pg.goto(served.url + "/")
+    pg.goto(served_page.url + "/")
     pg.click("#toggle-filters")
     pg.select_option("#f-kind", "video")
     pg.fill("#q", "a blue circle")
     pg.press("#q", "Enter")
     pg.wait_for_selector(".card")
-    assert "kind=video" in pg.url and cards(pg) == [str(served.video)]
+    assert "kind=video" in pg.url and cards(pg) == [str(served_page.video)]
     pg.click(".card .thumb")
     pg.wait_for_selector("#v-media video")
     src = pg.get_attribute("#v-media video", "src")
-    hit = api(served, "q=a+blue+circle&kind=video")["results"][0]
+    hit = served_page.get_json("/api/search?q=a+blue+circle&kind=video")["results"][0]
     assert src.endswith(f"#t={hit['time']:.3f}")
     # the browser reads the video through /api/file with Range requests
     wait_js(pg, "document.querySelector('#v-media video').readyState >= 1")
     assert not [p for p in pg.problems if "video" not in p.lower()], pg.problems
 
 
-def test_the_page_says_what_is_wrong(page, served):
+def test_the_page_says_what_is_wrong(page, served_page):
     pg = page
-    pg.goto(served.url + "/?q=red&after=not-a-date")
+    pg.goto(served_page.url + "/?q=red&after=not-a-date")
     wait_js(pg, "document.getElementById('status').classList.contains('error')")
     assert "YYYY-MM-DD" in pg.text_content("#status")

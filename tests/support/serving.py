@@ -6,6 +6,7 @@ prints on stderr (within a bounded wait), and returns a :class:`Served` to stop 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 URL = re.compile(r"itr serve: (http://\S+?)(\?token=\S+)?\s")
@@ -25,6 +27,11 @@ class Served:
     @property
     def stderr(self) -> str:
         return "".join(self.lines)
+
+    def get_json(self, path: str, timeout: float = 60):
+        """GET ``path`` (``/api/search?q=...``) from the server: its JSON answer, decoded."""
+        with urllib.request.urlopen(self.url + path, timeout=timeout) as r:
+            return json.loads(r.read())
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
         """Send ``sig`` and wait for the exit code (killed past ``timeout``)."""
