@@ -12,10 +12,10 @@ import re
 import signal
 import subprocess
 import sys
-import threading
-import time
 import urllib.request
 from pathlib import Path
+
+from support import announce
 
 URL = re.compile(r"itr serve: (http://\S+?)(\?token=\S+)?\s")
 
@@ -64,26 +64,10 @@ def start(db: str | os.PathLike, *args: str, env: dict | None = None,
     e["PYTHONPATH"] = os.pathsep.join([str(root), e.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True, env=e)
-    lines: list[str] = []
-    found: list[str] = []
-    ready = threading.Event()
-
-    def read():
-        for line in proc.stderr:  # type: ignore[union-attr]
-            lines.append(line)
-            m = URL.search(line)
-            if m and not found:
-                found.append(m.group(1))
-                ready.set()
-        ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while not found and proc.poll() is None and time.monotonic() < deadline:
-        ready.wait(0.2)
-    if not found:
+    url, lines = announce.watch(proc, URL, timeout)
+    if url is None:
         if proc.poll() is None:
             proc.kill()
         proc.wait(10)
         raise RuntimeError(f"itr serve printed no URL (exit {proc.returncode}): {''.join(lines)[-2000:]}")
-    return Served(proc, found[0], lines)
+    return Served(proc, url, lines)
