@@ -200,10 +200,25 @@ def find_chromium() -> str | None:
     return None
 
 
+def find_firefox() -> str | None:
+    """A Firefox to drive over WebDriver BiDi (tests/support/bidi.py): ``$ITR_FIREFOX``,
+    else ``firefox-esr`` (Debian's package) or ``firefox`` on PATH."""
+    import shutil
+
+    env = os.environ.get("ITR_FIREFOX")
+    if env and os.path.exists(env):
+        return env
+    for name in ("firefox-esr", "firefox"):
+        exe = shutil.which(name)
+        if exe:
+            return exe
+    return None
+
+
 def page_tests_required() -> bool:
     """Whether a missing browser fails the page tests instead of skipping them: in CI
-    (``CI=true``, which .ci/run installs Chromium for), unless ``ITR_PAGE_TESTS=skip`` (the
-    workflow's macOS and Windows runners)."""
+    (``CI=true``, which .ci/run installs Chromium and Firefox for), unless
+    ``ITR_PAGE_TESTS=skip`` (the workflow's macOS and Windows runners)."""
     return (os.environ.get("CI", "").lower() == "true"
             and os.environ.get("ITR_PAGE_TESTS", "").lower() != "skip")
 
