@@ -8,7 +8,9 @@ tower and HNSW graph.  Then:
 1. cold: complete `itr search "..." --db LIB` processes (median of --cold-runs);
 2. warm: a real `itr serve` on a free loopback port, --queries different text searches
    one after another over one keep-alive connection (p50, p99), interleaved with the cold
-   processes (each cold run, then its share of warm searches);
+   processes (each cold run, then its share of warm searches); the texts are as people
+   type them (3-12 words, median 12 tokens), and long sentences (~38 tokens) are timed
+   apart as the hardest case (the text tower's work grows with the tokens);
 3. load: --clients threads, each with its own connection, searching for --seconds
    (bounded), counting errors (p50, p99, searches per second);
 4. the server's resident memory (VmRSS, and its peak VmHWM) after the load.
@@ -35,17 +37,34 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent / "tests")]
 
-WORDS = ("lawn", "harbour", "dusk", "dog", "bicycle", "children", "receipt", "mountain",
-         "beach", "kitchen", "snow", "market", "cat", "train", "bridge", "birthday cake")
+SUBJECTS = ("a dog", "two children", "a red bicycle", "an old man", "a cat", "a birthday cake",
+            "a wooden boat", "three friends", "a train", "a bride", "a horse", "a yellow kite",
+            "a street market", "a snowman", "a tall lighthouse", "a family picnic")
+PLACES = ("on a lawn", "at the beach", "in the kitchen", "on a bridge", "in the snow",
+          "by the harbour", "in a forest", "on a mountain", "in the city", "at a station",
+          "in the garden", "near a lake", "on the road", "in a museum", "at school", "indoors")
+TIMES = ("", " at dusk", " at night", " in the rain", " in summer", " at sunrise", " in autumn",
+         " in the fog")
+LEAD = ("", "photo of ", "blurry ", "close up of ")
+TAIL = ("", " from above", " in black and white", " seen from far away")
 
 
-def queries(n: int) -> list[str]:
-    """Different texts (no answer can come from a cache)."""
+def queries(n: int, start: int = 0) -> list[str]:
+    """Different texts (no answer can come from a cache), as people type them: 3-9 words,
+    ``two children on a lawn at dusk`` (6-13 tokens).  Up to 32,768 of them."""
     out = []
-    for i in range(n):
-        a, b = WORDS[i % len(WORDS)], WORDS[(i * 7 + 3) % len(WORDS)]
-        out.append(f"a photo of a {a} and a {b} number {i}")
+    for i in range(start, start + n):
+        s, p, t, lead, tail = (i % 16, (i // 16) % 16, (i // 256) % 8, (i // 2048) % 4,
+                               (i // 8192) % 4)
+        out.append(f"{LEAD[lead]}{SUBJECTS[s]} {PLACES[(p + s) % 16]}{TIMES[t]}{TAIL[tail]}")
     return out
+
+
+def long_queries(n: int) -> list[str]:
+    """The hardest case, also measured: a sentence of ~25 words (~38 tokens)."""
+    return [f"{q}, with {SUBJECTS[(i * 5) % 16]} {PLACES[(i * 3) % 16]} and "
+            f"{SUBJECTS[(i * 7 + 1) % 16]} behind them, seen from far away"
+            for i, q in enumerate(queries(n, 20_000))]
 
 
 def pct(xs: list[float], p: float) -> float:
@@ -112,17 +131,23 @@ def main() -> None:
         # cold process is followed by its share of warm searches (the ratio compares
         # like with like)
         cold, warm, embed = [], [], []
-        texts = queries(a.queries)
+        texts = queries(a.queries, start=100)
         per = max(1, len(texts) // a.cold_runs)
         for r in range(a.cold_runs):
             t = time.perf_counter()
             subprocess.run(cold_cmd, check=True, stdout=subprocess.DEVNULL)
             cold.append(time.perf_counter() - t)
             for q in texts[r * per:(r + 1) * per]:
-                dt, status = c.search(q + " warm")
+                dt, status = c.search(q)
                 assert status == 200, status
                 warm.append(dt)
                 embed.append(c.timings.get("embed", 0.0))
+        # the hardest text: long sentences (~38 tokens), one at a time
+        long = []
+        for q in long_queries(max(20, a.queries // 4)):
+            dt, status = c.search(q)
+            assert status == 200, status
+            long.append(dt)
         server_side = json.loads(urllib.request.urlopen(
             s.url + "/api/search?q=two+children+on+a+lawn").read())["timings"]
 
@@ -136,8 +161,8 @@ def main() -> None:
             cl = Client(s.url)
             mine, bad, i = [], [], 0
             while time.monotonic() < stop:
-                try:
-                    dt, status = cl.search(f"client {k} query {i} of a {WORDS[i % len(WORDS)]}")
+                try:  # every client its own texts, none asked twice (while 32,768 last)
+                    dt, status = cl.search(queries(1, start=1000 + k + clients * i)[0])
                     if status != 200:
                         bad.append(str(status))
                     mine.append(dt)
@@ -166,6 +191,8 @@ def main() -> None:
         "warm_ms": {"p50": round(pct(warm, 50) * 1e3, 2), "p99": round(pct(warm, 99) * 1e3, 2),
                     "queries": len(warm)},
         "warm_p50_over_cold": round(pct(warm, 50) / cold_med, 4),
+        "warm_long_text_ms": {"p50": round(pct(long, 50) * 1e3, 2),
+                              "p99": round(pct(long, 99) * 1e3, 2), "queries": len(long)},
         # of which the text tower (the server's own timing of the query's embedding)
         "warm_text_tower_ms_p50": round(pct(embed, 50) * 1e3, 2),
         "server_timings_s": server_side,
@@ -185,6 +212,9 @@ def main() -> None:
     print(f"warm itr serve text search: p50 {w['p50']} ms  p99 {w['p99']} ms ({w['queries']} queries)")
     print(f"  of which the text tower: p50 {out['warm_text_tower_ms_p50']} ms")
     print(f"ratio warm p50 / cold median: {out['warm_p50_over_cold']:.3f}")
+    lw = out["warm_long_text_ms"]
+    print(f"warm, long texts (~38 tokens): p50 {lw['p50']} ms  p99 {lw['p99']} ms "
+          f"({lw['queries']} queries)")
     print(f"load: {ld['clients']} clients for {ld['seconds']} s: {ld['searches']} searches "
           f"({ld['per_second']}/s), {ld['errors']} errors, p50 {ld['p50_ms']} ms, p99 {ld['p99_ms']} ms")
     print(f"server memory after load: VmRSS {out['server_rss_mib'].get('VmRSS')} MiB, "

@@ -63,11 +63,7 @@ class Library:
     def close(self) -> None:
         """Release what the library holds: the database, the graph (loaded or mapped), the
         loaded encoder and re-ranker.  Closing twice is harmless."""
-        for name in ("_vindex", "_mapped"):
-            vi = getattr(self, name, None)
-            if vi is not None:
-                vi.close()
-            setattr(self, name, None)
+        self.close_graph()
         self._encoder = self._encoder_args = None
         self._reranker = self._reranker_args = None
         self.store.close()
@@ -658,14 +654,22 @@ class Library:
         encoded (those already kept are not)."""
         enc = self.text_encoder(device, precision)
         cache = self._text_cache_for(enc)
-        todo = [t for t in dict.fromkeys(texts) if (t,) not in cache]
+        todo = [t for t in dict.fromkeys(texts) if (t,) not in cache][:TEXT_CACHE]
         if len(todo) < 2:
             return 0  # one text is encoded by its own search, exactly as without a server
-        vecs = enc.encode_texts(todo)  # [n, dim]
-        for t, v in zip(todo, vecs):
-            cache[(t,)] = v[None, :].copy()
+        # texts of like length together: a batch is padded to its longest text
+        todo.sort(key=len)
+        for at in range(0, len(todo), PRIME_BATCH):
+            part = todo[at:at + PRIME_BATCH]
+            for t, v in zip(part, enc.encode_texts(part)):  # [n, dim]
+                cache[(t,)] = v[None, :].copy()
         _keep_last(cache, TEXT_CACHE)
         return len(todo)
+
+    def knows_text(self, text: str) -> bool:
+        """Whether the vector of a search for ``text`` alone is kept (no encoding needed)."""
+        return (getattr(self, "_text_cache_of", None) is not None
+                and (text,) in self._text_cache)
 
     def search(self, request: SearchRequest | str | None = None, /, *, progress=None,
                **options: Any) -> SearchResult:
@@ -1053,20 +1057,34 @@ class Library:
     def _search_graph(self):
         """The graph for searching: the saved file memory-mapped when it is up to date
         (no full load; see :mod:`itrcli.store.graphfile`), else as :meth:`vector_index`."""
-        from .store.vindex import VectorIndex
+        from .store.vindex import LOADED_GRAPH_MAX, VectorIndex, vindex_size
 
         seq = self.store.last_seq()
         for vi in (getattr(self, "_vindex", None), getattr(self, "_mapped", None)):
             if vi is not None and vi.seq == seq:
                 return vi
-        # a long-lived library (itr serve) follows the log in place while no newer graph
-        # is saved, instead of loading the graph again after each commit of an index run
-        mapped = getattr(self, "_mapped", None)
-        if mapped is not None and mapped.follow(self.store, seq):
-            return mapped
-        self._vindex = None  # a loaded graph of an older state: its memory back
+        # a library kept open (itr serve) follows the log in place while no newer graph is
+        # saved, instead of loading the graph again after each commit of an index run
+        for vi in (getattr(self, "_vindex", None), getattr(self, "_mapped", None)):
+            if vi is not None and vi.follow(self.store, seq):
+                return vi
+        self.close_graph()  # a graph of an older state: its memory back
+        if self.long_lived and vindex_size(self.directory) <= LOADED_GRAPH_MAX:
+            # many searches will follow: a graph within the budget is loaded whole, which
+            # hnswlib searches ~20x faster than the mapped file is searched (100,000
+            # images: 0.3 ms against 6.6 ms), for a quarter of a second's load
+            self._vindex = VectorIndex(self.directory, self._dim()).open(self.store)
+            return self._vindex
         self._mapped = VectorIndex(self.directory, self._dim()).open_mapped(self.store)
         return self._mapped
+
+    def close_graph(self) -> None:
+        """Let go of the graph, loaded or mapped (the next search opens the newest)."""
+        for name in ("_vindex", "_mapped"):
+            vi = getattr(self, name, None)
+            if vi is not None:
+                vi.close()
+            setattr(self, name, None)
 
     def _dim(self) -> int:
         return int(self.store.get_meta("dim"))
@@ -1203,6 +1221,9 @@ def evaluate(dataset, models: Sequence[str | None] = (None,), *, library: Librar
 
 #: Text queries whose vectors a library keeps (:meth:`Library._encode_texts`).
 TEXT_CACHE = 256
+#: Texts encoded together by :meth:`Library.prime_texts` (sorted by length first): past
+#: ~8, a bigger batch is no cheaper per text, only more padded.
+PRIME_BATCH = 16
 
 #: ``search --at``: a stored frame within this many seconds of the time asked for is used
 #: as it is (no model load); otherwise the frame there is decoded and embedded.

@@ -55,17 +55,20 @@ class LiveLibrary:
             lib.long_lived = True  # a warm text tower: pre-packed weights
         return lib
 
-    def _in_snapshot(self, fn: Callable[..., T], args: tuple) -> T:
+    def _in_snapshot(self, fn: Callable[..., T], args: tuple, text: str | None = None) -> T:
         if self._closed.is_set():
             raise LibraryError("the server is shutting down")
         lib = self._current()
-        with self._waiting_lock:
-            texts, self._waiting = self._waiting, []
-        if len(texts) > 1:  # under load: the texts waiting for the library, in one batch
-            try:
-                self.batched += lib.prime_texts(texts)
-            except ItrError:
-                pass  # each search reports its own error
+        if text is not None and not lib.knows_text(text):
+            # under load: this text and those of the searches queued behind it, in one
+            # batch; while kept vectors answer, the queue grows into the next batch
+            with self._waiting_lock:
+                texts, self._waiting = self._waiting, []
+            if len(texts) > 1:
+                try:
+                    self.batched += lib.prime_texts(texts)
+                except ItrError:
+                    pass  # each search reports its own error
         lib.store.begin_snapshot()
         try:
             return fn(lib, *args)
@@ -83,7 +86,7 @@ class LiveLibrary:
         if text is not None:
             with self._waiting_lock:
                 self._waiting.append(text)
-        return await asyncio.wrap_future(self._pool.submit(self._in_snapshot, fn, args))
+        return await asyncio.wrap_future(self._pool.submit(self._in_snapshot, fn, args, text))
 
     def warm(self) -> None:
         """Load what a text search needs (the text tower, the graph) before the first one;

@@ -52,6 +52,21 @@ def graph_files(directory: Path | str) -> tuple[list[tuple[int, Path]], list[Pat
     return saved, temps
 
 
+#: A long-lived reader (``itr serve``) loads the graph whole up to this file size (hnswlib
+#: then searches ~20x faster than the mapped file is searched): about 230,000 512-d images.
+#: Past it the file stays mapped, so a server of a million images stays within ~1 GB.
+LOADED_GRAPH_MAX = 512 * 2**20
+
+
+def vindex_size(directory: Path | str) -> int:
+    """Bytes of the newest saved graph file (0 when there is none)."""
+    saved = graph_files(directory)[0]
+    try:
+        return saved[-1][1].stat().st_size if saved else 0
+    except OSError:
+        return 0
+
+
 def remove_temp_files(directory: Path | str) -> int:
     """Delete the temporary graph files of killed saves (call with the write lock held);
     returns how many there were."""
