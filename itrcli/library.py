@@ -214,72 +214,67 @@ class Library:
         from .ingest.images import Preprocess, supported_extensions
         from .jobs.indexer import IndexRun
 
-        export = None  # the text tower's export, in a child process beside the run
-        try:
-            want = self._check_model(model, reindex)
-            export = self._start_text_export(want, local=engine == "local")
-            if reindex:
-                with self.store.transaction() as c:
-                    self.store.forget_all_failures(c)  # retry every bad file too
-            meta = self.store.meta()
-            prep = Preprocess.from_config(meta["preprocess"]) if meta.get("preprocess") else None
-            dim = meta.get("dim")
+        want = self._check_model(model, reindex)
+        if reindex:
+            with self.store.transaction() as c:
+                self.store.forget_all_failures(c)  # retry every bad file too
+        meta = self.store.meta()
+        prep = Preprocess.from_config(meta["preprocess"]) if meta.get("preprocess") else None
+        dim = meta.get("dim")
 
-            from .progress import default_workers
+        from .progress import default_workers
 
-            n_workers = workers or default_workers()
+        n_workers = workers or default_workers()
 
-            # with Ray the workers embed; the driver may have no GPU (it loads the model only
-            # to bind a new library, export the text tower, or re-embed a rare leftover)
-            drv_device, drv_precision = (device, precision) if engine == "local" else (
-                "cpu", "auto" if precision == "fp16" else precision)
+        # with Ray the workers embed; the driver may have no GPU (it loads the model only
+        # to bind a new library, export the text tower, or re-embed a rare leftover)
+        drv_device, drv_precision = (device, precision) if engine == "local" else (
+            "cpu", "auto" if precision == "fp16" else precision)
 
-            def get_encoder():
-                enc = self.encoder(want, drv_device, drv_precision, towers="image")
-                if not self.store.get_meta("model"):
-                    self._bind(enc)
-                return enc
+        def get_encoder():
+            enc = self.encoder(want, drv_device, drv_precision, towers="image")
+            if not self.store.get_meta("model"):
+                self._bind(enc)
+            return enc
 
-            run_cls, extra = IndexRun, {}
-            if engine == "ray":
-                from .jobs.distributed import RayIndexRun as run_cls
+        run_cls, extra = IndexRun, {}
+        if engine == "ray":
+            from .jobs.distributed import RayIndexRun as run_cls
 
-                extra = dict(model=want, device=device, precision=precision, address=address,
-                             logs=engine_logs, revision=self._revision_of(want))
-            run = run_cls(
-                self.store, self.directory, get_encoder, dim=dim, prep=prep,
-                batch_size=batch_size, workers=n_workers,
-                draft=draft, progress=progress, text=self._text_job(ocr, reindex),
-                video_budget=video_budget, **extra,
-            )
-            from .constants import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS
-            from .ingest.video import available as video_available
+            extra = dict(model=want, device=device, precision=precision, address=address,
+                         logs=engine_logs, revision=self._revision_of(want))
+        self._text_child_outcome = None
+        if engine == "local":  # the towers' one-time exports, before encoding
+            extra["before_encoder"] = lambda photos: self._export_towers_first(
+                want, drv_device, drv_precision, photos)
+        run = run_cls(
+            self.store, self.directory, get_encoder, dim=dim, prep=prep,
+            batch_size=batch_size, workers=n_workers,
+            draft=draft, progress=progress, text=self._text_job(ocr, reindex),
+            video_budget=video_budget, **extra,
+        )
+        from .constants import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS
+        from .ingest.video import available as video_available
 
-            # both engines read videos (PyAV is a dependency; a broken install passes
-            # them over, counted)
-            videos = video and video_available()
-            extensions = supported_extensions() | (VIDEO_EXTENSIONS if videos else frozenset())
-            # videos left out by choice (--no-video) are not "passed over"
-            unreadable = MEDIA_EXTENSIONS - extensions - (frozenset() if video else VIDEO_EXTENSIONS)
-            summary = run.run(roots, extensions=extensions,
-                              include_hidden=include_hidden, exclude=list(exclude),
-                              follow_symlinks=follow_symlinks, prune=prune,
-                              keep=frozenset() if videos else VIDEO_EXTENSIONS, list_indexed=list_indexed,
-                              count=unreadable)
-            known_roots = set(self.store.get_meta("roots", []))
-            if engine == "local" and summary.embedded and self._encoder is not None:
-                # which runtime encoded the library (itr info; see embed/imagetower.py)
-                self.store.set_meta(image_runtime=getattr(self._encoder, "image_runtime", "torch"))
-            if not summary.interrupted:
-                self.store.set_meta(roots=sorted(known_roots | set(roots)))
-                export, started = None, export
-                self._finish_text_tower(started)
-                if engine == "local":
-                    self._finish_image_tower(want, drv_device, drv_precision, run)
-            return summary
-        finally:
-            if export is not None:  # failed or interrupted: the next run exports
-                export.cancel()
+        # both engines read videos (PyAV is a dependency; a broken install passes
+        # them over, counted)
+        videos = video and video_available()
+        extensions = supported_extensions() | (VIDEO_EXTENSIONS if videos else frozenset())
+        # videos left out by choice (--no-video) are not "passed over"
+        unreadable = MEDIA_EXTENSIONS - extensions - (frozenset() if video else VIDEO_EXTENSIONS)
+        summary = run.run(roots, extensions=extensions,
+                          include_hidden=include_hidden, exclude=list(exclude),
+                          follow_symlinks=follow_symlinks, prune=prune,
+                          keep=frozenset() if videos else VIDEO_EXTENSIONS, list_indexed=list_indexed,
+                          count=unreadable)
+        known_roots = set(self.store.get_meta("roots", []))
+        if engine == "local" and summary.embedded and self._encoder is not None:
+            # which runtime encoded the library (itr info; see embed/imagetower.py)
+            self.store.set_meta(image_runtime=getattr(self._encoder, "image_runtime", "torch"))
+        if not summary.interrupted:
+            self.store.set_meta(roots=sorted(known_roots | set(roots)))
+            self._finish_text_tower()
+        return summary
 
     def _reindex_beside(self, roots: list[str], model: str | None, ocr: bool | None,
                         opts: dict[str, Any]) -> IndexSummary:
@@ -377,32 +372,16 @@ class Library:
 
         return export_matches(self.directory, self.model, self.store.get_meta("dim"))
 
-    def _start_text_export(self, model: str, local: bool):
-        """Start the export in a child process at the start of a run that needs one (a new
-        library, or a tower still missing), so that its imports and loading overlap the
-        run's own start-up; None when it is not needed or is done in this process (small
-        towers).  In a ``local`` run the export proper waits for the end of encoding
-        (:meth:`_finish_text_tower`), so that the two peaks of memory do not add up (it
-        was not slower than exporting beside the encoder either, on 2 busy cores)."""
-        from .embed import textonnx
-
-        if not self._text_export_due(model):
-            return None
-        if textonnx.from_cache(self.directory, model, self._cache_revision(model)):
-            return None  # an earlier library of this model on this machine exported it
-        if not textonnx.use_child(model):
-            return None
-        return textonnx.start(model, self.directory, gate=local, revision=self._revision_of(model))
-
     def _cache_revision(self, model: str) -> str | None:
         """The revision that keys ``model``'s exports in the machine's tower cache: the
         library's recorded one, else the one the hub cache holds now (None: a local
         directory, keyed by its files)."""
         return self._revision_of(model) or models.model_revision(model)
 
-    def _finish_text_tower(self, export) -> None:
-        """End of a run: wait for the export started with it (or export now: small towers,
-        or a tower a killed or failed run left missing) and record the outcome.  Never
+    def _finish_text_tower(self) -> None:
+        """End of a run: take the text tower's export from the machine's tower cache, or
+        make it (in a child process for a large tower, once the run has let go of its image
+        tower: the two peaks of memory never add up), and record the outcome.  Never
         raises: without the tower searches use the torch text tower, same vectors, slower.
         A failure is retried by the next runs (EXPORT_TRIES in all), unless the model
         cannot be exported at all (e.g. a sentencepiece tokenizer that ``tokenizers`` cannot
@@ -413,25 +392,16 @@ class Library:
         if (model and self._text_export_due(model)
                 and textonnx.from_cache(self.directory, model, self._cache_revision(model))
                 and not self._text_export_due(model)):
-            if export is not None:
-                export.cancel()
             return
         if not self._text_export_due(model):
-            if export is not None:
-                export.cancel()
             if not model:  # no image was found: a tower of no bound model is not kept
                 textonnx.remove_export(self.directory)
             elif self._text_export_ok():
                 textonnx.cache_export(self.directory, model, self._cache_revision(model))
             return
-        if export is None and textonnx.use_child(model):
-            export = textonnx.start(model, self.directory, revision=self._revision_of(model))
-        if export is not None:
-            self._release_image_tower()
-            code, why = export.wait()
-            if code == textonnx.NOT_LOCAL:  # it started before the run downloaded the model
-                code, why = textonnx.start(model, self.directory,
-                                           revision=self._revision_of(model)).wait()
+        if textonnx.use_child(model):
+            # made before the run's encoder was loaded (below), or now, once it is let go of
+            code, why = self._text_child_outcome or self._text_export_child(model)
             unsupported = code == textonnx.UNSUPPORTED
         else:
             code, why, unsupported = 0, "", False
@@ -455,38 +425,61 @@ class Library:
         else:
             self.store.set_meta(text_export_tries={"model": model, "n": n})
 
-    def _finish_image_tower(self, model: str, device: str, precision: str, run) -> None:
-        """End of a run that encoded photos with torch where onnxruntime would run the image
-        tower: export it once for this machine (:mod:`itrcli.embed.imagetower`), after the
-        text tower's export and with the run's own image tower let go of (the peaks of
-        memory do not add up).  Never raises; a failure is one line under ``-v`` and the
-        next run tries again (up to EXPORT_TRIES runs per model)."""
+    def _text_export_child(self, model: str) -> tuple[int, str]:
+        """Export the text tower in a child process, the run's image tower let go of first;
+        (exit status, its last line of error output)."""
+        from .embed import textonnx
+
+        self._release_image_tower()
+        return textonnx.start(model, self.directory, revision=self._revision_of(model)).wait()
+
+    def _export_towers_first(self, model: str, device: str, precision: str,
+                             photos: list[str]) -> None:
+        """Before a run first loads its encoder: the one-time exports it needs, while it holds
+        no model, so that their peaks of memory never add to the encoder's (the first
+        library of a model on a machine: the image tower's for onnxruntime, then the text
+        tower's, each in a child process for a large tower).  The text tower's outcome is
+        recorded by :meth:`_finish_text_tower` at the run's end, as for an export made there."""
+        from .embed import textonnx
+
+        self._export_image_tower(model, device, precision, photos)
+        if not textonnx.use_child(model) or self.store.get_meta("text_export_failed") == model:
+            return  # small towers are exported by the run itself, at its end
+        if self.model == model and not self._text_export_due(model):
+            return  # there already
+        if textonnx.from_cache(self.directory, model, self._cache_revision(model)):
+            return  # an earlier library of this model on this machine exported it
+        self._text_child_outcome = self._text_export_child(model)
+
+    def _export_image_tower(self, model: str, device: str, precision: str,
+                            photos: list[str]) -> None:
+        """Before a run first loads its encoder, where onnxruntime would run the image tower
+        and this machine has no export of the model yet: export it now, checked on
+        ``photos`` (:mod:`itrcli.embed.imagetower`; in a child process for a large tower,
+        while this run holds no model), so that the whole run, the first library of a
+        model on a machine included, encodes with it.  Never raises; a failure is one line
+        under ``-v``, the run encodes with torch and the next runs try again (up to
+        EXPORT_TRIES runs per model)."""
         import logging
 
         from .embed import imagetower
         from .embed.encoder import resolve_device, resolve_precision
 
-        enc = self._encoder
-        if not run.samples or not self.model or (enc is not None and enc.image_runtime != "torch"):
+        if not photos:
             return
         try:
             device = resolve_device(device)
             precision = resolve_precision(precision, device)
         except Exception:
-            return
+            return  # the encoder's own loading reports it
         revision = self._revision_of(model)
         tries = self.store.get_meta("image_export_tries") or {}
         n = tries.get("n", 0) if tries.get("model") == model else 0
         if n >= EXPORT_TRIES or not imagetower.export_due(model, revision, device, precision):
             return
-        if imagetower.use_child(model):
-            self._release_image_tower()
-            enc = None
-        elif enc is not None and (enc.precision != "fp32" or enc.device != "cpu"):
-            enc = None
-        why = imagetower.export_for_run(model, revision, run.samples, enc)
+        why = imagetower.export_for_run(model, revision, photos)
         if why is None:
-            logging.getLogger("itr").debug("image tower exported for onnxruntime (next runs use it)")
+            logging.getLogger("itr").debug("image tower exported for onnxruntime")
             self.store.set_meta(image_export_tries=None)
             return
         logging.getLogger("itr").info("image tower export failed (torch is used): %s", why)
@@ -500,15 +493,9 @@ class Library:
             return  # a two-tower encoder: a caller may use it for texts
         self._encoder = self._encoder_args = None
         del enc
-        import gc
+        from .gcpause import give_back_memory
 
-        gc.collect()
-        try:  # glibc keeps freed heap pages otherwise
-            import ctypes
-
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
+        give_back_memory()
 
     def _text_side(self, model: str):
         """The text tower alone, in float32 on the CPU (an export with no model loaded)."""

@@ -1,6 +1,6 @@
 """The image tower's runtime (embed/imagetower.py): onnxruntime for float32 on the CPU once
 an export of the model is in the per-machine tower cache, torch otherwise; the export made
-at the end of a first run and reused by other libraries; its vectors equal torch's; any
+at the start of a first run, before it loads its encoder, and reused by other libraries; its vectors equal torch's; any
 failure falls back to torch with one line under -v; `itr info` names the runtime; `itr eval`
 figures unchanged."""
 
@@ -68,9 +68,12 @@ def test_exported_once_and_reused_by_another_library(itr, tmp_path, photos, micr
     orig = imagetower.export
     monkeypatch.setattr(imagetower, "export", lambda *a, **k: made.append(1) or orig(*a, **k))
     r = _index(itr, photos, tmp_path / "lib1", micro_clip, "-v")
-    assert "itr: image tower: torch (no onnxruntime export of this model yet)" in r.err
-    assert "itr: image tower exported for onnxruntime" in r.err
-    assert _info(itr, tmp_path / "lib1")["image_runtime"] == "torch"
+    # made before the run loaded its encoder: the first library of the model on this
+    # machine is encoded by onnxruntime too
+    exported = r.err.index("itr: image tower exported for onnxruntime")
+    assert r.err.index("itr: image tower: onnxruntime") > exported
+    assert "torch (no onnxruntime export" not in r.err
+    assert _info(itr, tmp_path / "lib1")["image_runtime"] == "onnxruntime"
     entry = towercache.lookup(str(micro_clip), None, imagetower.KIND)
     assert entry is not None and (entry / imagetower.MODEL_FILE).is_file()
     done = json.loads((entry / towercache.DONE).read_text())
@@ -121,8 +124,11 @@ def test_vectors_equal_torchs(request, tmp_path, photos, which, monkeypatch):
     assert (fast.encode_pixels(px[:1]) * want[:1]).sum() >= imagetower.MIN_COSINE
 
 
-def test_a_damaged_export_falls_back_to_torch(itr, tmp_path, photos, micro_clip):
-    _index(itr, photos, tmp_path / "torch", micro_clip)  # exports
+def test_a_damaged_export_falls_back_to_torch(itr, tmp_path, photos, micro_clip, monkeypatch):
+    _index(itr, photos, tmp_path / "first", micro_clip)  # exports
+    monkeypatch.setenv("ITR_IMAGE_RUNTIME", "torch")
+    _index(itr, photos, tmp_path / "torch", micro_clip)  # torch's vectors
+    monkeypatch.delenv("ITR_IMAGE_RUNTIME")
     entry = towercache.lookup(str(micro_clip), None, imagetower.KIND)
     (entry / imagetower.MODEL_FILE).write_bytes(b"not an onnx model")
     r = _index(itr, photos, tmp_path / "lib", micro_clip, "-v")
@@ -130,9 +136,12 @@ def test_a_damaged_export_falls_back_to_torch(itr, tmp_path, photos, micro_clip)
     assert len(lines) == 1 and lines[0].startswith("itr: image tower: "), r.err
     assert _info(itr, tmp_path / "lib")["image_runtime"] == "torch"
     np.testing.assert_array_equal(_vectors(tmp_path / "lib"), _vectors(tmp_path / "torch"))
-    # the damaged export was dropped and made again by that run
+    # the damaged export was dropped, and the next run makes it again before encoding
+    assert towercache.lookup(str(micro_clip), None, imagetower.KIND) is None
+    _index(itr, photos, tmp_path / "again", micro_clip)
     entry = towercache.lookup(str(micro_clip), None, imagetower.KIND)
     assert entry is not None and (entry / imagetower.MODEL_FILE).read_bytes()[:4] != b"not "
+    assert _info(itr, tmp_path / "again")["image_runtime"] == "onnxruntime"
 
     # weights that load but give other numbers: the check vector catches them
     check = json.loads((entry / imagetower.CHECK_FILE).read_text())
@@ -141,13 +150,17 @@ def test_a_damaged_export_falls_back_to_torch(itr, tmp_path, photos, micro_clip)
     r = _index(itr, photos, tmp_path / "lib2", micro_clip, "-v")
     assert "check vector off" in r.err and _info(itr, tmp_path / "lib2")["image_runtime"] == "torch"
     # without -v: not a word
+    _index(itr, photos, tmp_path / "made", micro_clip)  # made again
     (towercache.lookup(str(micro_clip), None, imagetower.KIND) / imagetower.MODEL_FILE).write_bytes(b"x")
     r = _index(itr, photos, tmp_path / "lib3", micro_clip)
     assert "onnxruntime" not in r.err
 
 
 def test_an_error_while_encoding_falls_back_to_torch(itr, tmp_path, photos, micro_clip, monkeypatch):
-    _index(itr, photos, tmp_path / "torch", micro_clip)  # exports
+    _index(itr, photos, tmp_path / "first", micro_clip)  # exports
+    monkeypatch.setenv("ITR_IMAGE_RUNTIME", "torch")
+    _index(itr, photos, tmp_path / "torch", micro_clip)  # torch's vectors
+    monkeypatch.delenv("ITR_IMAGE_RUNTIME")
 
     import onnxruntime
 

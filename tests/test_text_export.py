@@ -171,7 +171,7 @@ def test_export_child_dies_with_its_run(tiny_clip, tmp_path):
     import time
 
     code = ("import sys, time; from itrcli.embed import textonnx\n"
-            "e = textonnx.start(sys.argv[1], sys.argv[2], gate=True)\n"
+            "e = textonnx.start(sys.argv[1], sys.argv[2])\n"
             "print(e.proc.pid, flush=True); time.sleep(120)")
     run = subprocess.Popen([sys.executable, "-c", code, str(tiny_clip), str(tmp_path)],
                            stdout=subprocess.PIPE, text=True)
@@ -239,33 +239,28 @@ def test_a_quick_trace_that_differs_is_traced_again_the_usual_way(tiny_clip, tmp
     assert torch._C._jit_pass_onnx_graph_shape_type_inference.__name__ != "<lambda>"  # restored
 
 
-@pytest.mark.parametrize("early", [True, False])
-def test_the_child_traces_beside_the_run_or_after_its_go(tiny_clip, tmp_path, early):
+def test_the_run_exports_its_text_tower_while_it_holds_no_image_tower(
+        itr, tiny_clip, tmp_path, monkeypatch):
+    """Nothing exports beside the encoding: the text tower's child runs before the run
+    loads its encoder (the two peaks of memory never add up), once per run."""
     from itrcli.embed import textonnx
-    from itrcli.embed.encoder import Encoder
+    from itrcli.library import Library
 
-    enc = Encoder(str(tiny_clip), device="cpu", precision="fp32", towers="text")
-    seen: list[list[str]] = []
+    monkeypatch.setenv("ITR_TEXT_EXPORT", "child")
+    monkeypatch.setenv("ITR_TOWER_CACHE", str(tmp_path / "towers"))
+    write_shapes(tmp_path / "photos", [("red", "circle", "left", 1), ("blue", "square", "right", 2)])
+    held: list[bool] = []
+    orig = textonnx.start
+    lib = Library.open(tmp_path / "lib", create=True)
 
-    def readline() -> str:  # the run's "go": what the child has written by then
-        seen.append(sorted(p.name for p in tmp_path.glob(".text.tmp-*/raw/*")))
-        return "go\n"
+    def start(*a, **k):
+        held.append(lib._encoder is not None)
+        return orig(*a, **k)
 
-    assert textonnx._export_when_asked(enc, tmp_path, readline, trace_early=early) == 0
-    assert seen == [["text.onnx", "text.onnx.data"] if early else []]
-    np.testing.assert_allclose(textonnx.OnnxTextEncoder(tmp_path).encode_texts(TEXTS),
-                               enc.encode_texts(TEXTS), atol=1e-4)
-    # a run that ends without its go leaves no half-written export behind
-    shutil.rmtree(tmp_path / "text")
-    with pytest.raises(SystemExit):
-        textonnx._export_when_asked(enc, tmp_path, lambda: "", trace_early=early)
-    assert not list(tmp_path.glob(".text.tmp*")) and not (tmp_path / "text").exists()
+    monkeypatch.setattr(textonnx, "start", start)
+    with lib:
+        assert lib.index([str(tmp_path / "photos")], model=str(tiny_clip)).embedded == 2
+    assert held == [False]
+    onnx_equals_torch(tmp_path / "lib")
 
 
-def test_machines_short_of_memory_trace_after_the_go(monkeypatch):
-    from itrcli.embed import textonnx
-
-    monkeypatch.setattr(textonnx, "EARLY_TRACE_MEMORY", 1)
-    assert textonnx.trace_early()
-    monkeypatch.setattr(textonnx, "EARLY_TRACE_MEMORY", 1 << 60)
-    assert not textonnx.trace_early()

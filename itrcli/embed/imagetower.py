@@ -13,11 +13,11 @@ The export (the tower traced to ONNX with eager attention, optimised once by onn
 GELU, layer norm and scaled-matmul fusions, saved with its weights in one external file)
 is made once per model and revision and kept in the per-machine tower cache
 (:mod:`itrcli.embed.towercache`, kind :data:`KIND`), so the first library of a model on a
-machine pays for it and every later run of every library uses it.  It is made at the end
-of an index run that encoded photos with torch (in a child process for a large tower,
-after the text tower's export and after the run let go of its own image tower: the two
-peaks of memory never add up), and it is kept only when it gives the torch tower's vectors
-on the run's own photos: cosine >= :data:`MIN_COSINE` for each.  Each use checks it again
+machine pays for it and every later run of every library uses it.  It is made at the start
+of the first index run that needs it, before the run loads its encoder (in a child process
+for a large tower, while the run holds no model: the two peaks of memory never add up), so
+that the whole run encodes with it, and it is kept only when it gives the torch tower's
+vectors on the run's first photos: cosine >= :data:`MIN_COSINE` for each.  Each use checks it again
 on one fixed picture; any failure (a damaged file, an onnxruntime that will not load it,
 an error while encoding) falls back to torch with one line on the ``itr`` logger (shown
 under ``-v``), and a damaged export is removed, to be made again.
@@ -32,6 +32,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Sequence
 
+from ..gcpause import give_back_memory
 from . import towercache
 
 #: The tower cache's kind for this export; FORMAT changes when the exporter's output does.
@@ -86,7 +87,10 @@ def _threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _session(d: Path):
+def _session(d: Path, *, prepack: bool = True):
+    """The tower's session; ``prepack=False`` (the export's own check, a few photos): no
+    packed copy of the weights beside onnxruntime's (a third of the speed, 350 MB less
+    for ViT-B/32 at the export's peak)."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -99,6 +103,8 @@ def _session(d: Path):
     # the decode threads beside the encoder need the cores
     if os.environ.get("ITR_ORT_SPIN", "") != "1":
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     return ort.InferenceSession(str(d / MODEL_FILE), sess_options=so,
                                 providers=["CPUExecutionProvider"])
 
@@ -227,14 +233,16 @@ def export(encoder, sample_paths: Sequence[str], *, release: bool = False) -> Pa
         del tower
         if release:
             encoder._image = None
-            _give_back_memory()
+            give_back_memory()
         from .textonnx import save_optimised
 
         # onnxruntime's optimised graph (BiasGelu, layer norm, scaled-matmul fusions; its
         # transformers optimiser's fused Attention was measured 10% slower: not used)
         save_optimised(raw / MODEL_FILE, tmp / MODEL_FILE, DATA_FILE)
+        if release:
+            give_back_memory()  # the optimising session's copies, before the checking one's
         shutil.rmtree(raw)
-        sess = _session(tmp)
+        sess = _session(tmp, prepack=False)
         worst = 1.0
         # the run's photos in one batch and one at a time: the batch axis is dynamic
         for x, want in ((real, want_real), (real[:1], want_real[:1]), (fixed, want_fixed)):
@@ -257,18 +265,6 @@ def export(encoder, sample_paths: Sequence[str], *, release: bool = False) -> Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _give_back_memory() -> None:
-    import gc
-
-    gc.collect()
-    try:  # glibc keeps freed heap pages otherwise
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _trace(tower, example, path: Path) -> None:
@@ -295,8 +291,8 @@ def use_child(model: str) -> bool:
 
 
 def start(model: str, revision: str | None, sample_paths: Sequence[str]):
-    """Start exporting ``model``'s image tower in a child process at a low CPU priority
-    that dies with its parent; an :class:`itrcli.embed.textonnx.ExportProcess` (``wait()``:
+    """Start exporting ``model``'s image tower in a child process that dies with its
+    parent; an :class:`itrcli.embed.textonnx.ExportProcess` (``wait()``:
     exit status 0 when exported, and the last line of its error output)."""
     import subprocess
     import sys
@@ -319,10 +315,9 @@ def _child_main() -> None:
     """``python -c ... ARGS_JSON``: the child of :func:`start`."""
     import sys
 
-    from .textonnx import _die_with, _low_priority
+    from .textonnx import _die_with
 
     a = json.loads(sys.argv[1])
-    _low_priority()
     _die_with(int(a["parent"]))
     code = 1
     try:
@@ -352,8 +347,8 @@ def torch_encoder(model: str, revision: str | None):
 
 def export_for_run(model: str, revision: str | None, sample_paths: Sequence[str],
                    encoder: Any = None) -> str | None:
-    """Make the export at the end of an index run (in a child process for a large tower,
-    else here with ``encoder`` or one loaded for it).  Returns None when exported, else
+    """Make the export for an index run, before it loads its encoder (in a child process
+    for a large tower, else here with ``encoder`` or one loaded for it).  Returns None when exported, else
     one line saying why not.  Never raises (but for Ctrl-C)."""
     try:
         if use_child(model):

@@ -19,9 +19,10 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 from ..constants import TEXT_TOWER_DIR as DIRNAME
+from ..gcpause import give_back_memory
 MODEL_FILE = "text.onnx"
 DATA_FILE = "text.onnx.data"
 TOKENIZER_FILE = "tokenizer.json"
@@ -40,15 +41,12 @@ class ExportUnsupported(Exception):
     form): a property of the model, not retried."""
 
 
-def export(encoder, library_dir: Path, *, release: bool = False,
-           before_optimise: Callable[[], None] | None = None) -> Path:
+def export(encoder, library_dir: Path, *, release: bool = False) -> Path:
     """Export ``encoder``'s text tower and tokenizer to ``<library>/text`` atomically.
 
     ``release``: drop the encoder's text tower once its weights are written (the child
-    process of :func:`start`, which has no other use for it).
-    ``before_optimise``: called once the tower is traced, its weights written and (with
-    ``release``) dropped, before the part that needs the most memory (onnxruntime's own
-    copy of the weights).
+    process of :func:`start`, which has no other use for it), before onnxruntime loads
+    its own copy of the weights.
 
     The tower is traced the quick way first (:class:`_whole_graph_inference`); if that
     fails, or its result does not give the torch tower's vectors, it is traced again the
@@ -56,16 +54,16 @@ def export(encoder, library_dir: Path, *, release: bool = False,
     exported, else whatever torch/onnx raise; callers treat a failure as "no fast path".
     """
     try:
-        return _export(encoder, library_dir, release, before_optimise, quick=True)
+        return _export(encoder, library_dir, release, quick=True)
     except (ExportUnsupported, KeyboardInterrupt):
         raise
     except Exception:
         if release:  # the first try may have dropped weights of the loaded tower: read again
             encoder.release_text()
-        return _export(encoder, library_dir, release, before_optimise, quick=False)
+        return _export(encoder, library_dir, release, quick=False)
 
 
-def _export(encoder, library_dir: Path, release: bool, before_optimise, *, quick: bool) -> Path:
+def _export(encoder, library_dir: Path, release: bool, *, quick: bool) -> Path:
     import torch
 
     out = Path(library_dir) / DIRNAME
@@ -145,14 +143,15 @@ def _export(encoder, library_dir: Path, release: bool, before_optimise, *, quick
         raw.mkdir()
         onnx_path = raw / MODEL_FILE
         _trace(tower, feeds[0], names, axes, onnx_path, quick=quick)
-        # the torch weights are written and no longer needed: gone before the wait for
-        # before_optimise and before onnxruntime loads its copy (a second try reads them again)
+        # the torch weights are written and no longer needed: gone before onnxruntime
+        # loads its copy (a second try reads them again)
         del tower, whole, text_model, proj
         if release:
             encoder.release_text()
-        if before_optimise is not None:
-            before_optimise()
+            give_back_memory()
         save_optimised(onnx_path, tmp / MODEL_FILE, DATA_FILE)
+        if release:
+            give_back_memory()  # the optimising session's copies, before the checking one's
         shutil.rmtree(raw)
         _verify(tmp, checks)
         (tmp / SETTINGS_FILE).write_text(json.dumps(settings, indent=1))
@@ -611,9 +610,6 @@ UNSUPPORTED = 3
 #: Exit status of the child when the model could not be loaded (from local files only: a
 #: hub model the run itself is downloading meanwhile).
 NOT_LOCAL = 4
-#: Physical memory from which a gated export child traces beside the run's encoding
-#: (:func:`trace_early`); below it, it waits for the run's go before tracing.
-EARLY_TRACE_MEMORY = 4 << 30
 #: Towers smaller than this (weights on disk) are exported in the indexing process itself:
 #: a child's own torch import would cost more than the tower's memory.
 CHILD_MIN_BYTES = 64 << 20
@@ -638,28 +634,9 @@ class ExportProcess:
     def __init__(self, proc, log) -> None:
         self.proc, self.log = proc, log
 
-    def go(self) -> None:
-        """Let the child finish the export (it has traced the text tower, or on a machine
-        short of memory only loaded it, and waits for this, so that its peak memory does not
-        add to the run's own while the run encodes)."""
-        if self.proc.stdin is not None and not self.proc.stdin.closed:
-            try:
-                self.proc.stdin.write(b"go\n")
-                self.proc.stdin.close()
-            except OSError:  # it has ended: wait() says how
-                pass
-
     def wait(self) -> tuple[int, str]:
-        """Wait for the child: (exit status, its last line of error output or "").
-
-        A waiting child's CPU priority is raised back to the run's own first where allowed:
-        the run has no more use for the cores."""
+        """Wait for the child: (exit status, its last line of error output or "")."""
         try:
-            os.setpriority(os.PRIO_PROCESS, self.proc.pid, os.getpriority(os.PRIO_PROCESS, 0))
-        except (AttributeError, OSError):
-            pass
-        try:
-            self.go()
             code = self.proc.wait()
         except BaseException:
             self.cancel()
@@ -675,23 +652,16 @@ class ExportProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
         self.log.close()
 
 
-def start(model: str, library_dir: Path, *, gate: bool = False,
-          revision: str | None = None) -> ExportProcess:
+def start(model: str, library_dir: Path, *, revision: str | None = None) -> ExportProcess:
     """Start exporting ``model``'s text tower to ``<library>/text`` in a child process that
-    runs at a low CPU priority and dies with its parent.  ``wait()`` gives its exit status:
-    0 exported, :data:`UNSUPPORTED`, anything else a failure worth another try.
-
-    ``gate``: the child imports, loads and traces the text tower at once (beside the run's
-    own start-up and encoding, at a low priority), then waits for :meth:`ExportProcess.go`
-    (or ``wait()``) before onnxruntime's optimisation, the part that needs the most
-    memory; on a machine with less than :data:`EARLY_TRACE_MEMORY` it waits before
-    tracing (:func:`trace_early`).  ``revision``: the hub commit to load (the library's
-    recorded one), as for :class:`~itrcli.embed.encoder.Encoder`."""
+    dies with its parent (a run calls it at its end, once it has let go of its own image
+    tower: the two peaks of memory never add up).  ``wait()`` gives its exit status: 0
+    exported, :data:`UNSUPPORTED`, anything else a failure worth another try.
+    ``revision``: the hub commit to load (the library's recorded one), as for
+    :class:`~itrcli.embed.encoder.Encoder`."""
     import subprocess
     import sys
     import tempfile
@@ -702,15 +672,13 @@ def start(model: str, library_dir: Path, *, gate: bool = False,
             "from itrcli.embed.textonnx import _child_main; _child_main()")
     log = tempfile.TemporaryFile()
     proc = subprocess.Popen(
-        [sys.executable, "-c", code, model, str(library_dir), str(os.getpid()), str(int(gate)),
-         revision or ""],
-        stdin=subprocess.PIPE if gate else subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-        stderr=log, close_fds=True)
+        [sys.executable, "-c", code, model, str(library_dir), str(os.getpid()), revision or ""],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, close_fds=True)
     return ExportProcess(proc, log)
 
 
 def _child_main() -> None:
-    """``python -c ... MODEL LIBRARY PARENT_PID GATE REVISION``: the child of :func:`start`."""
+    """``python -c ... MODEL LIBRARY PARENT_PID REVISION``: the child of :func:`start`."""
     import sys
 
     try:
@@ -727,10 +695,8 @@ def _child_export() -> int:
     import sys
     import threading
 
-    model, library_dir, parent, gate = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
-    revision = sys.argv[5] if len(sys.argv) > 5 and sys.argv[5] else None
-    if gate:  # its loading and tracing must not slow the run's encoder (it waits for it anyway)
-        _low_priority()
+    model, library_dir, parent = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    revision = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] else None
     _die_with(parent)
 
     def watch() -> None:  # where the parent-death signal is not available
@@ -749,39 +715,8 @@ def _child_export() -> int:
     except ModelError as e:
         print(f"text tower not loaded: {e}", file=sys.stderr)
         return NOT_LOCAL
-    return _export_when_asked(enc, library_dir, sys.stdin.readline if gate else None,
-                              trace_early=trace_early())
-
-
-def trace_early() -> bool:
-    """Whether a gated child traces beside the run's encoding (the run's start-up tax: 2 s
-    instead of 5-7) rather than after it (the two processes' peak together: 1.25 GB
-    instead of 1.6, shared pages counted once): early where the machine has
-    :data:`EARLY_TRACE_MEMORY` or more."""
     try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return True
-    return total >= EARLY_TRACE_MEMORY
-
-
-def _export_when_asked(enc, library_dir: Path, readline, *, trace_early: bool) -> int:
-    """The child's export, waiting for the run's "go" line (``readline``; None: no wait)
-    after tracing (``trace_early``) or before anything; its exit status."""
-    import sys
-
-    asked: list[bool] = []
-
-    def go_ahead() -> None:  # the run asks once its own encoder has let go of its memory
-        if readline is not None and not asked:
-            if readline().strip() != "go":  # the run ended without asking
-                sys.exit(1)
-            asked.append(True)
-
-    if not trace_early:
-        go_ahead()
-    try:
-        export(enc, library_dir, release=True, before_optimise=go_ahead)
+        export(enc, library_dir, release=True)
     except ExportUnsupported as e:
         print(f"text tower not exported: {e}", file=sys.stderr)
         return UNSUPPORTED
@@ -789,16 +724,6 @@ def _export_when_asked(enc, library_dir: Path, readline, *, trace_early: bool) -
         print(f"text tower export failed: {type(e).__name__}: {str(e)[:300]}", file=sys.stderr)
         return 1
     return 0
-
-
-def _low_priority() -> None:
-    """Yield the CPU to the run that encodes images beside it (nice 10: about a twentieth
-    of a core against two busy encoder threads, yet never starved by unrelated work the
-    way an idle-class process is)."""
-    try:
-        os.nice(10)
-    except (AttributeError, OSError):
-        pass
 
 
 def _die_with(parent: int) -> None:

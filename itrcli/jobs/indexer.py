@@ -39,6 +39,8 @@ def _decoder_for(path: str) -> str:
 
 #: Seconds between saves of the HNSW graph during a long run (the log covers the rest).
 SAVE_EVERY = 300.0
+#: Photos a run hands its ``before_encoder`` hook (what an image tower export is checked on).
+EXPORT_SAMPLES = 8
 
 
 @dataclass
@@ -252,7 +254,11 @@ class IndexRun:
         progress: Progress | None = None,
         text: Any = None,
         video_budget: float | None = None,
+        before_encoder: Callable[[list[str]], None] | None = None,
     ) -> None:
+        """``before_encoder(photos)``: called once, before the run first loads its encoder,
+        with a few of the photos it is about to encode (the image tower's one-time export
+        for this machine is made and checked on them first, so the whole run uses it)."""
         self.store = store
         #: a :class:`itrcli.jobs.textread.TextJob` when the library reads text (--ocr)
         self.text = text
@@ -269,8 +275,7 @@ class IndexRun:
         self.failures: dict[str, Any] = {}
         self.vindex: VectorIndex | None = None
         self._last_save = time.monotonic()
-        #: a few photos this run encoded (what an image tower export is checked on)
-        self.samples: list[str] = []
+        self.before_encoder = before_encoder
 
     # -- the run -----------------------------------------------------------------------
     def run(self, roots: list[str], *, extensions: frozenset[str], include_hidden: bool = False,
@@ -353,6 +358,14 @@ class IndexRun:
             self.vindex = VectorIndex(self.library_dir, dim).open(self.store)
         return self.vindex
 
+    def _encoder(self, paths: list[str]):
+        """The run's encoder; ``before_encoder`` first, once, with up to
+        :data:`EXPORT_SAMPLES` of the photos among ``paths`` (the files about to be encoded)."""
+        if self.before_encoder is not None:
+            hook, self.before_encoder = self.before_encoder, None
+            hook([p for p in paths if not is_video(p)][:EXPORT_SAMPLES])
+        return self.get_encoder()
+
     def _process(self, todo: list[str], known: dict[str, StoredFile], missing: dict[str, StoredFile]) -> None:
         s = self.summary
         if not todo:
@@ -365,7 +378,7 @@ class IndexRun:
         # The model is needed only if something must be decoded; it is loaded on first need
         # (the pool starts hashing meanwhile only when preprocessing is already known).
         if self.prep is None:
-            enc = self.get_encoder()
+            enc = self._encoder(todo)
             self.prep, self.dim = enc.prep, enc.dim
         self.progress.start(len(todo))
         batch: list[tuple[str, _Read]] = []  # decoded, waiting to be encoded
@@ -457,12 +470,11 @@ class IndexRun:
         if batch:
             need = [r for _, r in batch if r.vector is None]  # not embedded by the engine
             if need:
-                enc = self.get_encoder()
+                enc = self._encoder([path for path, _ in batch])
                 pixels = [r.pixels[None] if r.times is None else r.pixels for r in need]
                 pixels = np.concatenate(pixels) if len(pixels) > 1 else pixels[0]  # [frames, 3, H, W]
                 flat = np.concatenate([enc.encode_pixels(pixels[i : i + self.batch_size].astype(np.float32))
                                        for i in range(0, len(pixels), self.batch_size)])  # [frames, dim]
-                self.samples += [r.path for r in need if r.times is None][: 8 - len(self.samples)]
                 ends = np.cumsum([r.frames for r in need])
                 # an image's vector [dim], a video's frames [n, dim]
                 for r, e in zip(need, ends):
