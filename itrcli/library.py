@@ -509,15 +509,17 @@ class Library:
         """Something with ``encode_texts``: the exported ONNX tower if present, else torch."""
         from .embed.textonnx import OnnxTextEncoder
 
-        if device in ("auto", "cpu") and self._text_export_ok():
-            from .embed.textonnx import export_identity
+        if device not in ("auto", "cpu"):
+            return self.encoder(None, device, precision)
+        from .embed.textonnx import export_identity
 
-            # kept for the next search of a long-lived library (itr serve) while the
-            # export on disk is the same files (a --reindex swaps in another)
-            key = export_identity(self.directory)
-            cached = getattr(self, "_text_onnx", None)
-            if cached is not None and cached[0] == key:
-                return cached[1]
+        # kept for the next search of a long-lived library (itr serve) while the export on
+        # disk is the same files (a --reindex swaps in another, and the database with it)
+        key = export_identity(self.directory)
+        cached = getattr(self, "_text_onnx", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if self._text_export_ok():
             try:
                 enc = OnnxTextEncoder(self.directory, warm=self.long_lived)
             except Exception:
