@@ -13,7 +13,8 @@ tower and HNSW graph.  Then:
    apart as the hardest case (the text tower's work grows with the tokens);
 3. load: --clients threads, each with its own connection, searching for --seconds
    (bounded), counting errors (p50, p99, searches per second);
-4. the server's resident memory (VmRSS, and its peak VmHWM) after the load.
+4. the server's resident memory (VmRSS, its anonymous and file-backed parts, and its peak
+   VmHWM) after the load.
 
 Prints the ratios measured in this run (warm p50 / cold median).
 
@@ -94,7 +95,7 @@ def rss(pid: int) -> dict[str, int]:
     out = {}
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         k, _, v = line.partition(":")
-        if k in ("VmRSS", "VmHWM"):
+        if k in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
             out[k] = int(v.split()[0]) * 1024
     return out
 
@@ -217,8 +218,10 @@ def main() -> None:
           f"({lw['queries']} queries)")
     print(f"load: {ld['clients']} clients for {ld['seconds']} s: {ld['searches']} searches "
           f"({ld['per_second']}/s), {ld['errors']} errors, p50 {ld['p50_ms']} ms, p99 {ld['p99_ms']} ms")
-    print(f"server memory after load: VmRSS {out['server_rss_mib'].get('VmRSS')} MiB, "
-          f"peak {out['server_rss_mib'].get('VmHWM')} MiB; exit code {code}")
+    m = out["server_rss_mib"]
+    print(f"server memory after load: VmRSS {m.get('VmRSS')} MiB (anonymous {m.get('RssAnon')}, "
+          f"file pages {m.get('RssFile')}: the mapped graph's, clean, shared with the page "
+          f"cache), peak {m.get('VmHWM')} MiB; exit code {code}")
 
 
 if __name__ == "__main__":
