@@ -211,3 +211,25 @@ def test_eval_figures_unchanged(itr, tmp_path, micro_clip, monkeypatch):
     for direction in ("t2i", "i2t"):
         for k, v in figures["torch"].get(direction, {}).items():
             assert abs(figures["onnx"][direction][k] - v) <= 0.1, (direction, k)
+
+
+def test_a_quick_trace_that_fails_is_traced_again_the_usual_way(tmp_path, photos, micro_clip,
+                                                                 monkeypatch):
+    from itrcli.embed import textonnx
+
+    orig = textonnx._trace
+    tries: list[bool] = []
+
+    def trace(*a, quick, **k):
+        tries.append(quick)
+        if quick:
+            raise RuntimeError("the quick graph is wrong")
+        return orig(*a, quick=quick, **k)
+
+    monkeypatch.setattr(textonnx, "_trace", trace)
+    enc = imagetower.torch_encoder(str(micro_clip), None)
+    entry = imagetower.export(enc, sorted(photos.iterdir()), release=True)
+    assert tries == [True, False]
+    done = json.loads((entry / towercache.DONE).read_text())
+    assert done["quick_trace"] is False and done["min_cosine"] >= imagetower.MIN_COSINE
+    assert not list(entry.parent.glob("*.tmp*"))  # the failed try left nothing behind
