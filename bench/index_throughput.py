@@ -404,7 +404,8 @@ def main() -> None:
         print(f"{kind}: itr index {itr_net:.1f} img/s net ({a.small}: {i_s:.1f}s, {a.large}: {i_l:.1f}s, "
               f"into a library bound to the model; peak RSS {i_rss:.0f} MiB)")
         first, first_rss = itr_index(ps, extra)
-        print(f"{kind}: {a.large} photos into a new library (the text tower exported beside): "
+        print(f"{kind}: {a.large} photos into a new library, the machine's first of the model "
+              f"(its towers exported before the encoding): "
               f"{first:.1f}s, end to end {a.large / first:.1f} img/s, peak RSS {first_rss:.0f} MiB, "
               f"whole process tree {LAST_TREE_RSS[0]:.0f} MiB RSS, {LAST_TREE_PSS[0]:.0f} MiB PSS")
         dec, enc = ceiling_parts(ps[: a.small], primed, precision)

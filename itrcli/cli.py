@@ -977,12 +977,13 @@ def models_cmd(json_: JsonOpt = False) -> None:
                        "flickr30k_t2i_r1": p.flickr_t2i_r1, "flickr30k_i2t_r1": p.flickr_i2t_r1,
                        "default": p.name == DEFAULT_RERANK_PRESET} for p in RERANK_PRESETS])
         return
-    fmt = "{:<2}{:<21}{:<54}{:>7}{:>7}{:>10}{:>6}{:>7}{:>6}  {}"
+    fmt = "{:<2}{:<21}{:<54}{:>7}{:>8}{:>10}{:>6}{:>7}{:>6}  {}"
     typer.echo(fmt.format("", "", "", "", "CPU", "Flickr30k", "", "COCO", "", "").rstrip())
     typer.echo(fmt.format("", "NAME", "MODEL", "PARAMS", "COST", "T2I", "I2T", "T2I", "I2T",
                           "LICENCE"))
     for p in PRESETS:
-        cost = "-" if p.cpu_cost is None else f"{p.cpu_cost:.2f}x"
+        cost = ("-" if p.cpu_cost is None else
+                f"{p.cpu_cost:.2f}x" if p.cpu_cost < 10 else f"{p.cpu_cost:.1f}x")
         typer.echo(fmt.format("*" if p.name == DEFAULT_PRESET else "", p.name, p.hub_id,
                               f"{p.params_m}M", cost, _pct(p.flickr_t2i_r1),
                               _pct(p.flickr_i2t_r1), _pct(p.coco_t2i_r1), _pct(p.coco_i2t_r1),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -50,12 +50,12 @@ NO_PUBLISHED_R1 = "no published Flickr30k/COCO R@1 found"
 
 
 def _openclip(name: str, hub: str, revision: str | None, params_m: int, license: str,
-              cost: float | None, note: str, r1: tuple | None = None) -> Preset:
+              note: str, r1: tuple | None = None) -> Preset:
     f_t2i, f_i2t, c_t2i, c_i2t = r1 or (None, None, None, None)
     if r1 is None:  # said, not left blank: no source at hand gives this checkpoint's figures
         note += f"; {NO_PUBLISHED_R1}"
     return Preset(name, "hf-hub:" + hub, params_m, f_t2i, f_i2t, note, c_t2i, c_i2t,
-                  license=license, revision=revision, cpu_cost=cost)
+                  license=license, revision=revision)
 
 
 def _siglip2(name: str, hub: str, params_m: int, coco_t2i: float, coco_i2t: float,
@@ -98,35 +98,74 @@ PRESETS: tuple[Preset, ...] = (
 # said in the note.  Published R@1: OpenCLIP's benchmark (docs/openclip_retrieval_results.csv)
 # where it lists the checkpoint; None where no source at hand gives it.
 OPENCLIP_PRESETS: tuple[Preset, ...] = (
-    _openclip("mobileclip-s0", "apple/MobileCLIP-S0-OpenCLIP", None, 54, APPLE_AMLR, None,
+    _openclip("mobileclip-s0", "apple/MobileCLIP-S0-OpenCLIP", None, 54, APPLE_AMLR,
               "MobileCLIP S0; no open_clip safetensors release found (revision unknown)"),
     _openclip("mobileclip-s1", "apple/MobileCLIP-S1-OpenCLIP",
-              "d147e67ab3c9c7a209064ec89c075e6623a47ae9", 85, APPLE_AMLR, None, "MobileCLIP S1"),
-    _openclip("mobileclip-s2", "apple/MobileCLIP-S2-OpenCLIP", None, 99, APPLE_AMLR, None,
+              "d147e67ab3c9c7a209064ec89c075e6623a47ae9", 85, APPLE_AMLR, "MobileCLIP S1"),
+    _openclip("mobileclip-s2", "apple/MobileCLIP-S2-OpenCLIP", None, 99, APPLE_AMLR,
               "MobileCLIP S2 (revision not found: main)"),
-    _openclip("mobileclip-b", "apple/MobileCLIP-B-OpenCLIP", None, 150, APPLE_AMLR, None,
+    _openclip("mobileclip-b", "apple/MobileCLIP-B-OpenCLIP", None, 150, APPLE_AMLR,
               "MobileCLIP B (revision not found: main)"),
-    _openclip("mobileclip2-s0", "timm/MobileCLIP2-S0-OpenCLIP", None, 75, APPLE_AMLR, None,
+    _openclip("mobileclip2-s0", "timm/MobileCLIP2-S0-OpenCLIP", None, 75, APPLE_AMLR,
               "MobileCLIP2 S0 (revision not found: main)"),
-    _openclip("mobileclip2-s2", "timm/MobileCLIP2-S2-OpenCLIP", None, 99, APPLE_AMLR, None,
+    _openclip("mobileclip2-s2", "timm/MobileCLIP2-S2-OpenCLIP", None, 99, APPLE_AMLR,
               "MobileCLIP2 S2 (revision not found: main)"),
-    _openclip("mobileclip2-b", "timm/MobileCLIP2-B-OpenCLIP", None, 150, APPLE_AMLR, None,
+    _openclip("mobileclip2-b", "timm/MobileCLIP2-B-OpenCLIP", None, 150, APPLE_AMLR,
               "MobileCLIP2 B (revision not found: main)"),
-    _openclip("mobileclip2-s3", "timm/MobileCLIP2-S3-OpenCLIP", None, 249, APPLE_AMLR, None,
+    _openclip("mobileclip2-s3", "timm/MobileCLIP2-S3-OpenCLIP", None, 249, APPLE_AMLR,
               "MobileCLIP2 S3 (revision not found: main)"),
-    _openclip("mobileclip2-s4", "timm/MobileCLIP2-S4-OpenCLIP", None, 447, APPLE_AMLR, None,
+    _openclip("mobileclip2-s4", "timm/MobileCLIP2-S4-OpenCLIP", None, 447, APPLE_AMLR,
               "MobileCLIP2 S4 (revision not found: main)"),
-    _openclip("mobileclip2-l14", "timm/MobileCLIP2-L-14-OpenCLIP", None, 428, APPLE_AMLR, None,
+    _openclip("mobileclip2-l14", "timm/MobileCLIP2-L-14-OpenCLIP", None, 428, APPLE_AMLR,
               "MobileCLIP2 L/14 (revision not found: main)"),
     _openclip("dfn-b16", "apple/DFN2B-CLIP-ViT-B-16", "5add2d7e0f38e33579305b3ef956d636742d849e",
-              150, APPLE_AMLR, None, "DFN-2B ViT-B/16; its weights may be pickle-only"),
+              150, APPLE_AMLR, "DFN-2B ViT-B/16; its weights may be pickle-only"),
     _openclip("dfn-l14", "apple/DFN2B-CLIP-ViT-L-14", "fa63e19ee6cc8df2cf3c959682a2e8a74c3a727e",
-              428, APPLE_AMLR, None, "DFN-2B ViT-L/14; its weights may be pickle-only"),
+              428, APPLE_AMLR, "DFN-2B ViT-L/14; its weights may be pickle-only"),
     _openclip("datacomp-b32-256", "laion/CLIP-ViT-B-32-256x256-DataComp-s34B-b86K", None, 151,
-              "MIT", None, "DataComp-1B ViT-B/32 at 256 px (revision not found: main)",
+              "MIT", "DataComp-1B ViT-B/32 at 256 px (revision not found: main)",
               (64.9, 84.8, 39.9, 57.9)),
 )
 PRESETS = PRESETS + OPENCLIP_PRESETS
+#: Image tower CPU time per image relative to laion-b32's, fp32, measured by
+#: bench/model_cost.py (random weights of each preset's architecture at its own image size;
+#: the transformers presets by their open_clip twins; laion-b32 timed between every two) on
+#: a 2-core Intel Xeon VM with AVX-512, 2026-12-06; docs/performance.md has the table.
+CPU_COST: dict[str, float] = {
+    "openai-b32": 1.11,
+    "openai-l14-336": 50.14,
+    "siglip-b16": 3.96,
+    "siglip2-b16": 4.1,
+    "siglip2-b16-256": 5.52,
+    "siglip2-b16-384": 18.14,
+    "siglip2-b16-512": 34.03,
+    "siglip2-l16-256": 20.08,
+    "siglip2-l16-384": 52.03,
+    "siglip2-l16-512": 123.61,
+    "siglip2-so400m14-224": 26.29,
+    "siglip2-so400m14-384": 82.61,
+    "siglip2-so400m16-256": 25.97,
+    "siglip2-so400m16-384": 60.33,
+    "siglip2-so400m16-512": 129.71,
+    "siglip2-g16-256": 65.58,
+    "siglip2-g16-384": 161.48,
+    "mobileclip-s0": 1.13,
+    "mobileclip-s1": 2.04,
+    "mobileclip-s2": 3.0,
+    "mobileclip-b": 3.91,
+    "mobileclip2-s0": 1.14,
+    "mobileclip2-s2": 3.11,
+    "mobileclip2-b": 4.01,
+    "mobileclip2-s3": 4.91,
+    "mobileclip2-s4": 8.5,
+    "mobileclip2-l14": 17.97,
+    "dfn-b16": 4.15,
+    "dfn-l14": 18.43,
+    "datacomp-b32-256": 1.29,
+    "siglip2-b32": 1.37,
+    "laion-b32": 1.0,
+}
+PRESETS = tuple(replace(p, cpu_cost=CPU_COST.get(p.name)) for p in PRESETS)
 #: The model of a new library: the figures in docs/performance.md ("The default model")
 #: keep laion-b32 (SigLIP 2 B/32's 768-d vectors miss the disk goal); never a preset whose
 #: licence is not permissive.
