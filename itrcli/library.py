@@ -245,8 +245,8 @@ class Library:
                          logs=engine_logs, revision=self._revision_of(want))
         self._text_child_outcome = None
         if engine == "local":  # the towers' one-time exports, before encoding
-            extra["before_encoder"] = lambda photos: self._export_towers_first(
-                want, drv_device, drv_precision, photos)
+            extra["before_encoder"] = lambda photos, count: self._export_towers_first(
+                want, drv_device, drv_precision, photos, count)
         run = run_cls(
             self.store, self.directory, get_encoder, dim=dim, prep=prep,
             batch_size=batch_size, workers=n_workers,
@@ -434,15 +434,18 @@ class Library:
         return textonnx.start(model, self.directory, revision=self._revision_of(model)).wait()
 
     def _export_towers_first(self, model: str, device: str, precision: str,
-                             photos: list[str]) -> None:
+                             photos: list[str], count: int) -> None:
         """Before a run first loads its encoder: the one-time exports it needs, while it holds
         no model, so that their peaks of memory never add to the encoder's (the first
         library of a model on a machine: the image tower's for onnxruntime, then the text
         tower's, each in a child process for a large tower).  The text tower's outcome is
-        recorded by :meth:`_finish_text_tower` at the run's end, as for an export made there."""
-        from .embed import textonnx
+        recorded by :meth:`_finish_text_tower` at the run's end, as for an export made there.
+        ``count``: the files the run may encode; the image tower is exported for a run that
+        gains more than the export costs (:func:`itrcli.embed.imagetower.worth_exporting`)."""
+        from .embed import imagetower, textonnx
 
-        self._export_image_tower(model, device, precision, photos)
+        if imagetower.worth_exporting(count):
+            self._export_image_tower(model, device, precision, photos)
         if not textonnx.use_child(model) or self.store.get_meta("text_export_failed") == model:
             return  # small towers are exported by the run itself, at its end
         if self.model == model and not self._text_export_due(model):

@@ -23,6 +23,8 @@ SPECS = [("red", "circle", "left", 1), ("blue", "square", "right", 2),
 def _env(monkeypatch):
     monkeypatch.delenv("ITR_IMAGE_RUNTIME", raising=False)
     monkeypatch.setenv("ITR_TEXT_EXPORT", "inline")  # the tiny models' exports in-process
+    # these runs of six photos stand for a large run (the export is worth it from 1,000)
+    monkeypatch.setattr(imagetower, "WORTH_EXPORTING", 1)
 
 
 @pytest.fixture
@@ -233,3 +235,26 @@ def test_a_quick_trace_that_fails_is_traced_again_the_usual_way(tmp_path, photos
     done = json.loads((entry / towercache.DONE).read_text())
     assert done["quick_trace"] is False and done["min_cosine"] >= imagetower.MIN_COSINE
     assert not list(entry.parent.glob("*.tmp*"))  # the failed try left nothing behind
+
+
+def test_a_small_run_keeps_torch_and_leaves_the_export_to_a_large_one(itr, tmp_path, photos,
+                                                                       micro_clip, monkeypatch):
+    """The export costs more than it saves below WORTH_EXPORTING files: such a first run
+    encodes with torch and makes none; the first large run makes it; ITR_IMAGE_RUNTIME=onnx
+    makes it for any run."""
+    monkeypatch.setattr(imagetower, "WORTH_EXPORTING", len(SPECS) + 1)
+    _index(itr, photos, tmp_path / "small", micro_clip)
+    assert _info(itr, tmp_path / "small")["image_runtime"] == "torch"
+    assert towercache.lookup(str(micro_clip), None, imagetower.KIND) is None
+    assert (tmp_path / "small" / "text").is_dir()  # the text tower's export is not held back
+
+    monkeypatch.setattr(imagetower, "WORTH_EXPORTING", len(SPECS))
+    _index(itr, photos, tmp_path / "large", micro_clip)
+    assert _info(itr, tmp_path / "large")["image_runtime"] == "onnxruntime"
+    assert towercache.lookup(str(micro_clip), None, imagetower.KIND) is not None
+
+    towercache.remove(str(micro_clip), None, imagetower.KIND)
+    monkeypatch.setattr(imagetower, "WORTH_EXPORTING", 10**9)
+    monkeypatch.setenv("ITR_IMAGE_RUNTIME", "onnx")
+    _index(itr, photos, tmp_path / "forced", micro_clip)
+    assert _info(itr, tmp_path / "forced")["image_runtime"] == "onnxruntime"

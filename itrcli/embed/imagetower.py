@@ -14,7 +14,9 @@ GELU, layer norm and scaled-matmul fusions, saved with its weights in one extern
 is made once per model and revision and kept in the per-machine tower cache
 (:mod:`itrcli.embed.towercache`, kind :data:`KIND`), so the first library of a model on a
 machine pays for it and every later run of every library uses it.  It is made at the start
-of the first index run that needs it, before the run loads its encoder (in a child process
+of the first index run that needs it and may encode :data:`WORTH_EXPORTING` files or more
+(a smaller run would spend more on the export than it saves), before the run loads its
+encoder (in a child process
 for a large tower, while the run holds no model: the two peaks of memory never add up), so
 that the whole run encodes with it, and it is kept only when it gives the torch tower's
 vectors on the run's first photos: cosine >= :data:`MIN_COSINE` for each.  Each use checks it again
@@ -43,6 +45,8 @@ DATA_FILE = "image.onnx.data"
 CHECK_FILE = "check.json"
 #: What the export must give: every vector at least this cosine from torch's (float32).
 MIN_COSINE = 0.99999
+#: Files a run must have to encode before it makes the export (:func:`worth_exporting`).
+WORTH_EXPORTING = 1000
 #: ``ITR_IMAGE_RUNTIME`` values.
 CHOICES = ("auto", "torch", "onnx")
 #: The names recorded in the library (``image_runtime`` in ``itr info``).
@@ -70,6 +74,16 @@ def wants_onnx(device: str, precision: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec("onnxruntime") is not None
+
+
+def worth_exporting(count: int) -> bool:
+    """Whether a run that may encode ``count`` files should make the export first (when it
+    is due): one of :data:`WORTH_EXPORTING` or more, where the time onnxruntime saves
+    exceeds the export's (about 9 s once per machine, against onnxruntime's 1.21-1.34x
+    torch's speed on AVX2, and nothing on AVX-512: docs/performance.md), or any run with
+    ``ITR_IMAGE_RUNTIME=onnx``.  A smaller run encodes with torch and leaves the export to
+    the first large one."""
+    return count >= WORTH_EXPORTING or requested() == "onnx"
 
 
 def export_due(model: str, revision: str | None, device: str, precision: str) -> bool:

@@ -254,11 +254,12 @@ class IndexRun:
         progress: Progress | None = None,
         text: Any = None,
         video_budget: float | None = None,
-        before_encoder: Callable[[list[str]], None] | None = None,
+        before_encoder: Callable[[list[str], int], None] | None = None,
     ) -> None:
-        """``before_encoder(photos)``: called once, before the run first loads its encoder,
-        with a few of the photos it is about to encode (the image tower's one-time export
-        for this machine is made and checked on them first, so the whole run uses it)."""
+        """``before_encoder(photos, count)``: called once, before the run first loads its
+        encoder, with a few of the photos it is about to encode and how many files it may
+        encode in all (the image tower's one-time export for this machine is made and
+        checked on them first, when the run is large enough to gain from it)."""
         self.store = store
         #: a :class:`itrcli.jobs.textread.TextJob` when the library reads text (--ocr)
         self.text = text
@@ -276,6 +277,7 @@ class IndexRun:
         self.vindex: VectorIndex | None = None
         self._last_save = time.monotonic()
         self.before_encoder = before_encoder
+        self._to_encode = 0  # files this run may decode and encode (set by _process)
 
     # -- the run -----------------------------------------------------------------------
     def run(self, roots: list[str], *, extensions: frozenset[str], include_hidden: bool = False,
@@ -363,7 +365,8 @@ class IndexRun:
         :data:`EXPORT_SAMPLES` of the photos among ``paths`` (the files about to be encoded)."""
         if self.before_encoder is not None:
             hook, self.before_encoder = self.before_encoder, None
-            hook([p for p in paths if not is_video(p)][:EXPORT_SAMPLES])
+            hook([p for p in paths if not is_video(p)][:EXPORT_SAMPLES],
+                 max(self._to_encode, len(paths)))
         return self.get_encoder()
 
     def _process(self, todo: list[str], known: dict[str, StoredFile], missing: dict[str, StoredFile]) -> None:
@@ -377,6 +380,7 @@ class IndexRun:
         known_hashes = frozenset(hashes)
         # The model is needed only if something must be decoded; it is loaded on first need
         # (the pool starts hashing meanwhile only when preprocessing is already known).
+        self._to_encode = len(todo)
         if self.prep is None:
             enc = self._encoder(todo)
             self.prep, self.dim = enc.prep, enc.dim
