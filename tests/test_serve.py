@@ -824,3 +824,24 @@ def test_waiting_text_searches_are_embedded_together_with_the_same_results(libra
         alone = cli_json(db, "--text", t, "-n", "5")
         assert [(h["path"], h["score"]) for h in res["results"]] == \
             [(h["path"], h["score"]) for h in alone["results"]], t
+
+
+def test_search_by_an_uploaded_camera_raw(client, library, tmp_path):
+    """A RAW is told by its name, not its bytes: the upload keeps its extension."""
+    pytest.importorskip("rawpy", reason="rawpy (LibRaw) not installed")
+    from PIL import Image
+
+    from support.raws import make_dng
+
+    db, _ = library
+    [jpg] = write_shapes(tmp_path / "src", [("red", "circle", "left", 99)])
+    (tmp_path / "raw").mkdir()
+    dng = make_dng(tmp_path / "raw" / "mine.dng", Image.open(jpg).convert("RGB"), preview=None)
+    r = client.post("/api/search?n=4", files={"image": ("mine.dng", dng.read_bytes(),
+                                                         "image/x-adobe-dng")})
+    assert r.status_code == 200, r.text
+    want = cli_json(db, "--image", dng, "-n", "4")
+    assert plain(r.json()["results"]) == want["results"] and r.json()["query"] == "mine.dng"
+    # the same bytes under a name that is no image's: not an image, as before
+    r = client.post("/api/search", files={"image": ("mine.bin", dng.read_bytes(), "image/x")})
+    assert r.status_code == 415

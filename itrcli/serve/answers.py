@@ -229,14 +229,24 @@ async def read_image(request: Request, cap: int) -> tuple[bytes, str]:
     raise HTTPError(415, "POST an image as the multipart field 'image' (or as an image/* body)")
 
 
-def check_image(data: bytes) -> None:
-    """Decode an upload with the guards of an index run (size, pixel bombs, odd modes)."""
+def upload_suffix(name: str) -> str:
+    """The extension an upload is saved under: the one it was sent with when itr reads that
+    kind of file (a camera RAW is told by its name, not its bytes), else none."""
+    from ..ingest.images import supported_extensions
+
+    ext = os.path.splitext(os.path.basename(name or ""))[1].lower()
+    return ext if ext in supported_extensions() else ""
+
+
+def check_image(data: bytes, name: str = "") -> None:
+    """Decode an upload with the guards of an index run (size, pixel bombs, odd modes);
+    ``name``: the name it was sent under (a camera RAW's says what it is)."""
     from ..ingest.images import DecodeError, open_image
 
     if not data:
         raise HTTPError(415, "not an image: empty upload")
     try:
-        open_image(data)
+        open_image(data, name="upload" + upload_suffix(name))
     except (DecodeError, OSError, ValueError, SyntaxError) as e:
         why = str(e) or type(e).__name__
         raise HTTPError(415, why if why.startswith("not an image") else f"not an image: {why}"

@@ -119,9 +119,10 @@ def create_app(options: ServeOptions, live: LiveLibrary | None = None) -> Starle
             if req.text is not None or extra["like"] is not None:
                 raise answers.HTTPError(400, "POST searches by the uploaded image: no q or like")
             data, name = await answers.read_image(request, options.max_upload)
-            await anyio.to_thread.run_sync(answers.check_image, data, limiter=decode)
+            await anyio.to_thread.run_sync(answers.check_image, data, name, limiter=decode)
             with tempfile.TemporaryDirectory(prefix="itr-upload-") as d:
-                path = os.path.join(d, "upload")
+                # under its own extension when itr reads that kind (a RAW is told by it)
+                path = os.path.join(d, "upload" + answers.upload_suffix(name))
                 with open(path, "wb") as f:
                     f.write(data)
                 out = await live.run(answers.search_image, req, path, base)
