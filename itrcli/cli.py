@@ -1156,6 +1156,8 @@ def main(argv: list[str] | None = None) -> None:
     # (the library leaves Pillow's warnings and its guard to the program that imports it)
     warnings.filterwarnings("ignore", message=r"Image size \(\d+ pixels\) exceeds limit",
                             module=r"PIL\.")
+    # corrupt EXIF and odd palettes make Pillow warn; unattended runs must not print noise
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
     code: int = ExitCode.OK
     if "_ITR_COMPLETE" in os.environ:
         # Typer(add_completion=False) keeps --install-completion out of every help page,

@@ -167,15 +167,19 @@ def _png_header(width: int, height: int) -> bytes:
 PILLOW_DEFAULT_MAX = int(1024 * 1024 * 1024 // 4 // 3)  # PIL.Image.MAX_IMAGE_PIXELS as shipped
 
 
-def test_importing_and_decoding_leave_pillows_bomb_guard_alone(tmp_path):
-    """A program importing itr keeps Pillow's decompression-bomb guard: no itr module
-    lifts ``PIL.Image.MAX_IMAGE_PIXELS``, on import or while decoding."""
+def test_importing_and_decoding_leave_pillows_settings_alone(tmp_path):
+    """A program importing itr keeps its Pillow settings: no itr module lifts
+    ``PIL.Image.MAX_IMAGE_PIXELS``, resets ``ImageFile.LOAD_TRUNCATED_IMAGES`` or silences
+    Pillow's warnings, on import or while decoding (the itr command silences them for
+    itself)."""
     import subprocess
     import sys
 
     photo(40, 30).save(tmp_path / "a.jpg")
     code = f"""
-import importlib, pkgutil, PIL.Image, itrcli
+import importlib, pkgutil, warnings, PIL.Image, PIL.ImageFile, itrcli
+PIL.ImageFile.LOAD_TRUNCATED_IMAGES = True  # this program's choice
+filters = list(warnings.filters)
 before = PIL.Image.MAX_IMAGE_PIXELS
 for m in pkgutil.walk_packages(itrcli.__path__, "itrcli."):
     if m.name == "itrcli.__main__":  # runs the command line
@@ -187,6 +191,9 @@ for m in pkgutil.walk_packages(itrcli.__path__, "itrcli."):
 from itrcli.ingest.images import decode_file
 from itrcli.show.thumbs import ThumbnailCache
 decode_file({str(tmp_path / 'a.jpg')!r}, None)
+assert PIL.ImageFile.LOAD_TRUNCATED_IMAGES is True, "reset"
+added = [f for f in warnings.filters if f not in filters]  # (numpy's and scipy's own: theirs)
+assert not [f for f in added if f[3] is not None and "PIL" in f[3].pattern], added
 print(before, PIL.Image.MAX_IMAGE_PIXELS)
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -16,12 +16,11 @@ from __future__ import annotations
 import io
 import math
 import re
-import warnings
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable
 
-from PIL import Image, ImageFile
+from PIL import Image
 
 from .files import MAX_FILE_BYTES, Unreadable, content_hash, read_file
 from ..constants import (AVIF_EXTENSIONS, HEIF_EXTENSIONS, IMAGE_EXTENSIONS,  # noqa: F401
@@ -36,14 +35,12 @@ MAX_PIXELS = 16384 * 16384
 #: that we accept between draft-mode and full-size preprocessing, on average per pixel.
 DRAFT_TOLERANCE = 0.05
 
-# Pillow refuses truncated files by default; keep it so (a truncated file is reported, not
-# silently half-grey).  Pillow's own bomb guard (Image.MAX_IMAGE_PIXELS) is the program's
-# setting and stays as it is: an image it refuses is reported "too large" like one over
-# MAX_PIXELS, which itr checks itself, per image, whatever the program set.
-ImageFile.LOAD_TRUNCATED_IMAGES = False
-# Corrupt EXIF and odd palettes make Pillow warn on stderr; a file either decodes or is
-# reported with a one-line reason, and unattended runs must not print noise.
-warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+# Pillow's process-wide settings are the program's, not this module's: Pillow refuses
+# truncated files unless the program set ImageFile.LOAD_TRUNCATED_IMAGES (itr itself never
+# does: a truncated file is reported, not silently half-grey), and its bomb guard
+# (Image.MAX_IMAGE_PIXELS) stays as the program set it: an image it refuses is reported
+# "too large" like one over MAX_PIXELS, which itr checks itself, per image.  Pillow's
+# warnings (corrupt EXIF, odd palettes) are silenced by the itr command (cli.main), not here.
 
 _HEIF_REGISTERED: bool | None = None
 
