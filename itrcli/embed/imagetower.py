@@ -16,13 +16,13 @@ is made once per model and revision and kept in the per-machine tower cache
 machine pays for it and every later run of every library uses it.  It is made at the start
 of the first index run that needs it and may encode :data:`WORTH_EXPORTING` files or more
 (a smaller run would spend more on the export than it saves), before the run loads its
-encoder (in a child process
-for a large tower, while the run holds no model: the two peaks of memory never add up), so
-that the whole run encodes with it, and it is kept only when it gives the torch tower's
-vectors on the run's first photos: cosine >= :data:`MIN_COSINE` for each.  Each use checks it again
-on one fixed picture; any failure (a damaged file, an onnxruntime that will not load it,
-an error while encoding) falls back to torch with one line on the ``itr`` logger (shown
-under ``-v``), and a damaged export is removed, to be made again.
+encoder (in a child process for a large tower, while the run holds no model: the two peaks
+of memory never add up), so that the whole run encodes with it, and it is kept only when
+it gives the torch tower's vectors on the run's first photos: cosine >= :data:`MIN_COSINE`
+for each.  Each use checks it again on one fixed picture; any failure (a damaged file, an
+onnxruntime that will not load it, an error while encoding) falls back to torch with one
+line on the ``itr`` logger (shown under ``-v``), and a damaged export is removed, to be
+made again.
 """
 
 from __future__ import annotations
@@ -387,8 +387,8 @@ def torch_encoder(model: str, revision: str | None):
 def export_for_run(model: str, revision: str | None, sample_paths: Sequence[str],
                    encoder: Any = None) -> str | None:
     """Make the export for an index run, before it loads its encoder (in a child process
-    for a large tower, else here with ``encoder`` or one loaded for it).  Returns None when exported, else
-    one line saying why not.  Never raises (but for Ctrl-C)."""
+    for a large tower, else here with ``encoder`` or one loaded for it).  Returns None when
+    exported, else one line saying why not.  Never raises (but for Ctrl-C)."""
     try:
         if use_child(model):
             code, why = start(model, revision, sample_paths).wait()

@@ -607,8 +607,8 @@ def remove_temp_files(library_dir: Path) -> None:
 
 #: Exit status of the child when the export is not possible for this model (not retried).
 UNSUPPORTED = 3
-#: Exit status of the child when the model could not be loaded (from local files only: a
-#: hub model the run itself is downloading meanwhile).
+#: Exit status of the child when the model could not be loaded (not on disk, and the hub
+#: unreachable or without it).
 NOT_LOCAL = 4
 #: Towers smaller than this (weights on disk) are exported in the indexing process itself:
 #: a child's own torch import would cost more than the tower's memory.
