@@ -161,7 +161,8 @@ def open_for(encoder) -> OnnxImageTower | None:
     model, revision = encoder.model_id, encoder.revision
     d = towercache.lookup(model, revision, KIND)
     if d is None:
-        log.debug("image tower: torch (no onnxruntime export of this model yet)")
+        log.debug("image tower: torch (no onnxruntime export of this model yet; the first "
+                  "run of %s files or more makes it)", f"{WORTH_EXPORTING:,}")
         return None
     try:
         check = json.loads((d / CHECK_FILE).read_text())
