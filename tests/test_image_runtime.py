@@ -1,8 +1,9 @@
-"""The image tower's runtime (embed/imagetower.py): onnxruntime for float32 on the CPU once
-an export of the model is in the per-machine tower cache, torch otherwise; the export made
-at the start of a first run, before it loads its encoder, and reused by other libraries; its vectors equal torch's; any
-failure falls back to torch with one line under -v; `itr info` names the runtime; `itr eval`
-figures unchanged."""
+"""The image tower's runtime (embed/imagetower.py): for float32 on the CPU, once an export
+of the model is in the per-machine tower cache, onnxruntime where the export timed it faster
+on this CPU, torch otherwise; the export made at the start of a first run, before it loads
+its encoder, and reused by other libraries; its vectors equal torch's; any failure falls
+back to torch with one line under -v; `itr info` names the runtime; `itr eval` figures
+unchanged."""
 
 from __future__ import annotations
 
@@ -25,6 +26,9 @@ def _env(monkeypatch):
     monkeypatch.setenv("ITR_TEXT_EXPORT", "inline")  # the tiny models' exports in-process
     # these runs of six photos stand for a large run (the export is worth it from 1,000)
     monkeypatch.setattr(imagetower, "WORTH_EXPORTING", 1)
+    # onnxruntime whatever the export timed for the tiny models (the timed choice has its
+    # own test)
+    monkeypatch.setattr(imagetower, "MIN_GAIN", 0.0)
 
 
 @pytest.fixture
@@ -258,3 +262,46 @@ def test_a_small_run_keeps_torch_and_leaves_the_export_to_a_large_one(itr, tmp_p
     monkeypatch.setenv("ITR_IMAGE_RUNTIME", "onnx")
     _index(itr, photos, tmp_path / "forced", micro_clip)
     assert _info(itr, tmp_path / "forced")["image_runtime"] == "onnxruntime"
+    # a forced runtime times nothing
+    entry = towercache.lookup(str(micro_clip), None, imagetower.KIND)
+    assert json.loads((entry / towercache.DONE).read_text())["rates"] is None
+
+
+def test_the_runtime_is_the_one_the_export_timed_faster_on_this_cpu(itr, tmp_path, photos,
+                                                                    micro_clip, monkeypatch):
+    """auto: onnxruntime only where the export timed it MIN_GAIN times torch's rate on this
+    CPU; timings of another CPU, or none (an older export): onnxruntime, the rule."""
+    _index(itr, photos, tmp_path / "lib1", micro_clip)
+    entry = towercache.lookup(str(micro_clip), None, imagetower.KIND)
+    done = json.loads((entry / towercache.DONE).read_text())
+    rates = done["rates"]
+    assert rates["torch"] > 0 and rates["onnxruntime"] > 0 and rates["photos"] == len(SPECS)
+    assert rates["cpu"] == imagetower.cpu_identity()
+
+    monkeypatch.setattr(imagetower, "MIN_GAIN", 1e9)  # onnxruntime timed too slow
+    r = _index(itr, photos, tmp_path / "lib2", micro_clip, "-v")
+    assert "itr: image tower: torch (timed on this CPU at the export: onnxruntime " in r.err, r.err
+    assert _info(itr, tmp_path / "lib2")["image_runtime"] == "torch"
+    monkeypatch.setenv("ITR_IMAGE_RUNTIME", "onnx")  # forced: no timing asked
+    _index(itr, photos, tmp_path / "lib3", micro_clip)
+    assert _info(itr, tmp_path / "lib3")["image_runtime"] == "onnxruntime"
+    monkeypatch.delenv("ITR_IMAGE_RUNTIME")
+
+    for change, said in ((lambda d: d["rates"].update(cpu="0123456789abcdef"), "on another CPU"),
+                         (lambda d: d.pop("rates"), "has no timings")):
+        change(done)
+        (entry / towercache.DONE).write_text(json.dumps(done))
+        db = tmp_path / said.replace(" ", "-")
+        r = _index(itr, photos, db, micro_clip, "-v")
+        assert said in r.err and _info(itr, db)["image_runtime"] == "onnxruntime", r.err
+
+
+@pytest.mark.parametrize("torch_rate, onnx_rate, chosen", [
+    (20.0, 17.7, "torch"), (20.0, 20.9, "torch"), (20.0, 21.0, "onnxruntime"),
+    (13.2, 17.7, "onnxruntime")])
+def test_the_timed_choice_needs_a_real_gain(tmp_path, monkeypatch, torch_rate, onnx_rate, chosen):
+    monkeypatch.setattr(imagetower, "MIN_GAIN", 1.05)
+    (tmp_path / towercache.DONE).write_text(json.dumps({"rates": {
+        "torch": torch_rate, "onnxruntime": onnx_rate, "cpu": imagetower.cpu_identity()}}))
+    got, why = imagetower.timed_choice(tmp_path)
+    assert got == chosen and f"onnxruntime {onnx_rate:.1f} img/s, torch {torch_rate:.1f}" in why

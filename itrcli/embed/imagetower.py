@@ -1,13 +1,17 @@
-"""The image tower's runtime, chosen per machine: onnxruntime for float32 on the CPU, torch
-everywhere else (bf16 on CPUs with native bf16, CUDA).
+"""The image tower's runtime, chosen per machine by measurement: onnxruntime or torch for
+float32 on the CPU, whichever the export timed faster on this CPU; torch everywhere else
+(bf16 on CPUs with native bf16, CUDA).
 
-Why a rule and not habit: on a CPU without native bf16 the image tower is float32 and
-onnxruntime's own kernels (MLAS) ran ViT-B/32 1.21-1.34x torch's on a 2-core AVX2 EPYC and
-1.0-1.1x on AVX-512 (docs/performance.md); torch's native bf16 kernels are 2-3x any
-float32 runtime where the CPU has them, and CUDA is torch's.  So ``auto`` (the default)
-picks onnxruntime exactly when the encoder runs float32 on the CPU and an export of the
-model is there; ``ITR_IMAGE_RUNTIME=torch`` or ``onnx`` forces a choice (``onnx`` still
-applies only to float32 on the CPU).
+Why: on a CPU without native bf16 the image tower is float32, and onnxruntime's own kernels
+(MLAS) ran ViT-B/32 1.21-1.34x torch's on a 2-core AVX2 EPYC but 0.96-1.1x on an AVX-512
+Xeon (docs/performance.md): no rule of CPU flags says which wins, so the export times both
+on its check photos, on this machine, and records the rates (:func:`timed_choice`).
+onnxruntime is used where it was at least :data:`MIN_GAIN` times torch's rate (its packed
+weights cost memory; a tie is not worth them); an export without timings of this CPU (made
+by an older itr, or timed on another machine sharing the cache) keeps the old rule,
+onnxruntime.  torch's native bf16 kernels are 2-3x any float32 runtime where the CPU has
+them, and CUDA is torch's: neither is timed.  ``ITR_IMAGE_RUNTIME=torch`` or ``onnx``
+forces a choice (``onnx`` still applies only to float32 on the CPU).
 
 The export (the tower traced to ONNX with eager attention, optimised once by onnxruntime:
 GELU, layer norm and scaled-matmul fusions, saved with its weights in one external file)
@@ -47,6 +51,10 @@ CHECK_FILE = "check.json"
 MIN_COSINE = 0.99999
 #: Files a run must have to encode before it makes the export (:func:`worth_exporting`).
 WORTH_EXPORTING = 1000
+#: onnxruntime is chosen where the export timed it at least this times torch's rate.
+MIN_GAIN = 1.05
+#: Timed passes of each runtime over the export's check photos (the best one counts).
+TIMED_PASSES = 2
 #: ``ITR_IMAGE_RUNTIME`` values.
 CHOICES = ("auto", "torch", "onnx")
 #: The names recorded in the library (``image_runtime`` in ``itr info``).
@@ -164,6 +172,12 @@ def open_for(encoder) -> OnnxImageTower | None:
         log.debug("image tower: torch (no onnxruntime export of this model yet; the first "
                   "run of %s files or more makes it)", f"{WORTH_EXPORTING:,}")
         return None
+    if requested() == "auto":
+        chosen, why = timed_choice(d)
+        if chosen == TORCH:
+            log.debug("image tower: torch (%s)", why)
+            return None
+        log.debug("image tower: onnxruntime chosen (%s)", why)
     try:
         check = json.loads((d / CHECK_FILE).read_text())
         if check.get("format") != FORMAT:
@@ -184,6 +198,58 @@ def open_for(encoder) -> OnnxImageTower | None:
     tower.encoder = encoder
     log.debug("image tower: onnxruntime (the export in %s)", d)
     return tower
+
+
+def cpu_identity() -> str:
+    """What the export's timings hold for: this CPU's model and instruction-set flags and the
+    cores this process may use (a short digest)."""
+    import hashlib
+    import platform
+
+    ident = [platform.machine(), platform.processor(), str(_threads())]
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            seen = set()
+            for line in f:
+                key = line.split(":", 1)[0].strip()
+                if key in ("model name", "flags", "Features") and key not in seen:
+                    seen.add(key)
+                    ident.append(line.strip())
+    except OSError:
+        pass
+    return hashlib.blake2b("\n".join(ident).encode(), digest_size=8).hexdigest()
+
+
+def timed_choice(d: Path) -> tuple[str, str]:
+    """(:data:`ONNX` or :data:`TORCH`, why) for the export in ``d`` under ``auto``: the
+    runtime its timings on this CPU found faster (onnxruntime only by :data:`MIN_GAIN` or
+    more); without timings of this CPU, onnxruntime (the rule before timings)."""
+    try:
+        done = json.loads((d / towercache.DONE).read_text())
+        rates = done.get("rates") or {}
+        torch_rate, onnx_rate = float(rates[TORCH]), float(rates[ONNX])
+    except (OSError, ValueError, KeyError, TypeError):
+        return ONNX, "the export has no timings; onnxruntime by rule"
+    if rates.get("cpu") != cpu_identity():
+        return ONNX, "the export was timed on another CPU; onnxruntime by rule"
+    said = (f"timed on this CPU at the export: onnxruntime {onnx_rate:.1f} img/s, "
+            f"torch {torch_rate:.1f}")
+    if onnx_rate >= MIN_GAIN * torch_rate:
+        return ONNX, said
+    return TORCH, said + f"; onnxruntime is used from {MIN_GAIN}x torch's rate"
+
+
+def _rate(run, n: int) -> float:
+    """Images a second of ``run()`` over ``n`` images: the best of :data:`TIMED_PASSES`
+    passes (the caller has run it once: warm)."""
+    import time
+
+    best = float("inf")
+    for _ in range(TIMED_PASSES):
+        t = time.perf_counter()
+        run()
+        best = min(best, time.perf_counter() - t)
+    return n / max(best, 1e-9)
 
 
 def check_pixels(shape: Sequence[int]):
@@ -241,24 +307,29 @@ def export(encoder, sample_paths: Sequence[str], *, release: bool = False) -> Pa
     real = np.stack(pixels).astype(np.float32)  # [n, 3, H, W]
     fixed = check_pixels((1, *real.shape[1:]))
     tower = encoder.float32_image_tower()
+    timed = requested() == "auto"  # a forced runtime needs no timings
     with torch.inference_mode(False), torch.no_grad():
         want_real = tower(torch.from_numpy(real)).numpy()  # [n, dim]
         want_fixed = tower(torch.from_numpy(fixed)).numpy()  # [1, dim]
+        # torch's rate on the same photos, warm, as indexing runs it (float32, every core)
+        x = torch.from_numpy(real)
+        torch_rate = _rate(lambda: tower(x), len(real)) if timed else None
     del tower
     checks = ((real, want_real), (real[:1], want_real[:1]), (fixed, want_fixed))
     try:
-        return _export(encoder, checks, release, quick=True)
+        return _export(encoder, checks, release, quick=True, torch_rate=torch_rate)
     except KeyboardInterrupt:
         raise
     except Exception as e:
         log.debug("image tower: the quick trace failed (%s: %s); tracing the usual way",
                   type(e).__name__, str(e)[:200])
-        return _export(encoder, checks, release, quick=False)
+        return _export(encoder, checks, release, quick=False, torch_rate=torch_rate)
 
 
-def _export(encoder, checks, release: bool, *, quick: bool) -> Path:
+def _export(encoder, checks, release: bool, *, quick: bool, torch_rate: float | None) -> Path:
     """One try of :func:`export`: trace, optimise, check against ``checks`` (``(pixels,
-    torch's vectors)`` pairs, the fixed picture last), publish."""
+    torch's vectors)`` pairs, the fixed picture last), time onnxruntime on the same photos
+    as indexing runs it (when ``torch_rate`` was timed), publish."""
     import torch
 
     model, revision = encoder.model_id, encoder.revision
@@ -280,7 +351,8 @@ def _export(encoder, checks, release: bool, *, quick: bool) -> Path:
         if release:
             give_back_memory()  # the optimising session's copies, before the checking one's
         shutil.rmtree(raw)
-        sess = _session(tmp, prepack=False)
+        # timing: packed weights, as indexing runs it; else none (less memory at the peak)
+        sess = _session(tmp, prepack=torch_rate is not None)
         worst = 1.0
         # the run's photos in one batch and one at a time: the batch axis is dynamic
         for x, want in checks:
@@ -288,10 +360,16 @@ def _export(encoder, checks, release: bool, *, quick: bool) -> Path:
             if got.shape != want.shape:
                 raise ExportFailed(f"exported image tower gives {got.shape}, torch {want.shape}")
             worst = min(worst, float(_cosines(got, want).min()))
-        del sess
         if not worst >= MIN_COSINE:
             raise ExportFailed(f"exported image tower differs from torch: cosine {worst:.6f} "
                                f"< {MIN_COSINE}")
+        rates = None
+        if torch_rate is not None:  # the check above warmed it on the same photos
+            feed = {"pixel_values": checks[0][0]}
+            onnx_rate = _rate(lambda: sess.run(["embedding"], feed), len(checks[0][0]))
+            rates = {TORCH: round(torch_rate, 2), ONNX: round(onnx_rate, 2),
+                     "photos": len(checks[0][0]), "cpu": cpu_identity()}
+        del sess
         fixed, want_fixed = checks[-1]
         (tmp / CHECK_FILE).write_text(json.dumps({
             "format": FORMAT, "shape": list(fixed.shape),
@@ -301,7 +379,7 @@ def _export(encoder, checks, release: bool, *, quick: bool) -> Path:
         return towercache.publish(tmp, model, revision, KIND, {
             "format": FORMAT, "min_cosine": round(worst, 7), "photos": len(checks[0][0]),
             "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-            "quick_trace": quick})
+            "quick_trace": quick, "rates": rates})
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
