@@ -102,61 +102,74 @@ def model_dir() -> Path:
     return d
 
 
-def _tree_rss(root: int) -> tuple[int, int]:
+def _children(pid: int) -> list[int]:
+    """``pid``'s child processes, from each of its threads' ``children`` file (cheap: a
+    scan of every /proc/PID/stat costs milliseconds a sample, stolen from the timed run)."""
+    kids: list[int] = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                kids += map(int, f.read().split())
+    except (OSError, ValueError):
+        pass
+    return kids
+
+
+def _tree_rss(root: int, with_pss: bool = True) -> tuple[int, int]:
     """(RSS, PSS) bytes of ``root`` and all its descendants now (from /proc; 0 elsewhere).
     PSS (``smaps_rollup``) shares each page among the processes that map it: the sum is
     what the tree takes from the machine, which RSS counts twice for shared libraries and
-    the memory-mapped tower files."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(name))
+    the memory-mapped tower files.  PSS costs the kernel ~6 ms of CPU a call for a 1 GB
+    process (it walks the page tables): ``with_pss=False`` skips it (PSS 0)."""
     total, pss, todo = 0, 0, [root]
     while todo:
         pid = todo.pop()
         try:
             with open(f"/proc/{pid}/statm") as f:
                 total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                for line in f:
-                    if line.startswith("Pss:"):
-                        pss += int(line.split()[1]) * 1024
-                        break
+            if with_pss:
+                with open(f"/proc/{pid}/smaps_rollup") as f:
+                    for line in f:
+                        if line.startswith("Pss:"):
+                            pss += int(line.split()[1]) * 1024
+                            break
         except (OSError, IndexError, ValueError):
             pass
-        todo += children.get(pid, [])
+        todo += _children(pid)
     return total, pss
 
 
-LAST_TREE_RSS = [0.0]  #: peak RSS MiB of the last run()'s whole process tree
-LAST_TREE_PSS = [0.0]  #: peak PSS MiB of the last run()'s whole process tree
+LAST_TREE_RSS = [0.0]  #: peak RSS of the last run()'s whole process tree, MiB (sampled)
+LAST_TREE_PSS = [0.0]  #: peak PSS of the same, MiB (sampled)
 
 
-def run(cmd: list[str]) -> tuple[float, float]:
+def run(cmd: list[str], sample: bool = True) -> tuple[float, float]:
     """(wall seconds, peak RSS MiB of its largest process: the child or any descendant).
-    The peak of the whole tree's sum, sampled every 20 ms, is left in LAST_TREE_RSS."""
+    ``sample``: the peak of the whole tree's sum is sampled (RSS every 20 ms, PSS every
+    100 ms: a PSS sample costs the kernel ~6 ms of CPU, so at 20 ms it took a quarter of a
+    core from the timed run) and left in LAST_TREE_RSS / LAST_TREE_PSS; the runs timed for
+    the net rate are not sampled at all."""
     import threading
 
     t = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL)
     peak, done = [0, 0], threading.Event()
 
-    def sample() -> None:
+    def sampler_loop() -> None:
+        k = 0
         while not done.wait(0.02):
-            rss, pss = _tree_rss(proc.pid)
+            rss, pss = _tree_rss(proc.pid, with_pss=k % 5 == 0)
             peak[0], peak[1] = max(peak[0], rss), max(peak[1], pss)
+            k += 1
 
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
+    sampler = threading.Thread(target=sampler_loop, daemon=True)
+    if sample:
+        sampler.start()
     _, status, usage = os.wait4(proc.pid, 0)
     dt = time.perf_counter() - t
     done.set()
-    sampler.join()
+    if sample:
+        sampler.join()
     LAST_TREE_RSS[0] = peak[0] / 2**20
     LAST_TREE_PSS[0] = peak[1] / 2**20
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -166,13 +179,14 @@ def run(cmd: list[str]) -> tuple[float, float]:
 
 
 def itr_index(paths: list[Path], extra: list[str], library: Path | None = None,
-              first_on_machine: bool | None = None) -> tuple[float, float]:
+              first_on_machine: bool | None = None, sample: bool = True) -> tuple[float, float]:
     """One `itr index` of ``paths`` into a new library (or a copy of ``library``).
     ``first_on_machine`` (default: for a new library): with an empty tower cache, as the
     first library of the model on a machine (the worst case: it exports its towers); else
     the machine's cache is used (an existing library's runs: the image tower's export)."""
     import shutil
 
+    saved = os.environ.get("ITR_TOWER_CACHE")
     with tempfile.TemporaryDirectory() as tmp:
         if first_on_machine if first_on_machine is not None else library is None:
             os.environ["ITR_TOWER_CACHE"] = str(Path(tmp) / "towers")
@@ -185,8 +199,11 @@ def itr_index(paths: list[Path], extra: list[str], library: Path | None = None,
         lib = Path(tmp) / "lib"
         if library is not None:
             shutil.copytree(library, lib)
-        return run([sys.executable, "-m", "itrcli", "index", str(d), "--db", str(lib),
-                    "-m", str(model_dir()), "-q", *extra])
+        try:
+            return run([sys.executable, "-m", "itrcli", "index", str(d), "--db", str(lib),
+                        "-m", str(model_dir()), "-q", *extra], sample=sample)
+        finally:  # the runs after this one (and the ceiling's tower) use the bench's cache
+            os.environ["ITR_TOWER_CACHE"] = saved or str(OUT / "towers")
 
 
 def primed_library(photo: Path, extra: list[str]) -> Path:
@@ -398,8 +415,9 @@ def main() -> None:
                   f"image tower exported at the end, once per machine): {fx:.1f}s, peak RSS "
                   f"{fx_rss:.0f} MiB, whole process tree {LAST_TREE_RSS[0]:.0f} MiB RSS, {LAST_TREE_PSS[0]:.0f} MiB PSS")
             os.environ["ITR_TOWER_CACHE"] = saved
-        i_s, _ = itr_index(ps[: a.small], extra, library=primed)
-        i_l, i_rss = itr_index(ps, extra, library=primed)
+        # not sampled: the sampler's CPU would come off the net rate
+        i_s, _ = itr_index(ps[: a.small], extra, library=primed, sample=False)
+        i_l, i_rss = itr_index(ps, extra, library=primed, sample=False)
         itr_net = net(i_s, i_l, a.small, a.large)
         print(f"{kind}: itr index {itr_net:.1f} img/s net ({a.small}: {i_s:.1f}s, {a.large}: {i_l:.1f}s, "
               f"into a library bound to the model; peak RSS {i_rss:.0f} MiB)")
