@@ -266,8 +266,9 @@ class GraphFile:
         label together) and, once the beam is full, drops in numpy those no closer than
         its worst before the per-candidate loop (the worst only gets closer as the loop
         pushes, so the loop would drop them too: the same beam).  At a million 512-d
-        vectors and ef 1,024 that is 15-18% faster with a filter (fewer ``allowed`` calls)
-        and 3-5% without: the gathers' memory traffic, not Python, is the rest."""
+        vectors and ef 1,024: 10-17% faster than one gather per field and a loop over every
+        neighbour, 23% with a filter (fewer ``allowed`` calls); the gathers' memory traffic
+        (~1,000 expansions of ~32 records of 2 KB) is most of the rest."""
         visited = bytearray(self.count)
         visited[entry] = 1
         top: list[tuple[float, int]] = []  # max-heap of the best ef, as (-dist, id)
@@ -294,7 +295,7 @@ class GraphFile:
             recs = w[new]  # [len(new), words]: head, links, vector, label in one gather
             dist = one - recs.view(np.float32)[:, vec] @ q  # hnswlib's IP distance
             if len(top) == ef:  # only those closer than the beam's worst can enter
-                idx = np.flatnonzero(dist < lower)
+                (idx,) = (dist < lower).nonzero()
                 if not len(idx):
                     continue
                 new = [new[i] for i in idx.tolist()]
