@@ -31,7 +31,9 @@ the medians of `--tax-runs` alternated pairs (default 3).
 The image tower alone is also reported as a share of the same process's matrix-multiply
 rate (torch, 4096x4096, at the tower's precision), its FLOPs counted by torch (2 per
 multiply-add); `--runtime` sets ITR_IMAGE_RUNTIME for every run, `--first-export` also
-times a new library's run with the tower cache empty (the image tower's one-time export).
+times a new library's run with the tower cache empty (with `--runtime onnx` it makes the
+image tower's one-time export before its encoding; `auto` makes it only for a run of 1,000
+photos or more, so not here).
 Exported towers go to bench/out/towers (ITR_TOWER_CACHE), apart from the user's.
 
     python bench/index_throughput.py [--sizes 12mp,2mp] [--unchanged 100000] [--rss 10000]
@@ -382,8 +384,9 @@ def main() -> None:
     ap.add_argument("--runtime", default=None, choices=("auto", "torch", "onnx"),
                     help="the image tower's runtime (sets ITR_IMAGE_RUNTIME for every run)")
     ap.add_argument("--first-export", action="store_true",
-                    help="also time a new library's run with the tower cache empty (the "
-                         "image tower's export made at its end) and its memory")
+                    help="also time a new library's run with the tower cache empty and its "
+                         "memory (with --runtime onnx it makes the image tower's export before "
+                         "encoding)")
     a = ap.parse_args()
     if a.runtime:
         os.environ["ITR_IMAGE_RUNTIME"] = a.runtime
@@ -411,8 +414,8 @@ def main() -> None:
             os.environ["ITR_TOWER_CACHE"] = str(OUT / "towers-empty")
             shutil.rmtree(OUT / "towers-empty", ignore_errors=True)
             fx, fx_rss = itr_index(ps[: a.small], extra)
-            print(f"{kind}: {a.small} photos into a new library with the tower cache empty (the "
-                  f"image tower exported at the end, once per machine): {fx:.1f}s, peak RSS "
+            print(f"{kind}: {a.small} photos into a new library with the tower cache empty (its "
+                  f"one-time exports made first, once per machine): {fx:.1f}s, peak RSS "
                   f"{fx_rss:.0f} MiB, whole process tree {LAST_TREE_RSS[0]:.0f} MiB RSS, {LAST_TREE_PSS[0]:.0f} MiB PSS")
             os.environ["ITR_TOWER_CACHE"] = saved
         # not sampled: the sampler's CPU would come off the net rate
