@@ -305,3 +305,39 @@ def test_the_timed_choice_needs_a_real_gain(tmp_path, monkeypatch, torch_rate, o
         "torch": torch_rate, "onnxruntime": onnx_rate, "cpu": imagetower.cpu_identity()}}))
     got, why = imagetower.timed_choice(tmp_path)
     assert got == chosen and f"onnxruntime {onnx_rate:.1f} img/s, torch {torch_rate:.1f}" in why
+
+
+def test_a_large_run_starts_torch_with_sleeping_threads(tmp_path, photos, micro_clip):
+    """A run that may make the image export resolves its device (importing torch) before
+    its encoder loads: torch's OpenMP must still start with OMP_WAIT_POLICY=PASSIVE (read
+    once, at torch's first import).  A fresh process, through the library API."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    code = textwrap.dedent(f"""
+        import os, sys
+        seen = []
+        def hook(event, args):
+            if event == "import" and args[0] == "torch" and not seen:
+                seen.append(os.environ.get("OMP_WAIT_POLICY"))
+        sys.addaudithook(hook)
+        from itrcli.embed import imagetower
+        imagetower.WORTH_EXPORTING = 1  # six photos stand for a large run
+        from itrcli.library import Library
+        with Library.open({str(tmp_path / "lib")!r}, create=True) as lib:
+            lib.index([{str(photos)!r}], model={str(micro_clip)!r}, device="auto",
+                      precision="fp32")
+        print(seen)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    env.update(ITR_TOWER_CACHE=str(tmp_path / "towers"), ITR_TEXT_EXPORT="inline",
+               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip().splitlines()[-1] == "['PASSIVE']", r.stdout
+    # the run took the large run's way: it made the image tower's export (in its own cache)
+    assert list((tmp_path / "towers").glob(f"*/{imagetower.KIND}/{towercache.DONE}"))

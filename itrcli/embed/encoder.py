@@ -47,9 +47,24 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def import_torch():
+    """torch, its OpenMP threads set to sleep between parallel regions
+    (``OMP_WAIT_POLICY=PASSIVE`` unless the environment says otherwise).  By default they
+    spin while waiting for work, taking the cores from the decode threads that run beside
+    the encoder (sleeping indexed 2 MP photos 20% faster on 2 cores in an earlier round; no
+    difference on the AVX-512 Xeon of docs/performance.md).  OpenMP reads the setting once,
+    when torch is first imported, so every import of torch on the way to an encoder (the
+    device's resolution too: a run of 1,000 files or more resolves it first) goes through
+    here."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    import torch
+
+    return torch
+
+
 def mps_available() -> bool:
     """Whether torch can use an Apple GPU (Metal Performance Shaders) here."""
-    import torch
+    torch = import_torch()
 
     mps = getattr(torch.backends, "mps", None)
     return bool(mps is not None and mps.is_available())
@@ -58,7 +73,7 @@ def mps_available() -> bool:
 def resolve_device(device: str) -> str:
     """``auto`` -> ``cuda`` when an NVIDIA GPU is visible, else ``mps`` on Apple silicon,
     else ``cpu``; validates ``cuda:N`` and ``mps``."""
-    import torch
+    torch = import_torch()
 
     device = (device or "auto").lower()
     if device == "auto":
@@ -147,12 +162,8 @@ class Encoder:
 
     def __init__(self, model: str, device: str = "auto", precision: str = "auto",
                  towers: str = "both", revision: str | None = None) -> None:
-        # torch's OpenMP threads spin while waiting for work by default, taking the cores
-        # from the decode threads that run beside the encoder; sleeping instead indexed
-        # 2 MP photos 20% faster on 2 cores.  Read when OpenMP starts: set before torch runs.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
         with gc_paused():
-            import torch
+            torch = import_torch()  # its threads sleep between batches (see there)
 
         if towers not in TOWERS:
             raise ValueError(f"towers={towers!r}: expected one of {TOWERS}")
