@@ -79,6 +79,40 @@ def test_first_run_exports_in_a_child_and_never_loads_the_text_tower(
     onnx_equals_torch(db)
 
 
+def test_while_the_child_exports_the_run_imports_what_its_encoder_needs(
+        itr, tiny_clip, photos, tmp_path, monkeypatch):
+    """The run waits on the export child before it loads its encoder: meanwhile a thread
+    imports torch and transformers' model classes (encoder.preload); one that fails costs
+    the run nothing (the encoder's own loading imports them again)."""
+    import threading
+
+    from itrcli.embed import encoder
+
+    monkeypatch.setenv("ITR_TEXT_EXPORT", "child")
+    calls = []
+    real = encoder.preload
+
+    def preload():
+        calls.append(threading.current_thread().name)
+        real()
+
+    monkeypatch.setattr(encoder, "preload", preload)
+    r = itr("index", photos, "--db", tmp_path / "lib", "-m", tiny_clip, "-q")
+    assert r.code == 0 and calls == ["itr-preload"], (r, calls)
+
+    def broken():
+        calls.append("broken")
+        raise ImportError("no transformers here")
+
+    monkeypatch.setattr(encoder, "preload", broken)
+    # a machine that has not exported this model yet (the first run's export is cached)
+    monkeypatch.setenv("ITR_TOWER_CACHE", str(tmp_path / "other-machine"))
+    r = itr("index", photos, "--db", tmp_path / "lib2", "-m", tiny_clip, "--json", "-q")
+    assert r.code == 0 and r.json()["added"] == 4 and calls[-1] == "broken", r
+    assert r.err == ""
+    onnx_equals_torch(tmp_path / "lib2")
+
+
 def test_small_tower_is_exported_by_the_run_itself(itr, tiny_clip, photos, tmp_path, monkeypatch,
                                                    towers_loaded):
     monkeypatch.delenv("ITR_TEXT_EXPORT", raising=False)

@@ -62,6 +62,16 @@ def import_torch():
     return torch
 
 
+def preload() -> None:
+    """Import what loading an encoder imports: torch (as :func:`import_torch` does) and
+    transformers' model machinery with its CLIP classes (about 3 s on a 2-core VM), for a
+    run to do while it waits on an export child instead of after it."""
+    import_torch()
+    import transformers
+
+    transformers.CLIPModel, transformers.CLIPVisionModelWithProjection  # lazy until touched
+
+
 def mps_available() -> bool:
     """Whether torch can use an Apple GPU (Metal Performance Shaders) here."""
     torch = import_torch()
