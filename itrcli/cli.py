@@ -611,6 +611,17 @@ def text_cmd(
         raise typer.Exit(ExitCode.ERROR)
 
 
+def _encoder_line(data: dict) -> str:
+    """``itr info``'s encoder line: the runtime that encoded the library, and what this
+    machine's export timed (the reason ``auto`` picks a runtime here)."""
+    runtime, timing = data["image_runtime"], data.get("image_runtime_timing")
+    line = f"images by {runtime}" if runtime else "-"
+    if timing:
+        line += (f" (timed here: onnxruntime {timing['onnxruntime']:.1f} img/s, torch "
+                 f"{timing['torch']:.1f}; fp32 indexing here uses {timing['chosen']})")
+    return line
+
+
 @app.command()
 def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) -> None:
     """Show the library's location, model, counts, indexed roots and size on disk
@@ -635,7 +646,7 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
         ("revision", data["model_revision"] or "-"),
         ("dimension", str(data["dim"] or "-")),
         ("precision", data["precision"] or "-"),
-        ("encoder", f"images by {data['image_runtime']}" if data["image_runtime"] else "-"),
+        ("encoder", _encoder_line(data)),
         ("files", str(data["files"])),
         ("metadata", "{gps} with GPS, {camera} with camera, {taken_at} with capture time"
                      .format(**data["metadata"])),

@@ -1154,6 +1154,8 @@ class Library:
             "dim": meta.get("dim"),
             "precision": meta.get("precision"),
             "image_runtime": meta.get("image_runtime"),
+            # this machine's timing of the two fp32 CPU runtimes for the model (its export's)
+            "image_runtime_timing": self._image_runtime_timing(meta.get("model")),
             "schema_version": meta.get("schema_version"),
             "files": self.store.file_count(),
             "vectors": vectors,
@@ -1171,6 +1173,11 @@ class Library:
                         "compact": layout["vector_dtype"] == "float16"
                         and layout["page_size"] == PAGE_SIZE},
         }
+
+    def _image_runtime_timing(self, model: str | None) -> dict[str, Any] | None:
+        from .embed.imagetower import machine_timing
+
+        return machine_timing(model, self._revision_of(model)) if model else None
 
     def _adapter_info(self) -> dict[str, Any] | None:
         a = self.stored_adapter()

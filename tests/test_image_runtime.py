@@ -278,10 +278,20 @@ def test_the_runtime_is_the_one_the_export_timed_faster_on_this_cpu(itr, tmp_pat
     assert rates["torch"] > 0 and rates["onnxruntime"] > 0 and rates["photos"] == len(SPECS)
     assert rates["cpu"] == imagetower.cpu_identity()
 
+    info = _info(itr, tmp_path / "lib1")  # what this machine timed, and what auto makes of it
+    assert info["image_runtime_timing"] == {"torch": rates["torch"], "onnxruntime":
+                                            rates["onnxruntime"], "photos": len(SPECS),
+                                            "chosen": "onnxruntime"}
+    line = [ln for ln in itr("info", "--db", tmp_path / "lib1").out.splitlines()
+            if ln.startswith("encoder:")][0]
+    assert "images by onnxruntime (timed here: onnxruntime " in line, line
+    assert line.endswith("fp32 indexing here uses onnxruntime)"), line
+
     monkeypatch.setattr(imagetower, "MIN_GAIN", 1e9)  # onnxruntime timed too slow
     r = _index(itr, photos, tmp_path / "lib2", micro_clip, "-v")
     assert "itr: image tower: torch (timed on this CPU at the export: onnxruntime " in r.err, r.err
     assert _info(itr, tmp_path / "lib2")["image_runtime"] == "torch"
+    assert _info(itr, tmp_path / "lib2")["image_runtime_timing"]["chosen"] == "torch"
     monkeypatch.setenv("ITR_IMAGE_RUNTIME", "onnx")  # forced: no timing asked
     _index(itr, photos, tmp_path / "lib3", micro_clip)
     assert _info(itr, tmp_path / "lib3")["image_runtime"] == "onnxruntime"
@@ -294,6 +304,7 @@ def test_the_runtime_is_the_one_the_export_timed_faster_on_this_cpu(itr, tmp_pat
         db = tmp_path / said.replace(" ", "-")
         r = _index(itr, photos, db, micro_clip, "-v")
         assert said in r.err and _info(itr, db)["image_runtime"] == "onnxruntime", r.err
+        assert _info(itr, db)["image_runtime_timing"] is None  # no timing of this machine
 
 
 @pytest.mark.parametrize("torch_rate, onnx_rate, chosen", [

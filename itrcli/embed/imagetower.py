@@ -206,7 +206,7 @@ def cpu_identity() -> str:
     import hashlib
     import platform
 
-    ident = [platform.machine(), platform.processor(), str(_threads())]
+    ident = [platform.machine(), str(_threads())]
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
             seen = set()
@@ -215,8 +215,8 @@ def cpu_identity() -> str:
                 if key in ("model name", "flags", "Features") and key not in seen:
                     seen.add(key)
                     ident.append(line.strip())
-    except OSError:
-        pass
+    except OSError:  # macOS, Windows: what the platform names (no /proc)
+        ident.append(platform.processor())
     return hashlib.blake2b("\n".join(ident).encode(), digest_size=8).hexdigest()
 
 
@@ -237,6 +237,24 @@ def timed_choice(d: Path) -> tuple[str, str]:
     if onnx_rate >= MIN_GAIN * torch_rate:
         return ONNX, said
     return TORCH, said + f"; onnxruntime is used from {MIN_GAIN}x torch's rate"
+
+
+def machine_timing(model: str, revision: str | None) -> dict | None:
+    """What this machine's export of ``model`` timed (``torch`` and ``onnxruntime`` img/s,
+    ``photos``) and what ``auto`` makes of it (``chosen``), when the export is here and was
+    timed on this CPU; else None (``itr info``).  Reads two small files; imports nothing."""
+    d = towercache.lookup(model, revision, KIND)
+    if d is None:
+        return None
+    try:
+        rates = json.loads((d / towercache.DONE).read_text()).get("rates") or {}
+        if rates.get("cpu") != cpu_identity():
+            return None
+        out = {TORCH: float(rates[TORCH]), ONNX: float(rates[ONNX]),
+               "photos": int(rates.get("photos", 0))}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return {**out, "chosen": timed_choice(d)[0]}
 
 
 def _rate(run, n: int) -> float:
