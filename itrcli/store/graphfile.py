@@ -293,7 +293,7 @@ class GraphFile:
             for c in new:
                 visited[c] = 1
             recs = w[new]  # [len(new), words]: head, links, vector, label in one gather
-            dist = one - recs.view(np.float32)[:, vec] @ q  # hnswlib's IP distance
+            dist = one - recs.view("<f4")[:, vec] @ q  # hnswlib's IP distance
             if len(top) == ef:  # only those closer than the beam's worst can enter
                 (idx,) = (dist < lower).nonzero()
                 if not len(idx):
