@@ -220,21 +220,36 @@ def cpu_identity() -> str:
     return hashlib.blake2b("\n".join(ident).encode(), digest_size=8).hexdigest()
 
 
+def _rates_here(d: Path) -> tuple[float, float, int] | str:
+    """(torch img/s, onnxruntime img/s, photos) that the export in ``d`` timed on this CPU,
+    or why there are none."""
+    try:
+        rates = json.loads((d / towercache.DONE).read_text()).get("rates") or {}
+        torch_rate, onnx_rate = float(rates[TORCH]), float(rates[ONNX])
+        photos = int(rates.get("photos", 0))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return "the export has no timings"
+    if rates.get("cpu") != cpu_identity():
+        return "the export was timed on another CPU"
+    return torch_rate, onnx_rate, photos
+
+
+def _faster(torch_rate: float, onnx_rate: float) -> str:
+    """The runtime ``auto`` uses for these rates: onnxruntime from :data:`MIN_GAIN` x torch's."""
+    return ONNX if onnx_rate >= MIN_GAIN * torch_rate else TORCH
+
+
 def timed_choice(d: Path) -> tuple[str, str]:
     """(:data:`ONNX` or :data:`TORCH`, why) for the export in ``d`` under ``auto``: the
     runtime its timings on this CPU found faster (onnxruntime only by :data:`MIN_GAIN` or
     more); without timings of this CPU, onnxruntime (the rule before timings)."""
-    try:
-        done = json.loads((d / towercache.DONE).read_text())
-        rates = done.get("rates") or {}
-        torch_rate, onnx_rate = float(rates[TORCH]), float(rates[ONNX])
-    except (OSError, ValueError, KeyError, TypeError):
-        return ONNX, "the export has no timings; onnxruntime by rule"
-    if rates.get("cpu") != cpu_identity():
-        return ONNX, "the export was timed on another CPU; onnxruntime by rule"
+    got = _rates_here(d)
+    if isinstance(got, str):
+        return ONNX, got + "; onnxruntime by rule"
+    torch_rate, onnx_rate, _ = got
     said = (f"timed on this CPU at the export: onnxruntime {onnx_rate:.1f} img/s, "
             f"torch {torch_rate:.1f}")
-    if onnx_rate >= MIN_GAIN * torch_rate:
+    if _faster(torch_rate, onnx_rate) == ONNX:
         return ONNX, said
     return TORCH, said + f"; onnxruntime is used from {MIN_GAIN}x torch's rate"
 
@@ -244,17 +259,12 @@ def machine_timing(model: str, revision: str | None) -> dict | None:
     ``photos``) and what ``auto`` makes of it (``chosen``), when the export is here and was
     timed on this CPU; else None (``itr info``).  Reads two small files; imports nothing."""
     d = towercache.lookup(model, revision, KIND)
-    if d is None:
+    got = _rates_here(d) if d is not None else None
+    if not isinstance(got, tuple):
         return None
-    try:
-        rates = json.loads((d / towercache.DONE).read_text()).get("rates") or {}
-        if rates.get("cpu") != cpu_identity():
-            return None
-        out = {TORCH: float(rates[TORCH]), ONNX: float(rates[ONNX]),
-               "photos": int(rates.get("photos", 0))}
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return {**out, "chosen": timed_choice(d)[0]}
+    torch_rate, onnx_rate, photos = got
+    return {TORCH: torch_rate, ONNX: onnx_rate, "photos": photos,
+            "chosen": _faster(torch_rate, onnx_rate)}
 
 
 def _rate(run, n: int) -> float:
@@ -326,11 +336,11 @@ def export(encoder, sample_paths: Sequence[str], *, release: bool = False) -> Pa
     fixed = check_pixels((1, *real.shape[1:]))
     tower = encoder.float32_image_tower()
     timed = requested() == "auto"  # a forced runtime needs no timings
+    x = torch.from_numpy(real)
     with torch.inference_mode(False), torch.no_grad():
-        want_real = tower(torch.from_numpy(real)).numpy()  # [n, dim]
+        want_real = tower(x).numpy()  # [n, dim]
         want_fixed = tower(torch.from_numpy(fixed)).numpy()  # [1, dim]
         # torch's rate on the same photos, warm, as indexing runs it (float32, every core)
-        x = torch.from_numpy(real)
         torch_rate = _rate(lambda: tower(x), len(real)) if timed else None
     del tower
     checks = ((real, want_real), (real[:1], want_real[:1]), (fixed, want_fixed))
