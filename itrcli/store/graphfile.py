@@ -215,9 +215,13 @@ class GraphFile:
 
     # -- searching -------------------------------------------------------------------
     def _labels(self, internal) -> np.ndarray:
-        """External labels (u64, stored as two u32 words) of internal ids."""
-        lo = self._w[internal, self._label].astype(np.int64)
-        hi = self._w[internal, self._label + 1].astype(np.int64)
+        """External labels of internal ids."""
+        return self._labels_of(self._w[internal])
+
+    def _labels_of(self, rows: np.ndarray) -> np.ndarray:
+        """External labels (u64, stored as two u32 words) of level-0 records ``[n, words]``."""
+        lo = rows[:, self._label].astype(np.int64)
+        hi = rows[:, self._label + 1].astype(np.int64)
         return lo | (hi << 32)
 
     def _dist(self, ids, q: np.ndarray) -> np.ndarray:
@@ -250,10 +254,11 @@ class GraphFile:
         dist = np.asarray([d for d, _ in beam], dtype=np.float32)
         return (self._labels(ids) if len(ids) else ids), dist
 
-    def _usable(self, ids: list[int], allowed) -> list[bool]:
-        ok = ((self._w[ids, 0] & DELETED) == 0).tolist()
+    def _usable(self, rows: np.ndarray, allowed) -> list[bool]:
+        """Of level-0 records ``[n, words]``: not marked deleted, and passing ``allowed``."""
+        ok = ((rows[:, 0] & DELETED) == 0).tolist()
         if allowed is not None:
-            ok = [o and allowed(lab) for o, lab in zip(ok, self._labels(ids).tolist())]
+            ok = [o and allowed(lab) for o, lab in zip(ok, self._labels_of(rows).tolist())]
         return ok
 
     def _layer0(self, q, entry: int, entry_d: float, ef: int, allowed) -> list[tuple[float, int]]:
@@ -272,13 +277,13 @@ class GraphFile:
         visited = bytearray(self.count)
         visited[entry] = 1
         top: list[tuple[float, int]] = []  # max-heap of the best ef, as (-dist, id)
-        if self._usable([entry], allowed)[0]:
+        if self._usable(self._w[[entry]], allowed)[0]:
             lower = entry_d
             top.append((-entry_d, entry))
         else:
             lower = float(np.finfo(np.float32).max)
         cands = [(entry_d, entry)]  # min-heap of (dist, id) still to expand
-        w, vec, label = self._w, self._vec, self._label
+        w, vec = self._w, self._vec
         one = np.float32(1.0)
         push, pop = heapq.heappush, heapq.heappop
         while cands:
@@ -300,11 +305,7 @@ class GraphFile:
                     continue
                 new = [new[i] for i in idx.tolist()]
                 recs, dist = recs[idx], dist[idx]
-            ok = ((recs[:, 0] & DELETED) == 0).tolist()
-            if allowed is not None:
-                labs = recs[:, label].astype(np.int64) | (recs[:, label + 1].astype(np.int64) << 32)
-                ok = [o and allowed(lab) for o, lab in zip(ok, labs.tolist())]
-            for c, d, good in zip(new, dist.tolist(), ok):
+            for c, d, good in zip(new, dist.tolist(), self._usable(recs, allowed)):
                 if len(top) < ef or lower > d:
                     push(cands, (d, c))
                     if good:
