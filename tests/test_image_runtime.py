@@ -352,3 +352,18 @@ def test_a_large_run_starts_torch_with_sleeping_threads(tmp_path, photos, micro_
     assert r.stdout.strip().splitlines()[-1] == "['PASSIVE']", r.stdout
     # the run took the large run's way: it made the image tower's export (in its own cache)
     assert list((tmp_path / "towers").glob(f"*/{imagetower.KIND}/{towercache.DONE}"))
+
+
+def test_a_large_tower_is_exported_in_a_child_process(itr, tmp_path, photos, micro_clip,
+                                                      monkeypatch):
+    """A tower worth a child process (here forced: ITR_TEXT_EXPORT=child) is exported by
+    one before the run loads its encoder; the run then encodes with it."""
+    monkeypatch.setenv("ITR_TEXT_EXPORT", "child")
+    made = []
+    monkeypatch.setattr(imagetower, "export", lambda *a, **k: made.append(1))  # not in-process
+    r = _index(itr, photos, tmp_path / "lib", micro_clip, "-v")
+    assert "itr: image tower exported for onnxruntime" in r.err, r.err
+    assert made == [] and _info(itr, tmp_path / "lib")["image_runtime"] == "onnxruntime"
+    done = json.loads((towercache.lookup(str(micro_clip), None, imagetower.KIND)
+                       / towercache.DONE).read_text())
+    assert done["photos"] == len(SPECS) and done["rates"]["cpu"] == imagetower.cpu_identity()

@@ -440,21 +440,11 @@ def start(model: str, revision: str | None, sample_paths: Sequence[str]):
     """Start exporting ``model``'s image tower in a child process that dies with its
     parent; an :class:`itrcli.embed.textonnx.ExportProcess` (``wait()``:
     exit status 0 when exported, and the last line of its error output)."""
-    import subprocess
-    import sys
-    import tempfile
+    from .textonnx import spawn
 
-    from .textonnx import ExportProcess
-
-    pkg_parent = str(Path(__file__).resolve().parents[2])
-    code = (f"import sys; sys.path[0] = {pkg_parent!r}; "
-            "from itrcli.embed.imagetower import _child_main; _child_main()")
-    log_file = tempfile.TemporaryFile()
-    args = json.dumps({"model": model, "revision": revision, "paths": list(map(str, sample_paths)),
-                       "parent": os.getpid()})
-    proc = subprocess.Popen([sys.executable, "-c", code, args], stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=log_file, close_fds=True)
-    return ExportProcess(proc, log_file)
+    return spawn(__name__, [json.dumps({"model": model, "revision": revision,
+                                        "paths": list(map(str, sample_paths)),
+                                        "parent": os.getpid()})])
 
 
 def _child_main() -> None:

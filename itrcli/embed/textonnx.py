@@ -662,18 +662,24 @@ def start(model: str, library_dir: Path, *, revision: str | None = None) -> Expo
     exported, :data:`UNSUPPORTED`, anything else a failure worth another try.
     ``revision``: the hub commit to load (the library's recorded one), as for
     :class:`~itrcli.embed.encoder.Encoder`."""
+    return spawn(__name__, [model, str(library_dir), str(os.getpid()), revision or ""])
+
+
+def spawn(module: str, args: Sequence[str]) -> ExportProcess:
+    """Run ``_child_main()`` of ``module`` (an ``itrcli`` module) in a child process as
+    ``python -c ... ARGS``, imported from this package's own location (never the current
+    directory), with no input or output but its error output, kept for
+    :meth:`ExportProcess.wait`."""
     import subprocess
     import sys
     import tempfile
 
     pkg_parent = str(Path(__file__).resolve().parents[2])
-    # the package's own location first, never the current directory
     code = (f"import sys; sys.path[0] = {pkg_parent!r}; "
-            "from itrcli.embed.textonnx import _child_main; _child_main()")
+            f"from {module} import _child_main; _child_main()")
     log = tempfile.TemporaryFile()
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, model, str(library_dir), str(os.getpid()), revision or ""],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log, close_fds=True)
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=log, close_fds=True)
     return ExportProcess(proc, log)
 
 
