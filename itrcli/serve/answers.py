@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import sys
-from typing import Any
+import tempfile
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from starlette.requests import Request
 from starlette.responses import Response
@@ -229,13 +231,25 @@ async def read_image(request: Request, cap: int) -> tuple[bytes, str]:
     raise HTTPError(415, "POST an image as the multipart field 'image' (or as an image/* body)")
 
 
-def upload_suffix(name: str) -> str:
-    """The extension an upload is saved under: the one it was sent with when itr reads that
-    kind of file (a camera RAW is told by its name, not its bytes), else none."""
+def upload_name(name: str) -> str:
+    """The file name an upload is read and saved under: ``upload``, with the extension it
+    was sent with when itr reads that kind of file (a camera RAW is told by its name, not
+    its bytes)."""
     from ..ingest.images import supported_extensions
 
     ext = os.path.splitext(os.path.basename(name or ""))[1].lower()
-    return ext if ext in supported_extensions() else ""
+    return "upload" + (ext if ext in supported_extensions() else "")
+
+
+@contextmanager
+def saved_upload(data: bytes, name: str = "") -> Iterator[str]:
+    """The path of ``data`` saved under :func:`upload_name` in a private temporary folder,
+    removed afterwards (what a search by an uploaded image reads)."""
+    with tempfile.TemporaryDirectory(prefix="itr-upload-") as d:
+        path = os.path.join(d, upload_name(name))
+        with open(path, "wb") as f:
+            f.write(data)
+        yield path
 
 
 def check_image(data: bytes, name: str = "") -> None:
@@ -246,7 +260,7 @@ def check_image(data: bytes, name: str = "") -> None:
     if not data:
         raise HTTPError(415, "not an image: empty upload")
     try:
-        open_image(data, name="upload" + upload_suffix(name))
+        open_image(data, name=upload_name(name))
     except (DecodeError, OSError, ValueError, SyntaxError) as e:
         why = str(e) or type(e).__name__
         raise HTTPError(415, why if why.startswith("not an image") else f"not an image: {why}"

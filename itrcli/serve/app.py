@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import mimetypes
 import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -120,11 +119,7 @@ def create_app(options: ServeOptions, live: LiveLibrary | None = None) -> Starle
                 raise answers.HTTPError(400, "POST searches by the uploaded image: no q or like")
             data, name = await answers.read_image(request, options.max_upload)
             await anyio.to_thread.run_sync(answers.check_image, data, name, limiter=decode)
-            with tempfile.TemporaryDirectory(prefix="itr-upload-") as d:
-                # under its own extension when itr reads that kind (a RAW is told by it)
-                path = os.path.join(d, "upload" + answers.upload_suffix(name))
-                with open(path, "wb") as f:
-                    f.write(data)
+            with answers.saved_upload(data, name) as path:  # a RAW keeps its extension
                 out = await live.run(answers.search_image, req, path, base)
             out["query"] = name
         else:

@@ -21,8 +21,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import os
-import tempfile
 from typing import Any
 
 from starlette.requests import Request
@@ -64,8 +62,8 @@ def _dedup(lib, results: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def routes(live, options, *, endpoint) -> list[Route]:
-    from .answers import (HTTPError, base_url, check_image, json_response, read_body, search,
-                          search_image)
+    from .answers import (HTTPError, base_url, check_image, json_response, read_body,
+                          saved_upload, search, search_image)
 
     async def body_json(request: Request) -> dict[str, Any]:
         raw = await read_body(request, options.max_upload * 4 // 3 + 4096)
@@ -133,10 +131,7 @@ def routes(live, options, *, endpoint) -> list[Route]:
                 raise HTTPError(413, f"image larger than {options.max_upload:,} bytes")
             await anyio.to_thread.run_sync(check_image, raw)
             req = SearchRequest.build(None, top=top)
-            with tempfile.TemporaryDirectory(prefix="itr-upload-") as d:
-                path = os.path.join(d, "upload")
-                with open(path, "wb") as f:
-                    f.write(raw)
+            with saved_upload(raw) as path:
 
                 def run(lib):
                     out = search_image(lib, req, path, base)["results"]
