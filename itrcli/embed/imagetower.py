@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import shutil
+from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -341,7 +342,7 @@ def export(encoder, sample_paths: Sequence[str], *, release: bool = False) -> Pa
         want_real = tower(x).numpy()  # [n, dim]
         want_fixed = tower(torch.from_numpy(fixed)).numpy()  # [1, dim]
         # torch's rate on the same photos, warm, as indexing runs it (float32, every core)
-        torch_rate = _rate(lambda: tower(x), len(real)) if timed else None
+        torch_rate = _rate(partial(tower, x), len(real)) if timed else None
     del tower
     checks = ((real, want_real), (real[:1], want_real[:1]), (fixed, want_fixed))
     try:
@@ -394,7 +395,7 @@ def _export(encoder, checks, release: bool, *, quick: bool, torch_rate: float | 
         rates = None
         if torch_rate is not None:  # the check above warmed it on the same photos
             feed = {"pixel_values": checks[0][0]}
-            onnx_rate = _rate(lambda: sess.run(["embedding"], feed), len(checks[0][0]))
+            onnx_rate = _rate(partial(sess.run, ["embedding"], feed), len(checks[0][0]))
             rates = {TORCH: round(torch_rate, 2), ONNX: round(onnx_rate, 2),
                      "photos": len(checks[0][0]), "cpu": cpu_identity()}
         del sess

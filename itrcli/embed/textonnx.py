@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from ..constants import TEXT_TOWER_DIR as DIRNAME
 from ..gcpause import give_back_memory
