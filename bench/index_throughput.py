@@ -407,17 +407,11 @@ def main() -> None:
         ps, spare = ps[: a.large], ps[a.large]
         primed = primed_library(spare, extra)
         ensure_export(spare)
-        if a.first_export:
-            import shutil
-
-            saved = os.environ["ITR_TOWER_CACHE"]
-            os.environ["ITR_TOWER_CACHE"] = str(OUT / "towers-empty")
-            shutil.rmtree(OUT / "towers-empty", ignore_errors=True)
+        if a.first_export:  # a new library runs with an empty tower cache of its own
             fx, fx_rss = itr_index(ps[: a.small], extra)
             print(f"{kind}: {a.small} photos into a new library with the tower cache empty (its "
                   f"one-time exports made first, once per machine): {fx:.1f}s, peak RSS "
                   f"{fx_rss:.0f} MiB, whole process tree {LAST_TREE_RSS[0]:.0f} MiB RSS, {LAST_TREE_PSS[0]:.0f} MiB PSS")
-            os.environ["ITR_TOWER_CACHE"] = saved
         # not sampled: the sampler's CPU would come off the net rate
         i_s, _ = itr_index(ps[: a.small], extra, library=primed, sample=False)
         i_l, i_rss = itr_index(ps, extra, library=primed, sample=False)
