@@ -318,6 +318,19 @@ def test_the_timed_choice_needs_a_real_gain(tmp_path, monkeypatch, torch_rate, o
     assert got == chosen and f"onnxruntime {onnx_rate:.1f} img/s, torch {torch_rate:.1f}" in why
 
 
+def test_timings_hold_only_for_the_instruction_sets_this_process_detects(tmp_path, monkeypatch):
+    """CPUID masked for a process (bench/avx2only: AVX2 kernels on an AVX-512 CPU) gives it
+    other kernels than /proc/cpuinfo's flags say: the timings of the unmasked CPU are not
+    its own, and the other way round."""
+    monkeypatch.setattr(imagetower, "MIN_GAIN", 1.05)
+    (tmp_path / towercache.DONE).write_text(json.dumps({"rates": {
+        "torch": 20.0, "onnxruntime": 17.0, "cpu": imagetower.cpu_identity()}}))
+    assert imagetower.timed_choice(tmp_path)[0] == "torch"
+    monkeypatch.setattr(imagetower, "_detected_isa", lambda: "AVX AVX2 F16C FMA3")
+    got, why = imagetower.timed_choice(tmp_path)
+    assert got == "onnxruntime" and "timed on another CPU" in why, why
+
+
 def test_a_large_run_starts_torch_with_sleeping_threads(tmp_path, photos, micro_clip):
     """A run that may make the image export resolves its device (importing torch) before
     its encoder loads: torch's OpenMP must still start with OMP_WAIT_POLICY=PASSIVE (read

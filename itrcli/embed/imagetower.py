@@ -218,7 +218,22 @@ def cpu_identity() -> str:
                     ident.append(line.strip())
     except OSError:  # macOS, Windows: what the platform names (no /proc)
         ident.append(platform.processor())
+    ident.append(_detected_isa())
     return hashlib.blake2b("\n".join(ident).encode(), digest_size=8).hexdigest()
+
+
+def _detected_isa() -> str:
+    """The instruction sets this process's libraries detect at run time (numpy asks CPUID,
+    as torch and onnxruntime do): they can differ from /proc/cpuinfo's flags where CPUID is
+    masked for the process (bench/avx2only), and a timing holds only for the kernels run."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:
+        try:  # numpy 1.x
+            from numpy.core._multiarray_umath import __cpu_features__
+        except ImportError:
+            return ""
+    return " ".join(sorted(k for k, v in __cpu_features__.items() if v))
 
 
 def _rates_here(d: Path) -> tuple[float, float, int] | str:
