@@ -109,10 +109,15 @@ class Library:
 
         ``towers="image"`` (indexing) leaves the text tower's weights unread until a text is
         encoded (see :class:`itrcli.embed.encoder.Encoder`)."""
+        name = model or self.model or models.resolve(None)
+        return self._encoder_at(name, device, precision, self._revision_of(name), towers)
+
+    def _encoder_at(self, name: str, device: str, precision: str, revision: str | None,
+                    towers: str):
+        """:meth:`encoder` of ``name`` at ``revision``: reads no database, so an index run
+        may load it in a thread beside its first decodes."""
         from .embed.encoder import Encoder
 
-        name = model or self.model or models.resolve(None)
-        revision = self._revision_of(name)
         args = (name, device, precision, revision)
         if self._encoder is None or self._encoder_args != args:
             self._encoder = Encoder(name, device=device, precision=precision, towers=towers,
@@ -247,6 +252,15 @@ class Library:
         if engine == "local":  # the towers' one-time exports, before encoding
             extra["before_encoder"] = lambda photos, count: self._export_towers_first(
                 want, drv_device, drv_precision, photos, count)
+            if prep is None:  # a new library: decoding starts while the encoder loads
+                from functools import partial
+
+                from .embed.encoder import guess_preprocess
+
+                revision = self._revision_of(want)
+                extra["guess_prep"] = partial(guess_preprocess, want, revision)
+                extra["load_encoder"] = partial(self._encoder_at, want, drv_device,
+                                                drv_precision, revision, "image")
         run = run_cls(
             self.store, self.directory, get_encoder, dim=dim, prep=prep,
             batch_size=batch_size, workers=n_workers,

@@ -302,3 +302,88 @@ def test_avif_photos_are_indexed_where_pillow_decodes_them(itr, tiny_clip, photo
     assert (s["scanned"], s["added"], s["skipped"], s["passed_over"]) == (5, 5, 0, {})
     hits = itr("search", str(d / "copy.avif"), "--db", tmp_path / "lib", "--json").json()
     assert hits["results"][0]["path"] == str(photos[0])  # an image query by an AVIF file
+
+
+def _watch_the_load(monkeypatch, *, wait_for_a_decode: bool):
+    """Records which thread loads the encoder; with ``wait_for_a_decode`` the load waits
+    (up to 30 s) for a file to be decoded first, which only a load beside the decodes sees."""
+    import threading
+
+    import itrcli.jobs.indexer as indexer
+    from itrcli.library import Library
+
+    seen = {"loaded_in": [], "decoded_first": [], "reads": 0}
+    decoding = threading.Event()
+    read, load = indexer.read_for_vectors, Library._encoder_at
+
+    def counted_read(*a, **k):
+        seen["reads"] += 1
+        decoding.set()
+        return read(*a, **k)
+
+    def watched_load(self, *a, **k):
+        if wait_for_a_decode:
+            seen["decoded_first"].append(decoding.wait(30))
+        seen["loaded_in"].append(threading.current_thread().name)
+        return load(self, *a, **k)
+
+    monkeypatch.setattr(indexer, "read_for_vectors", counted_read)
+    monkeypatch.setattr(Library, "_encoder_at", watched_load)
+    return seen
+
+
+def test_a_new_library_decodes_while_its_encoder_loads(itr, tiny_clip, photos, tmp_path,
+                                                       monkeypatch):
+    """A new library's run decodes with the recipe read from the model's files while the
+    encoder loads in a thread, and stores the vectors of a run that loads it first."""
+    import itrcli.embed.encoder as encoder
+
+    seen = _watch_the_load(monkeypatch, wait_for_a_decode=True)
+    s = index(itr, tmp_path / "beside", photos[0].parent, "--model", tiny_clip)
+    assert (s["added"], s["skipped"]) == (4, 0)
+    assert seen["loaded_in"][0] == "itr-load-encoder" and seen["decoded_first"][0] is True
+    assert seen["reads"] == 4  # the guess was the model's recipe: nothing decoded twice
+
+    monkeypatch.setattr(encoder, "guess_preprocess", lambda *a: None)  # no guess: load first
+    seen = _watch_the_load(monkeypatch, wait_for_a_decode=False)
+    index(itr, tmp_path / "first", photos[0].parent, "--model", tiny_clip)
+    assert seen["loaded_in"][0] != "itr-load-encoder"
+    beside, first = stored(tmp_path / "beside"), stored(tmp_path / "first")
+    assert beside.keys() == first.keys()
+    for path in beside:
+        assert np.array_equal(beside[path], first[path])
+
+
+def test_a_wrong_guess_is_decoded_again(itr, tiny_clip, photos, tmp_path, monkeypatch):
+    """Files decoded with a guessed recipe that the loaded encoder's contradicts are decoded
+    again with its own: the vectors are those of the right recipe."""
+    import dataclasses
+
+    import itrcli.embed.encoder as encoder
+
+    real = encoder.guess_preprocess
+    index(itr, tmp_path / "right", photos[0].parent, "--model", tiny_clip)
+    monkeypatch.setattr(encoder, "guess_preprocess", lambda *a: dataclasses.replace(
+        real(*a), mean=(0.1, 0.2, 0.3), crop_height=20, crop_width=20))
+    seen = _watch_the_load(monkeypatch, wait_for_a_decode=True)
+    s = index(itr, tmp_path / "wrong", photos[0].parent, "--model", tiny_clip)
+    assert (s["added"], s["skipped"]) == (4, 0) and seen["decoded_first"][0] is True
+    assert seen["reads"] == 8  # each file decoded with the guess, then again
+    right, wrong = stored(tmp_path / "right"), stored(tmp_path / "wrong")
+    for path in right:
+        assert np.array_equal(right[path], wrong[path])
+
+
+def test_a_model_that_fails_to_load_beside_the_decodes_fails_the_run_cleanly(
+        itr, tiny_clip, photos, tmp_path):
+    """The load's error reaches the run as any model error: one line, exit 2... nothing bound."""
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_clip, broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    r = itr("index", photos[0].parent, "--db", tmp_path / "lib", "--model", broken, "-q")
+    assert r.code != 0 and "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1, r
+    from itrcli.store.db import Store
+
+    s = Store(tmp_path / "lib")
+    assert s.get_meta("model") is None and len(s.vectors()[0]) == 0
+    s.close()

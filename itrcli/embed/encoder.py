@@ -47,6 +47,36 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+def guess_preprocess(model: str, revision: str | None = None) -> Preprocess | None:
+    """``model``'s image preprocessing read from its files alone, in milliseconds (no torch,
+    no transformers): an index run into a new library starts decoding with it while the
+    encoder loads.  A guess: :attr:`Encoder.prep` is the recipe, and what it contradicts is
+    decoded again.  None where the files are not at hand (a hub model not in the local
+    cache) or do not say it."""
+    import json
+
+    try:
+        from .openclip import is_openclip, preprocess_from, read_config
+
+        if is_openclip(model):
+            if not os.path.isdir(model):  # hf-hub:ORG/NAME: its folder is found by the load
+                return None
+            return preprocess_from(read_config(model))
+        name = "preprocessor_config.json"
+        if os.path.isdir(model):
+            path = os.path.join(model, name)
+        else:
+            from huggingface_hub import try_to_load_from_cache
+
+            path = try_to_load_from_cache(model, name, revision=revision)
+        if not isinstance(path, str) or not os.path.isfile(path):
+            return None
+        with open(path, encoding="utf-8") as f:
+            return Preprocess.from_config(json.load(f))
+    except Exception:  # a guess: the encoder's load reports what is wrong with the files
+        return None
+
+
 def import_torch():
     """torch, its OpenMP threads set to sleep between parallel regions
     (``OMP_WAIT_POLICY=PASSIVE`` unless the environment says otherwise).  By default they

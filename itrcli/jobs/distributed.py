@@ -262,9 +262,10 @@ def decode_batch(batch: dict[str, Any], *, prep, draft: bool, known: list,
     """Read, hash and (unless known) decode each path: :func:`indexer.read_for_vectors` per
     image, :func:`indexer.read_video` per video (its frames, chosen as a local run does).
 
-    ``batch["path"]``: file names as bytes.  Returns one row per path with its pixels as
-    float32 bytes (empty when not decoded; a video's ``[n, 3, H, W]``, its frames' times in
-    ``times``) and everything the driver commits.
+    ``batch["path"]``: file names as bytes.  Returns one row per path with its pixels,
+    resized and cropped, as uint8 bytes (empty when not decoded; an image's ``[H, W, 3]``,
+    a video's ``[n, H, W, 3]``, its frames' times in ``times``) and everything the driver
+    commits.
     """
     import numpy as np
 
@@ -283,12 +284,10 @@ def decode_batch(batch: dict[str, Any], *, prep, draft: bool, known: list,
         cols["error"].append("" if r.error is None else r.error)
         cols["remember"].append(r.remember)
         cols["meta"].append(json.dumps(r.meta) if r.meta is not None else "")
-        px = r.pixels
-        # a video's frames travel as float16, as they wait in a local run (half the object
-        # store), an image's as float32; the actor makes both float32 as a local run does
-        dtype = np.float16 if r.times is not None else np.float32
-        cols["pixels"].append(b"" if px is None else np.ascontiguousarray(px, dtype).tobytes())
-        cols["shape"].append(json.dumps([np.dtype(dtype).name, *px.shape]) if px is not None else "")
+        px = r.pixels  # uint8, resized and cropped, as it waits in a local run; the actor
+        # normalises it as a local run does (a quarter of float32's object store)
+        cols["pixels"].append(b"" if px is None else np.ascontiguousarray(px).tobytes())
+        cols["shape"].append(json.dumps([px.dtype.name, *px.shape]) if px is not None else "")
         cols["times"].append(json.dumps(r.times) if r.times is not None else "")
         cols["note"].append(r.note or "")
     return {k: np.asarray(v, dtype=object if k in _OBJECT_COLUMNS else None)
@@ -319,14 +318,14 @@ class Embedder:
         idx = [i for i, p in enumerate(pixels) if len(p)]
         vectors = [b""] * len(pixels)
         if idx:
-            # an image [3, H, W] is one picture, a video's frames [n, 3, H, W] are n
+            # an image [H, W, 3] is one picture, a video's frames [n, H, W, 3] are n
             parts = []
             for i in idx:
                 dtype, *shape = json.loads(shapes[i])
-                parts.append(np.frombuffer(pixels[i], dtype=dtype).reshape(shape).astype(np.float32))
+                parts.append(np.frombuffer(pixels[i], dtype=dtype).reshape(shape))
             parts = [p[None] if p.ndim == 3 else p for p in parts]
-            x = np.concatenate(parts) if len(parts) > 1 else parts[0]  # [frames, 3, H, W]
-            flat = self.enc.encode_pixels(np.ascontiguousarray(x))  # [frames, dim]
+            x = np.concatenate(parts) if len(parts) > 1 else parts[0]  # [frames, H, W, 3]
+            flat = self.enc.encode_pixels(self.enc.prep.normalise(x))  # [frames, dim]
             ends = np.cumsum([len(p) for p in parts])
             for i, p, e in zip(idx, parts, ends):
                 vectors[i] = np.ascontiguousarray(flat[e - len(p) : e], np.float32).tobytes()

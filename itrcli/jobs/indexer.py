@@ -114,13 +114,18 @@ class _Read:
     size: int = 0
     mtime_ns: int = 0
     content_hash: str = ""
+    #: the picture resized and cropped, not yet normalised (:meth:`Preprocess.crop`):
+    #: ``[H, W, 3]`` uint8, a video's frames ``[n, H, W, 3]``: a quarter of the memory of
+    #: the model's float32 input while they wait for the encoder
     pixels: Any = None
+    #: the recipe ``pixels`` were made with (the run's may be a guess: see IndexRun)
+    prep: Any = None
     vector: Any = None  #: ``[dim]``, when the engine embedded it already (Ray workers)
     meta: dict[str, Any] | None = None
     error: str | None = None
     #: the error depends only on the file's bytes: remember it until the file changes
     remember: bool = False
-    #: a video: the time of each frame in ``pixels`` (``[n, 3, H, W]``), else None
+    #: a video: the time of each frame in ``pixels``, else None
     times: list[float] | None = None
     note: str | None = None  #: a video read only in part: why
 
@@ -147,7 +152,8 @@ def read_for_vectors(path: str, prep: Preprocess | None, draft: bool,
         r.size, r.mtime_ns = f.st.st_size, f.st.st_mtime_ns
     if f.image is not None:
         try:
-            r.pixels = prep(f.image, (f.meta.width, f.meta.height)) if prep is not None else None
+            if prep is not None:
+                r.pixels, r.prep = prep.crop(f.image, (f.meta.width, f.meta.height)), prep
             r.meta = asdict(f.meta)
         except DecodeError as e:  # e.g. a strip too thin to preprocess: the bytes' fault
             r.error, r.remember = str(e), True
@@ -192,10 +198,9 @@ def read_video(path: str, prep: Preprocess | None, known_hashes: frozenset[str],
             r.error = "file changed while being read (it is read again next run)"
             return r
         if prep is not None:
-            # float16 while waiting for the encoder: a long clip's frames take half the memory
-            # (the rounding, 1e-3 of the normalised range, is far below the codec's own loss)
-            r.pixels = np.stack([prep(f.image, (v.width or f.image.width, v.height or f.image.height))
-                                 .astype(np.float16) for f in v.frames])  # [n, 3, H, W]
+            r.pixels = np.stack([prep.crop(f.image, (v.width or f.image.width, v.height or f.image.height))
+                                 for f in v.frames])  # [n, H, W, 3] uint8
+            r.prep = prep
         r.times = [round(f.time, 3) for f in v.frames]
         r.note = v.note
         r.meta = {"width": v.width, "height": v.height, "taken_at": v.taken_at,
@@ -255,11 +260,21 @@ class IndexRun:
         text: Any = None,
         video_budget: float | None = None,
         before_encoder: Callable[[list[str], int], None] | None = None,
+        guess_prep: Callable[[], Preprocess | None] | None = None,
+        load_encoder: Callable[[], Any] | None = None,
     ) -> None:
         """``before_encoder(photos, count)``: called once, before the run first loads its
         encoder, with a few of the photos it is about to encode and how many files it may
         encode in all (the image tower's one-time export for this machine is made and
-        checked on them first, when the run is large enough to gain from it)."""
+        checked on them first, when the run is large enough to gain from it).
+
+        ``guess_prep`` and ``load_encoder`` (a new library, whose recipe ``prep`` is not
+        known yet): the recipe read from the model's files, and the encoder's load, which
+        touches no database.  Decoding then starts at once with the guess, and the encoder
+        loads in a thread beside it (after ``before_encoder``) instead of before it: about
+        3 s of imports and weights on one core while the other sat idle.  ``get_encoder``
+        then takes the loaded encoder (and binds the library) in the run's thread; files
+        decoded with a guess its recipe contradicts are decoded again."""
         self.store = store
         #: a :class:`itrcli.jobs.textread.TextJob` when the library reads text (--ocr)
         self.text = text
@@ -277,6 +292,9 @@ class IndexRun:
         self.vindex: VectorIndex | None = None
         self._last_save = time.monotonic()
         self.before_encoder = before_encoder
+        self.guess_prep = guess_prep
+        self.load_encoder = load_encoder
+        self._loading: Future | None = None  # the encoder loading beside the first decodes
         self._to_encode = 0  # files this run may decode and encode (set by _process)
 
     # -- the run -----------------------------------------------------------------------
@@ -362,12 +380,72 @@ class IndexRun:
 
     def _encoder(self, paths: list[str]):
         """The run's encoder; ``before_encoder`` first, once, with up to
-        :data:`EXPORT_SAMPLES` of the photos among ``paths`` (the files about to be encoded)."""
+        :data:`EXPORT_SAMPLES` of the photos among ``paths`` (the files about to be encoded).
+        One loading beside the decodes (:meth:`_load_beside`) is waited for, and its recipe
+        becomes the run's."""
+        if self._loading is not None:
+            loading, self._loading = self._loading, None
+            loading.result()  # the load's error (a ModelError...) is raised here, in the run
+            enc = self.get_encoder()
+            self.prep, self.dim = enc.prep, enc.dim
+            return enc
+        self._before_encoder(paths)
+        return self.get_encoder()
+
+    def _before_encoder(self, paths: list[str]) -> None:
         if self.before_encoder is not None:
             hook, self.before_encoder = self.before_encoder, None
             hook([p for p in paths if not is_video(p)][:EXPORT_SAMPLES],
                  max(self._to_encode, len(paths)))
-        return self.get_encoder()
+
+    def _guess(self) -> bool:
+        """A new library: the recipe guessed from the model's files, to decode with while
+        the encoder loads (:meth:`_load_beside`); False where there is none."""
+        if self.prep is not None or self.guess_prep is None or self.load_encoder is None:
+            return False
+        self.prep = self.guess_prep()
+        return self.prep is not None
+
+    def _load_beside(self, todo: list[str]) -> None:
+        """``before_encoder``, then the encoder's load in a thread, while the decode pool
+        works; :meth:`_encoder` waits for it."""
+        import threading
+
+        self._before_encoder(todo)
+        fut: Future = Future()
+        load = self.load_encoder
+
+        def run() -> None:
+            try:
+                fut.set_result(load())
+            except BaseException as e:  # handed to the run's thread
+                fut.set_exception(e)
+
+        threading.Thread(target=run, name="itr-load-encoder", daemon=True).start()
+        self._loading = fut
+
+    def _in_recipe(self, batch: list[tuple[str, _Read]]) -> list[tuple[str, _Read]]:
+        """``batch``, its files decoded with a guessed recipe that the encoder's contradicts
+        decoded again (one that fails now is left out, counted as skipped)."""
+        out = []
+        for path, r in batch:
+            if r.pixels is not None and r.prep != self.prep:
+                r = self._read_again(path)
+                if r is None:
+                    continue
+            out.append((path, r))
+        return out
+
+    def _read_again(self, path: str) -> _Read | None:
+        """``path`` read and decoded once more with the run's recipe (its content known or
+        not); None, counted as skipped, if it fails now."""
+        r = (read_video(path, self.prep, frozenset(), self.video_budget) if is_video(path)
+             else read_for_vectors(path, self.prep, self.draft, frozenset()))
+        if r.error is not None:
+            self.summary.skip(path, r.error)
+            self.progress.advance(1, 0)
+            return None
+        return r
 
     def _process(self, todo: list[str], known: dict[str, StoredFile], missing: dict[str, StoredFile]) -> None:
         s = self.summary
@@ -378,17 +456,22 @@ class IndexRun:
         for path, k in missing.items():
             missing_by_hash.setdefault(k.content_hash, []).append(path)
         known_hashes = frozenset(hashes)
-        # The model is needed only if something must be decoded; it is loaded on first need
-        # (the pool starts hashing meanwhile only when preprocessing is already known).
+        # The model is needed only if something must be decoded; it is loaded on first need.
+        # A library bound to it knows its recipe: the pool decodes meanwhile.  A new one
+        # guesses the recipe from the model's files and loads the encoder beside the pool;
+        # without a guess, the encoder is loaded first.
         self._to_encode = len(todo)
+        guessed = self._guess()
         if self.prep is None:
             enc = self._encoder(todo)
             self.prep, self.dim = enc.prep, enc.dim
         self.progress.start(len(todo))
         batch: list[tuple[str, _Read]] = []  # decoded, waiting to be encoded
         ops: list[tuple[str, str, Any]] = []  # (kind, path, payload) without encoding
-        reads = self._reads(todo, known_hashes)
+        reads = self._reads(todo, known_hashes)  # the pool is at work from here
         try:
+            if guessed:
+                self._load_beside(todo)
             for r in reads:
                 k = known.get(r.path)
                 if r.error is not None:
@@ -424,10 +507,17 @@ class IndexRun:
         """Each file of ``todo`` read, hashed and, unless its content is known, decoded
         (:func:`read_for_vectors`), in a bounded thread pool ahead of the consumer.  The Ray engine
         (:mod:`itrcli.jobs.distributed`) replaces this with a cluster that also embeds."""
+        reads = self._read_ahead(todo, known_hashes)
+        next(reads)  # starts the pool: files are read from now on, before the first is asked for
+        return reads
+
+    def _read_ahead(self, todo: list[str], known_hashes: frozenset[str]) -> Iterator[_Read | None]:
         pool = ThreadPoolExecutor(max_workers=self.workers, thread_name_prefix="itr-decode")
         pending: deque[tuple[str, Future]] = deque()
         it = iter(todo)
-        depth = max(2 * self.batch_size, 4 * self.workers)
+        # uint8 pictures (150 KB at 224 px): 8 batches ahead take the memory 2 batches of
+        # float32 did, and keep the cores busy while a new library's encoder loads
+        depth = max(8 * self.batch_size, 4 * self.workers)
         try:
             def fill() -> None:
                 while len(pending) < depth:
@@ -445,6 +535,7 @@ class IndexRun:
                     pending.append((path, fut))
 
             fill()
+            yield None
             while pending:
                 path, fut = pending.popleft()
                 try:
@@ -472,12 +563,14 @@ class IndexRun:
         s = self.summary
         vecs = None
         if batch:
-            need = [r for _, r in batch if r.vector is None]  # not embedded by the engine
-            if need:
+            if any(r.vector is None for _, r in batch):  # not embedded by the engine
                 enc = self._encoder([path for path, _ in batch])
+                batch = self._in_recipe(batch)
+            need = [r for _, r in batch if r.vector is None]
+            if need:
                 pixels = [r.pixels[None] if r.times is None else r.pixels for r in need]
-                pixels = np.concatenate(pixels) if len(pixels) > 1 else pixels[0]  # [frames, 3, H, W]
-                flat = np.concatenate([enc.encode_pixels(pixels[i : i + self.batch_size].astype(np.float32))
+                pixels = np.concatenate(pixels) if len(pixels) > 1 else pixels[0]  # [frames, H, W, 3]
+                flat = np.concatenate([enc.encode_pixels(enc.prep.normalise(pixels[i : i + self.batch_size]))
                                        for i in range(0, len(pixels), self.batch_size)])  # [frames, dim]
                 ends = np.cumsum([r.frames for r in need])
                 # an image's vector [dim], a video's frames [n, dim]
@@ -591,16 +684,7 @@ class IndexRun:
         # failed reads were counted when they were met (in _process), not again here
         done = len(batch) + sum(kind != "fail" for kind, _, _ in ops) - len(redo)
         self.progress.advance(done, len(batch))
-        again = []
-        for path in redo:
-            r = (read_video(path, self.prep, frozenset(), self.video_budget) if is_video(path)
-                 else read_for_vectors(path, self.prep, self.draft, frozenset()))
-            if r.error is not None:
-                s.skip(path, r.error)
-                self.progress.advance(1, 0)
-            else:
-                again.append((path, r))
-        return again
+        return [(path, r) for path in redo if (r := self._read_again(path)) is not None]
 
     def _name_taken(self, c, path: str) -> bool:
         """A new file whose shown name is already another file's (two names that differ
