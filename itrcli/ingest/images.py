@@ -288,8 +288,12 @@ class Preprocess:
             # (x * scale - mean) / std folded into one multiply-add per pixel
             self._scale = (np.float32(scale) / std).astype(np.float32)
             self._shift = (-mean / std).astype(np.float32)
-        out = arr.astype(np.float32) * self._scale + self._shift  # [n, H, W, 3]
-        return np.ascontiguousarray(out.transpose(0, 3, 1, 2))  # [n, 3, H, W]
+        # one channel at a time into the output: no [n, H, W, 3] float32 copy beside it
+        out = np.empty((arr.shape[0], 3, *arr.shape[1:3]), dtype=np.float32)  # [n, 3, H, W]
+        for c in range(3):
+            np.multiply(arr[..., c], self._scale[c], out=out[:, c], dtype=np.float32)
+            out[:, c] += self._shift[c]
+        return out
 
 
 def _triple(v: Any) -> tuple[float, float, float]:
