@@ -230,3 +230,55 @@ def test_the_cli_decodes_past_pillows_warning_step_without_a_warning(itr, tiny_c
     assert r.code == 0 and "skipped" in r.err and "big.png" in r.err, r
     assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
     assert "DecompressionBomb" not in r.err
+
+
+RECIPES = [
+    {"image_processor_type": "CLIPImageProcessor"},  # the type alone: every default
+    {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 336},
+     "crop_size": {"height": 336, "width": 336}, "image_mean": [0.5, 0.4, 0.3]},
+    {"image_processor_type": "CLIPImageProcessorFast", "do_center_crop": False, "resample": 2},
+    {"image_processor_type": "CLIPImageProcessor", "size": {"shortest_edge": 256},
+     "do_normalize": False, "rescale_factor": 0.5},
+    {"image_processor_type": "SiglipImageProcessor"},
+    {"image_processor_type": "SiglipImageProcessor", "size": {"height": 384, "width": 384},
+     "image_std": [0.2, 0.3, 0.4]},
+    {"image_processor_type": "SiglipImageProcessorFast", "do_resize": True, "resample": 2},
+]
+
+
+@pytest.mark.parametrize("cfg", RECIPES)
+def test_the_recipe_read_from_the_files_is_transformers(tmp_path, cfg):
+    """itr reads CLIP's and SigLIP's preprocessor_config.json itself (transformers' image
+    processing takes 1.7 s to import): the same recipe transformers makes of the file."""
+    import json
+
+    from transformers import AutoImageProcessor
+
+    from itrcli.embed.encoder import guess_preprocess, recipe_of
+
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(cfg))
+    theirs = Preprocess.from_config(AutoImageProcessor.from_pretrained(tmp_path).to_dict())
+    assert recipe_of(cfg) == theirs
+    assert guess_preprocess(str(tmp_path)) == theirs
+
+
+def test_an_integer_size_or_another_processor_is_left_to_transformers():
+    from itrcli.embed.encoder import recipe_of
+
+    assert recipe_of({"image_processor_type": "SiglipImageProcessor", "size": 384}) is None
+    assert recipe_of({"image_processor_type": "CLIPImageProcessor", "crop_size": 224}) is None
+    assert recipe_of({"image_processor_type": "ViTImageProcessor"}) is None
+    assert recipe_of({}) is None
+
+
+def test_a_known_recipe_is_read_without_transformers_image_processing(tiny_clip, monkeypatch):
+    import transformers
+
+    from itrcli.embed.encoder import Encoder
+
+    def refuse(*a, **k):
+        raise AssertionError("AutoImageProcessor used for a recipe itr reads itself")
+
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", refuse)
+    e = Encoder(str(tiny_clip), device="cpu", precision="fp32", towers="image")
+    assert e.prep.crop_height == 32

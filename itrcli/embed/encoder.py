@@ -47,6 +47,51 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
+#: transformers' defaults for the image processors whose recipe itr reads from the
+#: checkpoint's ``preprocessor_config.json`` itself (``to_dict()`` of a file that names only
+#: the type; tests/test_images.py checks them against transformers): importing
+#: transformers' image processing takes 1.7 s, most of a run's start on onnxruntime.
+PROCESSOR_DEFAULTS: dict[str, dict[str, Any]] = {
+    "CLIPImageProcessor": {
+        "do_resize": True, "size": {"shortest_edge": 224}, "resample": 3,
+        "do_center_crop": True, "crop_size": {"height": 224, "width": 224},
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711]},
+    "SiglipImageProcessor": {
+        "do_resize": True, "size": {"height": 224, "width": 224}, "resample": 3,
+        "do_center_crop": False, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5]},
+}
+
+
+def recipe_of(cfg: dict[str, Any]) -> Preprocess | None:
+    """The recipe a ``preprocessor_config.json`` describes, where its processor is one of
+    :data:`PROCESSOR_DEFAULTS` and its sizes are spelled out (an integer size follows
+    transformers' own conversions: None, ask transformers)."""
+    kind = str(cfg.get("image_processor_type") or "")
+    for suffix in ("Fast", "Pil"):
+        kind = kind.removesuffix(suffix)
+    defaults = PROCESSOR_DEFAULTS.get(kind)
+    if defaults is None or any(not isinstance(cfg.get(k, {}), dict) for k in ("size", "crop_size")):
+        return None
+    try:
+        return Preprocess.from_config({**defaults, **{k: v for k, v in cfg.items() if v is not None}})
+    except (ValueError, TypeError):
+        return None
+
+
+def _config_file(model: str, name: str, revision: str | None) -> str | None:
+    """A checkpoint's file where it is at hand: in its folder, or in the local hub cache."""
+    if os.path.isdir(model):
+        path = os.path.join(model, name)
+    else:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(model, name, revision=revision)
+    return path if isinstance(path, str) and os.path.isfile(path) else None
+
+
 def guess_preprocess(model: str, revision: str | None = None) -> Preprocess | None:
     """``model``'s image preprocessing read from its files alone, in milliseconds (no torch,
     no transformers): an index run into a new library starts decoding with it while the
@@ -62,17 +107,12 @@ def guess_preprocess(model: str, revision: str | None = None) -> Preprocess | No
             if not os.path.isdir(model):  # hf-hub:ORG/NAME: its folder is found by the load
                 return None
             return preprocess_from(read_config(model))
-        name = "preprocessor_config.json"
-        if os.path.isdir(model):
-            path = os.path.join(model, name)
-        else:
-            from huggingface_hub import try_to_load_from_cache
-
-            path = try_to_load_from_cache(model, name, revision=revision)
-        if not isinstance(path, str) or not os.path.isfile(path):
+        path = _config_file(model, "preprocessor_config.json", revision)
+        if path is None:
             return None
         with open(path, encoding="utf-8") as f:
-            return Preprocess.from_config(json.load(f))
+            cfg = json.load(f)
+        return recipe_of(cfg) or Preprocess.from_config(cfg)
     except Exception:  # a guess: the encoder's load reports what is wrong with the files
         return None
 
@@ -287,6 +327,19 @@ class Encoder:
             return None
 
     def _preprocess(self) -> Preprocess:
+        """The checkpoint's image recipe: read by itr where :func:`recipe_of` knows its
+        processor (no import of transformers' image processing), else by transformers."""
+        import json
+
+        path = _config_file(self.model_id, "preprocessor_config.json", self._at.get("revision"))
+        if path is not None:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    known = recipe_of(json.load(f))
+            except (OSError, ValueError):
+                known = None
+            if known is not None:
+                return known
         from transformers import AutoImageProcessor
 
         image_processor = AutoImageProcessor.from_pretrained(
