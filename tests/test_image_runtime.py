@@ -8,6 +8,7 @@ unchanged."""
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -380,3 +381,58 @@ def test_a_large_tower_is_exported_in_a_child_process(itr, tmp_path, photos, mic
     done = json.loads((towercache.lookup(str(micro_clip), None, imagetower.KIND)
                        / towercache.DONE).read_text())
     assert done["photos"] == len(SPECS) and done["rates"]["cpu"] == imagetower.cpu_identity()
+
+
+def _encoder_in_fp32(model):
+    from itrcli.embed.encoder import Encoder
+
+    return Encoder(str(model), device="cpu", precision="fp32", towers="image")
+
+
+@pytest.mark.parametrize("which", ["tiny_clip", "micro_clip"])
+def test_the_plain_torch_clip_tower_gives_transformers_vectors(request, which, monkeypatch):
+    """fp32 CPU indexing on torch runs CLIP's image tower in plain torch (embed/clipvision:
+    no import of transformers' modeling), with transformers' vectors."""
+    import torch
+
+    monkeypatch.setenv("ITR_IMAGE_RUNTIME", "torch")
+    enc = _encoder_in_fp32(request.getfixturevalue(which))
+    assert enc.image_runtime == "torch" and enc._image.module is None  # the plain tower
+    theirs = enc._tower("image", torch.float32)
+    x = torch.from_numpy(np.random.default_rng(7).random(
+        (6, 3, enc.prep.crop_height, enc.prep.crop_width), dtype=np.float32))
+    with torch.inference_mode():
+        cos = torch.nn.functional.cosine_similarity(enc._image(pixel_values=x),
+                                                    theirs(pixel_values=x), dim=-1)
+    assert float(cos.min()) >= 0.99999
+
+
+def test_loading_the_plain_tower_imports_no_transformers_modeling(tiny_clip):
+    import subprocess
+    import sys
+
+    code = ("import sys; from itrcli.embed.encoder import Encoder; "
+            f"e = Encoder({str(tiny_clip)!r}, device='cpu', precision='fp32', towers='image'); "
+            "print(e._image.module is None, 'transformers.modeling_utils' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "ITR_IMAGE_RUNTIME": "torch"})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-2:] == ["True", "False"], r.stdout
+
+
+def test_a_clip_the_plain_tower_does_not_know_gets_transformers(tiny_clip, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("ITR_IMAGE_RUNTIME", "torch")
+    model = tmp_path / "relu-clip"
+    shutil.copytree(tiny_clip, model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["vision_config"]["hidden_act"] = "relu"
+    (model / "config.json").write_text(json.dumps(cfg))
+    enc = _encoder_in_fp32(model)
+    assert enc._image.module is not None  # transformers' tower
+    (model / "model.safetensors").rename(model / "elsewhere.safetensors")
+    cfg["vision_config"]["hidden_act"] = "quick_gelu"
+    (model / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception):  # no weights at all: the usual model error, from transformers
+        _encoder_in_fp32(model)

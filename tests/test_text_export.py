@@ -36,7 +36,16 @@ def towers_loaded(monkeypatch):
         seen.append(which)
         return orig(self, which, *a, **k)
 
+    plain = Encoder._plain_clip_tower
+
+    def spy_plain(self):  # the image tower in plain torch (fp32 CPU) is loaded too
+        tower = plain(self)
+        if tower is not None:
+            seen.append("image")
+        return tower
+
     monkeypatch.setattr(Encoder, "_tower", spy)
+    monkeypatch.setattr(Encoder, "_plain_clip_tower", spy_plain)
     return seen
 
 

@@ -1,0 +1,151 @@
+"""CLIP's image tower in plain torch, read straight from the checkpoint's safetensors.
+
+An index run that encodes with torch in float32 on the CPU (a CPU without native bf16,
+before the machine has an onnxruntime export of the model: its first library) loads this
+module instead of transformers' ``CLIPVisionModelWithProjection``, whose import brings
+``transformers.modeling_utils`` and with it ``torch.distributed.tensor``, ``torch._dynamo``
+and scipy: 1.7-2.4 s of the run's start, while the image tower is what the run waits for.
+
+The network is transformers' ``CLIPVisionTransformer`` op for op (patch convolution, class
+token, positions, pre-norm, pre-norm encoder layers with scaled-dot-product attention, the
+class token's post-norm, the projection), with the query, key and value projections done as
+one matrix multiply. ``tests/test_image_runtime.py`` checks its vectors against
+transformers' on the test models (cosine >= 0.99999). Anything it does not know (another
+activation, sharded weights it cannot find, a missing or misshapen weight) raises, and the
+encoder loads transformers' tower instead.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable
+
+#: the activations of CLIP vision configs this module runs
+ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")
+
+
+class Unsupported(Exception):
+    """Not a checkpoint this module runs: transformers' tower is used."""
+
+
+def _activation(name: str) -> Callable:
+    import torch
+    import torch.nn.functional as F
+
+    if name == "quick_gelu":
+        return lambda x: x * torch.sigmoid(1.702 * x)
+    if name == "gelu":
+        return F.gelu
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    raise Unsupported(f"activation {name!r}")
+
+
+def weight_files(find: Callable[[str], str | None]) -> list[str]:
+    """The checkpoint's safetensors files, ``find(name)`` giving a file's local path."""
+    single = find("model.safetensors")
+    if single:
+        return [single]
+    index = find("model.safetensors.index.json")
+    if not index:
+        raise Unsupported("no safetensors weights at hand")
+    with open(index, encoding="utf-8") as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    paths = [find(s) for s in shards]
+    if not all(paths):
+        raise Unsupported("a weight shard is not at hand")
+    return paths  # type: ignore[return-value]
+
+
+def _read(paths: list[str]) -> dict[str, Any]:
+    """The image tower's float32 tensors (``vision_model.*``, ``visual_projection.*``)."""
+    import torch
+    from safetensors import safe_open
+
+    out = {}
+    for path in paths:
+        with safe_open(path, framework="pt") as f:
+            for key in f.keys():
+                if key.startswith(("vision_model.", "visual_projection.")):
+                    out[key] = f.get_tensor(key).to(torch.float32)
+    return out
+
+
+def build(vision: Any, projection_dim: int, paths: list[str]):
+    """The tower as a module, ``pixel_values`` ``[n, 3, H, W]`` -> ``[n, projection_dim]``
+    (unnormalised), from transformers' CLIP vision config and the safetensors files."""
+    import torch
+    import torch.nn.functional as F
+    from torch import nn
+
+    act = _activation(getattr(vision, "hidden_act", "quick_gelu"))
+    width, heads = int(vision.hidden_size), int(vision.num_attention_heads)
+    layers, patch = int(vision.num_hidden_layers), int(vision.patch_size)
+    eps = float(getattr(vision, "layer_norm_eps", 1e-5))
+    if width % heads:
+        raise Unsupported("hidden size not a multiple of the heads")
+    head = width // heads
+    w = _read(paths)
+
+    def take(key: str, shape: tuple[int, ...]):
+        t = w.get(key)
+        if t is None or tuple(t.shape) != shape:
+            raise Unsupported(f"weight {key}: {None if t is None else tuple(t.shape)}, expected {shape}")
+        return nn.Parameter(t, requires_grad=False)
+
+    def norm(prefix: str) -> nn.LayerNorm:
+        m = nn.LayerNorm(width, eps=eps)
+        m.weight, m.bias = take(prefix + ".weight", (width,)), take(prefix + ".bias", (width,))
+        return m
+
+    def linear(prefix: str, n_in: int, n_out: int, bias: bool = True) -> nn.Linear:
+        m = nn.Linear(n_in, n_out, bias=bias)
+        m.weight = take(prefix + ".weight", (n_out, n_in))
+        if bias:
+            m.bias = take(prefix + ".bias", (n_out,))
+        return m
+
+    class Layer(nn.Module):
+        def __init__(self, p: str) -> None:
+            super().__init__()
+            self.norm1, self.norm2 = norm(p + ".layer_norm1"), norm(p + ".layer_norm2")
+            qkv = [take(f"{p}.self_attn.{k}_proj.weight", (width, width)) for k in "qkv"]
+            bias = [take(f"{p}.self_attn.{k}_proj.bias", (width,)) for k in "qkv"]
+            self.qkv = nn.Linear(width, 3 * width)
+            self.qkv.weight = nn.Parameter(torch.cat(qkv), requires_grad=False)
+            self.qkv.bias = nn.Parameter(torch.cat(bias), requires_grad=False)
+            self.out = linear(p + ".self_attn.out_proj", width, width)
+            self.fc1 = linear(p + ".mlp.fc1", width, int(vision.intermediate_size))
+            self.fc2 = linear(p + ".mlp.fc2", int(vision.intermediate_size), width)
+
+        def forward(self, x):  # [n, t, width]
+            n, t, _ = x.shape
+            q, k, v = self.qkv(self.norm1(x)).view(n, t, 3, heads, head).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, scale=head ** -0.5)  # [n, h, t, d]
+            x = x + self.out(a.transpose(1, 2).reshape(n, t, width))
+            return x + self.fc2(act(self.fc1(self.norm2(x))))
+
+    class Tower(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            e = "vision_model.embeddings"
+            self.patch = nn.Conv2d(3, width, patch, stride=patch, bias=False)
+            self.patch.weight = take(e + ".patch_embedding.weight", (width, 3, patch, patch))
+            self.cls = take(e + ".class_embedding", (width,))
+            grid = int(vision.image_size) // patch
+            self.pos = take(e + ".position_embedding.weight", (grid * grid + 1, width))
+            self.pre = norm("vision_model.pre_layrnorm")
+            self.layers = nn.ModuleList(Layer(f"vision_model.encoder.layers.{i}") for i in range(layers))
+            self.post = norm("vision_model.post_layernorm")
+            self.proj = linear("visual_projection", width, projection_dim, bias=False)
+
+        def forward(self, pixel_values):
+            x = self.patch(pixel_values).flatten(2).transpose(1, 2)  # [n, grid², width]
+            x = torch.cat([self.cls.expand(x.shape[0], 1, width), x], dim=1) + self.pos
+            x = self.pre(x)
+            for layer in self.layers:
+                x = layer(x)
+            return self.proj(self.post(x[:, 0]))
+
+    return Tower().eval()
+
