@@ -91,8 +91,9 @@ def test_first_run_exports_in_a_child_and_never_loads_the_text_tower(
 def test_while_the_child_exports_the_run_imports_what_its_encoder_needs(
         itr, tiny_clip, photos, tmp_path, monkeypatch):
     """The run waits on the export child before it loads its encoder: meanwhile a thread
-    imports torch and transformers' model classes (encoder.preload); one that fails costs
-    the run nothing (the encoder's own loading imports them again)."""
+    imports torch and transformers (encoder.preload: its model classes too, unless the
+    run is fp32 on the CPU); one that fails costs the run nothing (the encoder's own
+    loading imports them again)."""
     import threading
 
     from itrcli.embed import encoder
@@ -101,15 +102,15 @@ def test_while_the_child_exports_the_run_imports_what_its_encoder_needs(
     calls = []
     real = encoder.preload
 
-    def preload():
+    def preload(*args):
         calls.append(threading.current_thread().name)
-        real()
+        real(*args)
 
     monkeypatch.setattr(encoder, "preload", preload)
     r = itr("index", photos, "--db", tmp_path / "lib", "-m", tiny_clip, "-q")
     assert r.code == 0 and calls == ["itr-preload"], (r, calls)
 
-    def broken():
+    def broken(*args):
         calls.append("broken")
         raise ImportError("no transformers here")
 

@@ -132,14 +132,20 @@ def import_torch():
     return torch
 
 
-def preload() -> None:
-    """Import what loading an encoder imports: torch (as :func:`import_torch` does) and
-    transformers' model machinery with its CLIP classes (about 3 s on a 2-core VM), for a
-    run to do while it waits on an export child instead of after it."""
+def preload(device: str = "auto", precision: str = "auto") -> None:
+    """Import what loading an encoder for ``device`` and ``precision`` imports: torch (as
+    :func:`import_torch` does), transformers' configuration and, unless it runs in fp32 on
+    the CPU, its model machinery with the CLIP classes (about 3 s on a 2-core VM), for a run
+    to do while it waits on an export child instead of after it.  fp32 on the CPU runs CLIP's
+    image tower in plain torch or on onnxruntime: neither imports transformers' modeling."""
     import_torch()
     import transformers
 
-    transformers.CLIPModel, transformers.CLIPVisionModelWithProjection  # lazy until touched
+    transformers.AutoConfig  # lazy until touched
+    resolved = resolve_device(device)
+    if resolved == "cpu" and resolve_precision(precision, resolved) == "fp32":
+        return
+    transformers.CLIPModel, transformers.CLIPVisionModelWithProjection
 
 
 def mps_available() -> bool:
