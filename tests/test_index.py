@@ -381,7 +381,8 @@ def test_a_model_that_fails_to_load_beside_the_decodes_fails_the_run_cleanly(
     shutil.copytree(tiny_clip, broken)
     (broken / "model.safetensors").write_bytes(b"not safetensors")
     r = itr("index", photos[0].parent, "--db", tmp_path / "lib", "--model", broken, "-q")
-    assert r.code != 0 and "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1, r
+    assert r.code == 1 and "Traceback" not in r.err and len(r.err.strip().splitlines()) == 1, r
+    assert "this is a bug" not in r.err and "cannot load model" in r.err, r.err
     from itrcli.store.db import Store
 
     s = Store(tmp_path / "lib")

@@ -270,6 +270,7 @@ class Encoder:
     def _load(self, model: str, towers: str) -> None:
         import torch
         import transformers
+        from safetensors import SafetensorError
 
         transformers.logging.set_verbosity_error()  # torchvision fallback notices etc.
         transformers.logging.disable_progress_bar()  # "Loading weights" bars: ours only
@@ -305,7 +306,7 @@ class Encoder:
                     self._text = self._tower("text", self.dtype)
             # the text tower's export needs no pixels (nor the image processors' imports)
             self.prep = None if towers == "text" else self._preprocess()
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, SafetensorError) as e:  # a damaged weights file too
             raise ModelError(_load_error(model, e)) from None
         text_cfg = config.text_config
         self.text_max_length = int(getattr(text_cfg, "max_position_embeddings", 77))
@@ -419,8 +420,8 @@ class Encoder:
         try:
             files = clipvision.weight_files(lambda name: _config_file(self.model_id, name, revision))
             tower = clipvision.build(self.config.vision_config, int(self.config.projection_dim), files)
-        except clipvision.Unsupported as e:
-            import logging
+        except Exception as e:  # Unsupported, or weights it cannot read: transformers'
+            import logging       # tower reads them again, and reports a damaged file
 
             logging.getLogger("itr").debug("image tower: transformers' (%s)", e)
             return None
