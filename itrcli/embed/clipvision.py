@@ -20,15 +20,12 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-#: the activations of CLIP vision configs this module runs
-ACTIVATIONS = ("quick_gelu", "gelu", "gelu_new", "gelu_pytorch_tanh")
-
-
 class Unsupported(Exception):
     """Not a checkpoint this module runs: transformers' tower is used."""
 
 
 def _activation(name: str) -> Callable:
+    """The CLIP vision config's activation; :class:`Unsupported` for any other."""
     import torch
     import torch.nn.functional as F
 

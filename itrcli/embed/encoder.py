@@ -92,14 +92,27 @@ def _config_file(model: str, name: str, revision: str | None) -> str | None:
     return path if isinstance(path, str) and os.path.isfile(path) else None
 
 
+def _processor_config(model: str, revision: str | None) -> dict[str, Any] | None:
+    """The checkpoint's ``preprocessor_config.json`` where it is at hand and reads as JSON."""
+    import json
+
+    path = _config_file(model, "preprocessor_config.json", revision)
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return cfg if isinstance(cfg, dict) else None
+
+
 def guess_preprocess(model: str, revision: str | None = None) -> Preprocess | None:
     """``model``'s image preprocessing read from its files alone, in milliseconds (no torch,
     no transformers): an index run into a new library starts decoding with it while the
     encoder loads.  A guess: :attr:`Encoder.prep` is the recipe, and what it contradicts is
     decoded again.  None where the files are not at hand (a hub model not in the local
     cache) or do not say it."""
-    import json
-
     try:
         from .openclip import is_openclip, preprocess_from, read_config
 
@@ -107,12 +120,8 @@ def guess_preprocess(model: str, revision: str | None = None) -> Preprocess | No
             if not os.path.isdir(model):  # hf-hub:ORG/NAME: its folder is found by the load
                 return None
             return preprocess_from(read_config(model))
-        path = _config_file(model, "preprocessor_config.json", revision)
-        if path is None:
-            return None
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-        return recipe_of(cfg) or Preprocess.from_config(cfg)
+        cfg = _processor_config(model, revision)
+        return None if cfg is None else recipe_of(cfg) or Preprocess.from_config(cfg)
     except Exception:  # a guess: the encoder's load reports what is wrong with the files
         return None
 
@@ -336,17 +345,10 @@ class Encoder:
     def _preprocess(self) -> Preprocess:
         """The checkpoint's image recipe: read by itr where :func:`recipe_of` knows its
         processor (no import of transformers' image processing), else by transformers."""
-        import json
-
-        path = _config_file(self.model_id, "preprocessor_config.json", self._at.get("revision"))
-        if path is not None:
-            try:
-                with open(path, encoding="utf-8") as f:
-                    known = recipe_of(json.load(f))
-            except (OSError, ValueError):
-                known = None
-            if known is not None:
-                return known
+        cfg = _processor_config(self.model_id, self._at.get("revision"))
+        known = recipe_of(cfg) if cfg is not None else None
+        if known is not None:
+            return known
         from transformers import AutoImageProcessor
 
         image_processor = AutoImageProcessor.from_pretrained(
@@ -420,8 +422,10 @@ class Encoder:
         try:
             files = clipvision.weight_files(lambda name: _config_file(self.model_id, name, revision))
             tower = clipvision.build(self.config.vision_config, int(self.config.projection_dim), files)
-        except Exception as e:  # Unsupported, or weights it cannot read: transformers'
-            import logging       # tower reads them again, and reports a damaged file
+        except Exception as e:
+            # Unsupported, or weights it cannot read: transformers' tower reads them again
+            # and reports a damaged file as the model error it is
+            import logging
 
             logging.getLogger("itr").debug("image tower: transformers' (%s)", e)
             return None
