@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from conftest import write_shapes
-from itrcli.embed import imagetower, towercache
+from itrcli.embed import clipvision, imagetower, towercache
 
 SPECS = [("red", "circle", "left", 1), ("blue", "square", "right", 2),
          ("green", "triangle", "top", 3), ("yellow", "circle", "bottom", 4),
@@ -407,17 +409,94 @@ def test_the_plain_torch_clip_tower_gives_transformers_vectors(request, which, m
     assert float(cos.min()) >= 0.99999
 
 
-def test_loading_the_plain_tower_imports_no_transformers_modeling(tiny_clip):
+@pytest.mark.parametrize("where", ["folder", "hub cache"])
+def test_loading_the_plain_tower_imports_no_transformers(tiny_clip, tmp_path, where):
+    """An image-only CLIP encoder in fp32 on the CPU reads config.json itself: transformers
+    is not imported at all (0.9 s of an index run's start), and a hub model's revision is
+    still the snapshot's commit."""
     import subprocess
     import sys
 
+    env = {**os.environ, "ITR_IMAGE_RUNTIME": "torch"}
+    model, commit = str(tiny_clip), None
+    if where == "hub cache":
+        model, commit = "itr-test/tiny-clip", "c" * 40
+        cache = tmp_path / "hub" / "models--itr-test--tiny-clip"
+        shutil.copytree(tiny_clip, cache / "snapshots" / commit)
+        (cache / "refs").mkdir()
+        (cache / "refs" / "main").write_text(commit)
+        env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
     code = ("import sys; from itrcli.embed.encoder import Encoder; "
-            f"e = Encoder({str(tiny_clip)!r}, device='cpu', precision='fp32', towers='image'); "
-            "print(e._image.module is None, 'transformers.modeling_utils' in sys.modules)")
+            f"e = Encoder({model!r}, device='cpu', precision='fp32', towers='image'); "
+            "print(e._image.module is None, e.revision, e.dim, "
+            "sorted(m for m in sys.modules if m.split('.')[0] == 'transformers')[:3])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "ITR_IMAGE_RUNTIME": "torch"})
+                       env=env)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.split()[-2:] == ["True", "False"], r.stdout
+    assert r.stdout.split() == ["True", str(commit), "32", "[]"], r.stdout
+
+
+def _config_fields(c):
+    v, t = c.vision_config, c.text_config
+    return ([c.model_type, c.projection_dim, t.hidden_size, t.max_position_embeddings]
+            + [getattr(v, k) for k in clipvision.VISION_DEFAULTS])
+
+
+@pytest.mark.parametrize("vision", [{}, {"hidden_act": "gelu", "layer_norm_eps": 1e-6},
+                                    {"image_size": 336, "patch_size": 14, "hidden_size": 1024,
+                                     "num_hidden_layers": 24, "num_attention_heads": 16,
+                                     "intermediate_size": 4096}])
+def test_the_plain_config_reads_what_transformers_reads(tmp_path, micro_clip, vision):
+    """clipvision.read_config gives transformers' CLIPConfig values for every setting it
+    reads: those config.json spells out, and the defaults transformers leaves out."""
+    from transformers import CLIPConfig
+
+    for source in (micro_clip, tmp_path / "saved"):
+        if source != micro_clip:
+            CLIPConfig(vision_config=vision, projection_dim=64).save_pretrained(source)
+        path = str(Path(source) / "config.json")
+        assert _config_fields(clipvision.read_config(path)) == \
+            _config_fields(CLIPConfig.from_pretrained(source))
+    text = json.loads((tmp_path / "saved" / "config.json").read_text())
+    text["vision_config_dict"] = {"hidden_size": 64}  # the old spelling: transformers reads it
+    (tmp_path / "old" / "config.json").parent.mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(text))
+    with pytest.raises(clipvision.Unsupported):
+        clipvision.read_config(str(tmp_path / "old" / "config.json"))
+
+
+def test_freed_tensor_blocks_stay_in_the_heap():
+    """embed/heap: after keep_tensor_blocks, a block of an activation's size freed and
+    allocated again is not faulted in afresh (glibc gives it back to the kernel by
+    default)."""
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc's malloc only")
+    code = """
+import ctypes, resource, sys
+from itrcli.embed.heap import keep_tensor_blocks
+kept = keep_tensor_blocks() if sys.argv[1] == "keep" else False
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+faults = []
+for size in (20 << 20, 3 << 20, 20 << 20, 3 << 20, 20 << 20):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    p = libc.malloc(size)
+    ctypes.memset(p, 1, size)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    libc.free(p)
+print(kept, faults[2] + faults[4])
+"""
+    kept = subprocess.run([sys.executable, "-c", code, "keep"], capture_output=True, text=True, timeout=60)
+    assert kept.returncode == 0, kept.stderr
+    assert kept.stdout.split()[0] == "True" and int(kept.stdout.split()[1]) < 200, kept.stdout
+    env = {**os.environ, "MALLOC_TRIM_THRESHOLD_": "0"}  # the user's setting stands
+    mine = subprocess.run([sys.executable, "-c", code, "keep"], capture_output=True, text=True,
+                          timeout=60, env=env)
+    assert mine.stdout.split()[0] == "False", mine.stdout
 
 
 def test_a_clip_the_plain_tower_does_not_know_gets_transformers(tiny_clip, tmp_path, monkeypatch):

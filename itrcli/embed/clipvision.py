@@ -18,10 +18,59 @@ encoder loads transformers' tower instead.
 from __future__ import annotations
 
 import json
+import os
+from types import SimpleNamespace
 from typing import Any, Callable
 
 class Unsupported(Exception):
     """Not a checkpoint this module runs: transformers' tower is used."""
+
+
+#: transformers' defaults (``CLIPVisionConfig``, ``CLIPTextConfig``, ``CLIPConfig``) for the
+#: settings read here, which its ``save_pretrained`` leaves out of config.json when they
+#: equal them: ``tests/test_image_runtime.py`` holds them to transformers' own
+VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+                   "num_attention_heads": 12, "num_channels": 3, "image_size": 224,
+                   "patch_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+TEXT_DEFAULTS = {"hidden_size": 512, "max_position_embeddings": 77}
+PROJECTION_DEFAULT = 512
+
+
+def read_config(path: str) -> SimpleNamespace:
+    """A CLIP checkpoint's ``config.json`` (at ``path``) as transformers' ``CLIPConfig``
+    reads the settings this module and the encoder use (``model_type``, ``projection_dim``,
+    ``vision_config``, ``text_config``), without importing transformers (0.9 s of an
+    index run's start).  :class:`Unsupported` for anything else: another model type, the
+    old ``*_config_dict`` keys, a value of the wrong type.  ``_commit_hash``: the hub commit
+    of a file in the hub cache (``.../snapshots/<commit>/config.json``), else None."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+    except (OSError, ValueError) as e:
+        raise Unsupported(f"config.json: {e}") from None
+    if not isinstance(cfg, dict) or cfg.get("model_type") != "clip":
+        raise Unsupported("not a CLIP config.json")
+    if cfg.get("vision_config_dict") or cfg.get("text_config_dict"):
+        raise Unsupported("config.json with *_config_dict keys")
+
+    def section(key: str, defaults: dict[str, Any]) -> SimpleNamespace:
+        given = cfg.get(key) or {}
+        if not isinstance(given, dict):
+            raise Unsupported(f"config.json: {key} is not an object")
+        out = {**defaults, **{k: given[k] for k in defaults if given.get(k) is not None}}
+        for k, v in out.items():
+            if not isinstance(v, type(defaults[k])) and not (isinstance(v, int) and isinstance(defaults[k], float)):
+                raise Unsupported(f"config.json: {key}.{k} = {v!r}")
+        return SimpleNamespace(**out)
+
+    projection = cfg.get("projection_dim", PROJECTION_DEFAULT)
+    if not isinstance(projection, int):
+        raise Unsupported(f"config.json: projection_dim = {projection!r}")
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    commit = parts[-2] if len(parts) > 2 and parts[-3] == "snapshots" else None
+    return SimpleNamespace(model_type="clip", projection_dim=projection, _commit_hash=commit,
+                           vision_config=section("vision_config", VISION_DEFAULTS),
+                           text_config=section("text_config", TEXT_DEFAULTS))
 
 
 def _activation(name: str) -> Callable:
@@ -83,6 +132,8 @@ def build(vision: Any, projection_dim: int, paths: list[str]):
         raise Unsupported("hidden size not a multiple of the heads")
     head = width // heads
     w = _read(paths)
+    # modules are made on the meta device (no random initialisation), every weight then
+    # given from the checkpoint (checked below)
 
     def take(key: str, shape: tuple[int, ...]):
         t = w.get(key)
@@ -91,12 +142,12 @@ def build(vision: Any, projection_dim: int, paths: list[str]):
         return nn.Parameter(t, requires_grad=False)
 
     def norm(prefix: str) -> nn.LayerNorm:
-        m = nn.LayerNorm(width, eps=eps)
+        m = nn.LayerNorm(width, eps=eps, device="meta")
         m.weight, m.bias = take(prefix + ".weight", (width,)), take(prefix + ".bias", (width,))
         return m
 
     def linear(prefix: str, n_in: int, n_out: int, bias: bool = True) -> nn.Linear:
-        m = nn.Linear(n_in, n_out, bias=bias)
+        m = nn.Linear(n_in, n_out, bias=bias, device="meta")
         m.weight = take(prefix + ".weight", (n_out, n_in))
         if bias:
             m.bias = take(prefix + ".bias", (n_out,))
@@ -108,7 +159,7 @@ def build(vision: Any, projection_dim: int, paths: list[str]):
             self.norm1, self.norm2 = norm(p + ".layer_norm1"), norm(p + ".layer_norm2")
             qkv = [take(f"{p}.self_attn.{k}_proj.weight", (width, width)) for k in "qkv"]
             bias = [take(f"{p}.self_attn.{k}_proj.bias", (width,)) for k in "qkv"]
-            self.qkv = nn.Linear(width, 3 * width)
+            self.qkv = nn.Linear(width, 3 * width, device="meta")
             self.qkv.weight = nn.Parameter(torch.cat(qkv), requires_grad=False)
             self.qkv.bias = nn.Parameter(torch.cat(bias), requires_grad=False)
             self.out = linear(p + ".self_attn.out_proj", width, width)
@@ -126,7 +177,7 @@ def build(vision: Any, projection_dim: int, paths: list[str]):
         def __init__(self) -> None:
             super().__init__()
             e = "vision_model.embeddings"
-            self.patch = nn.Conv2d(3, width, patch, stride=patch, bias=False)
+            self.patch = nn.Conv2d(3, width, patch, stride=patch, bias=False, device="meta")
             self.patch.weight = take(e + ".patch_embedding.weight", (width, 3, patch, patch))
             self.cls = take(e + ".class_embedding", (width,))
             grid = int(vision.image_size) // patch
@@ -144,5 +195,8 @@ def build(vision: Any, projection_dim: int, paths: list[str]):
                 x = layer(x)
             return self.proj(self.post(x[:, 0]))
 
-    return Tower().eval()
+    tower = Tower().eval()
+    if any(p.is_meta for p in tower.parameters()):
+        raise Unsupported("a weight of the tower not given by the checkpoint")
+    return tower
 

@@ -273,13 +273,27 @@ class Encoder:
         self._at = {"revision": revision} if revision and not os.path.isdir(model) else {}
         self.model = None
         self._image = self._text = self._tokenizer = None
+        self._config = None  # transformers' config, read on first need (see config)
         with gc_paused():
             self._load(model, towers)
 
-    def _load(self, model: str, towers: str) -> None:
-        import torch
+    @property
+    def config(self):
+        """The checkpoint's transformers config.  An image-only CLIP load reads config.json
+        itself (:func:`itrcli.embed.clipvision.read_config`) and imports transformers only
+        if a tower of transformers' needs this."""
+        if self._config is None:
+            self._config = self._transformers_config(self.model_id)
+        return self._config
+
+    @config.setter
+    def config(self, value) -> None:
+        self._config = value
+
+    def _transformers_config(self, model: str):
+        """transformers' config of ``model`` (``self._local_only`` set), a
+        :class:`ModelError` for a checkpoint itr does not run."""
         import transformers
-        from safetensors import SafetensorError
 
         transformers.logging.set_verbosity_error()  # torchvision fallback notices etc.
         transformers.logging.disable_progress_bar()  # "Loading weights" bars: ours only
@@ -296,7 +310,32 @@ class Encoder:
                 f"model '{model}' is a '{config.model_type}' checkpoint; itr runs dual "
                 f"encoders of type {', '.join(SUPPORTED_TYPES)} (CLIPModel, SiglipModel)"
             )
-        self.config = config
+        return config
+
+    def _plain_config(self, model: str):
+        """An image-only CLIP checkpoint's config.json at hand, read without transformers
+        (:func:`itrcli.embed.clipvision.read_config`); None for anything else."""
+        from . import clipvision
+
+        path = _config_file(model, "config.json", self._at.get("revision"))
+        if path is None:
+            return None
+        try:
+            config = clipvision.read_config(path)
+        except clipvision.Unsupported:
+            return None
+        if config._commit_hash is None and not os.path.isdir(model):
+            return None  # the revision of a hub model: transformers' config says it
+        self._local_only = True
+        return config
+
+    def _load(self, model: str, towers: str) -> None:
+        import torch
+        from safetensors import SafetensorError
+
+        # an image-only CLIP encoder (an index run) has no need of transformers' config
+        self._cfg = (self._plain_config(model) if towers == "image" else None) or self.config
+        config = self._cfg
         self.model_type = config.model_type
         self.revision = self._loaded_revision(model, config)
         try:
@@ -405,6 +444,10 @@ class Encoder:
         if fast is not None:
             self.image_runtime = fast.name
             return fast
+        if self.device == "cpu":
+            from .heap import keep_tensor_blocks
+
+            keep_tensor_blocks()  # 6-10% of the fp32 tower's time on two cores
         lean = self._plain_clip_tower()
         return lean if lean is not None else self._tower("image", self.dtype)
 
@@ -421,7 +464,7 @@ class Encoder:
         revision = self._at.get("revision")
         try:
             files = clipvision.weight_files(lambda name: _config_file(self.model_id, name, revision))
-            tower = clipvision.build(self.config.vision_config, int(self.config.projection_dim), files)
+            tower = clipvision.build(self._cfg.vision_config, int(self._cfg.projection_dim), files)
         except Exception as e:
             # Unsupported, or weights it cannot read: transformers' tower reads them again
             # and reports a damaged file as the model error it is
