@@ -356,9 +356,15 @@ def export(encoder, sample_paths: Sequence[str], *, release: bool = False) -> Pa
     with torch.inference_mode(False), torch.no_grad():
         want_real = tower(x).numpy()  # [n, dim]
         want_fixed = tower(torch.from_numpy(fixed)).numpy()  # [1, dim]
-        # torch's rate on the same photos, warm, as indexing runs it (float32, every core)
-        torch_rate = _rate(partial(tower, x), len(real)) if timed else None
-    del tower
+        # torch's rate on the same photos, warm, as indexing runs it (float32, every core):
+        # the tower the encoder indexes with (embed/clipvision's where it is CLIP's)
+        as_indexing = (encoder._image is not None and encoder.image_runtime == TORCH
+                       and encoder.dtype == torch.float32 and encoder.device == "cpu")
+        indexing = partial(encoder._image, pixel_values=x) if as_indexing else partial(tower, x)
+        if timed:
+            indexing()
+        torch_rate = _rate(indexing, len(real)) if timed else None
+    del tower, indexing
     checks = ((real, want_real), (real[:1], want_real[:1]), (fixed, want_fixed))
     try:
         return _export(encoder, checks, release, quick=True, torch_rate=torch_rate)
