@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 from ..constants import MEDIA_EXTENSIONS
 from ..errors import ItrError, LockedError
+from ..gcpause import give_back_memory
 from .answers import log as _log
 
 #: Seconds without a new event before a run starts (a copy of many files is one run).
@@ -204,6 +205,9 @@ class Watcher:
                 self._set(state="idle", last_error=f"{type(e).__name__}: {e}")
                 self.log(f"--watch: unexpected {type(e).__name__}: {e}")
                 return
+            # the run's freed batches back to the system: embed/heap keeps them during a run,
+            # and the server lives on
+            give_back_memory()
             summary = s.to_json()
             with self._lock:
                 self._status.update(state="idle", last=summary, last_error=None,
