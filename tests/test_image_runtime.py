@@ -436,6 +436,17 @@ def test_loading_the_plain_tower_imports_no_transformers(tiny_clip, tmp_path, wh
     assert r.stdout.split() == ["True", str(commit), "32", "[]"], r.stdout
 
 
+@pytest.mark.parametrize("model", ["not/a folder/nor a hub id", "missing-org/missing-model"])
+def test_an_image_only_encoder_of_a_missing_model_is_the_model_error(tmp_path, model, monkeypatch):
+    """The plain config.json read gives way to transformers' load, whose one-line model
+    error names the model (a path that is no hub id raised HFValidationError here)."""
+    from itrcli.errors import ModelError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="cannot load model"):
+        _encoder_in_fp32(tmp_path / model if "folder" in model else model)
+
+
 def _config_fields(c):
     v, t = c.vision_config, c.text_config
     return ([c.model_type, c.projection_dim, t.hidden_size, t.max_position_embeddings]

@@ -317,7 +317,10 @@ class Encoder:
         (:func:`itrcli.embed.clipvision.read_config`); None for anything else."""
         from . import clipvision
 
-        path = _config_file(model, "config.json", self._at.get("revision"))
+        try:
+            path = _config_file(model, "config.json", self._at.get("revision"))
+        except Exception:  # not a hub id either: transformers' load reports the model error
+            return None
         if path is None:
             return None
         try:
