@@ -9,8 +9,8 @@ the blocks made the fp32 tower 6-10% faster on two cores (bench/avx2only: 17.2-1
 18.5-19.4 img/s), the peak memory unchanged.  bf16 on AMX was unchanged.
 
 Only on glibc (Linux); elsewhere, and where the user set malloc's thresholds in the
-environment, nothing changes.  Process-wide: called by an index run's encoder, never by
-``itr search``.
+environment, nothing changes.  Process-wide: called by an image-only encoder on the CPU
+(indexing, the export, ``itr eval``'s images), never by ``itr search``.
 """
 
 from __future__ import annotations
