@@ -175,6 +175,34 @@ def test_graph_drift_is_found_and_the_graph_rebuilt(itr, lib, damage, kind):
     searches_find_all(itr, db, 12)
 
 
+@pytest.mark.parametrize("when", ["before the mapped read", "between the two reads"])
+def test_a_graph_file_replaced_by_the_running_writer_is_a_note(lib, monkeypatch, when):
+    """A check beside an 'itr index' that saves a newer graph and removes the old file
+    meanwhile (before the mapped read, or after it and before hnswlib loads the file by
+    its path) notes it, never reports the graph unreadable (a flaky error in CI)."""
+    from itrcli.jobs import check as checking
+
+    db, _ = lib
+    path = graph_path(db)
+    keep = path.read_bytes()
+    real = checking.read_graph_file
+
+    def writer_saves_meanwhile(p, dim=None):
+        if when == "before the mapped read":
+            p.unlink()
+            return real(p, dim)
+        g = real(p, dim)  # mapped: the file may go now
+        p.unlink()
+        return g
+
+    monkeypatch.setattr(checking, "holder", lambda d: "'itr index' (pid 1)")
+    monkeypatch.setattr(checking, "read_graph_file", writer_saves_meanwhile)
+    rep = report(db)
+    assert rep.ok, rep.to_json()
+    assert "was replaced during the check" in rep.get("graph-unreadable").message
+    path.write_bytes(keep)
+
+
 def test_graph_file_parser_reads_labels_marks_and_vectors(lib):
     db, _ = lib
     from itrcli.store.db import Store

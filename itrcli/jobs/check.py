@@ -258,25 +258,31 @@ def _check_graph(rep: Report, store: Store, dim: int, good: dict[int, None],
         rep.add("graph-ahead", NOTE, f"graph file {path.name} was saved after this check's "
                 "snapshot (a run is saving); check again when it is done")
         return
+    def replaced() -> bool:
+        """The file is gone because the running writer saved a newer one meanwhile."""
+        if writer and not path.exists():
+            rep.add("graph-unreadable", NOTE, f"graph file {path.name} was replaced during the "
+                    "check (a run is saving); check again when it is done")
+            return True
+        return False
+
     try:
         g = read_graph_file(path, dim)
     except GraphFileError as e:
-        if writer and not path.exists():  # replaced by the running writer meanwhile
-            rep.add("graph-unreadable", NOTE, f"graph file {path.name} was replaced during the "
-                    "check (a run is saving); check again when it is done")
-            return
-        rep.add("graph-unreadable", ERROR, f"graph file {path.name}: {e} (searches rebuild the "
-                "graph in memory every time)", items=[path.name])
+        if not replaced():
+            rep.add("graph-unreadable", ERROR, f"graph file {path.name}: {e} (searches rebuild "
+                    "the graph in memory every time)", items=[path.name])
         return
     try:
         import hnswlib
 
         idx = hnswlib.Index(space="cosine", dim=dim)
-        idx.load_index(str(path))
+        idx.load_index(str(path))  # by its path: the writer may have replaced it since
         del idx
     except Exception as e:  # noqa: BLE001  (hnswlib raises RuntimeError and friends)
-        rep.add("graph-unreadable", ERROR, f"graph file {path.name}: hnswlib cannot load it: {e}",
-                items=[path.name])
+        if not replaced():
+            rep.add("graph-unreadable", ERROR, f"graph file {path.name}: hnswlib cannot load it: "
+                    f"{e}", items=[path.name])
         return
     live = ~g.deleted
     rep.graph_labels = int(live.sum())
