@@ -466,10 +466,10 @@ class Library:
             return  # there already (a bound library), or given up for this model
         if textonnx.from_cache(self.directory, model, self._cache_revision(model)):
             return  # an earlier library of this model on this machine exported it
-        self._preload_encoder(device, precision)
+        self._preload_encoder(model, device, precision)
         self._text_child_outcome = self._text_export_child(model)
 
-    def _preload_encoder(self, device: str, precision: str) -> None:
+    def _preload_encoder(self, model: str, device: str, precision: str) -> None:
         """While this run waits on the text tower's export child, import what loading its
         encoder will (:func:`itrcli.embed.encoder.preload`) in a daemon thread: about 3 s of
         imports on the core the child leaves idle, instead of after it (the machine's first
@@ -480,9 +480,11 @@ class Library:
 
         from .embed.encoder import preload
 
+        revision = self._revision_of(model)
+
         def run() -> None:
             try:
-                preload(device, precision)
+                preload(model, device, precision, revision)
             except Exception:
                 pass  # the encoder's own loading meets it again and reports it
 

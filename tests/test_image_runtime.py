@@ -447,6 +447,22 @@ def test_an_image_only_encoder_of_a_missing_model_is_the_model_error(tmp_path, m
         _encoder_in_fp32(tmp_path / model if "folder" in model else model)
 
 
+@pytest.mark.parametrize("which", ["tiny_clip", "tiny_siglip"])
+def test_the_preload_imports_what_the_encoder_will(request, which):
+    """encoder.preload (beside the text tower's export child) imports no transformers for a
+    CLIP checkpoint in fp32 on the CPU, whose encoder reads config.json itself; a SigLIP
+    one still gets transformers' configuration."""
+    import subprocess
+    import sys
+
+    model = str(request.getfixturevalue(which))
+    code = ("import sys; from itrcli.embed.encoder import preload; "
+            f"preload({model!r}, 'cpu', 'fp32'); print('transformers' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split()[-1] == str(which == "tiny_siglip"), r.stdout
+
+
 def _config_fields(c):
     v, t = c.vision_config, c.text_config
     return ([c.model_type, c.projection_dim, t.hidden_size, t.max_position_embeddings]

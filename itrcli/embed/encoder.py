@@ -141,20 +141,44 @@ def import_torch():
     return torch
 
 
-def preload(device: str = "auto", precision: str = "auto") -> None:
-    """Import what loading an encoder for ``device`` and ``precision`` imports: torch (as
-    :func:`import_torch` does), transformers' configuration and, unless it runs in fp32 on
-    the CPU, its model machinery with the CLIP classes (about 3 s on a 2-core VM), for a run
-    to do while it waits on an export child instead of after it.  fp32 on the CPU runs CLIP's
-    image tower in plain torch or on onnxruntime: neither imports transformers' modeling."""
+def preload(model: str, device: str = "auto", precision: str = "auto",
+            revision: str | None = None) -> None:
+    """Import what loading ``model``'s image-only encoder for ``device`` and ``precision``
+    imports: torch (as :func:`import_torch` does) and, unless the encoder needs none of it
+    (a CLIP checkpoint in fp32 on the CPU: :func:`plain_config`), transformers' configuration
+    and model machinery with the CLIP classes (about 3 s on a 2-core VM), for a run to do
+    while it waits on an export child instead of after it."""
     import_torch()
+    resolved = resolve_device(device)
+    fp32_cpu = resolved == "cpu" and resolve_precision(precision, resolved) == "fp32"
+    if fp32_cpu and plain_config(model, revision) is not None:
+        return  # the plain tower or onnxruntime, its config.json read by itr
     import transformers
 
     transformers.AutoConfig  # lazy until touched
-    resolved = resolve_device(device)
-    if resolved == "cpu" and resolve_precision(precision, resolved) == "fp32":
+    if fp32_cpu:
         return
     transformers.CLIPModel, transformers.CLIPVisionModelWithProjection
+
+
+def plain_config(model: str, revision: str | None = None):
+    """A CLIP checkpoint's config.json at hand, read without transformers
+    (:func:`itrcli.embed.clipvision.read_config`); None for anything else."""
+    from . import clipvision
+
+    try:
+        path = _config_file(model, "config.json", revision)
+    except Exception:  # not a hub id either: transformers' load reports the model error
+        return None
+    if path is None:
+        return None
+    try:
+        config = clipvision.read_config(path)
+    except clipvision.Unsupported:
+        return None
+    if config._commit_hash is None and not os.path.isdir(model):
+        return None  # the revision of a hub model: transformers' config says it
+    return config
 
 
 def mps_available() -> bool:
@@ -280,7 +304,7 @@ class Encoder:
     @property
     def config(self):
         """The checkpoint's transformers config.  An image-only CLIP load reads config.json
-        itself (:func:`itrcli.embed.clipvision.read_config`) and imports transformers only
+        itself (:func:`plain_config`) and imports transformers only
         if a tower of transformers' needs this."""
         if self._config is None:
             self._config = self._transformers_config(self.model_id)
@@ -312,33 +336,15 @@ class Encoder:
             )
         return config
 
-    def _plain_config(self, model: str):
-        """An image-only CLIP checkpoint's config.json at hand, read without transformers
-        (:func:`itrcli.embed.clipvision.read_config`); None for anything else."""
-        from . import clipvision
-
-        try:
-            path = _config_file(model, "config.json", self._at.get("revision"))
-        except Exception:  # not a hub id either: transformers' load reports the model error
-            return None
-        if path is None:
-            return None
-        try:
-            config = clipvision.read_config(path)
-        except clipvision.Unsupported:
-            return None
-        if config._commit_hash is None and not os.path.isdir(model):
-            return None  # the revision of a hub model: transformers' config says it
-        self._local_only = True
-        return config
-
     def _load(self, model: str, towers: str) -> None:
         import torch
         from safetensors import SafetensorError
 
         # an image-only CLIP encoder (an index run) has no need of transformers' config
-        self._cfg = (self._plain_config(model) if towers == "image" else None) or self.config
-        config = self._cfg
+        plain = plain_config(model, self._at.get("revision")) if towers == "image" else None
+        if plain is not None:
+            self._local_only = True  # found at hand
+        self._cfg = config = plain or self.config
         self.model_type = config.model_type
         self.revision = self._loaded_revision(model, config)
         try:
