@@ -1103,8 +1103,21 @@ class Library:
             # (100,000 images: 0.9-1.4 ms against 6.6 ms), for a quarter of a second's load
             self._vindex = VectorIndex(self.directory, self._dim()).open(self.store)
             return self._vindex
-        self._mapped = VectorIndex(self.directory, self._dim()).open_mapped(self.store)
+        # many searches over a graph too large to load: its compact copy (a third of the
+        # file, built on a thread while the mapped file answers; see store/compactgraph.py)
+        # instead of the file's pages, which thousands of searches would all touch
+        self._mapped = VectorIndex(self.directory, self._dim()).open_mapped(
+            self.store, compact=self.long_lived)
         return self._mapped
+
+    def settle_graph(self) -> None:
+        """Open the graph for searching and wait until it is in the form a long-lived
+        library searches: a graph too large to load, its compact copy built (a few seconds
+        at a million images; before any search has touched the mapped file's pages)."""
+        self._search_graph()
+        vi = getattr(self, "_mapped", None)
+        if vi is not None:
+            vi.settle(wait=True)
 
     def close_graph(self) -> None:
         """Let go of the graph, loaded or mapped (the next search opens the newest)."""

@@ -532,26 +532,37 @@ def test_searches_during_commits_see_whole_states(tmp_path, micro_clip):
     assert not errors, errors
 
 
-@pytest.mark.parametrize("long_lived", [False, True])
+@pytest.mark.parametrize("kind", ["mapped", "loaded", "compact"])
 def test_a_library_kept_open_follows_commits_without_loading_the_graph_again(
-        tmp_path, micro_clip, long_lived):
+        tmp_path, micro_clip, kind, monkeypatch):
     """Commits between two saves of the graph (an index run saves it every few minutes):
     the mapped file answers with the logged changes beside it, scored exactly, and a
     library kept open follows further commits in place.  A long-lived one (itr serve)
-    loads a graph within LOADED_GRAPH_MAX whole and replays the commits into it."""
+    loads a graph within LOADED_GRAPH_MAX whole and replays the commits into it; past
+    that it searches the file's compact copy, built on a thread, with the same delta."""
     import numpy as np
 
     from itrcli.library import Library
+    from itrcli.store import vindex
+    from itrcli.store.compactgraph import CompactGraph
+    from itrcli.store.graphfile import GraphFile
     from itrcli.store.vindex import graph_files
 
+    if kind == "compact":
+        monkeypatch.setattr(vindex, "LOADED_GRAPH_MAX", 0)
     db, paths = small_library(tmp_path, micro_clip, SPECS[:6])
     saved = graph_files(db)[0]
     with Library.open(db) as writer, Library.open(db, readonly=True) as reader:
-        reader.long_lived = long_lived
+        reader.long_lived = kind != "mapped"
         q = reader.text_encoder().encode_texts(["a red circle"])[0]
         first = reader._search_graph()
-        assert (first.mapped is None and first.index is not None) if long_lived else \
-            first.mapped is not None
+        if kind == "loaded":
+            assert first.mapped is None and first.index is not None
+        else:
+            assert isinstance(first.mapped, GraphFile)  # answers at once
+        reader.settle_graph()
+        assert isinstance(first.mapped, CompactGraph if kind == "compact" else GraphFile) \
+            or kind == "loaded"
 
         def commit(n: int, delete: int | None = None) -> list[int]:
             rng = np.random.default_rng(n)
@@ -587,6 +598,20 @@ def test_a_library_kept_open_follows_commits_without_loading_the_graph_again(
         assert gone not in [i for i, _ in got] and set(more) <= {i for i, _ in got}
         assert [i for i, _ in got] == [i for i, _ in exact()]
         np.testing.assert_allclose([s for _, s in got], [s for _, s in exact()], atol=1e-4)
+        # the writer saves the graph (and removes the file the reader holds) and commits
+        # again: the next search maps the new file at once, and a long-lived reader
+        # builds its copy anew
+        writer.vector_index().save(writer.store.last_seq())
+        saved_at = writer.store.last_seq()
+        more += commit(1)
+        got = graph()
+        assert [i for i, _ in got] == [i for i, _ in exact()] and more[-1] in {i for i, _ in got}
+        second = reader._search_graph()
+        if kind != "loaded":
+            assert second is not first and second.file_seq == saved_at
+        reader.settle_graph()
+        assert isinstance(second.mapped, CompactGraph) or kind != "compact"
+        assert graph() == got
 
 
 # --- a real server ----------------------------------------------------------------------------

@@ -93,7 +93,8 @@ class LiveLibrary:
         a library that is missing or empty is left to the requests to report."""
         def load(lib):
             if lib.model and lib.store.has_files():
-                lib.search(text="a photo", top=1)  # text tower, adapter, graph
+                lib.settle_graph()  # the graph (a large one's compact copy)
+                lib.search(text="a photo", top=1)  # text tower, adapter
 
         try:
             self.call(load)

@@ -21,6 +21,7 @@ of ``[u32 head][maxM x u32 links]``), zero for most elements.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import mmap
 import os
@@ -40,7 +41,100 @@ class GraphFileError(Exception):
     """The graph file is short, garbled or of another dimension; the message says how."""
 
 
-class GraphFile:
+class HnswSearch:
+    """hnswlib's ``searchKnn`` over a graph held in some other form than hnswlib's own.
+
+    A subclass gives the graph (``count``, ``entry``, ``maxlevel``, ``_upper``, ``_up``,
+    ``_list_words``) and how to read it: :meth:`_dist` (ids -> distances), :meth:`_links0`
+    (an element's level-0 neighbours), :meth:`_gather` (new neighbours -> their distances
+    and what :meth:`_usable` needs), :meth:`_is_usable` and :meth:`_labels`; it may
+    finish a search its own way (:meth:`_finish`)."""
+
+    def search(self, query: np.ndarray, k: int, ef: int,
+               allowed: Callable[[int], bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The ``k`` nearest (labels ``[<=k]``, distances ``1 - cosine`` ``[<=k]``), nearest
+        first; fewer than ``k`` when fewer live elements pass ``allowed(label)``.
+        A damaged file (a link past the end) raises ``IndexError`` or ``KeyError``."""
+        if self.count == 0 or k <= 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        q = np.asarray(query, dtype=np.float32).ravel()  # [dim]
+        q = q * np.float32(1.0 / (np.sqrt(np.float32(q @ q)) + 1e-30))  # as hnswlib's cosine space
+        cur = self.entry
+        cur_d = float(self._dist([cur], q)[0])
+        for level in range(self.maxlevel, 0, -1):
+            changed = True
+            while changed:
+                changed = False
+                at = self._upper[cur] + (level - 1) * self._list_words
+                links = self._up[at + 1: at + 1 + (int(self._up[at]) & 0xFFFF)]
+                if len(links):
+                    d = self._dist(links, q)
+                    best = int(np.argmin(d))  # hnswlib keeps the first strictly closer
+                    if float(d[best]) < cur_d:
+                        cur, cur_d, changed = int(links[best]), float(d[best]), True
+        return self._finish(self._layer0(q, cur, cur_d, max(ef, k), allowed), k, q)
+
+    def _finish(self, top: list[tuple[float, int]], k: int, q: np.ndarray):
+        """The beam (a heap of ``(-distance, internal id)``) -> the answer of :meth:`search`."""
+        beam = sorted((-d, i) for d, i in top)[:k]
+        ids = np.asarray([i for _, i in beam], dtype=np.int64)
+        dist = np.asarray([d for d, _ in beam], dtype=np.float32)
+        return (self._labels(ids) if len(ids) else ids), dist
+
+    def _layer0(self, q, entry: int, entry_d: float, ef: int, allowed) -> list[tuple[float, int]]:
+        """hnswlib's ``searchBaseLayerST`` in the variant that honours deleted marks and
+        filters (without either it finds what the bare-bone variant finds: it stops
+        earlier only while the beam is not yet full, when no candidate is worse than the
+        beam).  Returns the beam as a heap of ``(-distance, internal id)``.
+
+        Each expansion reads its new neighbours' records in one gather (head, vector and
+        label together) and, once the beam is full, drops in numpy those no closer than
+        its worst before the per-candidate loop (the worst only gets closer as the loop
+        pushes, so the loop would drop them too: the same beam).  At a million 512-d
+        vectors and ef 1,024: 10-17% faster than one gather per field and a loop over every
+        neighbour, 23% with a filter (fewer ``allowed`` calls); the gathers' memory traffic
+        (~1,000 expansions of ~32 records of 2 KB) is most of the rest."""
+        visited = bytearray(self.count)
+        visited[entry] = 1
+        top: list[tuple[float, int]] = []  # max-heap of the best ef, as (-dist, id)
+        if self._is_usable(entry, allowed):
+            lower = entry_d
+            top.append((-entry_d, entry))
+        else:
+            lower = float(np.finfo(np.float32).max)
+        cands = [(entry_d, entry)]  # min-heap of (dist, id) still to expand
+        links0, gather, usable = self._links0, self._gather, self._usable
+        push, pop = heapq.heappush, heapq.heappop
+        while cands:
+            d0, node = cands[0]
+            if d0 > lower and len(top) == ef:
+                break
+            pop(cands)
+            new = [c for c in links0(node) if not visited[c]]
+            if not new:
+                continue
+            for c in new:
+                visited[c] = 1
+            dist, recs = gather(new, q)  # [len(new)] distances, and what _usable reads
+            if len(top) == ef:  # only those closer than the beam's worst can enter
+                (idx,) = (dist < lower).nonzero()
+                if not len(idx):
+                    continue
+                new = [new[i] for i in idx.tolist()]
+                recs, dist = recs[idx], dist[idx]
+            for c, d, good in zip(new, dist.tolist(), usable(recs, allowed)):
+                if len(top) < ef or lower > d:
+                    push(cands, (d, c))
+                    if good:
+                        push(top, (-d, c))
+                        if len(top) > ef:
+                            pop(top)
+                    if top:
+                        lower = -top[0][0]
+        return top
+
+
+class GraphFile(HnswSearch):
     """An hnswlib graph file (cosine space), mapped read-only.
 
     Opening checks the header against itself and the file size and walks the upper-layer
@@ -48,10 +142,12 @@ class GraphFile:
     any); :meth:`validate` checks every link and label (reads the whole file).
     """
 
-    def __init__(self, path: str | os.PathLike, dim: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, dim: int | None = None, *, file=None) -> None:
+        """``file``: the graph file, already open (binary), to map instead of opening
+        ``path`` again (a caller that reads it on after this one is closed)."""
         self.path = Path(path)
         try:
-            with open(self.path, "rb") as f:
+            with (open(self.path, "rb") if file is None else contextlib.nullcontext(file)) as f:
                 size = os.fstat(f.fileno()).st_size
                 self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
         except (OSError, ValueError) as e:
@@ -224,35 +320,17 @@ class GraphFile:
         hi = rows[:, self._label + 1].astype(np.int64)
         return lo | (hi << 32)
 
+    # -- searching: hnswlib's rules over the mapped records -------------------------------
     def _dist(self, ids, q: np.ndarray) -> np.ndarray:
         return np.float32(1.0) - self._f[ids, self._vec] @ q  # [len(ids)], hnswlib's IP distance
 
-    def search(self, query: np.ndarray, k: int, ef: int,
-               allowed: Callable[[int], bool] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """The ``k`` nearest (labels ``[<=k]``, distances ``1 - cosine`` ``[<=k]``), nearest
-        first; fewer than ``k`` when fewer live elements pass ``allowed(label)``.
-        A damaged file (a link past the end) raises ``IndexError`` or ``KeyError``."""
-        if self.count == 0 or k <= 0:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        q = np.asarray(query, dtype=np.float32).ravel()  # [dim]
-        q = q * np.float32(1.0 / (np.sqrt(np.float32(q @ q)) + 1e-30))  # as hnswlib's cosine space
-        cur = self.entry
-        cur_d = float(self._dist([cur], q)[0])
-        for level in range(self.maxlevel, 0, -1):
-            changed = True
-            while changed:
-                changed = False
-                at = self._upper[cur] + (level - 1) * self._list_words
-                links = self._up[at + 1: at + 1 + (int(self._up[at]) & 0xFFFF)]
-                if len(links):
-                    d = self._dist(links, q)
-                    best = int(np.argmin(d))  # hnswlib keeps the first strictly closer
-                    if float(d[best]) < cur_d:
-                        cur, cur_d, changed = int(links[best]), float(d[best]), True
-        beam = sorted((-d, i) for d, i in self._layer0(q, cur, cur_d, max(ef, k), allowed))[:k]
-        ids = np.asarray([i for _, i in beam], dtype=np.int64)
-        dist = np.asarray([d for d, _ in beam], dtype=np.float32)
-        return (self._labels(ids) if len(ids) else ids), dist
+    def _links0(self, node: int) -> list[int]:
+        row = self._w[node]
+        return row[1: 1 + (int(row[0]) & 0xFFFF)].tolist()
+
+    def _gather(self, new: list[int], q: np.ndarray):
+        recs = self._w[new]  # [len(new), words]: head, links, vector, label in one gather
+        return np.float32(1.0) - recs.view("<f4")[:, self._vec] @ q, recs  # hnswlib's IP distance
 
     def _usable(self, rows: np.ndarray, allowed) -> list[bool]:
         """Of level-0 records ``[n, words]``: not marked deleted, and passing ``allowed``."""
@@ -261,57 +339,5 @@ class GraphFile:
             ok = [o and allowed(lab) for o, lab in zip(ok, self._labels_of(rows).tolist())]
         return ok
 
-    def _layer0(self, q, entry: int, entry_d: float, ef: int, allowed) -> list[tuple[float, int]]:
-        """hnswlib's ``searchBaseLayerST`` in the variant that honours deleted marks and
-        filters (without either it finds what the bare-bone variant finds: it stops
-        earlier only while the beam is not yet full, when no candidate is worse than the
-        beam).  Returns the beam as a heap of ``(-distance, internal id)``.
-
-        Each expansion reads its new neighbours' records in one gather (head, vector and
-        label together) and, once the beam is full, drops in numpy those no closer than
-        its worst before the per-candidate loop (the worst only gets closer as the loop
-        pushes, so the loop would drop them too: the same beam).  At a million 512-d
-        vectors and ef 1,024: 10-17% faster than one gather per field and a loop over every
-        neighbour, 23% with a filter (fewer ``allowed`` calls); the gathers' memory traffic
-        (~1,000 expansions of ~32 records of 2 KB) is most of the rest."""
-        visited = bytearray(self.count)
-        visited[entry] = 1
-        top: list[tuple[float, int]] = []  # max-heap of the best ef, as (-dist, id)
-        if self._usable(self._w[[entry]], allowed)[0]:
-            lower = entry_d
-            top.append((-entry_d, entry))
-        else:
-            lower = float(np.finfo(np.float32).max)
-        cands = [(entry_d, entry)]  # min-heap of (dist, id) still to expand
-        w, vec = self._w, self._vec
-        one = np.float32(1.0)
-        push, pop = heapq.heappush, heapq.heappop
-        while cands:
-            d0, node = cands[0]
-            if d0 > lower and len(top) == ef:
-                break
-            pop(cands)
-            row = w[node]
-            new = [c for c in row[1: 1 + (int(row[0]) & 0xFFFF)].tolist() if not visited[c]]
-            if not new:
-                continue
-            for c in new:
-                visited[c] = 1
-            recs = w[new]  # [len(new), words]: head, links, vector, label in one gather
-            dist = one - recs.view("<f4")[:, vec] @ q  # hnswlib's IP distance
-            if len(top) == ef:  # only those closer than the beam's worst can enter
-                (idx,) = (dist < lower).nonzero()
-                if not len(idx):
-                    continue
-                new = [new[i] for i in idx.tolist()]
-                recs, dist = recs[idx], dist[idx]
-            for c, d, good in zip(new, dist.tolist(), self._usable(recs, allowed)):
-                if len(top) < ef or lower > d:
-                    push(cands, (d, c))
-                    if good:
-                        push(top, (-d, c))
-                        if len(top) > ef:
-                            pop(top)
-                    if top:
-                        lower = -top[0][0]
-        return top
+    def _is_usable(self, node: int, allowed) -> bool:
+        return self._usable(self._w[[node]], allowed)[0]
