@@ -10,7 +10,7 @@ import hnswlib
 import numpy as np
 import pytest
 
-from itrcli.store.compactgraph import CompactGraph
+from itrcli.store.compactgraph import CompactGraph, available_memory, copy_size, fits
 from itrcli.store.graphfile import GraphFile, GraphFileError
 
 DIM = 24
@@ -114,6 +114,20 @@ def test_a_third_of_the_file_at_512_dimensions(tmp_path):
     assert c.nbytes < 0.35 * path.stat().st_size
     q = x[7] + 0.01 * rng.standard_normal(512).astype(np.float32)
     assert c.search(q, 3, 64)[0][0] == 7
+
+
+def test_the_copy_is_the_size_foretold_and_made_only_where_it_fits(graph, monkeypatch):
+    from itrcli.store import compactgraph
+
+    path = graph[0]
+    g = GraphFile(path, DIM)
+    assert copy_size(g) == CompactGraph(path, DIM).nbytes
+    free = available_memory()
+    assert free is None or free > 0
+    monkeypatch.setattr(compactgraph, "available_memory", lambda: 2 * copy_size(g))
+    assert fits(g)
+    monkeypatch.setattr(compactgraph, "available_memory", lambda: 2 * copy_size(g) - 2)
+    assert not fits(g)
 
 
 def test_damaged_or_short_files(graph, tmp_path):

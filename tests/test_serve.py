@@ -532,14 +532,15 @@ def test_searches_during_commits_see_whole_states(tmp_path, micro_clip):
     assert not errors, errors
 
 
-@pytest.mark.parametrize("kind", ["mapped", "loaded", "compact"])
+@pytest.mark.parametrize("kind", ["mapped", "loaded", "compact", "no room"])
 def test_a_library_kept_open_follows_commits_without_loading_the_graph_again(
         tmp_path, micro_clip, kind, monkeypatch):
     """Commits between two saves of the graph (an index run saves it every few minutes):
     the mapped file answers with the logged changes beside it, scored exactly, and a
     library kept open follows further commits in place.  A long-lived one (itr serve)
     loads a graph within LOADED_GRAPH_MAX whole and replays the commits into it; past
-    that it searches the file's compact copy, built on a thread, with the same delta."""
+    that it searches the file's compact copy, built on a thread, with the same delta
+    (unless the copy would not fit the memory the system has free: the mapped file)."""
     import numpy as np
 
     from itrcli.library import Library
@@ -548,8 +549,12 @@ def test_a_library_kept_open_follows_commits_without_loading_the_graph_again(
     from itrcli.store.graphfile import GraphFile
     from itrcli.store.vindex import graph_files
 
-    if kind == "compact":
+    if kind in ("compact", "no room"):
         monkeypatch.setattr(vindex, "LOADED_GRAPH_MAX", 0)
+    if kind == "no room":
+        from itrcli.store import compactgraph
+
+        monkeypatch.setattr(compactgraph, "available_memory", lambda: 1)
     db, paths = small_library(tmp_path, micro_clip, SPECS[:6])
     saved = graph_files(db)[0]
     with Library.open(db) as writer, Library.open(db, readonly=True) as reader:

@@ -31,6 +31,36 @@ from .graphfile import DELETED, HEADER, GraphFile, GraphFileError, HnswSearch
 RESCORE_SIGMAS = 6.0
 #: Level-0 records read from the file at a time while building (~36 MB at 512-d).
 CHUNK = 16_384
+#: A copy is made only while it takes at most this share of the memory the system has
+#: free (past it the mapped file answers: its pages are the page cache's to drop).
+FIT_SHARE = 0.5
+
+
+def copy_size(g: GraphFile) -> int:
+    """Bytes a :class:`CompactGraph` of the mapped file ``g`` would hold."""
+    return g.count * (4 * (1 + g.max_m0) + g.dim + 4 + 8) + g._up.nbytes
+
+
+def available_memory() -> int | None:
+    """Bytes the system can give without swapping (Linux's MemAvailable), else its
+    physical memory, else None (unknown)."""
+    try:
+        with open("/proc/meminfo", "rb") as f:
+            for line in f:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def fits(g: GraphFile) -> bool:
+    """Whether a copy of the mapped file ``g`` fits the memory the system has free."""
+    free = available_memory()
+    return free is None or copy_size(g) <= FIT_SHARE * free
 
 
 class CompactGraph(HnswSearch):
@@ -165,4 +195,4 @@ class CompactGraph(HnswSearch):
         return out
 
 
-__all__ = ["CompactGraph", "RESCORE_SIGMAS"]
+__all__ = ["CompactGraph", "RESCORE_SIGMAS", "available_memory", "copy_size", "fits"]

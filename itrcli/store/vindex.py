@@ -192,7 +192,10 @@ class VectorIndex:
                     self._touched, self._delta = set(), {}
                     self._apply(store, log)
                     if compact:
-                        self._start_compact(path)
+                        from .compactgraph import fits
+
+                        if fits(self.mapped):  # else the page cache holds what it can
+                            self._start_compact(path)
                     return self
         return self.open(store)
 
