@@ -385,35 +385,48 @@ def test_a_large_tower_is_exported_in_a_child_process(itr, tmp_path, photos, mic
     assert done["photos"] == len(SPECS) and done["rates"]["cpu"] == imagetower.cpu_identity()
 
 
-def _encoder_in_fp32(model):
+def _encoder_in_fp32(model, precision: str = "fp32"):
     from itrcli.embed.encoder import Encoder
 
-    return Encoder(str(model), device="cpu", precision="fp32", towers="image")
+    return Encoder(str(model), device="cpu", precision=precision, towers="image")
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("which", ["tiny_clip", "micro_clip"])
-def test_the_plain_torch_clip_tower_gives_transformers_vectors(request, which, monkeypatch):
-    """fp32 CPU indexing on torch runs CLIP's image tower in plain torch (embed/clipvision:
-    no import of transformers' modeling), with transformers' vectors."""
+def test_the_plain_torch_clip_tower_gives_transformers_vectors(request, which, precision,
+                                                                monkeypatch):
+    """CPU indexing on torch runs CLIP's image tower in plain torch (embed/clipvision: no
+    import of transformers' modeling), with transformers' vectors: in fp32, and in bf16 as
+    transformers' bf16 tower gives them (its own tolerance: the two round alike)."""
     import torch
 
+    from itrcli.constants import BF16_MIN_COSINE
+
     monkeypatch.setenv("ITR_IMAGE_RUNTIME", "torch")
-    enc = _encoder_in_fp32(request.getfixturevalue(which))
+    enc = _encoder_in_fp32(request.getfixturevalue(which), precision)
     assert enc.image_runtime == "torch" and enc._image.module is None  # the plain tower
-    theirs = enc._tower("image", torch.float32)
+    theirs = enc._tower("image", enc.dtype)
     x = torch.from_numpy(np.random.default_rng(7).random(
-        (6, 3, enc.prep.crop_height, enc.prep.crop_width), dtype=np.float32))
+        (6, 3, enc.prep.crop_height, enc.prep.crop_width), dtype=np.float32)).to(enc.dtype)
     with torch.inference_mode():
-        cos = torch.nn.functional.cosine_similarity(enc._image(pixel_values=x),
-                                                    theirs(pixel_values=x), dim=-1)
-    assert float(cos.min()) >= 0.99999
+        ours = enc._image(pixel_values=x)
+        cos = torch.nn.functional.cosine_similarity(ours.float(), theirs(pixel_values=x).float(),
+                                                    dim=-1)
+    assert ours.dtype == enc.dtype
+    assert float(cos.min()) >= (0.99999 if precision == "fp32" else 0.999)
+    if precision == "bf16":  # and within bf16's tolerance of the float32 vectors
+        with torch.inference_mode():
+            f32 = enc._tower("image", torch.float32)(pixel_values=x.float())
+        cos = torch.nn.functional.cosine_similarity(ours.float(), f32, dim=-1)
+        assert float(cos.min()) >= BF16_MIN_COSINE
 
 
-@pytest.mark.parametrize("where", ["folder", "hub cache"])
-def test_loading_the_plain_tower_imports_no_transformers(tiny_clip, tmp_path, where):
-    """An image-only CLIP encoder in fp32 on the CPU reads config.json itself: transformers
-    is not imported at all (0.9 s of an index run's start), and a hub model's revision is
-    still the snapshot's commit."""
+@pytest.mark.parametrize("where,precision", [("folder", "fp32"), ("hub cache", "fp32"),
+                                             ("folder", "bf16")])
+def test_loading_the_plain_tower_imports_no_transformers(tiny_clip, tmp_path, where, precision):
+    """An image-only CLIP encoder in fp32 or bf16 on the CPU reads config.json itself:
+    transformers is not imported at all (0.9 s of an index run's start), and a hub model's
+    revision is still the snapshot's commit."""
     import subprocess
     import sys
 
@@ -427,7 +440,7 @@ def test_loading_the_plain_tower_imports_no_transformers(tiny_clip, tmp_path, wh
         (cache / "refs" / "main").write_text(commit)
         env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")
     code = ("import sys; from itrcli.embed.encoder import Encoder; "
-            f"e = Encoder({model!r}, device='cpu', precision='fp32', towers='image'); "
+            f"e = Encoder({model!r}, device='cpu', precision={precision!r}, towers='image'); "
             "print(e._image.module is None, e.revision, e.dim, "
             "sorted(m for m in sys.modules if m.split('.')[0] == 'transformers')[:3])")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
@@ -447,17 +460,18 @@ def test_an_image_only_encoder_of_a_missing_model_is_the_model_error(tmp_path, m
         _encoder_in_fp32(tmp_path / model if "folder" in model else model)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("which", ["tiny_clip", "tiny_siglip"])
-def test_the_preload_imports_what_the_encoder_will(request, which):
+def test_the_preload_imports_what_the_encoder_will(request, which, precision):
     """encoder.preload (beside the text tower's export child) imports no transformers for a
-    CLIP checkpoint in fp32 on the CPU, whose encoder reads config.json itself; a SigLIP
-    one still gets transformers' configuration."""
+    CLIP checkpoint in fp32 or bf16 on the CPU, whose encoder reads config.json itself; a
+    SigLIP one still gets transformers' configuration."""
     import subprocess
     import sys
 
     model = str(request.getfixturevalue(which))
     code = ("import sys; from itrcli.embed.encoder import preload; "
-            f"preload({model!r}, 'cpu', 'fp32'); print('transformers' in sys.modules)")
+            f"preload({model!r}, 'cpu', {precision!r}); print('transformers' in sys.modules)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split()[-1] == str(which == "tiny_siglip"), r.stdout

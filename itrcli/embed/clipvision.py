@@ -1,8 +1,9 @@
 """CLIP's image tower in plain torch, read straight from the checkpoint's safetensors.
 
-An index run that encodes with torch in float32 on the CPU (a CPU without native bf16,
-before the machine has an onnxruntime export of the model: its first library) loads this
-module instead of transformers' ``CLIPVisionModelWithProjection``, whose import brings
+An index run that encodes with torch on the CPU, in float32 (a CPU without native bf16,
+before the machine has an onnxruntime export of the model: its first library) or in bf16
+(a CPU with native bf16; the module cast as transformers' load casts the weights), loads
+this module instead of transformers' ``CLIPVisionModelWithProjection``, whose import brings
 ``transformers.modeling_utils`` and with it ``torch.distributed.tensor``, ``torch._dynamo``
 and scipy: 1.7-2.4 s of the run's start, while the image tower is what the run waits for.
 
@@ -105,9 +106,8 @@ def weight_files(find: Callable[[str], str | None]) -> list[str]:
     return paths  # type: ignore[return-value]
 
 
-def _read(paths: list[str]) -> dict[str, Any]:
-    """The image tower's float32 tensors (``vision_model.*``, ``visual_projection.*``)."""
-    import torch
+def _read(paths: list[str], dtype) -> dict[str, Any]:
+    """The image tower's tensors (``vision_model.*``, ``visual_projection.*``) in ``dtype``."""
     from safetensors import safe_open
 
     out = {}
@@ -115,16 +115,20 @@ def _read(paths: list[str]) -> dict[str, Any]:
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
                 if key.startswith(("vision_model.", "visual_projection.")):
-                    out[key] = f.get_tensor(key).to(torch.float32)
+                    out[key] = f.get_tensor(key).to(dtype)
     return out
 
 
-def build(vision: Any, projection_dim: int, paths: list[str]):
+def build(vision: Any, projection_dim: int, paths: list[str], dtype=None):
     """The tower as a module, ``pixel_values`` ``[n, 3, H, W]`` -> ``[n, projection_dim]``
-    (unnormalised), from transformers' CLIP vision config and the safetensors files."""
+    (unnormalised), from transformers' CLIP vision config and the safetensors files, its
+    weights in ``dtype`` (float32 by default; bf16 rounded from the checkpoint's values as
+    transformers' load rounds them, with no float32 copy on the way)."""
     import torch
     import torch.nn.functional as F
     from torch import nn
+
+    dtype = dtype or torch.float32
 
     act = _activation(getattr(vision, "hidden_act", "quick_gelu"))
     width, heads = int(vision.hidden_size), int(vision.num_attention_heads)
@@ -133,7 +137,7 @@ def build(vision: Any, projection_dim: int, paths: list[str]):
     if width % heads:
         raise Unsupported("hidden size not a multiple of the heads")
     head = width // heads
-    w = _read(paths)
+    w = _read(paths, dtype)
     # modules are made on the meta device (no random initialisation), every weight then
     # given from the checkpoint (checked below)
 

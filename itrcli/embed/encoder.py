@@ -145,18 +145,18 @@ def preload(model: str, device: str = "auto", precision: str = "auto",
             revision: str | None = None) -> None:
     """Import what loading ``model``'s image-only encoder for ``device`` and ``precision``
     imports: torch (as :func:`import_torch` does) and, unless the encoder needs none of it
-    (a CLIP checkpoint in fp32 on the CPU: :func:`plain_config`), transformers' configuration
-    and model machinery with the CLIP classes (about 3 s on a 2-core VM), for a run to do
-    while it waits on an export child instead of after it."""
+    (a CLIP checkpoint in fp32 or bf16 on the CPU: :func:`plain_config`), transformers'
+    configuration and model machinery with the CLIP classes (about 3 s on a 2-core VM), for
+    a run to do while it waits on an export child instead of after it."""
     import_torch()
     resolved = resolve_device(device)
-    fp32_cpu = resolved == "cpu" and resolve_precision(precision, resolved) == "fp32"
-    if fp32_cpu and plain_config(model, revision) is not None:
+    on_cpu = resolve_precision(precision, resolved) if resolved == "cpu" else None
+    if on_cpu in ("fp32", "bf16") and plain_config(model, revision) is not None:
         return  # the plain tower or onnxruntime, its config.json read by itr
     import transformers
 
     transformers.AutoConfig  # lazy until touched
-    if fp32_cpu:
+    if on_cpu == "fp32":
         return
     transformers.CLIPModel, transformers.CLIPVisionModelWithProjection
 
@@ -462,18 +462,20 @@ class Encoder:
 
     def _plain_clip_tower(self):
         """CLIP's image tower in plain torch (:mod:`itrcli.embed.clipvision`), for float32
-        on the CPU: no import of transformers' modeling (1.7-2.4 s of a run's start).  None
-        where it does not apply or cannot be built (transformers' tower then)."""
+        or bf16 on the CPU: no import of transformers' modeling (1.7-2.4 s of a run's
+        start).  None where it does not apply or cannot be built (transformers' tower then)."""
         import torch
 
-        if self.model_type != "clip" or self.dtype != torch.float32 or self.device != "cpu":
+        if (self.model_type != "clip" or self.device != "cpu"
+                or self.dtype not in (torch.float32, torch.bfloat16)):
             return None
         from . import clipvision
 
         revision = self._at.get("revision")
         try:
             files = clipvision.weight_files(lambda name: _config_file(self.model_id, name, revision))
-            tower = clipvision.build(self._cfg.vision_config, int(self._cfg.projection_dim), files)
+            tower = clipvision.build(self._cfg.vision_config, int(self._cfg.projection_dim), files,
+                                     self.dtype)
         except Exception as e:
             # Unsupported, or weights it cannot read: transformers' tower reads them again
             # and reports a damaged file as the model error it is
