@@ -2,7 +2,7 @@
 
 An index run that encodes with torch on the CPU, in float32 (a CPU without native bf16,
 before the machine has an onnxruntime export of the model: its first library) or in bf16
-(a CPU with native bf16; the module cast as transformers' load casts the weights), loads
+(a CPU with native bf16; the weights rounded as transformers' load rounds them), loads
 this module instead of transformers' ``CLIPVisionModelWithProjection``, whose import brings
 ``transformers.modeling_utils`` and with it ``torch.distributed.tensor``, ``torch._dynamo``
 and scipy: 1.7-2.4 s of the run's start, while the image tower is what the run waits for.

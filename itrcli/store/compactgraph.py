@@ -5,7 +5,7 @@ up holding nearly every page of it: 2.2 GB at a million 512-d images, most of it
 vectors' float32.  :class:`CompactGraph` reads the file once and keeps what a search
 walks: the level-0 links and deleted marks, the labels, the upper layers, and each vector
 as int8 codes with its own scale (``x ~= scale * code``, the scale ``max|x| / 127``):
-about 0.3 of the file (680 MB at a million).  The walk is hnswlib's (:class:`HnswSearch`)
+about 0.3 of the file (634 MiB at a million).  The walk is hnswlib's (:class:`HnswSearch`)
 on the codes' distances; the beam's best are then scored again exactly, from the file's
 own float32 read by offset (a read, not a mapping: the pages stay the page cache's), so
 the scores are the file's, as a cold ``itr search`` gives them.
