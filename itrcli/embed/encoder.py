@@ -150,13 +150,13 @@ def preload(model: str, device: str = "auto", precision: str = "auto",
     a run to do while it waits on an export child instead of after it."""
     import_torch()
     resolved = resolve_device(device)
-    on_cpu = resolve_precision(precision, resolved) if resolved == "cpu" else None
-    if on_cpu in ("fp32", "bf16") and plain_config(model, revision) is not None:
+    cpu_precision = resolve_precision(precision, resolved) if resolved == "cpu" else None
+    if cpu_precision in ("fp32", "bf16") and plain_config(model, revision) is not None:
         return  # the plain tower or onnxruntime, its config.json read by itr
     import transformers
 
     transformers.AutoConfig  # lazy until touched
-    if on_cpu == "fp32":
+    if cpu_precision == "fp32":
         return
     transformers.CLIPModel, transformers.CLIPVisionModelWithProjection
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
 from ..gcpause import gc_paused
+from ..pools import in_thread
 from ..progress import NoProgress, Progress
 from ..ingest.files import Unreadable, hash_stream
 from ..ingest.images import DecodeError, Preprocess, decoder_for, read_image
@@ -415,19 +416,8 @@ class IndexRun:
         """``before_encoder``, then the encoder's load in a thread, while the decode pool
         works; :meth:`_encoder` waits for it."""
         self._before_encoder(todo)
-        fut: Future = Future()
-        load = self.load_encoder
-
-        def run() -> None:
-            try:
-                fut.set_result(load())
-            except BaseException as e:  # handed to the run's thread
-                fut.set_exception(e)
-            finally:
-                self._loaded.set()
-
-        threading.Thread(target=run, name="itr-load-encoder", daemon=True).start()
-        self._loading = fut
+        self._loading = in_thread(self.load_encoder, "itr-load-encoder")
+        self._loading.add_done_callback(lambda _: self._loaded.set())
 
     def _decode_thread_start(self) -> None:
         """A decode thread, as it starts: while the encoder loads beside the pool, all but

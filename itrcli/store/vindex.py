@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 from pathlib import Path
 from typing import Iterable
 
@@ -112,6 +111,7 @@ class VectorIndex:
         #: instead of ``index``: a :class:`~itrcli.store.graphfile.GraphFile` (or its
         #: compact copy, :class:`~itrcli.store.compactgraph.CompactGraph`)
         self.mapped = None
+        self._compact = None  #: a future of the mapped file's compact copy, being built
         self.dirty = False
 
     def close(self) -> None:
@@ -119,7 +119,7 @@ class VectorIndex:
         if self.mapped is not None:
             self.mapped.close()
         self.index = self.mapped = None
-        done, self._compact = getattr(self, "_compact", None), None
+        done, self._compact = self._compact, None
         if done is not None:  # a copy still being built: let it go once it is
             done.add_done_callback(lambda d: d.exception() is None and d.result().close())
 
@@ -203,20 +203,10 @@ class VectorIndex:
         """Read the mapped file into its compact copy on a thread of its own (seconds at a
         million); :meth:`settle` puts it in the mapped file's place once it is built, and
         meanwhile the mapped file answers."""
-        from concurrent.futures import Future
-
+        from ..pools import in_thread
         from .compactgraph import CompactGraph
 
-        done: Future = Future()
-
-        def build() -> None:
-            try:
-                done.set_result(CompactGraph(path, self.dim))
-            except BaseException as e:  # noqa: BLE001 - handed to settle()
-                done.set_exception(e)
-
-        self._compact = done
-        threading.Thread(target=build, name="itr-compact-graph", daemon=True).start()
+        self._compact = in_thread(lambda: CompactGraph(path, self.dim), "itr-compact-graph")
 
     def settle(self, wait: bool = False) -> None:
         """Put a compact copy that is built in the mapped file's place (``wait``: wait for
@@ -224,7 +214,7 @@ class VectorIndex:
         the mapped file goes on answering."""
         from .graphfile import GraphFileError
 
-        done = getattr(self, "_compact", None)
+        done = self._compact
         if done is None or not (wait or done.done()):
             return
         self._compact = None
