@@ -40,6 +40,7 @@ class Library:
         self._encoder_args: tuple[str, str, str, str | None] | None = None
         #: many searches will follow (``itr serve``): worth a slower start for faster queries
         self.long_lived = False
+        self._interrupted = False  # :meth:`interrupt`
         self._reranker = None  # loaded by the first search with rerank=True
         self._reranker_args: tuple[str | None, str, str] | None = None
 
@@ -1117,7 +1118,18 @@ class Library:
         self._search_graph()
         vi = getattr(self, "_mapped", None)
         if vi is not None:
+            if self._interrupted:  # told while the graph was being opened
+                vi.interrupt()
             vi.settle(wait=True)
+
+    def interrupt(self) -> None:
+        """Stop the graph's background work for good: a compact copy being built (from
+        any thread: a server told to stop while it starts; :meth:`settle_graph` then
+        returns within a tenth of a second and the mapped file answers)."""
+        self._interrupted = True
+        vi = getattr(self, "_mapped", None)
+        if vi is not None:
+            vi.interrupt()
 
     def close_graph(self) -> None:
         """Let go of the graph, loaded or mapped (the next search opens the newest)."""

@@ -165,3 +165,33 @@ def test_a_file_removed_after_the_copy_is_still_read_for_the_exact_scores(graph,
     after = c.search(queries[0], 10, 80)
     assert before[0].tolist() == after[0].tolist()
     np.testing.assert_array_equal(before[1], after[1])
+
+
+
+def test_a_build_told_to_stop_stops_at_its_next_chunk(graph, monkeypatch):
+    """A reader that closes (a server told to stop) does not wait for a copy it will never
+    search: the build looks at its ``cancel`` event before each chunk of the file."""
+    import threading
+
+    from itrcli.store import compactgraph
+    from itrcli.store.compactgraph import BuildCancelled
+
+    path = graph[0]
+    told = threading.Event()
+    told.set()
+    with pytest.raises(BuildCancelled):
+        CompactGraph(path, DIM, cancel=told)
+
+    class SetAfterTwoChunks(threading.Event):
+        looks = 0
+
+        def is_set(self) -> bool:
+            self.looks += 1
+            return self.looks > 2
+
+    monkeypatch.setattr(compactgraph, "CHUNK", 500)  # 6 chunks
+    part_way = SetAfterTwoChunks()
+    with pytest.raises(BuildCancelled):
+        CompactGraph(path, DIM, cancel=part_way)
+    assert part_way.looks == 3
+    assert CompactGraph(path, DIM, cancel=threading.Event()).count == len(graph[1])

@@ -619,6 +619,46 @@ def test_a_library_kept_open_follows_commits_without_loading_the_graph_again(
         assert graph() == got
 
 
+
+def test_a_server_told_to_stop_while_it_builds_the_compact_copy_does_not_wait_for_it(
+        tmp_path, micro_clip, monkeypatch):
+    """SIGTERM while ``itr serve`` starts on a large graph: the signal handler's
+    :meth:`LiveLibrary.interrupt` stops the copy being built, the start-up returns without
+    the text tower's first run, and the library still answers from the mapped file."""
+    from itrcli.serve.live import LiveLibrary
+    from itrcli.store import vindex
+    from itrcli.store.compactgraph import CompactGraph
+    from itrcli.store.graphfile import GraphFile
+
+    monkeypatch.setattr(vindex, "LOADED_GRAPH_MAX", 0)
+    building = threading.Event()
+    real = CompactGraph._build
+
+    def held(self, f, dim, cancel):  # a build that lasts until it is told to stop
+        building.set()
+        assert cancel.wait(30), "the build was never told to stop"
+        return real(self, f, dim, cancel)
+
+    monkeypatch.setattr(CompactGraph, "_build", held)
+    db, _ = small_library(tmp_path, micro_clip)
+    live = LiveLibrary(db)
+    warmed = []
+    warm = threading.Thread(target=lambda: (live.warm(), warmed.append(1)))
+    warm.start()
+    assert building.wait(30)
+    live.interrupt()
+    warm.join(30)
+    assert warmed == [1]
+
+    def state(lib):
+        return type(lib._search_graph().mapped), lib.knows_text("a photo")
+
+    assert live.call(state) == (GraphFile, False)  # no copy, no warm-up search
+    hits = live.call(lambda lib: [h.id for h in lib.search(text="a red circle", top=3)])
+    assert len(hits) == 3
+    live.close()
+
+
 # --- a real server ----------------------------------------------------------------------------
 
 def _get(url: str, headers: dict | None = None):

@@ -40,6 +40,7 @@ class LiveLibrary:
         self._waiting: list[str] = []  # texts of searches queued for the library's thread
         self._waiting_lock = threading.Lock()
         self._closed = threading.Event()
+        self._interrupted = False  #: told to stop (:meth:`interrupt`)
 
     # -- on the library's thread ------------------------------------------------------------
     def _current(self):
@@ -53,6 +54,8 @@ class LiveLibrary:
         if lib is None:
             lib = self._lib = Library.open(self.directory, readonly=True)
             lib.long_lived = True  # a warm text tower: pre-packed weights
+            if self._interrupted:
+                lib.interrupt()
         return lib
 
     def _in_snapshot(self, fn: Callable[..., T], args: tuple, text: str | None = None) -> T:
@@ -94,12 +97,23 @@ class LiveLibrary:
         def load(lib):
             if lib.model and lib.store.has_files():
                 lib.settle_graph()  # the graph (a large one's compact copy)
-                lib.search(text="a photo", top=1)  # text tower, adapter
+                if not self._interrupted:
+                    lib.search(text="a photo", top=1)  # text tower, adapter
 
         try:
             self.call(load)
         except ItrError:
             pass
+
+    def interrupt(self) -> None:
+        """From any thread (the server's signal handler): stop the start-up work the
+        library's thread may be in (a large graph's compact copy; the text tower's first
+        run is skipped), so that a server told to stop while it starts ends at once.
+        Requests already taken are still answered."""
+        self._interrupted = True
+        lib = self._lib
+        if lib is not None:
+            lib.interrupt()
 
     def close(self) -> None:
         self._closed.set()

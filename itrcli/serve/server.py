@@ -52,7 +52,15 @@ def _server_class():
 
     class Server(uvicorn.Server):
         """uvicorn's server, ending on Ctrl-C or SIGTERM without raising the signal again
-        (uvicorn re-raises it after shutting down: the process would end with 130/143)."""
+        (uvicorn re-raises it after shutting down: the process would end with 130/143);
+        ``on_exit``, if set, is called at the signal (to cut short a start-up)."""
+
+        on_exit: Callable[[], None] | None = None
+
+        def handle_exit(self, sig, frame) -> None:
+            super().handle_exit(sig, frame)
+            if self.on_exit is not None:
+                self.on_exit()
 
         @contextlib.contextmanager
         def capture_signals(self):
@@ -94,11 +102,13 @@ def serve(options: ServeOptions, *, watch=None, open_browser: bool = False,
     options.port = sock.getsockname()[1]
     watcher = Watcher(options.directory, watch) if watch is not None else None
     options.watcher = watcher
-    app = create_app(options, LiveLibrary(options.directory))
+    live = LiveLibrary(options.directory)
+    app = create_app(options, live)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             server_header=False, proxy_headers=False,
                             timeout_graceful_shutdown=5, timeout_keep_alive=5)
     server = _server_class()(config)
+    server.on_exit = live.interrupt
     url = url_of(options.host, options.port)
     shown = url + (f"?token={options.token}" if options.token else "")
 
@@ -106,7 +116,7 @@ def serve(options: ServeOptions, *, watch=None, open_browser: bool = False,
         # after startup (the library and its text tower loaded): the URL is ready to open
         while not server.started and not server.should_exit:
             threading.Event().wait(0.05)
-        if server.started:
+        if server.started and not server.should_exit:  # not when told to stop meanwhile
             say(f"itr serve: {shown}  (library {options.directory}; Ctrl-C to stop)")
             if open_browser:
                 import webbrowser

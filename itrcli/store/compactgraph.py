@@ -63,26 +63,34 @@ def fits(g: GraphFile) -> bool:
     return free is None or copy_size(g) <= FIT_SHARE * free
 
 
+class BuildCancelled(GraphFileError):
+    """The copy was no longer wanted (its reader closed, the server stopping)."""
+
+
 class CompactGraph(HnswSearch):
     """An hnswlib graph file (cosine space) read into int8 codes; searched like
     :class:`~itrcli.store.graphfile.GraphFile`, with exact scores.  Keeps the file open
-    (a file a writer removes meanwhile stays readable) until :meth:`close`."""
+    (a file a writer removes meanwhile stays readable) until :meth:`close`.
 
-    def __init__(self, path: str | os.PathLike, dim: int | None = None) -> None:
+    ``cancel``: once set, the build stops at its next chunk of the file (a tenth of a
+    second at most) with :class:`BuildCancelled`."""
+
+    def __init__(self, path: str | os.PathLike, dim: int | None = None, *,
+                 cancel: threading.Event | None = None) -> None:
         self.path = Path(path)
         try:
             f = open(self.path, "rb")
         except OSError as e:
             raise GraphFileError(f"cannot read: {e.strerror or e}") from None
         try:
-            self._build(f, dim)
+            self._build(f, dim, cancel)
         except BaseException:
             f.close()
             raise
         self._file = f
         self._read_lock = threading.Lock()  # seek + read where there is no pread
 
-    def _build(self, f, dim: int | None) -> None:
+    def _build(self, f, dim: int | None, cancel: threading.Event | None) -> None:
         g = GraphFile(self.path, dim, file=f)  # the header and upper layers, checked
         try:
             self.count, self.entry, self.maxlevel = g.count, g.entry, g.maxlevel
@@ -102,6 +110,8 @@ class CompactGraph(HnswSearch):
         tmp = np.empty((min(n, CHUNK), self.dim), np.float32)
         f.seek(HEADER.size)
         for a in range(0, n, CHUNK):
+            if cancel is not None and cancel.is_set():
+                raise BuildCancelled("no longer wanted")
             m = min(CHUNK, n - a)
             part, t = buf[:m], tmp[:m]
             if f.readinto(memoryview(part).cast("B")) != part.nbytes:

@@ -112,6 +112,7 @@ class VectorIndex:
         #: compact copy, :class:`~itrcli.store.compactgraph.CompactGraph`)
         self.mapped = None
         self._compact = None  #: a future of the mapped file's compact copy, being built
+        self._cancel = None  #: set: that build stops (:meth:`interrupt`)
         self.dirty = False
 
     def close(self) -> None:
@@ -119,9 +120,18 @@ class VectorIndex:
         if self.mapped is not None:
             self.mapped.close()
         self.index = self.mapped = None
+        self.interrupt()
         done, self._compact = self._compact, None
-        if done is not None:  # a copy still being built: let it go once it is
+        if done is not None:  # a copy still being built: let it go once it stops
             done.add_done_callback(lambda d: d.exception() is None and d.result().close())
+
+    def interrupt(self) -> None:
+        """Stop building the compact copy, if one is being built (from any thread: a
+        server told to stop does not wait for a copy it will never search); the mapped
+        file goes on answering."""
+        cancel = self._cancel
+        if cancel is not None:
+            cancel.set()
 
     # -- loading ---------------------------------------------------------------------
     def _files(self) -> list[tuple[int, Path]]:
@@ -203,15 +213,19 @@ class VectorIndex:
         """Read the mapped file into its compact copy on a thread of its own (seconds at a
         million); :meth:`settle` puts it in the mapped file's place once it is built, and
         meanwhile the mapped file answers."""
+        import threading
+
         from ..pools import in_thread
         from .compactgraph import CompactGraph
 
-        self._compact = in_thread(lambda: CompactGraph(path, self.dim), "itr-compact-graph")
+        cancel = self._cancel = threading.Event()
+        self._compact = in_thread(lambda: CompactGraph(path, self.dim, cancel=cancel),
+                                  "itr-compact-graph")
 
     def settle(self, wait: bool = False) -> None:
         """Put a compact copy that is built in the mapped file's place (``wait``: wait for
-        it first).  A copy that failed (the file gone or damaged under it) is dropped:
-        the mapped file goes on answering."""
+        it first).  A copy that failed (the file gone or damaged under it) or was
+        interrupted is dropped: the mapped file goes on answering."""
         from .graphfile import GraphFileError
 
         done = self._compact
