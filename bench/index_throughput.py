@@ -296,11 +296,11 @@ def ceiling_parts(paths: list[Path], library: Path, precision: str) -> tuple[flo
 def ensure_export(photo: Path) -> None:
     """The image tower's export in the tower cache, when this run's encoder would use one
     (so that no timed run makes it)."""
-    code = ("import sys; from itrcli.embed import imagetower as t; "
+    code = ("import sys; from itrcli.embed import imagetower as t, imageexport as x; "
             "from itrcli.embed.encoder import resolve_precision as r; "
             "p = r(sys.argv[3], 'cpu'); "
             "t.export_due(sys.argv[1], None, 'cpu', p) and "
-            "t.export(t.torch_encoder(sys.argv[1], None), [sys.argv[2]])")
+            "x.export(x.torch_encoder(sys.argv[1], None), [sys.argv[2]])")
     subprocess.run([sys.executable, "-c", code, str(model_dir()), str(photo), PRECISION[0]],
                    check=True)
 

@@ -401,7 +401,7 @@ class Library:
         A failure is retried by the next runs (EXPORT_TRIES in all), unless the model
         cannot be exported at all (e.g. a sentencepiece tokenizer that ``tokenizers`` cannot
         load)."""
-        from .embed import textonnx
+        from .embed import onnxexport, textonnx
 
         model = self.model
         if (model and self._text_export_due(model)
@@ -414,7 +414,7 @@ class Library:
             elif self._text_export_ok():
                 textonnx.cache_export(self.directory, model, self._cache_revision(model))
             return
-        if textonnx.use_child(model):
+        if onnxexport.use_child(model):
             # made before the run's encoder was loaded (below), or now, once it is let go of
             code, why = self._text_child_outcome or self._text_export_child(model)
             unsupported = code == textonnx.UNSUPPORTED
@@ -422,7 +422,7 @@ class Library:
             code, why, unsupported = 0, "", False
             try:
                 textonnx.export(self._encoder or self._text_side(model), self.directory)
-            except textonnx.ExportUnsupported as e:
+            except onnxexport.ExportUnsupported as e:
                 code, why, unsupported = 1, str(e), True
             except Exception as e:
                 code, why = 1, f"{type(e).__name__}: {str(e)[:200]}"
@@ -457,11 +457,11 @@ class Library:
         recorded by :meth:`_finish_text_tower` at the run's end, as for an export made there.
         ``count``: the files the run may encode; the image tower is exported for a run that
         gains more than the export costs (:func:`itrcli.embed.imagetower.worth_exporting`)."""
-        from .embed import imagetower, textonnx
+        from .embed import imagetower, onnxexport, textonnx
 
         if imagetower.worth_exporting(count):
             self._export_image_tower(model, device, precision, photos)
-        if not textonnx.use_child(model):
+        if not onnxexport.use_child(model):
             return  # small towers are exported by the run itself, at its end
         if not self._text_export_due(model):
             return  # there already (a bound library), or given up for this model
@@ -495,14 +495,14 @@ class Library:
                             photos: list[str]) -> None:
         """Before a run first loads its encoder, where onnxruntime would run the image tower
         and this machine has no export of the model yet: export it now, checked on
-        ``photos`` (:mod:`itrcli.embed.imagetower`; in a child process for a large tower,
+        ``photos`` (:mod:`itrcli.embed.imageexport`; in a child process for a large tower,
         while this run holds no model), so that the whole run, the first library of a
         model on a machine included, encodes with it.  Never raises; a failure is one line
         under ``-v``, the run encodes with torch and the next runs try again (up to
         EXPORT_TRIES runs per model)."""
         import logging
 
-        from .embed import imagetower
+        from .embed import imageexport, imagetower
         from .embed.encoder import resolve_device, resolve_precision
 
         if not photos:
@@ -517,7 +517,7 @@ class Library:
         n = tries.get("n", 0) if tries.get("model") == model else 0
         if n >= EXPORT_TRIES or not imagetower.export_due(model, revision, device, precision):
             return
-        why = imagetower.export_for_run(model, revision, photos)
+        why = imageexport.export_for_run(model, revision, photos)
         if why is None:
             logging.getLogger("itr").debug("image tower exported for onnxruntime")
             self.store.set_meta(image_export_tries=None)

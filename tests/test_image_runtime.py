@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import write_shapes
-from itrcli.embed import clipvision, imagetower, towercache
+from itrcli.embed import clipvision, imageexport, imagetower, towercache
 
 SPECS = [("red", "circle", "left", 1), ("blue", "square", "right", 2),
          ("green", "triangle", "top", 3), ("yellow", "circle", "bottom", 4),
@@ -74,8 +74,8 @@ def test_the_rule(monkeypatch):
 
 def test_exported_once_and_reused_by_another_library(itr, tmp_path, photos, micro_clip, monkeypatch):
     made = []
-    orig = imagetower.export
-    monkeypatch.setattr(imagetower, "export", lambda *a, **k: made.append(1) or orig(*a, **k))
+    orig = imageexport.export
+    monkeypatch.setattr(imageexport, "export", lambda *a, **k: made.append(1) or orig(*a, **k))
     r = _index(itr, photos, tmp_path / "lib1", micro_clip, "-v")
     # made before the run loaded its encoder: the first library of the model on this
     # machine is encoded by onnxruntime too
@@ -117,16 +117,16 @@ def test_vectors_equal_torchs(request, tmp_path, photos, which, monkeypatch):
     pixels, through the encoder an index run uses."""
     model = str(request.getfixturevalue(which))
     paths = sorted(str(p) for p in photos.iterdir())
-    torch_enc = imagetower.torch_encoder(model, None)
+    torch_enc = imageexport.torch_encoder(model, None)
     assert torch_enc.image_runtime == "torch"
-    imagetower.export(torch_enc, paths[:3])
+    imageexport.export(torch_enc, paths[:3])
     from itrcli.embed.encoder import Encoder
     from itrcli.ingest.images import decode_file
 
     fast = Encoder(model, device="cpu", precision="fp32", towers="image")
     assert fast.image_runtime == "onnxruntime"
     px = np.stack([decode_file(p, fast.prep)[0] for p in paths])  # [n, 3, H, W]
-    want, got = imagetower.torch_encoder(model, None).encode_pixels(px), fast.encode_pixels(px)
+    want, got = imageexport.torch_encoder(model, None).encode_pixels(px), fast.encode_pixels(px)
     assert got.shape == want.shape
     assert (got * want).sum(1).min() >= imagetower.MIN_COSINE
     # a batch of one too (the batch axis is dynamic)
@@ -203,7 +203,7 @@ def test_eval_figures_unchanged(itr, tmp_path, micro_clip, monkeypatch):
 
     items = draw_set(tmp_path / "imgs", 24)
     paths = write_formats(tmp_path / "ann", tmp_path / "imgs", items)
-    imagetower.export(imagetower.torch_encoder(str(micro_clip), None),
+    imageexport.export(imageexport.torch_encoder(str(micro_clip), None),
                       [str(tmp_path / "imgs" / n) for n, _ in items[:4]])
     calls = []
     orig = imagetower.OnnxImageTower.__call__
@@ -224,9 +224,9 @@ def test_eval_figures_unchanged(itr, tmp_path, micro_clip, monkeypatch):
 
 def test_a_quick_trace_that_fails_is_traced_again_the_usual_way(tmp_path, photos, micro_clip,
                                                                  monkeypatch):
-    from itrcli.embed import textonnx
+    from itrcli.embed import onnxexport
 
-    orig = textonnx._trace
+    orig = onnxexport.trace
     tries: list[bool] = []
 
     def trace(*a, quick, **k):
@@ -235,9 +235,9 @@ def test_a_quick_trace_that_fails_is_traced_again_the_usual_way(tmp_path, photos
             raise RuntimeError("the quick graph is wrong")
         return orig(*a, quick=quick, **k)
 
-    monkeypatch.setattr(textonnx, "_trace", trace)
-    enc = imagetower.torch_encoder(str(micro_clip), None)
-    entry = imagetower.export(enc, sorted(photos.iterdir()), release=True)
+    monkeypatch.setattr(onnxexport, "trace", trace)
+    enc = imageexport.torch_encoder(str(micro_clip), None)
+    entry = imageexport.export(enc, sorted(photos.iterdir()), release=True)
     assert tries == [True, False]
     done = json.loads((entry / towercache.DONE).read_text())
     assert done["quick_trace"] is False and done["min_cosine"] >= imagetower.MIN_COSINE
@@ -376,7 +376,7 @@ def test_a_large_tower_is_exported_in_a_child_process(itr, tmp_path, photos, mic
     one before the run loads its encoder; the run then encodes with it."""
     monkeypatch.setenv("ITR_TEXT_EXPORT", "child")
     made = []
-    monkeypatch.setattr(imagetower, "export", lambda *a, **k: made.append(1))  # not in-process
+    monkeypatch.setattr(imageexport, "export", lambda *a, **k: made.append(1))  # not in-process
     r = _index(itr, photos, tmp_path / "lib", micro_clip, "-v")
     assert "itr: image tower exported for onnxruntime" in r.err, r.err
     assert made == [] and _info(itr, tmp_path / "lib")["image_runtime"] == "onnxruntime"

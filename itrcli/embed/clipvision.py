@@ -25,6 +25,8 @@ import os
 from types import SimpleNamespace
 from typing import Any, Callable
 
+from .hub import snapshot_commit
+
 class Unsupported(Exception):
     """Not a checkpoint this module runs: transformers' tower is used."""
 
@@ -69,9 +71,8 @@ def read_config(path: str) -> SimpleNamespace:
     projection = cfg.get("projection_dim", PROJECTION_DEFAULT)
     if not isinstance(projection, int):
         raise Unsupported(f"config.json: projection_dim = {projection!r}")
-    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
-    commit = parts[-2] if len(parts) > 2 and parts[-3] == "snapshots" else None
-    return SimpleNamespace(model_type="clip", projection_dim=projection, _commit_hash=commit,
+    return SimpleNamespace(model_type="clip", projection_dim=projection,
+                           _commit_hash=snapshot_commit(os.path.dirname(path)),
                            vision_config=section("vision_config", VISION_DEFAULTS),
                            text_config=section("text_config", TEXT_DEFAULTS))
 

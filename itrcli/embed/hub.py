@@ -49,6 +49,14 @@ def load_config(name: str, revision: str | None = None, *,
         raise missing(e) from None
 
 
+def snapshot_commit(folder: str | os.PathLike) -> str | None:
+    """The hub commit whose files ``folder`` holds when it is a snapshot of the Hugging
+    Face cache (``.../snapshots/<commit>``), else None (a checkpoint of one's own)."""
+    folder = os.path.normpath(os.path.abspath(folder))
+    parent, name = os.path.split(folder)
+    return name if os.path.basename(parent) == "snapshots" and name else None
+
+
 def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 

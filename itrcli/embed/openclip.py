@@ -85,7 +85,8 @@ def checkpoint_dir(model: str, revision: str | None = None) -> tuple[Path, str |
         return d.resolve(), None
     from huggingface_hub import hf_hub_download
 
-    from .hub import hub_offline, hub_reachable, not_found_message, revision_missing
+    from .hub import (hub_offline, hub_reachable, not_found_message, revision_missing,
+                      snapshot_commit)
 
     repo = hub_id(model)
     at = {"revision": revision} if revision else {}
@@ -110,8 +111,7 @@ def checkpoint_dir(model: str, revision: str | None = None) -> tuple[Path, str |
         except Exception:
             raise ModelError(_no_safetensors(model)) from None
     folder = Path(paths[0]).parent
-    commit = folder.name if folder.parent.name == "snapshots" else None
-    return folder, commit
+    return folder, snapshot_commit(folder)
 
 
 def _no_safetensors(model: str) -> str:
@@ -319,7 +319,7 @@ class OpenClipEncoder(Encoder):
         if inner is not None and hasattr(inner, "backend_tokenizer"):
             return inner.backend_tokenizer
         if not hasattr(tok, "encoder") or not hasattr(tok, "bpe_ranks"):
-            from .textonnx import ExportUnsupported
+            from .onnxexport import ExportUnsupported
 
             raise ExportUnsupported(f"open_clip tokenizer {type(tok).__name__} has no BPE form")
         return _clip_bpe_tokenizer(tok)

@@ -14,22 +14,17 @@ the model only slightly (see :data:`DRAFT_TOLERANCE`).
 from __future__ import annotations
 
 import io
-import math
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Callable
 
 from PIL import Image
 
+from .decoded import (MAX_PIXELS, DecodeError, ImageMeta, apply_orientation, exif_meta,
+                      exif_of, exif_orientation, to_rgb)
 from .files import MAX_FILE_BYTES, Unreadable, content_hash, read_file
 from ..constants import (AVIF_EXTENSIONS, HEIF_EXTENSIONS, IMAGE_EXTENSIONS,  # noqa: F401
                          RAW_EXTENSIONS, VIDEO_EXTENSIONS)
-
-#: Images with more pixels than this (width x height as declared in the header) are refused
-#: before any pixel is allocated: 16,384 x 16,384 = 268 MP.  Larger real photos are rare
-#: (panoramas stitched at full size); decompression bombs declare far more.
-MAX_PIXELS = 16384 * 16384
 
 #: Largest absolute difference (in normalised pixel units, i.e. after ``(x/255-mean)/std``)
 #: that we accept between draft-mode and full-size preprocessing, on average per pixel.
@@ -97,14 +92,6 @@ def is_raw(path: str | None) -> bool:
     return i > 0 and path[i:].lower() in RAW_EXTENSIONS
 
 
-class DecodeError(Exception):
-    """A file that cannot be turned into an image; the message is the one-line reason.
-
-    It depends only on the file's bytes (and the limits below), so a file that failed once
-    fails again until it changes: the library remembers such files (see ``decoder_id``).
-    """
-
-
 def decoder_id() -> str:
     """What a remembered decode failure depends on besides the bytes: versions and limits.
 
@@ -142,18 +129,6 @@ def decoder_for(path: str) -> str:
         except Exception:
             return base
     return base
-
-
-@dataclass
-class ImageMeta:
-    """What we keep about an image besides its vector."""
-
-    width: int  #: after EXIF rotation, at full size
-    height: int
-    taken_at: str | None = None  #: ISO 8601 capture time from EXIF, no time zone
-    camera: str | None = None
-    lat: float | None = None
-    lon: float | None = None
 
 
 @dataclass
@@ -358,10 +333,10 @@ def open_image(data: bytes, *, draft_for: Preprocess | None = None,
             raise DecodeError("image has no pixels")
         if w * h > MAX_PIXELS:
             raise DecodeError(f"image too large: {w}x{h} pixels (limit {MAX_PIXELS:,})")
-        exif = _exif(img)
-        orientation = _orientation(exif)
+        exif = exif_of(img)
+        orientation = exif_orientation(exif)
         fw, fh = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-        meta = ImageMeta(width=fw, height=fh, **_safe_exif_meta(exif))
+        meta = ImageMeta(width=fw, height=fh, **exif_meta(exif))
         if draft_for is not None and img.format == "JPEG":
             # ask in the file's own orientation: rotation happens after decoding
             rw, rh = draft_for.draft_request(fw, fh)
@@ -369,7 +344,7 @@ def open_image(data: bytes, *, draft_for: Preprocess | None = None,
             img.draft("RGB", req)
         img.load()
         if orientation and orientation != 1:
-            img = _apply_orientation(img, orientation)
+            img = apply_orientation(img, orientation)
         return to_rgb(img), meta
     except (DecodeError, MemoryError):
         raise  # MemoryError: not the file's fault, so not remembered as a bad file
@@ -402,32 +377,6 @@ def still_of_motion_photo(data: bytes) -> bytes:
     return data
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB the way transformers does it (alpha composited onto white), 16-bit scaled down."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
-        import numpy as np
-
-        arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
-        arr = np.clip(arr * (255.0 / hi), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr, mode="L").convert("RGB")
-    if img.mode == "F":
-        import numpy as np
-
-        arr = np.asarray(img, dtype=np.float64)
-        lo, hi = float(np.nanmin(arr)), float(np.nanmax(arr))
-        arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
-        return Image.fromarray(np.nan_to_num(arr).astype(np.uint8), mode="L").convert("RGB")
-    has_alpha = "A" in img.getbands() or img.info.get("transparency") is not None
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(background, rgba).convert("RGB")
-    return img.convert("RGB")
-
-
 def _reason(e: BaseException) -> str:
     msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if isinstance(e, Image.DecompressionBombError):  # Pillow's guard (header, a frame, a tile)
@@ -437,103 +386,6 @@ def _reason(e: BaseException) -> str:
     if "truncated" in msg.lower() or isinstance(e, (EOFError,)):
         return "truncated or corrupt image data"
     return msg[:200]
-
-
-def _exif(img: Image.Image):
-    try:
-        return img.getexif()
-    except Exception:  # hostile EXIF must not stop decoding
-        return None
-
-
-def _orientation(exif) -> int:
-    try:
-        o = int(exif.get(0x0112, 1)) if exif is not None else 1
-    except Exception:
-        return 1
-    return o if 1 <= o <= 8 else 1
-
-
-_TRANSPOSE = {
-    2: (Image.Transpose.FLIP_LEFT_RIGHT,),
-    3: (Image.Transpose.ROTATE_180,),
-    4: (Image.Transpose.FLIP_TOP_BOTTOM,),
-    5: (Image.Transpose.TRANSPOSE,),
-    6: (Image.Transpose.ROTATE_270,),
-    7: (Image.Transpose.TRANSVERSE,),
-    8: (Image.Transpose.ROTATE_90,),
-}
-
-
-def _apply_orientation(img: Image.Image, orientation: int) -> Image.Image:
-    # Same mapping as ImageOps.exif_transpose, without re-parsing (possibly hostile) EXIF.
-    for op in _TRANSPOSE.get(orientation, ()):
-        img = img.transpose(op)
-    return img
-
-
-def _safe_exif_meta(exif) -> dict[str, Any]:
-    try:
-        return _exif_meta(exif)
-    except Exception:  # hostile EXIF costs the metadata, never the image
-        return {}
-
-
-def _exif_meta(exif) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if exif is None:
-        return out
-    try:
-        sub = exif.get_ifd(0x8769)  # Exif IFD: DateTimeOriginal lives here
-    except Exception:
-        sub = {}
-    out["taken_at"] = _exif_time(sub.get(0x9003) or sub.get(0x9004) or exif.get(0x0132))
-    make, model = _clean(exif.get(0x010F)), _clean(exif.get(0x0110))
-    if model and make and not model.lower().startswith(make.split()[0].lower()):
-        model = f"{make} {model}"
-    out["camera"] = model or make
-    try:
-        gps = exif.get_ifd(0x8825)
-    except Exception:
-        gps = {}
-    lat = _gps_coord(gps.get(2), gps.get(1))
-    lon = _gps_coord(gps.get(4), gps.get(3))
-    if lat is not None and lon is not None and abs(lat) <= 90 and abs(lon) <= 180:
-        out["lat"], out["lon"] = lat, lon
-    return out
-
-
-def _clean(v: Any) -> str | None:
-    if v is None:
-        return None
-    if isinstance(v, bytes):
-        v = v.decode("utf-8", "replace")
-    s = str(v).replace("\x00", "").strip()
-    return s[:100] or None
-
-
-def _exif_time(v: Any) -> str | None:
-    s = _clean(v)
-    if not s:
-        return None
-    for fmt in ("%Y:%m:%d %H:%M:%S", "%Y-%m-%d %H:%M:%S", "%Y:%m:%d %H:%M", "%Y:%m:%d"):
-        try:
-            return datetime.strptime(s[:19], fmt).isoformat()
-        except ValueError:
-            continue
-    return None
-
-
-def _gps_coord(value: Any, ref: Any) -> float | None:
-    try:
-        d, m, s = (float(x) for x in value)
-        coord = d + m / 60 + s / 3600
-    except Exception:
-        return None
-    if not math.isfinite(coord):
-        return None
-    ref_s = _clean(ref) or ""
-    return -coord if ref_s.upper() in ("S", "W") else coord
 
 
 @dataclass

@@ -24,8 +24,8 @@ from __future__ import annotations
 import io
 from typing import Any
 
-from .images import (MAX_PIXELS, DecodeError, ImageMeta, _apply_orientation, _exif_time,
-                     _safe_exif_meta, to_rgb)
+from .decoded import (MAX_PIXELS, DecodeError, ImageMeta, apply_orientation, exif_meta,
+                      exif_time, to_rgb)
 
 #: LibRaw's ``flip`` -> the EXIF orientation that turns the image upright (LibRaw reads
 #: EXIF orientation ``o`` as ``"50132467"[o & 7]``).
@@ -113,7 +113,7 @@ def _decode(raw, data: bytes, draft_for: Any, rawpy) -> tuple[Any, ImageMeta]:
     if img is None:
         rgb = raw.postprocess(half_size=True, use_camera_wb=True, output_bps=8)  # [H, W, 3], upright
         img = Image.fromarray(rgb)
-    meta = _safe_exif_meta(exif if exif is not None else preview_exif)
+    meta = exif_meta(exif if exif is not None else preview_exif)
     if not meta.get("taken_at"):
         meta["taken_at"] = _libraw_time(raw)
     return to_rgb(img), ImageMeta(width=fw, height=fh, **meta)
@@ -148,7 +148,7 @@ def _preview(thumb, rawpy, want: tuple[int, int], orientation: int, full: tuple[
         img.draft("RGB", (want[1], want[0]) if turned else want)
     img.load()
     if orientation != 1:
-        img = _apply_orientation(img, orientation)
+        img = apply_orientation(img, orientation)
     return img, exif
 
 
@@ -177,7 +177,7 @@ def _libraw_time(raw) -> str | None:
         return None
     if t is None or getattr(t, "year", 0) < 1971:
         return None
-    return _exif_time(t.strftime("%Y:%m:%d %H:%M:%S"))
+    return exif_time(t.strftime("%Y:%m:%d %H:%M:%S"))
 
 
 def _reason(e: BaseException) -> str:
