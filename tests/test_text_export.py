@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import shutil
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -310,3 +311,34 @@ def test_the_run_exports_its_text_tower_while_it_holds_no_image_tower(
     onnx_equals_torch(tmp_path / "lib")
 
 
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_an_export_child_dies_with_its_parent_where_no_signal_tells_it(tmp_path):
+    """A killed run leaves no export child behind, of either tower: where the kernel's
+    parent-death signal is not available (macOS, Windows; here sys.platform says so), the
+    child's own watch ends it once its parent is gone."""
+    import subprocess
+
+    ready = tmp_path / "child.pid"
+    child = ("import os, sys, time; sys.platform = 'darwin'; "
+             "from itrcli.embed.onnxexport import die_with; die_with(int(sys.argv[1])); "
+             f"open({str(ready)!r}, 'w').write(str(os.getpid())); time.sleep(120)")
+    parent = ("import os, subprocess, sys, time; "
+              "subprocess.Popen([sys.executable, '-c', sys.argv[1], str(os.getpid())]); "
+              f"[time.sleep(0.05) for _ in range(600) if not os.path.exists({str(ready)!r})]; "
+              "os._exit(0)")  # gone without a word to its child, as a killed run is
+    subprocess.run([sys.executable, "-c", parent, child], check=True, timeout=60)
+    pid = int(ready.read_text())
+
+    def alive() -> bool:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                return not any(line.startswith("State:") and "Z" in line for line in f)
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 30  # a guard against hanging, not a timing
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(), "the export child outlived its parent"

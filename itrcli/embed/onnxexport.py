@@ -208,19 +208,29 @@ def spawn(module: str, args: Sequence[str]) -> ExportProcess:
 
 
 def die_with(parent: int) -> None:
-    """SIGKILL this process when its parent dies (Linux), so that a killed run leaves no
-    export behind that outlives it."""
+    """End this process when its parent dies, so that a killed run leaves no export behind
+    that outlives it: SIGKILL from the kernel at once (Linux), and a thread that looks
+    every half second (everywhere: the signal is not available elsewhere)."""
     import signal
     import sys
+    import threading
 
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        import ctypes
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
 
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before the signal was armed
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent:  # the parent died before this was armed
         os._exit(1)
+
+    def watch() -> None:
+        import time
+
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="itr-parent-watch", daemon=True).start()

@@ -509,20 +509,10 @@ def _child_main() -> None:
 
 def _child_export() -> int:
     import sys
-    import threading
 
     model, library_dir, parent = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
     revision = sys.argv[4] if len(sys.argv) > 4 and sys.argv[4] else None
     die_with(parent)
-
-    def watch() -> None:  # where the parent-death signal is not available
-        import time
-
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
     from ..errors import ModelError
     from .encoder import Encoder
 
