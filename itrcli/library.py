@@ -476,20 +476,13 @@ class Library:
         imports on the core the child leaves idle, instead of after it (the machine's first
         library of a model: 24 photos of 12 MP in 8.3 s instead of 10.8 s; the whole run's
         peak 1,066 MiB PSS instead of 873-984, within the 1.2 GB it is held to).  Not beside
-        the image tower's export, whose child peaks higher."""
-        import threading
-
+        the image tower's export, whose child peaks higher.  A failure is left in the
+        future, untaken: the encoder's own loading meets it again and reports it."""
         from .embed.encoder import preload
+        from .pools import in_thread
 
         revision = self._revision_of(model)
-
-        def run() -> None:
-            try:
-                preload(model, device, precision, revision)
-            except Exception:
-                pass  # the encoder's own loading meets it again and reports it
-
-        threading.Thread(target=run, name="itr-preload", daemon=True).start()
+        in_thread(lambda: preload(model, device, precision, revision), "itr-preload")
 
     def _export_image_tower(self, model: str, device: str, precision: str,
                             photos: list[str]) -> None:

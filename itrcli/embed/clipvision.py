@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 from .hub import snapshot_commit
 
+
 class Unsupported(Exception):
     """Not a checkpoint this module runs: transformers' tower is used."""
 

@@ -205,4 +205,4 @@ class CompactGraph(HnswSearch):
         return out
 
 
-__all__ = ["CompactGraph", "RESCORE_SIGMAS", "available_memory", "copy_size", "fits"]
+__all__ = ["BuildCancelled", "CompactGraph", "RESCORE_SIGMAS", "available_memory", "copy_size", "fits"]
