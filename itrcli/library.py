@@ -377,8 +377,11 @@ class Library:
 
     # -- the exported text tower (fast cold searches; see embed/textonnx.py) ------------------
     def _text_export_due(self, model: str | None) -> bool:
-        """No exported tower for ``model`` yet, and its export has not been given up."""
-        return bool(model) and not self._text_export_ok() and (
+        """No exported tower for ``model`` yet, or one of an older export format (made
+        again: it still answers meanwhile), and its export has not been given up."""
+        from .embed.textonnx import export_current
+
+        return bool(model) and not (self._text_export_ok() and export_current(self.directory)) and (
             self.store.get_meta("text_export_failed") != model)
 
     def _text_export_ok(self) -> bool:

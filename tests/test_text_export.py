@@ -342,3 +342,28 @@ def test_an_export_child_dies_with_its_parent_where_no_signal_tells_it(tmp_path)
     while alive() and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(), "the export child outlived its parent"
+
+
+def test_an_export_of_an_older_format_is_made_again_by_the_next_run(itr, tiny_clip, photos,
+                                                                    tmp_path, monkeypatch):
+    import json
+
+    from itrcli.embed import textonnx
+
+    monkeypatch.delenv("ITR_TEXT_EXPORT", raising=False)
+    monkeypatch.setenv("ITR_TOWER_CACHE", str(tmp_path / "cache"))
+    db = tmp_path / "lib"
+    assert itr("index", photos, "--db", db, "-m", tiny_clip, "-q").code == 0
+    settings_file = db / "text" / textonnx.SETTINGS_FILE
+    settings = json.loads(settings_file.read_text())
+    assert settings["format"] == textonnx.CACHE_FORMAT
+    # as an earlier itr left it: no format, the whole tower with its mask
+    del settings["format"], settings["lean"]
+    settings_file.write_text(json.dumps(settings))
+    shutil.rmtree(tmp_path / "cache")
+    onnx_equals_torch(db)  # it still answers
+    r = itr("index", photos, "--db", db, "--json", "-q")
+    assert r.code == 0 and r.json()["added"] == 0, r
+    settings = json.loads(settings_file.read_text())
+    assert settings["format"] == textonnx.CACHE_FORMAT and settings["lean"] is True
+    onnx_equals_torch(db)

@@ -34,9 +34,10 @@ SETTINGS_FILE = "settings.json"
 #: search reads the rows of its own tokens, never the whole table (SigLIP 2's 256k-token
 #: Gemma vocabulary is 790 MB in float32; 393 MB here, of which a query touches ~100 KB).
 TABLE_FILE = "tokens.f16.npy"
-#: The export's format, kept in the per-machine tower cache (see :mod:`towercache`).
+#: The export's format, kept in the per-machine tower cache (see :mod:`towercache`): an
+#: entry of another format is exported again (3: CLIP's lean tower, embed/cliptext.py).
 CACHE_KIND = "text"
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 
 
 def export(encoder, library_dir: Path, *, release: bool = False) -> Path:
@@ -78,6 +79,7 @@ def _export(encoder, library_dir: Path, release: bool, *, quick: bool) -> Path:
         # SigLIP attends to its padding, as trained; open_clip's towers take no mask
         use_mask = encoder.model_type not in ("siglip", "open_clip")
         settings = {
+            "format": CACHE_FORMAT,
             "max_length": encoder.text_max_length,
             "padding": encoder.text_padding,
             "pad_id": pad_id,
@@ -131,7 +133,14 @@ def _export(encoder, library_dir: Path, release: bool, *, quick: bool) -> Path:
                 if release:  # the child has no other use for the table: gone before tracing
                     text_model.embeddings.token_embedding = torch.nn.Embedding(1, 1)
             else:
-                tower = whole
+                # CLIP's causal tower without the work that never reaches its vector, where
+                # it gives the whole tower's (embed/cliptext.py); else transformers' forward
+                tower = _lean(whole, text_model, proj, encoder.tokenizer, feeds) or whole
+                settings["lean"] = tower is not whole
+                if tower is not whole and use_mask:  # it reads no mask (padding is after
+                    # the end token, which sees nothing after itself)
+                    names, feeds = names[:1], [f[:1] for f in feeds]
+                    settings["use_attention_mask"] = False
             # what the export must give
             checks = [({n: a.numpy() for n, a in zip(names, f)}, tower(*f).float().numpy())
                       for f in feeds]  # [batch, dim] each
@@ -215,6 +224,29 @@ def _siglip_from_embeddings(text_model, proj):
             return _normalised(f)
 
     return FromEmbeddings()
+
+
+#: How far the lean tower's vectors may be from the whole tower's in torch (measured:
+#: 1.2e-7 to 1.7e-7 on ViT-B/32's tower, batches of 2 to 51 tokens, padded).
+LEAN_TOLERANCE = 1e-5
+
+
+def _lean(whole, text_model, proj, tokenizer, feeds):
+    """CLIP's lean text tower (:func:`itrcli.embed.cliptext.fast_tower`) when it gives
+    ``whole``'s vectors on each of ``feeds``, else None."""
+    import torch
+
+    from .cliptext import fast_tower
+
+    try:
+        lean = fast_tower(text_model, proj, tokenizer)
+        if lean is None:
+            return None
+        with torch.no_grad():
+            same = all(torch.allclose(lean(*f), whole(*f), atol=LEAN_TOLERANCE) for f in feeds)
+    except Exception:
+        return None
+    return lean if same else None
 
 
 def _write_table(weight, path: Path):
@@ -410,12 +442,13 @@ def cache_export(library_dir: Path, model: str, revision: str | None) -> bool:
     from . import towercache
 
     src = Path(library_dir) / DIRNAME
-    if towercache.lookup(model, revision, CACHE_KIND) is not None or not src.is_dir():
+    if _cached(model, revision) is not None or not src.is_dir():
         return True
     try:
+        towercache.remove(model, revision, CACHE_KIND)  # of another format
         tmp = towercache.staging(model, revision, CACHE_KIND)
         _link_or_copy(src, tmp)
-        towercache.publish(tmp, model, revision, CACHE_KIND)
+        towercache.publish(tmp, model, revision, CACHE_KIND, {"format": CACHE_FORMAT})
         return True
     except OSError:
         return False
@@ -425,9 +458,7 @@ def from_cache(library_dir: Path, model: str, revision: str | None) -> bool:
     """Give the library the export of ``model`` at ``revision`` that an earlier library on
     this machine made (no torch, no child process, seconds saved); True when it did.  The
     library checks it as any export (:func:`export_matches`)."""
-    from . import towercache
-
-    entry = towercache.lookup(model, revision, CACHE_KIND)
+    entry = _cached(model, revision)
     if entry is None:
         return False
     remove_export(library_dir)  # (and the temporary folders of killed exports)
@@ -439,6 +470,19 @@ def from_cache(library_dir: Path, model: str, revision: str | None) -> bool:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
         return False
+
+
+def _cached(model: str, revision: str | None) -> Path | None:
+    """The tower cache's entry for ``model`` at ``revision`` in this exporter's format."""
+    from . import towercache
+
+    entry = towercache.lookup(model, revision, CACHE_KIND)
+    try:
+        ok = entry is not None and json.loads(
+            (entry / towercache.DONE).read_text()).get("format") == CACHE_FORMAT
+    except (OSError, ValueError):
+        ok = False
+    return entry if ok else None
 
 
 def export_identity(library_dir: Path) -> tuple | None:
@@ -454,6 +498,16 @@ def export_identity(library_dir: Path) -> tuple | None:
             continue
         out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
     return tuple(out)
+
+
+def export_current(library_dir: Path) -> bool:
+    """Whether the library's export is of this exporter's format (an older one still
+    answers searches, with the same vectors; the next ``itr index`` makes it again)."""
+    try:
+        settings = json.loads((Path(library_dir) / DIRNAME / SETTINGS_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return settings.get("format") == CACHE_FORMAT
 
 
 def export_matches(library_dir: Path, model: str | None, dim: int | None) -> bool:
