@@ -671,17 +671,18 @@ class Library:
         return self._text_cache
 
     def prime_texts(self, texts: Sequence[str], device: str = "auto",
-                    precision: str = "auto") -> int:
+                    precision: str = "auto", *, least: int = 2) -> int:
         """Encode ``texts`` in one batch and keep each one's vector as the search of that
         text alone would use it (a server under load: the queries waiting for the library
         are embedded together, several times cheaper than one by one; a vector then differs
         from a lone encoding by float rounding only, ~1e-7).  Returns how many were
-        encoded (those already kept are not)."""
+        encoded (those already kept are not; none when fewer than ``least`` are new: by
+        default one text is left to its own search, which encodes it exactly as alone)."""
         enc = self.text_encoder(device, precision)
         cache = self._text_cache_for(enc)
         todo = [t for t in dict.fromkeys(texts) if (t,) not in cache][:TEXT_CACHE]
-        if len(todo) < 2:
-            return 0  # one text is encoded by its own search, exactly as without a server
+        if len(todo) < max(1, least):
+            return 0
         # texts of like length together: a batch is padded to its longest text
         todo.sort(key=len)
         for at in range(0, len(todo), PRIME_BATCH):

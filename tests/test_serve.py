@@ -896,6 +896,68 @@ def test_waiting_text_searches_are_embedded_together_with_the_same_results(libra
             [(h["path"], h["score"]) for h in alone["results"]], t
 
 
+@pytest.mark.parametrize("late", [["a yellow star", "a purple cross", "an orange circle"],
+                                  ["a yellow star"]], ids=["several", "one"])
+def test_texts_that_come_while_a_batch_is_embedded_are_embedded_before_its_searches(
+        library, late, monkeypatch):
+    """Under load, the texts of searches that reach the server while a batch is being
+    embedded are embedded right after it, before any search of the batch runs: they no
+    longer wait for that batch's searches and then for a batch of their own.  A single
+    late text too."""
+    import threading
+
+    from itrcli.library import Library
+    from itrcli.query.request import SearchRequest
+    from itrcli.serve.live import LiveLibrary
+
+    db = library[0]
+    first = ["a red circle", "a blue square", "a green triangle on the left"]
+    events: list = []
+    live = LiveLibrary(db)
+    prime = Library.prime_texts
+
+    def search(lib, t):
+        events.append(("search", t))
+        return lib.search(SearchRequest(text=t, top=5)).to_json()
+
+    futures = []
+
+    def submit(t):  # as LiveLibrary.run does it, from the event loop
+        with live._waiting_lock:
+            live._waiting.append(t)
+        futures.append(live._pool.submit(live._in_snapshot, search, (t,), t))
+
+    def spy(lib, texts, *a, **k):
+        n = prime(lib, texts, *a, **k)
+        events.append(("prime", sorted(texts), n))
+        if len(events) == 1:  # while the first batch was embedded, others came
+            for t in late:
+                submit(t)
+        return n
+
+    monkeypatch.setattr(Library, "prime_texts", spy)
+    gate = threading.Event()
+    try:
+        live.call(lambda lib: None)  # opened
+        held = live._pool.submit(gate.wait, 60)
+        for t in first:
+            submit(t)
+        gate.set()
+        held.result(60)
+        got = [f.result(60) for f in futures]
+    finally:
+        gate.set()
+        live.close()
+    assert events[:2] == [("prime", sorted(first), len(first)),
+                          ("prime", sorted(late), len(late))], events
+    assert [e[1] for e in events[2:]] == first + late  # the searches, in their order
+    assert live.batched == len(first) + len(late)
+    for t, res in zip(first + late, got):
+        alone = cli_json(db, "--text", t, "-n", "5")
+        assert [(h["path"], h["score"]) for h in res["results"]] == \
+            [(h["path"], h["score"]) for h in alone["results"]], t
+
+
 def test_search_by_an_uploaded_camera_raw(client, library, tmp_path):
     """A RAW is told by its name, not its bytes: the upload keeps its extension."""
     pytest.importorskip("rawpy", reason="rawpy (LibRaw) not installed")
