@@ -367,3 +367,34 @@ def test_an_export_of_an_older_format_is_made_again_by_the_next_run(itr, tiny_cl
     settings = json.loads(settings_file.read_text())
     assert settings["format"] == textonnx.CACHE_FORMAT and settings["lean"] is True
     onnx_equals_torch(db)
+
+
+def test_models_are_read_and_run_under_one_lock(tiny_clip, tmp_path, monkeypatch):
+    """transformers' lazy imports are not safe from two threads, and a load sets torch's
+    default dtype for the whole process while it runs: itr serve --watch's index run and a
+    search that loads the torch text tower (a new library, no exported tower yet) broke
+    each other (tests/test_serve.py's --watch test, every time without the lock).  Every
+    read of a model, torch tower run and export holds ``encoder.LOADING``."""
+    from itrcli.embed import encoder, textonnx
+    from itrcli.embed.encoder import LOADING, Encoder
+
+    held: list[tuple[str, bool]] = []
+
+    def spy(name, fn):
+        def wrapped(*a, **k):
+            held.append((name, LOADING._is_owned()))
+            return fn(*a, **k)
+        return wrapped
+
+    monkeypatch.setattr(Encoder, "_from_pretrained", spy("weights", Encoder._from_pretrained))
+    monkeypatch.setattr(Encoder, "_load_tokenizer", spy("tokenizer", Encoder._load_tokenizer))
+    monkeypatch.setattr(Encoder, "_transformers_config",
+                        spy("config", Encoder._transformers_config))
+    monkeypatch.setattr(Encoder, "_text_features", spy("text tower", Encoder._text_features))
+    monkeypatch.setattr(textonnx, "_export", spy("export", textonnx._export))
+    enc = Encoder(str(tiny_clip), device="cpu", precision="bf16", towers="image")
+    enc.encode_texts(TEXTS)  # the tokenizer and the text tower, loaded on first use
+    textonnx.export(enc, tmp_path)  # the float32 text tower read again
+    assert {n for n, _ in held} >= {"weights", "tokenizer", "config", "text tower", "export"}
+    assert all(owned for _, owned in held), held
+    assert not LOADING._is_owned() and encoder.LOADING is LOADING

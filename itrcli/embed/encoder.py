@@ -9,6 +9,7 @@ exported text tower (see :mod:`itrcli.embed.textonnx`).
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -23,6 +24,14 @@ SUPPORTED_TYPES = ("clip", "siglip")
 #: fixed-resolution ones are ``model_type`` "siglip" with a Gemma fast tokenizer.
 NAFLEX_INSTEAD = "google/siglip2-base-patch16-224"
 from ..constants import PRECISIONS
+
+#: Held while a model is read (config, tokenizer, weights), transformers is imported from,
+#: or a tower runs in torch, by any thread: transformers' lazy imports are not safe from two
+#: threads at once ("cannot import name 'AutoTokenizer'"), and a load sets torch's default
+#: dtype for the whole process while it runs (a bf16 load made another thread's float32
+#: tower half bf16).  ``itr serve --watch`` is two such threads: its index run, and
+#: searches that load the torch text tower while a new library has no exported one yet.
+LOADING = threading.RLock()
 
 
 def cpu_has_native_bf16() -> bool:
@@ -153,12 +162,13 @@ def preload(model: str, device: str = "auto", precision: str = "auto",
     cpu_precision = resolve_precision(precision, resolved) if resolved == "cpu" else None
     if cpu_precision in ("fp32", "bf16") and plain_config(model, revision) is not None:
         return  # the plain tower or onnxruntime, its config.json read by itr
-    import transformers
+    with LOADING:
+        import transformers
 
-    transformers.AutoConfig  # lazy until touched
-    if cpu_precision == "fp32":
-        return
-    transformers.CLIPModel, transformers.CLIPVisionModelWithProjection
+        transformers.AutoConfig  # lazy until touched
+        if cpu_precision == "fp32":
+            return
+        transformers.CLIPModel, transformers.CLIPVisionModelWithProjection
 
 
 def plain_config(model: str, revision: str | None = None):
@@ -298,7 +308,7 @@ class Encoder:
         self.model = None
         self._image = self._text = self._tokenizer = None
         self._config = None  # transformers' config, read on first need (see config)
-        with gc_paused():
+        with gc_paused(), LOADING:
             self._load(model, towers)
 
     @property
@@ -306,8 +316,9 @@ class Encoder:
         """The checkpoint's transformers config.  An image-only CLIP load reads config.json
         itself (:func:`plain_config`) and imports transformers only
         if a tower of transformers' needs this."""
-        if self._config is None:
-            self._config = self._transformers_config(self.model_id)
+        with LOADING:
+            if self._config is None:
+                self._config = self._transformers_config(self.model_id)
         return self._config
 
     @config.setter
@@ -430,10 +441,11 @@ class Encoder:
                 ("siglip", "text"): "SiglipTextModel"}[(self.model_type, which)]
         import copy
 
-        config = copy.deepcopy(getattr(self.config, f"{'vision' if which == 'image' else 'text'}_config"))
-        if self.model_type == "clip":  # the projection's width is the two-tower config's
-            config.projection_dim = self.config.projection_dim
-        tower = self._from_pretrained(getattr(transformers, name), dtype, device, config)
+        with LOADING:
+            config = copy.deepcopy(getattr(self.config, f"{'vision' if which == 'image' else 'text'}_config"))
+            if self.model_type == "clip":  # the projection's width is the two-tower config's
+                config.projection_dim = self.config.projection_dim
+            tower = self._from_pretrained(getattr(transformers, name), dtype, device, config)
         key = "image_embeds" if which == "image" else "text_embeds"
 
         def run(**kwargs):
@@ -522,11 +534,12 @@ class Encoder:
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:
-            try:
-                self._load_tokenizer()
-            except (OSError, ValueError) as e:
-                raise ModelError(_load_error(self.model_id, e)) from None
+        with LOADING:
+            if self._tokenizer is None:
+                try:
+                    self._load_tokenizer()
+                except (OSError, ValueError) as e:
+                    raise ModelError(_load_error(self.model_id, e)) from None
         return self._tokenizer
 
     def _text_features(self, **kwargs):
@@ -577,7 +590,7 @@ class Encoder:
         x = torch.from_numpy(pixels)
         if self.device != "cpu":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        with torch.inference_mode():
+        with LOADING, torch.inference_mode():
             out = self._image(pixel_values=x.to(self.dtype))
             feats = getattr(out, "pooler_output", out)
             return _normalise(feats)
@@ -600,7 +613,7 @@ class Encoder:
         if self.model_type == "siglip":
             names = {"input_ids"}  # SigLIP's text tower attends to its padding, as trained
         kwargs = {k: v.to(self.device) for k, v in enc.items() if k in names}
-        with torch.inference_mode():
+        with LOADING, torch.inference_mode():
             out = self._text_features(**kwargs)
             feats = getattr(out, "pooler_output", out)
             return _normalise(feats)

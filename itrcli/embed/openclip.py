@@ -256,8 +256,11 @@ class OpenClipEncoder(Encoder):
 
     @property
     def tokenizer(self):
-        if self._tokenizer is None:  # loaded for indexing: on first use
-            self._load_tokenizer()
+        from .encoder import LOADING
+
+        with LOADING:  # (see there)
+            if self._tokenizer is None:  # loaded for indexing: on first use
+                self._load_tokenizer()
         return self._tokenizer
 
     def tokenize(self, texts: Sequence[str]) -> dict[str, Any]:
@@ -281,10 +284,10 @@ class OpenClipEncoder(Encoder):
     def encode_texts(self, texts: Sequence[str]):
         import torch
 
-        from .encoder import _normalise
+        from .encoder import LOADING, _normalise
 
         ids = self.tokenize(texts)["input_ids"]
-        with torch.inference_mode():
+        with LOADING, torch.inference_mode():
             return _normalise(self._text_features(input_ids=ids))
 
     def release_text(self) -> None:

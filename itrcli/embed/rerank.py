@@ -96,7 +96,10 @@ class Reranker:
         self.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
             self.precision
         ]
-        self._load()
+        from .encoder import LOADING
+
+        with LOADING:  # (see there)
+            self._load()
 
     def _load(self) -> None:
         import torch

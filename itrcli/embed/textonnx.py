@@ -52,14 +52,19 @@ def export(encoder, library_dir: Path, *, release: bool = False) -> Path:
     exporter's usual way.  Raises :class:`ExportUnsupported` when the tokenizer cannot be
     exported, else whatever torch/onnx raise; callers treat a failure as "no fast path".
     """
-    try:
-        return _export(encoder, library_dir, release, quick=True)
-    except (ExportUnsupported, KeyboardInterrupt):
-        raise
-    except Exception:
-        if release:  # the first try may have dropped weights of the loaded tower: read again
-            encoder.release_text()
-        return _export(encoder, library_dir, release, quick=False)
+    from .encoder import LOADING
+
+    # the whole export under the model lock: it reads weights, and traces torch modules that
+    # another thread's load would give another default dtype (itr serve --watch)
+    with LOADING:
+        try:
+            return _export(encoder, library_dir, release, quick=True)
+        except (ExportUnsupported, KeyboardInterrupt):
+            raise
+        except Exception:
+            if release:  # the first try may have dropped the loaded tower's weights: read again
+                encoder.release_text()
+            return _export(encoder, library_dir, release, quick=False)
 
 
 def _export(encoder, library_dir: Path, release: bool, *, quick: bool) -> Path:
