@@ -132,9 +132,19 @@ def test_text_tower_export_equals_torch(itr, oc_model, tmp_path):
         assert isinstance(onnx, OnnxTextEncoder)
         fp32 = L.encoder(precision="fp32")
         ids, _ = onnx.tokenize(TEXTS)
-        np.testing.assert_array_equal(ids, fp32.tokenize(TEXTS)["input_ids"].numpy())
+        want = fp32.tokenize(TEXTS)["input_ids"].numpy()  # [n, 77]: open_clip pads to 77
+        # a causal tower that pools the end token runs on the longest text's tokens alone
+        # (embed/cliptext.py); MobileCLIP's attend to their padding: 77
+        short = "mobileclip" not in oc_model.name
+        assert onnx.settings["padding"] == ("longest" if short else "max_length")
+        assert onnx.settings["lean"] is short
+        assert (ids.shape[1] < 77) is short
+        np.testing.assert_array_equal(ids, want[:, :ids.shape[1]])
+        assert (want[:, ids.shape[1]:] == 0).all()
         torch_vecs = fp32.encode_texts(TEXTS)
         np.testing.assert_allclose(onnx.encode_texts(TEXTS), torch_vecs, atol=1e-5)
+        for t in TEXTS:  # each alone, at its own length
+            np.testing.assert_allclose(onnx.encode_texts([t]), fp32.encode_texts([t]), atol=1e-5)
         vids, vecs = L.store.vectors()
         assert [h.id for h in L.search(TEXTS[0], top=4, exact=True)] == [
             int(i) for i in vids[np.argsort(-(vecs @ torch_vecs[0]), kind="stable")]]

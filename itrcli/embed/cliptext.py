@@ -1,4 +1,6 @@
-"""CLIP's text tower rewritten for its ONNX export: the same vector with less work.
+"""Text towers rewritten for their ONNX export: the same vector with less work
+(transformers' CLIP: :func:`fast_tower`; open_clip's causal towers:
+:func:`short_openclip_tower`).
 
 CLIP's text transformer is causal and its vector is the end token's, so two parts of
 ``CLIPTextModel``'s work never reach that vector, or are the same for every text:
@@ -49,6 +51,78 @@ def fast_tower(text_model, proj, tokenizer):
         return None
     with torch.no_grad():
         return _tower_class()(m, proj, bos)
+
+
+def short_openclip_tower(whole):
+    """open_clip's text tower (``whole``: :meth:`OpenClipEncoder.text_export_tower`, on ids
+    padded to the context length) on ids padded to the batch's longest text instead, or
+    None where that would change the vector.
+
+    open_clip pads every text to its context length (77) and its forward takes no other
+    length.  A causal tower that pools the end token (DFN, DataComp, OpenAI's: ``argmax`` or
+    ``eos``) never lets the padding after that token reach the vector, so it runs here on
+    the causal mask's first rows and columns alone: 12 tokens where 77 were (a text search
+    about three times faster).  MobileCLIP's towers attend to their padding as trained (no
+    causal mask), and CoCa's class token or a padding mask change the sequence: None."""
+    import torch
+
+    net = getattr(whole, "net", None)
+    text = getattr(net, "text", None)
+    if text is not None:  # CustomTextCLIP: the tower is a TextTransformer of its own
+        if getattr(text, "cls_emb", None) is not None or getattr(text, "use_pad_mask", False):
+            return None
+        parts = (text.token_embedding, text.positional_embedding, text.transformer,
+                 text.attn_mask, text.ln_final, text.text_projection,
+                 getattr(text, "pool_type", None), getattr(text, "eos_id", None))
+    elif net is not None and hasattr(net, "transformer") and hasattr(net, "token_embedding"):
+        parts = (net.token_embedding, net.positional_embedding, net.transformer, net.attn_mask,
+                 net.ln_final, net.text_projection, getattr(net, "text_pool_type", None),
+                 getattr(net, "text_eos_id", None))
+    else:
+        return None
+    tok, pos, transformer, mask, ln_final, proj, pool, eos = parts
+    if mask is None or pool not in ("argmax", "eos") or (pool == "eos" and eos is None):
+        return None
+    blocks = list(getattr(transformer, "resblocks", ()))
+    if not blocks or not all(isinstance(getattr(b, "attn", None), torch.nn.MultiheadAttention)
+                             and not hasattr(b, "ln_1_kv") and b.attn.in_proj_weight is not None
+                             for b in blocks):
+        return None
+    from open_clip.transformer import text_global_pool
+
+    class ShortTower(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tok, self.ln_final, self.proj = tok, ln_final, proj
+            self.blocks = torch.nn.ModuleList(blocks)
+            self.register_buffer("pos", pos.detach(), persistent=False)  # [context, width]
+            self.register_buffer("mask", mask.detach(), persistent=False)  # [context, context]
+
+        @staticmethod
+        def _attend(attn, x, mask):
+            """``nn.MultiheadAttention(x, x, x, attn_mask=mask)`` on [batch, seq, width],
+            written out: its traced form fixes the sequence length the trace saw."""
+            b, s, w = x.shape
+            heads = attn.num_heads
+            q, k, v = torch.nn.functional.linear(x, attn.in_proj_weight,
+                                                 attn.in_proj_bias).chunk(3, dim=-1)
+            q, k, v = (t.reshape(b, s, heads, w // heads).transpose(1, 2) for t in (q, k, v))
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return attn.out_proj(a.transpose(1, 2).reshape(b, s, w))  # [batch, seq, width]
+
+        def forward(self, input_ids):  # [batch, seq], seq <= the context length
+            seq = input_ids.shape[1]
+            x = self.tok(input_ids) + self.pos[:seq]  # [batch, seq, width]
+            m = self.mask[:seq, :seq].to(x.dtype)
+            for blk in self.blocks:  # open_clip's ResidualAttentionBlock.forward
+                x = x + blk.ls_1(self._attend(blk.attn, blk.ln_1(x), m))
+                x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+            x = text_global_pool(self.ln_final(x), input_ids, pool, eos_token_id=eos)
+            if self.proj is not None:
+                x = self.proj(x) if isinstance(self.proj, torch.nn.Linear) else x @ self.proj
+            return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # [batch, dim]
+
+    return ShortTower().eval()
 
 
 @functools.lru_cache(maxsize=None)
@@ -149,4 +223,4 @@ def _tower_class():
     return FastTower
 
 
-__all__ = ["KNOWN", "fast_tower"]
+__all__ = ["KNOWN", "fast_tower", "short_openclip_tower"]

@@ -141,6 +141,11 @@ def _export(encoder, library_dir: Path, release: bool, *, quick: bool) -> Path:
                 # CLIP's causal tower without the work that never reaches its vector, where
                 # it gives the whole tower's (embed/cliptext.py); else transformers' forward
                 tower = _lean(whole, text_model, proj, encoder.tokenizer, feeds) or whole
+                short = _short(whole, feeds, pad_id) if text_model is None else None
+                if short is not None:  # open_clip: the batch's longest text, not 77 tokens
+                    tower, feeds = short
+                    settings["padding"] = "longest"
+                    _same_ids(tok, settings, encoder)
                 settings["lean"] = tower is not whole
                 if tower is not whole and use_mask:  # it reads no mask (padding is after
                     # the end token, which sees nothing after itself)
@@ -254,6 +259,30 @@ def _lean(whole, text_model, proj, tokenizer, feeds):
     return lean if same else None
 
 
+def _short(whole, feeds, pad_id: int):
+    """open_clip's tower on ids padded to the longest text
+    (:func:`itrcli.embed.cliptext.short_openclip_tower`) and ``feeds`` cut to their longest
+    text, when it gives ``whole``'s vectors on each of them; else None."""
+    import torch
+
+    from .cliptext import short_openclip_tower
+
+    try:
+        short = short_openclip_tower(whole)
+        if short is None:
+            return None
+        cut = []
+        with torch.no_grad():
+            for (ids,) in feeds:  # [batch, context]
+                n = int((ids != pad_id).nonzero()[:, 1].max()) + 1  # past the last end token
+                cut.append((ids[:, :n].contiguous(),))
+                if not torch.allclose(short(*cut[-1]), whole(ids), atol=LEAN_TOLERANCE):
+                    return None
+    except Exception:
+        return None
+    return short, cut
+
+
 def _write_table(weight, path: Path):
     """``weight`` ([vocab, hidden] float32) to ``path`` as a float16 ``.npy``, a slice at a
     time (no float16 copy of it all in memory); returns the file memory-mapped."""
@@ -325,6 +354,12 @@ def _same_ids(tok, settings: dict, encoder) -> None:
     _configure(probe, settings)
     got = np.asarray([e.ids for e in probe.encode_batch(list(TOKEN_CHECKS))], dtype=np.int64)
     want = encoder.tokenize(list(TOKEN_CHECKS))["input_ids"].numpy()
+    if settings["padding"] == "longest" and encoder.text_padding == "max_length":
+        # padded to the longest where the model pads to its context: the same ids, then
+        # nothing but padding
+        if got.shape[1] > want.shape[1] or (want[:, got.shape[1]:] != settings["pad_id"]).any():
+            raise ExportUnsupported("the exported tokenizer does not give the model's own token ids")
+        want = want[:, :got.shape[1]]
     if got.shape != want.shape or not (got == want).all():
         raise ExportUnsupported("the exported tokenizer does not give the model's own token ids")
 
