@@ -149,7 +149,8 @@ class CompactGraph(HnswSearch):
     # -- what the walk reads (HnswSearch) ---------------------------------------------------
     def _dist(self, ids, q: np.ndarray) -> np.ndarray:
         """Code distances ``[len(ids)]`` (``1 -`` the dot product of codes times scale)."""
-        return np.float32(1.0) - (self._codes[ids].astype(np.float32) @ q) * self._scale[ids]
+        codes = self._codes.take(ids, axis=0).astype(np.float32)  # [len(ids), dim]
+        return np.float32(1.0) - (codes @ q) * self._scale.take(ids)
 
     def _links0(self, node: int) -> list[int]:
         row = self._links[node]
