@@ -147,7 +147,7 @@ def _tower_class():
                 x = layer.layer_norm1(h)
                 keys.append(self._split(layer.self_attn.k_proj(x)))
                 values.append(self._split(layer.self_attn.v_proj(x)))
-                h = self._layer(layer, h, keys[-1], values[-1], None)
+                h = self._layer(layer, h, x, keys[-1], values[-1], None)
             self.register_buffer("start_keys", torch.stack(keys), persistent=False)
             self.register_buffer("start_values", torch.stack(values), persistent=False)
 
@@ -166,12 +166,12 @@ def _tower_class():
             o = torch.matmul(w, v).transpose(1, 2)  # [batch, q, heads, head_dim]
             return attn.out_proj(o.reshape(o.shape[0], o.shape[1], -1))
 
-        def _layer(self, layer, h, k, v, mask):
-            """One encoder layer over ``h`` [batch, seq, hidden] whose keys and values (the
-            start token's before them) are ``k``, ``v``."""
+        def _layer(self, layer, h, x, k, v, mask):
+            """One encoder layer over ``h`` [batch, seq, hidden] (``x``: its first layer
+            norm), its queries attending to the keys ``k`` and values ``v`` (the start
+            token's first)."""
             a = layer.self_attn
-            q = self._split(a.q_proj(layer.layer_norm1(h)))
-            h = h + self._attend(a, q, k, v, mask)
+            h = h + self._attend(a, self._split(a.q_proj(x)), k, v, mask)
             return h + layer.mlp(layer.layer_norm2(h))
 
         def forward(self, input_ids, attention_mask=None):  # the mask: right padding, unused
@@ -204,17 +204,13 @@ def _tower_class():
                 v = torch.cat([self.start_values[i].expand(batch, -1, -1, -1),
                                self._split(a.v_proj(x))], dim=2)
                 if i < last:
-                    q = self._split(a.q_proj(x))
-                    h = h + self._attend(a, q, k, v, mask)
-                    h = h + layer.mlp(layer.layer_norm2(h))
+                    h = self._layer(layer, h, x, k, v, mask)
                     continue
-                # the last layer: the pooled token's query alone
-                he = h[rows, at].unsqueeze(1)  # [batch, 1, hidden]
-                q = self._split(a.q_proj(x[rows, at].unsqueeze(1)))  # [batch, heads, 1, d]
+                # the last layer: the pooled token's query alone ([batch, 1, hidden])
                 seen = key_at.unsqueeze(0) > (at.unsqueeze(1) + 1)  # [batch, n + 1]
                 last_mask = torch.zeros(seen.shape, dtype=h.dtype).masked_fill(seen, low)
-                he = he + self._attend(a, q, k, v, last_mask[:, None, None, :])
-                h = he + layer.mlp(layer.layer_norm2(he))
+                h = self._layer(layer, h[rows, at].unsqueeze(1), x[rows, at].unsqueeze(1),
+                                k, v, last_mask[:, None, None, :])
             f = m.final_layer_norm(h[:, 0])  # [batch, hidden]
             if self.proj is not None:
                 f = self.proj(f)  # [batch, dim]

@@ -137,15 +137,19 @@ def _export(encoder, library_dir: Path, release: bool, *, quick: bool) -> Path:
                 del table, exact
                 if release:  # the child has no other use for the table: gone before tracing
                     text_model.embeddings.token_embedding = torch.nn.Embedding(1, 1)
+            elif text_model is None:  # open_clip: the batch's longest text, not 77 tokens,
+                # where that gives the whole tower's vectors (embed/cliptext.py)
+                short = _short(whole, feeds, pad_id)
+                tower = whole
+                if short is not None:
+                    tower, feeds = short
+                    settings["padding"] = "longest"
+                    _same_ids(tok, settings, encoder)
+                settings["lean"] = tower is not whole
             else:
                 # CLIP's causal tower without the work that never reaches its vector, where
                 # it gives the whole tower's (embed/cliptext.py); else transformers' forward
                 tower = _lean(whole, text_model, proj, encoder.tokenizer, feeds) or whole
-                short = _short(whole, feeds, pad_id) if text_model is None else None
-                if short is not None:  # open_clip: the batch's longest text, not 77 tokens
-                    tower, feeds = short
-                    settings["padding"] = "longest"
-                    _same_ids(tok, settings, encoder)
                 settings["lean"] = tower is not whole
                 if tower is not whole and use_mask:  # it reads no mask (padding is after
                     # the end token, which sees nothing after itself)
@@ -354,12 +358,10 @@ def _same_ids(tok, settings: dict, encoder) -> None:
     _configure(probe, settings)
     got = np.asarray([e.ids for e in probe.encode_batch(list(TOKEN_CHECKS))], dtype=np.int64)
     want = encoder.tokenize(list(TOKEN_CHECKS))["input_ids"].numpy()
-    if settings["padding"] == "longest" and encoder.text_padding == "max_length":
-        # padded to the longest where the model pads to its context: the same ids, then
-        # nothing but padding
-        if got.shape[1] > want.shape[1] or (want[:, got.shape[1]:] != settings["pad_id"]).any():
-            raise ExportUnsupported("the exported tokenizer does not give the model's own token ids")
-        want = want[:, :got.shape[1]]
+    n = got.shape[1]
+    if (settings["padding"] == "longest" and encoder.text_padding == "max_length"
+            and n <= want.shape[1] and (want[:, n:] == settings["pad_id"]).all()):
+        want = want[:, :n]  # padded to the longest, the model to its context: the same ids
     if got.shape != want.shape or not (got == want).all():
         raise ExportUnsupported("the exported tokenizer does not give the model's own token ids")
 
@@ -460,8 +462,6 @@ def adopt_export(source: Path, library_dir: Path) -> None:
         os.replace(src, Path(library_dir) / DIRNAME)
 
 
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     """``src``'s files into the folder ``dst``: hard links where the file system allows
     (the cache and the libraries share the bytes), else copies."""
@@ -517,12 +517,16 @@ def _cached(model: str, revision: str | None) -> Path | None:
     from . import towercache
 
     entry = towercache.lookup(model, revision, CACHE_KIND)
+    return entry if entry is not None and _of_format(entry / towercache.DONE) else None
+
+
+def _of_format(json_file: Path) -> bool:
+    """Whether ``json_file`` (an export's settings, a tower cache entry's marker) says this
+    exporter's format."""
     try:
-        ok = entry is not None and json.loads(
-            (entry / towercache.DONE).read_text()).get("format") == CACHE_FORMAT
-    except (OSError, ValueError):
-        ok = False
-    return entry if ok else None
+        return json.loads(json_file.read_text()).get("format") == CACHE_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def export_identity(library_dir: Path) -> tuple | None:
@@ -543,11 +547,7 @@ def export_identity(library_dir: Path) -> tuple | None:
 def export_current(library_dir: Path) -> bool:
     """Whether the library's export is of this exporter's format (an older one still
     answers searches, with the same vectors; the next ``itr index`` makes it again)."""
-    try:
-        settings = json.loads((Path(library_dir) / DIRNAME / SETTINGS_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return settings.get("format") == CACHE_FORMAT
+    return _of_format(Path(library_dir) / DIRNAME / SETTINGS_FILE)
 
 
 def export_matches(library_dir: Path, model: str | None, dim: int | None) -> bool:

@@ -88,12 +88,13 @@ class HnswSearch:
         beam).  Returns the beam as a heap of ``(-distance, internal id)``.
 
         Each expansion reads its new neighbours in one gather (:meth:`_gather`; the mapped
-        file's records: head, vector and label together) and, once the beam is full, drops in numpy those no closer than
-        its worst before the per-candidate loop (the worst only gets closer as the loop
-        pushes, so the loop would drop them too: the same beam).  At a million 512-d
-        vectors and ef 1,024: 10-17% faster than one gather per field and a loop over every
-        neighbour, 23% with a filter (fewer ``allowed`` calls); the gathers' memory traffic
-        (~1,000 expansions of ~32 records of 2 KB) is most of the rest."""
+        file's records: head, vector and label together) and, once the beam is full, drops
+        in numpy those no closer than its worst before the per-candidate loop (the worst
+        only gets closer as the loop pushes, so the loop would drop them too: the same
+        beam).  At a million 512-d vectors and ef 1,024: 10-17% faster than one gather per
+        field and a loop over every neighbour, 23% with a filter (fewer ``allowed`` calls);
+        the gathers' memory traffic (~1,000 expansions of ~32 records of 2 KB) is most of
+        the rest."""
         visited = bytearray(self.count)
         visited[entry] = 1
         top: list[tuple[float, int]] = []  # max-heap of the best ef, as (-dist, id)
