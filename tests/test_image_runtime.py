@@ -479,22 +479,25 @@ def test_the_preload_imports_what_the_encoder_will(request, which, precision):
 
 def _config_fields(c):
     v, t = c.vision_config, c.text_config
-    return ([c.model_type, c.projection_dim, t.hidden_size, t.max_position_embeddings]
+    return ([c.model_type, c.projection_dim] + [getattr(t, k) for k in clipvision.TEXT_DEFAULTS]
             + [getattr(v, k) for k in clipvision.VISION_DEFAULTS])
 
 
-@pytest.mark.parametrize("vision", [{}, {"hidden_act": "gelu", "layer_norm_eps": 1e-6},
-                                    {"image_size": 336, "patch_size": 14, "hidden_size": 1024,
-                                     "num_hidden_layers": 24, "num_attention_heads": 16,
-                                     "intermediate_size": 4096}])
-def test_the_plain_config_reads_what_transformers_reads(tmp_path, micro_clip, vision):
+@pytest.mark.parametrize("vision, text", [
+    ({}, {}), ({"hidden_act": "gelu", "layer_norm_eps": 1e-6}, {"hidden_act": "gelu"}),
+    ({"image_size": 336, "patch_size": 14, "hidden_size": 1024, "num_hidden_layers": 24,
+      "num_attention_heads": 16, "intermediate_size": 4096},
+     {"hidden_size": 768, "num_attention_heads": 12, "intermediate_size": 3072,
+      "layer_norm_eps": 1e-6, "eos_token_id": 2, "vocab_size": 1000})])
+def test_the_plain_config_reads_what_transformers_reads(tmp_path, micro_clip, vision, text):
     """clipvision.read_config gives transformers' CLIPConfig values for every setting it
     reads: those config.json spells out, and the defaults transformers leaves out."""
     from transformers import CLIPConfig
 
     for source in (micro_clip, tmp_path / "saved"):
         if source != micro_clip:
-            CLIPConfig(vision_config=vision, projection_dim=64).save_pretrained(source)
+            CLIPConfig(vision_config=vision, text_config=text,
+                       projection_dim=64).save_pretrained(source)
         path = str(Path(source) / "config.json")
         assert _config_fields(clipvision.read_config(path)) == \
             _config_fields(CLIPConfig.from_pretrained(source))

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import functools
 
-#: The text tower classes of transformers whose structure :class:`FastTower` reads.
-KNOWN = ("CLIPTextTransformer", "CLIPTextModel")
+#: The text tower classes whose structure :class:`FastTower` reads: transformers' and
+#: :func:`plain_text`'s.
+KNOWN = ("CLIPTextTransformer", "CLIPTextModel", "PlainCLIPText")
 
 
 def fast_tower(text_model, proj, tokenizer):
@@ -125,6 +126,109 @@ def short_openclip_tower(whole):
     return ShortTower().eval()
 
 
+def plain_text(text, projection_dim: int, paths: list[str]):
+    """CLIP's text tower in plain torch, read straight from the safetensors ``paths`` with
+    transformers' CLIP text config ``text`` (as :func:`itrcli.embed.clipvision.read_config`
+    reads it): ``(text model, projection)``, laid out as transformers' ``CLIPTextTransformer``
+    and its ``text_projection`` (the names :class:`FastTower` reads), with the same forward
+    (``input_ids``, ``attention_mask`` -> ``.pooler_output``).  The text tower's export (a
+    child of the machine's first library of the model) builds it instead of importing
+    transformers' modeling, 1.6 s of its CPU beside the run's encoding;
+    ``tests/test_cliptext.py`` holds its vectors to transformers'.  Anything it does not
+    know raises :class:`~itrcli.embed.clipvision.Unsupported`."""
+    import torch
+    from torch import nn
+
+    from .clipvision import Given, Unsupported, activation, checked, read_weights
+
+    act = activation(text.hidden_act)
+    width, heads = int(text.hidden_size), int(text.num_attention_heads)
+    inner, vocab = int(text.intermediate_size), int(text.vocab_size)
+    if width % heads:
+        raise Unsupported("hidden size not a multiple of the heads")
+    g = Given(read_weights(paths, torch.float32, ("text_model.", "text_projection.")),
+              float(text.layer_norm_eps))
+
+    def embedding(key: str, rows: int):  # given its weight: no random initialisation,
+        # which on the meta device imports torch._dynamo (0.7 s)
+        return nn.Embedding(rows, width, _weight=g.take(key, (rows, width)))
+
+    class Attention(nn.Module):
+        def __init__(self, p: str) -> None:
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj, self.out_proj = (
+                g.linear(f"{p}.{k}_proj", width, width) for k in ("q", "k", "v", "out"))
+            self.num_heads, self.head_dim = heads, width // heads
+            self.scale = self.head_dim ** -0.5
+
+    class Mlp(nn.Module):
+        def __init__(self, p: str) -> None:
+            super().__init__()
+            self.fc1, self.fc2 = g.linear(p + ".fc1", width, inner), g.linear(p + ".fc2", inner, width)
+
+        def forward(self, x):
+            return self.fc2(act(self.fc1(x)))
+
+    class Layer(nn.Module):
+        def __init__(self, p: str) -> None:
+            super().__init__()
+            self.self_attn, self.mlp = Attention(p + ".self_attn"), Mlp(p + ".mlp")
+            self.layer_norm1 = g.norm(p + ".layer_norm1", width)
+            self.layer_norm2 = g.norm(p + ".layer_norm2", width)
+
+        def forward(self, h, mask):  # [batch, seq, width]; mask added to the scores
+            a, (b, s, _) = self.self_attn, h.shape
+            x = self.layer_norm1(h)
+            q, k, v = (f(x).view(b, s, heads, a.head_dim).transpose(1, 2)
+                       for f in (a.q_proj, a.k_proj, a.v_proj))  # [batch, heads, seq, d]
+            w = torch.softmax(torch.matmul(q, k.transpose(2, 3)) * a.scale + mask, dim=-1)
+            h = h + a.out_proj(torch.matmul(w, v).transpose(1, 2).reshape(b, s, width))
+            return h + self.mlp(self.layer_norm2(h))
+
+    class Embeddings(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.token_embedding = embedding("text_model.embeddings.token_embedding.weight", vocab)
+            self.position_embedding = embedding("text_model.embeddings.position_embedding.weight",
+                                                int(text.max_position_embeddings))
+
+        def forward(self, input_ids):  # [batch, seq] -> [batch, seq, width]
+            return (self.token_embedding(input_ids)
+                    + self.position_embedding.weight[:input_ids.shape[1]])
+
+    class PlainCLIPText(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embeddings = Embeddings()
+            self.encoder = nn.Module()
+            self.encoder.layers = nn.ModuleList(
+                Layer(f"text_model.encoder.layers.{i}") for i in range(int(text.num_hidden_layers)))
+            self.final_layer_norm = g.norm("text_model.final_layer_norm", width)
+            self.eos_token_id = int(text.eos_token_id)
+
+        def forward(self, input_ids, attention_mask=None):
+            """transformers' ``CLIPTextTransformer.forward``: causal attention (padding
+            masked too), the final norm, the end token pooled as transformers picks it."""
+            from types import SimpleNamespace
+
+            h = self.embeddings(input_ids)
+            b, s, _ = h.shape
+            low = torch.finfo(h.dtype).min
+            mask = torch.full((s, s), low).triu(1)[None, None]  # [1, 1, seq, seq]
+            if attention_mask is not None:
+                mask = mask + (1.0 - attention_mask[:, None, None, :].to(h.dtype)) * low
+                mask = mask.clamp_min(low)
+            for layer in self.encoder.layers:
+                h = layer(h, mask)
+            h = self.final_layer_norm(h)
+            ids = input_ids.to(torch.int32)
+            at = ids.argmax(-1) if self.eos_token_id == 2 else (ids == self.eos_token_id).int().argmax(-1)
+            return SimpleNamespace(pooler_output=h[torch.arange(b), at])  # [batch, width]
+
+    return checked(PlainCLIPText()), checked(g.linear("text_projection", width, int(projection_dim),
+                                                      bias=False))
+
+
 @functools.lru_cache(maxsize=None)
 def _tower_class():
     import torch
@@ -219,4 +323,4 @@ def _tower_class():
     return FastTower
 
 
-__all__ = ["KNOWN", "fast_tower", "short_openclip_tower"]
+__all__ = ["KNOWN", "fast_tower", "plain_text", "short_openclip_tower"]

@@ -38,7 +38,9 @@ class Unsupported(Exception):
 VISION_DEFAULTS = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
                    "num_attention_heads": 12, "num_channels": 3, "image_size": 224,
                    "patch_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
-TEXT_DEFAULTS = {"hidden_size": 512, "max_position_embeddings": 77}
+TEXT_DEFAULTS = {"hidden_size": 512, "max_position_embeddings": 77, "vocab_size": 49408,
+                 "intermediate_size": 2048, "num_hidden_layers": 12, "num_attention_heads": 8,
+                 "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 49407}
 PROJECTION_DEFAULT = 512
 
 
@@ -78,7 +80,7 @@ def read_config(path: str) -> SimpleNamespace:
                            text_config=section("text_config", TEXT_DEFAULTS))
 
 
-def _activation(name: str) -> Callable:
+def activation(name: str) -> Callable:
     """The CLIP vision config's activation; :class:`Unsupported` for any other."""
     import torch
     import torch.nn.functional as F
@@ -108,17 +110,57 @@ def weight_files(find: Callable[[str], str | None]) -> list[str]:
     return paths  # type: ignore[return-value]
 
 
-def _read(paths: list[str], dtype) -> dict[str, Any]:
-    """The image tower's tensors (``vision_model.*``, ``visual_projection.*``) in ``dtype``."""
+def read_weights(paths: list[str], dtype, prefixes: tuple[str, ...]) -> dict[str, Any]:
+    """The checkpoint's tensors whose names start with one of ``prefixes``, in ``dtype``."""
     from safetensors import safe_open
 
     out = {}
     for path in paths:
         with safe_open(path, framework="pt") as f:
             for key in f.keys():
-                if key.startswith(("vision_model.", "visual_projection.")):
+                if key.startswith(prefixes):
                     out[key] = f.get_tensor(key).to(dtype)
     return out
+
+
+class Given:
+    """Modules made on the meta device (no random initialisation), every weight then given
+    from the checkpoint's tensors ``w``; a missing or misshapen one is :class:`Unsupported`."""
+
+    def __init__(self, w: dict[str, Any], eps: float) -> None:
+        self.w, self.eps = w, eps
+
+    def take(self, key: str, shape: tuple[int, ...]):
+        from torch import nn
+
+        t = self.w.get(key)
+        if t is None or tuple(t.shape) != shape:
+            raise Unsupported(f"weight {key}: {None if t is None else tuple(t.shape)}, expected {shape}")
+        return nn.Parameter(t, requires_grad=False)
+
+    def norm(self, prefix: str, width: int):
+        from torch import nn
+
+        m = nn.LayerNorm(width, eps=self.eps, device="meta")
+        m.weight, m.bias = self.take(prefix + ".weight", (width,)), self.take(prefix + ".bias", (width,))
+        return m
+
+    def linear(self, prefix: str, n_in: int, n_out: int, bias: bool = True):
+        from torch import nn
+
+        m = nn.Linear(n_in, n_out, bias=bias, device="meta")
+        m.weight = self.take(prefix + ".weight", (n_out, n_in))
+        if bias:
+            m.bias = self.take(prefix + ".bias", (n_out,))
+        return m
+
+
+def checked(tower):
+    """``tower`` in eval mode, once every weight is the checkpoint's (none left on meta)."""
+    tower = tower.eval()
+    if any(p.is_meta for p in tower.parameters()):
+        raise Unsupported("a weight of the tower not given by the checkpoint")
+    return tower
 
 
 def build(vision: Any, projection_dim: int, paths: list[str], dtype=None):
@@ -132,34 +174,18 @@ def build(vision: Any, projection_dim: int, paths: list[str], dtype=None):
 
     dtype = dtype or torch.float32
 
-    act = _activation(getattr(vision, "hidden_act", "quick_gelu"))
+    act = activation(getattr(vision, "hidden_act", "quick_gelu"))
     width, heads = int(vision.hidden_size), int(vision.num_attention_heads)
     layers, patch = int(vision.num_hidden_layers), int(vision.patch_size)
     eps = float(getattr(vision, "layer_norm_eps", 1e-5))
     if width % heads:
         raise Unsupported("hidden size not a multiple of the heads")
     head = width // heads
-    w = _read(paths, dtype)
-    # modules are made on the meta device (no random initialisation), every weight then
-    # given from the checkpoint (checked below)
-
-    def take(key: str, shape: tuple[int, ...]):
-        t = w.get(key)
-        if t is None or tuple(t.shape) != shape:
-            raise Unsupported(f"weight {key}: {None if t is None else tuple(t.shape)}, expected {shape}")
-        return nn.Parameter(t, requires_grad=False)
+    g = Given(read_weights(paths, dtype, ("vision_model.", "visual_projection.")), eps)
+    take, linear = g.take, g.linear
 
     def norm(prefix: str) -> nn.LayerNorm:
-        m = nn.LayerNorm(width, eps=eps, device="meta")
-        m.weight, m.bias = take(prefix + ".weight", (width,)), take(prefix + ".bias", (width,))
-        return m
-
-    def linear(prefix: str, n_in: int, n_out: int, bias: bool = True) -> nn.Linear:
-        m = nn.Linear(n_in, n_out, bias=bias, device="meta")
-        m.weight = take(prefix + ".weight", (n_out, n_in))
-        if bias:
-            m.bias = take(prefix + ".bias", (n_out,))
-        return m
+        return g.norm(prefix, width)
 
     class Layer(nn.Module):
         def __init__(self, p: str) -> None:
@@ -214,8 +240,5 @@ def build(vision: Any, projection_dim: int, paths: list[str], dtype=None):
             x = self.layers[-1](x, first_only=True)  # [n, 1, width]: the class token's
             return self.proj(self.post(x[:, 0]))
 
-    tower = Tower().eval()
-    if any(p.is_meta for p in tower.parameters()):
-        raise Unsupported("a weight of the tower not given by the checkpoint")
-    return tower
+    return checked(Tower())
 

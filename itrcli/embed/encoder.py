@@ -351,8 +351,10 @@ class Encoder:
         import torch
         from safetensors import SafetensorError
 
-        # an image-only CLIP encoder (an index run) has no need of transformers' config
-        plain = plain_config(model, self._at.get("revision")) if towers == "image" else None
+        # an image-only or text-only CLIP encoder (an index run, the text tower's export)
+        # has no need of transformers' config
+        plain = (plain_config(model, self._at.get("revision"))
+                 if towers in ("image", "text") else None)
         if plain is not None:
             self._local_only = True  # found at hand
         self._cfg = config = plain or self.config
@@ -371,7 +373,7 @@ class Encoder:
             if towers != "image":
                 self._load_tokenizer()
                 if towers == "text":
-                    self._text = self._tower("text", self.dtype)
+                    self._text = self._plain_clip_text() or self._tower("text", self.dtype)
             # the text tower's export needs no pixels (nor the image processors' imports)
             self.prep = None if towers == "text" else self._preprocess()
         except (OSError, ValueError, SafetensorError) as e:  # a damaged weights file too
@@ -500,6 +502,35 @@ class Encoder:
             return tower(pixel_values)
 
         run.module = None  # not transformers' module: the ONNX export reads that again
+        return run
+
+    def _plain_clip_text(self):
+        """CLIP's text tower in plain torch (:func:`itrcli.embed.cliptext.plain_text`), in
+        float32 on the CPU: no import of transformers' modeling in the text tower's export.
+        None where it does not apply or cannot be built (transformers' tower then)."""
+        import torch
+
+        if self.model_type != "clip" or self.device != "cpu" or self.dtype != torch.float32:
+            return None
+        from . import cliptext, clipvision
+
+        revision = self._at.get("revision")
+        try:
+            files = clipvision.weight_files(lambda name: _config_file(self.model_id, name, revision))
+            text, proj = cliptext.plain_text(self._cfg.text_config, int(self._cfg.projection_dim),
+                                             files)
+        except Exception as e:  # as _plain_clip_tower: transformers' tower reads them again
+            import logging
+
+            logging.getLogger("itr").debug("text tower: transformers' (%s)", e)
+            return None
+        module = torch.nn.Module()
+        module.text_model, module.text_projection = text, proj  # float32_text_tower reads them
+
+        def run(input_ids, attention_mask=None):
+            return proj(text(input_ids, attention_mask).pooler_output)
+
+        run.module = module
         return run
 
     def float32_image_tower(self):
