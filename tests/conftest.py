@@ -29,9 +29,23 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_session(tmp_path_factory):
+    """The same for module- and session-scoped fixtures, which are made before a test's own
+    isolation (below): a library they index would export its text tower into the real
+    ~/.cache/itr (it did, on every run of the suite)."""
+    with pytest.MonkeyPatch.context() as mp:
+        _isolate(tmp_path_factory.mktemp("session-env"), mp)
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated(tmp_path, monkeypatch):
     """No test touches the real home, cache or network, nor reads the user's itr options."""
+    _isolate(tmp_path, monkeypatch)
+
+
+def _isolate(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path / "xdg-data"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
@@ -48,7 +62,7 @@ def _isolated(tmp_path, monkeypatch):
         monkeypatch.setattr(hf, "HF_HOME", str(hub.parent))
         monkeypatch.setattr(hf, "HF_HUB_CACHE", str(hub))
     for var in ("ITR_DB", "ITR_MODEL", "ITR_RERANK_MODEL", "ITR_RERANK_CACHE_BYTES",
-                "ITR_THUMB_CACHE_MIB", "ITR_IMAGE_RUNTIME"):
+                "ITR_THUMB_CACHE_MIB", "ITR_IMAGE_RUNTIME", "ITR_TOWER_CACHE"):
         monkeypatch.delenv(var, raising=False)
 
 
