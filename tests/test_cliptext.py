@@ -1,7 +1,8 @@
-"""CLIP's lean text tower (itrcli/embed/cliptext.py): the start token's keys and values held
-as constants, the last layer on the end token alone.  It gives transformers' vectors on
-batches of any length and padding, the export keeps it only then, and towers it does not
-know are left to transformers' own forward."""
+"""CLIP's text towers of itrcli/embed/cliptext.py.  The lean one (the start token's keys and
+values held as constants, the last layer on the end token alone) gives transformers'
+vectors on batches of any length and padding, the export keeps it only then, and towers it
+does not know are left to transformers' own forward.  The plain one (read from the
+safetensors without transformers' modeling, for the export child) is transformers' tower."""
 
 from __future__ import annotations
 
