@@ -136,6 +136,8 @@ def plain_text(text, projection_dim: int, paths: list[str]):
     transformers' modeling, 1.6 s of its CPU beside the run's encoding;
     ``tests/test_cliptext.py`` holds its vectors to transformers'.  Anything it does not
     know raises :class:`~itrcli.embed.clipvision.Unsupported`."""
+    from types import SimpleNamespace
+
     import torch
     from torch import nn
 
@@ -209,8 +211,6 @@ def plain_text(text, projection_dim: int, paths: list[str]):
         def forward(self, input_ids, attention_mask=None):
             """transformers' ``CLIPTextTransformer.forward``: causal attention (padding
             masked too), the final norm, the end token pooled as transformers picks it."""
-            from types import SimpleNamespace
-
             h = self.embeddings(input_ids)
             b, s, _ = h.shape
             low = torch.finfo(h.dtype).min

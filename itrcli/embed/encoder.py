@@ -485,17 +485,9 @@ class Encoder:
             return None
         from . import clipvision
 
-        revision = self._at.get("revision")
-        try:
-            files = clipvision.weight_files(lambda name: _config_file(self.model_id, name, revision))
-            tower = clipvision.build(self._cfg.vision_config, int(self._cfg.projection_dim), files,
-                                     self.dtype)
-        except Exception as e:
-            # Unsupported, or weights it cannot read: transformers' tower reads them again
-            # and reports a damaged file as the model error it is
-            import logging
-
-            logging.getLogger("itr").debug("image tower: transformers' (%s)", e)
+        tower = self._plain_built("image", lambda files: clipvision.build(
+            self._cfg.vision_config, int(self._cfg.projection_dim), files, self.dtype))
+        if tower is None:
             return None
 
         def run(pixel_values):
@@ -503,6 +495,23 @@ class Encoder:
 
         run.module = None  # not transformers' module: the ONNX export reads that again
         return run
+
+    def _plain_built(self, which: str, build):
+        """``build(the checkpoint's safetensors files)``: one of CLIP's towers in plain torch,
+        or None, with one line under ``-v``, where it raises (Unsupported, or weights it
+        cannot read: transformers' tower reads them again and reports a damaged file as the
+        model error it is)."""
+        from . import clipvision
+
+        revision = self._at.get("revision")
+        try:
+            return build(clipvision.weight_files(
+                lambda name: _config_file(self.model_id, name, revision)))
+        except Exception as e:
+            import logging
+
+            logging.getLogger("itr").debug("%s tower: transformers' (%s)", which, e)
+            return None
 
     def _plain_clip_text(self):
         """CLIP's text tower in plain torch (:func:`itrcli.embed.cliptext.plain_text`), in
@@ -512,18 +521,13 @@ class Encoder:
 
         if self.model_type != "clip" or self.device != "cpu" or self.dtype != torch.float32:
             return None
-        from . import cliptext, clipvision
+        from . import cliptext
 
-        revision = self._at.get("revision")
-        try:
-            files = clipvision.weight_files(lambda name: _config_file(self.model_id, name, revision))
-            text, proj = cliptext.plain_text(self._cfg.text_config, int(self._cfg.projection_dim),
-                                             files)
-        except Exception as e:  # as _plain_clip_tower: transformers' tower reads them again
-            import logging
-
-            logging.getLogger("itr").debug("text tower: transformers' (%s)", e)
+        built = self._plain_built("text", lambda files: cliptext.plain_text(
+            self._cfg.text_config, int(self._cfg.projection_dim), files))
+        if built is None:
             return None
+        text, proj = built
         module = torch.nn.Module()
         module.text_model, module.text_projection = text, proj  # float32_text_tower reads them
 
