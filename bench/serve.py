@@ -19,6 +19,7 @@ tower and HNSW graph.  Then:
 Prints the ratios measured in this run (warm p50 / cold median).
 
     python bench/serve.py [--n 100000] [--queries 300] [--clients 32] [--seconds 60]
+                          [--text-precision fp32|int8]
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def main() -> None:
     ap.add_argument("--cold-runs", type=int, default=7, help="cold itr search processes")
     ap.add_argument("--clients", type=int, default=32, help="concurrent clients (at most 64)")
     ap.add_argument("--seconds", type=float, default=60.0, help="load duration (at most 300)")
+    ap.add_argument("--text-precision", choices=("fp32", "int8"), default="fp32",
+                    help="the text tower of the server and of the cold searches")
     ap.add_argument("--json", action="store_true", help="one JSON object on stdout")
     a = ap.parse_args()
     clients = max(1, min(a.clients, 64))
@@ -121,10 +124,11 @@ def main() -> None:
     script = Path(sys.executable).with_name("itr")
     itr = [str(script)] if script.exists() else [sys.executable, "-m", "itrcli"]
 
-    cold_cmd = itr + ["search", "two children on a lawn", "--db", str(lib_dir)]
+    cold_cmd = itr + ["search", "two children on a lawn", "--db", str(lib_dir),
+                      "--text-precision", a.text_precision]
     subprocess.run(cold_cmd, check=True, stdout=subprocess.DEVNULL)  # page cache warm
 
-    with serving.start(lib_dir) as s:
+    with serving.start(lib_dir, "--text-precision", a.text_precision) as s:
         c = Client(s.url)
         for q in queries(20):
             c.search(q)  # warm-up: first requests, page cache
@@ -188,6 +192,7 @@ def main() -> None:
     cold_med = statistics.median(cold)
     out = {
         "library": a.n,
+        "text_precision": a.text_precision,
         "cold_itr_search_s": {"median": round(cold_med, 4), "runs": a.cold_runs},
         "warm_ms": {"p50": round(pct(warm, 50) * 1e3, 2), "p99": round(pct(warm, 99) * 1e3, 2),
                     "queries": len(warm)},
@@ -208,7 +213,7 @@ def main() -> None:
         print(json.dumps(out, indent=2))
         return
     w, ld = out["warm_ms"], out["load"]
-    print(f"library: {a.n:,} vectors")
+    print(f"library: {a.n:,} vectors; text tower {a.text_precision}")
     print(f"cold itr search: median {cold_med:.3f} s ({a.cold_runs} runs)")
     print(f"warm itr serve text search: p50 {w['p50']} ms  p99 {w['p99']} ms ({w['queries']} queries)")
     print(f"  of which the text tower: p50 {out['warm_text_tower_ms_p50']} ms")

@@ -32,6 +32,8 @@ MEDIA_EXTENSIONS = (IMAGE_EXTENSIONS | HEIF_EXTENSIONS | AVIF_EXTENSIONS | VIDEO
 
 #: ``--precision`` values; ``auto`` is bf16 on CPUs with native bf16, fp16 on CUDA, else fp32.
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: ``--text-precision``: the text tower of a CPU search (int8: embed/textquant.py)
+TEXT_PRECISIONS = ("fp32", "int8")
 
 #: bf16 against fp32, per vector: the cosine we guarantee (measured: 0.99994 at worst on the
 #: ViT-B/32 architecture, bench/precision.py; 0.99997 on the tests' tiny model).

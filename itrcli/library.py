@@ -40,6 +40,9 @@ class Library:
         self._encoder_args: tuple[str, str, str, str | None] | None = None
         #: many searches will follow (``itr serve``): worth a slower start for faster queries
         self.long_lived = False
+        #: the text tower of searches whose request names none: ``fp32``, or ``int8``
+        #: (:mod:`itrcli.embed.textquant`; ``itr serve --text-precision``)
+        self.text_precision = "fp32"
         self._interrupted = False  # :meth:`interrupt`
         self._reranker = None  # loaded by the first search with rerank=True
         self._reranker_args: tuple[str | None, str, str] | None = None
@@ -541,9 +544,19 @@ class Library:
                        revision=self._revision_of(model))
 
     # -- searching --------------------------------------------------------------------------
-    def text_encoder(self, device: str = "auto", precision: str = "auto"):
-        """Something with ``encode_texts``: the exported ONNX tower if present, else torch."""
+    def text_encoder(self, device: str = "auto", precision: str = "auto",
+                     text_precision: str | None = None):
+        """Something with ``encode_texts``: the exported ONNX tower if present, else torch.
+
+        ``text_precision``: ``int8`` for the exported tower with int8 weights
+        (:mod:`itrcli.embed.textquant`: made on first use); where there is no export (or
+        on a GPU) the float32 tower answers, with one line under ``-v``.  None: the
+        library's :attr:`text_precision`."""
+        import logging
+
         from .embed.textonnx import OnnxTextEncoder
+
+        text_precision = text_precision or self.text_precision
 
         if device not in ("auto", "cpu"):
             return self.encoder(None, device, precision)
@@ -551,18 +564,26 @@ class Library:
 
         # kept for the next search of a long-lived library (itr serve) while the export on
         # disk is the same files (a --reindex swaps in another, and the database with it)
-        key = export_identity(self.directory)
+        key = (export_identity(self.directory), text_precision)
         cached = getattr(self, "_text_onnx", None)
         if cached is not None and cached[0] == key:
             return cached[1]
         if self._text_export_ok():
             try:
-                enc = OnnxTextEncoder(self.directory, warm=self.long_lived)
-            except Exception:
-                pass  # damaged export: the torch path gives the same vectors
+                enc = OnnxTextEncoder(self.directory, warm=self.long_lived,
+                                      precision=text_precision)
+            except Exception as e:
+                if text_precision != "fp32":
+                    logging.getLogger("itr").info("%s text tower not used (float32 is): %s",
+                                                  text_precision, e)
+                    return self.text_encoder(device, precision)
+                # damaged export: the torch path gives the same vectors
             else:
                 self._text_onnx = (key, enc)
                 return enc
+        if text_precision != "fp32":
+            logging.getLogger("itr").info("%s text tower: the library has no exported text "
+                                          "tower yet (float32 is used)", text_precision)
         return self.encoder(None, device, precision)
 
     def stored_vector(self, path: str, at: float | None = None):
@@ -627,16 +648,18 @@ class Library:
         return enc.encode_pixels(pixels[None])[0]
 
     def embed_query(self, parts, device: str = "auto", precision: str = "auto", adapter=None,
-                    at: float | None = None):
+                    at: float | None = None, text_precision: str | None = None):
         """Combine query parts (:class:`itrcli.query.search.QueryPart`) into one vector ``[dim]``.
 
         ``adapter`` (an :class:`itrcli.query.adapt.Adapter`) maps the text parts towards
         image space first; image parts are image vectors already.  ``at``: the time in
-        seconds of the frame to use for video terms."""
+        seconds of the frame to use for video terms; ``text_precision``: the text tower's
+        (:meth:`text_encoder`)."""
         from .query.search import build_query
 
         def encode_texts(texts):
-            vecs = self._encode_texts(self.text_encoder(device, precision), texts)  # [n, dim]
+            enc = self.text_encoder(device, precision, text_precision)
+            vecs = self._encode_texts(enc, texts)  # [n, dim]
             return vecs if adapter is None else adapter.apply(vecs)
 
         return build_query(
@@ -671,14 +694,16 @@ class Library:
         return self._text_cache
 
     def prime_texts(self, texts: Sequence[str], device: str = "auto",
-                    precision: str = "auto", *, least: int = 2) -> int:
+                    precision: str = "auto", *, least: int = 2,
+                    text_precision: str | None = None) -> int:
         """Encode ``texts`` in one batch and keep each one's vector as the search of that
         text alone would use it (a server under load: the queries waiting for the library
         are embedded together, several times cheaper than one by one; a vector then differs
-        from a lone encoding by float rounding only, ~1e-7).  Returns how many were
+        from a lone encoding by float rounding only, ~1e-7; the int8 tower encodes each
+        text alone, at the same cost as one by one).  Returns how many were
         encoded (those already kept are not; none when fewer than ``least`` are new: by
         default one text is left to its own search, which encodes it exactly as alone)."""
-        enc = self.text_encoder(device, precision)
+        enc = self.text_encoder(device, precision, text_precision)
         cache = self._text_cache_for(enc)
         todo = [t for t in dict.fromkeys(texts) if (t,) not in cache][:TEXT_CACHE]
         if len(todo) < max(1, least):
@@ -774,7 +799,8 @@ class Library:
             adapter = (self.adapter() if req.adapt and any(p.kind == "text" for p in parts)
                        else None)
             out.adapter = adapter.method if adapter is not None else None
-            q = self.embed_query(parts, req.device, req.precision, adapter, at=req.at)
+            q = self.embed_query(parts, req.device, req.precision, adapter, at=req.at,
+                                 text_precision=req.text_precision)
             t1 = time.perf_counter()
             timings["embed"] = t1 - t0
             ef = req.ef or self.store.get_meta("search_ef")  # measured by `itr index`

@@ -388,12 +388,19 @@ def _pad_id(hf_tokenizer) -> int:
 class OnnxTextEncoder:
     """Texts -> L2-normalised vectors with onnxruntime + tokenizers (no torch)."""
 
-    def __init__(self, library_dir: Path, *, warm: bool = False) -> None:
+    def __init__(self, library_dir: Path, *, warm: bool = False, precision: str = "fp32") -> None:
         """``warm``: for a process that encodes many texts (``itr serve``): the weights are
         pre-packed for the matrix kernels at the session's start (twice as fast per text
         here: 25 -> 13 ms for ViT-B/32's tower on 2 threads), which a one-shot search would
-        pay for and not recover."""
+        pay for and not recover.  ``precision``: ``int8``, the tower with int8 weights
+        (:mod:`itrcli.embed.textquant`, made now if it is not yet), else float32."""
         d = Path(library_dir) / DIRNAME
+        self.precision = precision
+        model = d / MODEL_FILE
+        if precision == "int8":
+            from .textquant import model_path
+
+            model = model_path(library_dir)
         self.settings = json.loads((d / SETTINGS_FILE).read_text())
         from tokenizers import Tokenizer
 
@@ -408,7 +415,7 @@ class OnnxTextEncoder:
         # session start than it saves on one short text
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         so.add_session_config_entry("session.disable_prepacking", "0" if warm else "1")
-        self.session = ort.InferenceSession(str(d / MODEL_FILE), sess_options=so,
+        self.session = ort.InferenceSession(str(model), sess_options=so,
                                             providers=["CPUExecutionProvider"])
         self.dim = int(self.settings["dim"])
         self.table = None  # [vocab, hidden] float16, memory-mapped: rows read as needed
@@ -436,6 +443,10 @@ class OnnxTextEncoder:
         """``[n, dim]`` float32, L2-normalised."""
         import numpy as np
 
+        if self.precision == "int8" and len(texts) > 1:
+            # each text alone: the int8 tower's inputs are quantised with one scale for the
+            # whole batch, so a batched text would get another vector than its own search
+            return np.concatenate([self.encode_texts([t]) for t in texts])  # [n, dim]
         ids, mask = self.tokenize(texts)
         if self.table is not None:  # the rows of these tokens alone, in float32
             feeds = {"token_embeds": self.table[ids].astype(np.float32)}  # [batch, seq, hidden]

@@ -13,10 +13,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
+from ..constants import TEXT_PRECISIONS
 from ..errors import UsageError
 
 #: ``text_match`` values: fuse cosine and the words read in images, words only, cosine only
 TEXT_MATCH_MODES = ("auto", "only", "none")
+
 _SEQUENCES = ("add", "subtract", "in_dirs", "globs")
 
 
@@ -32,7 +34,9 @@ class SearchRequest:
     words, ``none`` by cosine.  ``frames``: every matching video frame, not each video once;
     ``at``: the frame of a video query.  ``rerank``: re-score the first ``rerank_k``.
     ``all_files``: every file its own hit, not one hit per photo (a RAW and its JPEG, a
-    Live Photo and its clip are one photo: :mod:`itrcli.query.twins`).
+    Live Photo and its clip are one photo: :mod:`itrcli.query.twins`).  ``text_precision``:
+    ``int8`` embeds the text with the int8 text tower (:mod:`itrcli.embed.textquant`),
+    ``fp32`` with the float32 one, None as the library does (``Library.text_precision``).
     """
 
     query: str | None = None
@@ -67,6 +71,7 @@ class SearchRequest:
     rerank_cache: bool = True
     device: str = "auto"
     precision: str = "auto"
+    text_precision: str | None = None
 
     def __post_init__(self) -> None:
         for name in _SEQUENCES:  # lists welcome; kept as tuples (the request is immutable)
@@ -109,6 +114,9 @@ class SearchRequest:
             raise UsageError("--hash-bits must be positive")
         if self.ef is not None and self.ef < 1:
             raise UsageError("ef must be at least 1")
+        if self.text_precision is not None and self.text_precision not in TEXT_PRECISIONS:
+            raise UsageError(f"--text-precision {self.text_precision!r}: expected "
+                             f"{' or '.join(TEXT_PRECISIONS)}")
         return self
 
     @property

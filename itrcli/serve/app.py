@@ -56,6 +56,8 @@ class ServeOptions:
     #: the ``--watch`` job (:class:`itrcli.serve.watch.Watcher`), reported by /api/info
     watcher: Any = None
     decode_threads: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
+    #: the text tower's precision: ``fp32`` or ``int8`` (:mod:`itrcli.embed.textquant`)
+    text_precision: str = "fp32"
 
 
 def create_app(options: ServeOptions, live: LiveLibrary | None = None) -> Starlette:
@@ -66,7 +68,7 @@ def create_app(options: ServeOptions, live: LiveLibrary | None = None) -> Starle
     from ..show.thumbs import ThumbnailCache
     from ..ingest.images import DecodeError
 
-    live = live or LiveLibrary(options.directory)
+    live = live or LiveLibrary(options.directory, options.text_precision)
     thumbs = ThumbnailCache.for_library(options.directory)
     decode = anyio.CapacityLimiter(options.decode_threads)
     trimmed = [time.monotonic()]
@@ -178,6 +180,7 @@ def create_app(options: ServeOptions, live: LiveLibrary | None = None) -> Starle
         data = await live.run(answers.info)
         w = options.watcher
         data["serve"] = {"version": __version__, "reopened": live.reopened,
+                         "text_precision": options.text_precision,
                          "watch": w.status() if w is not None else None}
         return answers.json_response(data)
 

@@ -35,8 +35,9 @@ class LiveLibrary:
     """A read-only :class:`~itrcli.library.Library` at ``directory``, used through
     :meth:`run` / :meth:`call` (never directly: it belongs to its thread)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, text_precision: str = "fp32") -> None:
         self.directory = Path(directory)
+        self.text_precision = text_precision  #: the text tower's (``--text-precision``)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="itr-library")
         self._lib = None
         self.reopened = 0  #: times the library was opened again (a swapped database file)
@@ -58,6 +59,7 @@ class LiveLibrary:
         if lib is None:
             lib = self._lib = Library.open(self.directory, readonly=True)
             lib.long_lived = True  # a warm text tower: pre-packed weights
+            lib.text_precision = self.text_precision
             if self._interrupted:
                 lib.interrupt()
         return lib

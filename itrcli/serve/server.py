@@ -102,7 +102,7 @@ def serve(options: ServeOptions, *, watch=None, open_browser: bool = False,
     options.port = sock.getsockname()[1]
     watcher = Watcher(options.directory, watch) if watch is not None else None
     options.watcher = watcher
-    live = LiveLibrary(options.directory)
+    live = LiveLibrary(options.directory, options.text_precision)
     app = create_app(options, live)
     config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
                             server_header=False, proxy_headers=False,
