@@ -570,8 +570,10 @@ class Library:
             return cached[1]
         if self._text_export_ok():
             try:
+                # a server embeds int8 texts one at a time, on two threads of one thread each
+                threads = 1 if self.long_lived and text_precision == "int8" else None
                 enc = OnnxTextEncoder(self.directory, warm=self.long_lived,
-                                      precision=text_precision)
+                                      precision=text_precision, threads=threads)
             except Exception as e:
                 if text_precision != "fp32":
                     logging.getLogger("itr").info("%s text tower not used (float32 is): %s",
@@ -716,6 +718,17 @@ class Library:
                 cache[(t,)] = v[None, :].copy()
         _keep_last(cache, TEXT_CACHE)
         return len(todo)
+
+    def keep_text_vector(self, encoder, text: str, vector) -> bool:
+        """Keep ``vector`` ``[dim]`` as the vector of a search for ``text`` alone, if
+        ``encoder`` (which made it, on another thread: ``itr serve``) is the text encoder
+        this library's searches use now; False otherwise (they embed the text again)."""
+        if encoder is None or encoder is not self.text_encoder():
+            return False
+        cache = self._text_cache_for(encoder)
+        cache[(text,)] = vector[None, :].copy()
+        _keep_last(cache, TEXT_CACHE)
+        return True
 
     def knows_text(self, text: str) -> bool:
         """Whether the vector of a search for ``text`` alone is kept (no encoding needed)."""

@@ -199,3 +199,53 @@ def test_serve_int8_gives_the_scores_of_search_int8(library):
         assert live.call(primed) == want
     finally:
         live.close()
+
+
+def test_serve_int8_embeds_texts_beside_the_library_thread(library):
+    """Under load the int8 texts are embedded on the embedder's threads while the library's
+    thread searches; a vector from an encoder the library no longer uses is not kept."""
+    import asyncio
+    import threading
+
+    pytest.importorskip("starlette", reason="itr-search[serve] not installed")
+    from itrcli.embed.textonnx import OnnxTextEncoder
+    from itrcli.query.request import SearchRequest
+    from itrcli.serve import answers
+    from itrcli.serve.live import LiveLibrary
+
+    want = {t: scores(library, t, "--text-precision", "int8") for t in TEXTS}
+    live = LiveLibrary(Path(library), "int8")
+    try:
+        live.warm()
+        enc = live._texts._encoder
+        assert isinstance(enc, OnnxTextEncoder) and enc.precision == "int8"
+        where: list[str] = []
+        encode = enc.encode_texts
+
+        def spy(texts):
+            where.append(threading.current_thread().name)
+            return encode(texts)
+
+        enc.encode_texts = spy
+
+        async def searches(texts):
+            return await asyncio.gather(*(live.run(
+                answers.search, SearchRequest.build(text=t, top=6, exact=True), None,
+                "http://127.0.0.1:8765", text=t) for t in texts))
+
+        def got(outs):
+            return [[(h["path"], h["score"]) for h in o["results"]] for o in outs]
+
+        assert got(asyncio.run(searches(TEXTS))) == [want[t] for t in TEXTS]
+        assert len(where) == len(TEXTS) and all(n.startswith("itr-text") for n in where)
+        # an encoder that is not the library's (a replaced export): its vector is not
+        # kept, and the search embeds its text on the library's thread
+        where.clear()
+        live._texts.use(OnnxTextEncoder(Path(library), precision="int8"))
+        new = "a green triangle at the top"  # not asked before: no kept vector
+        assert got(asyncio.run(searches([new]))) == [
+            scores(library, new, "--text-precision", "int8")]
+        assert where and all(n.startswith("itr-library") for n in where)
+        assert live._texts._encoder is enc  # handed over again
+    finally:
+        live.close()

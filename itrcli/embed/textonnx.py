@@ -388,12 +388,14 @@ def _pad_id(hf_tokenizer) -> int:
 class OnnxTextEncoder:
     """Texts -> L2-normalised vectors with onnxruntime + tokenizers (no torch)."""
 
-    def __init__(self, library_dir: Path, *, warm: bool = False, precision: str = "fp32") -> None:
+    def __init__(self, library_dir: Path, *, warm: bool = False, precision: str = "fp32",
+                 threads: int | None = None) -> None:
         """``warm``: for a process that encodes many texts (``itr serve``): the weights are
         pre-packed for the matrix kernels at the session's start (twice as fast per text
         here: 25 -> 13 ms for ViT-B/32's tower on 2 threads), which a one-shot search would
         pay for and not recover.  ``precision``: ``int8``, the tower with int8 weights
-        (:mod:`itrcli.embed.textquant`, made now if it is not yet), else float32."""
+        (:mod:`itrcli.embed.textquant`, made now if it is not yet), else float32.
+        ``threads``: onnxruntime's threads for one run (default: two, or one on one CPU)."""
         d = Path(library_dir) / DIRNAME
         self.precision = precision
         model = d / MODEL_FILE
@@ -410,7 +412,7 @@ class OnnxTextEncoder:
 
         so = ort.SessionOptions()
         so.log_severity_level = 3
-        so.intra_op_num_threads = min(2, os.cpu_count() or 1)
+        so.intra_op_num_threads = threads or min(2, os.cpu_count() or 1)
         # optimised once at export (see save_optimised); pre-packing weights costs more at
         # session start than it saves on one short text
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL

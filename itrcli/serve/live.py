@@ -11,13 +11,15 @@ in another file, the library is opened again.  Commits into the same file need n
 rows are read by each search.
 
 Slow work that needs no library (decoding thumbnails, sending files) runs elsewhere, so
-that it never holds up a search.
+that it never holds up a search; so does a text search's text tower, once the library's
+thread has handed it over (:mod:`itrcli.serve.texts`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, TypeVar
@@ -38,6 +40,11 @@ class LiveLibrary:
     def __init__(self, directory: Path, text_precision: str = "fp32") -> None:
         self.directory = Path(directory)
         self.text_precision = text_precision  #: the text tower's (``--text-precision``)
+        from .texts import TextEmbedder
+
+        # the int8 tower's texts beside this thread (float32's are embedded on it, in
+        # batches: beside it, its two threads lost more to the graph walks than they gained)
+        self._texts = TextEmbedder() if text_precision == "int8" else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="itr-library")
         self._lib = None
         self.reopened = 0  #: times the library was opened again (a swapped database file)
@@ -64,10 +71,15 @@ class LiveLibrary:
                 lib.interrupt()
         return lib
 
-    def _in_snapshot(self, fn: Callable[..., T], args: tuple, text: str | None = None) -> T:
+    def _in_snapshot(self, fn: Callable[..., T], args: tuple, text: str | None = None,
+                     embedded: tuple | None = None) -> T:
         if self._closed.is_set():
             raise LibraryError("the server is shutting down")
         lib = self._current()
+        if text is not None and self._texts is not None:
+            self._hand_over(lib)
+            if embedded is not None:
+                lib.keep_text_vector(embedded[0], text, embedded[1])
         if text is not None and not lib.knows_text(text):
             # under load: this text and those of the searches queued behind it, in one
             # batch; while kept vectors answer, the queue grows into the next batch.  The
@@ -89,6 +101,17 @@ class LiveLibrary:
         finally:
             lib.store.end_snapshot()
 
+    def _hand_over(self, lib) -> None:
+        """Give the text embedder this library's text encoder when it is the exported
+        tower (onnxruntime's sessions run from any thread), else none."""
+        from ..embed.textonnx import OnnxTextEncoder
+
+        try:
+            enc = lib.text_encoder()
+        except ItrError:
+            enc = None
+        self._texts.use(enc if isinstance(enc, OnnxTextEncoder) else None)
+
     def _take_waiting(self, least: int) -> list[str]:
         """The texts of the searches waiting for the library's thread, when at least
         ``least`` are (a search's own text alone is left to it: it embeds it as alone)."""
@@ -105,11 +128,28 @@ class LiveLibrary:
 
     async def run(self, fn: Callable[..., T], *args: Any, text: str | None = None) -> T:
         """:meth:`call` from the event loop, without blocking it.  ``text``: the query of a
-        plain text search, embedded together with the others waiting when several are."""
+        plain text search: embedded first, beside the library's thread (the int8 tower:
+        :mod:`itrcli.serve.texts`), or on it together with the others waiting when several
+        are."""
+        embedded = None
         if text is not None:
-            with self._waiting_lock:
-                self._waiting.append(text)
-        return await asyncio.wrap_future(self._pool.submit(self._in_snapshot, fn, args, text))
+            fut = self._texts.submit(text) if self._texts is not None else None
+            if fut is not None:  # embedded beside the library's thread
+                t = time.perf_counter()
+                try:
+                    embedded = (*await asyncio.wrap_future(fut), time.perf_counter() - t)
+                except asyncio.CancelledError:
+                    if not fut.cancelled():
+                        raise  # this request's own cancellation
+                    embedded = None  # the server is stopping: the library says so
+            else:
+                with self._waiting_lock:
+                    self._waiting.append(text)
+        out = await asyncio.wrap_future(
+            self._pool.submit(self._in_snapshot, fn, args, text, embedded))
+        if embedded is not None and embedded[0] is not None and isinstance(out, dict):
+            out.get("timings", {})["embed"] = round(embedded[2], 6)  # the wait for it
+        return out
 
     def warm(self) -> None:
         """Load what a text search needs (the text tower, the graph) before the first one;
@@ -119,6 +159,8 @@ class LiveLibrary:
                 lib.settle_graph()  # the graph (a large one's compact copy)
                 if not self._interrupted:
                     lib.search(text="a photo", top=1)  # text tower, adapter
+                    if self._texts is not None:
+                        self._hand_over(lib)
 
         try:
             self.call(load)
@@ -137,6 +179,8 @@ class LiveLibrary:
 
     def close(self) -> None:
         self._closed.set()
+        if self._texts is not None:
+            self._texts.close()
 
         def shut(_lib=None):
             if self._lib is not None:
