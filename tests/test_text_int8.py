@@ -249,3 +249,23 @@ def test_serve_int8_embeds_texts_beside_the_library_thread(library):
         assert live._texts._encoder is enc  # handed over again
     finally:
         live.close()
+
+
+def test_the_kind_of_weights_follows_the_cpu(library, tmp_path, monkeypatch):
+    """Signed weights where the CPU multiplies them without overflow, unsigned elsewhere;
+    a library that meets the other kind of CPU makes its int8 tower again."""
+    import shutil
+
+    from itrcli.embed import textquant
+
+    db = tmp_path / "lib"
+    shutil.copytree(library, db)
+    fp32 = encoders(library)[0].encode_texts(TEXTS)
+    stamp = db / "text" / "text-int8.json"
+    for kind in ("u8", "s8", "u8"):
+        monkeypatch.setattr(textquant, "weight_kind", lambda kind=kind: kind)
+        got = encoders(db)[1].encode_texts(TEXTS)
+        assert json.loads(stamp.read_text())["weights"] == kind
+        assert (got * fp32).sum(axis=1).min() >= MIN_COSINE
+    monkeypatch.undo()
+    assert textquant.weight_kind() in ("s8", "u8")

@@ -3,16 +3,24 @@ tower about twice as fast on the CPU, at a cosine of ~0.9993 to the float32 vect
 
 Made from the library's float32 export (:mod:`itrcli.embed.textonnx`) the first time a
 search asks for it, and kept beside it in ``<library>/text/``: every weight matrix the
-tower multiplies by is stored as int8 with a scale per output column (onnxruntime's
+tower multiplies by is stored in 8 bits with a scale per output column (onnxruntime's
 dynamic quantisation, ``MatMul`` only: the token table, layer norms and attention stay
-float32), and each matrix multiply quantises its input on the fly with one scale for the
-whole input.  That scale is why :class:`~itrcli.embed.textonnx.OnnxTextEncoder` runs an
-int8 tower on one text at a time: a text batched with others would get the batch's scale,
-and so another vector than a search for it alone.  Integer arithmetic has no rounding, so
-the vector does not depend on the thread count either.
+float32), and each matrix multiply quantises its input on the fly to uint8 with one scale
+for the whole input.  That scale is why :class:`~itrcli.embed.textonnx.OnnxTextEncoder`
+runs an int8 tower on one text at a time: a text batched with others would get the
+batch's scale, and so another vector than a search for it alone.  Integer arithmetic has
+no rounding, so the vector does not depend on the thread count either.
 
-The int8 files are stamped with the float32 files' sizes and times: a new export (another
-model, ``itr index --reindex``) makes them stale, and the next int8 search makes them
+The weights are signed where onnxruntime multiplies uint8 by int8 without overflow (x86
+with AVX-512 VNNI, Arm), else unsigned: on AVX2 its uint8 x int8 kernel adds pairs of
+products in 16 bits, which overflow (a cosine of 0.996 to the float32 vector, measured),
+where uint8 x uint8 does not (0.9993, as with VNNI; 1.2 times the time).  The same text
+on two kinds of CPU can differ by a cosine of ~0.998: their float kernels round apart,
+and a rounding that moves an input across a step of its uint8 code moves the vector.
+
+The int8 files are stamped with the float32 files' sizes and times and the kind of
+weights: a new export (another model, ``itr index --reindex``), or a library moved to a
+CPU that wants the other kind, makes them stale, and the next int8 search makes them
 again.  Where the library's folder cannot be written, the int8 tower is made in a
 temporary folder for this process alone.
 """
@@ -37,12 +45,30 @@ STAMP_FILE = "text-int8.json"
 FORMAT = 1
 
 
+def weight_kind() -> str:
+    """``s8`` where onnxruntime's uint8 x int8 products cannot overflow (x86 with AVX-512
+    VNNI, as the CPU itself reports it to numpy; Arm), else ``u8``."""
+    import platform
+
+    if platform.machine().lower() in ("arm64", "aarch64"):
+        return "s8"
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:  # numpy 1
+        try:
+            from numpy.core._multiarray_umath import __cpu_features__ as features
+        except ImportError:
+            return "u8"
+    return "s8" if features.get("AVX512VNNI") else "u8"
+
+
 def model_path(library_dir: Path) -> Path:
     """The int8 tower of the library's export, made now when missing or stale (seconds:
     ~4 s for ViT-B/32's tower).  Raises OSError or onnxruntime's errors when it cannot be
     made (the caller then searches with the float32 tower)."""
     d = Path(library_dir) / DIRNAME
-    source = _source_stamp(d)
+    kind = weight_kind()
+    source = {**_source_stamp(d), "weights": kind}
     if _stamp(d) == source:
         return d / MODEL_FILE
     log = logging.getLogger("itr")
@@ -52,9 +78,9 @@ def model_path(library_dir: Path) -> Path:
     except OSError:  # a library folder that cannot be written: this process's own copy
         staging = Path(tempfile.mkdtemp(prefix="itr-text-int8-"))
     try:
-        _quantise(d, staging)
+        _quantise(d, staging, kind)
         (staging / STAMP_FILE).write_text(json.dumps(source))
-        if _source_stamp(d) != source:
+        if {**_source_stamp(d), "weights": kind} != source:
             raise OSError("the library's text tower was replaced while it was quantised")
         for name in (DATA_FILE, MODEL_FILE, STAMP_FILE):  # the stamp last: it says "done"
             os.replace(staging / name, d / name)
@@ -73,9 +99,10 @@ def model_path(library_dir: Path) -> Path:
     return d / MODEL_FILE
 
 
-def _quantise(export_dir: Path, out: Path) -> None:
-    """``export_dir``'s float32 tower with int8 weights, as :data:`MODEL_FILE` (graph
-    optimised as the float32 export is, weights in :data:`DATA_FILE`) in ``out``."""
+def _quantise(export_dir: Path, out: Path, kind: str) -> None:
+    """``export_dir``'s float32 tower with 8-bit weights (``kind``: :func:`weight_kind`),
+    as :data:`MODEL_FILE` (graph optimised as the float32 export is, weights in
+    :data:`DATA_FILE`) in ``out``."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -93,7 +120,8 @@ def _quantise(export_dir: Path, out: Path) -> None:
     with _quiet_root_logger():
         quantize_dynamic(
             str(src / FP32_MODEL), str(raw), op_types_to_quantize=["MatMul"],
-            per_channel=True, weight_type=QuantType.QInt8,
+            per_channel=True,
+            weight_type=QuantType.QInt8 if kind == "s8" else QuantType.QUInt8,
             # the export's fused operators (onnxruntime's) have no types for onnx's inference
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
     save_optimised(raw, out / MODEL_FILE, DATA_FILE)
