@@ -14,7 +14,8 @@ no rounding, so the vector does not depend on the thread count either.
 The weights are signed where onnxruntime multiplies uint8 by int8 without overflow (x86
 with AVX-512 VNNI, Arm), else unsigned: on AVX2 its uint8 x int8 kernel adds pairs of
 products in 16 bits, which overflow (a cosine of 0.996 to the float32 vector, measured),
-where uint8 x uint8 does not (0.9993, as with VNNI; 1.2 times the time).  The same text
+where uint8 x uint8 does not (0.9993, as with VNNI, in 1.2 times the overflowing
+kernel's time).  The same text
 on two kinds of CPU can differ by a cosine of ~0.998: their float kernels round apart,
 and a rounding that moves an input across a step of its uint8 code moves the vector.
 
