@@ -223,15 +223,10 @@ def _log_to_stderr(on: bool):
         def emit(self, record: logging.LogRecord) -> None:
             sys.stderr.write(f"itr: {record.getMessage()}\n")
 
-    logger, handler = logging.getLogger("itr"), ToStderr()
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
+    from .logs import handled
+
+    with handled(logging.getLogger("itr"), ToStderr(), logging.DEBUG):
         yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
 
 
 def _index_paths(lib, paths, *, quiet: bool, see_json: bool, exclude, **options):

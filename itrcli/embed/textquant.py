@@ -29,7 +29,6 @@ temporary folder for this process alone.
 from __future__ import annotations
 
 import atexit
-import contextlib
 import json
 import logging
 import os
@@ -131,19 +130,13 @@ def _quantise(export_dir: Path, out: Path, kind: str) -> None:
             p.unlink() if p.is_file() else shutil.rmtree(p, ignore_errors=True)
 
 
-@contextlib.contextmanager
 def _quiet_root_logger():
     """The quantiser's advice goes to the root logger (``logging.warning``), which would
-    also give a process without logging set up a handler on stderr for good: neither."""
-    root = logging.getLogger()
-    handler, level = logging.NullHandler(), root.level
-    root.addHandler(handler)  # a root logger with a handler is not set up again
-    root.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
+    also give a process without logging set up a handler on stderr for good: neither (a
+    root logger with a handler is not set up again)."""
+    from ..logs import handled
+
+    return handled(logging.getLogger(), logging.NullHandler(), logging.ERROR)
 
 
 def _source_stamp(export_dir: Path) -> dict:
