@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Sequence
 
 from .embed import models
-from .errors import ExitCode, LibraryError, UsageError
+from .errors import ExitCode, ItrError, LibraryError, UsageError
 from .query.request import SearchRequest, SearchResult
 from .paths import default_library_dir
 from .store.db import Store
@@ -718,6 +718,17 @@ class Library:
                 cache[(t,)] = v[None, :].copy()
         _keep_last(cache, TEXT_CACHE)
         return len(todo)
+
+    def shared_text_encoder(self):
+        """The text encoder of this library's searches when other threads may use it too
+        (the exported ONNX tower: an onnxruntime session runs from any thread), else None."""
+        from .embed.textonnx import OnnxTextEncoder
+
+        try:
+            enc = self.text_encoder()
+        except ItrError:
+            return None
+        return enc if isinstance(enc, OnnxTextEncoder) else None
 
     def keep_text_vector(self, encoder, text: str, vector) -> bool:
         """Keep ``vector`` ``[dim]`` as the vector of a search for ``text`` alone, if

@@ -15,7 +15,8 @@ import pytest
 from conftest import write_shapes, posix_only
 
 PKG = Path(__file__).resolve().parents[1] / "itrcli"
-BASE = {"constants", "errors", "gcpause", "lrufiles", "paths", "pools", "progress", "records", "__init__"}
+BASE = {"constants", "errors", "gcpause", "logs", "lrufiles", "paths", "pools", "progress",
+        "records", "__init__"}
 #: What each part may import besides BASE: the flow is files -> pixels -> vectors ->
 #: store + index -> results -> display; jobs and evaluation drive the parts; the library
 #: (the API) everything but the command line.

@@ -102,15 +102,9 @@ class LiveLibrary:
             lib.store.end_snapshot()
 
     def _hand_over(self, lib) -> None:
-        """Give the text embedder this library's text encoder when it is the exported
-        tower (onnxruntime's sessions run from any thread), else none."""
-        from ..embed.textonnx import OnnxTextEncoder
-
-        try:
-            enc = lib.text_encoder()
-        except ItrError:
-            enc = None
-        self._texts.use(enc if isinstance(enc, OnnxTextEncoder) else None)
+        """Give the text embedder this library's text encoder, when other threads may use
+        it (the exported tower), else none."""
+        self._texts.use(lib.shared_text_encoder())
 
     def _take_waiting(self, least: int) -> list[str]:
         """The texts of the searches waiting for the library's thread, when at least
