@@ -269,3 +269,21 @@ def test_the_kind_of_weights_follows_the_cpu(library, tmp_path, monkeypatch):
         assert (got * fp32).sum(axis=1).min() >= MIN_COSINE
     monkeypatch.undo()
     assert textquant.weight_kind() in ("s8", "u8")
+
+
+def test_a_siglip2_export_gets_its_int8_tower_too(tmp_path):
+    """SigLIP 2's export takes token embeddings, not ids (its table stays float16 outside
+    the graph; Gemma pads on the left): the int8 copy of its tower works the same way."""
+    from support import synth
+
+    model = synth.make_tiny_siglip2(tmp_path / "siglip2", padding_side="left")
+    write_shapes(tmp_path / "photos", SPECS[:3])
+    r = run_itr("index", tmp_path / "photos", "--db", tmp_path / "lib", "-m", model, "-q")
+    assert r.code == 0, r
+    fp32, int8 = encoders(tmp_path / "lib")
+    assert fp32.settings.get("token_table")  # the split export
+    a, b = fp32.encode_texts(TEXTS), int8.encode_texts(TEXTS)
+    assert (a * b).sum(axis=1).min() >= MIN_COSINE
+    assert np.array_equal(np.concatenate([int8.encode_texts([t]) for t in TEXTS]), b)
+    r = run_itr("search", TEXTS[0], "--db", tmp_path / "lib", "--json", "--text-precision", "int8")
+    assert r.code == 0 and len(r.json()["results"]) == 3, r
