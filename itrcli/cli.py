@@ -661,7 +661,8 @@ def info(db: DbOpt = None, json_: JsonOpt = False, verbose: VerboseOpt = False) 
                      .format(**data["metadata"])),
         ("videos", f"{data['videos']} ({data['frames']} frames)"),
         ("roots", ", ".join(data["roots"]) or "-"),
-        ("text", "onnx (fast cold search)" if data["fast_text_search"] else "torch (no ONNX export)"),
+        ("text", ("onnx (fast cold search)" + (", and its int8 copy" if data["text_int8"] else ""))
+         if data["fast_text_search"] else "torch (no ONNX export)"),
         ("search", f"HNSW ef {data['search_ef']} (recall@10 {data['search_recall']:.3f} on "
                    "text-like queries)" if data["search_ef"] else "HNSW ef 128 (not measured yet)"),
         ("adapter", _adapter_line(data["adapter"])),

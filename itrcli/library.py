@@ -1227,6 +1227,7 @@ class Library:
         total = sum(sizes.values())
 
         from .constants import THUMBS_DIR
+        from .embed.textquant import current as int8_current
         from .store.db import PAGE_SIZE
 
         vectors = self.store.count()  # from the files and frames indexes, not the vectors
@@ -1251,6 +1252,8 @@ class Library:
             **dict(zip(("videos", "frames"), self.store.video_counts())),
             "roots": meta.get("roots", []),
             "fast_text_search": self._text_export_ok(),
+            # the int8 copy of that tower (--text-precision int8) is on disk, and current
+            "text_int8": self._text_export_ok() and int8_current(self.directory),
             "search_ef": meta.get("search_ef"),
             "search_recall": meta.get("search_recall"),
             "adapter": self._adapter_info(),

@@ -69,6 +69,8 @@ def test_int8_search_ranks_by_its_vector_and_the_tower_is_made_once(library):
     d = library / "text"
     fp32 = scores(library, TEXTS[0])
     int8 = scores(library, TEXTS[0], "--text-precision", "int8")
+    info = run_itr("info", "--db", library, "--json").json()
+    assert info["text_int8"] is True and info["fast_text_search"] is True
     made = (d / "text-int8.onnx").stat().st_mtime_ns
     stamp = json.loads((d / "text-int8.json").read_text())
     assert set(stamp["from"]) == {"text.onnx", "text.onnx.data"}
@@ -97,6 +99,7 @@ def test_a_new_float32_export_makes_the_int8_tower_again(library, tmp_path):
     old = (db / "text" / "text-int8.json").read_text()
     st = (db / "text" / "text.onnx").stat()
     os.utime(db / "text" / "text.onnx", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    assert run_itr("info", "--db", db, "--json").json()["text_int8"] is False  # stale
     assert scores(db, TEXTS[1], "--text-precision", "int8") == before
     assert (db / "text" / "text-int8.json").read_text() != old
 

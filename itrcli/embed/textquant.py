@@ -99,6 +99,15 @@ def model_path(library_dir: Path) -> Path:
     return d / MODEL_FILE
 
 
+def current(library_dir: Path) -> bool:
+    """Whether the library holds an int8 tower made from its export, for this CPU."""
+    d = Path(library_dir) / DIRNAME
+    try:
+        return _stamp(d) == {**_source_stamp(d), "weights": weight_kind()}
+    except OSError:
+        return False
+
+
 def _quantise(export_dir: Path, out: Path, kind: str) -> None:
     """``export_dir``'s float32 tower with 8-bit weights (``kind``: :func:`weight_kind`),
     as :data:`MODEL_FILE` (graph optimised as the float32 export is, weights in
@@ -159,4 +168,4 @@ def _stamp(export_dir: Path) -> dict | None:
         return None
 
 
-__all__ = ["model_path"]
+__all__ = ["current", "model_path", "weight_kind"]
