@@ -846,6 +846,11 @@ def eval_cmd(
         help="reuse the vectors of this library where its model matches (ITR_DB is not read)")] = None,
     device: DeviceOpt = "auto",
     precision: PrecisionOpt = "auto",
+    text_precision: Annotated[Optional[str], typer.Option(
+        "--text-precision", metavar="fp32|int8", show_default=False,
+        callback=lambda v: v if v is None else _check_text_precision(v),
+        help="embed the captions as itr search does: the exported text tower (fp32) or its "
+             "int8 copy [default: the model's own text tower at --precision]")] = None,
     batch_size: BatchOpt = 32,
     workers: WorkersOpt = None,
     json_: JsonOpt = False,
@@ -889,7 +894,7 @@ def eval_cmd(
                           folds=folds, adapt=pairs, device=device, precision=precision,
                           batch_size=batch_size, workers=workers, cache=not no_cache,
                           progress=progress, rerank=rerank, rerank_k=rerank_k,
-                          rerank_model=rerank_model,
+                          rerank_model=rerank_model, text_precision=text_precision,
                           rerank_progress=BarProgress("re-ranking")
                           if rerank and not quiet and is_tty(sys.stderr) else None)
     finally:

@@ -290,3 +290,38 @@ def test_a_siglip2_export_gets_its_int8_tower_too(tmp_path):
     assert np.array_equal(np.concatenate([int8.encode_texts([t]) for t in TEXTS]), b)
     r = run_itr("search", TEXTS[0], "--db", tmp_path / "lib", "--json", "--text-precision", "int8")
     assert r.code == 0 and len(r.json()["results"]) == 3, r
+
+
+def test_eval_embeds_captions_as_search_does(tmp_path, micro_clip, tiny_siglip):
+    """`itr eval --text-precision`: fp32 is the exported tower (the ranks of the model's own
+    fp32 tower), int8 its copy (recall near it), each kept apart in the embedding cache; a
+    model whose text tower cannot be exported is one line, exit 2."""
+    from test_eval import draw_set, write_formats
+
+    from itrcli.evaluation import datasets, evaluate
+
+    items = draw_set(tmp_path / "shapes", 40)
+    path = write_formats(tmp_path, tmp_path / "shapes", items)["karpathy"]
+    ds = datasets.load(path, images=tmp_path / "shapes")
+    cache = tmp_path / "eval-cache.sqlite"
+
+    def rows(tp, use_cache=False):
+        r = evaluate.evaluate(ds, [str(micro_clip)], precision="fp32", text_precision=tp,
+                              cache=cache if use_cache else False).to_json()
+        assert r["text_precision"] == tp
+        return [(x["t2i"], x["i2t"]) for x in r["results"]]
+
+    own = rows(None)
+    assert rows("fp32") == own
+    int8 = rows("int8", use_cache=True)
+    for (t2i, i2t), (t2i_own, i2t_own) in zip(int8, own):
+        assert abs(t2i["R@1"] - t2i_own["R@1"]) <= 5 and abs(i2t["R@1"] - i2t_own["R@1"]) <= 5
+    assert rows("fp32", use_cache=True) == own  # not the int8 vectors of the cache
+    assert rows("int8", use_cache=True) == int8
+    r = run_itr("eval", path, "--images", tmp_path / "shapes", "-m", micro_clip,
+                "--text-precision", "int8", "--no-cache", "--precision", "fp32")
+    assert r.code == 0 and "captions by the exported text tower, int8" in r.err, r
+    r = run_itr("eval", path, "--images", tmp_path / "shapes", "-m", tiny_siglip,
+                "--text-precision", "int8", "--no-cache")
+    assert r.code == 2 and "cannot be exported" in r.err and "Traceback" not in r.err, r
+    assert len(r.err.strip().splitlines()) == 1, r

@@ -24,6 +24,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -96,6 +97,8 @@ class EvalResult:
     encoded: dict[str, dict[str, Any]] = field(default_factory=dict)  #: per model: counts, seconds
     notes: list[str] = field(default_factory=list)  #: one-line remarks for stderr
     adapt: dict[str, Any] | None = None  #: with ``adapt=``: the pairs and each fold's pick
+    #: the captions' text tower: None (the model's own), ``fp32`` or ``int8`` (exported)
+    text_precision: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -110,6 +113,7 @@ class EvalResult:
             "results": [r.to_json() for r in self.results],
             "encoded": self.encoded,
             "adapt": self.adapt,
+            "text_precision": self.text_precision,
         }
 
 
@@ -192,12 +196,16 @@ def embed_dataset(
     cache: EmbeddingCache | None = None,
     library_vector: Callable[[str], np.ndarray | None] | None = None,
     progress: Progress | None = None,
+    text_precision: str | None = None,
 ) -> Embedded:
     """Vectors of every image and caption of ``ds`` under one model.
 
     Cached vectors are used first, then ``library_vector(content_hash)`` (vectors an itr
     library already holds), and the encoder is loaded only for what is left.
     Images that cannot be read or decoded are reported in ``skipped``.
+    ``text_precision``: embed the captions as ``itr search --text-precision`` embeds texts,
+    with the model's exported text tower (``fp32``) or its int8 copy (``int8``):
+    :func:`_exported_texts`; None: with the model's own text tower at ``precision``.
     """
     from ..embed.encoder import resolve_device, resolve_precision
 
@@ -222,6 +230,13 @@ def embed_dataset(
     if revision is None:
         get_encoder()
     key = model_key(model_id, revision, precision)
+    text_key = key
+    if text_precision == "int8":
+        from ..embed.textquant import weight_kind
+
+        text_key = model_key(model_id, revision, f"text-int8-{weight_kind()}")
+    elif text_precision is not None:
+        text_key = model_key(model_id, revision, f"text-{text_precision}-onnx")
 
     # images: hash every file, take what is known, encode the rest
     skipped: list[dict[str, str]] = []
@@ -248,24 +263,30 @@ def embed_dataset(
 
     texts, _owner = ds.flat()
     unique = list(dict.fromkeys(texts))
-    text_known = cache.get("texts", key, unique) if cache else {}
+    text_known = cache.get("texts", text_key, unique) if cache else {}
     text_todo = sorted((t for t in unique if t not in text_known), key=lambda t: (len(t), t))
 
     if todo or text_todo:
         progress.start(len(todo) + len(text_todo))
         try:
-            enc = get_encoder()
-            _encode_images(enc, ds, todo, hashes, image_vecs, skipped, key, cache, batch_size,
-                           workers, progress)
-            tb = min(256, batch_size * TEXT_BATCH_FACTOR)
-            for s in range(0, len(text_todo), tb):
-                batch = text_todo[s : s + tb]
-                vecs = enc.encode_texts(batch)  # [b, dim]
-                new = dict(zip(batch, vecs))
-                text_known.update(new)
-                if cache:
-                    cache.put("texts", key, new)
-                progress.advance(len(batch), len(batch))
+            if todo:
+                _encode_images(get_encoder(), ds, todo, hashes, image_vecs, skipped, key, cache,
+                               batch_size, workers, progress)
+            with contextlib.ExitStack() as stack:
+                if text_precision is not None and text_todo:
+                    enc = stack.enter_context(_exported_texts(model_id, revision,
+                                                              text_precision))
+                elif text_todo:
+                    enc = get_encoder()
+                tb = min(256, batch_size * TEXT_BATCH_FACTOR)
+                for s in range(0, len(text_todo), tb):
+                    batch = text_todo[s : s + tb]
+                    vecs = enc.encode_texts(batch)  # [b, dim]
+                    new = dict(zip(batch, vecs))
+                    text_known.update(new)
+                    if cache:
+                        cache.put("texts", text_key, new)
+                    progress.advance(len(batch), len(batch))
         finally:
             progress.close()
     text_vecs = np.stack([text_known[t] for t in texts]).astype(np.float32)  # [n_captions, dim]
@@ -279,6 +300,37 @@ def embed_dataset(
     }
     encoder = None  # free the model before the next one loads
     return Embedded(model_id, image_vecs, text_vecs, skipped, stats, hashes)
+
+
+@contextlib.contextmanager
+def _exported_texts(model_id: str, revision: str | None, precision: str):
+    """An encoder of texts by ``model_id``'s exported text tower (``precision`` ``fp32``)
+    or its int8 copy (``int8``: :mod:`itrcli.embed.textquant`), in a temporary folder for
+    the duration: the machine's tower cache gives the float32 export when it holds one,
+    else it is exported here.
+    Raises:
+        UsageError: the model's text tower cannot be exported.
+    """
+    import shutil
+    import tempfile
+
+    from ..embed import textonnx
+    from ..embed.onnxexport import ExportUnsupported
+
+    tmp = Path(tempfile.mkdtemp(prefix="itr-eval-text-"))
+    try:
+        if not textonnx.from_cache(tmp, model_id, revision):
+            from ..embed.encoder import Encoder
+
+            try:
+                textonnx.export(Encoder(model_id, device="cpu", precision="fp32",
+                                        towers="text", revision=revision), tmp, release=True)
+            except ExportUnsupported as e:
+                raise UsageError(f"--text-precision {precision}: the text tower of "
+                                 f"'{model_id}' cannot be exported ({e})") from None
+        yield textonnx.OnnxTextEncoder(tmp, precision=precision)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 @dataclass
@@ -486,6 +538,7 @@ def evaluate(
     rerank_k: int | None = None,
     rerank_model: str | None = None,
     rerank_progress: Progress | None = None,
+    text_precision: str | None = None,
 ) -> EvalResult:
     """Measure text->image and image->text retrieval of each model on ``ds``.
 
@@ -512,6 +565,9 @@ def evaluate(
             :mod:`itrcli.evaluation.rerank`); ``rerank_progress`` while it scores.  With
             ``cache``, the re-ranker's vision features are kept in the feature cache
             (:mod:`itrcli.store.feature_cache`) as ``itr search --rerank`` keeps them.
+        text_precision: embed the captions as ``itr search --text-precision`` embeds
+            texts: ``fp32``, the exported text tower; ``int8``, its int8 copy; None, the
+            model's own text tower at ``precision``.
     Returns:
         An :class:`EvalResult`, rows in model order then exact, hnsw, hash-B, hash-B+rerank,
         exact+rerank.
@@ -527,7 +583,8 @@ def evaluate(
         raise UsageError(f"--folds {folds}: the dataset has only {len(ds.images)} image(s)")
     binary = _load_binary() if hash_bits else None
     result = EvalResult(dataset=ds.name, split=ds.split, format=ds.format, images=0, captions=0,
-                        ks=tuple(ks), folds=folds or 1, missing=list(ds.missing))
+                        ks=tuple(ks), folds=folds or 1, missing=list(ds.missing),
+                        text_precision=text_precision)
     for path in ds.uncaptioned:
         result.notes.append(f"no caption, left out: {path}")
 
@@ -559,12 +616,12 @@ def evaluate(
             embedded.append(embed_dataset(
                 ds, name, device=device, precision=precision, batch_size=batch_size,
                 workers=workers, cache=store_cache, library_vector=library_vector,
-                progress=progress))
+                progress=progress, text_precision=text_precision))
             if adapt is not None:
                 adapt_embedded.append(embed_dataset(
                     adapt, name, device=device, precision=precision, batch_size=batch_size,
                     workers=workers, cache=store_cache, library_vector=library_vector,
-                    progress=progress))
+                    progress=progress, text_precision=text_precision))
     finally:
         if store_cache is not None:
             store_cache.close()
@@ -800,6 +857,8 @@ def summary_line(result: EvalResult) -> str:
         f"{result.captions} captions"
     if result.folds > 1:
         s += f", mean of {result.folds} folds of ~{result.images // result.folds} images"
+    if result.text_precision:
+        s += f"; captions by the exported text tower, {result.text_precision}"
     if result.missing:
         s += f"; {len(result.missing)} missing image(s) left out"
     if result.skipped:
