@@ -578,7 +578,7 @@ class Library:
                 if text_precision != "fp32":
                     logging.getLogger("itr").info("%s text tower not used (float32 is): %s",
                                                   text_precision, e)
-                    return self.text_encoder(device, precision)
+                    return self.text_encoder(device, precision, "fp32")
                 # damaged export: the torch path gives the same vectors
             else:
                 self._text_onnx = (key, enc)

@@ -144,7 +144,10 @@ def test_a_failed_quantisation_leaves_nothing_and_float32_answers(library, tmp_p
     monkeypatch.setattr(textquant, "_quantise", broken)
     with Library.open(db, readonly=True) as L:
         got = L.text_encoder(text_precision="int8").encode_texts(TEXTS)
+        L.text_precision = "int8"  # a server's: its searches name no text precision
+        served = L.text_encoder().encode_texts(TEXTS)
     np.testing.assert_array_equal(got, encoders(library)[0].encode_texts(TEXTS))
+    np.testing.assert_array_equal(served, got)
     assert not list(db.glob(".text.tmp*"))
     assert not (db / "text" / "text-int8.onnx").exists()
 
