@@ -100,10 +100,13 @@ def model_path(library_dir: Path) -> Path:
 
 
 def current(library_dir: Path) -> bool:
-    """Whether the library holds an int8 tower made from its export, for this CPU."""
+    """Whether the library holds an int8 tower made from its export now (of either kind
+    of weights: telling which this CPU wants imports numpy, which ``itr info`` does not)."""
     d = Path(library_dir) / DIRNAME
+    stamp = _stamp(d)
     try:
-        return _stamp(d) == {**_source_stamp(d), "weights": weight_kind()}
+        return stamp is not None and {k: stamp.get(k) for k in ("format", "from")} == \
+            _source_stamp(d)
     except OSError:
         return False
 
