@@ -570,10 +570,15 @@ class Library:
             return cached[1]
         if self._text_export_ok():
             try:
-                # a server embeds int8 texts one at a time, on two threads of one thread each
-                threads = 1 if self.long_lived and text_precision == "int8" else None
-                enc = OnnxTextEncoder(self.directory, warm=self.long_lived,
-                                      precision=text_precision, threads=threads)
+                if text_precision == "int8":
+                    from .embed import textquant
+
+                    # a server embeds int8 texts one at a time, two at once on threads of
+                    # one thread each (itrcli/serve/texts.py)
+                    enc = textquant.encoder(self.directory, warm=self.long_lived,
+                                            threads=1 if self.long_lived else None)
+                else:
+                    enc = OnnxTextEncoder(self.directory, warm=self.long_lived)
             except Exception as e:
                 if text_precision != "fp32":
                     logging.getLogger("itr").info("%s text tower not used (float32 is): %s",

@@ -48,7 +48,9 @@ def scores(db, text: str, *args: str, env: dict | None = None) -> list[tuple[str
 def encoders(db):
     from itrcli.embed.textonnx import OnnxTextEncoder
 
-    return OnnxTextEncoder(db), OnnxTextEncoder(db, precision="int8")
+    from itrcli.embed import textquant
+
+    return OnnxTextEncoder(db), textquant.encoder(db)
 
 
 def test_int8_vectors_are_near_float32_and_one_per_text_however_asked(library):
@@ -249,7 +251,9 @@ def test_serve_int8_embeds_texts_beside_the_library_thread(library):
         # an encoder that is not the library's (a replaced export): its vector is not
         # kept, and the search embeds its text on the library's thread
         where.clear()
-        live._texts.use(OnnxTextEncoder(Path(library), precision="int8"))
+        from itrcli.embed import textquant
+
+        live._texts.use(textquant.encoder(Path(library)))
         new = "a green triangle at the top"  # not asked before: no kept vector
         assert got(asyncio.run(searches([new]))) == [
             scores(library, new, "--text-precision", "int8")]

@@ -388,21 +388,18 @@ def _pad_id(hf_tokenizer) -> int:
 class OnnxTextEncoder:
     """Texts -> L2-normalised vectors with onnxruntime + tokenizers (no torch)."""
 
-    def __init__(self, library_dir: Path, *, warm: bool = False, precision: str = "fp32",
-                 threads: int | None = None) -> None:
+    def __init__(self, library_dir: Path, *, warm: bool = False, threads: int | None = None,
+                 model: Path | None = None, precision: str = "fp32") -> None:
         """``warm``: for a process that encodes many texts (``itr serve``): the weights are
         pre-packed for the matrix kernels at the session's start (twice as fast per text
         here: 25 -> 13 ms for ViT-B/32's tower on 2 threads), which a one-shot search would
-        pay for and not recover.  ``precision``: ``int8``, the tower with int8 weights
-        (:mod:`itrcli.embed.textquant`, made now if it is not yet), else float32.
-        ``threads``: onnxruntime's threads for one run (default: two, or one on one CPU)."""
+        pay for and not recover.  ``threads``: onnxruntime's threads for one run (default:
+        two, or one on one CPU).  ``model``: another graph of the tower than the export's
+        own, with the same tokenizer (the int8 copy: :func:`itrcli.embed.textquant.encoder`),
+        of ``precision``; ``int8`` embeds one text at a time (see :meth:`encode_texts`)."""
         d = Path(library_dir) / DIRNAME
         self.precision = precision
-        model = d / MODEL_FILE
-        if precision == "int8":
-            from .textquant import model_path
-
-            model = model_path(library_dir)
+        model = model or d / MODEL_FILE
         self.settings = json.loads((d / SETTINGS_FILE).read_text())
         from tokenizers import Tokenizer
 
@@ -448,6 +445,7 @@ class OnnxTextEncoder:
         if self.precision == "int8" and len(texts) > 1:
             # each text alone: the int8 tower's inputs are quantised with one scale for the
             # whole batch, so a batched text would get another vector than its own search
+            # (embed/textquant.py)
             return np.concatenate([self.encode_texts([t]) for t in texts])  # [n, dim]
         ids, mask = self.tokenize(texts)
         if self.table is not None:  # the rows of these tokens alone, in float32

@@ -62,6 +62,15 @@ def weight_kind() -> str:
     return "s8" if features.get("AVX512VNNI") else "u8"
 
 
+def encoder(library_dir: Path, *, warm: bool = False, threads: int | None = None):
+    """An :class:`~itrcli.embed.textonnx.OnnxTextEncoder` of the library's int8 tower
+    (:func:`model_path`: made now when missing or stale), one text at a time."""
+    from .textonnx import OnnxTextEncoder
+
+    return OnnxTextEncoder(library_dir, warm=warm, threads=threads,
+                           model=model_path(library_dir), precision="int8")
+
+
 def model_path(library_dir: Path) -> Path:
     """The int8 tower of the library's export, made now when missing or stale (seconds:
     ~4 s for ViT-B/32's tower).  Raises OSError or onnxruntime's errors when it cannot be
@@ -171,4 +180,4 @@ def _stamp(export_dir: Path) -> dict | None:
         return None
 
 
-__all__ = ["current", "model_path", "weight_kind"]
+__all__ = ["current", "encoder", "model_path", "weight_kind"]

@@ -328,7 +328,12 @@ def _exported_texts(model_id: str, revision: str | None, precision: str):
             except ExportUnsupported as e:
                 raise UsageError(f"--text-precision {precision}: the text tower of "
                                  f"'{model_id}' cannot be exported ({e})") from None
-        yield textonnx.OnnxTextEncoder(tmp, precision=precision)
+        if precision == "int8":
+            from ..embed import textquant
+
+            yield textquant.encoder(tmp)
+        else:
+            yield textonnx.OnnxTextEncoder(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
