@@ -45,6 +45,18 @@ def scores(db, text: str, *args: str, env: dict | None = None) -> list[tuple[str
     return [(h["path"], h["score"]) for h in r.json()["results"]]
 
 
+def copy_of(library, tmp_path, *, int8: bool = True) -> Path:
+    """A copy of the module's library to change (``int8=False``: without its int8 tower)."""
+    import shutil
+
+    db = tmp_path / "lib"
+    shutil.copytree(library, db)
+    if not int8:
+        for name in ("text-int8.onnx", "text-int8.onnx.data", "text-int8.json"):
+            (db / "text" / name).unlink(missing_ok=True)
+    return db
+
+
 def encoders(db):
     from itrcli.embed.textonnx import OnnxTextEncoder
 
@@ -93,10 +105,7 @@ def test_int8_search_ranks_by_its_vector_and_the_tower_is_made_once(library):
 
 
 def test_a_new_float32_export_makes_the_int8_tower_again(library, tmp_path):
-    import shutil
-
-    db = tmp_path / "lib"
-    shutil.copytree(library, db)
+    db = copy_of(library, tmp_path)
     before = scores(db, TEXTS[1], "--text-precision", "int8")
     old = (db / "text" / "text-int8.json").read_text()
     st = (db / "text" / "text.onnx").stat()
@@ -108,14 +117,9 @@ def test_a_new_float32_export_makes_the_int8_tower_again(library, tmp_path):
 
 def test_a_folder_that_cannot_be_written_keeps_the_tower_for_the_process(library, tmp_path,
                                                                          monkeypatch):
-    import shutil
-
     from itrcli.embed import textquant
 
-    db = tmp_path / "lib"
-    shutil.copytree(library, db)
-    for name in ("text-int8.onnx", "text-int8.onnx.data", "text-int8.json"):
-        (db / "text" / name).unlink(missing_ok=True)
+    db = copy_of(library, tmp_path, int8=False)
     want = encoders(library)[1].encode_texts(TEXTS)
 
     def refused(src, dst):
@@ -129,15 +133,10 @@ def test_a_folder_that_cannot_be_written_keeps_the_tower_for_the_process(library
 
 def test_a_failed_quantisation_leaves_nothing_and_float32_answers(library, tmp_path,
                                                                   monkeypatch):
-    import shutil
-
     from itrcli import Library
     from itrcli.embed import textquant
 
-    db = tmp_path / "lib"
-    shutil.copytree(library, db)
-    for name in ("text-int8.onnx", "text-int8.onnx.data", "text-int8.json"):
-        (db / "text" / name).unlink(missing_ok=True)
+    db = copy_of(library, tmp_path, int8=False)
 
     def broken(src, out, kind):
         (out / "half-written").write_text("x")
@@ -159,8 +158,7 @@ def test_a_failed_quantisation_leaves_nothing_and_float32_answers(library, tmp_p
 def test_without_an_export_float32_answers_and_says_so(library, tmp_path):
     import shutil
 
-    db = tmp_path / "lib"
-    shutil.copytree(library, db)
+    db = copy_of(library, tmp_path)
     shutil.rmtree(db / "text")
     r = run_itr("search", TEXTS[0], "--db", db, "--json", "--exact", "--text-precision",
                 "int8", "-v")
@@ -266,12 +264,9 @@ def test_serve_int8_embeds_texts_beside_the_library_thread(library):
 def test_the_kind_of_weights_follows_the_cpu(library, tmp_path, monkeypatch):
     """Signed weights where the CPU multiplies them without overflow, unsigned elsewhere;
     a library that meets the other kind of CPU makes its int8 tower again."""
-    import shutil
-
     from itrcli.embed import textquant
 
-    db = tmp_path / "lib"
-    shutil.copytree(library, db)
+    db = copy_of(library, tmp_path)
     fp32 = encoders(library)[0].encode_texts(TEXTS)
     stamp = db / "text" / "text-int8.json"
     for kind in ("u8", "s8", "u8"):
