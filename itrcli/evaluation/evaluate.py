@@ -272,12 +272,9 @@ def embed_dataset(
             if todo:
                 _encode_images(get_encoder(), ds, todo, hashes, image_vecs, skipped, key, cache,
                                batch_size, workers, progress)
-            with contextlib.ExitStack() as stack:
-                if text_precision is not None and text_todo:
-                    enc = stack.enter_context(_exported_texts(model_id, revision,
-                                                              text_precision))
-                elif text_todo:
-                    enc = get_encoder()
+            with (_exported_texts(model_id, revision, text_precision)
+                  if text_precision is not None and text_todo
+                  else contextlib.nullcontext(get_encoder() if text_todo else None)) as enc:
                 tb = min(256, batch_size * TEXT_BATCH_FACTOR)
                 for s in range(0, len(text_todo), tb):
                     batch = text_todo[s : s + tb]
