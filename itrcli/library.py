@@ -549,9 +549,9 @@ class Library:
         """Something with ``encode_texts``: the exported ONNX tower if present, else torch.
 
         ``text_precision``: ``int8`` for the exported tower with int8 weights
-        (:mod:`itrcli.embed.textquant`: made on first use); where there is no export (or
-        on a GPU) the float32 tower answers, with one line under ``-v``.  None: the
-        library's :attr:`text_precision`."""
+        (:mod:`itrcli.embed.textquant`: made on first use); where there is no export, or
+        the int8 copy cannot be made, the float32 tower answers, with one line under
+        ``-v`` (on a GPU: the torch tower).  None: the library's :attr:`text_precision`."""
         import logging
 
         from .embed.textonnx import OnnxTextEncoder
@@ -583,7 +583,12 @@ class Library:
                 if text_precision != "fp32":
                     logging.getLogger("itr").info("%s text tower not used (float32 is): %s",
                                                   text_precision, e)
-                    return self.text_encoder(device, precision, "fp32")
+                    enc = self.text_encoder(device, precision, "fp32")
+                    if getattr(self, "_text_onnx", (None, None))[1] is enc:
+                        # kept for this export: a server does not quantise again, for seconds,
+                        # at each search
+                        self._text_onnx = (key, enc)
+                    return enc
                 # damaged export: the torch path gives the same vectors
             else:
                 self._text_onnx = (key, enc)
@@ -591,6 +596,7 @@ class Library:
         if text_precision != "fp32":
             logging.getLogger("itr").info("%s text tower: the library has no exported text "
                                           "tower yet (float32 is used)", text_precision)
+        self._text_onnx = None  # no session of an export answers now
         return self.encoder(None, device, precision)
 
     def stored_vector(self, path: str, at: float | None = None):
@@ -738,8 +744,9 @@ class Library:
     def keep_text_vector(self, encoder, text: str, vector) -> bool:
         """Keep ``vector`` ``[dim]`` as the vector of a search for ``text`` alone, if
         ``encoder`` (which made it, on another thread: ``itr serve``) is the text encoder
-        this library's searches use now; False otherwise (they embed the text again)."""
-        if encoder is None or encoder is not self.text_encoder():
+        that this library's searches use, as :meth:`shared_text_encoder` last found it;
+        False otherwise (they embed the text again)."""
+        if encoder is None or getattr(self, "_text_onnx", (None, None))[1] is not encoder:
             return False
         cache = self._text_cache_for(encoder)
         cache[(text,)] = vector[None, :].copy()

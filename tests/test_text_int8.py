@@ -138,7 +138,10 @@ def test_a_failed_quantisation_leaves_nothing_and_float32_answers(library, tmp_p
 
     db = copy_of(library, tmp_path, int8=False)
 
+    tries = []
+
     def broken(src, out, kind):
+        tries.append(out)
         (out / "half-written").write_text("x")
         raise RuntimeError("quantiser failed")
 
@@ -147,6 +150,8 @@ def test_a_failed_quantisation_leaves_nothing_and_float32_answers(library, tmp_p
         got = L.text_encoder(text_precision="int8").encode_texts(TEXTS)
         L.text_precision = "int8"  # a server's: its searches name no text precision
         served = L.text_encoder().encode_texts(TEXTS)
+        L.text_encoder()
+    assert len(tries) == 1  # not tried again at each search of a long-lived library
     from itrcli.embed.textonnx import OnnxTextEncoder
 
     np.testing.assert_array_equal(got, OnnxTextEncoder(library).encode_texts(TEXTS))

@@ -77,7 +77,7 @@ class LiveLibrary:
             raise LibraryError("the server is shutting down")
         lib = self._current()
         if text is not None and self._texts is not None:
-            self._hand_over(lib)
+            self._hand_over(lib)  # checks the library's encoder, which keeping a vector needs
             if embedded is not None:
                 lib.keep_text_vector(embedded[0], text, embedded[1])
         if text is not None and not lib.knows_text(text):
